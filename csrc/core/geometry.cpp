@@ -1,0 +1,169 @@
+// Layout arithmetic, weight packing and the pad_value-0 border correction: portable code that runs once per
+// weight or once per call, so it is kept out of the per-ISA files.
+#include <algorithm>
+#include <map>
+#include <sstream>
+#include <utility>
+
+#include "xnorconv_core.h"
+
+namespace xnorconv {
+
+namespace {
+
+int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad_lo, int64_t pad_hi, int64_t dilation) {
+  const int64_t span = dilation * (kernel - 1) + 1;
+  const int64_t padded = in + pad_lo + pad_hi;
+  if (padded < span) return 0;
+  return (padded - span) / stride + 1;
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+}  // namespace
+
+int64_t ConvParams::out_h() const { return conv_out_size(in_h, kernel_h, stride_h, pad_top, pad_bottom, dilation_h); }
+int64_t ConvParams::out_w() const { return conv_out_size(in_w, kernel_w, stride_w, pad_left, pad_right, dilation_w); }
+
+std::string validate(const ConvParams& p) {
+  std::ostringstream err;
+  if (p.batch < 0) err << "batch size must be >= 0, got " << p.batch;
+  else if (p.in_channels < 1) err << "in_channels must be >= 1, got " << p.in_channels;
+  else if (p.out_channels < 1) err << "out_channels must be >= 1, got " << p.out_channels;
+  else if (p.groups < 1) err << "groups must be >= 1, got " << p.groups;
+  else if (p.in_channels % p.groups) err << "in_channels (" << p.in_channels << ") must be divisible by groups (" << p.groups << ")";
+  else if (p.out_channels % p.groups) err << "out_channels (" << p.out_channels << ") must be divisible by groups (" << p.groups << ")";
+  else if (p.kernel_h < 1 || p.kernel_w < 1) err << "kernel_size must be >= 1, got (" << p.kernel_h << ", " << p.kernel_w << ")";
+  else if (p.stride_h < 1 || p.stride_w < 1) err << "stride must be >= 1, got (" << p.stride_h << ", " << p.stride_w << ")";
+  else if (p.dilation_h < 1 || p.dilation_w < 1) err << "dilation must be >= 1, got (" << p.dilation_h << ", " << p.dilation_w << ")";
+  else if (p.pad_top < 0 || p.pad_bottom < 0 || p.pad_left < 0 || p.pad_right < 0)
+    err << "padding must be >= 0, got (top " << p.pad_top << ", bottom " << p.pad_bottom << ", left " << p.pad_left << ", right " << p.pad_right << ")";
+  else if (p.in_h < 0 || p.in_w < 0) err << "input size must be >= 0, got (" << p.in_h << ", " << p.in_w << ")";
+  else if (p.pad_value != PadValue::Zero && p.pad_value != PadValue::PlusOne && p.pad_value != PadValue::MinusOne)
+    err << "pad_value must be 0, 1 or -1, got " << static_cast<int>(p.pad_value);
+  else if (p.taps() > kMaxTaps)
+    err << "kernel_size (" << p.kernel_h << ", " << p.kernel_w << ") has more than " << kMaxTaps << " taps";
+  else if (p.out_h() < 1 || p.out_w() < 1)
+    err << "kernel size (" << p.kernel_h << ", " << p.kernel_w << ") with dilation (" << p.dilation_h << ", " << p.dilation_w
+        << ") is larger than the padded input (" << p.in_h + p.pad_top + p.pad_bottom << ", " << p.in_w + p.pad_left + p.pad_right << ")";
+  return err.str();
+}
+
+ActivationLayout activation_layout(const ConvParams& p) {
+  ActivationLayout l;
+  l.words_per_group = words_for_channels(p.channels_per_group());
+  l.words_per_pixel = p.groups * l.words_per_group;
+  const int64_t oh = p.out_h(), ow = p.out_w();
+  l.rows = std::max((oh - 1) * p.stride_h + (p.kernel_h - 1) * p.dilation_h + 1, p.pad_top + p.in_h);
+  l.phases = p.stride_w;
+  // Strips may run up to kStripWidth - 1 pixels past the last output column.
+  const int64_t read_extent = round_up(ow, kStripWidth) + ((p.kernel_w - 1) * p.dilation_w) / p.stride_w + 1;
+  const int64_t input_extent = (p.pad_left + p.in_w + p.stride_w - 1) / p.stride_w;
+  l.row_words = round_up(std::max(read_extent, input_extent), 8);
+  l.phase_stride = l.words_per_pixel * l.row_words;
+  l.row_stride = l.phases * l.phase_stride;
+  l.image_stride = l.rows * l.row_stride;
+  l.total_words = p.batch * l.image_stride;
+  return l;
+}
+
+void tap_offsets(const ConvParams& p, const ActivationLayout& l, int64_t* offsets) {
+  for (int64_t kh = 0; kh < p.kernel_h; ++kh)
+    for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+      const int64_t col = kw * p.dilation_w;
+      *offsets++ = kh * p.dilation_h * l.row_stride + (col % p.stride_w) * l.phase_stride + col / p.stride_w;
+    }
+}
+
+void pack_weights(const ConvParams& p, const float* weight, uint64_t* packed, int32_t* tap_sum) {
+  const int64_t cg = p.channels_per_group(), taps = p.taps(), words = words_for_channels(cg);
+  for (int64_t o = 0; o < p.out_channels; ++o)
+    for (int64_t t = 0; t < taps; ++t) {
+      uint64_t* dst = packed + (o * taps + t) * words;
+      int64_t negatives = 0;
+      for (int64_t w = 0; w < words; ++w) {
+        uint64_t bits = 0;
+        const int64_t c_end = std::min<int64_t>(cg, 64 * (w + 1));
+        for (int64_t c = 64 * w; c < c_end; ++c) {
+          const bool negative = !(weight[(o * cg + c) * taps + t] >= 0.0f);
+          bits |= static_cast<uint64_t>(negative) << (c % 64);
+          negatives += negative;
+        }
+        dst[w] = bits;
+      }
+      tap_sum[o * taps + t] = static_cast<int32_t>(cg - 2 * negatives);
+    }
+}
+
+namespace {
+
+// For each output index, the range [lo, hi] of kernel indices that land inside the input (empty: lo > hi),
+// grouped into classes; the full range is class 0.
+std::vector<int32_t> tap_range_classes(int64_t out, int64_t in, int64_t kernel, int64_t stride, int64_t pad,
+                                       int64_t dilation, std::vector<std::pair<int64_t, int64_t>>& ranges) {
+  ranges.assign(1, {0, kernel - 1});
+  std::map<std::pair<int64_t, int64_t>, int32_t> ids{{ranges[0], 0}};
+  std::vector<int32_t> cls(out);
+  for (int64_t o = 0; o < out; ++o) {
+    int64_t lo = kernel, hi = -1;
+    for (int64_t k = 0; k < kernel; ++k) {
+      const int64_t i = o * stride - pad + k * dilation;
+      if (i >= 0 && i < in) {
+        lo = std::min(lo, k);
+        hi = k;
+      }
+    }
+    auto [it, inserted] = ids.emplace(std::make_pair(lo, hi), static_cast<int32_t>(ranges.size()));
+    if (inserted) ranges.emplace_back(lo, hi);
+    cls[o] = it->second;
+  }
+  return cls;
+}
+
+}  // namespace
+
+ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_sum) {
+  ZeroPadCorrection z;
+  std::vector<std::pair<int64_t, int64_t>> row_ranges, col_ranges;
+  z.row_class = tap_range_classes(p.out_h(), p.in_h, p.kernel_h, p.stride_h, p.pad_top, p.dilation_h, row_ranges);
+  z.col_class = tap_range_classes(p.out_w(), p.in_w, p.kernel_w, p.stride_w, p.pad_left, p.dilation_w, col_ranges);
+  z.col_class.resize(z.col_class.size() + kStripWidth, 0);
+  z.col_classes = static_cast<int64_t>(col_ranges.size());
+  const int64_t o_count = p.out_channels, taps = p.taps();
+  z.value.assign(row_ranges.size() * col_ranges.size() * o_count, 0);
+  for (size_t rc = 0; rc < row_ranges.size(); ++rc)
+    for (size_t cc = 0; cc < col_ranges.size(); ++cc) {
+      int32_t* dst = z.value.data() + (rc * col_ranges.size() + cc) * o_count;
+      for (int64_t kh = 0; kh < p.kernel_h; ++kh)
+        for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+          const bool padded = kh < row_ranges[rc].first || kh > row_ranges[rc].second ||
+                              kw < col_ranges[cc].first || kw > col_ranges[cc].second;
+          if (!padded) continue;
+          const int64_t t = kh * p.kernel_w + kw;
+          for (int64_t o = 0; o < o_count; ++o) dst[o] += tap_sum[o * taps + t];
+        }
+    }
+  return z;
+}
+
+void binary_conv2d_serial(const KernelOps& ops, const ConvParams& p, const float* input, TensorStrides strides,
+                             const float* weight, const float* scale, const float* bias, float* out) {
+  const ActivationLayout layout = activation_layout(p);
+  std::vector<uint64_t> packed_w(weight_words(p));
+  std::vector<int32_t> tap_sum(p.out_channels * p.taps());
+  pack_weights(p, weight, packed_w.data(), tap_sum.data());
+  std::vector<uint64_t> packed_x(layout.total_words + 64);
+  ops.pack(p, layout, input, strides, packed_x.data(), 0, ops.pack_tasks(p, layout));
+  ZeroPadCorrection zero_pad;
+  OutputStage stage;
+  stage.scale = scale;
+  stage.bias = bias;
+  stage.out = out;
+  if (p.pad_value == PadValue::Zero) {
+    zero_pad = zero_pad_correction(p, tap_sum.data());
+    stage.zero_pad = &zero_pad;
+  }
+  ops.conv(p, layout, packed_x.data(), packed_w.data(), stage, 0, ops.conv_tasks(p, layout));
+}
+
+}  // namespace xnorconv

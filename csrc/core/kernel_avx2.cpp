@@ -1,0 +1,108 @@
+// AVX2 kernel family (AVX2 + FMA; no vector popcount). One ymm holds the packed words of 4 consecutive output
+// pixels; popcount is the nibble lookup (vpshufb) into byte counters, widened with vpsadbw, which sums the 8 bytes
+// of each 64-bit lane, so each lane stays one output pixel. Byte counters hold at most 8 per word, so they are
+// flushed every 31 words.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "xnorconv_core.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define XNORCONV_ISA_TARGET "avx2,fma,popcnt,bmi,bmi2"
+#include "isa_begin.h"
+#include "kernel_common.h"
+
+namespace xnorconv {
+namespace {
+
+struct Avx2Isa {
+  // 2 strips x 4 channels = 8 byte-counter registers + 2 activations + LUT, nibble mask and temporaries: 16 ymm.
+  static constexpr int kStrip = 4, kStrips = 2, kChannels = 4;
+  static constexpr int kFlushWords = 31;
+  struct Acc {
+    __m256i v[kStrips][kChannels];
+  };
+
+  static uint64_t negative_mask(const float* x, int64_t count) {
+    uint64_t bits = 0;
+    const __m256 zero = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+      const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), zero, _CMP_NGE_UQ));
+      bits |= static_cast<uint64_t>(static_cast<unsigned>(m)) << i;
+    }
+    for (; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= 0.0f)) << i;
+    return bits;
+  }
+
+  static void compute(Acc& out, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
+                      int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels]) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+    __m256i total[kStrips][kChannels], bytes[kStrips][kChannels];
+    for (int i = 0; i < kStrips; ++i)
+      for (int v = 0; v < kChannels; ++v) total[i][v] = bytes[i][v] = _mm256_setzero_si256();
+    const uint64_t* w[kChannels];
+    for (int v = 0; v < kChannels; ++v) w[v] = weight[v];
+    int pending = 0;
+    auto flush = [&] {
+      for (int i = 0; i < kStrips; ++i)
+        for (int v = 0; v < kChannels; ++v) {
+          total[i][v] = _mm256_add_epi64(total[i][v], _mm256_sad_epu8(bytes[i][v], _mm256_setzero_si256()));
+          bytes[i][v] = _mm256_setzero_si256();
+        }
+      pending = 0;
+    };
+    for (int64_t t = 0; t < taps; ++t) {
+      const uint64_t* a[kStrips];
+      for (int i = 0; i < kStrips; ++i) a[i] = act[i] + tap_offset[t];
+      for (int64_t k = 0; k < words_per_group; ++k) {
+        __m256i x[kStrips];
+        for (int i = 0; i < kStrips; ++i)
+          x[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[i] + k * word_stride));
+        for (int v = 0; v < kChannels; ++v) {
+          const __m256i wv = _mm256_set1_epi64x(static_cast<long long>(*w[v]++));
+          for (int i = 0; i < kStrips; ++i) {
+            const __m256i d = _mm256_xor_si256(x[i], wv);
+            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(d, low_nibble));
+            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(d, 4), low_nibble));
+            bytes[i][v] = _mm256_add_epi8(bytes[i][v], _mm256_add_epi8(lo, hi));
+          }
+        }
+        if (++pending == kFlushWords) flush();
+      }
+    }
+    flush();
+    for (int i = 0; i < kStrips; ++i)
+      for (int v = 0; v < kChannels; ++v) out.v[i][v] = total[i][v];
+  }
+
+  static void store(const Acc& acc, int strip, int channel, const StoreTarget& t) {
+    // Lanes are 64-bit counts below 2^31: take the low dword of each.
+    const __m256i count = _mm256_permutevar8x32_epi32(acc.v[strip][channel], _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+    __m128i dot = _mm_sub_epi32(_mm_set1_epi32(t.depth), _mm_slli_epi32(_mm256_castsi256_si128(count), 1));
+    if (t.correction) dot = _mm_sub_epi32(dot, _mm_load_si128(reinterpret_cast<const __m128i*>(t.correction)));
+    const __m128 y = _mm_fmadd_ps(_mm_set1_ps(t.scale), _mm_cvtepi32_ps(dot), _mm_set1_ps(t.bias));
+    if (t.lanes == 4) {
+      _mm_storeu_ps(t.out, y);
+    } else {
+      alignas(16) float tmp[4];
+      _mm_store_ps(tmp, y);
+      for (int lane = 0; lane < t.lanes; ++lane) t.out[lane] = tmp[lane];
+    }
+  }
+};
+
+}  // namespace
+
+const KernelOps& avx2_kernel() {
+  static const KernelOps ops = make_kernel_ops<Avx2Isa>("avx2");
+  return ops;
+}
+
+}  // namespace xnorconv
+
+#include "isa_end.h"
+#endif

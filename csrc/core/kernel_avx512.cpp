@@ -1,0 +1,82 @@
+// AVX-512 kernel family (F, BW, VL, DQ, VPOPCNTDQ). Vectorised across pixels: one zmm holds the packed words of 8
+// consecutive output pixels for one tap and channel word; the weight word of an output channel is broadcast, so
+// the inner loop is vpxorq + vpopcntq + vpaddq with no horizontal reduction, and each accumulator lane is one
+// output value: the epilogue writes 8 contiguous floats of an NCHW row.
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "xnorconv_core.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define XNORCONV_ISA_TARGET "avx2,fma,popcnt,bmi,bmi2,avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq"
+#include "isa_begin.h"
+#include "kernel_common.h"
+
+namespace xnorconv {
+namespace {
+
+struct Avx512Isa {
+  // 4 strips x 6 channels = 24 zmm accumulators + 4 activation registers + temporaries, within the 32 zmm.
+  static constexpr int kStrip = 8, kStrips = 4, kChannels = 6;
+  struct Acc {
+    __m512i v[kStrips][kChannels];
+  };
+
+  static uint64_t negative_mask(const float* x, int64_t count) {
+    uint64_t bits = 0;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t i = 0; i < count; i += 16) {
+      const int64_t left = count - i;
+      const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
+      const __mmask16 negative = _mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_NGE_UQ);
+      bits |= static_cast<uint64_t>(negative) << i;
+    }
+    return bits;
+  }
+
+  static void compute(Acc& out, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
+                      int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels]) {
+    __m512i acc[kStrips][kChannels];
+    for (auto& s : acc)
+      for (auto& c : s) c = _mm512_setzero_si512();
+    const uint64_t* w[kChannels];
+    for (int v = 0; v < kChannels; ++v) w[v] = weight[v];
+    for (int64_t t = 0; t < taps; ++t) {
+      const uint64_t* a[kStrips];
+      for (int i = 0; i < kStrips; ++i) a[i] = act[i] + tap_offset[t];
+      for (int64_t k = 0; k < words_per_group; ++k) {
+        __m512i x[kStrips];
+        for (int i = 0; i < kStrips; ++i) x[i] = _mm512_loadu_si512(a[i] + k * word_stride);
+        for (int v = 0; v < kChannels; ++v) {
+          const __m512i wv = _mm512_set1_epi64(static_cast<long long>(*w[v]++));
+          for (int i = 0; i < kStrips; ++i)
+            acc[i][v] = _mm512_add_epi64(acc[i][v], _mm512_popcnt_epi64(_mm512_xor_si512(x[i], wv)));
+        }
+      }
+    }
+    for (int i = 0; i < kStrips; ++i)
+      for (int v = 0; v < kChannels; ++v) out.v[i][v] = acc[i][v];
+  }
+
+  static void store(const Acc& acc, int strip, int channel, const StoreTarget& t) {
+    const __m256i count = _mm512_cvtepi64_epi32(acc.v[strip][channel]);
+    __m256i dot = _mm256_sub_epi32(_mm256_set1_epi32(t.depth), _mm256_add_epi32(count, count));
+    if (t.correction) dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.correction)));
+    const __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(t.scale), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(t.bias));
+    _mm256_mask_storeu_ps(t.out, static_cast<__mmask8>((1u << t.lanes) - 1), y);
+  }
+};
+
+}  // namespace
+
+const KernelOps& avx512_kernel() {
+  static const KernelOps ops = make_kernel_ops<Avx512Isa>("avx512");
+  return ops;
+}
+
+}  // namespace xnorconv
+
+#include "isa_end.h"
+#endif

@@ -1,0 +1,214 @@
+// Shared skeleton of the CPU kernel families. Each per-ISA translation unit includes this file *after* its own
+// target pragma: everything here lives in an unnamed namespace, so each TU gets its own copy compiled for its ISA
+// with internal linkage, and no AVX-512 instance of an inline function can be picked by the linker for code that
+// runs on an older CPU.
+//
+// An ISA policy `Isa` provides
+//   kStrip, kStrips, kChannels         strip width (pixels per vector), strips and output channels per block
+//   uint64_t negative_mask(const float* x, int64_t count)    bit i = !(x[i] >= 0) for i < count <= 64, contiguous
+//   struct Acc;                                                accumulators of one block
+//   void compute(Acc&, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
+//                int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels])
+//   void store(const Acc&, int strip, int channel, const StoreTarget&)
+//
+// Nothing from the standard library is instantiated here (no std::vector, std::fill, std::min): a template
+// instantiated under the ISA pragma could be emitted as a COMDAT copy that the linker then shares with other TUs.
+#pragma once
+
+#include <cstdint>
+
+#include "xnorconv_core.h"
+
+namespace xnorconv {
+namespace {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// In-place transpose of a 64x64 bit matrix: afterwards bit c of a[i] is what bit i of a[c] was.
+inline void transpose64(uint64_t a[64]) {
+  static constexpr uint64_t kMasks[6] = {0x00000000FFFFFFFFull, 0x0000FFFF0000FFFFull, 0x00FF00FF00FF00FFull,
+                                         0x0F0F0F0F0F0F0F0Full, 0x3333333333333333ull, 0x5555555555555555ull};
+  int level = 0;
+  for (int j = 32; j != 0; j >>= 1, ++level) {
+    const uint64_t m = kMasks[level];
+    for (int base = 0; base < 64; base += 2 * j)
+      for (int i = base; i < base + j; ++i) {
+        const uint64_t t = ((a[i] >> j) ^ a[i + j]) & m;
+        a[i] ^= t << j;
+        a[i + j] ^= t;
+      }
+  }
+}
+
+// The bits a padding pixel carries in word `word` of a group: 1 in every real channel for pad_value -1.
+inline uint64_t pad_word(const ConvParams& p, int64_t word) {
+  if (p.pad_value != PadValue::MinusOne) return 0;
+  const int64_t channels = imin(64, p.channels_per_group() - 64 * word);
+  return channels == 64 ? ~0ull : ((1ull << channels) - 1);
+}
+
+inline int64_t pack_task_count(const ConvParams& p, const ActivationLayout& l) { return p.batch * l.rows; }
+
+template <class Isa>
+uint64_t negative_mask_strided(const float* x, int64_t stride, int64_t count) {
+  if (stride == 1) return Isa::negative_mask(x, count);
+  uint64_t bits = 0;
+  for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i * stride] >= 0.0f)) << i;
+  return bits;
+}
+
+// Binarize + pack one padded row per task. Width-contiguous inputs (NCHW, sliced NCHW) are read 64 pixels at a time
+// per channel and bit-transposed; channel-contiguous inputs (channels_last) are read 64 channels at a time per pixel.
+template <class Isa>
+void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, TensorStrides s, uint64_t* packed,
+               int64_t begin, int64_t end) {
+  const int64_t cg = p.channels_per_group(), wpg = l.words_per_group, phases = l.phases;
+  const int64_t padded_cols = phases * l.row_words;
+  const bool channels_contiguous = s.c == 1 && s.w != 1;
+  alignas(64) uint64_t block[64];
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t n = task / l.rows, r = task % l.rows, ih = r - p.pad_top;
+    uint64_t* row = packed + n * l.image_stride + r * l.row_stride;
+    const bool real_row = ih >= 0 && ih < p.in_h;
+    for (int64_t g = 0; g < p.groups; ++g)
+      for (int64_t w = 0; w < wpg; ++w) {
+        const uint64_t pad = pad_word(p, w);
+        const int64_t word = g * wpg + w;
+        for (int64_t ph = 0; ph < phases; ++ph) {
+          uint64_t* dst = row + ph * l.phase_stride + word * l.row_words;
+          if (!real_row) {
+            for (int64_t pos = 0; pos < l.row_words; ++pos) dst[pos] = pad;
+            continue;
+          }
+          // Positions holding padding columns: j = pos * phases + ph outside [pad_left, pad_left + in_w).
+          for (int64_t pos = 0; pos < l.row_words; ++pos) {
+            const int64_t iw = pos * phases + ph - p.pad_left;
+            if (iw < 0 || iw >= p.in_w) dst[pos] = pad;
+          }
+        }
+        if (!real_row) continue;
+        const int64_t c0 = g * cg + 64 * w, channels = imin(64, cg - 64 * w);
+        const float* src = x + n * s.n + c0 * s.c + ih * s.h;
+        auto put = [&](int64_t iw, uint64_t bits) {
+          const int64_t j = iw + p.pad_left;
+          if (j < padded_cols) row[(j % phases) * l.phase_stride + word * l.row_words + j / phases] = bits;
+        };
+        if (channels_contiguous) {
+          for (int64_t iw = 0; iw < p.in_w; ++iw) put(iw, Isa::negative_mask(src + iw * s.w, channels));
+          continue;
+        }
+        for (int64_t iw0 = 0; iw0 < p.in_w; iw0 += 64) {
+          const int64_t count = imin(64, p.in_w - iw0);
+          for (int64_t c = 0; c < channels; ++c)
+            block[c] = negative_mask_strided<Isa>(src + c * s.c + iw0 * s.w, s.w, count);
+          for (int64_t c = channels; c < 64; ++c) block[c] = 0;
+          transpose64(block);
+          for (int64_t i = 0; i < count; ++i) put(iw0 + i, block[i]);
+        }
+      }
+  }
+}
+
+// What one (strip, channel) of a block writes: lanes [0, lanes) of out, y = scale * (depth - 2*popcount - corr) + bias.
+struct StoreTarget {
+  float* out;
+  int lanes;
+  float scale, bias;
+  int32_t depth;
+  const int32_t* correction;  // kStrip entries, or nullptr when no tap of this strip is padded
+};
+
+struct TaskSpace {
+  int64_t strips_per_row, strips, strip_blocks, channel_blocks, tasks;
+};
+
+template <class Isa>
+TaskSpace conv_task_space(const ConvParams& p) {
+  TaskSpace t;
+  t.strips_per_row = (p.out_w() + Isa::kStrip - 1) / Isa::kStrip;
+  t.strips = p.out_h() * t.strips_per_row;
+  t.strip_blocks = (t.strips + Isa::kStrips - 1) / Isa::kStrips;
+  t.channel_blocks = (p.out_channels_per_group() + Isa::kChannels - 1) / Isa::kChannels;
+  // Strip blocks innermost: a block's weights stay in L1 while the (small) packed input streams from L2.
+  t.tasks = p.batch * p.groups * t.channel_blocks * t.strip_blocks;
+  return t;
+}
+
+template <class Isa>
+int64_t conv_task_count(const ConvParams& p, const ActivationLayout&) {
+  return conv_task_space<Isa>(p).tasks;
+}
+
+template <class Isa>
+void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
+                const OutputStage& st, int64_t begin, int64_t end) {
+  constexpr int SW = Isa::kStrip, P = Isa::kStrips, V = Isa::kChannels;
+  const TaskSpace ts = conv_task_space<Isa>(p);
+  int64_t offsets[kMaxTaps];
+  tap_offsets(p, l, offsets);
+  const int64_t oh_count = p.out_h(), ow_count = p.out_w(), og = p.out_channels_per_group();
+  const int64_t taps = p.taps(), wpg = l.words_per_group, weight_row = taps * wpg;
+  const int32_t depth = static_cast<int32_t>(p.depth());
+  const ZeroPadCorrection* zp = p.pad_value == PadValue::Zero ? st.zero_pad : nullptr;
+  alignas(64) int32_t correction[SW];
+  typename Isa::Acc acc;
+  for (int64_t task = begin; task < end; ++task) {
+    int64_t rest = task;
+    const int64_t sb = rest % ts.strip_blocks;
+    rest /= ts.strip_blocks;
+    const int64_t cb = rest % ts.channel_blocks;
+    rest /= ts.channel_blocks;
+    const int64_t g = rest % p.groups, n = rest / p.groups;
+
+    const uint64_t* act[P];
+    int64_t strip_oh[P], strip_ow[P];
+    for (int i = 0; i < P; ++i) {
+      // Past the last strip, repeat it: computed but not stored, so the block never branches on tails.
+      const int64_t s = imin(sb * P + i, ts.strips - 1);
+      strip_oh[i] = s / ts.strips_per_row;
+      strip_ow[i] = (s % ts.strips_per_row) * SW;
+      act[i] = x + n * l.image_stride + strip_oh[i] * p.stride_h * l.row_stride + strip_ow[i] + g * wpg * l.row_words;
+    }
+    const uint64_t* wrow[V];
+    int64_t channel[V];
+    for (int v = 0; v < V; ++v) {
+      channel[v] = g * og + imin(cb * V + v, og - 1);
+      wrow[v] = w + channel[v] * weight_row;
+    }
+    Isa::compute(acc, act, offsets, taps, wpg, l.row_words, wrow);
+
+    const int strips_here = static_cast<int>(imin(P, ts.strips - sb * P));
+    const int channels_here = static_cast<int>(imin(V, og - cb * V));
+    for (int i = 0; i < strips_here; ++i) {
+      const int lanes = static_cast<int>(imin(SW, ow_count - strip_ow[i]));
+      bool border = false;
+      int32_t row_cls = 0;
+      if (zp) {
+        row_cls = zp->row_class[strip_oh[i]];
+        border = row_cls != 0;
+        for (int lane = 0; lane < lanes && !border; ++lane) border = zp->col_class[strip_ow[i] + lane] != 0;
+      }
+      for (int v = 0; v < channels_here; ++v) {
+        const int64_t o = channel[v];
+        if (border) {
+          for (int lane = 0; lane < SW; ++lane) {
+            const int64_t cls = row_cls * zp->col_classes + zp->col_class[strip_ow[i] + lane];
+            correction[lane] = zp->value[cls * p.out_channels + o];
+          }
+        }
+        StoreTarget t{st.out + ((n * p.out_channels + o) * oh_count + strip_oh[i]) * ow_count + strip_ow[i], lanes,
+                      st.scale ? st.scale[o] : 1.0f, st.bias ? st.bias[o] : 0.0f, depth,
+                      border ? correction : nullptr};
+        Isa::store(acc, i, v, t);
+      }
+    }
+  }
+}
+
+template <class Isa>
+KernelOps make_kernel_ops(const char* name) {
+  return KernelOps{name, pack_task_count, pack_rows<Isa>, conv_task_count<Isa>, conv_tasks<Isa>};
+}
+
+}  // namespace
+}  // namespace xnorconv

@@ -1,0 +1,58 @@
+// Portable kernel family: plain C++, always compiled, always last in the selector. It is also the baseline every
+// vector family is tested against in the C++ tests.
+#include <cmath>
+#include <cstdint>
+
+#include "xnorconv_core.h"
+#include "kernel_common.h"
+
+namespace xnorconv {
+namespace {
+
+struct ScalarIsa {
+  static constexpr int kStrip = 8, kStrips = 1, kChannels = 4;
+  struct Acc {
+    uint32_t count[kStrips][kChannels][kStrip];
+  };
+
+  static uint64_t negative_mask(const float* x, int64_t count) {
+    uint64_t bits = 0;
+    for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= 0.0f)) << i;
+    return bits;
+  }
+
+  static void compute(Acc& acc, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
+                      int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels]) {
+    for (auto& s : acc.count)
+      for (auto& c : s)
+        for (auto& lane : c) lane = 0;
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t w = 0; w < words_per_group; ++w)
+        for (int i = 0; i < kStrips; ++i) {
+          const uint64_t* a = act[i] + tap_offset[t] + w * word_stride;
+          for (int v = 0; v < kChannels; ++v) {
+            const uint64_t wv = weight[v][t * words_per_group + w];
+            for (int lane = 0; lane < kStrip; ++lane)
+              acc.count[i][v][lane] += static_cast<uint32_t>(__builtin_popcountll(a[lane] ^ wv));
+          }
+        }
+  }
+
+  static void store(const Acc& acc, int strip, int channel, const StoreTarget& t) {
+    for (int lane = 0; lane < t.lanes; ++lane) {
+      int32_t dot = t.depth - 2 * static_cast<int32_t>(acc.count[strip][channel][lane]);
+      if (t.correction) dot -= t.correction[lane];
+      // fma everywhere: every family then rounds identically.
+      t.out[lane] = std::fma(t.scale, static_cast<float>(dot), t.bias);
+    }
+  }
+};
+
+}  // namespace
+
+const KernelOps& scalar_kernel() {
+  static const KernelOps ops = make_kernel_ops<ScalarIsa>("scalar");
+  return ops;
+}
+
+}  // namespace xnorconv

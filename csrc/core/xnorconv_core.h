@@ -1,0 +1,160 @@
+// xnorconv kernel core: framework-free C++17 (no torch, no Python).
+//
+// Binary semantics (the single source of truth; csrc/torch and the Python reference follow it):
+//   sign(x) = +1 if x >= 0 else -1   (-0.0 -> +1, NaN -> -1 because NaN >= 0 is false)
+//   bit(x)  = 0 for +1, 1 for -1      (so equal signs XOR to 0)
+//   dot     = K - 2 * popcount(a XOR w), K = number of taps that count
+//
+// Packed layouts (all words are uint64_t):
+//   activations  [N][rows][phases][words_per_pixel][row_words]
+//     - rows are padded input rows: padded row r holds input row r - pad_top
+//     - the padded input column j lives in phase j % stride_w at position j / stride_w, so for every kernel tap
+//       the columns read by consecutive output pixels are consecutive words (vector loads, any stride)
+//     - word w of a pixel holds channels [64*w, 64*w+64) of its group, channel c at bit c % 64;
+//       group g owns words [g*words_per_group, (g+1)*words_per_group)
+//     - bits past the group's channel count are 0; padding pixels hold the pad bit (1 for pad_value -1,
+//       else 0) in every real channel bit
+//   weights      [O][kernel_h][kernel_w][words_per_group], same bit order; tail bits 0
+//
+// pad_value 0 is computed as pad_value +1 (bit 0, free) followed by an exact integer correction on the border
+// outputs: each padded tap (kh, kw) of output channel o contributed tap_sum[o][kh][kw] = sum_c sign(w[o][c][kh][kw]),
+// which is subtracted again (see ZeroPadCorrection).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace xnorconv {
+
+enum class PadValue : int { Zero = 0, PlusOne = 1, MinusOne = -1 };
+
+struct ConvParams {
+  int64_t batch = 0, in_channels = 0, in_h = 0, in_w = 0;
+  int64_t out_channels = 0, groups = 1;
+  int64_t kernel_h = 1, kernel_w = 1;
+  int64_t stride_h = 1, stride_w = 1;
+  int64_t pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
+  int64_t dilation_h = 1, dilation_w = 1;
+  PadValue pad_value = PadValue::Zero;
+
+  int64_t channels_per_group() const { return in_channels / groups; }
+  int64_t out_channels_per_group() const { return out_channels / groups; }
+  int64_t out_h() const;
+  int64_t out_w() const;
+  int64_t taps() const { return kernel_h * kernel_w; }
+  // Number of +-1 products per output value (padded taps included, as +1/-1 constants).
+  int64_t depth() const { return channels_per_group() * taps(); }
+};
+
+// Returns an empty string when the parameters describe a valid convolution, else a message naming the argument.
+std::string validate(const ConvParams& p);
+
+// Output pixels are computed in strips of up to kStripWidth consecutive pixels of one output row; the packed
+// buffers carry enough slack that a strip never reads outside them.
+constexpr int64_t kStripWidth = 16;
+// Largest kernel_h * kernel_w accepted (validate() says so): lets kernels keep tap offsets on the stack.
+constexpr int64_t kMaxTaps = 1024;
+
+inline int64_t words_for_channels(int64_t channels) { return (channels + 63) / 64; }
+
+struct ActivationLayout {
+  int64_t words_per_group = 0;  // ceil(C/groups / 64)
+  int64_t words_per_pixel = 0;  // groups * words_per_group
+  int64_t rows = 0;             // padded rows
+  int64_t phases = 0;           // stride_w
+  int64_t row_words = 0;        // words per (row, phase, word index): positions along the row
+  int64_t phase_stride = 0;     // words_per_pixel * row_words
+  int64_t row_stride = 0;       // phases * phase_stride
+  int64_t image_stride = 0;     // rows * row_stride
+  int64_t total_words = 0;      // batch * image_stride
+};
+ActivationLayout activation_layout(const ConvParams& p);
+
+// Word offset of tap (kh, kw) relative to the word of the output pixel's top-left input position
+// (padded row oh*stride_h, phase 0, position ow): rows * row_stride + phase * phase_stride + position.
+// Writes p.taps() (<= kMaxTaps) offsets.
+void tap_offsets(const ConvParams& p, const ActivationLayout& layout, int64_t* offsets);
+
+inline int64_t weight_words(const ConvParams& p) {
+  return p.out_channels * p.taps() * words_for_channels(p.channels_per_group());
+}
+
+// Packs float weights [O][C/groups][kh][kw] (contiguous) into the weight layout, and writes
+// tap_sum[o][kh][kw] = sum_c sign(w) (needed by pad_value 0). Done once per weight, so it is plain portable code.
+void pack_weights(const ConvParams& p, const float* weight, uint64_t* packed, int32_t* tap_sum);
+
+// Border correction for pad_value 0. Rows (and columns) fall into classes by which kernel rows (columns) land in
+// the padding; class 0 is "none". value[(row_class * col_classes + col_class) * O + o] is what the +1-padded dot
+// of output channel o must lose. col_class has out_w + kStripWidth entries (zeros past out_w).
+struct ZeroPadCorrection {
+  std::vector<int32_t> row_class, col_class, value;
+  int64_t col_classes = 1;
+};
+ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_sum);
+
+// Strides (in elements) of an NCHW-indexed float tensor, any memory format.
+struct TensorStrides {
+  int64_t n, c, h, w;
+};
+
+// Fused output stage: y[n][o][oh][ow] = scale[o] * dot + bias[o], written to an NCHW-contiguous float buffer.
+struct OutputStage {
+  const float* scale = nullptr;  // [O] or nullptr for 1
+  const float* bias = nullptr;   // [O] or nullptr for 0
+  const ZeroPadCorrection* zero_pad = nullptr;  // required for PadValue::Zero when any tap can be padded
+  float* out = nullptr;
+};
+
+// One CPU kernel family. Work is split into independent tasks so the caller owns threading (the torch layer uses
+// at::parallel_for, which follows torch.get_num_threads()); run(begin, end) does tasks [begin, end).
+struct KernelOps {
+  const char* name;
+  // Binarize + pack: tasks are (image, padded row) pairs; every word of the layout is written (padding included).
+  int64_t (*pack_tasks)(const ConvParams&, const ActivationLayout&);
+  void (*pack)(const ConvParams&, const ActivationLayout&, const float* input, TensorStrides strides,
+               uint64_t* packed, int64_t begin, int64_t end);
+  int64_t (*conv_tasks)(const ConvParams&, const ActivationLayout&);
+  void (*conv)(const ConvParams&, const ActivationLayout&, const uint64_t* packed_input,
+               const uint64_t* packed_weight, const OutputStage&, int64_t begin, int64_t end);
+};
+
+// ---- kernel families (defined only where compiled; see select.cpp) ----
+const KernelOps& scalar_kernel();
+#if defined(__x86_64__) || defined(_M_X64)
+const KernelOps& avx2_kernel();
+const KernelOps& avx512_kernel();
+#endif
+#if defined(__aarch64__)
+const KernelOps& neon_kernel();
+#endif
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, popcnt = false, bmi2 = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512vpopcntdq = false;
+  bool neon = false;
+  std::vector<std::string> names() const;
+};
+const CpuFeatures& cpu_features();  // detected once, cached
+
+// Kernel families usable on this CPU, best first; always ends with "scalar".
+std::vector<std::string> available_backends();
+// Names of all families compiled into this build (usable or not).
+std::vector<std::string> compiled_backends();
+
+// The one selector. With no override, picks the best available family for p. The override ("" = none) comes from
+// set_backend_override() or, initially, the XNORCONV_BACKEND environment variable.
+const KernelOps& select_kernel(const ConvParams& p);
+// Returns an empty string on success, else an error naming the value and the available backends.
+std::string set_backend_override(const std::string& name);
+std::string backend_override();
+// Non-empty when XNORCONV_BACKEND names a backend that is unknown or unusable here (then it is ignored).
+std::string backend_environment_error();
+
+// The whole op on one thread with one kernel family: for the C++ tests and benchmarks (no torch there).
+// input is NCHW with the given strides; out is NCHW contiguous.
+void binary_conv2d_serial(const KernelOps& ops, const ConvParams& p, const float* input, TensorStrides strides,
+                             const float* weight, const float* scale, const float* bias, float* out);
+
+}  // namespace xnorconv

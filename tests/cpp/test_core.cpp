@@ -1,0 +1,256 @@
+// Kernel-core tests (no torch): every compiled-and-usable kernel family against a naive float reference of the
+// binary semantics, over random shapes, plus the packed bit order and the layout invariants.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "xnorconv_core.h"
+
+using namespace xnorconv;
+
+namespace {
+
+int failures = 0, checks = 0;
+
+#define EXPECT(cond, ...)                                  \
+  do {                                                     \
+    ++checks;                                              \
+    if (!(cond)) {                                         \
+      ++failures;                                          \
+      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);     \
+      std::printf(__VA_ARGS__);                            \
+      std::printf("\n");                                   \
+    }                                                      \
+  } while (0)
+
+float sign_of(float x) { return x >= 0.0f ? 1.0f : -1.0f; }
+
+// Direct convolution of the signed tensors, in double, with padded taps worth pad_value.
+std::vector<double> reference(const ConvParams& p, const std::vector<float>& x, TensorStrides s,
+                              const std::vector<float>& w, const float* scale, const float* bias) {
+  const int64_t oh = p.out_h(), ow = p.out_w(), cg = p.channels_per_group(), og = p.out_channels_per_group();
+  std::vector<double> y(p.batch * p.out_channels * oh * ow);
+  for (int64_t n = 0; n < p.batch; ++n)
+    for (int64_t o = 0; o < p.out_channels; ++o) {
+      const int64_t g = o / og;
+      for (int64_t i = 0; i < oh; ++i)
+        for (int64_t j = 0; j < ow; ++j) {
+          double acc = 0;
+          for (int64_t c = 0; c < cg; ++c)
+            for (int64_t kh = 0; kh < p.kernel_h; ++kh)
+              for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
+                const int64_t ih = i * p.stride_h - p.pad_top + kh * p.dilation_h;
+                const int64_t iw = j * p.stride_w - p.pad_left + kw * p.dilation_w;
+                double a;
+                if (ih < 0 || ih >= p.in_h || iw < 0 || iw >= p.in_w)
+                  a = static_cast<double>(static_cast<int>(p.pad_value));
+                else
+                  a = sign_of(x[n * s.n + (g * cg + c) * s.c + ih * s.h + iw * s.w]);
+                acc += a * sign_of(w[((o * cg + c) * p.kernel_h + kh) * p.kernel_w + kw]);
+              }
+          const double sc = scale ? scale[o] : 1.0, b = bias ? bias[o] : 0.0;
+          y[((n * p.out_channels + o) * oh + i) * ow + j] = sc * acc + b;
+        }
+    }
+  return y;
+}
+
+std::mt19937_64 rng(1234);
+
+int64_t pick(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); }
+
+void fill_signed(std::vector<float>& v) {
+  std::normal_distribution<float> d;
+  for (auto& e : v) {
+    e = d(rng);
+    // Exact zeros and negative zeros are +1: make sure they occur.
+    if (pick(0, 30) == 0) e = pick(0, 1) ? 0.0f : -0.0f;
+  }
+}
+
+void check_case(const ConvParams& p, bool channels_last, bool with_affine, const std::string& label) {
+  const std::string err = validate(p);
+  EXPECT(err.empty(), "%s: validate: %s", label.c_str(), err.c_str());
+  if (!err.empty()) return;
+  std::vector<float> x(p.batch * p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.channels_per_group() * p.taps());
+  fill_signed(x);
+  fill_signed(w);
+  TensorStrides s = channels_last ? TensorStrides{p.in_h * p.in_w * p.in_channels, 1, p.in_w * p.in_channels, p.in_channels}
+                                  : TensorStrides{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+  std::vector<float> scale(p.out_channels), bias(p.out_channels);
+  for (auto& e : scale) e = std::uniform_real_distribution<float>(0.1f, 2.0f)(rng);
+  for (auto& e : bias) e = std::uniform_real_distribution<float>(-3.0f, 3.0f)(rng);
+  const float* sc = with_affine ? scale.data() : nullptr;
+  const float* bi = with_affine ? bias.data() : nullptr;
+  const std::vector<double> want = reference(p, x, s, w, sc, bi);
+  for (const auto& name : available_backends()) {
+    set_backend_override(name);
+    const KernelOps& ops = select_kernel(p);
+    EXPECT(ops.name == name, "selector returned %s for override %s", ops.name, name.c_str());
+    std::vector<float> got(want.size(), NAN);
+    binary_conv2d_serial(ops, p, x.data(), s, w.data(), sc, bi, got.data());
+    int64_t bad = 0, first = -1;
+    for (size_t i = 0; i < want.size(); ++i) {
+      const double tol = with_affine ? 1e-5 * (1.0 + std::fabs(want[i])) : 0.0;
+      if (!(std::fabs(got[i] - want[i]) <= tol)) {
+        if (first < 0) first = static_cast<int64_t>(i);
+        ++bad;
+      }
+    }
+    EXPECT(bad == 0, "%s [%s]: %lld of %zu outputs wrong, first at %lld: got %g want %g", label.c_str(), name.c_str(),
+           static_cast<long long>(bad), want.size(), static_cast<long long>(first),
+           first >= 0 ? got[first] : 0.0, first >= 0 ? want[first] : 0.0);
+  }
+  set_backend_override("");
+}
+
+std::string describe(const ConvParams& p) {
+  char buf[256];
+  std::snprintf(buf, sizeof buf, "N%lld C%lld H%lld W%lld O%lld g%lld k%lldx%lld s%lldx%lld pad(%lld,%lld,%lld,%lld) d%lldx%lld pv%d",
+                (long long)p.batch, (long long)p.in_channels, (long long)p.in_h, (long long)p.in_w,
+                (long long)p.out_channels, (long long)p.groups, (long long)p.kernel_h, (long long)p.kernel_w,
+                (long long)p.stride_h, (long long)p.stride_w, (long long)p.pad_top, (long long)p.pad_bottom,
+                (long long)p.pad_left, (long long)p.pad_right, (long long)p.dilation_h, (long long)p.dilation_w,
+                static_cast<int>(p.pad_value));
+  return buf;
+}
+
+void test_random_shapes(int count) {
+  const PadValue pads[] = {PadValue::Zero, PadValue::PlusOne, PadValue::MinusOne};
+  for (int iter = 0; iter < count; ++iter) {
+    ConvParams p;
+    p.groups = pick(0, 4) == 0 ? pick(2, 3) : 1;
+    p.batch = pick(0, 6) == 0 ? 0 : pick(1, 2);
+    p.in_channels = p.groups * pick(1, 150);
+    p.out_channels = p.groups * pick(1, 20);
+    p.kernel_h = pick(1, 4);
+    p.kernel_w = pick(1, 4);
+    p.stride_h = pick(1, 3);
+    p.stride_w = pick(1, 3);
+    p.dilation_h = pick(1, 2);
+    p.dilation_w = pick(1, 2);
+    p.pad_top = pick(0, 2);
+    p.pad_bottom = pick(0, 2);
+    p.pad_left = pick(0, 2);
+    p.pad_right = pick(0, 2);
+    p.pad_value = pads[iter % 3];
+    p.in_h = pick(1, 19);
+    p.in_w = pick(1, 40);
+    if (!validate(p).empty()) continue;  // kernel larger than the padded input
+    check_case(p, pick(0, 3) == 0, pick(0, 1) == 1, describe(p));
+  }
+}
+
+void test_darknet_shapes() {
+  // The benchmark's layers (batch 1), so a failure there is caught here first.
+  const int64_t shapes[][6] = {{64, 64, 64, 3, 1, 1}, {128, 128, 32, 3, 1, 1}, {256, 256, 16, 3, 1, 1},
+                               {512, 512, 8, 3, 1, 1}, {256, 512, 16, 3, 2, 1}, {512, 256, 8, 1, 1, 0}};
+  for (const auto& s : shapes)
+    for (PadValue pv : {PadValue::Zero, PadValue::PlusOne, PadValue::MinusOne}) {
+      ConvParams p;
+      p.batch = 1;
+      p.in_channels = s[0];
+      p.out_channels = s[1];
+      p.in_h = p.in_w = s[2];
+      p.kernel_h = p.kernel_w = s[3];
+      p.stride_h = p.stride_w = s[4];
+      p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = s[5];
+      p.pad_value = pv;
+      check_case(p, false, true, describe(p));
+    }
+}
+
+// Pins the documented bit order: channel c of a pixel is bit c % 64 of word c / 64; a negative value is a 1.
+void test_bit_order() {
+  ConvParams p;
+  p.batch = 1;
+  p.in_channels = 130;
+  p.out_channels = 1;
+  p.in_h = 1;
+  p.in_w = 3;
+  p.pad_value = PadValue::PlusOne;
+  const ActivationLayout l = activation_layout(p);
+  EXPECT(l.words_per_pixel == 3, "130 channels need 3 words, layout says %lld", (long long)l.words_per_pixel);
+  for (const auto& name : available_backends()) {
+    set_backend_override(name);
+    const KernelOps& ops = select_kernel(p);
+    for (int64_t hot = 0; hot < p.in_channels; ++hot) {
+      std::vector<float> x(p.in_channels * p.in_w, 1.0f);
+      for (int64_t iw = 0; iw < p.in_w; ++iw) x[hot * p.in_w + iw] = -1.0f;
+      std::vector<uint64_t> packed(l.total_words, 0xDEADBEEFull);
+      ops.pack(p, l, x.data(), {p.in_channels * p.in_w, p.in_w, p.in_w, 1}, packed.data(), 0, ops.pack_tasks(p, l));
+      for (int64_t iw = 0; iw < p.in_w; ++iw)
+        for (int64_t word = 0; word < 3; ++word) {
+          const uint64_t want = word == hot / 64 ? (1ull << (hot % 64)) : 0;
+          const uint64_t got = packed[word * l.row_words + iw];
+          EXPECT(got == want, "[%s] channel %lld pixel %lld word %lld: got %016llx want %016llx", name.c_str(),
+                 (long long)hot, (long long)iw, (long long)word, (unsigned long long)got, (unsigned long long)want);
+        }
+    }
+  }
+  set_backend_override("");
+  // Weights use the same order.
+  std::vector<float> w(p.in_channels, 1.0f);
+  w[70] = -1.0f;
+  std::vector<uint64_t> pw(3);
+  int32_t tap_sum = 0;
+  pack_weights(p, w.data(), pw.data(), &tap_sum);
+  EXPECT(pw[0] == 0 && pw[1] == (1ull << 6) && pw[2] == 0, "weight bit order: %llx %llx %llx", (unsigned long long)pw[0],
+         (unsigned long long)pw[1], (unsigned long long)pw[2]);
+  EXPECT(tap_sum == 128, "tap_sum of 129 positives and 1 negative: got %d", tap_sum);
+}
+
+void test_sign_edge_cases() {
+  ConvParams p;
+  p.batch = 1;
+  p.in_channels = 4;
+  p.out_channels = 1;
+  p.in_h = 1;
+  p.in_w = 1;
+  // +0, -0, +inf are +1; NaN and -inf are -1 (NaN >= 0 is false).
+  const float x[4] = {0.0f, -0.0f, INFINITY, NAN};
+  const float w[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+  for (const auto& name : available_backends()) {
+    set_backend_override(name);
+    float y = 0;
+    binary_conv2d_serial(select_kernel(p), p, x, {4, 1, 1, 1}, w, nullptr, nullptr, &y);
+    EXPECT(y == 2.0f, "[%s] signs of +0,-0,inf,nan summed to %g, want 2", name.c_str(), y);
+  }
+  set_backend_override("");
+}
+
+void test_validate_messages() {
+  ConvParams p;
+  p.batch = 1;
+  p.in_channels = 6;
+  p.out_channels = 4;
+  p.groups = 4;
+  p.in_h = p.in_w = 5;
+  EXPECT(validate(p).find("in_channels (6) must be divisible by groups (4)") != std::string::npos, "got '%s'",
+         validate(p).c_str());
+  p.groups = 1;
+  p.kernel_h = p.kernel_w = 7;
+  EXPECT(validate(p).find("larger than the padded input") != std::string::npos, "got '%s'", validate(p).c_str());
+  EXPECT(!set_backend_override("nonsense").empty(), "unknown backend accepted");
+  EXPECT(set_backend_override("scalar").empty(), "scalar refused");
+  set_backend_override("");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int random_cases = argc > 1 ? std::atoi(argv[1]) : 400;
+  std::printf("backends:");
+  for (const auto& b : available_backends()) std::printf(" %s", b.c_str());
+  std::printf("\n");
+  test_bit_order();
+  test_sign_edge_cases();
+  test_validate_messages();
+  test_darknet_shapes();
+  test_random_shapes(random_cases);
+  std::printf("%d checks, %d failed\n", checks, failures);
+  return failures ? 1 : 0;
+}
