@@ -93,6 +93,37 @@ struct Avx2Isa {
       for (int lane = 0; lane < t.lanes; ++lane) t.out[lane] = tmp[lane];
     }
   }
+
+  static uint64_t peak_probe(int64_t iterations) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+    constexpr int kAcc = kStrips * kChannels;
+    __m256i bytes[kAcc], total = _mm256_setzero_si256(), x[kStrips];
+    for (int i = 0; i < kStrips; ++i) x[i] = _mm256_set1_epi64x(0x0123456789ABCDEFll * (i + 1));
+    for (int64_t it = 0; it < iterations;) {
+      for (int i = 0; i < kAcc; ++i) bytes[i] = _mm256_setzero_si256();
+      for (int round = 0; round < kFlushWords && it < iterations; ++round, ++it) {
+        for (int v = 0; v < kChannels; ++v) {
+          // A fresh opaque weight per channel, as the kernel's broadcast: no product can be shared.
+          __m256i w = _mm256_set1_epi64x(0x5555AAAA3333CCCCll + v);
+          __asm__ volatile("" : "+x"(w));
+          for (int i = 0; i < kStrips; ++i) {
+            const __m256i d = _mm256_xor_si256(x[i], w);
+            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(d, low_nibble));
+            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(d, 4), low_nibble));
+            bytes[i * kChannels + v] = _mm256_add_epi8(bytes[i * kChannels + v], _mm256_add_epi8(lo, hi));
+          }
+        }
+      }
+      for (int i = 0; i < kAcc; ++i) total = _mm256_add_epi64(total, _mm256_sad_epu8(bytes[i], _mm256_setzero_si256()));
+    }
+    alignas(32) long long lanes[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), total);
+    volatile long long sink = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+    (void)sink;
+    return static_cast<uint64_t>(iterations) * kAcc * 256;
+  }
 };
 
 }  // namespace

@@ -67,6 +67,29 @@ struct Avx512Isa {
     const __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(t.scale), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(t.bias));
     _mm256_mask_storeu_ps(t.out, static_cast<__mmask8>((1u << t.lanes) - 1), y);
   }
+
+  static uint64_t peak_probe(int64_t iterations) {
+    // kStrips x kProbeChannels products per round, each with its own weight register so that nothing can be
+    // shared between them (5 channels rather than 6 keeps accumulators + operands within the 32 registers).
+    constexpr int kProbeChannels = 5, kAcc = kStrips * kProbeChannels;
+    __m512i acc[kAcc], x[kStrips], w[kProbeChannels];
+    for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_setzero_si512();
+    for (int i = 0; i < kStrips; ++i) x[i] = _mm512_set1_epi64(0x0123456789ABCDEFll * (i + 1));
+    for (int v = 0; v < kProbeChannels; ++v) w[v] = _mm512_set1_epi64(0x5555AAAA3333CCCCll + v);
+    for (int64_t it = 0; it < iterations; ++it) {
+      // Opaque to the optimiser, so every round really executes.
+      for (int v = 0; v < kProbeChannels; ++v) __asm__ volatile("" : "+v"(w[v]));
+      for (int v = 0; v < kProbeChannels; ++v)
+        for (int i = 0; i < kStrips; ++i)
+          acc[i * kProbeChannels + v] = _mm512_add_epi64(acc[i * kProbeChannels + v],
+                                                         _mm512_popcnt_epi64(_mm512_xor_si512(x[i], w[v])));
+    }
+    __m512i sum = _mm512_setzero_si512();
+    for (int i = 0; i < kAcc; ++i) sum = _mm512_add_epi64(sum, acc[i]);
+    volatile long long sink = _mm512_reduce_add_epi64(sum);
+    (void)sink;
+    return static_cast<uint64_t>(iterations) * kAcc * 512;
+  }
 };
 
 }  // namespace

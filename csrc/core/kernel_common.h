@@ -10,6 +10,7 @@
 //   void compute(Acc&, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
 //                int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels])
 //   void store(const Acc&, int strip, int channel, const StoreTarget&)
+//   uint64_t peak_probe(int64_t iterations)                   see KernelOps::peak_probe
 //
 // Nothing from the standard library is instantiated here (no std::vector, std::fill, std::min): a template
 // instantiated under the ISA pragma could be emitted as a COMDAT copy that the linker then shares with other TUs.
@@ -207,7 +208,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
 
 template <class Isa>
 KernelOps make_kernel_ops(const char* name) {
-  return KernelOps{name, pack_task_count, pack_rows<Isa>, conv_task_count<Isa>, conv_tasks<Isa>};
+  return KernelOps{name, pack_task_count, pack_rows<Isa>, conv_task_count<Isa>, conv_tasks<Isa>, Isa::peak_probe};
 }
 
 }  // namespace

@@ -46,6 +46,20 @@ struct ScalarIsa {
       t.out[lane] = std::fma(t.scale, static_cast<float>(dot), t.bias);
     }
   }
+
+  static uint64_t peak_probe(int64_t iterations) {
+    constexpr int kAcc = 8;
+    uint64_t acc[kAcc] = {}, x[kAcc];
+    for (int i = 0; i < kAcc; ++i) x[i] = 0x0123456789ABCDEFull * (i + 1);
+    uint64_t w = 0x5555AAAA3333CCCCull;
+    for (int64_t it = 0; it < iterations; ++it) {
+      __asm__ volatile("" : "+r"(w));
+      for (int i = 0; i < kAcc; ++i) acc[i] += static_cast<uint64_t>(__builtin_popcountll(x[i] ^ w));
+    }
+    volatile uint64_t sink = 0;
+    for (int i = 0; i < kAcc; ++i) sink = sink + acc[i];
+    return static_cast<uint64_t>(iterations) * kAcc * 64;
+  }
 };
 
 }  // namespace

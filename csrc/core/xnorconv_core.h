@@ -118,6 +118,10 @@ struct KernelOps {
   int64_t (*conv_tasks)(const ConvParams&, const ActivationLayout&);
   void (*conv)(const ConvParams&, const ActivationLayout&, const uint64_t* packed_input,
                const uint64_t* packed_weight, const OutputStage&, int64_t begin, int64_t end);
+  // Peak probe: the inner loop's instruction mix (XOR, popcount, accumulate) on registers only, for `iterations`
+  // rounds; returns the binary MACs it performed. Timing it gives this machine's ceiling for this family, against
+  // which the benchmark reports each kernel's fraction (the ceiling is measured, never assumed).
+  uint64_t (*peak_probe)(int64_t iterations);
 };
 
 // ---- kernel families (defined only where compiled; see select.cpp) ----

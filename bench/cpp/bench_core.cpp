@@ -1,0 +1,155 @@
+// Microbenchmark of the kernel core (no torch): for each usable kernel family and each layer, the time of the
+// binarize+pack pass and of the convolution pass on pre-packed input, the binary MAC rate, and its fraction of the
+// family's peak measured by its own probe. Runs natively anywhere the core builds (x86, Raspberry Pi, Jetson).
+//
+//   bench_core [--threads N] [--reps R] [--shape cin,cout,hw,k,stride,pad]...
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xnorconv_core.h"
+
+using namespace xnorconv;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// Splits [0, tasks) into `threads` contiguous ranges, like at::parallel_for.
+template <class F>
+void parallel(int threads, int64_t tasks, F&& f) {
+  if (threads <= 1 || tasks <= 1) {
+    f(0, tasks);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t chunk = (tasks + threads - 1) / threads;
+  for (int t = 0; t < threads; ++t) {
+    const int64_t b = t * chunk, e = std::min(tasks, b + chunk);
+    if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
+  }
+  for (auto& th : pool) th.join();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+double peak_rate(const KernelOps& ops, int threads) {
+  // Long enough (~50 ms) to be stable; best of 5.
+  const int64_t iters = 2'000'000;
+  double best = 0;
+  for (int r = 0; r < 5; ++r) {
+    const auto t0 = Clock::now();
+    std::vector<uint64_t> macs(threads);
+    parallel(threads, threads, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) macs[i] = ops.peak_probe(iters);
+    });
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    uint64_t total = 0;
+    for (auto m : macs) total += m;
+    best = std::max(best, total / s);
+  }
+  return best;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int threads = 1, reps = 50;
+  std::vector<std::vector<int64_t>> shapes;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) {
+      std::vector<int64_t> s;
+      for (char* tok = std::strtok(argv[++i], ","); tok; tok = std::strtok(nullptr, ",")) s.push_back(std::atoll(tok));
+      if (s.size() != 6) {
+        std::fprintf(stderr, "--shape wants cin,cout,hw,k,stride,pad\n");
+        return 2;
+      }
+      shapes.push_back(s);
+    } else {
+      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--shape cin,cout,hw,k,stride,pad]...\n", argv[0]);
+      return 2;
+    }
+  }
+  if (shapes.empty())
+    shapes = {{64, 64, 64, 3, 1, 1}, {128, 128, 32, 3, 1, 1}, {256, 256, 16, 3, 1, 1},
+              {512, 512, 8, 3, 1, 1}, {256, 512, 16, 3, 2, 1}, {512, 256, 8, 1, 1, 0}};
+  std::printf("threads %d, reps %d (median), pad_value +1, batch 1\n", threads, reps);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist;
+  for (const auto& name : available_backends()) {
+    set_backend_override(name);
+    ConvParams probe_params;
+    const KernelOps& ops = select_kernel(probe_params);
+    const double peak = peak_rate(ops, threads);
+    std::printf("\n[%s] peak probe: %.1f binary GMAC/s\n", name.c_str(), peak / 1e9);
+    std::printf("%-26s %10s %10s %12s %8s\n", "layer", "pack ms", "conv ms", "conv GMAC/s", "of peak");
+    for (const auto& s : shapes) {
+      ConvParams p;
+      p.batch = 1;
+      p.in_channels = s[0];
+      p.out_channels = s[1];
+      p.in_h = p.in_w = s[2];
+      p.kernel_h = p.kernel_w = s[3];
+      p.stride_h = p.stride_w = s[4];
+      p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = s[5];
+      p.pad_value = PadValue::PlusOne;
+      if (const std::string err = validate(p); !err.empty()) {
+        std::fprintf(stderr, "bad shape: %s\n", err.c_str());
+        return 2;
+      }
+      std::vector<float> x(p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.in_channels * p.taps());
+      for (auto& e : x) e = dist(rng);
+      for (auto& e : w) e = dist(rng);
+      const ActivationLayout l = activation_layout(p);
+      std::vector<uint64_t> px(l.total_words), pw(weight_words(p));
+      std::vector<int32_t> tap_sum(p.out_channels * p.taps());
+      pack_weights(p, w.data(), pw.data(), tap_sum.data());
+      std::vector<float> out(p.out_channels * p.out_h() * p.out_w());
+      OutputStage st;
+      st.out = out.data();
+      const TensorStrides strides{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+      // Correctness first: this family against the scalar one on this very layer.
+      {
+        std::vector<float> want(out.size()), got(out.size());
+        binary_conv2d_serial(scalar_kernel(), p, x.data(), strides, w.data(), nullptr, nullptr, want.data());
+        binary_conv2d_serial(ops, p, x.data(), strides, w.data(), nullptr, nullptr, got.data());
+        if (want != got) {
+          std::fprintf(stderr, "[%s] result differs from scalar on this layer\n", name.c_str());
+          return 1;
+        }
+      }
+      std::vector<double> pack_t, conv_t;
+      for (int r = 0; r < reps; ++r) {
+        auto t0 = Clock::now();
+        parallel(threads, ops.pack_tasks(p, l), [&](int64_t b, int64_t e) {
+          ops.pack(p, l, x.data(), strides, px.data(), b, e);
+        });
+        auto t1 = Clock::now();
+        parallel(threads, ops.conv_tasks(p, l), [&](int64_t b, int64_t e) {
+          ops.conv(p, l, px.data(), pw.data(), st, b, e);
+        });
+        auto t2 = Clock::now();
+        pack_t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+        conv_t.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());
+      }
+      const double macs = static_cast<double>(p.out_channels) * p.out_h() * p.out_w() * p.depth();
+      const double conv_ms = median(conv_t), rate = macs / (conv_ms * 1e-3);
+      char label[64];
+      std::snprintf(label, sizeof label, "%lld,%lld,%lld,%lld,%lld,%lld", (long long)s[0], (long long)s[1],
+                    (long long)s[2], (long long)s[3], (long long)s[4], (long long)s[5]);
+      std::printf("%-26s %10.4f %10.4f %12.1f %7.0f%%\n", label, median(pack_t), conv_ms, rate / 1e9,
+                  100.0 * rate / peak);
+    }
+  }
+  return 0;
+}

@@ -1,0 +1,167 @@
+// Torch binding of the kernel core: op schemas, CPU implementations, argument checks with clear messages.
+// The only C++ (with module.cpp and the CUDA glue) that includes torch headers.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "xnorconv_core.h"
+#include "ops.h"
+
+namespace xnorconv_torch {
+
+using xnorconv::ConvParams;
+using xnorconv::PadValue;
+
+namespace {
+
+void check_affine(const c10::optional<at::Tensor>& t, const char* name, int64_t out_channels, const at::Tensor& input) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == out_channels, "binary_conv2d: ", name, " must have shape (",
+              out_channels, ",) (one value per output channel), got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, "binary_conv2d: ", name, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == input.device(), "binary_conv2d: ", name, " is on ", t->device(), " but input is on ",
+              input.device());
+}
+
+}  // namespace
+
+ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, const at::Tensor& weight_tap_sum,
+                       int64_t weight_in_channels, const c10::optional<at::Tensor>& scale,
+                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, int64_t pad_value) {
+  TORCH_CHECK(input.dim() == 4, "binary_conv2d: input must be 4-D (N, C, H, W), got a ", input.dim(),
+              "-D tensor of shape ", input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "binary_conv2d: input must be float32, got ", input.scalar_type());
+  TORCH_CHECK(weight_bits.dim() == 4 && weight_bits.scalar_type() == at::kLong,
+              "binary_conv2d: weight_bits must be the int64 (O, kh, kw, words) tensor from pack_weight, got ",
+              weight_bits.scalar_type(), " of shape ", weight_bits.sizes());
+  TORCH_CHECK(weight_tap_sum.dim() == 3 && weight_tap_sum.scalar_type() == at::kInt &&
+                  weight_tap_sum.sizes() == weight_bits.sizes().slice(0, 3),
+              "binary_conv2d: weight_tap_sum must be the int32 (O, kh, kw) tensor from pack_weight, got ",
+              weight_tap_sum.scalar_type(), " of shape ", weight_tap_sum.sizes());
+  TORCH_CHECK(weight_bits.device() == input.device() && weight_tap_sum.device() == input.device(),
+              "binary_conv2d: packed weight is on ", weight_bits.device(), " but input is on ", input.device());
+  TORCH_CHECK(stride.size() == 2, "binary_conv2d: stride must have 2 values, got ", stride);
+  TORCH_CHECK(dilation.size() == 2, "binary_conv2d: dilation must have 2 values, got ", dilation);
+  TORCH_CHECK(padding.size() == 4, "binary_conv2d: padding must have 4 values (top, bottom, left, right), got ", padding);
+  TORCH_CHECK(pad_value == 0 || pad_value == 1 || pad_value == -1, "binary_conv2d: pad_value must be 0, 1 or -1, got ",
+              pad_value);
+  TORCH_CHECK(groups >= 1, "binary_conv2d: groups must be >= 1, got ", groups);
+  TORCH_CHECK(weight_in_channels >= 1 &&
+                  xnorconv::words_for_channels(weight_in_channels) == weight_bits.size(3),
+              "binary_conv2d: weight_in_channels (", weight_in_channels, ") does not match the packed weight's ",
+              weight_bits.size(3), " words per tap");
+  TORCH_CHECK(input.size(1) == weight_in_channels * groups, "binary_conv2d: input has ", input.size(1),
+              " channels but the weight expects ", weight_in_channels * groups, " (", weight_in_channels,
+              " per group x groups=", groups, ")");
+  const int64_t out_channels = weight_bits.size(0);
+  TORCH_CHECK(out_channels % groups == 0, "binary_conv2d: weight has ", out_channels,
+              " output channels, not divisible by groups=", groups);
+  check_affine(scale, "scale", out_channels, input);
+  check_affine(bias, "bias", out_channels, input);
+
+  ConvParams p;
+  p.batch = input.size(0);
+  p.in_channels = input.size(1);
+  p.in_h = input.size(2);
+  p.in_w = input.size(3);
+  p.out_channels = out_channels;
+  p.groups = groups;
+  p.kernel_h = weight_bits.size(1);
+  p.kernel_w = weight_bits.size(2);
+  p.stride_h = stride[0];
+  p.stride_w = stride[1];
+  p.pad_top = padding[0];
+  p.pad_bottom = padding[1];
+  p.pad_left = padding[2];
+  p.pad_right = padding[3];
+  p.dilation_h = dilation[0];
+  p.dilation_w = dilation[1];
+  p.pad_value = static_cast<PadValue>(pad_value);
+  const std::string err = xnorconv::validate(p);
+  TORCH_CHECK(err.empty(), "binary_conv2d: ", err, " (input shape ", input.sizes(), ")");
+  return p;
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 4, "pack_weight: weight must be 4-D (O, C/groups, kh, kw), got a ", weight.dim(),
+              "-D tensor of shape ", weight.sizes());
+  TORCH_CHECK(weight.is_floating_point(), "pack_weight: weight must be a floating-point tensor, got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.numel() > 0, "pack_weight: weight must not be empty, got shape ", weight.sizes());
+  TORCH_CHECK(weight.size(2) * weight.size(3) <= xnorconv::kMaxTaps, "pack_weight: kernel size (", weight.size(2), ", ",
+              weight.size(3), ") has more than ", xnorconv::kMaxTaps, " taps");
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  ConvParams p;
+  p.in_channels = w.size(1);
+  p.out_channels = w.size(0);
+  p.kernel_h = w.size(2);
+  p.kernel_w = w.size(3);
+  const int64_t words = xnorconv::words_for_channels(p.in_channels);
+  at::Tensor bits = at::empty({p.out_channels, p.kernel_h, p.kernel_w, words}, w.options().dtype(at::kLong));
+  at::Tensor tap_sum = at::empty({p.out_channels, p.kernel_h, p.kernel_w}, w.options().dtype(at::kInt));
+  xnorconv::pack_weights(p, w.data_ptr<float>(), reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>()),
+                         tap_sum.data_ptr<int32_t>());
+  return {bits, tap_sum};
+}
+
+at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& weight_bits,
+                                    const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
+                                    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
+                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                    int64_t groups, int64_t pad_value) {
+  const ConvParams p = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride,
+                                   padding, dilation, groups, pad_value);
+  at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()}, input.options());
+  if (p.batch == 0) return out;
+  const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor bits = weight_bits.contiguous();
+
+  const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
+  const xnorconv::ActivationLayout layout = xnorconv::activation_layout(p);
+  at::Tensor packed = at::empty({layout.total_words}, input.options().dtype(at::kLong));
+  auto* packed_ptr = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
+  const xnorconv::TensorStrides strides{input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+  const float* x = input.data_ptr<float>();
+  at::parallel_for(0, ops.pack_tasks(p, layout), 1, [&](int64_t begin, int64_t end) {
+    ops.pack(p, layout, x, strides, packed_ptr, begin, end);
+  });
+
+  xnorconv::ZeroPadCorrection zero_pad;
+  xnorconv::OutputStage stage;
+  stage.scale = scale_c.defined() ? scale_c.data_ptr<float>() : nullptr;
+  stage.bias = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  stage.out = out.data_ptr<float>();
+  if (p.pad_value == PadValue::Zero) {
+    zero_pad = xnorconv::zero_pad_correction(p, weight_tap_sum.contiguous().data_ptr<int32_t>());
+    stage.zero_pad = &zero_pad;
+  }
+  const auto* w = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  at::parallel_for(0, ops.conv_tasks(p, layout), 1, [&](int64_t begin, int64_t end) {
+    ops.conv(p, layout, packed_ptr, w, stage, begin, end);
+  });
+  // Same rule as the fake kernel in xnorconv/_meta.py: a channels_last input gets a channels_last output.
+  if (input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1)
+    return out.contiguous(at::MemoryFormat::ChannelsLast);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(xnorconv, m) {
+  m.def("pack_weight(Tensor weight) -> (Tensor weight_bits, Tensor weight_tap_sum)");
+  m.def(
+      "binary_conv2d_packed(Tensor input, Tensor weight_bits, Tensor weight_tap_sum, int weight_in_channels, "
+      "Tensor? scale, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, int groups, int pad_value) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {
+  m.impl("pack_weight", &pack_weight_cpu);
+  m.impl("binary_conv2d_packed", &binary_conv2d_packed_cpu);
+}
+
+}  // namespace xnorconv_torch

@@ -1,0 +1,16 @@
+// Shared by the CPU and CUDA bindings: argument checking into ConvParams (messages name the argument and value).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "xnorconv_core.h"
+
+namespace xnorconv_torch {
+
+xnorconv::ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits,
+                                 const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
+                                 const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
+                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups, int64_t pad_value);
+
+}  // namespace xnorconv_torch

@@ -1,0 +1,15 @@
+"""xnorconv: bit-packed XNOR-popcount binary convolution for PyTorch."""
+__version__ = "0.1.0"
+
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
+from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
+from . import _meta  # noqa: F401  (fake kernels for torch.compile / torch.export)
+from . import functional
+from ._backend import backends, build_info, current_backend, use_backend
+from .functional import PackedWeight, binary_conv2d, binary_conv2d_packed, pack_weight
+
+__all__ = [
+    "PackedWeight", "backends", "binary_conv2d", "binary_conv2d_packed", "build_info", "current_backend",
+    "functional", "pack_weight", "use_backend",
+]

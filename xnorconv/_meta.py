@@ -1,0 +1,34 @@
+"""Fake (meta) kernels: shapes and dtypes of every op, for torch.compile and torch.export."""
+import torch
+
+
+def _out_size(size, kernel, stride, pad_lo, pad_hi, dilation):
+    return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.register_fake("xnorconv::pack_weight")
+def _pack_weight_fake(weight):
+    torch._check(weight.dim() == 4, lambda: f"pack_weight: weight must be 4-D, got {weight.dim()}-D")
+    out_channels, in_channels, kh, kw = weight.shape
+    words = (in_channels + 63) // 64
+    bits = weight.new_empty((out_channels, kh, kw, words), dtype=torch.int64)
+    tap_sum = weight.new_empty((out_channels, kh, kw), dtype=torch.int32)
+    return bits, tap_sum
+
+
+@torch.library.register_fake("xnorconv::binary_conv2d_packed")
+def _binary_conv2d_packed_fake(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding,
+                               dilation, groups, pad_value):
+    torch._check(input.dim() == 4, lambda: f"binary_conv2d: input must be 4-D, got {input.dim()}-D")
+    torch._check(input.shape[1] == weight_in_channels * groups,
+                 lambda: f"binary_conv2d: input has {input.shape[1]} channels but the weight expects "
+                         f"{weight_in_channels * groups}")
+    n, _, h, w = input.shape
+    out_channels, kh, kw, _ = weight_bits.shape
+    oh = _out_size(h, kh, stride[0], padding[0], padding[1], dilation[0])
+    ow = _out_size(w, kw, stride[1], padding[2], padding[3], dilation[1])
+    out = input.new_empty((n, out_channels, oh, ow))
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous() \
+            and input.shape[1] > 1:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
