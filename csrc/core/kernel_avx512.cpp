@@ -13,19 +13,13 @@
 #include "isa_begin.h"
 #include "kernel_common.h"
 
-#ifndef XNORCONV_AVX512_STRIPS
-#define XNORCONV_AVX512_STRIPS 4
-#endif
-#ifndef XNORCONV_AVX512_CHANNELS
-#define XNORCONV_AVX512_CHANNELS 6
-#endif
-
 namespace xnorconv {
 namespace {
 
 struct Avx512Isa {
+  // Measured best of 2x12, 3x7, 3x8, 4x5, 6x4 and 4x6 on Zen 4 (bench_core, interleaved).
   // 4 strips x 6 channels = 24 zmm accumulators + 4 activation registers + temporaries, within the 32 zmm.
-  static constexpr int kStrip = 8, kStrips = XNORCONV_AVX512_STRIPS, kChannels = XNORCONV_AVX512_CHANNELS;
+  static constexpr int kStrip = 8, kStrips = 4, kChannels = 6;
 
   // 16-float compares; `Threshold` yields the 16 thresholds at offset i (masked for the tail).
   template <class Threshold>
