@@ -11,6 +11,8 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
@@ -31,6 +33,19 @@ def _has_packed_kernel(device_type: str) -> bool:
 # without a graph break). CPU always; CUDA once the CUDA kernels are compiled in. Elsewhere the layers run the float
 # path, which computes the same values.
 _PACKED_DEVICES = frozenset(d for d in ("cpu", "cuda") if _has_packed_kernel(d))
+
+
+# Bumped after every torch.optim.Optimizer step (any subclass): part of the packed-weight cache key, because fused
+# optimizers (Adam(fused=True), SGD(fused=True), ...) write parameters without bumping their version counter.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def packed_kernel_devices() -> Tuple[str, ...]:
@@ -60,8 +75,10 @@ def _check_input(layer, input: torch.Tensor, weight_dtype, weight_device) -> Tup
         raise ValueError(f"{name}: input must be 4-D (N, C, H, W) or 3-D unbatched (C, H, W), got a {input.dim()}-D "
                          f"tensor of shape {tuple(input.shape)}")
     if not input.is_floating_point():
-        raise TypeError(f"{name}: input must be a floating-point tensor ({weight_dtype}), got dtype {input.dtype}")
-    if input.dtype != weight_dtype and not torch.is_autocast_enabled(input.device.type):
+        expected = f" ({weight_dtype})" if weight_dtype is not None else ""
+        raise TypeError(f"{name}: input must be a floating-point tensor{expected}, got dtype {input.dtype}")
+    if (weight_dtype is not None and input.dtype != weight_dtype
+            and not torch.is_autocast_enabled(input.device.type)):
         raise TypeError(f"{name}: input dtype {input.dtype} does not match the layer's dtype {weight_dtype} "
                         f"(convert one of them, e.g. layer.to({input.dtype}))")
     if input.device != weight_device:
@@ -121,11 +138,13 @@ class BinaryConv2d(nn.Conv2d):
     path elsewhere. All paths compute the same values (the dot product is an exact integer in each).
 
     The packed-weight cache is keyed on the weight tensor's identity, autograd version counter, data pointer,
-    device, dtype, shape and strides, so optimizer steps, ``load_state_dict``, ``.to()``/``.cuda()``/``.double()``,
-    in-place edits of the parameter (``with torch.no_grad(): m.weight.mul_(-1)``), ``m.weight.data = t`` and
-    replacing the Parameter all repack. Writes that bypass PyTorch's version counter cannot be seen: writes
-    through ``m.weight.data`` in place (``m.weight.data.copy_(t)``), through ``.numpy()`` views or raw storage.
-    After such writes call ``m.invalidate_packed_cache()`` (or ``xnorconv.nn.invalidate_packed_caches(model)``).
+    device, dtype, shape and strides, and on a global count of ``torch.optim.Optimizer`` steps (fused optimizers
+    write parameters without bumping the version counter). So optimizer steps (any torch.optim optimizer, fused or
+    not), ``load_state_dict``, ``.to()``/``.cuda()``/``.double()``, in-place edits of the parameter (``with
+    torch.no_grad(): m.weight.mul_(-1)``), ``m.weight.data = t`` and replacing the Parameter all repack. Writes
+    that bypass both cannot be seen: in-place writes through ``m.weight.data`` (``m.weight.data.copy_(t)``),
+    through ``.numpy()`` views or raw storage, outside an Optimizer.step(). After such writes call
+    ``m.invalidate_packed_cache()`` (or ``xnorconv.nn.invalidate_packed_caches(model)``).
 
     NaN inputs or weights binarize to -1 (sign(NaN) = -1, as in the reference and the packed kernel) and get zero
     gradient; +-inf binarize to +-1. A NaN weight makes alpha (hence that output channel) NaN.
@@ -147,14 +166,14 @@ class BinaryConv2d(nn.Conv2d):
         if not isinstance(binarize_input, bool):
             raise ValueError(f"binarize_input must be True or False, got {binarize_input!r}")
         _check_pad_value(pad_value, padding_mode)
+        kh, kw = _pair(kernel_size)
+        if min(kh, kw) < 1:
+            raise ValueError(f"BinaryConv2d: kernel_size must be >= 1, got {(kh, kw)}")
+        if kh * kw > _MAX_TAPS:
+            raise ValueError(f"BinaryConv2d: kernel_size {(kh, kw)} has {kh * kw} taps, more than the "
+                             f"packed kernel's {_MAX_TAPS}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        kh, kw = self.kernel_size
-        if kh < 1 or kw < 1:
-            raise ValueError(f"BinaryConv2d: kernel_size must be >= 1, got {self.kernel_size}")
-        if kh * kw > _MAX_TAPS:
-            raise ValueError(f"BinaryConv2d: kernel_size {self.kernel_size} has {kh * kw} taps, more than the "
-                             f"packed kernel's {_MAX_TAPS}")
         self.scale = scale
         self.binarize_input = binarize_input
         self.pad_value = pad_value
@@ -209,7 +228,8 @@ class BinaryConv2d(nn.Conv2d):
         """(PackedWeight, alpha or None) of the current weight: packed on first use, then served from the cache
         until the weight changes."""
         w = self.weight
-        key = (w._version, w.data_ptr(), w.device, w.dtype, tuple(w.shape), tuple(w.stride()), self.scale)
+        key = (w._version, _optimizer_steps, w.data_ptr(), w.device, w.dtype, tuple(w.shape), tuple(w.stride()),
+               self.scale)
         cache = self._packed_cache
         if cache is not None and cache[0]() is w and cache[1] == key:
             return cache[2], cache[3]
@@ -362,7 +382,7 @@ class FrozenBinaryConv2d(nn.Module):
         return s
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x, unbatched = _check_input(self, input, input.dtype, self.weight_bits.device)
+        x, unbatched = _check_input(self, input, None, self.weight_bits.device)
         x, pads = _pad_mode_input(self, x)
         _check_spatial(self, x, pads)
         if self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32:
@@ -479,6 +499,12 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
     return model.eval()
 
 
+def _binary_from_conv(conv: nn.Conv2d, options) -> BinaryConv2d:
+    if conv.padding_mode != "zeros":  # pad_value applies to constant padding only
+        options = {k: v for k, v in options.items() if k != "pad_value"}
+    return BinaryConv2d.from_conv(conv, **options)
+
+
 def binarize(model: nn.Module, skip_first: bool = True, skip_last: bool = True, exclude: Iterable[str] = (),
              inplace: bool = False, **options) -> nn.Module:
     """Replaces the nn.Conv2d layers of `model` by BinaryConv2d layers carrying their weights (the Parameters are
@@ -487,7 +513,8 @@ def binarize(model: nn.Module, skip_first: bool = True, skip_last: bool = True, 
     XNOR-Net keeps the first and last layers real: with skip_first / skip_last the first / last weight layer
     (nn.Conv*d or nn.Linear, in registration order, i.e. model.named_modules()) stays as it is if it is an
     nn.Conv2d (a final nn.Linear classifier is never touched anyway). `exclude`: qualified names of modules to keep
-    real. `options` (scale, binarize_input, pad_value, ste) go to every BinaryConv2d. Only layers of type exactly
+    real. `options` (scale, binarize_input, pad_value, ste) go to every BinaryConv2d (pad_value only to layers
+    with padding_mode='zeros': the others pad with copies of the input). Only layers of type exactly
     nn.Conv2d are replaced (subclasses, BinaryConv2d included, are left alone).
     """
     if not isinstance(model, nn.Module):
@@ -508,12 +535,12 @@ def binarize(model: nn.Module, skip_first: bool = True, skip_last: bool = True, 
     if weight_layers and skip_last:
         keep.add(id(weight_layers[-1][1]))
     if type(model) is nn.Conv2d:
-        return model if id(model) in keep or "" in exclude else BinaryConv2d.from_conv(model, **options)
+        return model if id(model) in keep or "" in exclude else _binary_from_conv(model, options)
     replaced = {}
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if type(m) is not nn.Conv2d or id(m) in keep or name in exclude:
             continue
         if id(m) not in replaced:
-            replaced[id(m)] = BinaryConv2d.from_conv(m, **options)
+            replaced[id(m)] = _binary_from_conv(m, options)
         _set_submodule(model, name, replaced[id(m)])
     return model
