@@ -421,9 +421,9 @@ def away_from_kinks(shape, seed):
 def test_gradcheck_and_gradgradcheck_on_the_differentiable_surrogate(ste, scale):
     """With the anchors held fixed the estimator is a smooth function (value = binary forward at the anchor,
     gradient = STE); gradcheck verifies the autograd gradient of exactly the code the layer runs."""
-    x = away_from_kinks((2, 4, 5, 5), 0).requires_grad_()
-    w = away_from_kinks((6, 2, 3, 3), 1).requires_grad_()
-    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    x = away_from_kinks((1, 4, 4, 4), 0).requires_grad_()
+    w = away_from_kinks((4, 2, 2, 3), 1).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     x0, w0 = x.detach().clone(), w.detach().clone()
 
     def f(x, w, b):
@@ -766,13 +766,50 @@ class Untraceable(nn.Module):
         return self.conv(x)
 
 
-def test_freeze_untraceable_model_and_shared_modules_are_not_folded():
+class UntraceableSequential(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(BinaryConv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        return self.body(x) if x.sum() > 0 else x
+
+
+class SequentialAsContainer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(BinaryConv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x) + x  # the BN sees conv(x) + x: folding would be wrong
+        return x
+
+
+def test_freeze_untraceable_models_use_the_sequential_rule_and_containers_are_not_folded():
+    x = torch.rand(1, 3, 4, 4)
     model = Untraceable().eval()
+    randomize_bn(model)
     frozen = freeze(model)
     assert isinstance(frozen.bn, nn.BatchNorm2d) and isinstance(frozen.conv, FrozenBinaryConv2d)
-    x = torch.rand(1, 3, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), model(x))
+    model = UntraceableSequential().eval()
+    randomize_bn(model)
+    frozen = freeze(model)
+    assert isinstance(frozen.body[1], nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-5)
+    model = SequentialAsContainer().eval()
+    randomize_bn(model)
+    frozen = freeze(model)
+    assert isinstance(frozen.layers[1], nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_freeze_shared_modules_are_not_folded():
+    x = torch.rand(1, 3, 4, 4)
     conv = BinaryConv2d(3, 3, 1)
     shared = nn.Sequential(conv, nn.BatchNorm2d(3), conv).eval()
     randomize_bn(shared)
@@ -794,6 +831,18 @@ def test_freeze_inplace_binary_weight_layer_and_padding_modes():
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model[0](x[0]), model[0](x)[0])
+
+
+def test_frozen_layer_survives_dtype_conversions_of_the_model():
+    m = BinaryConv2d(5, 4, 3, padding=1)
+    x = torch.randn(2, 5, 6, 6)
+    frozen = freeze(m)
+    with torch.no_grad():
+        expected = frozen(x)
+    frozen.double()  # converts the float buffers (scale, bias); the bits stay int64
+    assert frozen.weight_bits.dtype == torch.int64 and frozen.scale.dtype == torch.float64
+    torch.testing.assert_close(frozen(x), expected)
+    torch.testing.assert_close(frozen(x.double()), expected.double(), rtol=1e-6, atol=1e-6)
 
 
 def test_freeze_errors():
@@ -959,6 +1008,9 @@ def test_torch_compile_inference_with_packed_ops():
         expected = model(x)
         compiled = torch.compile(model, fullgraph=True, backend=COMPILE_BACKEND)
         torch.testing.assert_close(compiled(x), expected)
+        frozen = freeze(model)
+        torch.testing.assert_close(torch.compile(frozen, fullgraph=True, backend=COMPILE_BACKEND)(x), expected,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_torch_export_matches_eager_training_graph_and_packed_graph():

@@ -386,8 +386,9 @@ class FrozenBinaryConv2d(nn.Module):
         x, pads = _pad_mode_input(self, x)
         _check_spatial(self, x, pads)
         if self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32:
-            y = _packed_call(x, self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
-                             self, pads, self.pad_value)
+            bias = self.bias.to(torch.float32) if self.bias is not None else None  # no-op unless model.double()
+            y = _packed_call(x, self.weight_bits, self.weight_tap_sum, self.weight_in_channels,
+                             self.scale.to(torch.float32), bias, self, pads, self.pad_value)
         else:
             w = unpack_weight_signs(self.weight_bits, self.weight_in_channels, x.dtype)
             xs = _sign(x) if self.binarize_input else x
@@ -435,12 +436,13 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, (BinaryConv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
 
 
-def _traced_pairs(model: nn.Module, counts) -> List[Tuple[str, str]]:
-    """conv -> bn pairs in the torch.fx graph: the conv's output feeds only that BatchNorm2d, each called once."""
+def _traced_pairs(model: nn.Module, counts) -> Optional[List[Tuple[str, str]]]:
+    """conv -> bn pairs in the torch.fx graph: the conv's output feeds only that BatchNorm2d, each called once.
+    None when torch.fx cannot trace the model."""
     try:
         graph = _LeafTracer().trace(model)
-    except Exception:  # models torch.fx cannot trace (data-dependent control flow...) keep the Sequential rule
-        return []
+    except Exception:  # data-dependent control flow, unsupported ops...: the caller falls back to the Sequential rule
+        return None
     calls = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -471,10 +473,14 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
 
     With fold_bn, a BatchNorm2d (with running statistics, num_features == out_channels) that directly follows a
     BinaryConv2d is folded into its scale and bias in eval semantics (running statistics) and replaced by
-    nn.Identity. Folded patterns: (1) consecutive children [BinaryConv2d, BatchNorm2d] of any nn.Sequential;
-    (2) any module torch.fx can trace in which a BinaryConv2d's output feeds only a BatchNorm2d (e.g. `self.bn1(
-    self.conv1(x))` in a residual block), each module called once. Modules shared (registered or called more than
-    once) are not folded; BatchNorm layers that are not folded stay as they are.
+    nn.Identity. Which pairs are "directly following":
+      (1) when torch.fx can trace the model: wherever a BinaryConv2d's output feeds only a BatchNorm2d, each
+          called once (`self.bn1(self.conv1(x))` in a residual block, [BinaryConv2d, BatchNorm2d] inside an
+          nn.Sequential that is called, ...). This follows the real dataflow, so an nn.Sequential used as a mere
+          container (`for layer in self.layers: x = layer(x) + x`) is not folded.
+      (2) when it cannot (data-dependent control flow): consecutive children [BinaryConv2d, BatchNorm2d] of an
+          nn.Sequential, assuming the Sequential is called as a whole.
+    Modules registered more than once are never folded; BatchNorm layers that are not folded stay as they are.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze expects an nn.Module, got {type(model).__name__}")
@@ -485,8 +491,8 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
     counts = _module_counts(model)
     pairs = {}
     if fold_bn:
-        for conv_name, bn_name in _sequential_pairs(model, counts) + _traced_pairs(model, counts):
-            pairs[conv_name] = bn_name
+        traced = _traced_pairs(model, counts)
+        pairs = dict(traced if traced is not None else _sequential_pairs(model, counts))
     frozen_of = {}
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if isinstance(m, BinaryConv2d):
