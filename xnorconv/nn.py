@@ -18,21 +18,23 @@ from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
 from .functional import PackedWeight, normalize_conv_args, pack_weight
 
-__all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "packed_kernel_devices"]
+__all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
+           "packed_kernel_devices", "unpack_weight_signs"]
 
 _MAX_TAPS = 1024  # kMaxTaps of the kernel core (csrc/core/xnorconv_core.h)
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-def _has_packed_kernel(device_type: str) -> bool:
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"xnorconv::{op}", device_type.upper())
-               for op in ("binary_conv2d_packed",))
+def _devices_with_kernel(op: str) -> frozenset:
+    return frozenset(d for d in ("cpu", "cuda")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"xnorconv::{op}", d.upper()))
 
 
-# Device types with a packed-kernel implementation, decided once at import (a constant that torch.compile can read
+# Device types with a packed-kernel implementation, decided once at import (constants that torch.compile can read
 # without a graph break). CPU always; CUDA once the CUDA kernels are compiled in. Elsewhere the layers run the float
-# path, which computes the same values.
-_PACKED_DEVICES = frozenset(d for d in ("cpu", "cuda") if _has_packed_kernel(d))
+# path, which computes the same values; weights are packed on the CPU where the device has no pack_weight kernel.
+_PACKED_DEVICES = _devices_with_kernel("binary_conv2d_packed")
+_PACK_DEVICES = _devices_with_kernel("pack_weight")
 
 
 # Bumped after every torch.optim.Optimizer step (any subclass): part of the packed-weight cache key, because fused
@@ -247,7 +249,7 @@ class BinaryConv2d(nn.Conv2d):
         if (self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not self._needs_grad(x)):
             if torch.compiler.is_compiling():  # traced graphs pack inside the graph: no Python-side cache
-                packed = pack_weight(self.weight)
+                packed = _pack_on_device(self.weight)
                 alpha = channel_scale(self.weight.detach()) if self.scale == "channel" else None
             else:
                 packed, alpha = self.packed_weight()
@@ -263,7 +265,7 @@ class BinaryConv2d(nn.Conv2d):
 
 def _pack_on_device(weight: torch.Tensor) -> PackedWeight:
     w = weight.detach()
-    if torch._C._dispatch_has_kernel_for_dispatch_key("xnorconv::pack_weight", w.device.type.upper()):
+    if w.device.type in _PACK_DEVICES:
         return pack_weight(w)
     bits, tap_sum, in_channels = pack_weight(w.cpu())
     return PackedWeight(bits.to(w.device), tap_sum.to(w.device), in_channels)
