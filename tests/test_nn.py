@@ -1017,8 +1017,13 @@ def test_torch_export_matches_eager_training_graph_and_packed_graph():
     model = small_model().eval()
     x = torch.randn(2, 3, 6, 6)
     expected = model(x)
-    exported = torch.export.export(model, (x,))
+    exported = torch.export.export(model, (x,))  # grad enabled: the straight-through float graph
     torch.testing.assert_close(exported.module()(x), expected)
+    with torch.no_grad():  # no autograd: the packed ops, weights packed inside the graph
+        inference_program = torch.export.export(model, (x,))
+        targets = {str(n.target) for n in inference_program.graph.nodes if n.op == "call_function"}
+        assert {"xnorconv.pack_weight.default", "xnorconv.binary_conv2d_packed.default"} <= targets, targets
+        torch.testing.assert_close(inference_program.module()(x), expected)
     frozen = freeze(model)
     frozen_program = torch.export.export(frozen, (x,))
     targets = {str(n.target) for n in frozen_program.graph.nodes if n.op == "call_function"}
