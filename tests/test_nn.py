@@ -960,7 +960,7 @@ def test_small_binary_network_learns_a_synthetic_task():
     x_train, y_train = data(512)
     x_test, y_test = data(256)
     losses = []
-    for epoch in range(6):
+    for epoch in range(4):
         for i in range(0, 512, 64):
             loss = F.cross_entropy(model(x_train[i:i + 64]), y_train[i:i + 64])
             opt.zero_grad()
@@ -972,7 +972,8 @@ def test_small_binary_network_learns_a_synthetic_task():
         predictions = model(x_test).argmax(1)
         frozen_predictions = freeze(model)(x_test).argmax(1)  # packed kernel, BatchNorms folded
     accuracy = (predictions == y_test).float().mean().item()
-    assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:8]) / 8, losses
+    assert losses[0] > 0.5, losses[0]  # ~ln 2 at chance
+    assert sum(losses[-8:]) / 8 < 0.2, losses
     assert accuracy > 0.85, accuracy
     assert (frozen_predictions == predictions).float().mean().item() >= 0.99
 
