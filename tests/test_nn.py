@@ -732,7 +732,7 @@ class ResidualBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c)
         self.conv2 = BinaryConv2d(c, c, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(c)
-        self.conv3 = BinaryConv2d(c, c, 1)
+        self.conv3 = BinaryConv2d(c, c, 1, scale="none")
         self.bn3 = nn.BatchNorm2d(c)
 
     def forward(self, x):
@@ -933,6 +933,26 @@ def test_binarize_errors():
         binarize(Classifier().half(), skip_first=False)
     with pytest.raises(TypeError, match="from_conv expects an nn.Conv2d, got Linear"):
         BinaryConv2d.from_conv(nn.Linear(2, 2))
+
+
+def test_binarize_then_freeze_torchvision_resnet18():
+    """End to end on a real architecture: every BatchNorm after a binary conv (blocks and downsample paths) folds."""
+    import torchvision  # installed by tools/test.sh next to torch
+    torch.manual_seed(16)
+    model = binarize(torchvision.models.resnet18(num_classes=10))
+    assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
+    binary = [m for m in model.modules() if isinstance(m, BinaryConv2d)]
+    assert len(binary) == 19  # 16 block convs + 3 downsample convs
+    randomize_bn(model)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    frozen = freeze(model)
+    assert sum(isinstance(m, FrozenBinaryConv2d) for m in frozen.modules()) == 19
+    assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["bn1"]  # the real stem's
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), expected, rtol=1e-4, atol=1e-4)
 
 
 # -------------------------------------------------------------------------------------------------------- training
