@@ -111,11 +111,13 @@ def test_extra_repr_lists_non_default_options():
                               "pad_value=-1, ste='approx'")
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
+BINARY_ONLY_CTOR_ERRORS = [
     (dict(dtype=torch.int32), TypeError, "dtype=torch.int32"),
     (dict(dtype=torch.float16), TypeError, "dtype=torch.float16"),
     (dict(scale="tensor"), ValueError, "scale must be one of .*'tensor'"),
     (dict(ste="tanh"), ValueError, "ste must be one of .*'tanh'"),
+]
+CTOR_ERRORS = [
     (dict(pad_value=2), ValueError, "pad_value must be 0, 1 or -1, got 2"),
     (dict(pad_value=True), ValueError, "pad_value must be 0, 1 or -1, got True"),
     (dict(pad_value=0.5), ValueError, "pad_value must be 0, 1 or -1, got 0.5"),
@@ -124,16 +126,28 @@ def test_extra_repr_lists_non_default_options():
     (dict(binarize_input=1), ValueError, "binarize_input must be True or False, got 1"),
     (dict(in_channels=0), ValueError, "in_channels must be a positive int, got 0"),
     (dict(out_channels=-2), ValueError, "out_channels must be a positive int, got -2"),
-    (dict(kernel_size=0), ValueError, r"kernel_size must be >= 1, got \(0, 0\)"),
+    (dict(groups=0), ValueError, "groups must be a positive int, got 0"),
+    (dict(groups=3), ValueError, "in_channels=4 must be divisible by groups=3"),
+    (dict(in_channels=6, groups=3), ValueError, "out_channels=4 must be divisible by groups=3"),
+    (dict(kernel_size=0), ValueError, "kernel_size must be a positive int or a pair of them, got 0"),
+    (dict(kernel_size=(3, "3")), ValueError, r"kernel_size must be .* got \(3, '3'\)"),
     (dict(kernel_size=33), ValueError, r"kernel_size \(33, 33\) has 1089 taps"),
-    (dict(groups=3), ValueError, "in_channels must be divisible by groups"),
+    (dict(stride=0), ValueError, r"stride must be >= 1, got \(0, 0\)"),
+    (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1, got \(1, 0\)"),
+    (dict(padding=-1), ValueError, r"padding must be >= 0, got \(-1, -1\)"),
+    (dict(padding="full"), ValueError, "padding must be an int, a pair, 'same' or 'valid', got 'full'"),
     (dict(padding="same", stride=2), ValueError, "padding='same' is not supported for strided"),
-])
-def test_constructor_errors(kwargs, exc, match):
+]
+
+
+@pytest.mark.parametrize("layer, kwargs, exc, match",
+                         [(BinaryConv2d, *case) for case in BINARY_ONLY_CTOR_ERRORS + CTOR_ERRORS]
+                         + [(FrozenBinaryConv2d, *case) for case in CTOR_ERRORS])
+def test_constructor_errors(layer, kwargs, exc, match):
     args = dict(in_channels=4, out_channels=4, kernel_size=3)
     args.update(kwargs)
     with pytest.raises(exc, match=match):
-        BinaryConv2d(**args)
+        layer(**args)
 
 
 def test_float64_layer_constructs_and_default_dtype_is_respected():
