@@ -277,12 +277,22 @@ def test_forward_input_errors(layer_kind):
         m(torch.randn(1, 4, 2, 2))
     with pytest.raises(ValueError, match="input is on meta but the layer is on cpu"):
         m(torch.randn(1, 4, 6, 6, device="meta"))
+    with pytest.raises(ValueError, match="input is on meta but the layer is on cpu"):
+        m(torch.randn(1, 4, 6, 6, device="meta", dtype=torch.float64))
     if layer_kind == "binary":
         with pytest.raises(TypeError, match="input dtype torch.float64 does not match the layer's dtype torch.float32"):
             m(torch.randn(1, 4, 6, 6, dtype=torch.float64))
         m.scale = "bogus"
         with pytest.raises(ValueError, match="scale must be one of .*'bogus'"):
             m(torch.randn(1, 4, 6, 6))
+
+
+def test_autocast_input_of_another_float_dtype_is_accepted():
+    m = BinaryConv2d(4, 3, 3, padding=1)
+    x = torch.randn(1, 4, 5, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x.bfloat16())  # +-1 operands and small sums are exact in bfloat16
+    torch.testing.assert_close(y.float(), m(x), rtol=1e-2, atol=1e-2)
 
 
 def test_float64_layer_runs_the_float_path_everywhere(monkeypatch):

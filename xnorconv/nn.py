@@ -102,12 +102,12 @@ def _check_input(layer, input: torch.Tensor, weight_dtype, weight_device) -> Tup
     if not input.is_floating_point():
         expected = f" ({weight_dtype})" if weight_dtype is not None else ""
         raise TypeError(f"{name}: input must be a floating-point tensor{expected}, got dtype {input.dtype}")
-    if (weight_dtype is not None and input.dtype != weight_dtype
-            and not torch.is_autocast_enabled(input.device.type)):
-        raise TypeError(f"{name}: input dtype {input.dtype} does not match the layer's dtype {weight_dtype} "
-                        f"(convert one of them, e.g. layer.to({input.dtype}))")
     if input.device != weight_device:
         raise ValueError(f"{name}: input is on {input.device} but the layer is on {weight_device}")
+    if (weight_dtype is not None and input.dtype != weight_dtype
+            and not (input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type))):
+        raise TypeError(f"{name}: input dtype {input.dtype} does not match the layer's dtype {weight_dtype} "
+                        f"(convert one of them, e.g. layer.to({input.dtype}))")
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
