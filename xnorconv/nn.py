@@ -407,6 +407,21 @@ class FrozenBinaryConv2d(nn.Module):
         with torch.no_grad():
             self.weight_tap_sum.copy_(_tap_sum_from_bits(self.weight_bits, self.weight_in_channels))
 
+    def _apply(self, fn, *args, **kwargs):
+        self._fast_args = None  # .to() / .double(): re-decide the fast path on the next call
+        return super()._apply(fn, *args, **kwargs)
+
+    def _make_fast_args(self):
+        """(stride, pads, dilation, groups, pad_value) for the op, or () when the general path must run."""
+        usable = (self.binarize_input and self.padding_mode == "zeros" and self.weight_bits.device.type in
+                  _PACKED_DEVICES and self.scale.dtype == torch.float32
+                  and (self.bias is None or self.bias.dtype == torch.float32)
+                  and (self.input_threshold is None or self.input_threshold.dtype == torch.float32))
+        if not usable:
+            return ()
+        _, pads, _ = normalize_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)
+        return list(self.stride), list(pads), list(self.dilation), self.groups, self.pad_value
+
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
         if self.padding != (0, 0):
@@ -428,6 +443,17 @@ class FrozenBinaryConv2d(nn.Module):
         return s
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # Fast path for the deployed case (batched float32 on a packed-kernel device, zeros padding): the geometry
+        # never changes, so the op's arguments are computed once; only the per-call checks remain.
+        fast = self.__dict__.get("_fast_args")
+        if fast is None:
+            fast = self._fast_args = self._make_fast_args()
+        if (fast and isinstance(input, torch.Tensor) and input.dim() == 4 and input.dtype == torch.float32
+                and input.device == self.weight_bits.device and input.shape[1] == self.in_channels):
+            _check_spatial(self, input, fast[1])
+            return torch.ops.xnorconv.binary_conv2d_packed(
+                input, self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
+                *fast, self.input_threshold)
         x, unbatched = _check_input(self, input, None, self.weight_bits.device)
         x, pads = _pad_mode_input(self, x)
         _check_spatial(self, x, pads)
