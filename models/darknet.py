@@ -29,7 +29,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ConvBNAct", "DarkResidual", "CSPBlock", "SPPF", "DarkNet53", "CSPDarkNet53", "DNet53Baseline",
+__all__ = ["ConvBNAct", "DarkResidual", "CSPBlock", "CSPStage", "SPPF", "DarkNet53", "CSPDarkNet53", "DNet53Baseline",
            "darknet53", "cspdarknet53", "dnet53_baseline"]
 
 STAGE_WIDTHS = (64, 128, 256, 512, 1024)
@@ -48,15 +48,20 @@ class ConvBNAct(nn.Sequential):
 
 
 class DarkResidual(nn.Module):
-    """DarkNet residual block: 1x1 (channels -> hidden) -> 3x3 (hidden -> channels), plus the input."""
+    """DarkNet residual block: 1x1 (channels -> hidden) -> 3x3 (hidden -> channels), plus the input.
 
-    def __init__(self, channels: int, hidden: int):
+    `conv(in, out, k, stride)` builds each conv unit (ConvBNAct here; binary units in binary_dnet53);
+    `residual=False` drops the block-level addition (binary units carry their own shortcuts)."""
+
+    def __init__(self, channels: int, hidden: int, conv=ConvBNAct, residual: bool = True):
         super().__init__()
-        self.conv1 = ConvBNAct(channels, hidden, 1)
-        self.conv2 = ConvBNAct(hidden, channels, 3)
+        self.conv1 = conv(channels, hidden, 1)
+        self.conv2 = conv(hidden, channels, 3)
+        self.residual = residual
 
     def forward(self, x):
-        return x + self.conv2(self.conv1(x))
+        y = self.conv2(self.conv1(x))
+        return x + y if self.residual else y
 
 
 class CSPBlock(nn.Module):
@@ -67,13 +72,14 @@ class CSPBlock(nn.Module):
     width inside the residual blocks.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, depth: int, hidden: int, block_hidden: int):
+    def __init__(self, in_channels: int, out_channels: int, depth: int, hidden: int, block_hidden: int,
+                 conv=ConvBNAct, residual: bool = True):
         super().__init__()
-        self.part1 = ConvBNAct(in_channels, hidden, 1)
-        self.part2 = ConvBNAct(in_channels, hidden, 1)
-        self.blocks = nn.Sequential(*[DarkResidual(hidden, block_hidden) for _ in range(depth)])
-        self.transition = ConvBNAct(hidden, hidden, 1)
-        self.fuse = ConvBNAct(2 * hidden, out_channels, 1)
+        self.part1 = conv(in_channels, hidden, 1)
+        self.part2 = conv(in_channels, hidden, 1)
+        self.blocks = nn.Sequential(*[DarkResidual(hidden, block_hidden, conv, residual) for _ in range(depth)])
+        self.transition = conv(hidden, hidden, 1)
+        self.fuse = conv(2 * hidden, out_channels, 1)
 
     def forward(self, x):
         return self.fuse(torch.cat([self.part1(x), self.transition(self.blocks(self.part2(x)))], dim=1))
@@ -136,13 +142,14 @@ class DarkNet53(nn.Module):
 class CSPStage(nn.Sequential):
     """3x3 stride-2 downsampling conv followed by a CSPBlock (one stage of CSP-DarkNet-53)."""
 
-    def __init__(self, in_channels: int, out_channels: int, depth: int, first: bool):
+    def __init__(self, in_channels: int, out_channels: int, depth: int, first: bool, conv=ConvBNAct,
+                 residual: bool = True):
         # CSPDarknet53: the first stage keeps the full width in both parts (and a C/2 bottleneck inside its
         # residual block); later stages split into halves and use full-width (C/2 -> C/2) residual blocks.
         hidden = out_channels if first else out_channels // 2
         block_hidden = out_channels // 2
-        super().__init__(ConvBNAct(in_channels, out_channels, 3, 2),
-                         CSPBlock(out_channels, out_channels, depth, hidden, block_hidden))
+        super().__init__(conv(in_channels, out_channels, 3, 2),
+                         CSPBlock(out_channels, out_channels, depth, hidden, block_hidden, conv, residual))
 
 
 class CSPDarkNet53Backbone(nn.Module):
