@@ -73,4 +73,16 @@ def environment(threads):
         "torch": torch.__version__,
         "xnorconv": info["xnorconv"],
         "backends": ", ".join(info["cpu_backends_available"]),
+        "python": platform.python_version(),
+        "numpy": _version("numpy"),
+        "openvino": _version("openvino"),
+        "platform": platform.platform(),
     }
+
+
+def _version(dist):
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
