@@ -92,8 +92,8 @@ def _progress(total, desc):
     return bar, (lambda _item: bar.update(1))
 
 
-def measure(args):
-    run = {"env": environment(args.threads)}
+def measure(args, argv):
+    run = {"env": environment(args.threads, argv)}
     if not args.models or args.layers:
         backends = args.backend or xnorconv.backends()
         shapes = args.shape or layers.DARKNET53_128
@@ -128,7 +128,7 @@ def main(argv=None):
         with open(args.from_file) as f:
             run = json.load(f)
     else:
-        run = measure(args)
+        run = measure(args, argv)
     print(report.text(run, md=args.markdown))
     if args.compare:
         with open(args.compare) as f:

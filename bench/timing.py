@@ -62,11 +62,12 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def environment(threads):
+def environment(threads, argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     info = xnorconv.build_info()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
+        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "bench", *argv]),
         "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.machine()}",
         "cpu_features": ", ".join(info["cpu_features"]),
         "threads": threads,
