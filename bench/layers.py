@@ -48,6 +48,11 @@ def _int8_conv(x, w, stride, pad):
 PROBE_ITERATIONS = 50_000
 
 
+def _in_backend(backend, fn, *args):
+    with xnorconv.use_backend(backend):
+        return fn(*args)
+
+
 def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True, with_openvino=True, progress=None):
     """Measures every shape; returns one dict per shape with medians (ms), ratios and rates.
 
@@ -100,16 +105,25 @@ def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True
 
         times, kernel_samples = {}, {}
         for b in backends:
-            kernel = SelfTimed(lambda b=b: xnorconv._C.conv_kernel_ms(b, x, w, [s, s], [p, p], pad_value, 1) * 1e-3)
-            probe = SelfTimed(lambda b=b: xnorconv._C.peak_binary_macs_per_second(b, PROBE_ITERATIONS))
+            # The _C hooks take the backend by name and clear the process-wide override when they return, so each
+            # call is wrapped in use_backend(b), which puts the override back for the float-in/float-out timing.
+            kernel = SelfTimed(lambda b=b: _in_backend(b, xnorconv._C.conv_kernel_ms, b, x, w, [s, s], [p, p],
+                                                       pad_value, 1) * 1e-3)
+            probe = SelfTimed(lambda b=b: _in_backend(b, xnorconv._C.peak_binary_macs_per_second, b,
+                                                      PROBE_ITERATIONS))
             # use_backend is process-wide, so each backend is timed in its own interleaved run against the others.
             with xnorconv.use_backend(b):
                 t = interleaved({f"xnorconv {b}": binary, "kernel": kernel, "probe": probe, **fns}, reps)
+                if xnorconv.current_backend(cin, k) != b:
+                    raise AssertionError(f"backend override lost while timing {b}: "
+                                         f"{xnorconv.current_backend(cin, k)} selected")
             times[f"xnorconv {b}"] = t.pop(f"xnorconv {b}")
             kernel_samples[b] = t.pop("kernel")
             probe_samples[b].extend(t.pop("probe"))
             for name in fns:
                 times.setdefault(name, []).extend(t[name])
+        if "openvino kernel" in times:  # a kernel-alone figure: reported beside xnorconv's, not as float in/out
+            kernel_samples["openvino"] = times.pop("openvino kernel")
         macs = batch * cout * ((hw + 2 * p - k) // s + 1) ** 2 * cin * k * k
         rows.append({
             "shape": list(shape), "batch": batch, "threads": threads, "macs": macs,
@@ -125,8 +139,11 @@ def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True
     for r in rows:
         r["peak_gmacs"] = {b: peaks[b] / 1e9 for b in backends}
         r["kernel_fraction_of_peak"] = {b: r["macs"] / (r["kernel_best_ms"][b] * 1e-3) / peaks[b] for b in backends}
+        if "openvino" in r["kernel_best_ms"] and r["kernel_best_ms"]["openvino"] > 0:
+            r["openvino_kernel_fraction_of_peak"] = (r["macs"] / (r["kernel_best_ms"]["openvino"] * 1e-3)
+                                                     / peaks[backends[0]])
         r["speedup_vs_fp32"] = {b: r["ms"]["fp32 NCHW"] / r["ms"][f"xnorconv {b}"] for b in backends}
-        r["gops"] = {name: 2 * r["macs"] / (ms * 1e-3) / 1e9 for name, ms in r["ms"].items()}
+        r["gops"] = {name: 2 * r["macs"] / (ms * 1e-3) / 1e9 for name, ms in r["ms"].items() if ms > 0}
     return rows
 
 

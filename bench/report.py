@@ -51,7 +51,10 @@ def layer_table(run, md=False):
     has_ov = any("openvino binary" in r["ms"] for r in rows)
     if has_ov:
         cols.append(f"x openvino {best}")
-    cols += [f"kernel ms {best}", f"kernel/peak {best}"]
+    has_ovk = any("openvino" in r["kernel_best_ms"] for r in rows)
+    cols += [f"kernel ms {best}"] + (["kernel ms openvino"] if has_ovk else []) + [f"kernel/peak {best}"]
+    if has_ovk:
+        cols.append("kernel/peak openvino")
     table = []
     for r in rows:
         line = [_shape(r)] + [_fmt(r["ms"].get(n), ".4f") for n in names]
@@ -59,7 +62,13 @@ def layer_table(run, md=False):
         if has_ov:
             ov = r["ms"].get("openvino binary")
             line.append(_fmt(ov / r["ms"][XNOR + best] if ov else None, ".2f"))
-        line += [_fmt(r["kernel_best_ms"][best], ".4f"), f"{100 * r['kernel_fraction_of_peak'][best]:.0f}%"]
+        line.append(_fmt(r["kernel_best_ms"][best], ".4f"))
+        if has_ovk:
+            line.append(_fmt(r["kernel_best_ms"].get("openvino"), ".4f"))
+        line.append(f"{100 * r['kernel_fraction_of_peak'][best]:.0f}%")
+        if has_ovk:
+            f = r.get("openvino_kernel_fraction_of_peak")
+            line.append("-" if f is None else f"{100 * f:.0f}%")
         table.append(line)
     summary = ["geometric mean speedup over fp32 NCHW: " + ", ".join(
         f"{b} {geomean(r['ms']['fp32 NCHW'] / r['ms'][XNOR + b] for r in rows):.1f}x" for b in backends)]
@@ -70,8 +79,9 @@ def layer_table(run, md=False):
             summary.append(f"xnorconv {best} faster than {peer} on {wins} of {len(measured)} layers")
     summary.append("peak probe (binary GMAC/s, best of the run x threads): " + ", ".join(
         f"{b} {rows[0]['peak_gmacs'][b]:.0f}" for b in backends))
-    summary.append(f"kernel = convolution pass alone on pre-packed input (best of the run); kernel/peak = its MAC "
-                   f"rate over the probe's")
+    summary.append("kernel = convolution pass alone on pre-packed input, best of the run (openvino: its "
+                   "BinaryConvolution node per OpenVINO's profiler, 1 us resolution); kernel/peak = its MAC rate over "
+                   f"the best {best} probe reading")
     for r in rows:
         summary += [f"{_shape(r)}: {n}" for n in r.get("notes", [])]
     return cols, table, summary
@@ -82,8 +92,7 @@ def layer_preamble(run):
     return (f"batch {l['batch']}, {l['reps']} interleaved rounds per backend, medians in ms; xnorconv pad_value "
             f"{l['pad_value']}. Float32 tensor in, float32 tensor out (xnorconv: binarize + pack + conv + output "
             "stage, weights pre-packed). int8: PyTorch quantized conv (x86, channels_last) on quantized input, "
-            "conversions excluded. openvino binary: OpenVINO BinaryConvolution float in/out (+1 padding); "
-            "openvino kernel: its BinaryConvolution node alone (OpenVINO profiler).")
+            "conversions excluded. openvino binary: OpenVINO BinaryConvolution float in/out (+1 padding).")
 
 
 def model_table(run):
@@ -163,10 +172,11 @@ def figures(run):
                     recs.append(("layers", item, f"{n} GOPS", r["gops"][n], "GOPS"))
             for b in run["layers"]["backends"]:
                 recs += [("layers", item, f"speedup vs fp32 NCHW {XNOR}{b}", r["speedup_vs_fp32"][b], "x"),
-                         ("layers", item, f"kernel median ms {b}", r["kernel_ms"][b], "ms"),
-                         ("layers", item, f"kernel best ms {b}", r["kernel_best_ms"][b], "ms"),
                          ("layers", item, f"kernel fraction of peak {b}", r["kernel_fraction_of_peak"][b], "ratio"),
                          ("layers", item, f"peak probe {b}", r["peak_gmacs"][b], "GMAC/s")]
+            for b in r["kernel_ms"]:
+                recs += [("layers", item, f"kernel median ms {b}", r["kernel_ms"][b], "ms"),
+                         ("layers", item, f"kernel best ms {b}", r["kernel_best_ms"][b], "ms")]
     if "models" in run:
         for e in run["models"]["models"]:
             for k, v in e.items():
@@ -207,7 +217,7 @@ def plots(run, out_dir):
     foot = f"{env['machine']}; {env['threads']} thread(s); {env['date']}"
     if "layers" in run:
         rows = run["layers"]["rows"]
-        names = [n for n in layer_names(run["layers"]) if n not in ("fp32 NCHW", "openvino kernel")]
+        names = [n for n in layer_names(run["layers"]) if n != "fp32 NCHW"]
         fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) + 3), 4.5))
         width = 0.8 / len(names)
         for i, n in enumerate(names):
