@@ -219,6 +219,22 @@ def test_frozen_weight_only_variant_matches():
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("pad_value", [1, -1])
+def test_frozen_matches_for_constant_pad_values(pad_value):
+    torch.manual_seed(2)
+    model = models.create("binary_dnet53", 2, pad_value=pad_value)
+    assert {m.pad_value for m in model.modules() if isinstance(m, xnorconv.BinaryConv2d)} == {pad_value}
+    randomize_batchnorm(model)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        frozen = xnorconv.freeze(model)
+        out = frozen(x)
+    assert {m.pad_value for m in frozen.modules() if isinstance(m, xnorconv.FrozenBinaryConv2d)} == {pad_value}
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
+
+
 def test_unfrozen_eval_uses_packed_kernels_too():
     model = models.create("binary_dnet53", 2).eval()
     recorder = OpRecorder()
