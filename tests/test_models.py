@@ -216,7 +216,19 @@ def test_frozen_weight_only_variant_matches():
         frozen = xnorconv.freeze(model)
         out = frozen(x)
     assert sum(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in frozen.modules()) == 25
+    assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["stem.1"]
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_binary_dnet53_exports():
+    """torch.export of the deployed model keeps the 25 packed convolutions in the graph and matches eager."""
+    frozen = xnorconv.freeze(models.create("binary_dnet53", 6))
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        program = torch.export.export(frozen, (x,))
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        assert sum("xnorconv.binary_conv2d_packed" in t for t in targets) == 25
+        torch.testing.assert_close(program.module()(x).logits, frozen(x).logits)
 
 
 @pytest.mark.parametrize("pad_value", [1, -1])
