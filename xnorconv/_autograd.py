@@ -53,18 +53,18 @@ def _surrogate(x: torch.Tensor, ste: str) -> torch.Tensor:
     outside = torch.sign(x).detach()  # constant +-1 beyond the linear/quadratic piece (value continuity)
     if ste == "clipped":
         return torch.where(x.abs() <= 1, x, outside)
-    if ste == "approx":
-        return torch.where(x.abs() < 1, 2 * x - x * x.abs(), outside)
-    raise ValueError(f"ste must be one of {STE_CHOICES}, got {ste!r}")
+    assert ste == "approx", ste  # validated by ste_sign
+    return torch.where(x.abs() < 1, 2 * x - x * x.abs(), outside)
 
 
 def ste_sign(x: torch.Tensor, ste: str = "clipped", anchor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sign(x) in the forward pass, the `ste` surrogate's derivative in the backward pass (see module docstring)."""
     if ste not in STE_CHOICES:
         raise ValueError(f"ste must be one of {STE_CHOICES}, got {ste!r}")
-    if anchor is None:
-        anchor = x.detach()
-    return _sign(anchor) + (_surrogate(x, ste) - _surrogate(anchor, ste).detach())
+    surrogate = _surrogate(x, ste)
+    if anchor is None:  # the STE proper: s(x) - s(x) is exactly 0 in the forward pass
+        return _sign(x.detach()) + (surrogate - surrogate.detach())
+    return _sign(anchor) + (surrogate - _surrogate(anchor, ste).detach())
 
 
 def channel_scale(weight: torch.Tensor) -> torch.Tensor:

@@ -18,21 +18,23 @@ from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
 from .functional import PackedWeight, normalize_conv_args, pack_weight
 
-__all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "packed_kernel_devices"]
+__all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
+           "packed_kernel_devices", "unpack_weight_signs"]
 
 _MAX_TAPS = 1024  # kMaxTaps of the kernel core (csrc/core/xnorconv_core.h)
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-def _has_packed_kernel(device_type: str) -> bool:
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"xnorconv::{op}", device_type.upper())
-               for op in ("binary_conv2d_packed",))
+def _devices_with_kernel(op: str) -> frozenset:
+    return frozenset(d for d in ("cpu", "cuda")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"xnorconv::{op}", d.upper()))
 
 
-# Device types with a packed-kernel implementation, decided once at import (a constant that torch.compile can read
+# Device types with a packed-kernel implementation, decided once at import (constants that torch.compile can read
 # without a graph break). CPU always; CUDA once the CUDA kernels are compiled in. Elsewhere the layers run the float
-# path, which computes the same values.
-_PACKED_DEVICES = frozenset(d for d in ("cpu", "cuda") if _has_packed_kernel(d))
+# path, which computes the same values; weights are packed on the CPU where the device has no pack_weight kernel.
+_PACKED_DEVICES = _devices_with_kernel("binary_conv2d_packed")
+_PACK_DEVICES = _devices_with_kernel("pack_weight")
 
 
 # Bumped after every torch.optim.Optimizer step (any subclass): part of the packed-weight cache key, because fused
@@ -66,6 +68,29 @@ def _check_pad_value(pad_value, padding_mode="zeros"):
                          f"got padding_mode={padding_mode!r}, whose padded taps are copies of the input")
 
 
+def _check_geometry(name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
+    """Construction-time checks that name the argument and show the value (nn.Conv2d's own messages do not)."""
+    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if value % groups:
+            raise ValueError(f"{name}: {arg}={value} must be divisible by groups={groups}")
+    try:
+        kh, kw = _pair(kernel_size)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in (kh, kw)) or min(kh, kw) < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: kernel_size must be a positive int or a pair of them, got {kernel_size!r}")
+    if kh * kw > _MAX_TAPS:
+        raise ValueError(f"{name}: kernel_size {(kh, kw)} has {kh * kw} taps, more than the packed kernel's "
+                         f"{_MAX_TAPS}")
+    try:  # stride / dilation >= 1, padding >= 0 or 'same' / 'valid' (not with stride > 1), as nn.Conv2d
+        normalize_conv_args((kh, kw), stride, padding, dilation)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
 def _check_input(layer, input: torch.Tensor, weight_dtype, weight_device) -> Tuple[torch.Tensor, bool]:
     """Validates a forward input like nn.Conv2d (4-D batched or 3-D unbatched); returns (4-D input, unbatched)."""
     name = type(layer).__name__
@@ -77,12 +102,12 @@ def _check_input(layer, input: torch.Tensor, weight_dtype, weight_device) -> Tup
     if not input.is_floating_point():
         expected = f" ({weight_dtype})" if weight_dtype is not None else ""
         raise TypeError(f"{name}: input must be a floating-point tensor{expected}, got dtype {input.dtype}")
-    if (weight_dtype is not None and input.dtype != weight_dtype
-            and not torch.is_autocast_enabled(input.device.type)):
-        raise TypeError(f"{name}: input dtype {input.dtype} does not match the layer's dtype {weight_dtype} "
-                        f"(convert one of them, e.g. layer.to({input.dtype}))")
     if input.device != weight_device:
         raise ValueError(f"{name}: input is on {input.device} but the layer is on {weight_device}")
+    if (weight_dtype is not None and input.dtype != weight_dtype
+            and not (input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type))):
+        raise TypeError(f"{name}: input dtype {input.dtype} does not match the layer's dtype {weight_dtype} "
+                        f"(convert one of them, e.g. layer.to({input.dtype}))")
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -157,21 +182,13 @@ class BinaryConv2d(nn.Conv2d):
         if resolved not in (torch.float32, torch.float64):
             raise TypeError(f"BinaryConv2d: dtype must be torch.float32 or torch.float64 (latent float weights), "
                             f"got dtype={dtype}")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BinaryConv2d: {name} must be a positive int, got {value!r}")
+        _check_geometry("BinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         _check_choice("scale", scale, SCALE_CHOICES)
         _check_choice("ste", ste, STE_CHOICES)
         _check_choice("padding_mode", padding_mode, _PADDING_MODES)
         if not isinstance(binarize_input, bool):
             raise ValueError(f"binarize_input must be True or False, got {binarize_input!r}")
         _check_pad_value(pad_value, padding_mode)
-        kh, kw = _pair(kernel_size)
-        if min(kh, kw) < 1:
-            raise ValueError(f"BinaryConv2d: kernel_size must be >= 1, got {(kh, kw)}")
-        if kh * kw > _MAX_TAPS:
-            raise ValueError(f"BinaryConv2d: kernel_size {(kh, kw)} has {kh * kw} taps, more than the "
-                             f"packed kernel's {_MAX_TAPS}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
         self.scale = scale
@@ -247,7 +264,7 @@ class BinaryConv2d(nn.Conv2d):
         if (self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not self._needs_grad(x)):
             if torch.compiler.is_compiling():  # traced graphs pack inside the graph: no Python-side cache
-                packed = pack_weight(self.weight)
+                packed = _pack_on_device(self.weight)
                 alpha = channel_scale(self.weight.detach()) if self.scale == "channel" else None
             else:
                 packed, alpha = self.packed_weight()
@@ -263,7 +280,7 @@ class BinaryConv2d(nn.Conv2d):
 
 def _pack_on_device(weight: torch.Tensor) -> PackedWeight:
     w = weight.detach()
-    if torch._C._dispatch_has_kernel_for_dispatch_key("xnorconv::pack_weight", w.device.type.upper()):
+    if w.device.type in _PACK_DEVICES:
         return pack_weight(w)
     bits, tap_sum, in_channels = pack_weight(w.cpu())
     return PackedWeight(bits.to(w.device), tap_sum.to(w.device), in_channels)
@@ -302,6 +319,8 @@ class FrozenBinaryConv2d(nn.Module):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, *,
                  pad_value: int = 0, binarize_input: bool = True):
         super().__init__()
+        _check_geometry("FrozenBinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                        groups)
         # Reuse nn.Conv2d's argument handling (meta: allocates nothing) for identical geometry attributes.
         geometry = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False,
                              padding_mode, device="meta")
@@ -386,8 +405,9 @@ class FrozenBinaryConv2d(nn.Module):
         x, pads = _pad_mode_input(self, x)
         _check_spatial(self, x, pads)
         if self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32:
-            y = _packed_call(x, self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
-                             self, pads, self.pad_value)
+            bias = self.bias.to(torch.float32) if self.bias is not None else None  # no-op unless model.double()
+            y = _packed_call(x, self.weight_bits, self.weight_tap_sum, self.weight_in_channels,
+                             self.scale.to(torch.float32), bias, self, pads, self.pad_value)
         else:
             w = unpack_weight_signs(self.weight_bits, self.weight_in_channels, x.dtype)
             xs = _sign(x) if self.binarize_input else x
@@ -435,12 +455,13 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, (BinaryConv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
 
 
-def _traced_pairs(model: nn.Module, counts) -> List[Tuple[str, str]]:
-    """conv -> bn pairs in the torch.fx graph: the conv's output feeds only that BatchNorm2d, each called once."""
+def _traced_pairs(model: nn.Module, counts) -> Optional[List[Tuple[str, str]]]:
+    """conv -> bn pairs in the torch.fx graph: the conv's output feeds only that BatchNorm2d, each called once.
+    None when torch.fx cannot trace the model."""
     try:
         graph = _LeafTracer().trace(model)
-    except Exception:  # models torch.fx cannot trace (data-dependent control flow...) keep the Sequential rule
-        return []
+    except Exception:  # data-dependent control flow, unsupported ops...: the caller falls back to the Sequential rule
+        return None
     calls = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -471,10 +492,14 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
 
     With fold_bn, a BatchNorm2d (with running statistics, num_features == out_channels) that directly follows a
     BinaryConv2d is folded into its scale and bias in eval semantics (running statistics) and replaced by
-    nn.Identity. Folded patterns: (1) consecutive children [BinaryConv2d, BatchNorm2d] of any nn.Sequential;
-    (2) any module torch.fx can trace in which a BinaryConv2d's output feeds only a BatchNorm2d (e.g. `self.bn1(
-    self.conv1(x))` in a residual block), each module called once. Modules shared (registered or called more than
-    once) are not folded; BatchNorm layers that are not folded stay as they are.
+    nn.Identity. Which pairs are "directly following":
+      (1) when torch.fx can trace the model: wherever a BinaryConv2d's output feeds only a BatchNorm2d, each
+          called once (`self.bn1(self.conv1(x))` in a residual block, [BinaryConv2d, BatchNorm2d] inside an
+          nn.Sequential that is called, ...). This follows the real dataflow, so an nn.Sequential used as a mere
+          container (`for layer in self.layers: x = layer(x) + x`) is not folded.
+      (2) when it cannot (data-dependent control flow): consecutive children [BinaryConv2d, BatchNorm2d] of an
+          nn.Sequential, assuming the Sequential is called as a whole.
+    Modules registered more than once are never folded; BatchNorm layers that are not folded stay as they are.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze expects an nn.Module, got {type(model).__name__}")
@@ -485,8 +510,8 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
     counts = _module_counts(model)
     pairs = {}
     if fold_bn:
-        for conv_name, bn_name in _sequential_pairs(model, counts) + _traced_pairs(model, counts):
-            pairs[conv_name] = bn_name
+        traced = _traced_pairs(model, counts)
+        pairs = dict(traced if traced is not None else _sequential_pairs(model, counts))
     frozen_of = {}
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if isinstance(m, BinaryConv2d):
