@@ -153,3 +153,11 @@ def test_report_geomean_and_bad_shape():
     with pytest.raises(SystemExit):
         cli.parse_args(["--shape", "1,2,3"])
     assert os.path.basename(cli.__file__) == "__main__.py"
+
+
+def test_backend_override_survives_the_kernel_hooks():
+    x, w = torch.randn(1, 16, 8, 8), torch.randn(8, 16, 3, 3)
+    with xnorconv.use_backend("scalar"):
+        layers._in_backend("scalar", xnorconv._C.conv_kernel_ms, "scalar", x, w, [1, 1], [1, 1], 0, 1)
+        layers._in_backend("scalar", xnorconv._C.peak_binary_macs_per_second, "scalar", 1000)
+        assert xnorconv.current_backend(16, 3) == "scalar"
