@@ -97,14 +97,22 @@ def layer_preamble(run):
 
 def model_table(run):
     m = run["models"]
+    first_name = m["models"][0]["name"]
     cols = ["model", "batch 1 ms/image", "batch 8 ms/image", "batch 8 images/s", "peak forward MB (batch 1)",
-            "weights MB", "file MB", "x batch-1 vs first"]
+            "weights MB", "file MB", f"batch 1 time / {first_name}'s"]
     first = m["models"][0]["batch1_ms"]
     table = [[e["name"], f"{e['batch1_ms_per_image']:.2f}", f"{e['batch8_ms_per_image']:.2f}",
               f"{e['batch8_images_per_s']:.1f}", f"{e['peak_forward_bytes_batch1'] / 2**20:.2f}",
               f"{e['weight_bytes'] / 2**20:.3f}", f"{e['state_dict_bytes'] / 2**20:.3f}",
               f"{e['batch1_ms'] / first:.2f}"] for e in m["models"]]
     summary = [f"{e['name']}: {e['description']}; check: {e['check']}" for e in m["models"]]
+    by = {e["name"]: e for e in m["models"]}
+    if "binary_dnet53" in by:
+        for other in ("binary_dnet53_fp32", "binary_dnet53_int8"):
+            if other in by:
+                summary.append(f"frozen binary_dnet53 vs {other}: "
+                               + ", ".join(f"batch {b} {by[other][f'batch{b}_ms'] / by['binary_dnet53'][f'batch{b}_ms']:.2f}x"
+                                           for b in (1, 8) if f"batch{b}_ms" in by[other]) + " faster")
     return cols, table, summary
 
 
