@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--csv", default="", help="write the predictions to this CSV file")
     r.add_argument("--frozen", action="store_true", help="run the packed binary model (xnorconv.freeze)")
     r.add_argument("--device", default="auto")
+    r.add_argument("--threads", type=int, default=0)
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--no-progress", action="store_true")
 
@@ -101,7 +102,8 @@ def _run(args) -> int:
         from .modeling import load_checkpoint
         ck = load_checkpoint(args.checkpoint)
         cfg = config_from_dict(dict(ck["config"], device=args.device, batch_size=args.batch_size,
-                                    eval_batch_size=args.batch_size, progress=not args.no_progress, workers=0))
+                                    eval_batch_size=args.batch_size, progress=not args.no_progress, workers=0,
+                                    threads=args.threads))
         rows = predict_files(cfg, args.checkpoint, args.inputs, args.csv, args.frozen)
         w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else ["path"])
         w.writeheader()

@@ -8,8 +8,9 @@ Presets
 -------
 ``paper``  (default) paper 000, sections 4.2-4.3: 128x128 input, min-max normalisation (eq. 1), horizontal flip and
            colour jitter, batch 64, Adam lr 0.003 with weight decay 0.003 on every parameter, StepLR every 7
-           epochs, dropout 0.25, weighted large-margin loss (MultiMarginLoss margin 10, p 1, on softmax
-           probabilities, each sample weighted by its Image Complexity Score clamped to [0.7, 1.2], eqs. 5-7).
+           epochs, dropout 0.25, weighted large-margin loss (MultiMarginLoss margin 10, p 1, each sample
+           weighted by its Image Complexity Score clamped to [0.7, 1.2], eqs. 5-7), on the logits (see
+           losses.py for why not on softmax probabilities; ``--margin-input probs`` gives that reading).
            The paper says the learning rate is "reduced by a factor of 0.01 every seven epochs"; we read this
            literally (gamma 0.01). Change it with ``--lr-gamma``.
 ``bnn``    a recipe that trains binary networks well (Bi-Real Net, Real-to-Binary, ReActNet practice): no weight
@@ -77,7 +78,7 @@ class Config:
     loss: str = "wlm"              # wlm (weighted large margin, paper eqs. 5-7) | margin (unweighted) | ce
     margin: float = 10.0
     margin_p: int = 1
-    margin_input: str = "probs"    # probs (softmax, as the paper) | logits
+    margin_input: str = "logits"   # logits (default) | probs (softmax probabilities); see losses.py
     ics_lower: float = 0.7
     ics_upper: float = 1.2
     ics_normalize: str = "batch_mean"  # batch_mean | mean | none: scale of I_sum before clamping (see losses.py)
@@ -91,6 +92,7 @@ class Config:
     seed: int = 0
     deterministic: bool = True
     device: str = "auto"           # auto | cpu | cuda | cuda:N
+    threads: int = 0               # torch.set_num_threads per process; 0 -> PyTorch's default
     out: str = "runs"
     name: str = ""                 # run directory name; "" -> <model>-<task>-<timestamp>
     resume: str = ""               # checkpoint to resume, or "auto" (last.pt of the run directory)

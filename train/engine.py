@@ -80,6 +80,11 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+
+
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
@@ -174,7 +179,7 @@ def predict_loader(model: nn.Module, loader: DataLoader, device: torch.device, d
         logits, feats = split_output(model(x))
         if loss_fn is not None:
             w = _sample_weights(cfg, feats) if cfg is not None else None
-            loss_sum += float(loss_fn(logits, y, w)) * len(y)
+            loss_sum += loss_fn(logits, y, w).item() * len(y)
             n += len(y)
         probs.append(logits.float().softmax(1).cpu())
         labels.append(y.cpu())
@@ -364,7 +369,7 @@ def _train_epoch(model, loader, opt, loss_fn, cfg: Config, di: DistInfo, teacher
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         if scale:
-            totals[0] += float(loss) * len(y)
+            totals[0] += loss.item() * len(y)
             totals[1] += float((logits.argmax(1) == y).sum())
             totals[2] += len(y)
             bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", acc=f"{totals[1] / totals[2]:.3f}")
@@ -402,6 +407,7 @@ def fit(cfg: Config, splits: Optional[D.Splits] = None, di: Optional[DistInfo] =
 
 
 def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[int]) -> Dict[str, Any]:
+    set_threads(cfg.threads)
     seed_everything(cfg.seed + di.rank, cfg.deterministic)
     run_dir = _run_dir(cfg, di)
     resume_path = os.path.join(run_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
@@ -625,6 +631,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str = "test", out_d
     from .plots import plot_all
     ck = load_checkpoint(checkpoint)
     di = DistInfo(device=_resolve_device(cfg.device, 0))
+    set_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
     splits = prepare_splits(cfg)
     if list(splits.classes) != list(ck["classes"]):
@@ -685,6 +692,7 @@ def predict_files(cfg: Config, checkpoint: str, inputs: Sequence[str], out_csv: 
             raise FileNotFoundError(f"input {p!r} does not exist")
     if not paths:
         raise D.DataError(f"no image files found in {list(inputs)}")
+    set_threads(cfg.threads)
     model = model_from_checkpoint(ck)
     if frozen:
         if not has_binary_layers(model):
