@@ -81,6 +81,15 @@ def test_layouts_case_insensitive_and_splits(tmp_path, msld_data):
     s2 = D.load_splits(str(lower), fold=2)
     assert s2.layout == "msld" and [c.lower() for c in s2.classes] == [c.lower() for c in s.classes]
     assert (len(s2.train), len(s2.val), len(s2.test)) == (len(s.train), len(s.val), len(s.test))
+    # training-only extra images (MSLD's augmented tree of the same fold): train grows, val/test do not
+    aug = tmp_path / "aug"
+    make_synthetic(str(aug), "msld", CLASSES, per_class=5, size=16, folds=2, seed=7)
+    os.rename(aug / "Original Images", aug / "Augmented Images")
+    for k in (1, 2):
+        os.rename(aug / "Augmented Images" / f"Fold{k}", aug / "Augmented Images" / f"fold{k}_AUG")
+    e = D.load_splits(msld_data, fold=2, extra_train=str(aug))
+    assert len(e.train) == len(s.train) + 4 * 4 and [x.path for x in e.test] == [x.path for x in s.test]
+    assert all("fold2_AUG" in x.path for x in e.train[len(s.train):])
     # binary task: Mpox against the rest, positive = label 1
     b = D.load_splits(msld_data, task="binary")
     assert b.classes == ["Non-Mpox", "Mpox"]

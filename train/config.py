@@ -44,6 +44,7 @@ class Config:
     val_fraction: float = 0.25     # validation share when (re)splitting (paper: 75:25)
     test_fraction: float = 0.2     # test share when a single <class>/ folder is split
     split_seed: int = 0            # seed of every random split (independent of the training seed)
+    extra_train: str = ""          # images added to the training split only (e.g. MSLD's augmented fold tree)
     subgroups: str = ""            # optional CSV: image path (or file name) -> subgroup, enables fairness metrics
     subgroup_column: str = "group"
     image_size: int = 128
@@ -59,7 +60,7 @@ class Config:
     # ---------------------------------------------------------------- model
     model: str = "binary_dnet53"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)   # extra keyword arguments of models.create
-    pretrained: bool = False
+    pretrained: str = ""           # "" (random init) | imagenet (torchvision cache) | path to a weights file
     dropout: float = 0.25          # passed to the model when it accepts `dropout`
     # ---------------------------------------------------------------- optimisation
     epochs: int = 30

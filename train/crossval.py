@@ -59,8 +59,16 @@ def _cross_validate(cfg: Config, k: int, di) -> Dict[str, Any]:
         base = D.load_splits(cfg.data, cfg.layout, cfg.fold, cfg.task, cfg.positive_class, cfg.val_mode,
                              cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
         pool = base.train + base.val
+        extra: List[D.Sample] = []
+        if cfg.extra_train:   # training-only images never enter the held-out parts
+            label_of = {c.lower(): i for i, c in enumerate(base.source_classes)} if cfg.task != "binary" else {
+                c.lower(): int(c.lower() == D.find_positive_class([x.lower() for x in base.source_classes],
+                                                                  cfg.positive_class))
+                for c in base.source_classes}
+            extra = D.extra_training_samples(cfg.extra_train, cfg.fold, label_of)
         for f, (train_part, held) in enumerate(D.stratified_kfold(pool, k, cfg.split_seed), start=1):
             tr, va = D._stratified_split(train_part, cfg.val_fraction, cfg.split_seed + f)
+            tr = tr + extra
             splits = D.Splits(base.classes, base.source_classes, tr, va, held, base.layout, base.root,
                               base.notes + [f"cv fold {f}/{k}: {len(tr)} train, {len(va)} val, {len(held)} held out"])
             plan.append((f, splits, replace(cfg, out=root, name=f"fold{f}", resume="")))

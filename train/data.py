@@ -119,22 +119,28 @@ def _match(children: Sequence[str], names: Sequence[str]) -> Optional[str]:
 def _fold_dirs(path: str) -> Dict[int, str]:
     out = {}
     for c in _subdirs(path):
-        m = re.fullmatch(r"fold(\d+)", _norm(c))
+        m = re.fullmatch(r"fold(\d+)(aug)?", _norm(c))     # Fold1, fold_1, fold1_AUG
         if m:
             out[int(m.group(1))] = os.path.join(path, c)
     return out
 
 
-def _find_msld_folds(root: str) -> Optional[Dict[int, str]]:
-    """Return {k: path of Fold<k>} when root is an MSLD v2.0 tree (or its Original Images folder)."""
-    candidates = [root]
-    orig = _match(_subdirs(root), ["Original Images", "original_images", "originalimages"])
-    if orig:
-        candidates.insert(0, os.path.join(root, orig))
-    for c in candidates:
-        folds = _fold_dirs(c)
-        if folds:
-            return folds
+def _find_msld_folds(root: str, max_depth: int = 3) -> Optional[Dict[int, str]]:
+    """{k: path of Fold<k>} when root holds MSLD v2.0-style fold folders: at the root or up to `max_depth` levels
+    below it (e.g. ``Original Images/Fold1`` or ``Original Images/FOLDS/fold1``). Branches whose name mentions
+    "original" are searched first, so a full download (original and augmented trees) resolves to the originals."""
+    level = [root]
+    for _ in range(max_depth + 1):
+        for d in level:
+            folds = _fold_dirs(d)
+            if folds:
+                return folds
+        nxt = []
+        for d in level:
+            subs = [os.path.join(d, c) for c in _subdirs(d)]
+            subs.sort(key=lambda p: (0 if "original" in _norm(os.path.basename(p)) else 1, p))
+            nxt.extend(subs)
+        level = nxt[:200]
     return None
 
 
@@ -263,7 +269,8 @@ def find_positive_class(class_keys: Sequence[str], wanted: str = "") -> str:
 
 def load_splits(data: str, layout: str = "auto", fold: int = 1, task: str = "multiclass",
                 positive_class: str = "", val_mode: str = "resplit", val_fraction: float = 0.25,
-                test_fraction: float = 0.2, split_seed: int = 0, need_test: bool = False) -> Splits:
+                test_fraction: float = 0.2, split_seed: int = 0, need_test: bool = False,
+                extra_train: str = "") -> Splits:
     # Class keys are lower-cased folder names; display names keep the first spelling seen.
     layout, per_split, notes, display = discover(data, layout, fold)
     primary = per_split.get("train", per_split.get("all"))
@@ -311,9 +318,34 @@ def load_splits(data: str, layout: str = "auto", fold: int = 1, task: str = "mul
             train, val = _stratified_split(train + val, val_fraction, split_seed)
             notes.append(f"train+val merged and split {1 - val_fraction:.0%}:{val_fraction:.0%} "
                          f"(seed {split_seed})")
+    if extra_train:
+        extra = extra_training_samples(extra_train, fold, label_of)
+        train = train + extra
+        notes.append(f"{len(extra)} extra training images from {extra_train}")
     if need_test and not test:
         raise DataError(f"no test split in {data!r} (layout {layout})")
     return Splits(classes, source_classes, train, val, test, layout, os.path.abspath(data), notes)
+
+
+def extra_training_samples(path: str, fold: int, label_of: Dict[str, int]) -> List[Sample]:
+    """Images that only ever go to the training split (e.g. MSLD v2.0's augmented images of the same fold):
+    an MSLD-style tree (fold `fold`'s Train folder), a split layout (its train folder) or <class>/ folders."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise DataError(f"extra training folder {path!r} does not exist")
+    folds = _find_msld_folds(path)
+    if folds:
+        if fold not in folds:
+            raise DataError(f"fold {fold} not in the extra training tree {path!r}; folds found: {sorted(folds)}")
+        path = _split_dirs(folds[fold]).get("train", folds[fold])
+    else:
+        path = _split_dirs(path).get("train", path)
+    folders = _class_folders(path)
+    unknown = sorted(set(folders) - set(label_of))
+    if unknown:
+        raise DataError(f"extra training folder {path!r} has class folder(s) {unknown} that the dataset does not "
+                        f"have (classes: {sorted(label_of)})")
+    return [Sample(p, label_of[k]) for k, d in sorted(folders.items()) for p in _images_in(d)]
 
 
 # --------------------------------------------------------------------------------------------- loading

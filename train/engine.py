@@ -130,7 +130,8 @@ def _json_default(o):
 
 def prepare_splits(cfg: Config, need_test: bool = False) -> D.Splits:
     return D.load_splits(cfg.data, cfg.layout, cfg.fold, cfg.task, cfg.positive_class, cfg.val_mode,
-                         cfg.val_fraction, cfg.test_fraction, cfg.split_seed, need_test=need_test)
+                         cfg.val_fraction, cfg.test_fraction, cfg.split_seed, need_test=need_test,
+                         extra_train=cfg.extra_train)
 
 
 def positive_index(splits_or_classes, cfg: Config) -> int:
@@ -612,7 +613,7 @@ def latency_report(model: nn.Module, cfg: Config, device: torch.device, frozen: 
         except Exception as e:  # noqa: BLE001 - report, do not lose the training results
             rep["frozen_binary"] = {"error": f"{type(e).__name__}: {e}"}
         try:
-            twin = build_model(replace(cfg, pretrained=False), _num_classes(model), binary=False).to(device)
+            twin = build_model(replace(cfg, pretrained=""), _num_classes(model), binary=False).to(device)
             rep["float_twin"] = measure_latency(twin, cfg.image_size, device, cfg.latency_runs)
         except (ValueError, TypeError):
             pass

@@ -22,9 +22,11 @@ def build_model(cfg, num_classes: int, binary: Optional[bool] = None) -> nn.Modu
     kwargs: Dict[str, Any] = dict(cfg.model_kwargs)
     if binary is not None:
         kwargs["binary"] = binary
+    pretrained: Any = {"": False, "imagenet": True}.get(cfg.pretrained, cfg.pretrained)
+
     def create(kw):
         try:
-            return models.create(cfg.model, num_classes, pretrained=cfg.pretrained, **kw)
+            return models.create(cfg.model, num_classes, pretrained=pretrained, **kw)
         except TypeError as e:
             if binary is not None and "binary" in str(e):
                 raise ValueError(f"model {cfg.model!r} has no float twin (binary=False); two-step training "
@@ -112,7 +114,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 
 def model_from_checkpoint(ck: Dict[str, Any]) -> nn.Module:
     from .config import config_from_dict
-    cfg = config_from_dict(dict(ck["config"], pretrained=False))
+    cfg = config_from_dict(dict(ck["config"], pretrained=""))
     model = build_model(cfg, len(ck["classes"]), binary=False if ck.get("phase") == "float" else None)
     model.load_state_dict(ck["model"])
     return model.eval()
