@@ -117,8 +117,7 @@ class RealShortcut(nn.Module):
         if self.out_channels > self.in_channels:
             return x.index_select(1, self.index)
         if self.out_channels < self.in_channels:
-            h, w = x.shape[-2:]
-            return F.adaptive_avg_pool3d(x.unsqueeze(1), (self.out_channels, h, w)).squeeze(1)
+            return F.adaptive_avg_pool3d(x.unsqueeze(1), (self.out_channels, None, None)).squeeze(1)
         return x
 
     def extra_repr(self):
