@@ -53,9 +53,8 @@ def _surrogate(x: torch.Tensor, ste: str) -> torch.Tensor:
     outside = torch.sign(x).detach()  # constant +-1 beyond the linear/quadratic piece (value continuity)
     if ste == "clipped":
         return torch.where(x.abs() <= 1, x, outside)
-    if ste == "approx":
-        return torch.where(x.abs() < 1, 2 * x - x * x.abs(), outside)
-    raise ValueError(f"ste must be one of {STE_CHOICES}, got {ste!r}")
+    assert ste == "approx", ste  # validated by ste_sign
+    return torch.where(x.abs() < 1, 2 * x - x * x.abs(), outside)
 
 
 def ste_sign(x: torch.Tensor, ste: str = "clipped", anchor: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -106,6 +106,7 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     binary_conv2d_packed (as BinaryConv2d does in eval mode) when it is reused. Not differentiable: BinaryConv2d
     provides the straight-through training path.
     """
+    _check_input(input)
     packed = pack_weight(weight)
     if packed.bits.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
@@ -126,4 +127,5 @@ def _affine(t, name):
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
-    return t.detach().to(torch.float32).reshape(-1) if t.dim() <= 1 or t.dim() == 4 else t
+    # Any float dtype is accepted (converted); the op checks the shape and names the argument.
+    return t.detach().to(torch.float32)

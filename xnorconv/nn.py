@@ -11,26 +11,43 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
 from .functional import PackedWeight, normalize_conv_args, pack_weight
 
-__all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "packed_kernel_devices"]
+__all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
+           "packed_kernel_devices", "unpack_weight_signs"]
 
 _MAX_TAPS = 1024  # kMaxTaps of the kernel core (csrc/core/xnorconv_core.h)
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-def _has_packed_kernel(device_type: str) -> bool:
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"xnorconv::{op}", device_type.upper())
-               for op in ("binary_conv2d_packed",))
+def _devices_with_kernel(op: str) -> frozenset:
+    return frozenset(d for d in ("cpu", "cuda")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"xnorconv::{op}", d.upper()))
 
 
-# Device types with a packed-kernel implementation, decided once at import (a constant that torch.compile can read
+# Device types with a packed-kernel implementation, decided once at import (constants that torch.compile can read
 # without a graph break). CPU always; CUDA once the CUDA kernels are compiled in. Elsewhere the layers run the float
-# path, which computes the same values.
-_PACKED_DEVICES = frozenset(d for d in ("cpu", "cuda") if _has_packed_kernel(d))
+# path, which computes the same values; weights are packed on the CPU where the device has no pack_weight kernel.
+_PACKED_DEVICES = _devices_with_kernel("binary_conv2d_packed")
+_PACK_DEVICES = _devices_with_kernel("pack_weight")
+
+
+# Bumped after every torch.optim.Optimizer step (any subclass): part of the packed-weight cache key, because fused
+# optimizers (Adam(fused=True), SGD(fused=True), ...) write parameters without bumping their version counter.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def packed_kernel_devices() -> Tuple[str, ...]:
@@ -60,8 +77,10 @@ def _check_input(layer, input: torch.Tensor, weight_dtype, weight_device) -> Tup
         raise ValueError(f"{name}: input must be 4-D (N, C, H, W) or 3-D unbatched (C, H, W), got a {input.dim()}-D "
                          f"tensor of shape {tuple(input.shape)}")
     if not input.is_floating_point():
-        raise TypeError(f"{name}: input must be a floating-point tensor ({weight_dtype}), got dtype {input.dtype}")
-    if input.dtype != weight_dtype and not torch.is_autocast_enabled(input.device.type):
+        expected = f" ({weight_dtype})" if weight_dtype is not None else ""
+        raise TypeError(f"{name}: input must be a floating-point tensor{expected}, got dtype {input.dtype}")
+    if (weight_dtype is not None and input.dtype != weight_dtype
+            and not torch.is_autocast_enabled(input.device.type)):
         raise TypeError(f"{name}: input dtype {input.dtype} does not match the layer's dtype {weight_dtype} "
                         f"(convert one of them, e.g. layer.to({input.dtype}))")
     if input.device != weight_device:
@@ -121,11 +140,13 @@ class BinaryConv2d(nn.Conv2d):
     path elsewhere. All paths compute the same values (the dot product is an exact integer in each).
 
     The packed-weight cache is keyed on the weight tensor's identity, autograd version counter, data pointer,
-    device, dtype, shape and strides, so optimizer steps, ``load_state_dict``, ``.to()``/``.cuda()``/``.double()``,
-    in-place edits of the parameter (``with torch.no_grad(): m.weight.mul_(-1)``), ``m.weight.data = t`` and
-    replacing the Parameter all repack. Writes that bypass PyTorch's version counter cannot be seen: writes
-    through ``m.weight.data`` in place (``m.weight.data.copy_(t)``), through ``.numpy()`` views or raw storage.
-    After such writes call ``m.invalidate_packed_cache()`` (or ``xnorconv.nn.invalidate_packed_caches(model)``).
+    device, dtype, shape and strides, and on a global count of ``torch.optim.Optimizer`` steps (fused optimizers
+    write parameters without bumping the version counter). So optimizer steps (any torch.optim optimizer, fused or
+    not), ``load_state_dict``, ``.to()``/``.cuda()``/``.double()``, in-place edits of the parameter (``with
+    torch.no_grad(): m.weight.mul_(-1)``), ``m.weight.data = t`` and replacing the Parameter all repack. Writes
+    that bypass both cannot be seen: in-place writes through ``m.weight.data`` (``m.weight.data.copy_(t)``),
+    through ``.numpy()`` views or raw storage, outside an Optimizer.step(). After such writes call
+    ``m.invalidate_packed_cache()`` (or ``xnorconv.nn.invalidate_packed_caches(model)``).
 
     NaN inputs or weights binarize to -1 (sign(NaN) = -1, as in the reference and the packed kernel) and get zero
     gradient; +-inf binarize to +-1. A NaN weight makes alpha (hence that output channel) NaN.
@@ -147,14 +168,14 @@ class BinaryConv2d(nn.Conv2d):
         if not isinstance(binarize_input, bool):
             raise ValueError(f"binarize_input must be True or False, got {binarize_input!r}")
         _check_pad_value(pad_value, padding_mode)
+        kh, kw = _pair(kernel_size)
+        if min(kh, kw) < 1:
+            raise ValueError(f"BinaryConv2d: kernel_size must be >= 1, got {(kh, kw)}")
+        if kh * kw > _MAX_TAPS:
+            raise ValueError(f"BinaryConv2d: kernel_size {(kh, kw)} has {kh * kw} taps, more than the "
+                             f"packed kernel's {_MAX_TAPS}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
-        kh, kw = self.kernel_size
-        if kh < 1 or kw < 1:
-            raise ValueError(f"BinaryConv2d: kernel_size must be >= 1, got {self.kernel_size}")
-        if kh * kw > _MAX_TAPS:
-            raise ValueError(f"BinaryConv2d: kernel_size {self.kernel_size} has {kh * kw} taps, more than the "
-                             f"packed kernel's {_MAX_TAPS}")
         self.scale = scale
         self.binarize_input = binarize_input
         self.pad_value = pad_value
@@ -209,7 +230,8 @@ class BinaryConv2d(nn.Conv2d):
         """(PackedWeight, alpha or None) of the current weight: packed on first use, then served from the cache
         until the weight changes."""
         w = self.weight
-        key = (w._version, w.data_ptr(), w.device, w.dtype, tuple(w.shape), tuple(w.stride()), self.scale)
+        key = (w._version, _optimizer_steps, w.data_ptr(), w.device, w.dtype, tuple(w.shape), tuple(w.stride()),
+               self.scale)
         cache = self._packed_cache
         if cache is not None and cache[0]() is w and cache[1] == key:
             return cache[2], cache[3]
@@ -227,7 +249,7 @@ class BinaryConv2d(nn.Conv2d):
         if (self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not self._needs_grad(x)):
             if torch.compiler.is_compiling():  # traced graphs pack inside the graph: no Python-side cache
-                packed = pack_weight(self.weight)
+                packed = _pack_on_device(self.weight)
                 alpha = channel_scale(self.weight.detach()) if self.scale == "channel" else None
             else:
                 packed, alpha = self.packed_weight()
@@ -243,7 +265,7 @@ class BinaryConv2d(nn.Conv2d):
 
 def _pack_on_device(weight: torch.Tensor) -> PackedWeight:
     w = weight.detach()
-    if torch._C._dispatch_has_kernel_for_dispatch_key("xnorconv::pack_weight", w.device.type.upper()):
+    if w.device.type in _PACK_DEVICES:
         return pack_weight(w)
     bits, tap_sum, in_channels = pack_weight(w.cpu())
     return PackedWeight(bits.to(w.device), tap_sum.to(w.device), in_channels)
@@ -362,12 +384,13 @@ class FrozenBinaryConv2d(nn.Module):
         return s
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x, unbatched = _check_input(self, input, input.dtype, self.weight_bits.device)
+        x, unbatched = _check_input(self, input, None, self.weight_bits.device)
         x, pads = _pad_mode_input(self, x)
         _check_spatial(self, x, pads)
         if self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32:
-            y = _packed_call(x, self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
-                             self, pads, self.pad_value)
+            bias = self.bias.to(torch.float32) if self.bias is not None else None  # no-op unless model.double()
+            y = _packed_call(x, self.weight_bits, self.weight_tap_sum, self.weight_in_channels,
+                             self.scale.to(torch.float32), bias, self, pads, self.pad_value)
         else:
             w = unpack_weight_signs(self.weight_bits, self.weight_in_channels, x.dtype)
             xs = _sign(x) if self.binarize_input else x
@@ -415,12 +438,13 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, (BinaryConv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
 
 
-def _traced_pairs(model: nn.Module, counts) -> List[Tuple[str, str]]:
-    """conv -> bn pairs in the torch.fx graph: the conv's output feeds only that BatchNorm2d, each called once."""
+def _traced_pairs(model: nn.Module, counts) -> Optional[List[Tuple[str, str]]]:
+    """conv -> bn pairs in the torch.fx graph: the conv's output feeds only that BatchNorm2d, each called once.
+    None when torch.fx cannot trace the model."""
     try:
         graph = _LeafTracer().trace(model)
-    except Exception:  # models torch.fx cannot trace (data-dependent control flow...) keep the Sequential rule
-        return []
+    except Exception:  # data-dependent control flow, unsupported ops...: the caller falls back to the Sequential rule
+        return None
     calls = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -451,10 +475,14 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
 
     With fold_bn, a BatchNorm2d (with running statistics, num_features == out_channels) that directly follows a
     BinaryConv2d is folded into its scale and bias in eval semantics (running statistics) and replaced by
-    nn.Identity. Folded patterns: (1) consecutive children [BinaryConv2d, BatchNorm2d] of any nn.Sequential;
-    (2) any module torch.fx can trace in which a BinaryConv2d's output feeds only a BatchNorm2d (e.g. `self.bn1(
-    self.conv1(x))` in a residual block), each module called once. Modules shared (registered or called more than
-    once) are not folded; BatchNorm layers that are not folded stay as they are.
+    nn.Identity. Which pairs are "directly following":
+      (1) when torch.fx can trace the model: wherever a BinaryConv2d's output feeds only a BatchNorm2d, each
+          called once (`self.bn1(self.conv1(x))` in a residual block, [BinaryConv2d, BatchNorm2d] inside an
+          nn.Sequential that is called, ...). This follows the real dataflow, so an nn.Sequential used as a mere
+          container (`for layer in self.layers: x = layer(x) + x`) is not folded.
+      (2) when it cannot (data-dependent control flow): consecutive children [BinaryConv2d, BatchNorm2d] of an
+          nn.Sequential, assuming the Sequential is called as a whole.
+    Modules registered more than once are never folded; BatchNorm layers that are not folded stay as they are.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze expects an nn.Module, got {type(model).__name__}")
@@ -465,8 +493,8 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
     counts = _module_counts(model)
     pairs = {}
     if fold_bn:
-        for conv_name, bn_name in _sequential_pairs(model, counts) + _traced_pairs(model, counts):
-            pairs[conv_name] = bn_name
+        traced = _traced_pairs(model, counts)
+        pairs = dict(traced if traced is not None else _sequential_pairs(model, counts))
     frozen_of = {}
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if isinstance(m, BinaryConv2d):
@@ -479,6 +507,12 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
     return model.eval()
 
 
+def _binary_from_conv(conv: nn.Conv2d, options) -> BinaryConv2d:
+    if conv.padding_mode != "zeros":  # pad_value applies to constant padding only
+        options = {k: v for k, v in options.items() if k != "pad_value"}
+    return BinaryConv2d.from_conv(conv, **options)
+
+
 def binarize(model: nn.Module, skip_first: bool = True, skip_last: bool = True, exclude: Iterable[str] = (),
              inplace: bool = False, **options) -> nn.Module:
     """Replaces the nn.Conv2d layers of `model` by BinaryConv2d layers carrying their weights (the Parameters are
@@ -487,7 +521,8 @@ def binarize(model: nn.Module, skip_first: bool = True, skip_last: bool = True, 
     XNOR-Net keeps the first and last layers real: with skip_first / skip_last the first / last weight layer
     (nn.Conv*d or nn.Linear, in registration order, i.e. model.named_modules()) stays as it is if it is an
     nn.Conv2d (a final nn.Linear classifier is never touched anyway). `exclude`: qualified names of modules to keep
-    real. `options` (scale, binarize_input, pad_value, ste) go to every BinaryConv2d. Only layers of type exactly
+    real. `options` (scale, binarize_input, pad_value, ste) go to every BinaryConv2d (pad_value only to layers
+    with padding_mode='zeros': the others pad with copies of the input). Only layers of type exactly
     nn.Conv2d are replaced (subclasses, BinaryConv2d included, are left alone).
     """
     if not isinstance(model, nn.Module):
@@ -508,12 +543,12 @@ def binarize(model: nn.Module, skip_first: bool = True, skip_last: bool = True, 
     if weight_layers and skip_last:
         keep.add(id(weight_layers[-1][1]))
     if type(model) is nn.Conv2d:
-        return model if id(model) in keep or "" in exclude else BinaryConv2d.from_conv(model, **options)
+        return model if id(model) in keep or "" in exclude else _binary_from_conv(model, options)
     replaced = {}
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if type(m) is not nn.Conv2d or id(m) in keep or name in exclude:
             continue
         if id(m) not in replaced:
-            replaced[id(m)] = BinaryConv2d.from_conv(m, **options)
+            replaced[id(m)] = _binary_from_conv(m, options)
         _set_submodule(model, name, replaced[id(m)])
     return model

@@ -13,15 +13,19 @@
 #include "isa_begin.h"
 #include "kernel_common.h"
 
+#ifndef XNORCONV_AVX512_STRIPS
+#define XNORCONV_AVX512_STRIPS 4
+#endif
+#ifndef XNORCONV_AVX512_CHANNELS
+#define XNORCONV_AVX512_CHANNELS 6
+#endif
+
 namespace xnorconv {
 namespace {
 
 struct Avx512Isa {
   // 4 strips x 6 channels = 24 zmm accumulators + 4 activation registers + temporaries, within the 32 zmm.
-  static constexpr int kStrip = 8, kStrips = 4, kChannels = 6;
-  struct Acc {
-    __m512i v[kStrips][kChannels];
-  };
+  static constexpr int kStrip = 8, kStrips = XNORCONV_AVX512_STRIPS, kChannels = XNORCONV_AVX512_CHANNELS;
 
   static uint64_t negative_mask(const float* x, int64_t count) {
     uint64_t bits = 0;
@@ -36,8 +40,9 @@ struct Avx512Isa {
     return bits;
   }
 
-  static void compute(Acc& out, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
-                      int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels]) {
+  static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
+                    int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
+                    const BlockStore<kStrips, kChannels>& bs) {
     __m512i acc[kStrips][kChannels];
     for (auto& s : acc)
       for (auto& c : s) c = _mm512_setzero_si512();
@@ -56,16 +61,19 @@ struct Avx512Isa {
         }
       }
     }
-    for (int i = 0; i < kStrips; ++i)
-      for (int v = 0; v < kChannels; ++v) out.v[i][v] = acc[i][v];
-  }
-
-  static void store(const Acc& acc, int strip, int channel, const StoreTarget& t) {
-    const __m256i count = _mm512_cvtepi64_epi32(acc.v[strip][channel]);
-    __m256i dot = _mm256_sub_epi32(_mm256_set1_epi32(t.depth), _mm256_add_epi32(count, count));
-    if (t.correction) dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.correction)));
-    const __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(t.scale), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(t.bias));
-    _mm256_mask_storeu_ps(t.out, static_cast<__mmask8>((1u << t.lanes) - 1), y);
+    const __m256i depth = _mm256_set1_epi32(bs.depth);
+    for (int v = 0; v < kChannels; ++v) {
+      const __m256 scale = _mm256_set1_ps(bs.scale[v]), bias = _mm256_set1_ps(bs.bias[v]);
+      for (int i = 0; i < kStrips; ++i) {
+        if (!bs.out[i][v]) continue;
+        const __m256i count = _mm512_cvtepi64_epi32(acc[i][v]);
+        __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
+        if (bs.correction[i][v])
+          dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.correction[i][v])));
+        const __m256 y = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), bias);
+        _mm256_mask_storeu_ps(bs.out[i][v], static_cast<__mmask8>((1u << bs.lanes[i]) - 1), y);
+      }
+    }
   }
 
   static uint64_t peak_probe(int64_t iterations) {

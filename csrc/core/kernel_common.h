@@ -6,10 +6,10 @@
 // An ISA policy `Isa` provides
 //   kStrip, kStrips, kChannels         strip width (pixels per vector), strips and output channels per block
 //   uint64_t negative_mask(const float* x, int64_t count)    bit i = !(x[i] >= 0) for i < count <= 64, contiguous
-//   struct Acc;                                                accumulators of one block
-//   void compute(Acc&, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
-//                int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels])
-//   void store(const Acc&, int strip, int channel, const StoreTarget&)
+//   void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps, int64_t words_per_group,
+//              int64_t word_stride, const uint64_t* const weight[kChannels], const BlockStore<kStrips, kChannels>&)
+//        accumulates one block of kStrips strips x kChannels output channels and writes it through the output
+//        stage, keeping the accumulators in registers
 //   uint64_t peak_probe(int64_t iterations)                   see KernelOps::peak_probe
 //
 // Nothing from the standard library is instantiated here (no std::vector, std::fill, std::min): a template
@@ -110,13 +110,15 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, T
   }
 }
 
-// What one (strip, channel) of a block writes: lanes [0, lanes) of out, y = scale * (depth - 2*popcount - corr) + bias.
-struct StoreTarget {
-  float* out;
-  int lanes;
-  float scale, bias;
+// Where and how a block writes: for strip i and channel v, lanes [0, lanes[i]) of out[i][v] (nullptr: a tail
+// strip or channel, computed but not stored) get y = scale[v] * (depth - 2 * popcount - correction) + bias[v].
+template <int P, int V>
+struct BlockStore {
+  float* out[P][V];
+  int lanes[P];
+  float scale[V], bias[V];
   int32_t depth;
-  const int32_t* correction;  // kStrip entries, or nullptr when no tap of this strip is padded
+  const int32_t* correction[P][V];  // kStrip entries (64-byte aligned), or nullptr when no tap is padded
 };
 
 struct TaskSpace {
@@ -149,58 +151,69 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   tap_offsets(p, l, offsets);
   const int64_t oh_count = p.out_h(), ow_count = p.out_w(), og = p.out_channels_per_group();
   const int64_t taps = p.taps(), wpg = l.words_per_group, weight_row = taps * wpg;
-  const int32_t depth = static_cast<int32_t>(p.depth());
   const ZeroPadCorrection* zp = p.pad_value == PadValue::Zero ? st.zero_pad : nullptr;
-  alignas(64) int32_t correction[SW];
-  typename Isa::Acc acc;
-  for (int64_t task = begin; task < end; ++task) {
-    int64_t rest = task;
-    const int64_t sb = rest % ts.strip_blocks;
-    rest /= ts.strip_blocks;
-    const int64_t cb = rest % ts.channel_blocks;
-    rest /= ts.channel_blocks;
-    const int64_t g = rest % p.groups, n = rest / p.groups;
+  alignas(64) int32_t correction[P][V][SW];
+  BlockStore<P, V> bs;
+  bs.depth = static_cast<int32_t>(p.depth());
 
+  // Task index = ((n * groups + g) * channel_blocks + cb) * strip_blocks + sb, walked without divisions.
+  int64_t sb = begin % ts.strip_blocks, rest = begin / ts.strip_blocks;
+  int64_t cb = rest % ts.channel_blocks;
+  rest /= ts.channel_blocks;
+  int64_t g = rest % p.groups, n = rest / p.groups;
+  for (int64_t task = begin; task < end; ++task) {
     const uint64_t* act[P];
     int64_t strip_oh[P], strip_ow[P];
     for (int i = 0; i < P; ++i) {
       // Past the last strip, repeat it: computed but not stored, so the block never branches on tails.
       const int64_t s = imin(sb * P + i, ts.strips - 1);
       strip_oh[i] = s / ts.strips_per_row;
-      strip_ow[i] = (s % ts.strips_per_row) * SW;
+      strip_ow[i] = s - strip_oh[i] * ts.strips_per_row;
+      strip_ow[i] *= SW;
       act[i] = x + n * l.image_stride + strip_oh[i] * p.stride_h * l.row_stride + strip_ow[i] + g * wpg * l.row_words;
+      bs.lanes[i] = static_cast<int>(imin(SW, ow_count - strip_ow[i]));
     }
     const uint64_t* wrow[V];
     int64_t channel[V];
     for (int v = 0; v < V; ++v) {
       channel[v] = g * og + imin(cb * V + v, og - 1);
       wrow[v] = w + channel[v] * weight_row;
+      bs.scale[v] = st.scale ? st.scale[channel[v]] : 1.0f;
+      bs.bias[v] = st.bias ? st.bias[channel[v]] : 0.0f;
     }
-    Isa::compute(acc, act, offsets, taps, wpg, l.row_words, wrow);
-
-    const int strips_here = static_cast<int>(imin(P, ts.strips - sb * P));
-    const int channels_here = static_cast<int>(imin(V, og - cb * V));
-    for (int i = 0; i < strips_here; ++i) {
-      const int lanes = static_cast<int>(imin(SW, ow_count - strip_ow[i]));
+    const int64_t strips_here = imin(P, ts.strips - sb * P), channels_here = imin(V, og - cb * V);
+    for (int i = 0; i < P; ++i) {
       bool border = false;
       int32_t row_cls = 0;
-      if (zp) {
+      if (zp && i < strips_here) {
         row_cls = zp->row_class[strip_oh[i]];
         border = row_cls != 0;
-        for (int lane = 0; lane < lanes && !border; ++lane) border = zp->col_class[strip_ow[i] + lane] != 0;
+        for (int lane = 0; lane < bs.lanes[i] && !border; ++lane) border = zp->col_class[strip_ow[i] + lane] != 0;
       }
-      for (int v = 0; v < channels_here; ++v) {
-        const int64_t o = channel[v];
-        if (border) {
-          for (int lane = 0; lane < SW; ++lane) {
-            const int64_t cls = row_cls * zp->col_classes + zp->col_class[strip_ow[i] + lane];
-            correction[lane] = zp->value[cls * p.out_channels + o];
-          }
+      for (int v = 0; v < V; ++v) {
+        const bool stored = i < strips_here && v < channels_here;
+        bs.out[i][v] = stored ? st.out + ((n * p.out_channels + channel[v]) * oh_count + strip_oh[i]) * ow_count +
+                                    strip_ow[i]
+                              : nullptr;
+        bs.correction[i][v] = nullptr;
+        if (!stored || !border) continue;
+        for (int lane = 0; lane < SW; ++lane) {
+          const int64_t cls = row_cls * zp->col_classes + zp->col_class[strip_ow[i] + lane];
+          correction[i][v][lane] = zp->value[cls * p.out_channels + channel[v]];
         }
-        StoreTarget t{st.out + ((n * p.out_channels + o) * oh_count + strip_oh[i]) * ow_count + strip_ow[i], lanes,
-                      st.scale ? st.scale[o] : 1.0f, st.bias ? st.bias[o] : 0.0f, depth,
-                      border ? correction : nullptr};
-        Isa::store(acc, i, v, t);
+        bs.correction[i][v] = correction[i][v];
+      }
+    }
+    Isa::block(act, offsets, taps, wpg, l.row_words, wrow, bs);
+
+    if (++sb == ts.strip_blocks) {
+      sb = 0;
+      if (++cb == ts.channel_blocks) {
+        cb = 0;
+        if (++g == p.groups) {
+          g = 0;
+          ++n;
+        }
       }
     }
   }
