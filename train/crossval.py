@@ -31,6 +31,8 @@ SCALAR_METRICS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_ma
 
 
 def cross_validate(cfg: Config, k: int = 5) -> Dict[str, Any]:
+    if cfg.epochs + cfg.two_step_epochs < 1:
+        raise ValueError(f"cv needs at least one training epoch, got epochs={cfg.epochs}")
     di = setup_distributed(cfg.device)
     try:
         return _cross_validate(cfg, k, di)

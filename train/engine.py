@@ -410,16 +410,19 @@ def fit(cfg: Config, splits: Optional[D.Splits] = None, di: Optional[DistInfo] =
 def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[int]) -> Dict[str, Any]:
     set_threads(cfg.threads)
     seed_everything(cfg.seed + di.rank, cfg.deterministic)
+    if splits is None:
+        splits = prepare_splits(cfg)
+    _log(di, f"[train] data: {splits.summary()}")
+    for note in splits.notes:
+        _log(di, f"[train] note: {note}")
+    if cfg.epochs + cfg.two_step_epochs == 0:
+        _log(di, "[train] --epochs 0: data checked, nothing to train")
+        return {"run_dir": None}
     run_dir = _run_dir(cfg, di)
     resume_path = os.path.join(run_dir, "last.pt") if cfg.resume == "auto" else cfg.resume
     if cfg.resume == "auto" and not os.path.exists(resume_path):
         resume_path = ""                           # nothing to resume yet: fresh start
-    if splits is None:
-        splits = prepare_splits(cfg)
     _log(di, f"[train] run directory: {run_dir}")
-    _log(di, f"[train] data: {splits.summary()}")
-    for note in splits.notes:
-        _log(di, f"[train] note: {note}")
     bad: List[Tuple[str, str]] = []
     train_samples, val_samples = splits.train, splits.val
     test_samples = splits.test
