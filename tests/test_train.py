@@ -24,12 +24,21 @@ from train.metrics import classification_metrics, fairness_metrics
 from train.stats import confusion_chi2_test, mcnemar_test, paired_t_test
 from train.synthetic import make_synthetic
 
-torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = json.dumps({"stem_channels": 8, "widths": [16, 32, 64], "fusion_channels": 16, "feature_dim": 64})
 COMMON = ["--image-size", "32", "--batch-size", "16", "--threads", "1", "--no-progress", "--latency-runs", "3",
           "--model-kwargs", TINY]
 CLASSES = ["Mpox", "Chickenpox", "Measles", "Healthy"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_and_restore():
+    """Training sets deterministic algorithms process-wide; put back what other test files expect."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
 
 
 def run(*argv):

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--corrupt", type=int, default=0, help="unreadable files added to a training class")
     s.add_argument("--ext", default=".png", choices=(".png", ".jpg"))
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--imbalance", default="", help="per-class size factors, e.g. 1,0.3,1 (class-imbalance demos)")
     return p
 
 
@@ -88,8 +89,9 @@ def _run(args) -> int:
     if args.command == "make-synthetic":
         from .synthetic import make_synthetic
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+        imbalance = [float(v) for v in args.imbalance.split(",")] if args.imbalance else []
         info = make_synthetic(args.out, args.layout, classes, args.per_class, args.size, args.folds, args.seed,
-                              args.corrupt, args.ext)
+                              args.corrupt, args.ext, imbalance)
         print(json.dumps(info, indent=2))
         return 0
     if args.command == "compare":

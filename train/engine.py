@@ -329,6 +329,9 @@ class _Logger:
             self.tb.close()
 
 
+_warned_no_features: List[bool] = []
+
+
 def _train_epoch(model, loader, opt, loss_fn, cfg: Config, di: DistInfo, teacher, epoch: int, desc: str):
     model.train()
     # Every epoch starts from RNG states derived from (seed, epoch, rank) only: shuffling, augmentation and
@@ -356,6 +359,10 @@ def _train_epoch(model, loader, opt, loss_fn, cfg: Config, di: DistInfo, teacher
         x, y = x.to(di.device, non_blocking=True), y.to(di.device, non_blocking=True)
         logits, feats = split_output(model(x))
         w = _sample_weights(cfg, feats)
+        if step == 0 and cfg.loss == "wlm" and feats is None and di.is_main and not _warned_no_features:
+            _warned_no_features.append(True)
+            print(f"[train] note: {cfg.model} returns no feature activations, so the Image Complexity Score "
+                  f"cannot be computed: the large-margin loss is unweighted", flush=True)
         if teacher is not None:
             with torch.no_grad():
                 t_logits, _ = split_output(teacher(x))
@@ -599,6 +606,8 @@ def _final_report(cfg, run_dir, splits, train_samples, val_samples, test_samples
         plot_all(run_dir, metrics, Y, P, splits.classes)
     plot_history(history, os.path.join(run_dir, "training_curves.png"))
     print(f"[train] {eval_split}: {summary_line(metrics)}", flush=True)
+    if "latency" in metrics:
+        print(f"[train] latency per image: {latency_line(metrics['latency'])}", flush=True)
     print(f"[train] wrote {run_dir}/metrics.json, predictions.csv, plots; checkpoints best.pt / last.pt", flush=True)
     return metrics
 
@@ -621,6 +630,18 @@ def latency_report(model: nn.Module, cfg: Config, device: torch.device, frozen: 
         except (ValueError, TypeError):
             pass
     return rep
+
+
+def latency_line(rep: Dict[str, Any]) -> str:
+    parts = []
+    for key, label in (("model", "as trained"), ("frozen_binary", "frozen binary (packed kernels)"),
+                       ("float_twin", "float twin")):
+        r = rep.get(key)
+        if r and "median_ms" in r:
+            parts.append(f"{label} {r['median_ms']:.2f} ms ({r['device']}, {r['threads']} threads)")
+        elif r:
+            parts.append(f"{label}: {r.get('error')}")
+    return "; ".join(parts) + f" at {rep['image_size']}x{rep['image_size']}, batch 1"
 
 
 def _num_classes(model: nn.Module) -> int:
@@ -677,6 +698,8 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str = "test", out_d
     if len(Y):
         plot_all(out_dir, m, Y, P, splits.classes)
     print(f"[evaluate] {split}{' (frozen)' if frozen else ''}: {summary_line(m)}", flush=True)
+    if "latency" in m:
+        print(f"[evaluate] latency per image: {latency_line(m['latency'])}", flush=True)
     print(f"[evaluate] wrote {out_dir}/metrics.json, predictions.csv and plots", flush=True)
     m["out_dir"] = out_dir
     return m
