@@ -306,6 +306,9 @@ def test_binary_task_kd_oversampling_two_step(msld_data, tmp_path):
     assert cfg["binary_weight_decay"] == 0.0 and cfg["loss"] == "ce"
     with open(tmp_path / "student" / "log.csv") as fh:
         assert [r["phase"] for r in csv.DictReader(fh)] == ["float", "final"]
+    groups = torch.load(tmp_path / "student" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) > 5  # binary weights
+    assert groups[0]["weight_decay"] == 1e-4
 
 
 def _free_port():
