@@ -28,8 +28,15 @@ struct Avx512Isa {
   static constexpr int kStrip = 8, kStrips = XNORCONV_AVX512_STRIPS, kChannels = XNORCONV_AVX512_CHANNELS;
 
   static uint64_t negative_mask(const float* x, int64_t count) {
-    uint64_t bits = 0;
     const __m512 zero = _mm512_setzero_ps();
+    if (count == 64) {
+      const uint64_t m0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x), zero, _CMP_NGE_UQ);
+      const uint64_t m1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + 16), zero, _CMP_NGE_UQ);
+      const uint64_t m2 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + 32), zero, _CMP_NGE_UQ);
+      const uint64_t m3 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + 48), zero, _CMP_NGE_UQ);
+      return m0 | (m1 << 16) | (m2 << 32) | (m3 << 48);
+    }
+    uint64_t bits = 0;
     for (int64_t i = 0; i < count; i += 16) {
       const int64_t left = count - i;
       const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);

@@ -71,15 +71,20 @@ void fill_signed(std::vector<float>& v) {
   }
 }
 
-void check_case(const ConvParams& p, bool channels_last, bool with_affine, const std::string& label) {
+enum class Layout { Nchw, ChannelsLast, RowPadded };
+
+void check_case(const ConvParams& p, Layout layout, bool with_affine, const std::string& label) {
   const std::string err = validate(p);
   EXPECT(err.empty(), "%s: validate: %s", label.c_str(), err.c_str());
   if (!err.empty()) return;
-  std::vector<float> x(p.batch * p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.channels_per_group() * p.taps());
+  // RowPadded: rows 3 floats apart more than their width (a sliced tensor), which takes the packer's row path.
+  const int64_t row = layout == Layout::RowPadded ? p.in_w + 3 : p.in_w;
+  std::vector<float> x(p.batch * p.in_channels * p.in_h * row), w(p.out_channels * p.channels_per_group() * p.taps());
   fill_signed(x);
   fill_signed(w);
-  TensorStrides s = channels_last ? TensorStrides{p.in_h * p.in_w * p.in_channels, 1, p.in_w * p.in_channels, p.in_channels}
-                                  : TensorStrides{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+  TensorStrides s = layout == Layout::ChannelsLast
+                        ? TensorStrides{p.in_h * p.in_w * p.in_channels, 1, p.in_w * p.in_channels, p.in_channels}
+                        : TensorStrides{p.in_channels * p.in_h * row, p.in_h * row, row, 1};
   std::vector<float> scale(p.out_channels), bias(p.out_channels);
   for (auto& e : scale) e = std::uniform_real_distribution<float>(0.1f, 2.0f)(rng);
   for (auto& e : bias) e = std::uniform_real_distribution<float>(-3.0f, 3.0f)(rng);
@@ -140,7 +145,8 @@ void test_random_shapes(int count) {
     p.in_h = pick(1, 19);
     p.in_w = pick(1, 40);
     if (!validate(p).empty()) continue;  // kernel larger than the padded input
-    check_case(p, pick(0, 3) == 0, pick(0, 1) == 1, describe(p));
+    const Layout layouts[] = {Layout::Nchw, Layout::Nchw, Layout::ChannelsLast, Layout::RowPadded};
+    check_case(p, layouts[pick(0, 3)], pick(0, 1) == 1, describe(p));
   }
 }
 
@@ -159,7 +165,7 @@ void test_darknet_shapes() {
       p.stride_h = p.stride_w = s[4];
       p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = s[5];
       p.pad_value = pv;
-      check_case(p, false, true, describe(p));
+      check_case(p, Layout::Nchw, true, describe(p));
     }
 }
 
