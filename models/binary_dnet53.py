@@ -19,10 +19,10 @@ Choices where the paper is ambiguous or silent, and why:
 
   * Depth. "We removed the CSP blocks from the deeper part of the model": of CSP-DarkNet-53's five stages
     (depths 1, 2, 8, 8, 4) the first three are kept, one residual block each, and the two deepest (stride 16
-    and 32, where 85% of the float model's weights live) are removed. Widths are halved (32/64/128 instead of
+    and 32, which hold 92% of CSP-DarkNet-53's parameters) are removed. Widths are halved (32/64/128 instead of
     64/128/256): see the next point.
   * Parameter count. The paper gives 0.087M learnable parameters (abstract) and 0.37M (Table 6). Two
-    FC+ReLU branches to 1024-d alone cost 2 * 1024 * (C + 1) parameters, i.e. >= 68K even for C = 32 input
+    FC+ReLU branches to 1024-d alone cost 2 * 1024 * (C + 1) parameters, i.e. 67.6K already for C = 32 input
     channels, so 0.087M cannot hold the described fusion together with any useful CSP backbone; we size the
     model for Table 6's 0.37M (the computational-cost table, measured from their model): fusion width 48 and
     widths 32/64/128 give 0.367M parameters for 6 classes (0.363M for 2), 0.254M of them binary conv weights
@@ -39,7 +39,9 @@ Choices where the paper is ambiguous or silent, and why:
       information the sign throws away. The block-level residual of the DarkNet bottleneck is then redundant
       and removed (the paper also "removed several residual connections");
     - a learnable per-channel threshold t before each sign (ReActNet's RSign);
-    - PReLU instead of LeakyReLU: a fixed 0.1 slope would push almost every input of the next sign to +1.
+    - PReLU (a learnable negative slope, ReActNet's RPReLU without its shifts) instead of LeakyReLU(0.1): the
+      sign is unchanged either way, but a fixed 0.1 slope would shrink the negative half of the real-valued
+      shortcut stream tenfold at every unit.
     `binary_activations=False` is the paper's literal model: BinaryConv2d(binarize_input=False) (alpha * sign(W)
     on real inputs) in DarkNet's Conv -> BN -> LeakyReLU(0.1) units with the bottleneck residuals kept.
   * `binary=False` builds the float twin: the identical module tree with nn.Conv2d in place of every
@@ -177,7 +179,7 @@ class BinaryDNet53(nn.Module):
         unit = partial(BinaryConvUnit, binary=binary, binary_activations=binary_activations, pad_value=pad_value,
                        ste=ste)
         residual = not binary_activations  # binary units carry their own real shortcuts
-        # Float stem. With binary activations it ends in BN + PReLU so that the first sign() sees centred values.
+        # Float stem. It ends in BN (then PReLU, which keeps signs) so that the first sign() sees centred values.
         self.stem = nn.Sequential(
             nn.Conv2d(3, stem_channels, 3, 1, 1, bias=False),
             nn.BatchNorm2d(stem_channels),

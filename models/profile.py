@@ -24,9 +24,8 @@ For one image of `input_size` (C, H, W), in eval mode:
                    all   the bytes of every intermediate tensor created (each storage once): roughly what a
                          training step keeps for the backward pass
 """
-import copy
 from dataclasses import dataclass, field
-from typing import Iterable, List, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -42,11 +41,7 @@ __all__ = ["ModelProfile", "profile", "format_table", "binary_layer_types"]
 
 def binary_layer_types() -> Tuple[type, ...]:
     """The xnorconv layer classes whose weights are binary: BinaryConv2d and the frozen inference layer."""
-    types = [xnorconv.BinaryConv2d]
-    for name in ("FrozenBinaryConv2d", "PackedBinaryConv2d"):
-        if hasattr(xnorconv, name):
-            types.append(getattr(xnorconv, name))
-    return tuple(types)
+    return (xnorconv.BinaryConv2d, xnorconv.FrozenBinaryConv2d)
 
 
 @dataclass
@@ -107,8 +102,9 @@ class _ActivationCounter(TorchDispatchMode):
     the peak is what an inference pass with this execution order really holds, op by op.
     """
 
-    def __init__(self):
+    def __init__(self, external: List[torch.Tensor]):
         super().__init__()
+        self.external = {t.untyped_storage().data_ptr() for t in external}  # input, parameters, buffers
         self.alive = {}   # data_ptr -> (weak ref, nbytes)
         self.live = 0
         self.peak = 0
@@ -136,8 +132,8 @@ def profile(model: nn.Module, input_size: Union[int, Sequence[int]] = 128, name:
             device: Union[str, torch.device] = "cpu") -> ModelProfile:
     """Counts parameters, storage, MACs and activation memory of `model` for one image (see module docstring).
 
-    The model is not modified: it is profiled in eval mode (its training flag is restored), and storage after
-    freezing is measured on a deep copy.
+    The model is not modified: it is profiled in eval mode (every module's training flag is restored after), and
+    storage after freezing is measured on a copy (xnorconv.freeze copies).
     """
     size = _input_size(input_size)
     binary_types = binary_layer_types()
@@ -152,7 +148,7 @@ def profile(model: nn.Module, input_size: Union[int, Sequence[int]] = 128, name:
     float_params = sum(p.numel() for p in model.parameters() if id(p) not in binary_param_ids)
     float_convs = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and not isinstance(m, binary_types))
 
-    was_training = model.training
+    training_flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         x = torch.randn(1, *size, device=device)
@@ -184,22 +180,21 @@ def profile(model: nn.Module, input_size: Union[int, Sequence[int]] = 128, name:
                 h.remove()
         float_macs = (counter.get_total_flops() - state["inside"]) // 2
 
-        acts = _ActivationCounter()
-        acts.external = {t.untyped_storage().data_ptr() for t in [x, *model.parameters(), *model.buffers()]}
+        acts = _ActivationCounter([x, *model.parameters(), *model.buffers()])
         with torch.no_grad(), acts:
             model(x)
         activation_bytes, peak = acts.total, acts.peak
 
         float_storage = _state_bytes(model)
         if binary_layers:
-            frozen = copy.deepcopy(model)
-            frozen = xnorconv.freeze(frozen) or frozen
+            frozen = xnorconv.freeze(model)  # a deep copy; `model` is untouched
             packed_storage = _state_bytes(frozen)
             del frozen
         else:
             packed_storage = float_storage
     finally:
-        model.train(was_training)
+        for m, flag in training_flags:
+            m.training = flag
 
     return ModelProfile(
         name=name or type(model).__name__, input_size=size, float_params=float_params,

@@ -216,6 +216,34 @@ def test_frozen_weight_only_variant_matches():
         frozen = xnorconv.freeze(model)
         out = frozen(x)
     assert sum(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in frozen.modules()) == 25
+    assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["stem.1"]
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_binary_dnet53_exports():
+    """torch.export of the deployed model keeps the 25 packed convolutions in the graph and matches eager."""
+    frozen = xnorconv.freeze(models.create("binary_dnet53", 6))
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        program = torch.export.export(frozen, (x,))
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        assert sum("xnorconv.binary_conv2d_packed" in t for t in targets) == 25
+        torch.testing.assert_close(program.module()(x).logits, frozen(x).logits)
+
+
+@pytest.mark.parametrize("pad_value", [1, -1])
+def test_frozen_matches_for_constant_pad_values(pad_value):
+    torch.manual_seed(2)
+    model = models.create("binary_dnet53", 2, pad_value=pad_value)
+    assert {m.pad_value for m in model.modules() if isinstance(m, xnorconv.BinaryConv2d)} == {pad_value}
+    randomize_batchnorm(model)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        frozen = xnorconv.freeze(model)
+        out = frozen(x)
+    assert {m.pad_value for m in frozen.modules() if isinstance(m, xnorconv.FrozenBinaryConv2d)} == {pad_value}
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
 
 
@@ -267,6 +295,21 @@ def test_pretrained_from_torchvision_cache_and_local_file(tmp_path, monkeypatch)
     torch.save(models.create("binary_dnet53_bwn", 6).state_dict(), ckpt)
     with pytest.raises(ValueError, match="does not fit binary_dnet53.*missing keys"):
         models.create("binary_dnet53", 6, pretrained=ckpt)
+
+
+def test_vit_position_embeddings_are_interpolated_when_loading(tmp_path):
+    """ImageNet ViT weights (224x224) load into a model built for 128x128 inputs (a small ViT of the same family)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    from models.registry import _load_backbone
+    arch = dict(patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)
+    source = VisionTransformer(image_size=224, num_classes=1000, **arch)
+    target = VisionTransformer(image_size=128, num_classes=6, **arch)
+    _load_backbone(target, source.state_dict(), models.model_info("vit_b_16"), "imagenet.pth", {})
+    assert target.encoder.pos_embedding.shape == (1, 65, 32)
+    torch.testing.assert_close(target.encoder.pos_embedding[:, 0], source.encoder.pos_embedding[:, 0])
+    torch.testing.assert_close(target.conv_proj.weight, source.conv_proj.weight)
+    assert target.heads.head.weight.shape == (6, 32)
+    assert target(torch.randn(1, 3, 128, 128)).shape == (1, 6)
 
 
 def test_profile_counts_a_small_model_exactly():

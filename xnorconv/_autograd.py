@@ -61,9 +61,10 @@ def ste_sign(x: torch.Tensor, ste: str = "clipped", anchor: Optional[torch.Tenso
     """sign(x) in the forward pass, the `ste` surrogate's derivative in the backward pass (see module docstring)."""
     if ste not in STE_CHOICES:
         raise ValueError(f"ste must be one of {STE_CHOICES}, got {ste!r}")
-    if anchor is None:
-        anchor = x.detach()
-    return _sign(anchor) + (_surrogate(x, ste) - _surrogate(anchor, ste).detach())
+    surrogate = _surrogate(x, ste)
+    if anchor is None:  # the STE proper: s(x) - s(x) is exactly 0 in the forward pass
+        return _sign(x.detach()) + (surrogate - surrogate.detach())
+    return _sign(anchor) + (surrogate - _surrogate(anchor, ste).detach())
 
 
 def channel_scale(weight: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,29 @@ def _check_pad_value(pad_value, padding_mode="zeros"):
                          f"got padding_mode={padding_mode!r}, whose padded taps are copies of the input")
 
 
+def _check_geometry(name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
+    """Construction-time checks that name the argument and show the value (nn.Conv2d's own messages do not)."""
+    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if value % groups:
+            raise ValueError(f"{name}: {arg}={value} must be divisible by groups={groups}")
+    try:
+        kh, kw = _pair(kernel_size)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in (kh, kw)) or min(kh, kw) < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: kernel_size must be a positive int or a pair of them, got {kernel_size!r}")
+    if kh * kw > _MAX_TAPS:
+        raise ValueError(f"{name}: kernel_size {(kh, kw)} has {kh * kw} taps, more than the packed kernel's "
+                         f"{_MAX_TAPS}")
+    try:  # stride / dilation >= 1, padding >= 0 or 'same' / 'valid' (not with stride > 1), as nn.Conv2d
+        normalize_conv_args((kh, kw), stride, padding, dilation)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
 def _check_input(layer, input: torch.Tensor, weight_dtype, weight_device) -> Tuple[torch.Tensor, bool]:
     """Validates a forward input like nn.Conv2d (4-D batched or 3-D unbatched); returns (4-D input, unbatched)."""
     name = type(layer).__name__
@@ -79,12 +102,12 @@ def _check_input(layer, input: torch.Tensor, weight_dtype, weight_device) -> Tup
     if not input.is_floating_point():
         expected = f" ({weight_dtype})" if weight_dtype is not None else ""
         raise TypeError(f"{name}: input must be a floating-point tensor{expected}, got dtype {input.dtype}")
-    if (weight_dtype is not None and input.dtype != weight_dtype
-            and not torch.is_autocast_enabled(input.device.type)):
-        raise TypeError(f"{name}: input dtype {input.dtype} does not match the layer's dtype {weight_dtype} "
-                        f"(convert one of them, e.g. layer.to({input.dtype}))")
     if input.device != weight_device:
         raise ValueError(f"{name}: input is on {input.device} but the layer is on {weight_device}")
+    if (weight_dtype is not None and input.dtype != weight_dtype
+            and not (input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type))):
+        raise TypeError(f"{name}: input dtype {input.dtype} does not match the layer's dtype {weight_dtype} "
+                        f"(convert one of them, e.g. layer.to({input.dtype}))")
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -159,21 +182,13 @@ class BinaryConv2d(nn.Conv2d):
         if resolved not in (torch.float32, torch.float64):
             raise TypeError(f"BinaryConv2d: dtype must be torch.float32 or torch.float64 (latent float weights), "
                             f"got dtype={dtype}")
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BinaryConv2d: {name} must be a positive int, got {value!r}")
+        _check_geometry("BinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         _check_choice("scale", scale, SCALE_CHOICES)
         _check_choice("ste", ste, STE_CHOICES)
         _check_choice("padding_mode", padding_mode, _PADDING_MODES)
         if not isinstance(binarize_input, bool):
             raise ValueError(f"binarize_input must be True or False, got {binarize_input!r}")
         _check_pad_value(pad_value, padding_mode)
-        kh, kw = _pair(kernel_size)
-        if min(kh, kw) < 1:
-            raise ValueError(f"BinaryConv2d: kernel_size must be >= 1, got {(kh, kw)}")
-        if kh * kw > _MAX_TAPS:
-            raise ValueError(f"BinaryConv2d: kernel_size {(kh, kw)} has {kh * kw} taps, more than the "
-                             f"packed kernel's {_MAX_TAPS}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
         self.scale = scale
@@ -304,6 +319,8 @@ class FrozenBinaryConv2d(nn.Module):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, *,
                  pad_value: int = 0, binarize_input: bool = True):
         super().__init__()
+        _check_geometry("FrozenBinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                        groups)
         # Reuse nn.Conv2d's argument handling (meta: allocates nothing) for identical geometry attributes.
         geometry = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False,
                              padding_mode, device="meta")
