@@ -931,10 +931,16 @@ def test_binarize_skip_rules_exclude_and_inplace():
     everything = binarize(Classifier(head="conv"), skip_first=False, skip_last=False)
     assert all(isinstance(m, BinaryConv2d) for m in (everything.stem, everything.head))
     model = Classifier()
-    weight = model.body[2].weight
+    weight0, weight2 = model.body[0].weight, model.body[2].weight
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
     result = binarize(model, exclude=["body.2"], inplace=True, scale="none")
-    assert result is model and type(model.body[2]) is nn.Conv2d and model.body[2].weight is weight
+    assert result is model and type(model.body[2]) is nn.Conv2d and model.body[2].weight is weight2
     assert isinstance(model.body[0], BinaryConv2d) and model.body[0].scale == "none"
+    assert model.body[0].weight is weight0  # the optimizer built before binarize() still trains it
+    before = weight0.detach().clone()
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    opt.step()
+    assert not torch.equal(model.body[0].weight.detach(), before)
     again = binarize(model, skip_first=False, skip_last=False, exclude="body.2")
     assert again.body[0] is not model.body[0] and isinstance(again.body[0], BinaryConv2d)
     assert isinstance(binarize(nn.Conv2d(2, 2, 1), skip_first=False, skip_last=False), BinaryConv2d)
