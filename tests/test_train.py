@@ -289,6 +289,11 @@ def test_cv_and_compare_on_msld_layout(msld_data, tmp_path, capsys):
     assert r["paired_t_test"]["df"] == 1 and r["paired_images"] == 2 * 4 * 2
     assert 0 <= r["mcnemar"]["p_value"] <= 1 and 0 <= r["chi_square_confusion"]["p_value"] <= 1
     assert "paired t-test" in capsys.readouterr().out
+    # the paper's pairing: t-test from the cv folds, McNemar / chi-square from two final models' test predictions
+    fa, fb = (os.path.join(tmp_path, x, "fold1", "predictions.csv") for x in ("a", "b"))
+    run("compare", tmp_path / "a", tmp_path / "b", "--predictions", fa, fb, "--json", tmp_path / "cmp2.json")
+    r2 = load(tmp_path / "cmp2.json")
+    assert r2["paired_images"] == 4 * 2 and r2["paired_t_test"] == r["paired_t_test"]
 
 
 def test_binary_task_kd_oversampling_two_step(msld_data, tmp_path):

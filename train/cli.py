@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("run_b")
     m.add_argument("--names", nargs=2, default=("A", "B"))
     m.add_argument("--json", default="", help="also write the results to this JSON file")
+    m.add_argument("--predictions", nargs=2, metavar=("CSV_A", "CSV_B"), default=None,
+                   help="predictions.csv of each model (e.g. of the final models on the test split) for the McNemar "
+                        "and chi-square tests, instead of the cv runs' held-out predictions")
 
     r = sub.add_parser("predict", help="class probabilities for image files or folders")
     r.add_argument("inputs", nargs="+")
@@ -96,7 +99,8 @@ def _run(args) -> int:
         return 0
     if args.command == "compare":
         from .crossval import compare_runs
-        compare_runs(args.run_a, args.run_b, tuple(args.names), args.json)
+        compare_runs(args.run_a, args.run_b, tuple(args.names), args.json,
+                     tuple(args.predictions) if args.predictions else None)
         return 0
     if args.command == "predict":
         from .config import config_from_dict

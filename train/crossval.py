@@ -147,9 +147,17 @@ def _locate(run: str) -> Tuple[Optional[str], Optional[str]]:
     return (s if os.path.exists(s) else None), (p if os.path.exists(p) else None)
 
 
-def compare_runs(run_a: str, run_b: str, names: Tuple[str, str] = ("A", "B"), out: str = "") -> Dict[str, Any]:
+def compare_runs(run_a: str, run_b: str, names: Tuple[str, str] = ("A", "B"), out: str = "",
+                 predictions: Optional[Tuple[str, str]] = None) -> Dict[str, Any]:
+    """`predictions` (two predictions.csv files, e.g. of the two final models on the test split) replaces the
+    cv runs' held-out predictions in the McNemar and chi-square tests."""
     sa, pa = _locate(run_a)
     sb, pb = _locate(run_b)
+    if predictions:
+        for f in predictions:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"predictions file {f!r} does not exist")
+        pa, pb = predictions
     if not ((sa and sb) or (pa and pb)):
         raise FileNotFoundError(f"nothing to compare: need cv_summary.json in both ({sa}, {sb}) or "
                                 f"predictions.csv in both ({pa}, {pb})")
