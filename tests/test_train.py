@@ -125,6 +125,15 @@ def test_clear_errors(tmp_path, split_data):
     (tmp_path / "notes" / "readme.txt").write_text("x")
     with pytest.raises(D.DataError, match="(?s)could not recognise the dataset layout.*Found:.*notes"):
         D.load_splits(str(tmp_path))
+    typo = tmp_path / "typo"
+    make_synthetic(str(typo), "split", CLASSES[:2], per_class=4, size=8)
+    os.rename(typo / "train", typo / "trian")                       # val/ and test/ but no train/
+    with pytest.raises(D.DataError, match=r"(?s)no train/ \(or training/\) folder.*found test, val.*trian/"):
+        D.load_splits(str(typo))
+    shutil.rmtree(typo / "val")
+    shutil.rmtree(typo / "test")                                    # folders of class folders are not classes
+    with pytest.raises(D.DataError, match="(?s)could not recognise.*trian/"):
+        D.load_splits(str(typo))
     with pytest.raises(D.DataError, match="does not exist"):
         D.load_splits(str(tmp_path / "missing"))
     bad = tmp_path / "empty_class"

@@ -187,13 +187,19 @@ def discover(root: str, layout: str = "auto", fold: int = 1):
         split_paths = _split_dirs(root)
         if "train" in split_paths:
             layout = "split"
-        elif layout == "split":
-            raise DataError(f"{root!r} has no train/ (or training/) folder for the split layout. Found:\n"
+        elif split_paths or layout == "split":
+            found = f" (found {', '.join(sorted(os.path.basename(p) for p in split_paths.values()))})" \
+                if split_paths else ""
+            raise DataError(f"{root!r} has no train/ (or training/) folder for the split layout{found}. Found:\n"
                             f"{_describe(root)}")
     if not split_paths and layout in ("auto", "single"):
+        # <class>/ folders hold image files themselves; a folder whose images are only in sub-folders (a
+        # misspelt train/ of a split layout, say) is not a class, and the layout is then not recognised
         classes = _class_folders(root)
-        with_images = {k: p for k, p in classes.items() if _images_in(p)}
-        if with_images and all(not _subdirs(p) or _images_in(p) for p in classes.values()):
+        direct = {k for k, p in classes.items() if any(
+            e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in os.scandir(p))}
+        nested_only = {k for k, p in classes.items() if k not in direct and _images_in(p)}
+        if direct and not nested_only:
             layout = "single"
             split_paths = {"all": root}
     if not split_paths:
