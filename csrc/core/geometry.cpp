@@ -151,13 +151,14 @@ ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_su
 }
 
 void binary_conv2d_serial(const KernelOps& ops, const ConvParams& p, const float* input, TensorStrides strides,
-                             const float* weight, const float* scale, const float* bias, float* out) {
+                          const float* weight, const float* scale, const float* bias, float* out,
+                          const float* threshold) {
   const ActivationLayout layout = activation_layout(p);
   std::vector<uint64_t> packed_w(weight_words(p));
   std::vector<int32_t> tap_sum(p.out_channels * p.taps());
   pack_weights(p, weight, packed_w.data(), tap_sum.data());
   std::vector<uint64_t> packed_x(layout.total_words + 64);
-  ops.pack(p, layout, input, strides, packed_x.data(), 0, ops.pack_tasks(p, layout));
+  ops.pack(p, layout, input, strides, threshold, packed_x.data(), 0, ops.pack_tasks(p, layout));
   ZeroPadCorrection zero_pad;
   OutputStage stage;
   stage.scale = scale;

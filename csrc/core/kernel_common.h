@@ -5,7 +5,8 @@
 //
 // An ISA policy `Isa` provides
 //   kStrip, kStrips, kChannels         strip width (pixels per vector), strips and output channels per block
-//   uint64_t negative_mask(const float* x, int64_t count)    bit i = !(x[i] >= 0) for i < count <= 64, contiguous
+//   uint64_t below(const float* x, float t, int64_t count)             bit i = !(x[i] >= t), i < count <= 64, contiguous
+//   uint64_t below_each(const float* x, const float* t, int64_t count)  bit i = !(x[i] >= t[i]), likewise
 //   void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps, int64_t words_per_group,
 //              int64_t word_stride, const uint64_t* const weight[kChannels], const BlockStore<kStrips, kChannels>&)
 //        accumulates one block of kStrips strips x kChannels output channels and writes it through the output
@@ -64,10 +65,10 @@ inline int64_t pack_task_count(const ConvParams& p, const ActivationLayout& l) {
 }
 
 template <class Isa>
-uint64_t negative_mask_strided(const float* x, int64_t stride, int64_t count) {
-  if (stride == 1) return Isa::negative_mask(x, count);
+uint64_t below_strided(const float* x, int64_t stride, float t, int64_t count) {
+  if (stride == 1) return Isa::below(x, t, count);
   uint64_t bits = 0;
-  for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i * stride] >= 0.0f)) << i;
+  for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i * stride] >= t)) << i;
   return bits;
 }
 
@@ -82,8 +83,8 @@ inline void real_positions(const ConvParams& p, const ActivationLayout& l, int64
 }
 
 template <class Isa>
-void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, TensorStrides s, uint64_t* packed,
-               int64_t begin, int64_t end) {
+void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, TensorStrides s,
+               const float* threshold, uint64_t* packed, int64_t begin, int64_t end) {
   const int64_t cg = p.channels_per_group(), wpg = l.words_per_group, phases = l.phases;
   const int64_t padded_cols = phases * l.row_words;
   const bool channels_contiguous = s.c == 1 && s.w != 1;
@@ -105,7 +106,8 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, T
         for (int64_t w = 0; w < wpg; ++w) {
           const int64_t c0 = g * cg + 64 * w, channels = imin(64, cg - 64 * w);
           const float* src = x + n * s.n + c0 * s.c + f0;
-          for (int64_t c = 0; c < channels; ++c) block[c] = Isa::negative_mask(src + c * s.c, count);
+          for (int64_t c = 0; c < channels; ++c)
+            block[c] = Isa::below(src + c * s.c, threshold ? threshold[c0 + c] : 0.0f, count);
           for (int64_t c = channels; c < 64; ++c) block[c] = 0;
           transpose64(block);
           int64_t ih = ih0, iw = iw0;
@@ -142,13 +144,15 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, T
           if (j < padded_cols) row[(j % phases) * l.phase_stride + word * l.row_words + j / phases] = bits;
         };
         if (channels_contiguous) {
-          for (int64_t iw = 0; iw < p.in_w; ++iw) put(iw, Isa::negative_mask(src + iw * s.w, channels));
+          for (int64_t iw = 0; iw < p.in_w; ++iw)
+            put(iw, threshold ? Isa::below_each(src + iw * s.w, threshold + c0, channels)
+                              : Isa::below(src + iw * s.w, 0.0f, channels));
           continue;
         }
         for (int64_t iw0 = 0; iw0 < p.in_w; iw0 += 64) {
           const int64_t count = imin(64, p.in_w - iw0);
           for (int64_t c = 0; c < channels; ++c)
-            block[c] = negative_mask_strided<Isa>(src + c * s.c + iw0 * s.w, s.w, count);
+            block[c] = below_strided<Isa>(src + c * s.c + iw0 * s.w, s.w, threshold ? threshold[c0 + c] : 0.0f, count);
           for (int64_t c = channels; c < 64; ++c) block[c] = 0;
           transpose64(block);
           for (int64_t i = 0; i < count; ++i) put(iw0 + i, block[i]);

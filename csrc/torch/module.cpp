@@ -60,7 +60,7 @@ double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const
   std::vector<uint64_t> px(l.total_words), pw(xnorconv::weight_words(p));
   std::vector<int32_t> tap_sum(p.out_channels * p.taps());
   xnorconv::pack_weights(p, w.data_ptr<float>(), pw.data(), tap_sum.data());
-  ops.pack(p, l, x.data_ptr<float>(), {x.stride(0), x.stride(1), x.stride(2), x.stride(3)}, px.data(), 0,
+  ops.pack(p, l, x.data_ptr<float>(), {x.stride(0), x.stride(1), x.stride(2), x.stride(3)}, nullptr, px.data(), 0,
            ops.pack_tasks(p, l));
   xnorconv::ZeroPadCorrection zp;
   if (p.pad_value == xnorconv::PadValue::Zero) zp = xnorconv::zero_pad_correction(p, tap_sum.data());
