@@ -18,9 +18,10 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("profile", help="print the cost table (params, storage, MACs, activations) of models")
-    p.add_argument("--models", nargs="+", default=None, metavar="NAME",
-                   help=f"models to profile (default: {' '.join(DEFAULT_MODELS)})")
-    p.add_argument("--all", action="store_true", help="every registered model, torchvision references included")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                       help=f"models to profile (default: {' '.join(DEFAULT_MODELS)})")
+    which.add_argument("--all", action="store_true", help="every registered model, torchvision references included")
     p.add_argument("--size", type=int, default=128, help="input height and width (default 128, the paper's)")
     p.add_argument("--classes", type=int, default=6, help="number of classes (default 6, MSLD v2.0)")
     sub.add_parser("list", help="list the registered models")

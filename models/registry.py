@@ -118,7 +118,8 @@ def create(name: str, num_classes: int, pretrained: Union[bool, PathLike] = Fals
     if pretrained is True:
         if info.source != "torchvision":
             raise ValueError(f"{name} has no published pretrained weights; pass pretrained='/path/to/checkpoint.pth' "
-                             f"(a state_dict saved from this model, e.g. by `python -m train fit`)")
+                             f"(a state_dict, or a checkpoint dict with a 'state_dict' or 'model' entry, saved from this "
+                             f"model)")
         path, url = torchvision_cache_path(name)
         if not os.path.isfile(path):
             enum = torchvision.models.get_model_weights(name).DEFAULT

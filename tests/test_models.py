@@ -297,6 +297,21 @@ def test_pretrained_from_torchvision_cache_and_local_file(tmp_path, monkeypatch)
         models.create("binary_dnet53", 6, pretrained=ckpt)
 
 
+def test_vit_position_embeddings_are_interpolated_when_loading(tmp_path):
+    """ImageNet ViT weights (224x224) load into a model built for 128x128 inputs (a small ViT of the same family)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    from models.registry import _load_backbone
+    arch = dict(patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)
+    source = VisionTransformer(image_size=224, num_classes=1000, **arch)
+    target = VisionTransformer(image_size=128, num_classes=6, **arch)
+    _load_backbone(target, source.state_dict(), models.model_info("vit_b_16"), "imagenet.pth", {})
+    assert target.encoder.pos_embedding.shape == (1, 65, 32)
+    torch.testing.assert_close(target.encoder.pos_embedding[:, 0], source.encoder.pos_embedding[:, 0])
+    torch.testing.assert_close(target.conv_proj.weight, source.conv_proj.weight)
+    assert target.heads.head.weight.shape == (6, 32)
+    assert target(torch.randn(1, 3, 128, 128)).shape == (1, 6)
+
+
 def test_profile_counts_a_small_model_exactly():
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),            # float: 16*16*8*27 MACs
