@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs xnorconv into a virtual environment and runs every test: the C++ kernel-core tests (ctest), the
-# aarch64 NEON tests under qemu when the cross toolchain is installed, and pytest.
+# aarch64 NEON tests under qemu when the cross toolchain is installed, the CUDA compile check when nvcc is there,
+# and pytest.
 #
 #   bash tools/test.sh            # uses $VIRTUAL_ENV if one is active, else creates .venv
 # Environment: XNORCONV_CUDA=auto|0|1 (see setup.py), TORCH_SPEC (default "torch==2.14.1 torchvision==0.29.1").
@@ -32,6 +33,13 @@ if [ -x tools/test_aarch64.sh ] && command -v aarch64-linux-gnu-g++ >/dev/null &
   bash tools/test_aarch64.sh
 else
   echo "== aarch64 NEON tests skipped: install g++-aarch64-linux-gnu and qemu-user to run them"
+fi
+
+if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then
+  echo "== CUDA sources for every listed architecture (errors, spills, binary tensor-core forms)"
+  bash tools/check_cuda_build.sh
+else
+  echo "== CUDA compile check skipped: no nvcc (set CUDA_HOME)"
 fi
 
 echo "== pytest"
