@@ -161,7 +161,10 @@ def test_real_shortcut():
     y = RealShortcut(8, 16, stride=2)(x)
     assert y.shape == (2, 16, 3, 3)  # what a padded 3x3 stride-2 conv gives for 5x5
     torch.testing.assert_close(y[:, 0, 0, 0], x[:, 0, :2, :2].mean((1, 2)))
-    assert RealShortcut(64, 48)(torch.randn(1, 64, 4, 4)).shape == (1, 48, 4, 4)
+    for cin, cout in ((64, 48), (128, 48), (7, 3)):  # not divisible: adaptive average pooling over channels
+        x = torch.randn(2, cin, 4, 4)
+        expected = F.adaptive_avg_pool3d(x.unsqueeze(1), (cout, 4, 4)).squeeze(1)
+        torch.testing.assert_close(RealShortcut(cin, cout)(x), expected)
 
 
 class OpRecorder(TorchDispatchMode):
