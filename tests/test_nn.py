@@ -193,7 +193,7 @@ def test_forward_matches_reference_in_train_eval_and_packed_paths(kwargs, monkey
     with torch.no_grad():
         y_packed = m(x)
     assert len(packed_calls) == (1 if kwargs["binarize_input"] else 0)
-    assert y_train.grad_fn is not None and y_packed.grad_fn is None
+    assert y_train.grad_fn is not None and y_eval.grad_fn is not None and y_packed.grad_fn is None
     for y in (y_train, y_eval, y_packed):
         assert y.dtype == torch.float32 and y.shape == expected.shape
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
@@ -255,6 +255,22 @@ def test_nan_and_inf_inputs_binarize_like_the_reference():
         y.sum().backward()
         assert torch.equal(xg.grad.view(4)[:3], torch.zeros(3)), ste
         assert torch.isfinite(xg.grad).all()
+
+
+def test_nan_weights_binarize_to_minus_one_on_every_path():
+    m = BinaryConv2d(3, 2, 1, bias=False, scale="none")
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[float("nan"), 1.0, 1.0], [-1.0, -0.0, 1.0]]).view(2, 3, 1, 1))
+    x = torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1)
+    expected = torch.tensor([-1.0 - 1.0 + 1.0, -1.0 - 1.0 + 1.0])  # sign(NaN) = -1, sign(-0.0) = +1
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).view(2), expected)
+        torch.testing.assert_close(freeze(m)(x).view(2), expected)
+    torch.testing.assert_close(m(x).detach().view(2), expected)
+    m.scale = "channel"  # alpha = mean|W| is NaN for the channel holding the NaN, on every path
+    with torch.no_grad():
+        assert torch.isnan(m(x).view(2)[0]) and not torch.isnan(m(x).view(2)[1])
+    assert torch.isnan(m(x).view(2)[0]) and not torch.isnan(m(x).view(2)[1])
 
 
 @pytest.mark.parametrize("layer_kind", ["binary", "frozen"])
@@ -931,10 +947,16 @@ def test_binarize_skip_rules_exclude_and_inplace():
     everything = binarize(Classifier(head="conv"), skip_first=False, skip_last=False)
     assert all(isinstance(m, BinaryConv2d) for m in (everything.stem, everything.head))
     model = Classifier()
-    weight = model.body[2].weight
+    weight0, weight2 = model.body[0].weight, model.body[2].weight
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
     result = binarize(model, exclude=["body.2"], inplace=True, scale="none")
-    assert result is model and type(model.body[2]) is nn.Conv2d and model.body[2].weight is weight
+    assert result is model and type(model.body[2]) is nn.Conv2d and model.body[2].weight is weight2
     assert isinstance(model.body[0], BinaryConv2d) and model.body[0].scale == "none"
+    assert model.body[0].weight is weight0  # the optimizer built before binarize() still trains it
+    before = weight0.detach().clone()
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    opt.step()
+    assert not torch.equal(model.body[0].weight.detach(), before)
     again = binarize(model, skip_first=False, skip_last=False, exclude="body.2")
     assert again.body[0] is not model.body[0] and isinstance(again.body[0], BinaryConv2d)
     assert isinstance(binarize(nn.Conv2d(2, 2, 1), skip_first=False, skip_last=False), BinaryConv2d)

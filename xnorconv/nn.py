@@ -532,8 +532,9 @@ def _binary_from_conv(conv: nn.Conv2d, options) -> BinaryConv2d:
 
 def binarize(model: nn.Module, skip_first: bool = True, skip_last: bool = True, exclude: Iterable[str] = (),
              inplace: bool = False, **options) -> nn.Module:
-    """Replaces the nn.Conv2d layers of `model` by BinaryConv2d layers carrying their weights (the Parameters are
-    shared, not copied) and returns the model (a deep copy unless inplace=True; use the return value).
+    """Replaces the nn.Conv2d layers of `model` by BinaryConv2d layers carrying their weights and returns the model
+    (a deep copy unless inplace=True; use the return value). The new layers take over the Parameter objects of the
+    layers they replace, so with inplace=True an optimizer built on the float model keeps training them.
 
     XNOR-Net keeps the first and last layers real: with skip_first / skip_last the first / last weight layer
     (nn.Conv*d or nn.Linear, in registration order, i.e. model.named_modules()) stays as it is if it is an
