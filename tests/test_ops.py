@@ -27,6 +27,7 @@ def _random_case(rng):
         pad_value=rng.choice([0, 1, -1]),
         layout=rng.choice(["contiguous", "channels_last", "sliced", "transposed"]),
         affine=rng.random() < 0.5,
+        threshold=rng.random() < 0.3,
     )
 
 
@@ -66,12 +67,13 @@ def test_random_shapes_match_reference(backend, case):
     x[:, :, 1::3, ::2] = -0.0
     scale = torch.rand(case["cout"]) + 0.5 if case["affine"] else None
     bias = torch.randn(case["cout"]) if case["affine"] else None
+    threshold = torch.rand(case["cin"]) - 0.5 if case["threshold"] else None
     pads = (case["padding"][0],) * 2 + (case["padding"][1],) * 2
     want = reference_binary_conv2d(x, w, bias, case["stride"], pads, case["dilation"], case["groups"], scale,
-                                   case["pad_value"])
+                                   case["pad_value"], input_threshold=threshold)
     with xnorconv.use_backend(backend):
         got = xnorconv.binary_conv2d(x, w, bias, case["stride"], case["padding"], case["dilation"], case["groups"],
-                                     scale, case["pad_value"])
+                                     scale, case["pad_value"], input_threshold=threshold)
     assert got.dtype == torch.float32 and got.shape == want.shape
     if case["affine"]:
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
@@ -94,6 +96,19 @@ def test_benchmark_layers_exact(backend, layer):
         with xnorconv.use_backend(backend):
             got = xnorconv.binary_conv2d_packed(x, packed, stride=s, padding=p, pad_value=pad_value)
         assert torch.equal(got.double(), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_threshold_is_sign_of_shifted_input(backend):
+    x, w, t = torch.randn(2, 70, 9, 11), torch.randn(5, 70, 3, 3), torch.randn(70)
+    t[0] = float(x[0, 0, 0, 0])  # x == t binarizes to +1
+    want = F.conv2d(sign(x - t.view(1, -1, 1, 1)), sign(w), padding=1)
+    with xnorconv.use_backend(backend):
+        for layout in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, :, 1:]):
+            got = xnorconv.binary_conv2d(layout, w, padding=1, input_threshold=t)
+            expected = want if layout.shape == x.shape else F.conv2d(
+                sign(layout - t.view(1, -1, 1, 1)), sign(w), padding=1)
+            assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,6 +208,8 @@ def test_multithreaded_equals_single_threaded():
     (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), bias=torch.ones(2, 3)),
      RuntimeError, r"bias must have shape \(4,\) .* got \[2, 3\]"),
     (lambda: xnorconv.binary_conv2d("x", torch.randn(4, 3, 3, 3)), TypeError, r"input must be a torch.Tensor, got str"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), input_threshold=torch.ones(4)),
+     RuntimeError, r"input_threshold must have shape \(3,\) .* got \[4\]"),
 ])
 def test_errors_name_argument_and_value(call, exc, message):
     with pytest.raises(exc, match=message):
@@ -246,6 +263,7 @@ def test_opcheck():
         (x, bits, tap_sum, 35, torch.rand(6), torch.randn(6), [1, 2], [1, 0, 2, 1], [1, 1], 2, 0),
         (x.contiguous(memory_format=torch.channels_last), bits, tap_sum, 35, None, None, [2, 1], [0, 0, 0, 0], [2, 1],
          2, -1),
+        (x, bits, tap_sum, 35, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 2, 1, torch.randn(70)),
     ]:
         torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed, args)
 
@@ -263,3 +281,13 @@ def test_torch_compile_and_export():
     assert torch.equal(compiled(x), want)
     exported = torch.export.export(Layer(), (x,))
     assert torch.equal(exported.module()(x), want)
+
+
+def test_benchmark_hooks_keep_the_backend_choice():
+    x, w = torch.randn(1, 64, 8, 8), torch.randn(8, 64, 3, 3)
+    with xnorconv.use_backend("scalar"):
+        xnorconv._C.conv_kernel_ms(BACKENDS[0], x, w, [1, 1], [1, 1], 0, 3)
+        xnorconv._C.peak_binary_macs_per_second(BACKENDS[0], 1000)
+        assert xnorconv.current_backend() == "scalar"
+    with pytest.raises(RuntimeError, match=r"conv_kernel_ms: unknown backend 'nope'"):
+        xnorconv._C.conv_kernel_ms("nope", x, w, [1, 1], [1, 1], 0, 3)

@@ -143,7 +143,7 @@ int main(int argc, char** argv) {
       for (int r = 0; r < reps; ++r) {
         auto t0 = Clock::now();
         parallel(threads, ops.pack_tasks(p, l), [&](int64_t b, int64_t e) {
-          ops.pack(p, l, x.data(), strides, px.data(), b, e);
+          ops.pack(p, l, x.data(), strides, nullptr, px.data(), b, e);
         });
         auto t1 = Clock::now();
         parallel(threads, ops.conv_tasks(p, l), [&](int64_t b, int64_t e) {

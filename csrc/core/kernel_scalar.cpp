@@ -12,9 +12,15 @@ namespace {
 struct ScalarIsa {
   static constexpr int kStrip = 8, kStrips = 1, kChannels = 4;
 
-  static uint64_t negative_mask(const float* x, int64_t count) {
+  static uint64_t below(const float* x, float t, int64_t count) {
     uint64_t bits = 0;
-    for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= 0.0f)) << i;
+    for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= t)) << i;
+    return bits;
+  }
+
+  static uint64_t below_each(const float* x, const float* t, int64_t count) {
+    uint64_t bits = 0;
+    for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= t[i])) << i;
     return bits;
   }
 
