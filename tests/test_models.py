@@ -132,6 +132,23 @@ def test_binary_dnet53_every_conv_but_stem_is_binary(name):
     assert float_convs == ["stem.0"]
     assert len(binary) == 25
     assert all(m.binarize_input == (name == "binary_dnet53") for m in binary)
+    assert all((m.input_threshold is not None) == (name == "binary_dnet53") for m in binary)
+
+
+def test_float_twin_and_binary_model_share_state_dict_keys():
+    """A trained float twin initialises the binary model (two-step training) and vice versa."""
+    binary, twin = models.create("binary_dnet53", 6), models.create("binary_dnet53_float", 6)
+    assert {k: v.shape for k, v in binary.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.normal_()
+    binary.load_state_dict(twin.state_dict())
+    torch.testing.assert_close(binary.stages[0][0].conv.input_threshold, twin.stages[0][0].conv.input_threshold)
+    # the twin's thresholds really shift the conv input
+    conv = twin.stages[0][0].conv
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    torch.testing.assert_close(conv(x), F.conv2d(x - conv.input_threshold.view(1, -1, 1, 1), conv.weight,
+                                                 stride=conv.stride, padding=conv.padding))
 
 
 def test_binary_dnet53_output_and_ics():
@@ -195,6 +212,9 @@ def test_frozen_binary_dnet53_runs_packed_kernels_and_matches():
         out = frozen(x)
     assert recorder.ops.count("xnorconv.binary_conv2d_packed") == 25
     assert recorder.ops.count("aten.convolution") == 1  # the float stem only
+    # the 25 learnable thresholds are fused into the packing pass: the only subtractions left are those of the two
+    # non-divisible channel-narrowing shortcuts (64 -> 48 and 128 -> 48, differences of cumulative sums)
+    assert recorder.ops.count("aten.sub") == 2
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.features, expected.features, rtol=1e-4, atol=1e-5)
     # the packed model stores far less than the float one
