@@ -38,14 +38,17 @@ Choices where the paper is ambiguous or silent, and why:
       channel repeat when the conv widens, channel-group mean when it narrows), which carries the real-valued
       information the sign throws away. The block-level residual of the DarkNet bottleneck is then redundant
       and removed (the paper also "removed several residual connections");
-    - a learnable per-channel threshold t before each sign (ReActNet's RSign);
+    - a learnable per-channel threshold t before each sign (ReActNet's RSign), BinaryConv2d's
+      learnable_threshold option, which the frozen layer fuses into its packing pass (no extra op);
     - PReLU (a learnable negative slope, ReActNet's RPReLU without its shifts) instead of LeakyReLU(0.1): the
       sign is unchanged either way, but a fixed 0.1 slope would shrink the negative half of the real-valued
       shortcut stream tenfold at every unit.
     `binary_activations=False` is the paper's literal model: BinaryConv2d(binarize_input=False) (alpha * sign(W)
     on real inputs) in DarkNet's Conv -> BN -> LeakyReLU(0.1) units with the bottleneck residuals kept.
   * `binary=False` builds the float twin: the identical module tree with nn.Conv2d in place of every
-    BinaryConv2d (same parameter count), for fair accuracy and speed comparisons.
+    BinaryConv2d (ThresholdConv2d, conv(x - t), where the binary layer has a threshold): same parameters and
+    state_dict keys, for fair accuracy and speed comparisons, and so that a trained twin can initialise the
+    binary model.
   * Classifier: the paper's large-margin loss consumes logits, so the head is a plain Linear layer.
 """
 from functools import partial
@@ -59,7 +62,7 @@ import xnorconv
 
 from .darknet import SPPF, CSPStage, _check_num_classes
 
-__all__ = ["BinaryDNet53", "BinaryDNet53Output", "BinaryConvUnit", "LearnableThreshold", "RealShortcut",
+__all__ = ["BinaryDNet53", "BinaryDNet53Output", "BinaryConvUnit", "RealShortcut", "ThresholdConv2d",
            "binary_dnet53", "image_complexity_score"]
 
 
@@ -85,24 +88,32 @@ def image_complexity_score(features: torch.Tensor, lower: float = 0.7, upper: fl
     return total.clamp(lower, upper)
 
 
-class LearnableThreshold(nn.Module):
-    """x - t[c] with a learnable per-channel t (initialised at 0): the next sign() then computes sign(x - t)."""
+class ThresholdConv2d(nn.Conv2d):
+    """nn.Conv2d applied to x - t[c], t a learnable per-input-channel threshold initialised at 0.
 
-    def __init__(self, channels: int):
-        super().__init__()
-        self.threshold = nn.Parameter(torch.zeros(1, channels, 1, 1))
+    The float twin of BinaryConv2d(learnable_threshold=True): same parameters and state_dict keys (weight,
+    input_threshold), so a trained float twin loads into the binary model (two-step training) and back.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_threshold = nn.Parameter(torch.zeros(self.in_channels, device=self.weight.device,
+                                                        dtype=self.weight.dtype))
 
     def forward(self, x):
-        return x - self.threshold
+        return super().forward(x - self.input_threshold.view(1, -1, 1, 1))
 
 
 class RealShortcut(nn.Module):
     """Parameter-free real-valued shortcut from (in_channels, H, W) to (out_channels, H/stride, W/stride).
 
     Spatial: 2x2 average pool (ceil mode, matching a padded stride-2 conv's output size) when stride is 2.
-    Channels: identity if equal; when narrowing, adaptive average pooling along the channel axis (the mean of
-    k consecutive channels when in = k * out); when widening, each output channel copies input channel
+    Channels: identity if equal; when narrowing, output channel o is the mean of input channels
+    [floor(o * in / out), ceil((o + 1) * in / out)) (adaptive average pooling along the channel axis: the mean of
+    k consecutive channels when in = k * out); when widening, output channel o copies input channel
     floor(o * in / out) (each channel repeated k times when out = k * in).
+    The divisible cases are a reshape + mean; the others a cumulative sum and two gathers (adaptive_avg_pool3d
+    over the channel axis computes the same but was the slowest op of the whole frozen model on CPU).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
@@ -111,15 +122,29 @@ class RealShortcut(nn.Module):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
-        index = torch.div(torch.arange(out_channels) * in_channels, out_channels, rounding_mode="floor")
-        self.register_buffer("index", index, persistent=False)
+        o = torch.arange(out_channels)
+        self.divisible = max(in_channels, out_channels) % min(in_channels, out_channels) == 0
+        if out_channels >= in_channels:
+            self.register_buffer("index", torch.div(o * in_channels, out_channels, rounding_mode="floor"),
+                                 persistent=False)
+        else:
+            start = torch.div(o * in_channels, out_channels, rounding_mode="floor")
+            end = torch.div((o + 1) * in_channels + out_channels - 1, out_channels, rounding_mode="floor")
+            self.register_buffer("start", start, persistent=False)
+            self.register_buffer("end", end, persistent=False)
+            self.register_buffer("count", (end - start).to(torch.get_default_dtype()).view(1, -1, 1, 1),
+                                 persistent=False)
 
     def forward(self, x):
         x = self.pool(x)
         if self.out_channels > self.in_channels:
             return x.index_select(1, self.index)
         if self.out_channels < self.in_channels:
-            return F.adaptive_avg_pool3d(x.unsqueeze(1), (self.out_channels, None, None)).squeeze(1)
+            if self.divisible:
+                return x.unflatten(1, (self.out_channels, self.in_channels // self.out_channels)).mean(dim=2)
+            csum = F.pad(x.cumsum(dim=1), (0, 0, 0, 0, 1, 0))  # csum[:, c] = sum of channels < c
+            total = csum.index_select(1, self.end) - csum.index_select(1, self.start)
+            return total / self.count.to(total.dtype)
         return x
 
     def extra_repr(self):
@@ -129,25 +154,27 @@ class RealShortcut(nn.Module):
 class BinaryConvUnit(nn.Module):
     """One conv unit of BinaryDNet53 (what ConvBNAct is to the float DarkNets).
 
-    binary_activations=True:  PReLU(BN(conv(x - t)) + shortcut(x)), conv = BinaryConv2d (sign of input and weight)
+    binary_activations=True:  PReLU(BN(conv(x)) + shortcut(x)), conv = BinaryConv2d(learnable_threshold=True):
+                              sign(x - t) and sign(W), the threshold fused into the packing pass once frozen
     binary_activations=False: LeakyReLU(BN(conv(x))), conv = BinaryConv2d(binarize_input=False) (binary weights)
-    binary=False replaces BinaryConv2d by nn.Conv2d and changes nothing else (the float twin).
+    binary=False replaces BinaryConv2d by nn.Conv2d (ThresholdConv2d when there is a threshold) and changes
+    nothing else (the float twin, with the same state_dict keys).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, *,
                  binary: bool = True, binary_activations: bool = True, pad_value: int = 0, ste: str = "clipped"):
         super().__init__()
         padding = kernel_size // 2
-        self.threshold = LearnableThreshold(in_channels) if binary_activations else None
         if binary:
             extra = dict(binarize_input=binary_activations, ste=ste)
             if binary_activations:
-                extra["pad_value"] = pad_value
+                extra.update(pad_value=pad_value, learnable_threshold=True)
             self.conv = xnorconv.BinaryConv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False,
                                               **extra)
         else:
-            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)  # registered right after conv: freeze() folds it
+            conv_type = ThresholdConv2d if binary_activations else nn.Conv2d
+            self.conv = conv_type(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)  # applied right after conv: freeze() folds it
         if binary_activations:
             self.shortcut = RealShortcut(in_channels, out_channels, stride)
             self.act = nn.PReLU(out_channels)
@@ -158,7 +185,7 @@ class BinaryConvUnit(nn.Module):
     def forward(self, x):
         if self.shortcut is None:
             return self.act(self.bn(self.conv(x)))
-        return self.act(self.bn(self.conv(self.threshold(x))) + self.shortcut(x))
+        return self.act(self.bn(self.conv(x)) + self.shortcut(x))
 
 
 class BinaryDNet53(nn.Module):

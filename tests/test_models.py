@@ -132,6 +132,23 @@ def test_binary_dnet53_every_conv_but_stem_is_binary(name):
     assert float_convs == ["stem.0"]
     assert len(binary) == 25
     assert all(m.binarize_input == (name == "binary_dnet53") for m in binary)
+    assert all((m.input_threshold is not None) == (name == "binary_dnet53") for m in binary)
+
+
+def test_float_twin_and_binary_model_share_state_dict_keys():
+    """A trained float twin initialises the binary model (two-step training) and vice versa."""
+    binary, twin = models.create("binary_dnet53", 6), models.create("binary_dnet53_float", 6)
+    assert {k: v.shape for k, v in binary.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.normal_()
+    binary.load_state_dict(twin.state_dict())
+    torch.testing.assert_close(binary.stages[0][0].conv.input_threshold, twin.stages[0][0].conv.input_threshold)
+    # the twin's thresholds really shift the conv input
+    conv = twin.stages[0][0].conv
+    x = torch.randn(1, conv.in_channels, 8, 8)
+    torch.testing.assert_close(conv(x), F.conv2d(x - conv.input_threshold.view(1, -1, 1, 1), conv.weight,
+                                                 stride=conv.stride, padding=conv.padding))
 
 
 def test_binary_dnet53_output_and_ics():
@@ -161,7 +178,10 @@ def test_real_shortcut():
     y = RealShortcut(8, 16, stride=2)(x)
     assert y.shape == (2, 16, 3, 3)  # what a padded 3x3 stride-2 conv gives for 5x5
     torch.testing.assert_close(y[:, 0, 0, 0], x[:, 0, :2, :2].mean((1, 2)))
-    assert RealShortcut(64, 48)(torch.randn(1, 64, 4, 4)).shape == (1, 48, 4, 4)
+    for cin, cout in ((64, 48), (128, 48), (7, 3)):  # not divisible: adaptive average pooling over channels
+        x = torch.randn(2, cin, 4, 4)
+        expected = F.adaptive_avg_pool3d(x.unsqueeze(1), (cout, 4, 4)).squeeze(1)
+        torch.testing.assert_close(RealShortcut(cin, cout)(x), expected)
 
 
 class OpRecorder(TorchDispatchMode):
@@ -192,6 +212,9 @@ def test_frozen_binary_dnet53_runs_packed_kernels_and_matches():
         out = frozen(x)
     assert recorder.ops.count("xnorconv.binary_conv2d_packed") == 25
     assert recorder.ops.count("aten.convolution") == 1  # the float stem only
+    # the 25 learnable thresholds are fused into the packing pass: the only subtractions left are those of the two
+    # non-divisible channel-narrowing shortcuts (64 -> 48 and 128 -> 48, differences of cumulative sums)
+    assert recorder.ops.count("aten.sub") == 2
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.features, expected.features, rtol=1e-4, atol=1e-5)
     # the packed model stores far less than the float one
