@@ -174,9 +174,9 @@ def test_multithreaded_equals_single_threaded():
     (lambda: xnorconv.binary_conv2d(torch.randn(3, 5, 5), torch.randn(4, 3, 3, 3)), ValueError,
      r"input must be 4-D .* got shape \(3, 5, 5\)"),
     (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5).double(), torch.randn(4, 3, 3, 3)), TypeError,
-     r"input must be float32, got dtype torch.float64"),
+     r"input must be float32 \(or bool: already binarized, True meaning -1\), got dtype torch.float64"),
     (lambda: xnorconv.binary_conv2d(torch.randint(0, 2, (1, 3, 5, 5)), torch.randn(4, 3, 3, 3)), TypeError,
-     r"input must be float32, got dtype torch.int64"),
+     r"input must be float32 \(or bool: already binarized, True meaning -1\), got dtype torch.int64"),
     (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3)), ValueError,
      r"weight must be 4-D .* got shape \(4, 3, 3\)"),
     (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randint(0, 2, (4, 3, 3, 3))), TypeError,
@@ -208,6 +208,15 @@ def test_multithreaded_equals_single_threaded():
     (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), bias=torch.ones(2, 3)),
      RuntimeError, r"bias must have shape \(4,\) .* got \[2, 3\]"),
     (lambda: xnorconv.binary_conv2d("x", torch.randn(4, 3, 3, 3)), TypeError, r"input must be a torch.Tensor, got str"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), output_threshold=torch.ones(4)),
+     RuntimeError, r"output_threshold is only used with output_signs=True"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), output_signs=True,
+                                    output_threshold=torch.ones(3)),
+     RuntimeError, r"output_threshold must have shape \(4,\) .* got \[3\]"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5) > 0, torch.randn(4, 3, 3, 3), input_threshold=torch.ones(3)),
+     RuntimeError, r"input_threshold applies to float input; this input is bool"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), output_signs=1),
+     ValueError, r"output_signs must be True or False, got 1"),
     (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), input_threshold=torch.ones(4)),
      RuntimeError, r"input_threshold must have shape \(3,\) .* got \[4\]"),
 ])
@@ -264,6 +273,8 @@ def test_opcheck():
         (x.contiguous(memory_format=torch.channels_last), bits, tap_sum, 35, None, None, [2, 1], [0, 0, 0, 0], [2, 1],
          2, -1),
         (x, bits, tap_sum, 35, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 2, 1, torch.randn(70)),
+        (x < 0, bits, tap_sum, 35, torch.rand(6), torch.randn(6), [1, 1], [1, 1, 1, 1], [1, 1], 2, 0, None, True,
+         torch.randn(6)),
     ]:
         torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed, args)
 
@@ -291,3 +302,45 @@ def test_benchmark_hooks_keep_the_backend_choice():
         assert xnorconv.current_backend() == "scalar"
     with pytest.raises(RuntimeError, match=r"conv_kernel_ms: unknown backend 'nope'"):
         xnorconv._C.conv_kernel_ms("nope", x, w, [1, 1], [1, 1], 0, 3)
+
+
+# ---- sign output / sign input: what a frozen conv -> BN -> sign -> binary conv chain passes between layers ----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sign_output_is_y_below_threshold(backend):
+    x, w = torch.randn(2, 70, 9, 11), torch.randn(13, 70, 3, 3)
+    scale, bias, thr = torch.rand(13) + 0.5, torch.randn(13) * 3, torch.randn(13) * 2
+    with xnorconv.use_backend(backend):
+        y = xnorconv.binary_conv2d(x, w, bias, padding=1, scale=scale)
+        signs = xnorconv.binary_conv2d(x, w, bias, padding=1, scale=scale, output_signs=True, output_threshold=thr)
+        zero_thr = xnorconv.binary_conv2d(x, w, bias, padding=1, scale=scale, output_signs=True)
+    assert signs.dtype == torch.bool and signs.shape == y.shape
+    assert torch.equal(signs, y < thr.view(1, -1, 1, 1))
+    assert torch.equal(zero_thr, y < 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_sign_input_equals_float_input(backend, layout):
+    x, w = torch.randn(2, 70, 9, 12), torch.randn(6, 70, 3, 3)
+    t = torch.randn(70) * 0.3
+    negative = x < t.view(1, -1, 1, 1)
+    if layout == "channels_last":
+        negative = negative.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x, negative = x[:, :, :, ::2], negative[:, :, :, ::2]
+    with xnorconv.use_backend(backend):
+        want = xnorconv.binary_conv2d(x, w, padding=1, pad_value=-1, input_threshold=t)
+        got = xnorconv.binary_conv2d(negative, w, padding=1, pad_value=-1)
+    assert torch.equal(got, want)
+
+
+def test_two_layer_chain_through_signs():
+    """Layer 1 emits the signs layer 2 binarizes (threshold folded in); the result equals the float chain."""
+    x = torch.randn(1, 64, 16, 16)
+    w1, w2 = torch.randn(96, 64, 3, 3), torch.randn(32, 96, 3, 3)
+    s1, b1, t2 = torch.rand(96) + 0.5, torch.randn(96), torch.randn(96) * 0.5
+    y1 = xnorconv.binary_conv2d(x, w1, b1, padding=1, scale=s1)
+    want = xnorconv.binary_conv2d(y1, w2, padding=1, input_threshold=t2)
+    signs = xnorconv.binary_conv2d(x, w1, b1, padding=1, scale=s1, output_signs=True, output_threshold=t2)
+    assert torch.equal(xnorconv.binary_conv2d(signs, w2, padding=1), want)

@@ -18,7 +18,8 @@ def _pack_weight_fake(weight):
 
 @torch.library.register_fake("xnorconv::binary_conv2d_packed")
 def _binary_conv2d_packed_fake(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding,
-                               dilation, groups, pad_value, input_threshold=None):
+                               dilation, groups, pad_value, input_threshold=None, output_signs=False,
+                               output_threshold=None):
     torch._check(input.dim() == 4, lambda: f"binary_conv2d: input must be 4-D, got {input.dim()}-D")
     torch._check(input.shape[1] == weight_in_channels * groups,
                  lambda: f"binary_conv2d: input has {input.shape[1]} channels but the weight expects "
@@ -27,7 +28,7 @@ def _binary_conv2d_packed_fake(input, weight_bits, weight_tap_sum, weight_in_cha
     out_channels, kh, kw, _ = weight_bits.shape
     oh = _out_size(h, kh, stride[0], padding[0], padding[1], dilation[0])
     ow = _out_size(w, kw, stride[1], padding[2], padding[3], dilation[1])
-    out = input.new_empty((n, out_channels, oh, ow))
+    out = input.new_empty((n, out_channels, oh, ow), dtype=torch.bool if output_signs else torch.float32)
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous() \
             and input.shape[1] > 1:
         out = out.contiguous(memory_format=torch.channels_last)

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 
 def sign(x: torch.Tensor, threshold=0) -> torch.Tensor:
+    """+1 / -1 as floats; a bool tensor is already binarized (True means -1)."""
+    if x.dtype == torch.bool:
+        return torch.where(x, -1.0, 1.0)
     return torch.where(x >= threshold, torch.ones_like(x), -torch.ones_like(x))
 
 
@@ -16,7 +19,7 @@ def reference_binary_conv2d(input, weight, bias=None, stride=(1, 1), padding=(0,
                             groups=1, scale=None, pad_value=0, dtype=torch.float64, input_threshold=None):
     """`padding` is (top, bottom, left, right). Computes in `dtype` (float64: exact for any realistic depth)."""
     top, bottom, left, right = padding
-    threshold = 0 if input_threshold is None else input_threshold.to(input.dtype).view(1, -1, 1, 1)
+    threshold = 0 if input_threshold is None else input_threshold.view(1, -1, 1, 1)
     x = F.pad(sign(input, threshold).to(dtype), (left, right, top, bottom), value=float(pad_value))
     y = F.conv2d(x, sign(weight.to(dtype)), None, tuple(stride), 0, tuple(dilation), groups)
     if scale is not None:

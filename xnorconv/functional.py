@@ -85,28 +85,38 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight:
 def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Optional[torch.Tensor] = None,
                          stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
                          groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
-                         input_threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """binary_conv2d with a weight packed once by pack_weight (the inference path of BinaryConv2d)."""
+                         input_threshold: Optional[torch.Tensor] = None, output_signs: bool = False,
+                         output_threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """binary_conv2d with a weight packed once by pack_weight (the inference path of BinaryConv2d).
+
+    output_signs=True returns, instead of the float y, the bool tensor y < output_threshold[c] (default 0): True
+    where y binarizes to -1 for a following binary layer. Fed to that layer's binary_conv2d as its input, it
+    replaces a float tensor (4 bytes a value) by a byte a value and its packing pass by a byte test.
+    """
     _check_input(input)
+    if not isinstance(output_signs, bool):
+        raise ValueError(f"output_signs must be True or False, got {output_signs!r}")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     stride, pads, dilation = normalize_conv_args(weight.kernel_size, stride, padding, dilation)
     return torch.ops.xnorconv.binary_conv2d_packed(
         input, weight.bits, weight.tap_sum, weight.in_channels, _affine(scale, "scale"), _affine(bias, "bias"),
         list(stride), list(pads), list(dilation), groups, _check_pad_value(pad_value),
-        _affine(input_threshold, "input_threshold"))
+        _affine(input_threshold, "input_threshold"), output_signs, _affine(output_threshold, "output_threshold"))
 
 
 def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
                   groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
-                  input_threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  input_threshold: Optional[torch.Tensor] = None, output_signs: bool = False,
+                  output_threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Binary convolution: F.conv2d(sign(input), sign(weight), None, stride, padding, dilation, groups) * scale[c]
     + bias[c], with sign(x) = +1 if x >= 0 else -1 and padded taps worth `pad_value` (0, +1 or -1).
 
     input_threshold: optional (C,) per-channel threshold t: the input is binarized as sign(x - t) (ReActNet's
     RSign), computed as x >= t inside the packing pass, so it costs nothing.
-    input: (N, C, H, W) float32, any strides. weight: (O, C/groups, kh, kw), float. Returns float32 (N, O, OH, OW),
+    input: (N, C, H, W) float32, any strides, or bool (already binarized, True meaning -1: what output_signs=True
+    returns). weight: (O, C/groups, kh, kw), float. Returns float32 (N, O, OH, OW),
     channels_last when the input is. The weight is packed on every call; pack it once with pack_weight and call
     binary_conv2d_packed (as BinaryConv2d does in eval mode) when it is reused. Not differentiable: BinaryConv2d
     provides the straight-through training path.
@@ -116,7 +126,7 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if packed.bits.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
     return binary_conv2d_packed(input, packed, bias, stride, padding, dilation, groups, scale, pad_value,
-                                input_threshold)
+                                input_threshold, output_signs, output_threshold)
 
 
 def _check_input(input):
@@ -124,8 +134,8 @@ def _check_input(input):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
-    if input.dtype != torch.float32:
-        raise TypeError(f"input must be float32, got dtype {input.dtype}")
+    if input.dtype not in (torch.float32, torch.bool):
+        raise TypeError(f"input must be float32 (or bool: already binarized, True meaning -1), got dtype {input.dtype}")
 
 
 def _affine(t, name):

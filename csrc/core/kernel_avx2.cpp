@@ -47,6 +47,19 @@ struct Avx2Isa {
   };
 
   static uint64_t below(const float* x, float t, int64_t count) { return below_impl(x, Uniform{t}, count); }
+
+  static uint64_t nonzero(const uint8_t* x, int64_t count) {
+    uint64_t bits = 0;
+    int64_t i = 0;
+    const __m256i zero = _mm256_setzero_si256();
+    for (; i + 32 <= count; i += 32) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i));
+      const uint32_t is_zero = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, zero)));
+      bits |= static_cast<uint64_t>(~is_zero) << i;
+    }
+    for (; i < count; ++i) bits |= static_cast<uint64_t>(x[i] != 0) << i;
+    return bits;
+  }
   static uint64_t below_each(const float* x, const float* t, int64_t count) {
     return below_impl(x, PerLane{t}, count);
   }
@@ -93,18 +106,22 @@ struct Avx2Isa {
     flush();
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v)
-        if (bs.out(i, v)) store(total[i][v], bs.lanes[i], bs.depth, bs.scale[v], bs.bias[v], bs.correction(i, v),
-                                bs.out(i, v));
+        if (bs.stored(i, v))
+          store(total[i][v], bs.lanes[i], bs.depth, bs.scale[v], bs.bias[v], bs.correction(i, v), bs.out(i, v),
+                bs.signs(i, v), bs.threshold[v]);
   }
 
   static void store(__m256i counts, int lanes, int32_t depth, float scale, float bias, const int32_t* correction,
-                    float* out) {
+                    float* out, uint8_t* signs, float threshold) {
     // Lanes are 64-bit counts below 2^31: take the low dword of each.
     const __m256i count = _mm256_permutevar8x32_epi32(counts, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
     __m128i dot = _mm_sub_epi32(_mm_set1_epi32(depth), _mm_slli_epi32(_mm256_castsi256_si128(count), 1));
     if (correction) dot = _mm_sub_epi32(dot, _mm_load_si128(reinterpret_cast<const __m128i*>(correction)));
     const __m128 y = _mm_fmadd_ps(_mm_set1_ps(scale), _mm_cvtepi32_ps(dot), _mm_set1_ps(bias));
-    if (lanes == 4) {
+    if (signs) {
+      const int negative = _mm_movemask_ps(_mm_cmp_ps(y, _mm_set1_ps(threshold), _CMP_NGE_UQ));
+      for (int lane = 0; lane < lanes; ++lane) signs[lane] = static_cast<uint8_t>((negative >> lane) & 1);
+    } else if (lanes == 4) {
       _mm_storeu_ps(out, y);
     } else {
       alignas(16) float tmp[4];

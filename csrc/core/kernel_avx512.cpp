@@ -58,6 +58,12 @@ struct Avx512Isa {
     return below_impl(x, PerLane{t}, count);
   }
 
+  static uint64_t nonzero(const uint8_t* x, int64_t count) {
+    const __mmask64 valid = count >= 64 ? ~0ull : (1ull << count) - 1;
+    const __m512i v = _mm512_maskz_loadu_epi8(valid, x);
+    return _mm512_test_epi8_mask(v, v);
+  }
+
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs) {
@@ -83,13 +89,19 @@ struct Avx512Isa {
     for (int v = 0; v < kChannels; ++v) {
       const __m256 scale = _mm256_set1_ps(bs.scale[v]), bias = _mm256_set1_ps(bs.bias[v]);
       for (int i = 0; i < kStrips; ++i) {
-        if (!bs.out(i, v)) continue;
+        if (!bs.stored(i, v)) continue;
         const __m256i count = _mm512_cvtepi64_epi32(acc[i][v]);
         __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
         if (bs.correction(i, v))
           dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.correction(i, v))));
         const __m256 y = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), bias);
-        _mm256_mask_storeu_ps(bs.out(i, v), static_cast<__mmask8>((1u << bs.lanes[i]) - 1), y);
+        const __mmask8 lanes = static_cast<__mmask8>((1u << bs.lanes[i]) - 1);
+        if (uint8_t* signs = bs.signs(i, v)) {
+          const __mmask8 negative = _mm256_cmp_ps_mask(y, _mm256_set1_ps(bs.threshold[v]), _CMP_NGE_UQ);
+          _mm_mask_storeu_epi8(signs, lanes, _mm_maskz_set1_epi8(negative, 1));
+        } else {
+          _mm256_mask_storeu_ps(bs.out(i, v), lanes, y);
+        }
       }
     }
   }

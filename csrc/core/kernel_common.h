@@ -7,6 +7,7 @@
 //   kStrip, kStrips, kChannels         strip width (pixels per vector), strips and output channels per block
 //   uint64_t below(const float* x, float t, int64_t count)             bit i = !(x[i] >= t), i < count <= 64, contiguous
 //   uint64_t below_each(const float* x, const float* t, int64_t count)  bit i = !(x[i] >= t[i]), likewise
+//   uint64_t nonzero(const uint8_t* x, int64_t count)                  bit i = x[i] != 0, likewise
 //   void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps, int64_t words_per_group,
 //              int64_t word_stride, const uint64_t* const weight[kChannels], const BlockStore<kStrips, kChannels>&)
 //        accumulates one block of kStrips strips x kChannels output channels and writes it through the output
@@ -72,6 +73,34 @@ uint64_t below_strided(const float* x, int64_t stride, float t, int64_t count) {
   return bits;
 }
 
+// What packing reads: floats compared with a per-channel threshold, or bytes that are already signs.
+template <class Isa>
+struct FloatSource {
+  using T = float;
+  const float* threshold;  // per input channel, or nullptr for 0
+  float t(int64_t c) const { return threshold ? threshold[c] : 0.0f; }
+  uint64_t run(const float* x, int64_t c, int64_t count) const { return Isa::below(x, t(c), count); }
+  uint64_t across_channels(const float* x, int64_t c0, int64_t count) const {
+    return threshold ? Isa::below_each(x, threshold + c0, count) : Isa::below(x, 0.0f, count);
+  }
+  uint64_t strided(const float* x, int64_t stride, int64_t c, int64_t count) const {
+    return below_strided<Isa>(x, stride, t(c), count);
+  }
+};
+
+template <class Isa>
+struct SignSource {
+  using T = uint8_t;
+  uint64_t run(const uint8_t* x, int64_t, int64_t count) const { return Isa::nonzero(x, count); }
+  uint64_t across_channels(const uint8_t* x, int64_t, int64_t count) const { return Isa::nonzero(x, count); }
+  uint64_t strided(const uint8_t* x, int64_t stride, int64_t, int64_t count) const {
+    if (stride == 1) return Isa::nonzero(x, count);
+    uint64_t bits = 0;
+    for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(x[i * stride] != 0) << i;
+    return bits;
+  }
+};
+
 // Positions [lo, hi) of phase `ph` that hold real input columns; the others hold padding.
 inline void real_positions(const ConvParams& p, const ActivationLayout& l, int64_t ph, int64_t& lo, int64_t& hi) {
   const int64_t phases = l.phases;
@@ -82,9 +111,9 @@ inline void real_positions(const ConvParams& p, const ActivationLayout& l, int64
   hi = hi < lo ? lo : (hi > l.row_words ? l.row_words : hi);
 }
 
-template <class Isa>
-void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, TensorStrides s,
-               const float* threshold, uint64_t* packed, int64_t begin, int64_t end) {
+template <class Source>
+void pack_rows(const ConvParams& p, const ActivationLayout& l, const typename Source::T* x, TensorStrides s,
+               Source source, uint64_t* packed, int64_t begin, int64_t end) {
   const int64_t cg = p.channels_per_group(), wpg = l.words_per_group, phases = l.phases;
   const int64_t padded_cols = phases * l.row_words;
   const bool channels_contiguous = s.c == 1 && s.w != 1;
@@ -105,9 +134,8 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, T
       for (int64_t g = 0; g < p.groups; ++g)
         for (int64_t w = 0; w < wpg; ++w) {
           const int64_t c0 = g * cg + 64 * w, channels = imin(64, cg - 64 * w);
-          const float* src = x + n * s.n + c0 * s.c + f0;
-          for (int64_t c = 0; c < channels; ++c)
-            block[c] = Isa::below(src + c * s.c, threshold ? threshold[c0 + c] : 0.0f, count);
+          const auto* src = x + n * s.n + c0 * s.c + f0;
+          for (int64_t c = 0; c < channels; ++c) block[c] = source.run(src + c * s.c, c0 + c, count);
           for (int64_t c = channels; c < 64; ++c) block[c] = 0;
           transpose64(block);
           int64_t ih = ih0, iw = iw0;
@@ -138,21 +166,19 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, T
         }
         if (!real_row || plane) continue;
         const int64_t c0 = g * cg + 64 * w, channels = imin(64, cg - 64 * w);
-        const float* src = x + n * s.n + c0 * s.c + ih * s.h;
+        const auto* src = x + n * s.n + c0 * s.c + ih * s.h;
         auto put = [&](int64_t iw, uint64_t bits) {
           const int64_t j = iw + p.pad_left;
           if (j < padded_cols) row[(j % phases) * l.phase_stride + word * l.row_words + j / phases] = bits;
         };
         if (channels_contiguous) {
-          for (int64_t iw = 0; iw < p.in_w; ++iw)
-            put(iw, threshold ? Isa::below_each(src + iw * s.w, threshold + c0, channels)
-                              : Isa::below(src + iw * s.w, 0.0f, channels));
+          for (int64_t iw = 0; iw < p.in_w; ++iw) put(iw, source.across_channels(src + iw * s.w, c0, channels));
           continue;
         }
         for (int64_t iw0 = 0; iw0 < p.in_w; iw0 += 64) {
           const int64_t count = imin(64, p.in_w - iw0);
           for (int64_t c = 0; c < channels; ++c)
-            block[c] = below_strided<Isa>(src + c * s.c + iw0 * s.w, s.w, threshold ? threshold[c0 + c] : 0.0f, count);
+            block[c] = source.strided(src + c * s.c + iw0 * s.w, s.w, c0 + c, count);
           for (int64_t c = channels; c < 64; ++c) block[c] = 0;
           transpose64(block);
           for (int64_t i = 0; i < count; ++i) put(iw0 + i, block[i]);
@@ -173,8 +199,16 @@ struct BlockStore {
   float scale[V], bias[V];
   int32_t depth;
   alignas(64) int32_t corrections[P][V][SW];
+  // Sign output (OutputStage::out_signs): plane[v] is then unused and sign_plane[v] / threshold[v] are set.
+  uint8_t* sign_plane[V];
+  float threshold[V];
 
   float* out(int i, int v) const { return plane[v] && offset[i] >= 0 ? plane[v] + offset[i] : nullptr; }
+  uint8_t* signs(int i, int v) const {
+    return sign_plane[v] && offset[i] >= 0 ? sign_plane[v] + offset[i] : nullptr;
+  }
+  // Whether strip i, channel v is stored at all (float or signs).
+  bool stored(int i, int v) const { return offset[i] >= 0 && (plane[v] || sign_plane[v]); }
   const int32_t* correction(int i, int v) const { return border[i] ? corrections[i][v] : nullptr; }
 };
 
@@ -231,7 +265,10 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
         const bool real = cb * V + v < og;
         channel[v] = g * og + imin(cb * V + v, og - 1);
         wrow[v] = w + channel[v] * weight_row;
-        bs.plane[v] = real ? st.out + (n * p.out_channels + channel[v]) * oh_count * ow_count : nullptr;
+        const int64_t plane_offset = (n * p.out_channels + channel[v]) * oh_count * ow_count;
+        bs.plane[v] = real && !st.out_signs ? st.out + plane_offset : nullptr;
+        bs.sign_plane[v] = real && st.out_signs ? st.out_signs + plane_offset : nullptr;
+        bs.threshold[v] = st.out_threshold ? st.out_threshold[channel[v]] : 0.0f;
         bs.scale[v] = st.scale ? st.scale[channel[v]] : 1.0f;
         bs.bias[v] = st.bias ? st.bias[channel[v]] : 0.0f;
       }
@@ -287,8 +324,26 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
 }
 
 template <class Isa>
+void pack_floats(const ConvParams& p, const ActivationLayout& l, const float* x, TensorStrides s,
+                 const float* threshold, uint64_t* packed, int64_t begin, int64_t end) {
+  pack_rows(p, l, x, s, FloatSource<Isa>{threshold}, packed, begin, end);
+}
+
+template <class Isa>
+void pack_signs(const ConvParams& p, const ActivationLayout& l, const uint8_t* x, TensorStrides s, uint64_t* packed,
+                int64_t begin, int64_t end) {
+  pack_rows(p, l, x, s, SignSource<Isa>{}, packed, begin, end);
+}
+
+// Sign output of one strip from its float results: byte = 1 where y < threshold (binarizes to -1).
+inline void store_signs(const float* y, int lanes, float threshold, uint8_t* out) {
+  for (int lane = 0; lane < lanes; ++lane) out[lane] = static_cast<uint8_t>(!(y[lane] >= threshold));
+}
+
+template <class Isa>
 KernelOps make_kernel_ops(const char* name) {
-  return KernelOps{name, pack_task_count, pack_rows<Isa>, conv_task_count<Isa>, conv_tasks<Isa>, Isa::peak_probe};
+  return KernelOps{name,           pack_task_count, pack_floats<Isa>, pack_signs<Isa>, conv_task_count<Isa>,
+                   conv_tasks<Isa>, Isa::peak_probe};
 }
 
 }  // namespace

@@ -18,6 +18,12 @@ struct ScalarIsa {
     return bits;
   }
 
+  static uint64_t nonzero(const uint8_t* x, int64_t count) {
+    uint64_t bits = 0;
+    for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(x[i] != 0) << i;
+    return bits;
+  }
+
   static uint64_t below_each(const float* x, const float* t, int64_t count) {
     uint64_t bits = 0;
     for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= t[i])) << i;
@@ -40,12 +46,18 @@ struct ScalarIsa {
         }
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v) {
-        if (!bs.out(i, v)) continue;
+        if (!bs.stored(i, v)) continue;
+        float y[kStrip];
         for (int lane = 0; lane < bs.lanes[i]; ++lane) {
           int32_t dot = bs.depth - 2 * static_cast<int32_t>(count[i][v][lane]);
           if (bs.correction(i, v)) dot -= bs.correction(i, v)[lane];
           // fma everywhere: every family then rounds identically.
-          bs.out(i, v)[lane] = std::fma(bs.scale[v], static_cast<float>(dot), bs.bias[v]);
+          y[lane] = std::fma(bs.scale[v], static_cast<float>(dot), bs.bias[v]);
+        }
+        if (uint8_t* signs = bs.signs(i, v)) {
+          store_signs(y, bs.lanes[i], bs.threshold[v], signs);
+        } else {
+          for (int lane = 0; lane < bs.lanes[i]; ++lane) bs.out(i, v)[lane] = y[lane];
         }
       }
   }

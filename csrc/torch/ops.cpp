@@ -27,10 +27,24 @@ void check_affine(const c10::optional<at::Tensor>& t, const char* name, int64_t 
 
 void check_input_threshold(const c10::optional<at::Tensor>& t, const at::Tensor& input) {
   if (!t.has_value()) return;
+  TORCH_CHECK(input.scalar_type() != at::kBool,
+              "binary_conv2d: input_threshold applies to float input; this input is bool (already binarized)");
   TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), "binary_conv2d: input_threshold must have shape (",
               input.size(1), ",) (one value per input channel), got ", t->sizes());
   TORCH_CHECK(t->scalar_type() == at::kFloat, "binary_conv2d: input_threshold must be float32, got ", t->scalar_type());
   TORCH_CHECK(t->device() == input.device(), "binary_conv2d: input_threshold is on ", t->device(),
+              " but input is on ", input.device());
+}
+
+void check_output_threshold(const c10::optional<at::Tensor>& t, bool output_signs, int64_t out_channels,
+                            const at::Tensor& input) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(output_signs, "binary_conv2d: output_threshold is only used with output_signs=True");
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == out_channels, "binary_conv2d: output_threshold must have shape (",
+              out_channels, ",) (one value per output channel), got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, "binary_conv2d: output_threshold must be float32, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->device() == input.device(), "binary_conv2d: output_threshold is on ", t->device(),
               " but input is on ", input.device());
 }
 
@@ -40,7 +54,9 @@ ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, c
                        at::IntArrayRef dilation, int64_t groups, int64_t pad_value) {
   TORCH_CHECK(input.dim() == 4, "binary_conv2d: input must be 4-D (N, C, H, W), got a ", input.dim(),
               "-D tensor of shape ", input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kFloat, "binary_conv2d: input must be float32, got ", input.scalar_type());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBool,
+              "binary_conv2d: input must be float32 (binarized by the op) or bool (already binarized: True means -1), "
+              "got ", input.scalar_type());
   TORCH_CHECK(weight_bits.dim() == 4 && weight_bits.scalar_type() == at::kLong,
               "binary_conv2d: weight_bits must be the int64 (O, kh, kw, words) tensor from pack_weight, got ",
               weight_bits.scalar_type(), " of shape ", weight_bits.sizes());
@@ -121,11 +137,15 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
                                     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, int64_t pad_value,
-                                    const c10::optional<at::Tensor>& input_threshold) {
+                                    const c10::optional<at::Tensor>& input_threshold, bool output_signs,
+                                    const c10::optional<at::Tensor>& output_threshold) {
   const ConvParams p = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride,
                                    padding, dilation, groups, pad_value);
   check_input_threshold(input_threshold, input);
-  at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()}, input.options());
+  check_output_threshold(output_threshold, output_signs, p.out_channels, input);
+  const bool sign_input = input.scalar_type() == at::kBool;
+  at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()},
+                             input.options().dtype(output_signs ? at::kBool : at::kFloat));
   if (p.batch == 0) return out;
   const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -138,16 +158,25 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   at::Tensor packed = at::empty({layout.total_words}, input.options().dtype(at::kLong));
   auto* packed_ptr = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
   const xnorconv::TensorStrides strides{input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
-  const float* x = input.data_ptr<float>();
   at::parallel_for(0, ops.pack_tasks(p, layout), 1, [&](int64_t begin, int64_t end) {
-    ops.pack(p, layout, x, strides, threshold_ptr, packed_ptr, begin, end);
+    if (sign_input)
+      ops.pack_signs(p, layout, reinterpret_cast<const uint8_t*>(input.data_ptr<bool>()), strides, packed_ptr, begin,
+                     end);
+    else
+      ops.pack(p, layout, input.data_ptr<float>(), strides, threshold_ptr, packed_ptr, begin, end);
   });
 
   xnorconv::ZeroPadCorrection zero_pad;
   xnorconv::OutputStage stage;
   stage.scale = scale_c.defined() ? scale_c.data_ptr<float>() : nullptr;
   stage.bias = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
-  stage.out = out.data_ptr<float>();
+  const at::Tensor out_threshold = output_threshold.has_value() ? output_threshold->contiguous() : at::Tensor();
+  if (output_signs) {
+    stage.out_signs = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
+    stage.out_threshold = out_threshold.defined() ? out_threshold.data_ptr<float>() : nullptr;
+  } else {
+    stage.out = out.data_ptr<float>();
+  }
   if (p.pad_value == PadValue::Zero) {
     zero_pad = xnorconv::zero_pad_correction(p, weight_tap_sum.contiguous().data_ptr<int32_t>());
     stage.zero_pad = &zero_pad;
@@ -169,7 +198,7 @@ TORCH_LIBRARY(xnorconv, m) {
   m.def(
       "binary_conv2d_packed(Tensor input, Tensor weight_bits, Tensor weight_tap_sum, int weight_in_channels, "
       "Tensor? scale, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, int groups, int pad_value, "
-      "Tensor? input_threshold=None) -> Tensor");
+      "Tensor? input_threshold=None, bool output_signs=False, Tensor? output_threshold=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {

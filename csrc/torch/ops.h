@@ -15,5 +15,8 @@ xnorconv::ConvParams conv_params(const at::Tensor& input, const at::Tensor& weig
 
 // input_threshold: None, or float32 (C,) on the input's device.
 void check_input_threshold(const c10::optional<at::Tensor>& input_threshold, const at::Tensor& input);
+// output_threshold: None, or float32 (O,) on the input's device, only with output_signs.
+void check_output_threshold(const c10::optional<at::Tensor>& output_threshold, bool output_signs,
+                            int64_t out_channels, const at::Tensor& input);
 
 }  // namespace xnorconv_torch
