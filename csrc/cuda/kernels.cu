@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(tc::kThreads, 4) tc_conv_kernel(GpuConv p, con
                                                                const float* __restrict__ scale,
                                                                const float* __restrict__ bias,
                                                                float* __restrict__ out) {
-#if (XNORCONV_HAS_MMA_AND && 1) || XNORCONV_HAS_MMA_XOR
+#if XNORCONV_HAS_MMA_AND || XNORCONV_HAS_MMA_XOR
   if ((kAnd && !XNORCONV_HAS_MMA_AND) || (!kAnd && !XNORCONV_HAS_MMA_XOR)) {
     __trap();
   } else {
@@ -172,9 +172,9 @@ bool kernel_supported(ConvKernel k, int device_cc) {
     cudaGetLastError();  // clear: "no kernel image" is an answer here, not an error
     return false;
   }
-  // The architecture the loaded image was compiled for (SASS arch, or the PTX virtual arch when JIT-compiled).
-  const int arch = attr.binaryVersion > 0 ? attr.binaryVersion : attr.ptxVersion;
-  const int ptx = attr.ptxVersion > 0 ? attr.ptxVersion : arch;
+  // The virtual architecture the loaded image was compiled from (__CUDA_ARCH__ of its device code), which decides
+  // whether the body holds the mma instruction or the trap.
+  const int ptx = attr.ptxVersion > 0 ? attr.ptxVersion : attr.binaryVersion;
   if (k == ConvKernel::TensorCoreXor) return device_cc >= 75 && device_cc < 90 && ptx >= 75 && ptx < 90;
   return device_cc >= 80 && device_cc < 100 && ptx >= 80;
 }
