@@ -118,6 +118,19 @@ def test_batch_zero_and_depthwise(cuda_kernel):
     _run_case(2, 32, 9, 9, 32, (3, 3), (1, 1), (1, 1), (1, 1), 32, 0, affine=True)
 
 
+@pytest.mark.parametrize("pad_value", [0, 1, -1])
+def test_input_threshold(cuda_kernel, pad_value):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 160, 9, 10, generator=g)
+    t = torch.rand(160, generator=g) - 0.5
+    x[0, :, 0, 0] = t  # ties x == t binarize to +1
+    w = torch.randn(24, 80, 3, 3, generator=g)
+    got = xnorconv.binary_conv2d(x.to(DEVICE), w.to(DEVICE), None, 1, 1, 1, 2, None, pad_value,
+                                 input_threshold=t.to(DEVICE))
+    want = reference_binary_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 2, None, pad_value, input_threshold=t)
+    assert torch.equal(got.cpu().double(), want)
+
+
 def test_runs_on_current_stream():
     x = torch.randn(4, 96, 20, 20, device=DEVICE)
     w = torch.randn(64, 96, 3, 3, device=DEVICE)
@@ -166,6 +179,8 @@ def test_opcheck():
     args = (x, bits, tap_sum, 35, torch.rand(6, device=DEVICE), torch.randn(6, device=DEVICE), [1, 2], [1, 1, 0, 2],
             [1, 1], 2, -1)
     torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed.default, args)
+    torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed.default,
+                          args + (torch.randn(70, device=DEVICE),))
 
 
 def test_triton_backend_on_gpu():

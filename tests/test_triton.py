@@ -84,6 +84,19 @@ def test_random_shapes(seed):
            affine=bool(seed % 2), channels_last=seed % 4 == 1, noncontig=seed % 4 == 3, seed=seed)
 
 
+@pytest.mark.parametrize("pad_value", [0, -1])
+def test_input_threshold(pad_value):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 40, 6, 7, generator=g)
+    t = torch.rand(40, generator=g) - 0.5
+    x[0, :, 0, 0] = t  # ties x == t binarize to +1
+    w = torch.randn(5, 20, 3, 3, generator=g)
+    got = _triton.binary_conv2d(x.to(DEVICE), w.to(DEVICE), None, 1, 1, 1, 2, None, pad_value,
+                                input_threshold=t.to(DEVICE))
+    want = reference_binary_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 2, None, pad_value, input_threshold=t)
+    assert torch.equal(got.cpu().double(), want)
+
+
 def test_batch_zero():
     x = torch.randn(0, 5, 4, 4, device=DEVICE)
     y = _triton.binary_conv2d(x, torch.randn(3, 5, 3, 3, device=DEVICE), padding=1)

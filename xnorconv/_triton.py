@@ -34,7 +34,8 @@ def _popcount32(x):
 
 
 @triton.jit
-def _pack_kernel(x_ptr, out_ptr, total, H, W, CG, WORDS, GW, sn, sc, sh, sw, BLOCK: tl.constexpr):
+def _pack_kernel(x_ptr, t_ptr, out_ptr, total, H, W, CG, WORDS, GW, sn, sc, sh, sw, HAS_THRESHOLD: tl.constexpr,
+                 BLOCK: tl.constexpr):
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
     pix = e // GW
@@ -51,7 +52,11 @@ def _pack_kernel(x_ptr, out_ptr, total, H, W, CG, WORDS, GW, sn, sc, sh, sw, BLO
         c = w * 32 + b
         valid = mask & (c < CG)
         v = tl.load(x_ptr + base + (g * CG + c).to(tl.int64) * sc, mask=valid, other=0.0)
-        negative = (v >= 0.0) == 0  # NaN >= 0 is false: NaN packs as -1, like everywhere else
+        if HAS_THRESHOLD:  # sign(x - t) computed as x >= t, like the CPU and CUDA kernels
+            t = tl.load(t_ptr + g * CG + c, mask=valid, other=0.0)
+        else:
+            t = 0.0
+        negative = (v >= t) == 0  # NaN >= t is false: NaN packs as -1, like everywhere else
         bits = bits | ((negative & valid).to(tl.int32) << b)
     tl.store(out_ptr + e.to(tl.int64), bits, mask=mask)
 
@@ -116,7 +121,8 @@ def pack_weight_words(weight: torch.Tensor):
 
 def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
                   padding=0, dilation=1, groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
-                  block_p: int = 32, block_o: int = 32) -> torch.Tensor:
+                  input_threshold: Optional[torch.Tensor] = None, block_p: int = 32,
+                  block_o: int = 32) -> torch.Tensor:
     """Same arguments and result as xnorconv.binary_conv2d (NCHW-contiguous float32 output), computed by the
     Triton kernels. The tensors must be on a device Triton can run on (a GPU, or the CPU in interpreter mode)."""
     _check_input(input)
@@ -135,10 +141,12 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     (sh, sw), (pt, pb, pl, pr), (dh, dw) = normalize_conv_args((kh, kw), stride, padding, dilation)
     pv = _check_pad_value(pad_value)
     scale, bias = _affine(scale, "scale"), _affine(bias, "bias")
-    for name, t in (("scale", scale), ("bias", bias)):
-        if t is not None and (t.shape != (out_channels,) or t.device != input.device):
-            raise ValueError(f"{name} must have shape ({out_channels},) on {input.device}, got {tuple(t.shape)} "
-                             f"on {t.device}")
+    threshold = _affine(input_threshold, "input_threshold")
+    for name, t, size in (("scale", scale, out_channels), ("bias", bias, out_channels),
+                          ("input_threshold", threshold, input.shape[1])):
+        if t is not None and (t.shape != (size,) or t.device != input.device):
+            raise ValueError(f"{name} must have shape ({size},) on {input.device}, got {tuple(t.shape)} on {t.device}")
+
     n, c, h, w = input.shape
     oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
@@ -153,8 +161,9 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     packed = torch.empty((n, h, w, groups, words), device=input.device, dtype=torch.int32)
     total = packed.numel()
     block = 128
-    _pack_kernel[(triton.cdiv(total, block),)](input, packed, total, h, w, cg, words, groups * words,
-                                               *input.stride(), BLOCK=block)
+    _pack_kernel[(triton.cdiv(total, block),)](input, threshold.contiguous() if threshold is not None else input,
+                                               packed, total, h, w, cg, words, groups * words, *input.stride(),
+                                               HAS_THRESHOLD=threshold is not None, BLOCK=block)
     og = out_channels // groups
     channel_blocks = triton.cdiv(og, block_o)
     grid = (triton.cdiv(n * oh * ow, block_p), groups * channel_blocks)

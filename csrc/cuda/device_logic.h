@@ -104,6 +104,9 @@ XNC_HD int popcount32(uint32_t x) {
 
 // sign bit of one value: 1 for -1 (x < 0 or NaN), 0 for +1 (x >= 0, -0.0 included).
 XNC_HD uint64_t sign_bit(float x) { return (x >= 0.0f) ? 0ull : 1ull; }
+// With a per-input-channel threshold t (the op's input_threshold, ReActNet's RSign): sign(x - t), computed as
+// x >= t like the CPU core (NaN -> -1).
+XNC_HD uint64_t sign_bit(float x, float t) { return (x >= t) ? 0ull : 1ull; }
 
 // Activation pack: one thread per packed word. Thread e (0 <= e < pack_threads(p)) handles pixel e % pixels and
 // word e / pixels of that pixel, so consecutive threads read consecutive pixels (coalesced for NCHW inputs).
@@ -114,7 +117,9 @@ struct Strides4 {
   int64_t n, c, h, w;
 };
 
-XNC_HD void pack_activation_word(const GpuConv& p, const float* x, Strides4 s, uint64_t* packed, int64_t e) {
+// threshold: [in_channels] or nullptr (0).
+XNC_HD void pack_activation_word(const GpuConv& p, const float* x, Strides4 s, const float* threshold,
+                                 uint64_t* packed, int64_t e) {
   const int32_t pixels = p.batch * p.in_h * p.in_w;  // fits: packed words fit int32
   const int32_t pix = static_cast<int32_t>(e % pixels);
   const int32_t word_of_pixel = static_cast<int32_t>(e / pixels);
@@ -128,7 +133,12 @@ XNC_HD void pack_activation_word(const GpuConv& p, const float* x, Strides4 s, u
   int32_t c_end = c_begin + 64;
   if (c_end > p.cg) c_end = p.cg;
   const float* base = x + n * s.n + h * s.h + col * s.w + static_cast<int64_t>(g) * p.cg * s.c;
-  for (int32_t c = c_begin; c < c_end; ++c) bits |= sign_bit(base[c * s.c]) << (c - c_begin);
+  if (threshold) {
+    const float* t = threshold + static_cast<int64_t>(g) * p.cg;
+    for (int32_t c = c_begin; c < c_end; ++c) bits |= sign_bit(base[c * s.c], t[c]) << (c - c_begin);
+  } else {
+    for (int32_t c = c_begin; c < c_end; ++c) bits |= sign_bit(base[c * s.c]) << (c - c_begin);
+  }
   packed[static_cast<int64_t>(pix) * p.act_words_per_pixel + word_of_pixel] = bits;
 }
 

@@ -14,10 +14,12 @@ namespace {
 constexpr int kPackThreads = 256;
 
 __global__ void __launch_bounds__(kPackThreads) pack_activations_kernel(GpuConv p, const float* __restrict__ x,
-                                                                        Strides4 s, uint64_t* __restrict__ packed,
+                                                                        Strides4 s,
+                                                                        const float* __restrict__ threshold,
+                                                                        uint64_t* __restrict__ packed,
                                                                         int64_t total) {
   const int64_t e = static_cast<int64_t>(blockIdx.x) * kPackThreads + threadIdx.x;
-  if (e < total) pack_activation_word(p, x, s, packed, e);
+  if (e < total) pack_activation_word(p, x, s, threshold, packed, e);
 }
 
 __global__ void __launch_bounds__(kPackThreads) pack_weights_kernel(int32_t cg, int32_t taps, int32_t words,
@@ -187,12 +189,14 @@ ConvKernel choose_kernel(const GpuConv& p, int device_cc) {
   return ConvKernel::Popcount;
 }
 
-cudaError_t pack_activations(const GpuConv& p, const float* x, Strides4 s, uint64_t* packed, cudaStream_t stream) {
+cudaError_t pack_activations(const GpuConv& p, const float* x, Strides4 s, const float* threshold, uint64_t* packed,
+                             cudaStream_t stream) {
   const int64_t total = pack_threads(p);
   if (total == 0) return cudaSuccess;
   const int64_t blocks = (total + kPackThreads - 1) / kPackThreads;
   if (cudaError_t err = check_grid(blocks, 1)) return err;
-  pack_activations_kernel<<<static_cast<unsigned>(blocks), kPackThreads, 0, stream>>>(p, x, s, packed, total);
+  pack_activations_kernel<<<static_cast<unsigned>(blocks), kPackThreads, 0, stream>>>(p, x, s, threshold, packed,
+                                                                                      total);
   return launched();
 }
 

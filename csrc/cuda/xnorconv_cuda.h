@@ -26,8 +26,10 @@ bool kernel_supported(ConvKernel k, int device_cc);
 // (a 128-bit k-step would otherwise be mostly zeros), else the popcount kernel.
 ConvKernel choose_kernel(const GpuConv& p, int device_cc);
 
-// float input (n, c, h, w) with element strides s -> packed words (packed_activation_words(p) of them).
-cudaError_t pack_activations(const GpuConv& p, const float* x, Strides4 s, uint64_t* packed, cudaStream_t stream);
+// float input (n, c, h, w) with element strides s -> packed words (packed_activation_words(p) of them);
+// threshold: per-input-channel binarization threshold [in_channels] (sign(x - t) as x >= t), or nullptr.
+cudaError_t pack_activations(const GpuConv& p, const float* x, Strides4 s, const float* threshold, uint64_t* packed,
+                             cudaStream_t stream);
 
 // float weight [O][cg][kh][kw] contiguous -> bits [O][kh][kw][words], tap_sum [O][kh][kw].
 cudaError_t pack_weights(int64_t out_channels, int32_t cg, int32_t taps, const float* weight, uint64_t* bits,

@@ -79,9 +79,11 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
                                      const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
                                      const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, int64_t pad_value) {
+                                     int64_t groups, int64_t pad_value,
+                                     const c10::optional<at::Tensor>& input_threshold) {
   const xnorconv::ConvParams c = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias,
                                              stride, padding, dilation, groups, pad_value);
+  check_input_threshold(input_threshold, input);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({c.batch, c.out_channels, c.out_h(), c.out_w()}, input.options());
   if (c.batch == 0) return out;
@@ -101,11 +103,14 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
   const at::Tensor tap_sum = weight_tap_sum.contiguous();
   const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor threshold = input_threshold.has_value() ? input_threshold->contiguous() : at::Tensor();
 
   at::Tensor packed = at::empty({xc::packed_activation_words(p)}, input.options().dtype(at::kLong));
   auto* packed_ptr = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
   const xc::Strides4 strides{input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
-  check_launch(xc::pack_activations(p, input.data_ptr<float>(), strides, packed_ptr, stream), "activation pack");
+  check_launch(xc::pack_activations(p, input.data_ptr<float>(), strides,
+                                    threshold.defined() ? threshold.data_ptr<float>() : nullptr, packed_ptr, stream),
+               "activation pack");
   check_launch(xc::conv(kernel, p, packed_ptr, reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()),
                         tap_sum.data_ptr<int32_t>(), scale_c.defined() ? scale_c.data_ptr<float>() : nullptr,
                         bias_c.defined() ? bias_c.data_ptr<float>() : nullptr, out.data_ptr<float>(), stream),

@@ -34,10 +34,12 @@ int failures = 0, checks = 0;
     }                                                  \
   } while (0)
 
-double sign_of(float x) { return x >= 0.0f ? 1.0 : -1.0; }
+double sign_of(float x, float t = 0.0f) { return x >= t ? 1.0 : -1.0; }
 
+// threshold: per input channel (sign(x - t) as x >= t) or nullptr.
 std::vector<double> reference(const ConvParams& p, const std::vector<float>& x, TensorStrides s,
-                              const std::vector<float>& w, const float* scale, const float* bias) {
+                              const std::vector<float>& w, const float* scale, const float* bias,
+                              const float* threshold) {
   const int64_t oh = p.out_h(), ow = p.out_w(), cg = p.channels_per_group(), og = p.out_channels_per_group();
   std::vector<double> y(p.batch * p.out_channels * oh * ow);
   for (int64_t n = 0; n < p.batch; ++n)
@@ -53,7 +55,8 @@ std::vector<double> reference(const ConvParams& p, const std::vector<float>& x, 
                 const int64_t iw = j * p.stride_w - p.pad_left + kw * p.dilation_w;
                 const double a = (ih < 0 || ih >= p.in_h || iw < 0 || iw >= p.in_w)
                                      ? static_cast<double>(static_cast<int>(p.pad_value))
-                                     : sign_of(x[n * s.n + (g * cg + c) * s.c + ih * s.h + iw * s.w]);
+                                     : sign_of(x[n * s.n + (g * cg + c) * s.c + ih * s.h + iw * s.w],
+                                               threshold ? threshold[g * cg + c] : 0.0f);
                 acc += a * sign_of(w[((o * cg + c) * p.kernel_h + kh) * p.kernel_w + kw]);
               }
           y[((n * p.out_channels + o) * oh + i) * ow + j] = (scale ? scale[o] : 1.0) * acc + (bias ? bias[o] : 0.0);
@@ -64,10 +67,11 @@ std::vector<double> reference(const ConvParams& p, const std::vector<float>& x, 
 
 // ---- launches, simulated on the host ----
 
-std::vector<uint64_t> run_pack(const GpuConv& p, const std::vector<float>& x, TensorStrides s) {
+std::vector<uint64_t> run_pack(const GpuConv& p, const std::vector<float>& x, TensorStrides s,
+                               const float* threshold = nullptr) {
   std::vector<uint64_t> packed(packed_activation_words(p), 0xBADBADBADBADBADBull);
   const Strides4 st{s.n, s.c, s.h, s.w};
-  for (int64_t e = 0; e < pack_threads(p); ++e) pack_activation_word(p, x.data(), st, packed.data(), e);
+  for (int64_t e = 0; e < pack_threads(p); ++e) pack_activation_word(p, x.data(), st, threshold, packed.data(), e);
   return packed;
 }
 
@@ -199,9 +203,8 @@ void fill_signed(std::vector<float>& v) {
   }
 }
 
-double sign_nan(float x) { return x >= 0.0f ? 1.0 : -1.0; }
-
-void check_case(const ConvParams& c, bool channels_last, bool with_affine, const std::string& label) {
+void check_case(const ConvParams& c, bool channels_last, bool with_affine, bool with_threshold,
+                const std::string& label) {
   GpuConv p;
   EXPECT(validate(c).empty() && gpu_conv_from(c, p), "%s: invalid case", label.c_str());
   if (!validate(c).empty() || !gpu_conv_from(c, p)) return;
@@ -216,7 +219,13 @@ void check_case(const ConvParams& c, bool channels_last, bool with_affine, const
   for (auto& e : bias) e = std::uniform_real_distribution<float>(-3.0f, 3.0f)(rng);
   const float* sc = with_affine ? scale.data() : nullptr;
   const float* bi = with_affine ? bias.data() : nullptr;
-  const std::vector<double> want = reference(c, x, s, w, sc, bi);
+  std::vector<float> thresholds(c.in_channels);
+  for (auto& e : thresholds) e = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+  if (!thresholds.empty()) thresholds[0] = 0.0f;
+  // exact ties x == t must binarize to +1
+  if (with_threshold && !x.empty()) x[0] = thresholds[0];
+  const float* th = with_threshold ? thresholds.data() : nullptr;
+  const std::vector<double> want = reference(c, x, s, w, sc, bi, th);
 
   // Weight pack kernel == the core's pack_weights (bits and tap sums).
   std::vector<uint64_t> bits;
@@ -227,7 +236,7 @@ void check_case(const ConvParams& c, bool channels_last, bool with_affine, const
   pack_weights(c, w.data(), core_bits.data(), core_tap_sum.data());
   EXPECT(bits == core_bits && tap_sum == core_tap_sum, "%s: CUDA weight pack differs from the core's", label.c_str());
 
-  const std::vector<uint64_t> packed = run_pack(p, x, s);
+  const std::vector<uint64_t> packed = run_pack(p, x, s, th);
   // Every packed word is a sign word of the documented layout (tail bits zero, even-padding words zero).
   int64_t bad_words = 0;
   for (int64_t n = 0; n < c.batch; ++n)
@@ -240,7 +249,7 @@ void check_case(const ConvParams& c, bool channels_last, bool with_affine, const
               const int64_t ch = 64 * wd + b;
               if (ch >= p.cg) break;
               const float v = x[n * s.n + (g * p.cg + ch) * s.c + h * s.h + col * s.w];
-              if (sign_nan(v) < 0) expect |= 1ull << b;
+              if (!(v >= (th ? th[g * p.cg + ch] : 0.0f))) expect |= 1ull << b;
             }
             const uint64_t got = packed[((n * c.in_h + h) * c.in_w + col) * p.act_words_per_pixel + g * p.act_words_per_group + wd];
             bad_words += got != expect;
@@ -303,7 +312,7 @@ void test_random_shapes(int count) {
     p.in_w = pick(1, 40);
     if (!validate(p).empty()) continue;
     ++run;
-    check_case(p, pick(0, 3) == 0, pick(0, 1) == 1, describe(p));
+    check_case(p, pick(0, 3) == 0, pick(0, 1) == 1, pick(0, 3) == 0, describe(p));
   }
   std::printf("random shapes: %d run\n", run);
 }
@@ -322,7 +331,7 @@ void test_darknet_shapes() {
       p.stride_h = p.stride_w = sh[4];
       p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = sh[5];
       p.pad_value = pv;
-      check_case(p, false, true, describe(p));
+      check_case(p, false, true, pv == PadValue::MinusOne, describe(p));
     }
 }
 
