@@ -90,7 +90,7 @@ def test_input_threshold(pad_value):
     x = torch.randn(2, 40, 6, 7, generator=g)
     t = torch.rand(40, generator=g) - 0.5
     x[0, :, 0, 0] = t  # ties x == t binarize to +1
-    w = torch.randn(5, 20, 3, 3, generator=g)
+    w = torch.randn(6, 20, 3, 3, generator=g)
     got = _triton.binary_conv2d(x.to(DEVICE), w.to(DEVICE), None, 1, 1, 1, 2, None, pad_value,
                                 input_threshold=t.to(DEVICE))
     want = reference_binary_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 2, None, pad_value, input_threshold=t)
