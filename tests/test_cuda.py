@@ -1,0 +1,226 @@
+"""CUDA kernels on a real GPU: the same float64 oracle as the CPU tests, every CUDA kernel path, streams, errors,
+opcheck, and BinaryConv2d training steps on CUDA. Skipped (with the reason) where there is no GPU; on this project's
+GPU-less CI the kernels' per-thread logic is checked instead by tests/cpp/test_cuda_host.cpp (ctest) and the
+compile for every architecture by tools/check_cuda_build.sh.
+"""
+import random
+
+import pytest
+import torch
+
+import xnorconv
+from xnorconv._reference import reference_binary_conv2d
+
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available (GPU-only test)"),
+    pytest.mark.skipif(not getattr(xnorconv._C, "with_cuda", False),
+                       reason="xnorconv was built without its CUDA kernels (XNORCONV_CUDA=0 or no nvcc at build time)"),
+]
+
+DEVICE = "cuda"
+
+
+def _cc():
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+KERNELS = ["auto", "popcount", "tensor_core"]
+
+
+@pytest.fixture(params=KERNELS)
+def cuda_kernel(request, monkeypatch):
+    if request.param == "tensor_core" and not 75 <= _cc() < 100:
+        pytest.skip(f"binary tensor cores (mma .b1) are used on sm_75 .. sm_9x; this GPU is sm_{_cc()}")
+    monkeypatch.setenv("XNORCONV_CUDA_KERNEL", request.param)
+    return request.param
+
+
+def _signed(shape, g):
+    t = torch.randn(*shape, generator=g)
+    flat = t.view(-1)
+    if flat.numel() >= 3:
+        flat[0], flat[flat.numel() // 2], flat[-1] = 0.0, -0.0, float("nan")
+    return t
+
+
+def _run_case(n, c, h, w, o, k, stride, padding, dilation, groups, pad_value, affine, layout="contiguous", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = _signed((n, c, h, w), g)
+    wt = _signed((o, c // groups, k[0], k[1]), g)
+    scale = torch.rand(o, generator=g) + 0.5 if affine else None
+    bias = torch.randn(o, generator=g) if affine else None
+    xd = x.to(DEVICE)
+    if layout == "channels_last":
+        xd = xd.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        big = torch.empty(n, c, h, 2 * w, device=DEVICE)
+        xd = big[..., ::2]
+        xd.copy_(x)
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    got = xnorconv.binary_conv2d(xd, wt.to(DEVICE), dev(bias), stride, padding, dilation, groups, dev(scale),
+                                 pad_value)
+    pads = (padding[0], padding[0], padding[1], padding[1])
+    want = reference_binary_conv2d(x, wt, bias, stride, pads, dilation, groups, scale, pad_value)
+    assert got.device.type == "cuda" and got.dtype == torch.float32 and got.shape == want.shape
+    if layout == "channels_last" and c > 1 and o > 1:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    got = got.cpu().double()
+    if affine:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got, want), f"max error {(got - want).abs().max()}"
+
+
+def test_pack_weight_matches_cpu():
+    g = torch.Generator().manual_seed(1)
+    for shape in [(7, 1, 1, 1), (5, 63, 3, 3), (4, 64, 2, 1), (3, 130, 3, 2), (2, 257, 1, 3)]:
+        w = _signed(shape, g)
+        cpu = xnorconv.pack_weight(w)
+        gpu = xnorconv.pack_weight(w.to(DEVICE))
+        assert gpu.bits.device.type == "cuda"
+        assert torch.equal(gpu.bits.cpu(), cpu.bits) and torch.equal(gpu.tap_sum.cpu(), cpu.tap_sum)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_shapes(cuda_kernel, seed):
+    rng = random.Random(seed)
+    groups = rng.choice([1, 1, 1, 2, 3])
+    c = groups * (rng.randint(1, 150) if seed % 5 else rng.randint(128, 300))
+    o = groups * rng.randint(1, 80)
+    k = (rng.randint(1, 4), rng.randint(1, 4))
+    stride = (rng.randint(1, 3), rng.randint(1, 3))
+    dilation = (rng.randint(1, 2), rng.randint(1, 2))
+    padding = (rng.randint(0, 2), rng.randint(0, 2))
+    h, w = rng.randint(1, 19), rng.randint(1, 40)
+    h = max(h, dilation[0] * (k[0] - 1) + 1)
+    w = max(w, dilation[1] * (k[1] - 1) + 1)
+    layout = ["contiguous", "channels_last", "strided"][seed % 3]
+    _run_case(rng.randint(1, 3), c, h, w, o, k, stride, padding, dilation, groups, [0, 1, -1][seed % 3],
+              affine=bool(seed % 2), layout=layout, seed=seed)
+
+
+DARKNET = [(64, 64, 64, 3, 1, 1), (128, 128, 32, 3, 1, 1), (256, 256, 16, 3, 1, 1), (512, 512, 8, 3, 1, 1),
+           (256, 512, 16, 3, 2, 1), (512, 256, 8, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("shape", DARKNET, ids=lambda s: ",".join(map(str, s)))
+@pytest.mark.parametrize("pad_value", [0, 1, -1])
+def test_darknet_layers(cuda_kernel, shape, pad_value):
+    cin, cout, hw, k, s, p = shape
+    _run_case(2, cin, hw, hw, cout, (k, k), (s, s), (p, p), (1, 1), 1, pad_value, affine=True)
+
+
+def test_batch_zero_and_depthwise(cuda_kernel):
+    y = xnorconv.binary_conv2d(torch.randn(0, 8, 5, 5, device=DEVICE), torch.randn(4, 8, 3, 3, device=DEVICE),
+                               padding=1)
+    assert y.shape == (0, 4, 5, 5) and y.device.type == "cuda"
+    _run_case(2, 32, 9, 9, 32, (3, 3), (1, 1), (1, 1), (1, 1), 32, 0, affine=True)
+
+
+@pytest.mark.parametrize("pad_value", [0, 1, -1])
+def test_input_threshold(cuda_kernel, pad_value):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 160, 9, 10, generator=g)
+    t = torch.rand(160, generator=g) - 0.5
+    x[0, :, 0, 0] = t  # ties x == t binarize to +1
+    w = torch.randn(24, 80, 3, 3, generator=g)
+    got = xnorconv.binary_conv2d(x.to(DEVICE), w.to(DEVICE), None, 1, 1, 1, 2, None, pad_value,
+                                 input_threshold=t.to(DEVICE))
+    want = reference_binary_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 2, None, pad_value, input_threshold=t)
+    assert torch.equal(got.cpu().double(), want)
+
+
+def test_runs_on_current_stream():
+    x = torch.randn(4, 96, 20, 20, device=DEVICE)
+    w = torch.randn(64, 96, 3, 3, device=DEVICE)
+    want = xnorconv.binary_conv2d(x, w, padding=1)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        got = xnorconv.binary_conv2d(x, w, padding=1)
+    stream.synchronize()
+    assert torch.equal(got, want)
+
+
+def test_second_device_guard():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x = torch.randn(1, 16, 6, 6, device="cuda:1")
+    w = torch.randn(8, 16, 3, 3, device="cuda:1")
+    y = xnorconv.binary_conv2d(x, w, padding=1)
+    assert y.device == x.device
+    torch.testing.assert_close(y.cpu().double(), reference_binary_conv2d(x.cpu(), w.cpu(), padding=(1, 1, 1, 1)))
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(1, 8, 5, 5, device=DEVICE)
+    packed_cpu = xnorconv.pack_weight(torch.randn(4, 8, 3, 3))
+    with pytest.raises(RuntimeError, match="packed weight is on cpu"):
+        xnorconv.binary_conv2d_packed(x, packed_cpu)
+    packed = xnorconv.pack_weight(torch.randn(4, 8, 3, 3, device=DEVICE))
+    with pytest.raises(RuntimeError, match="scale"):
+        xnorconv.binary_conv2d_packed(x, packed, scale=torch.ones(4))
+    with pytest.raises(RuntimeError, match="input has 6 channels"):
+        xnorconv.binary_conv2d_packed(torch.randn(1, 6, 5, 5, device=DEVICE), packed)
+
+
+def test_bad_kernel_override(monkeypatch):
+    monkeypatch.setenv("XNORCONV_CUDA_KERNEL", "nonsense")
+    with pytest.raises(RuntimeError, match="XNORCONV_CUDA_KERNEL"):
+        xnorconv.binary_conv2d(torch.randn(1, 8, 5, 5, device=DEVICE), torch.randn(4, 8, 3, 3, device=DEVICE))
+
+
+def test_opcheck():
+    x = torch.randn(2, 70, 9, 9, device=DEVICE)
+    w = torch.randn(6, 35, 3, 3, device=DEVICE)
+    torch.library.opcheck(torch.ops.xnorconv.pack_weight.default, (w,))
+    bits, tap_sum = torch.ops.xnorconv.pack_weight(w)
+    args = (x, bits, tap_sum, 35, torch.rand(6, device=DEVICE), torch.randn(6, device=DEVICE), [1, 2], [1, 1, 0, 2],
+            [1, 1], 2, -1)
+    torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed.default, args)
+    torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed.default,
+                          args + (torch.randn(70, device=DEVICE),))
+
+
+def test_triton_backend_on_gpu():
+    pytest.importorskip("triton", reason="triton is not installed")
+    from xnorconv import _triton
+    g = torch.Generator().manual_seed(3)
+    x, w = _signed((2, 70, 11, 13), g), _signed((12, 35, 3, 3), g)
+    got = _triton.binary_conv2d(x.to(DEVICE), w.to(DEVICE), stride=2, padding=1, groups=2, pad_value=-1)
+    want = reference_binary_conv2d(x, w, None, (2, 2), (1, 1, 1, 1), (1, 1), 2, None, -1)
+    assert torch.equal(got.cpu().double(), want)
+
+
+@pytest.mark.parametrize("pad_value", [0, 1, -1])
+def test_binary_conv2d_training_steps(pad_value):
+    """BinaryConv2d on CUDA: forward, STE backward and SGD steps agree with the same layer on the CPU; the eval-mode
+    packed path (the CUDA kernel) agrees with the reference."""
+    from xnorconv.nn import BinaryConv2d
+    torch.manual_seed(0)
+    cpu = BinaryConv2d(48, 32, 3, stride=1, padding=1, pad_value=pad_value)
+    gpu = BinaryConv2d(48, 32, 3, stride=1, padding=1, pad_value=pad_value)
+    gpu.load_state_dict(cpu.state_dict())
+    gpu = gpu.to(DEVICE)
+    opt_cpu = torch.optim.SGD(cpu.parameters(), lr=0.05, momentum=0.9)
+    opt_gpu = torch.optim.SGD(gpu.parameters(), lr=0.05, momentum=0.9)
+    x = torch.randn(4, 48, 12, 12)
+    target = torch.randn(4, 32, 12, 12)
+    cpu_losses, gpu_losses = [], []
+    for _ in range(5):
+        for model, opt, dev, losses in ((cpu, opt_cpu, "cpu", cpu_losses), (gpu, opt_gpu, DEVICE, gpu_losses)):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x.to(dev)), target.to(dev))
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        torch.testing.assert_close(gpu.weight.detach().cpu(), cpu.weight.detach(), rtol=1e-4, atol=1e-5)
+    assert all(abs(a - b) <= 1e-3 * (1 + abs(a)) for a, b in zip(cpu_losses, gpu_losses)), (cpu_losses, gpu_losses)
+    assert gpu_losses[-1] < gpu_losses[0], gpu_losses
+    gpu.eval()
+    cpu.eval()
+    with torch.no_grad():
+        y_gpu = gpu(x.to(DEVICE))
+        y_cpu = cpu(x)
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-4)

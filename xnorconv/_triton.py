@@ -1,0 +1,176 @@
+"""Triton implementation of the binary convolution forward op: a second GPU backend, independent of the CUDA C++
+kernels, with the same semantics as torch.ops.xnorconv.binary_conv2d_packed (see xnorconv/_reference.py).
+
+Runs wherever Triton runs: on an NVIDIA/AMD GPU, and on the CPU under Triton's interpreter (TRITON_INTERPRET=1,
+which must be set before this module is imported), which is how tests/test_triton.py checks it on a GPU-less machine.
+
+Layout (int32 words, so the kernels only use 32-bit integer ops):
+  activations [N][H][W][groups][words32], channel c of a group at bit c % 32 of word c // 32, 1 meaning -1,
+  bits past the group's channels 0; the image is not padded.
+  weights [O][kh][kw][words32], the same order. (The int64 words of pack_weight viewed as int32 pairs are exactly
+  this on a little-endian machine; here they are built with torch ops so the Triton path needs no compiled code.)
+A padded tap loads a zero word (sign +1), then the epilogue applies
+  dot = Cg * taps - 2 * popcount_total + (pad_value - 1) * (sum of tap_sum[o][t] over the padded taps t),
+the same identity as the CUDA kernels (csrc/cuda/device_logic.h).
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .functional import _affine, _check_input, _check_pad_value, normalize_conv_args
+
+
+@triton.jit
+def _popcount32(x):
+    # SWAR popcount on int32 (arithmetic shifts are harmless: every step masks the bits they fill).
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    return x & 0x3F
+
+
+@triton.jit
+def _pack_kernel(x_ptr, t_ptr, out_ptr, total, H, W, CG, WORDS, GW, sn, sc, sh, sw, HAS_THRESHOLD: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = e < total
+    pix = e // GW
+    wi = e % GW
+    g = wi // WORDS
+    w = wi % WORDS
+    n = pix // (H * W)
+    hw = pix % (H * W)
+    h = hw // W
+    col = hw % W
+    base = n.to(tl.int64) * sn + h.to(tl.int64) * sh + col.to(tl.int64) * sw
+    bits = tl.zeros([BLOCK], dtype=tl.int32)
+    for b in tl.static_range(32):
+        c = w * 32 + b
+        valid = mask & (c < CG)
+        v = tl.load(x_ptr + base + (g * CG + c).to(tl.int64) * sc, mask=valid, other=0.0)
+        if HAS_THRESHOLD:  # sign(x - t) computed as x >= t, like the CPU and CUDA kernels
+            t = tl.load(t_ptr + g * CG + c, mask=valid, other=0.0)
+        else:
+            t = 0.0
+        negative = (v >= t) == 0  # NaN >= t is false: NaN packs as -1, like everywhere else
+        bits = bits | ((negative & valid).to(tl.int32) << b)
+    tl.store(out_ptr + e.to(tl.int64), bits, mask=mask)
+
+
+@triton.jit
+def _conv_kernel(a_ptr, w_ptr, ts_ptr, scale_ptr, bias_ptr, out_ptr,
+                 N, H, W, OH, OW, O, CG, OG, KH, KW, SH, SW, PT, PL, DH, DW, WORDS, GW, PV, CHANNEL_BLOCKS,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    g = pid_o // CHANNEL_BLOCKS
+    cb = pid_o % CHANNEL_BLOCKS
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < N * OH * OW
+    n = p // (OH * OW)
+    r = p % (OH * OW)
+    oh = r // OW
+    ow = r % OW
+    j = cb * BLOCK_O + tl.arange(0, BLOCK_O)
+    omask = j < OG
+    o = g * OG + j
+    taps = KH * KW
+    acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.int32)
+    padded = tl.zeros([BLOCK_P, BLOCK_O], dtype=tl.int32)
+    for kh in range(KH):
+        for kw in range(KW):
+            ih = oh * SH - PT + kh * DH
+            iw = ow * SW - PL + kw * DW
+            valid = pmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            t = kh * KW + kw
+            ts = tl.load(ts_ptr + o * taps + t, mask=omask, other=0)
+            padded += tl.where(valid[:, None], 0, ts[None, :])
+            a_base = ((n.to(tl.int64) * H + ih) * W + iw) * GW + g * WORDS
+            w_base = (o.to(tl.int64) * taps + t) * WORDS
+            for w in range(WORDS):
+                a = tl.load(a_ptr + a_base + w, mask=valid, other=0)
+                b = tl.load(w_ptr + w_base + w, mask=omask, other=0)
+                acc += _popcount32(a[:, None] ^ b[None, :])
+    dot = CG * taps - 2 * acc + (PV - 1) * padded
+    y = dot.to(tl.float32)
+    if HAS_SCALE:
+        y = y * tl.load(scale_ptr + o, mask=omask, other=1.0)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + o, mask=omask, other=0.0)[None, :]
+    out_off = ((n.to(tl.int64)[:, None] * O + o[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
+    tl.store(out_ptr + out_off, y, mask=pmask[:, None] & omask[None, :])
+
+
+def pack_weight_words(weight: torch.Tensor):
+    """(O, Cg, kh, kw) float -> (bits int32 (O, kh, kw, ceil(Cg/32)), tap_sum int32 (O, kh, kw)), torch ops only."""
+    o, cg, kh, kw = weight.shape
+    words = (cg + 31) // 32
+    negative = ~(weight.detach().float() >= 0)  # (O, Cg, kh, kw); NaN -> negative
+    tap_sum = (cg - 2 * negative.sum(dim=1)).to(torch.int32)
+    neg = negative.permute(0, 2, 3, 1)  # (O, kh, kw, Cg)
+    neg = torch.nn.functional.pad(neg.to(torch.int64), (0, words * 32 - cg)).reshape(o, kh, kw, words, 32)
+    shifts = torch.arange(32, device=weight.device, dtype=torch.int64)
+    word = (neg << shifts).sum(dim=-1)  # 0 .. 2^32 - 1
+    word = torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+    return word.contiguous(), tap_sum.contiguous()
+
+
+def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
+                  padding=0, dilation=1, groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
+                  input_threshold: Optional[torch.Tensor] = None, block_p: int = 32,
+                  block_o: int = 32) -> torch.Tensor:
+    """Same arguments and result as xnorconv.binary_conv2d (NCHW-contiguous float32 output), computed by the
+    Triton kernels. The tensors must be on a device Triton can run on (a GPU, or the CPU in interpreter mode)."""
+    _check_input(input)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight must be a 4-D tensor (O, C/groups, kh, kw), got {getattr(weight, 'shape', weight)!r}")
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    out_channels, cg, kh, kw = weight.shape
+    if input.shape[1] != cg * groups:
+        raise ValueError(f"input has {input.shape[1]} channels but the weight expects {cg * groups} "
+                         f"({cg} per group x groups={groups})")
+    if out_channels % groups:
+        raise ValueError(f"weight has {out_channels} output channels, not divisible by groups={groups}")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    (sh, sw), (pt, pb, pl, pr), (dh, dw) = normalize_conv_args((kh, kw), stride, padding, dilation)
+    pv = _check_pad_value(pad_value)
+    scale, bias = _affine(scale, "scale"), _affine(bias, "bias")
+    threshold = _affine(input_threshold, "input_threshold")
+    for name, t, size in (("scale", scale, out_channels), ("bias", bias, out_channels),
+                          ("input_threshold", threshold, input.shape[1])):
+        if t is not None and (t.shape != (size,) or t.device != input.device):
+            raise ValueError(f"{name} must have shape ({size},) on {input.device}, got {tuple(t.shape)} on {t.device}")
+
+    n, c, h, w = input.shape
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"kernel size ({kh}, {kw}) with dilation ({dh}, {dw}) is larger than the padded input "
+                         f"({h + pt + pb}, {w + pl + pr})")
+    out = torch.empty((n, out_channels, oh, ow), device=input.device, dtype=torch.float32)
+    if n == 0:
+        return out
+    words = (cg + 31) // 32
+    bits, tap_sum = pack_weight_words(weight)
+    packed = torch.empty((n, h, w, groups, words), device=input.device, dtype=torch.int32)
+    total = packed.numel()
+    block = 128
+    _pack_kernel[(triton.cdiv(total, block),)](input, threshold.contiguous() if threshold is not None else input,
+                                               packed, total, h, w, cg, words, groups * words, *input.stride(),
+                                               HAS_THRESHOLD=threshold is not None, BLOCK=block)
+    og = out_channels // groups
+    channel_blocks = triton.cdiv(og, block_o)
+    grid = (triton.cdiv(n * oh * ow, block_p), groups * channel_blocks)
+    dummy = out  # never read when HAS_SCALE / HAS_BIAS is False
+    _conv_kernel[grid](packed, bits, tap_sum, scale if scale is not None else dummy,
+                       bias if bias is not None else dummy, out,
+                       n, h, w, oh, ow, out_channels, cg, og, kh, kw, sh, sw, pt, pl, dh, dw, words, groups * words,
+                       pv, channel_blocks, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+                       BLOCK_P=block_p, BLOCK_O=block_o)
+    return out
