@@ -8,8 +8,11 @@ from . import _meta  # noqa: F401  (fake kernels for torch.compile / torch.expor
 from . import functional
 from ._backend import backends, build_info, current_backend, use_backend
 from .functional import PackedWeight, binary_conv2d, binary_conv2d_packed, pack_weight
+from . import nn
+from .nn import BinaryConv2d, FrozenBinaryConv2d, binarize, freeze
 
 __all__ = [
-    "PackedWeight", "backends", "binary_conv2d", "binary_conv2d_packed", "build_info", "current_backend",
-    "functional", "pack_weight", "use_backend",
+    "BinaryConv2d", "FrozenBinaryConv2d", "PackedWeight", "backends", "binarize", "binary_conv2d",
+    "binary_conv2d_packed", "build_info", "current_backend", "freeze", "functional", "nn", "pack_weight",
+    "use_backend",
 ]

@@ -84,7 +84,8 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight:
 
 def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Optional[torch.Tensor] = None,
                          stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
-                         groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0) -> torch.Tensor:
+                         groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
+                         input_threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
     """binary_conv2d with a weight packed once by pack_weight (the inference path of BinaryConv2d)."""
     _check_input(input)
     if not isinstance(groups, int) or groups < 1:
@@ -92,24 +93,30 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
     stride, pads, dilation = normalize_conv_args(weight.kernel_size, stride, padding, dilation)
     return torch.ops.xnorconv.binary_conv2d_packed(
         input, weight.bits, weight.tap_sum, weight.in_channels, _affine(scale, "scale"), _affine(bias, "bias"),
-        list(stride), list(pads), list(dilation), groups, _check_pad_value(pad_value))
+        list(stride), list(pads), list(dilation), groups, _check_pad_value(pad_value),
+        _affine(input_threshold, "input_threshold"))
 
 
 def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
-                  groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0) -> torch.Tensor:
+                  groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
+                  input_threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Binary convolution: F.conv2d(sign(input), sign(weight), None, stride, padding, dilation, groups) * scale[c]
     + bias[c], with sign(x) = +1 if x >= 0 else -1 and padded taps worth `pad_value` (0, +1 or -1).
 
+    input_threshold: optional (C,) per-channel threshold t: the input is binarized as sign(x - t) (ReActNet's
+    RSign), computed as x >= t inside the packing pass, so it costs nothing.
     input: (N, C, H, W) float32, any strides. weight: (O, C/groups, kh, kw), float. Returns float32 (N, O, OH, OW),
     channels_last when the input is. The weight is packed on every call; pack it once with pack_weight and call
     binary_conv2d_packed (as BinaryConv2d does in eval mode) when it is reused. Not differentiable: BinaryConv2d
     provides the straight-through training path.
     """
+    _check_input(input)
     packed = pack_weight(weight)
     if packed.bits.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
-    return binary_conv2d_packed(input, packed, bias, stride, padding, dilation, groups, scale, pad_value)
+    return binary_conv2d_packed(input, packed, bias, stride, padding, dilation, groups, scale, pad_value,
+                                input_threshold)
 
 
 def _check_input(input):
@@ -126,4 +133,5 @@ def _affine(t, name):
         return None
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
-    return t.detach().to(torch.float32).reshape(-1) if t.dim() <= 1 or t.dim() == 4 else t
+    # Any float dtype is accepted (converted); the op checks the shape and names the argument.
+    return t.detach().to(torch.float32)

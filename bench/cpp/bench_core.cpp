@@ -2,7 +2,7 @@
 // binarize+pack pass and of the convolution pass on pre-packed input, the binary MAC rate, and its fraction of the
 // family's peak measured by its own probe. Runs natively anywhere the core builds (x86, Raspberry Pi, Jetson).
 //
-//   bench_core [--threads N] [--reps R] [--shape cin,cout,hw,k,stride,pad]...
+//   bench_core [--threads N] [--reps R] [--backend NAME] [--shape cin,cout,hw,k,stride,pad]...
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -63,10 +63,12 @@ double peak_rate(const KernelOps& ops, int threads) {
 
 int main(int argc, char** argv) {
   int threads = 1, reps = 50;
+  std::string only_backend;
   std::vector<std::vector<int64_t>> shapes;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--backend") && i + 1 < argc) only_backend = argv[++i];
     else if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) {
       std::vector<int64_t> s;
       for (char* tok = std::strtok(argv[++i], ","); tok; tok = std::strtok(nullptr, ",")) s.push_back(std::atoll(tok));
@@ -76,7 +78,8 @@ int main(int argc, char** argv) {
       }
       shapes.push_back(s);
     } else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--shape cin,cout,hw,k,stride,pad]...\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--backend NAME] [--shape cin,cout,hw,k,stride,pad]...\n",
+                   argv[0]);
       return 2;
     }
   }
@@ -86,7 +89,15 @@ int main(int argc, char** argv) {
   std::printf("threads %d, reps %d (median), pad_value +1, batch 1\n", threads, reps);
   std::mt19937 rng(7);
   std::normal_distribution<float> dist;
-  for (const auto& name : available_backends()) {
+  std::vector<std::string> backends = available_backends();
+  if (!only_backend.empty()) {
+    if (const std::string err = set_backend_override(only_backend); !err.empty()) {
+      std::fprintf(stderr, "--backend: %s\n", err.c_str());
+      return 2;
+    }
+    backends = {only_backend};
+  }
+  for (const auto& name : backends) {
     set_backend_override(name);
     ConvParams probe_params;
     const KernelOps& ops = select_kernel(probe_params);
@@ -132,7 +143,7 @@ int main(int argc, char** argv) {
       for (int r = 0; r < reps; ++r) {
         auto t0 = Clock::now();
         parallel(threads, ops.pack_tasks(p, l), [&](int64_t b, int64_t e) {
-          ops.pack(p, l, x.data(), strides, px.data(), b, e);
+          ops.pack(p, l, x.data(), strides, nullptr, px.data(), b, e);
         });
         auto t1 = Clock::now();
         parallel(threads, ops.conv_tasks(p, l), [&](int64_t b, int64_t e) {

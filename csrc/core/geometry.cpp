@@ -1,7 +1,6 @@
 // Layout arithmetic, weight packing and the pad_value-0 border correction: portable code that runs once per
 // weight or once per call, so it is kept out of the per-ISA files.
 #include <algorithm>
-#include <map>
 #include <sstream>
 #include <utility>
 
@@ -98,11 +97,10 @@ void pack_weights(const ConvParams& p, const float* weight, uint64_t* packed, in
 namespace {
 
 // For each output index, the range [lo, hi] of kernel indices that land inside the input (empty: lo > hi),
-// grouped into classes; the full range is class 0.
+// grouped into classes; the full range is class 0. There are only a handful of classes (about 2 * pad + 1).
 std::vector<int32_t> tap_range_classes(int64_t out, int64_t in, int64_t kernel, int64_t stride, int64_t pad,
                                        int64_t dilation, std::vector<std::pair<int64_t, int64_t>>& ranges) {
   ranges.assign(1, {0, kernel - 1});
-  std::map<std::pair<int64_t, int64_t>, int32_t> ids{{ranges[0], 0}};
   std::vector<int32_t> cls(out);
   for (int64_t o = 0; o < out; ++o) {
     int64_t lo = kernel, hi = -1;
@@ -113,9 +111,10 @@ std::vector<int32_t> tap_range_classes(int64_t out, int64_t in, int64_t kernel, 
         hi = k;
       }
     }
-    auto [it, inserted] = ids.emplace(std::make_pair(lo, hi), static_cast<int32_t>(ranges.size()));
-    if (inserted) ranges.emplace_back(lo, hi);
-    cls[o] = it->second;
+    const auto range = std::make_pair(lo, hi);
+    const auto it = std::find(ranges.begin(), ranges.end(), range);
+    cls[o] = static_cast<int32_t>(it - ranges.begin());
+    if (it == ranges.end()) ranges.push_back(range);
   }
   return cls;
 }
@@ -131,6 +130,11 @@ ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_su
   z.col_classes = static_cast<int64_t>(col_ranges.size());
   const int64_t o_count = p.out_channels, taps = p.taps();
   z.value.assign(row_ranges.size() * col_ranges.size() * o_count, 0);
+  if (row_ranges.size() == 1 && col_ranges.size() == 1) return z;  // no output reads padding
+  // Tap-major copy, so that the sums below run over contiguous output channels.
+  std::vector<int32_t> by_tap(taps * o_count);
+  for (int64_t o = 0; o < o_count; ++o)
+    for (int64_t t = 0; t < taps; ++t) by_tap[t * o_count + o] = tap_sum[o * taps + t];
   for (size_t rc = 0; rc < row_ranges.size(); ++rc)
     for (size_t cc = 0; cc < col_ranges.size(); ++cc) {
       int32_t* dst = z.value.data() + (rc * col_ranges.size() + cc) * o_count;
@@ -139,21 +143,22 @@ ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_su
           const bool padded = kh < row_ranges[rc].first || kh > row_ranges[rc].second ||
                               kw < col_ranges[cc].first || kw > col_ranges[cc].second;
           if (!padded) continue;
-          const int64_t t = kh * p.kernel_w + kw;
-          for (int64_t o = 0; o < o_count; ++o) dst[o] += tap_sum[o * taps + t];
+          const int32_t* src = by_tap.data() + (kh * p.kernel_w + kw) * o_count;
+          for (int64_t o = 0; o < o_count; ++o) dst[o] += src[o];
         }
     }
   return z;
 }
 
 void binary_conv2d_serial(const KernelOps& ops, const ConvParams& p, const float* input, TensorStrides strides,
-                             const float* weight, const float* scale, const float* bias, float* out) {
+                          const float* weight, const float* scale, const float* bias, float* out,
+                          const float* threshold) {
   const ActivationLayout layout = activation_layout(p);
   std::vector<uint64_t> packed_w(weight_words(p));
   std::vector<int32_t> tap_sum(p.out_channels * p.taps());
   pack_weights(p, weight, packed_w.data(), tap_sum.data());
   std::vector<uint64_t> packed_x(layout.total_words + 64);
-  ops.pack(p, layout, input, strides, packed_x.data(), 0, ops.pack_tasks(p, layout));
+  ops.pack(p, layout, input, strides, threshold, packed_x.data(), 0, ops.pack_tasks(p, layout));
   ZeroPadCorrection zero_pad;
   OutputStage stage;
   stage.scale = scale;

@@ -18,27 +18,43 @@ namespace xnorconv {
 namespace {
 
 struct Avx2Isa {
+  // Measured best of 1x6, 1x8, 1x10, 2x3, 4x2 and 2x4 on Zen 4 (bench_core, interleaved).
   // 2 strips x 4 channels = 8 byte-counter registers + 2 activations + LUT, nibble mask and temporaries: 16 ymm.
   static constexpr int kStrip = 4, kStrips = 2, kChannels = 4;
   static constexpr int kFlushWords = 31;
-  struct Acc {
-    __m256i v[kStrips][kChannels];
-  };
 
-  static uint64_t negative_mask(const float* x, int64_t count) {
+  // One 8-float compare per step; `Threshold` yields the 8 thresholds at offset i.
+  template <class Threshold>
+  static uint64_t below_impl(const float* x, Threshold threshold, int64_t count) {
     uint64_t bits = 0;
-    const __m256 zero = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= count; i += 8) {
-      const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), zero, _CMP_NGE_UQ));
+      const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), threshold.vec(i), _CMP_NGE_UQ));
       bits |= static_cast<uint64_t>(static_cast<unsigned>(m)) << i;
     }
-    for (; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= 0.0f)) << i;
+    for (; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= threshold.at(i))) << i;
     return bits;
   }
 
-  static void compute(Acc& out, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
-                      int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels]) {
+  struct Uniform {
+    float t;
+    __m256 vec(int64_t) const { return _mm256_set1_ps(t); }
+    float at(int64_t) const { return t; }
+  };
+  struct PerLane {
+    const float* t;
+    __m256 vec(int64_t i) const { return _mm256_loadu_ps(t + i); }
+    float at(int64_t i) const { return t[i]; }
+  };
+
+  static uint64_t below(const float* x, float t, int64_t count) { return below_impl(x, Uniform{t}, count); }
+  static uint64_t below_each(const float* x, const float* t, int64_t count) {
+    return below_impl(x, PerLane{t}, count);
+  }
+
+  static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
+                    int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
+                    const BlockStore<kStrips, kChannels>& bs) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i low_nibble = _mm256_set1_epi8(0x0F);
@@ -77,21 +93,24 @@ struct Avx2Isa {
     }
     flush();
     for (int i = 0; i < kStrips; ++i)
-      for (int v = 0; v < kChannels; ++v) out.v[i][v] = total[i][v];
+      for (int v = 0; v < kChannels; ++v)
+        if (bs.out[i][v]) store(total[i][v], bs.lanes[i], bs.depth, bs.scale[v], bs.bias[v], bs.correction[i][v],
+                                bs.out[i][v]);
   }
 
-  static void store(const Acc& acc, int strip, int channel, const StoreTarget& t) {
+  static void store(__m256i counts, int lanes, int32_t depth, float scale, float bias, const int32_t* correction,
+                    float* out) {
     // Lanes are 64-bit counts below 2^31: take the low dword of each.
-    const __m256i count = _mm256_permutevar8x32_epi32(acc.v[strip][channel], _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
-    __m128i dot = _mm_sub_epi32(_mm_set1_epi32(t.depth), _mm_slli_epi32(_mm256_castsi256_si128(count), 1));
-    if (t.correction) dot = _mm_sub_epi32(dot, _mm_load_si128(reinterpret_cast<const __m128i*>(t.correction)));
-    const __m128 y = _mm_fmadd_ps(_mm_set1_ps(t.scale), _mm_cvtepi32_ps(dot), _mm_set1_ps(t.bias));
-    if (t.lanes == 4) {
-      _mm_storeu_ps(t.out, y);
+    const __m256i count = _mm256_permutevar8x32_epi32(counts, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+    __m128i dot = _mm_sub_epi32(_mm_set1_epi32(depth), _mm_slli_epi32(_mm256_castsi256_si128(count), 1));
+    if (correction) dot = _mm_sub_epi32(dot, _mm_load_si128(reinterpret_cast<const __m128i*>(correction)));
+    const __m128 y = _mm_fmadd_ps(_mm_set1_ps(scale), _mm_cvtepi32_ps(dot), _mm_set1_ps(bias));
+    if (lanes == 4) {
+      _mm_storeu_ps(out, y);
     } else {
       alignas(16) float tmp[4];
       _mm_store_ps(tmp, y);
-      for (int lane = 0; lane < t.lanes; ++lane) t.out[lane] = tmp[lane];
+      for (int lane = 0; lane < lanes; ++lane) out[lane] = tmp[lane];
     }
   }
 

@@ -18,27 +18,50 @@ namespace xnorconv {
 namespace {
 
 struct Avx512Isa {
+  // Measured best of 2x12, 3x7, 3x8, 4x5, 6x4 and 4x6 on Zen 4 (bench_core, interleaved).
   // 4 strips x 6 channels = 24 zmm accumulators + 4 activation registers + temporaries, within the 32 zmm.
   static constexpr int kStrip = 8, kStrips = 4, kChannels = 6;
-  struct Acc {
-    __m512i v[kStrips][kChannels];
-  };
 
-  static uint64_t negative_mask(const float* x, int64_t count) {
+  // 16-float compares; `Threshold` yields the 16 thresholds at offset i (masked for the tail).
+  template <class Threshold>
+  static uint64_t below_impl(const float* x, Threshold threshold, int64_t count) {
+    if (count == 64) {
+      const uint64_t m0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x), threshold.vec(0, 0xFFFF), _CMP_NGE_UQ);
+      const uint64_t m1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + 16), threshold.vec(16, 0xFFFF), _CMP_NGE_UQ);
+      const uint64_t m2 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + 32), threshold.vec(32, 0xFFFF), _CMP_NGE_UQ);
+      const uint64_t m3 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + 48), threshold.vec(48, 0xFFFF), _CMP_NGE_UQ);
+      return m0 | (m1 << 16) | (m2 << 32) | (m3 << 48);
+    }
     uint64_t bits = 0;
-    const __m512 zero = _mm512_setzero_ps();
     for (int64_t i = 0; i < count; i += 16) {
       const int64_t left = count - i;
       const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
-      const __mmask16 negative = _mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_NGE_UQ);
-      bits |= static_cast<uint64_t>(negative) << i;
+      const __mmask16 below = _mm512_mask_cmp_ps_mask(valid, v, threshold.vec(i, valid), _CMP_NGE_UQ);
+      bits |= static_cast<uint64_t>(below) << i;
     }
     return bits;
   }
 
-  static void compute(Acc& out, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
-                      int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels]) {
+  struct Uniform {
+    __m512 t;
+    __m512 vec(int64_t, __mmask16) const { return t; }
+  };
+  struct PerLane {
+    const float* t;
+    __m512 vec(int64_t i, __mmask16 valid) const { return _mm512_maskz_loadu_ps(valid, t + i); }
+  };
+
+  static uint64_t below(const float* x, float t, int64_t count) {
+    return below_impl(x, Uniform{_mm512_set1_ps(t)}, count);
+  }
+  static uint64_t below_each(const float* x, const float* t, int64_t count) {
+    return below_impl(x, PerLane{t}, count);
+  }
+
+  static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
+                    int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
+                    const BlockStore<kStrips, kChannels>& bs) {
     __m512i acc[kStrips][kChannels];
     for (auto& s : acc)
       for (auto& c : s) c = _mm512_setzero_si512();
@@ -57,16 +80,19 @@ struct Avx512Isa {
         }
       }
     }
-    for (int i = 0; i < kStrips; ++i)
-      for (int v = 0; v < kChannels; ++v) out.v[i][v] = acc[i][v];
-  }
-
-  static void store(const Acc& acc, int strip, int channel, const StoreTarget& t) {
-    const __m256i count = _mm512_cvtepi64_epi32(acc.v[strip][channel]);
-    __m256i dot = _mm256_sub_epi32(_mm256_set1_epi32(t.depth), _mm256_add_epi32(count, count));
-    if (t.correction) dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.correction)));
-    const __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(t.scale), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(t.bias));
-    _mm256_mask_storeu_ps(t.out, static_cast<__mmask8>((1u << t.lanes) - 1), y);
+    const __m256i depth = _mm256_set1_epi32(bs.depth);
+    for (int v = 0; v < kChannels; ++v) {
+      const __m256 scale = _mm256_set1_ps(bs.scale[v]), bias = _mm256_set1_ps(bs.bias[v]);
+      for (int i = 0; i < kStrips; ++i) {
+        if (!bs.out[i][v]) continue;
+        const __m256i count = _mm512_cvtepi64_epi32(acc[i][v]);
+        __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
+        if (bs.correction[i][v])
+          dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.correction[i][v])));
+        const __m256 y = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), bias);
+        _mm256_mask_storeu_ps(bs.out[i][v], static_cast<__mmask8>((1u << bs.lanes[i]) - 1), y);
+      }
+    }
   }
 
   static uint64_t peak_probe(int64_t iterations) {

@@ -5,11 +5,12 @@
 //
 // An ISA policy `Isa` provides
 //   kStrip, kStrips, kChannels         strip width (pixels per vector), strips and output channels per block
-//   uint64_t negative_mask(const float* x, int64_t count)    bit i = !(x[i] >= 0) for i < count <= 64, contiguous
-//   struct Acc;                                                accumulators of one block
-//   void compute(Acc&, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
-//                int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels])
-//   void store(const Acc&, int strip, int channel, const StoreTarget&)
+//   uint64_t below(const float* x, float t, int64_t count)             bit i = !(x[i] >= t), i < count <= 64, contiguous
+//   uint64_t below_each(const float* x, const float* t, int64_t count)  bit i = !(x[i] >= t[i]), likewise
+//   void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps, int64_t words_per_group,
+//              int64_t word_stride, const uint64_t* const weight[kChannels], const BlockStore<kStrips, kChannels>&)
+//        accumulates one block of kStrips strips x kChannels output channels and writes it through the output
+//        stage, keeping the accumulators in registers
 //   uint64_t peak_probe(int64_t iterations)                   see KernelOps::peak_probe
 //
 // Nothing from the standard library is instantiated here (no std::vector, std::fill, std::min): a template
@@ -48,27 +49,80 @@ inline uint64_t pad_word(const ConvParams& p, int64_t word) {
   return channels == 64 ? ~0ull : ((1ull << channels) - 1);
 }
 
-inline int64_t pack_task_count(const ConvParams& p, const ActivationLayout& l) { return p.batch * l.rows; }
+// Packing tasks per image: one per padded row (padding, and in row mode the row's data), then, in plane mode,
+// one per block of 64 flat pixels of the HW plane.
+inline bool plane_mode(const ConvParams& p, TensorStrides s) {
+  // Width-contiguous rows that follow each other: 64 consecutive floats of a channel may span several rows, so
+  // small images need few transposes.
+  return s.w == 1 && s.h == p.in_w && !(s.c == 1 && p.in_channels > 1);
+}
+
+inline int64_t flat_blocks(const ConvParams& p) { return (p.in_h * p.in_w + 63) / 64; }
+
+inline int64_t pack_task_count(const ConvParams& p, const ActivationLayout& l) {
+  // The strides are not known here, so plane blocks are always counted; in row mode they are no-ops.
+  return p.batch * (l.rows + flat_blocks(p));
+}
 
 template <class Isa>
-uint64_t negative_mask_strided(const float* x, int64_t stride, int64_t count) {
-  if (stride == 1) return Isa::negative_mask(x, count);
+uint64_t below_strided(const float* x, int64_t stride, float t, int64_t count) {
+  if (stride == 1) return Isa::below(x, t, count);
   uint64_t bits = 0;
-  for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i * stride] >= 0.0f)) << i;
+  for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i * stride] >= t)) << i;
   return bits;
 }
 
-// Binarize + pack one padded row per task. Width-contiguous inputs (NCHW, sliced NCHW) are read 64 pixels at a time
-// per channel and bit-transposed; channel-contiguous inputs (channels_last) are read 64 channels at a time per pixel.
+// Positions [lo, hi) of phase `ph` that hold real input columns; the others hold padding.
+inline void real_positions(const ConvParams& p, const ActivationLayout& l, int64_t ph, int64_t& lo, int64_t& hi) {
+  const int64_t phases = l.phases;
+  auto ceil_div = [](int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); };
+  lo = ceil_div(p.pad_left - ph, phases);
+  hi = ceil_div(p.pad_left + p.in_w - ph, phases);
+  lo = lo < 0 ? 0 : (lo > l.row_words ? l.row_words : lo);
+  hi = hi < lo ? lo : (hi > l.row_words ? l.row_words : hi);
+}
+
 template <class Isa>
-void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, TensorStrides s, uint64_t* packed,
-               int64_t begin, int64_t end) {
+void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, TensorStrides s,
+               const float* threshold, uint64_t* packed, int64_t begin, int64_t end) {
   const int64_t cg = p.channels_per_group(), wpg = l.words_per_group, phases = l.phases;
   const int64_t padded_cols = phases * l.row_words;
   const bool channels_contiguous = s.c == 1 && s.w != 1;
+  const bool plane = plane_mode(p, s);
+  const int64_t tasks_per_image = l.rows + flat_blocks(p);
   alignas(64) uint64_t block[64];
+  auto word_ptr = [&](int64_t n, int64_t r, int64_t word, int64_t j) {
+    return packed + n * l.image_stride + r * l.row_stride + (j % phases) * l.phase_stride + word * l.row_words +
+           j / phases;
+  };
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / l.rows, r = task % l.rows, ih = r - p.pad_top;
+    const int64_t n = task / tasks_per_image, t = task % tasks_per_image;
+    if (t >= l.rows) {
+      if (!plane) continue;
+      // Plane mode: 64 flat pixels of every channel word, transposed once, scattered to their rows.
+      const int64_t f0 = (t - l.rows) * 64, count = imin(64, p.in_h * p.in_w - f0);
+      const int64_t ih0 = f0 / p.in_w, iw0 = f0 - ih0 * p.in_w;
+      for (int64_t g = 0; g < p.groups; ++g)
+        for (int64_t w = 0; w < wpg; ++w) {
+          const int64_t c0 = g * cg + 64 * w, channels = imin(64, cg - 64 * w);
+          const float* src = x + n * s.n + c0 * s.c + f0;
+          for (int64_t c = 0; c < channels; ++c)
+            block[c] = Isa::below(src + c * s.c, threshold ? threshold[c0 + c] : 0.0f, count);
+          for (int64_t c = channels; c < 64; ++c) block[c] = 0;
+          transpose64(block);
+          int64_t ih = ih0, iw = iw0;
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t j = iw + p.pad_left;
+            if (j < padded_cols) *word_ptr(n, ih + p.pad_top, g * wpg + w, j) = block[i];
+            if (++iw == p.in_w) {
+              iw = 0;
+              ++ih;
+            }
+          }
+        }
+      continue;
+    }
+    const int64_t r = t, ih = r - p.pad_top;
     uint64_t* row = packed + n * l.image_stride + r * l.row_stride;
     const bool real_row = ih >= 0 && ih < p.in_h;
     for (int64_t g = 0; g < p.groups; ++g)
@@ -77,17 +131,12 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, T
         const int64_t word = g * wpg + w;
         for (int64_t ph = 0; ph < phases; ++ph) {
           uint64_t* dst = row + ph * l.phase_stride + word * l.row_words;
-          if (!real_row) {
-            for (int64_t pos = 0; pos < l.row_words; ++pos) dst[pos] = pad;
-            continue;
-          }
-          // Positions holding padding columns: j = pos * phases + ph outside [pad_left, pad_left + in_w).
-          for (int64_t pos = 0; pos < l.row_words; ++pos) {
-            const int64_t iw = pos * phases + ph - p.pad_left;
-            if (iw < 0 || iw >= p.in_w) dst[pos] = pad;
-          }
+          int64_t lo = 0, hi = 0;
+          if (real_row) real_positions(p, l, ph, lo, hi);
+          for (int64_t pos = 0; pos < lo; ++pos) dst[pos] = pad;
+          for (int64_t pos = hi; pos < l.row_words; ++pos) dst[pos] = pad;
         }
-        if (!real_row) continue;
+        if (!real_row || plane) continue;
         const int64_t c0 = g * cg + 64 * w, channels = imin(64, cg - 64 * w);
         const float* src = x + n * s.n + c0 * s.c + ih * s.h;
         auto put = [&](int64_t iw, uint64_t bits) {
@@ -95,13 +144,15 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, T
           if (j < padded_cols) row[(j % phases) * l.phase_stride + word * l.row_words + j / phases] = bits;
         };
         if (channels_contiguous) {
-          for (int64_t iw = 0; iw < p.in_w; ++iw) put(iw, Isa::negative_mask(src + iw * s.w, channels));
+          for (int64_t iw = 0; iw < p.in_w; ++iw)
+            put(iw, threshold ? Isa::below_each(src + iw * s.w, threshold + c0, channels)
+                              : Isa::below(src + iw * s.w, 0.0f, channels));
           continue;
         }
         for (int64_t iw0 = 0; iw0 < p.in_w; iw0 += 64) {
           const int64_t count = imin(64, p.in_w - iw0);
           for (int64_t c = 0; c < channels; ++c)
-            block[c] = negative_mask_strided<Isa>(src + c * s.c + iw0 * s.w, s.w, count);
+            block[c] = below_strided<Isa>(src + c * s.c + iw0 * s.w, s.w, threshold ? threshold[c0 + c] : 0.0f, count);
           for (int64_t c = channels; c < 64; ++c) block[c] = 0;
           transpose64(block);
           for (int64_t i = 0; i < count; ++i) put(iw0 + i, block[i]);
@@ -110,13 +161,15 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, T
   }
 }
 
-// What one (strip, channel) of a block writes: lanes [0, lanes) of out, y = scale * (depth - 2*popcount - corr) + bias.
-struct StoreTarget {
-  float* out;
-  int lanes;
-  float scale, bias;
+// Where and how a block writes: for strip i and channel v, lanes [0, lanes[i]) of out[i][v] (nullptr: a tail
+// strip or channel, computed but not stored) get y = scale[v] * (depth - 2 * popcount - correction) + bias[v].
+template <int P, int V>
+struct BlockStore {
+  float* out[P][V];
+  int lanes[P];
+  float scale[V], bias[V];
   int32_t depth;
-  const int32_t* correction;  // kStrip entries, or nullptr when no tap of this strip is padded
+  const int32_t* correction[P][V];  // kStrip entries (64-byte aligned), or nullptr when no tap is padded
 };
 
 struct TaskSpace {
@@ -149,58 +202,69 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   tap_offsets(p, l, offsets);
   const int64_t oh_count = p.out_h(), ow_count = p.out_w(), og = p.out_channels_per_group();
   const int64_t taps = p.taps(), wpg = l.words_per_group, weight_row = taps * wpg;
-  const int32_t depth = static_cast<int32_t>(p.depth());
   const ZeroPadCorrection* zp = p.pad_value == PadValue::Zero ? st.zero_pad : nullptr;
-  alignas(64) int32_t correction[SW];
-  typename Isa::Acc acc;
-  for (int64_t task = begin; task < end; ++task) {
-    int64_t rest = task;
-    const int64_t sb = rest % ts.strip_blocks;
-    rest /= ts.strip_blocks;
-    const int64_t cb = rest % ts.channel_blocks;
-    rest /= ts.channel_blocks;
-    const int64_t g = rest % p.groups, n = rest / p.groups;
+  alignas(64) int32_t correction[P][V][SW];
+  BlockStore<P, V> bs;
+  bs.depth = static_cast<int32_t>(p.depth());
 
+  // Task index = ((n * groups + g) * channel_blocks + cb) * strip_blocks + sb, walked without divisions.
+  int64_t sb = begin % ts.strip_blocks, rest = begin / ts.strip_blocks;
+  int64_t cb = rest % ts.channel_blocks;
+  rest /= ts.channel_blocks;
+  int64_t g = rest % p.groups, n = rest / p.groups;
+  for (int64_t task = begin; task < end; ++task) {
     const uint64_t* act[P];
     int64_t strip_oh[P], strip_ow[P];
     for (int i = 0; i < P; ++i) {
       // Past the last strip, repeat it: computed but not stored, so the block never branches on tails.
       const int64_t s = imin(sb * P + i, ts.strips - 1);
       strip_oh[i] = s / ts.strips_per_row;
-      strip_ow[i] = (s % ts.strips_per_row) * SW;
+      strip_ow[i] = s - strip_oh[i] * ts.strips_per_row;
+      strip_ow[i] *= SW;
       act[i] = x + n * l.image_stride + strip_oh[i] * p.stride_h * l.row_stride + strip_ow[i] + g * wpg * l.row_words;
+      bs.lanes[i] = static_cast<int>(imin(SW, ow_count - strip_ow[i]));
     }
     const uint64_t* wrow[V];
     int64_t channel[V];
     for (int v = 0; v < V; ++v) {
       channel[v] = g * og + imin(cb * V + v, og - 1);
       wrow[v] = w + channel[v] * weight_row;
+      bs.scale[v] = st.scale ? st.scale[channel[v]] : 1.0f;
+      bs.bias[v] = st.bias ? st.bias[channel[v]] : 0.0f;
     }
-    Isa::compute(acc, act, offsets, taps, wpg, l.row_words, wrow);
-
-    const int strips_here = static_cast<int>(imin(P, ts.strips - sb * P));
-    const int channels_here = static_cast<int>(imin(V, og - cb * V));
-    for (int i = 0; i < strips_here; ++i) {
-      const int lanes = static_cast<int>(imin(SW, ow_count - strip_ow[i]));
+    const int64_t strips_here = imin(P, ts.strips - sb * P), channels_here = imin(V, og - cb * V);
+    for (int i = 0; i < P; ++i) {
       bool border = false;
       int32_t row_cls = 0;
-      if (zp) {
+      if (zp && i < strips_here) {
         row_cls = zp->row_class[strip_oh[i]];
         border = row_cls != 0;
-        for (int lane = 0; lane < lanes && !border; ++lane) border = zp->col_class[strip_ow[i] + lane] != 0;
+        for (int lane = 0; lane < bs.lanes[i] && !border; ++lane) border = zp->col_class[strip_ow[i] + lane] != 0;
       }
-      for (int v = 0; v < channels_here; ++v) {
-        const int64_t o = channel[v];
-        if (border) {
-          for (int lane = 0; lane < SW; ++lane) {
-            const int64_t cls = row_cls * zp->col_classes + zp->col_class[strip_ow[i] + lane];
-            correction[lane] = zp->value[cls * p.out_channels + o];
-          }
+      for (int v = 0; v < V; ++v) {
+        const bool stored = i < strips_here && v < channels_here;
+        bs.out[i][v] = stored ? st.out + ((n * p.out_channels + channel[v]) * oh_count + strip_oh[i]) * ow_count +
+                                    strip_ow[i]
+                              : nullptr;
+        bs.correction[i][v] = nullptr;
+        if (!stored || !border) continue;
+        for (int lane = 0; lane < SW; ++lane) {
+          const int64_t cls = row_cls * zp->col_classes + zp->col_class[strip_ow[i] + lane];
+          correction[i][v][lane] = zp->value[cls * p.out_channels + channel[v]];
         }
-        StoreTarget t{st.out + ((n * p.out_channels + o) * oh_count + strip_oh[i]) * ow_count + strip_ow[i], lanes,
-                      st.scale ? st.scale[o] : 1.0f, st.bias ? st.bias[o] : 0.0f, depth,
-                      border ? correction : nullptr};
-        Isa::store(acc, i, v, t);
+        bs.correction[i][v] = correction[i][v];
+      }
+    }
+    Isa::block(act, offsets, taps, wpg, l.row_words, wrow, bs);
+
+    if (++sb == ts.strip_blocks) {
+      sb = 0;
+      if (++cb == ts.channel_blocks) {
+        cb = 0;
+        if (++g == p.groups) {
+          g = 0;
+          ++n;
+        }
       }
     }
   }

@@ -35,37 +35,53 @@ struct NeonIsa {
   static constexpr int64_t kFlushWords = 4095;
   static_assert(16 * kFlushWords < 65536, "u16 accumulator lanes must not overflow between flushes");
 
-  struct Acc {
-    uint32_t count[kStrips][kChannels][kStrip];
+  // Per-pixel u32 totals of one block, filled by flush().
+  struct Totals {
+    alignas(16) uint32_t count[kStrips][kChannels][kStrip];
   };
 
-  // Bit i = !(x[i] >= 0) for i < count <= 64 (NaN -> 1, -0.0 -> 0). 16 floats become 16 mask bytes (compare,
+  // Bit i = !(x[i] >= t_i) for i < count <= 64 (NaN -> 1; -0.0 >= 0). 16 floats become 16 mask bytes (compare,
   // narrow twice); bytes AND {1,2,..,128,1,..,128}; three rounds of pairwise byte adds then fold 64 mask bytes into
   // the 8 bytes of the result, byte j holding bits 8j..8j+7 (little-endian, so bit i of the word is float i).
-  static uint64_t negative_mask(const float* x, int64_t count) {
+  // `Threshold` gives the 4 thresholds at offset i (vector) and the one at i (scalar tail).
+  template <class Threshold>
+  static uint64_t below_impl(const float* x, Threshold threshold, int64_t count) {
     static const uint8_t kBitWeights[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
     const uint8x16_t weights = vld1q_u8(kBitWeights);
-    const float32x4_t zero = vdupq_n_f32(0.0f);
-    auto block16 = [&](const float* p) {
-      const uint16x8_t lo = vcombine_u16(vmovn_u32(vcgeq_f32(vld1q_f32(p), zero)),
-                                         vmovn_u32(vcgeq_f32(vld1q_f32(p + 4), zero)));
-      const uint16x8_t hi = vcombine_u16(vmovn_u32(vcgeq_f32(vld1q_f32(p + 8), zero)),
-                                         vmovn_u32(vcgeq_f32(vld1q_f32(p + 12), zero)));
-      // x >= 0 is the +1 bit (0); its complement, with NaN >= 0 false, is the -1 bit.
+    auto at_least = [&](int64_t i) { return vmovn_u32(vcgeq_f32(vld1q_f32(x + i), threshold.vec(i))); };
+    auto block16 = [&](int64_t i) {
+      const uint16x8_t lo = vcombine_u16(at_least(i), at_least(i + 4));
+      const uint16x8_t hi = vcombine_u16(at_least(i + 8), at_least(i + 12));
+      // x >= t is the +1 bit (0); its complement, with NaN >= t false, is the -1 bit.
       return vandq_u8(vmvnq_u8(vcombine_u8(vmovn_u16(lo), vmovn_u16(hi))), weights);
     };
     const int64_t full = count / 16;
     uint8x16_t b[4];
-    for (int i = 0; i < 4; ++i) b[i] = i < full ? block16(x + 16 * i) : vdupq_n_u8(0);
+    for (int i = 0; i < 4; ++i) b[i] = i < full ? block16(16 * i) : vdupq_n_u8(0);
     const uint8x16_t q = vpaddq_u8(vpaddq_u8(b[0], b[1]), vpaddq_u8(b[2], b[3]));
     uint64_t bits = vgetq_lane_u64(vreinterpretq_u64_u8(vpaddq_u8(q, q)), 0);
-    for (int64_t i = 16 * full; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= 0.0f)) << i;
+    for (int64_t i = 16 * full; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= threshold.one(i))) << i;
     return bits;
   }
 
+  struct Uniform {
+    float t;
+    float32x4_t v;
+    float32x4_t vec(int64_t) const { return v; }
+    float one(int64_t) const { return t; }
+  };
+  struct PerLane {
+    const float* t;
+    float32x4_t vec(int64_t i) const { return vld1q_f32(t + i); }
+    float one(int64_t i) const { return t[i]; }
+  };
+
+  static uint64_t below(const float* x, float t, int64_t count) { return below_impl(x, Uniform{t, vdupq_n_f32(t)}, count); }
+  static uint64_t below_each(const float* x, const float* t, int64_t count) { return below_impl(x, PerLane{t}, count); }
+
   // u16 accumulators -> per-pixel u32 totals: uaddlp sums lane pairs (2 u32 per pixel), addp the remaining pairs
   // across two registers, giving 4 consecutive pixels in order.
-  static void flush(uint16x8_t (&acc)[kStrips][kChannels][kRegs], Acc& out) {
+  static void flush(uint16x8_t (&acc)[kStrips][kChannels][kRegs], Totals& out) {
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v) {
         for (int r = 0; r < kRegs; r += 2) {
@@ -77,11 +93,13 @@ struct NeonIsa {
       }
   }
 
-  static void compute(Acc& out, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
-                      int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels]) {
+  static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
+                    int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
+                    const BlockStore<kStrips, kChannels>& bs) {
+    Totals totals;
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v)
-        for (int lane = 0; lane < kStrip; lane += 4) vst1q_u32(&out.count[i][v][lane], vdupq_n_u32(0));
+        for (int lane = 0; lane < kStrip; lane += 4) vst1q_u32(&totals.count[i][v][lane], vdupq_n_u32(0));
     uint16x8_t acc[kStrips][kChannels][kRegs];
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v)
@@ -102,34 +120,38 @@ struct NeonIsa {
             for (int r = 0; r < kRegs; ++r) acc[i][v][r] = vpadalq_u8(acc[i][v][r], vcntq_u8(veorq_u8(x[i][r], wv)));
         }
         if (--budget == 0) {
-          flush(acc, out);
+          flush(acc, totals);
           budget = kFlushWords;
         }
       }
     }
-    flush(acc, out);
-  }
+    flush(acc, totals);
 
-  static void store(const Acc& acc, int strip, int channel, const StoreTarget& t) {
-    const uint32_t* count = acc.count[strip][channel];
-    const int32x4_t depth = vdupq_n_s32(t.depth);
-    const float32x4_t scale = vdupq_n_f32(t.scale), bias = vdupq_n_f32(t.bias);
-    float32x4_t y[2];
-    for (int h = 0; h < 2; ++h) {
-      const int32x4_t c = vreinterpretq_s32_u32(vld1q_u32(count + 4 * h));
-      int32x4_t dot = vsubq_s32(depth, vshlq_n_s32(c, 1));
-      if (t.correction) dot = vsubq_s32(dot, vld1q_s32(t.correction + 4 * h));
-      // Fused multiply-add, as std::fma in the scalar family: every family rounds identically.
-      y[h] = vfmaq_f32(bias, scale, vcvtq_f32_s32(dot));
-    }
-    if (t.lanes == kStrip) {
-      vst1q_f32(t.out, y[0]);
-      vst1q_f32(t.out + 4, y[1]);
-    } else {
-      float tmp[kStrip];
-      vst1q_f32(tmp, y[0]);
-      vst1q_f32(tmp + 4, y[1]);
-      for (int lane = 0; lane < t.lanes; ++lane) t.out[lane] = tmp[lane];
+    // Output stage: y = scale * (depth - 2 * count - correction) + bias, fused multiply-add as std::fma in the
+    // scalar family, so every family rounds identically.
+    const int32x4_t depth = vdupq_n_s32(bs.depth);
+    for (int v = 0; v < kChannels; ++v) {
+      const float32x4_t scale = vdupq_n_f32(bs.scale[v]), bias = vdupq_n_f32(bs.bias[v]);
+      for (int i = 0; i < kStrips; ++i) {
+        float* out = bs.out[i][v];
+        if (!out) continue;
+        float32x4_t y[2];
+        for (int h = 0; h < 2; ++h) {
+          const int32x4_t c = vreinterpretq_s32_u32(vld1q_u32(&totals.count[i][v][4 * h]));
+          int32x4_t dot = vsubq_s32(depth, vshlq_n_s32(c, 1));
+          if (bs.correction[i][v]) dot = vsubq_s32(dot, vld1q_s32(bs.correction[i][v] + 4 * h));
+          y[h] = vfmaq_f32(bias, scale, vcvtq_f32_s32(dot));
+        }
+        if (bs.lanes[i] == kStrip) {
+          vst1q_f32(out, y[0]);
+          vst1q_f32(out + 4, y[1]);
+        } else {
+          float tmp[kStrip];
+          vst1q_f32(tmp, y[0]);
+          vst1q_f32(tmp + 4, y[1]);
+          for (int lane = 0; lane < bs.lanes[i]; ++lane) out[lane] = tmp[lane];
+        }
+      }
     }
   }
 

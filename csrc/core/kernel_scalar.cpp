@@ -11,21 +11,23 @@ namespace {
 
 struct ScalarIsa {
   static constexpr int kStrip = 8, kStrips = 1, kChannels = 4;
-  struct Acc {
-    uint32_t count[kStrips][kChannels][kStrip];
-  };
 
-  static uint64_t negative_mask(const float* x, int64_t count) {
+  static uint64_t below(const float* x, float t, int64_t count) {
     uint64_t bits = 0;
-    for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= 0.0f)) << i;
+    for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= t)) << i;
     return bits;
   }
 
-  static void compute(Acc& acc, const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
-                      int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels]) {
-    for (auto& s : acc.count)
-      for (auto& c : s)
-        for (auto& lane : c) lane = 0;
+  static uint64_t below_each(const float* x, const float* t, int64_t count) {
+    uint64_t bits = 0;
+    for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(!(x[i] >= t[i])) << i;
+    return bits;
+  }
+
+  static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
+                    int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
+                    const BlockStore<kStrips, kChannels>& bs) {
+    uint32_t count[kStrips][kChannels][kStrip] = {};
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t w = 0; w < words_per_group; ++w)
         for (int i = 0; i < kStrips; ++i) {
@@ -33,18 +35,19 @@ struct ScalarIsa {
           for (int v = 0; v < kChannels; ++v) {
             const uint64_t wv = weight[v][t * words_per_group + w];
             for (int lane = 0; lane < kStrip; ++lane)
-              acc.count[i][v][lane] += static_cast<uint32_t>(__builtin_popcountll(a[lane] ^ wv));
+              count[i][v][lane] += static_cast<uint32_t>(__builtin_popcountll(a[lane] ^ wv));
           }
         }
-  }
-
-  static void store(const Acc& acc, int strip, int channel, const StoreTarget& t) {
-    for (int lane = 0; lane < t.lanes; ++lane) {
-      int32_t dot = t.depth - 2 * static_cast<int32_t>(acc.count[strip][channel][lane]);
-      if (t.correction) dot -= t.correction[lane];
-      // fma everywhere: every family then rounds identically.
-      t.out[lane] = std::fma(t.scale, static_cast<float>(dot), t.bias);
-    }
+    for (int i = 0; i < kStrips; ++i)
+      for (int v = 0; v < kChannels; ++v) {
+        if (!bs.out[i][v]) continue;
+        for (int lane = 0; lane < bs.lanes[i]; ++lane) {
+          int32_t dot = bs.depth - 2 * static_cast<int32_t>(count[i][v][lane]);
+          if (bs.correction[i][v]) dot -= bs.correction[i][v][lane];
+          // fma everywhere: every family then rounds identically.
+          bs.out[i][v][lane] = std::fma(bs.scale[v], static_cast<float>(dot), bs.bias[v]);
+        }
+      }
   }
 
   static uint64_t peak_probe(int64_t iterations) {

@@ -2,6 +2,7 @@
 //
 // Binary semantics (the single source of truth; csrc/torch and the Python reference follow it):
 //   sign(x) = +1 if x >= 0 else -1   (-0.0 -> +1, NaN -> -1 because NaN >= 0 is false)
+//   with a per-input-channel threshold t (ReActNet's RSign, fused into packing): sign(x - t), computed as x >= t
 //   bit(x)  = 0 for +1, 1 for -1      (so equal signs XOR to 0)
 //   dot     = K - 2 * popcount(a XOR w), K = number of taps that count
 //
@@ -111,10 +112,11 @@ struct OutputStage {
 // at::parallel_for, which follows torch.get_num_threads()); run(begin, end) does tasks [begin, end).
 struct KernelOps {
   const char* name;
-  // Binarize + pack: tasks are (image, padded row) pairs; every word of the layout is written (padding included).
+  // Binarize + pack; every word of the layout is written (padding included). threshold: one per input channel, or
+  // nullptr for 0.
   int64_t (*pack_tasks)(const ConvParams&, const ActivationLayout&);
   void (*pack)(const ConvParams&, const ActivationLayout&, const float* input, TensorStrides strides,
-               uint64_t* packed, int64_t begin, int64_t end);
+               const float* threshold, uint64_t* packed, int64_t begin, int64_t end);
   int64_t (*conv_tasks)(const ConvParams&, const ActivationLayout&);
   void (*conv)(const ConvParams&, const ActivationLayout&, const uint64_t* packed_input,
                const uint64_t* packed_weight, const OutputStage&, int64_t begin, int64_t end);
@@ -159,6 +161,7 @@ std::string backend_environment_error();
 // The whole op on one thread with one kernel family: for the C++ tests and benchmarks (no torch there).
 // input is NCHW with the given strides; out is NCHW contiguous.
 void binary_conv2d_serial(const KernelOps& ops, const ConvParams& p, const float* input, TensorStrides strides,
-                             const float* weight, const float* scale, const float* bias, float* out);
+                          const float* weight, const float* scale, const float* bias, float* out,
+                          const float* threshold = nullptr);
 
 }  // namespace xnorconv

@@ -1,5 +1,10 @@
 // pybind11 module xnorconv._C: importing it loads this library, which registers the ops (TORCH_LIBRARY in ops.cpp).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include <algorithm>
+#include <chrono>
+#include <vector>
 
 #include "xnorconv_core.h"
 
@@ -9,6 +14,73 @@
 #ifndef XNORCONV_CUDA_ARCHS
 #define XNORCONV_CUDA_ARCHS ""
 #endif
+
+namespace {
+
+// Benchmark hooks (used by python -m bench): the kernel's ceiling and the kernel alone on pre-packed input.
+double peak_binary_macs_per_second(const std::string& backend, int64_t iterations) {
+  const std::string err = xnorconv::set_backend_override(backend);
+  TORCH_CHECK(err.empty(), "peak_binary_macs_per_second: ", err);
+  const xnorconv::KernelOps& ops = xnorconv::select_kernel({});
+  xnorconv::set_backend_override("");
+  double best = 0;
+  for (int r = 0; r < 5; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const uint64_t macs = ops.peak_probe(iterations);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, macs / s);
+  }
+  return best;
+}
+
+// Median milliseconds of the convolution pass alone (input packed once beforehand), threads from torch.
+double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const at::Tensor& weight,
+                      std::vector<int64_t> stride, std::vector<int64_t> padding, int64_t pad_value, int64_t reps) {
+  const std::string err = xnorconv::set_backend_override(backend);
+  TORCH_CHECK(err.empty(), "conv_kernel_ms: ", err);
+  xnorconv::ConvParams p;
+  p.batch = input.size(0);
+  p.in_channels = input.size(1);
+  p.in_h = input.size(2);
+  p.in_w = input.size(3);
+  p.out_channels = weight.size(0);
+  p.kernel_h = weight.size(2);
+  p.kernel_w = weight.size(3);
+  p.stride_h = stride.at(0);
+  p.stride_w = stride.at(1);
+  p.pad_top = p.pad_bottom = padding.at(0);
+  p.pad_left = p.pad_right = padding.at(1);
+  p.pad_value = static_cast<xnorconv::PadValue>(pad_value);
+  const std::string bad = xnorconv::validate(p);
+  TORCH_CHECK(bad.empty(), "conv_kernel_ms: ", bad);
+  const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
+  xnorconv::set_backend_override("");
+  const at::Tensor x = input.contiguous(), w = weight.contiguous();
+  const xnorconv::ActivationLayout l = xnorconv::activation_layout(p);
+  std::vector<uint64_t> px(l.total_words), pw(xnorconv::weight_words(p));
+  std::vector<int32_t> tap_sum(p.out_channels * p.taps());
+  xnorconv::pack_weights(p, w.data_ptr<float>(), pw.data(), tap_sum.data());
+  ops.pack(p, l, x.data_ptr<float>(), {x.stride(0), x.stride(1), x.stride(2), x.stride(3)}, nullptr, px.data(), 0,
+           ops.pack_tasks(p, l));
+  xnorconv::ZeroPadCorrection zp;
+  if (p.pad_value == xnorconv::PadValue::Zero) zp = xnorconv::zero_pad_correction(p, tap_sum.data());
+  at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()}, x.options());
+  xnorconv::OutputStage st;
+  st.out = out.data_ptr<float>();
+  st.zero_pad = &zp;
+  std::vector<double> times;
+  for (int64_t r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, ops.conv_tasks(p, l), 1, [&](int64_t b, int64_t e) {
+      ops.conv(p, l, px.data(), pw.data(), st, b, e);
+    });
+    times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "xnorconv compiled kernels (ops are registered as torch.ops.xnorconv.*)";
@@ -26,6 +98,8 @@ PYBIND11_MODULE(_C, m) {
     p.kernel_h = p.kernel_w = kernel;
     return std::string(xnorconv::select_kernel(p).name);
   }, "The CPU kernel family the selector picks for a layer");
+  m.def("peak_binary_macs_per_second", &peak_binary_macs_per_second, "Peak probe of a CPU kernel family (best of 5)");
+  m.def("conv_kernel_ms", &conv_kernel_ms, "Median ms of the convolution pass alone on pre-packed input");
   m.attr("with_cuda") = static_cast<bool>(XNORCONV_WITH_CUDA);
   m.attr("cuda_archs") = XNORCONV_CUDA_ARCHS;
   m.attr("compiler") = __VERSION__;

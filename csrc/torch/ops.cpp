@@ -25,6 +25,15 @@ void check_affine(const c10::optional<at::Tensor>& t, const char* name, int64_t 
 
 }  // namespace
 
+void check_input_threshold(const c10::optional<at::Tensor>& t, const at::Tensor& input) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == input.size(1), "binary_conv2d: input_threshold must have shape (",
+              input.size(1), ",) (one value per input channel), got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, "binary_conv2d: input_threshold must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == input.device(), "binary_conv2d: input_threshold is on ", t->device(),
+              " but input is on ", input.device());
+}
+
 ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, const at::Tensor& weight_tap_sum,
                        int64_t weight_in_channels, const c10::optional<at::Tensor>& scale,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -111,14 +120,18 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
                                     const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
                                     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                    int64_t groups, int64_t pad_value) {
+                                    int64_t groups, int64_t pad_value,
+                                    const c10::optional<at::Tensor>& input_threshold) {
   const ConvParams p = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride,
                                    padding, dilation, groups, pad_value);
+  check_input_threshold(input_threshold, input);
   at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()}, input.options());
   if (p.batch == 0) return out;
   const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor bits = weight_bits.contiguous();
+  const at::Tensor threshold = input_threshold.has_value() ? input_threshold->contiguous() : at::Tensor();
+  const float* threshold_ptr = threshold.defined() ? threshold.data_ptr<float>() : nullptr;
 
   const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
   const xnorconv::ActivationLayout layout = xnorconv::activation_layout(p);
@@ -127,7 +140,7 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   const xnorconv::TensorStrides strides{input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
   const float* x = input.data_ptr<float>();
   at::parallel_for(0, ops.pack_tasks(p, layout), 1, [&](int64_t begin, int64_t end) {
-    ops.pack(p, layout, x, strides, packed_ptr, begin, end);
+    ops.pack(p, layout, x, strides, threshold_ptr, packed_ptr, begin, end);
   });
 
   xnorconv::ZeroPadCorrection zero_pad;
@@ -155,8 +168,8 @@ TORCH_LIBRARY(xnorconv, m) {
   m.def("pack_weight(Tensor weight) -> (Tensor weight_bits, Tensor weight_tap_sum)");
   m.def(
       "binary_conv2d_packed(Tensor input, Tensor weight_bits, Tensor weight_tap_sum, int weight_in_channels, "
-      "Tensor? scale, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, int groups, int pad_value) "
-      "-> Tensor");
+      "Tensor? scale, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, int groups, int pad_value, "
+      "Tensor? input_threshold=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {

@@ -13,4 +13,7 @@ xnorconv::ConvParams conv_params(const at::Tensor& input, const at::Tensor& weig
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t groups, int64_t pad_value);
 
+// input_threshold: None, or float32 (C,) on the input's device.
+void check_input_threshold(const c10::optional<at::Tensor>& input_threshold, const at::Tensor& input);
+
 }  // namespace xnorconv_torch

@@ -26,11 +26,12 @@ int failures = 0, checks = 0;
     }                                                      \
   } while (0)
 
-float sign_of(float x) { return x >= 0.0f ? 1.0f : -1.0f; }
+float sign_of(float x, float t = 0.0f) { return x >= t ? 1.0f : -1.0f; }
 
 // Direct convolution of the signed tensors, in double, with padded taps worth pad_value.
 std::vector<double> reference(const ConvParams& p, const std::vector<float>& x, TensorStrides s,
-                              const std::vector<float>& w, const float* scale, const float* bias) {
+                              const std::vector<float>& w, const float* scale, const float* bias,
+                              const float* threshold) {
   const int64_t oh = p.out_h(), ow = p.out_w(), cg = p.channels_per_group(), og = p.out_channels_per_group();
   std::vector<double> y(p.batch * p.out_channels * oh * ow);
   for (int64_t n = 0; n < p.batch; ++n)
@@ -48,7 +49,8 @@ std::vector<double> reference(const ConvParams& p, const std::vector<float>& x, 
                 if (ih < 0 || ih >= p.in_h || iw < 0 || iw >= p.in_w)
                   a = static_cast<double>(static_cast<int>(p.pad_value));
                 else
-                  a = sign_of(x[n * s.n + (g * cg + c) * s.c + ih * s.h + iw * s.w]);
+                  a = sign_of(x[n * s.n + (g * cg + c) * s.c + ih * s.h + iw * s.w],
+                              threshold ? threshold[g * cg + c] : 0.0f);
                 acc += a * sign_of(w[((o * cg + c) * p.kernel_h + kh) * p.kernel_w + kw]);
               }
           const double sc = scale ? scale[o] : 1.0, b = bias ? bias[o] : 0.0;
@@ -71,32 +73,41 @@ void fill_signed(std::vector<float>& v) {
   }
 }
 
+enum class Layout { Nchw, ChannelsLast, RowPadded };
+
 // x_shift / w_shift move the normal samples (e.g. -3 / +3: almost every XOR bit set, the worst case for narrow
 // accumulators).
-void check_case(const ConvParams& p, bool channels_last, bool with_affine, const std::string& label,
-                float x_shift = 0.0f, float w_shift = 0.0f) {
+void check_case(const ConvParams& p, Layout layout, bool with_affine, const std::string& label,
+                bool with_threshold = false, float x_shift = 0.0f, float w_shift = 0.0f) {
   const std::string err = validate(p);
   EXPECT(err.empty(), "%s: validate: %s", label.c_str(), err.c_str());
   if (!err.empty()) return;
-  std::vector<float> x(p.batch * p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.channels_per_group() * p.taps());
+  // RowPadded: rows 3 floats apart more than their width (a sliced tensor), which takes the packer's row path.
+  const int64_t row = layout == Layout::RowPadded ? p.in_w + 3 : p.in_w;
+  std::vector<float> x(p.batch * p.in_channels * p.in_h * row), w(p.out_channels * p.channels_per_group() * p.taps());
   fill_signed(x);
   fill_signed(w);
   for (auto& e : x) e += x_shift;
   for (auto& e : w) e += w_shift;
-  TensorStrides s = channels_last ? TensorStrides{p.in_h * p.in_w * p.in_channels, 1, p.in_w * p.in_channels, p.in_channels}
-                                  : TensorStrides{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+  TensorStrides s = layout == Layout::ChannelsLast
+                        ? TensorStrides{p.in_h * p.in_w * p.in_channels, 1, p.in_w * p.in_channels, p.in_channels}
+                        : TensorStrides{p.in_channels * p.in_h * row, p.in_h * row, row, 1};
   std::vector<float> scale(p.out_channels), bias(p.out_channels);
   for (auto& e : scale) e = std::uniform_real_distribution<float>(0.1f, 2.0f)(rng);
   for (auto& e : bias) e = std::uniform_real_distribution<float>(-3.0f, 3.0f)(rng);
   const float* sc = with_affine ? scale.data() : nullptr;
   const float* bi = with_affine ? bias.data() : nullptr;
-  const std::vector<double> want = reference(p, x, s, w, sc, bi);
+  std::vector<float> thresholds(p.in_channels);
+  for (auto& e : thresholds) e = std::uniform_real_distribution<float>(-1.0f, 1.0f)(rng);
+  if (!thresholds.empty()) thresholds[0] = 0.0f;
+  const float* th = with_threshold ? thresholds.data() : nullptr;
+  const std::vector<double> want = reference(p, x, s, w, sc, bi, th);
   for (const auto& name : available_backends()) {
     set_backend_override(name);
     const KernelOps& ops = select_kernel(p);
     EXPECT(ops.name == name, "selector returned %s for override %s", ops.name, name.c_str());
     std::vector<float> got(want.size(), NAN);
-    binary_conv2d_serial(ops, p, x.data(), s, w.data(), sc, bi, got.data());
+    binary_conv2d_serial(ops, p, x.data(), s, w.data(), sc, bi, got.data(), th);
     int64_t bad = 0, first = -1;
     for (size_t i = 0; i < want.size(); ++i) {
       const double tol = with_affine ? 1e-5 * (1.0 + std::fabs(want[i])) : 0.0;
@@ -145,7 +156,9 @@ void test_random_shapes(int count) {
     p.in_h = pick(1, 19);
     p.in_w = pick(1, 40);
     if (!validate(p).empty()) continue;  // kernel larger than the padded input
-    check_case(p, pick(0, 3) == 0, pick(0, 1) == 1, describe(p));
+    const Layout layouts[] = {Layout::Nchw, Layout::Nchw, Layout::ChannelsLast, Layout::RowPadded};
+    const bool threshold = pick(0, 2) == 0;
+    check_case(p, layouts[pick(0, 3)], pick(0, 1) == 1, describe(p) + (threshold ? " threshold" : ""), threshold);
   }
 }
 
@@ -164,7 +177,7 @@ void test_darknet_shapes() {
       p.stride_h = p.stride_w = s[4];
       p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = s[5];
       p.pad_value = pv;
-      check_case(p, false, true, describe(p));
+      check_case(p, Layout::Nchw, true, describe(p));
     }
 }
 
@@ -181,7 +194,7 @@ void test_deep_accumulation() {
     p.kernel_h = p.kernel_w = 7;
     p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 3;
     p.pad_value = pv;
-    check_case(p, false, false, "deep " + describe(p), -3.0f, 3.0f);
+    check_case(p, Layout::Nchw, false, "deep " + describe(p), false, -3.0f, 3.0f);
   }
 }
 
@@ -203,7 +216,8 @@ void test_bit_order() {
       std::vector<float> x(p.in_channels * p.in_w, 1.0f);
       for (int64_t iw = 0; iw < p.in_w; ++iw) x[hot * p.in_w + iw] = -1.0f;
       std::vector<uint64_t> packed(l.total_words, 0xDEADBEEFull);
-      ops.pack(p, l, x.data(), {p.in_channels * p.in_w, p.in_w, p.in_w, 1}, packed.data(), 0, ops.pack_tasks(p, l));
+      ops.pack(p, l, x.data(), {p.in_channels * p.in_w, p.in_w, p.in_w, 1}, nullptr, packed.data(), 0,
+               ops.pack_tasks(p, l));
       for (int64_t iw = 0; iw < p.in_w; ++iw)
         for (int64_t word = 0; word < 3; ++word) {
           const uint64_t want = word == hot / 64 ? (1ull << (hot % 64)) : 0;

@@ -1,0 +1,1 @@
+"""Benchmarks of xnorconv against float and int8 convolution (python -m bench)."""

@@ -1,0 +1,60 @@
+"""Interleaved timing and the record of where a figure was measured."""
+import datetime
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+import xnorconv
+
+
+def interleaved(fns, reps, warmup=3, seed=0):
+    """Times every callable `reps` times, one call of each per round in a shuffled order, so that the machine's
+    drifts (other load, clock changes) fall on all of them alike. Returns {name: [seconds, ...]}."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    order = list(fns)
+    rng = random.Random(seed)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(samples):
+    return statistics.median(samples) * 1e3
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(threads):
+    info = xnorconv.build_info()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "bench", *sys.argv[1:]]),
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.machine()}",
+        "cpu_features": ", ".join(info["cpu_features"]),
+        "threads": threads,
+        "torch": torch.__version__,
+        "xnorconv": info["xnorconv"],
+        "backends": ", ".join(info["cpu_backends_available"]),
+    }

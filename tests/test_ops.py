@@ -1,0 +1,283 @@
+"""The binary convolution op on every CPU backend against the float64 reference."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xnorconv
+from xnorconv._reference import reference_binary_conv2d, sign
+from xnorconv.functional import normalize_conv_args
+
+BACKENDS = xnorconv.backends()
+
+
+def _random_case(rng):
+    groups = rng.choice([1, 1, 1, 2, 3])
+    return dict(
+        n=rng.choice([0, 1, 1, 2]),
+        cin=groups * rng.randint(1, 140),
+        cout=groups * rng.randint(1, 24),
+        h=rng.randint(1, 17), w=rng.randint(1, 33),
+        k=(rng.randint(1, 4), rng.randint(1, 4)),
+        stride=(rng.randint(1, 3), rng.randint(1, 3)),
+        padding=(rng.randint(0, 2), rng.randint(0, 2)),
+        dilation=(rng.randint(1, 2), rng.randint(1, 2)),
+        groups=groups,
+        pad_value=rng.choice([0, 1, -1]),
+        layout=rng.choice(["contiguous", "channels_last", "sliced", "transposed"]),
+        affine=rng.random() < 0.5,
+        threshold=rng.random() < 0.3,
+    )
+
+
+def _make_input(n, c, h, w, layout):
+    if layout == "channels_last":
+        return torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        return torch.randn(n, c + 3, h + 2, 2 * w)[:, 2:c + 2, 1:h + 1, ::2]
+    if layout == "transposed":
+        return torch.randn(n, c, w, h).transpose(2, 3)
+    return torch.randn(n, c, h, w)
+
+
+def _fits(case):
+    (kh, kw), (dh, dw), (ph, pw) = case["k"], case["dilation"], case["padding"]
+    return case["h"] + 2 * ph >= dh * (kh - 1) + 1 and case["w"] + 2 * pw >= dw * (kw - 1) + 1
+
+
+def _cases(count, seed):
+    rng = random.Random(seed)
+    out = []
+    while len(out) < count:
+        case = _random_case(rng)
+        if _fits(case):
+            out.append(case)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", _cases(120, seed=1), ids=lambda c: "n{n}c{cin}o{cout}h{h}w{w}k{k}s{stride}p{padding}"
+                         "d{dilation}g{groups}pv{pad_value}{layout}".format(**c).replace(" ", ""))
+def test_random_shapes_match_reference(backend, case):
+    x = _make_input(case["n"], case["cin"], case["h"], case["w"], case["layout"])
+    w = torch.randn(case["cout"], case["cin"] // case["groups"], *case["k"])
+    # Exact zeros and negative zeros must binarize to +1; indexing works on every layout.
+    x[:, :, ::3, ::2] = 0.0
+    x[:, :, 1::3, ::2] = -0.0
+    scale = torch.rand(case["cout"]) + 0.5 if case["affine"] else None
+    bias = torch.randn(case["cout"]) if case["affine"] else None
+    threshold = torch.rand(case["cin"]) - 0.5 if case["threshold"] else None
+    pads = (case["padding"][0],) * 2 + (case["padding"][1],) * 2
+    want = reference_binary_conv2d(x, w, bias, case["stride"], pads, case["dilation"], case["groups"], scale,
+                                   case["pad_value"], input_threshold=threshold)
+    with xnorconv.use_backend(backend):
+        got = xnorconv.binary_conv2d(x, w, bias, case["stride"], case["padding"], case["dilation"], case["groups"],
+                                     scale, case["pad_value"], input_threshold=threshold)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    if case["affine"]:
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    else:
+        assert torch.equal(got.double(), want)
+
+
+DARKNET_LAYERS = [(64, 64, 64, 3, 1, 1), (128, 128, 32, 3, 1, 1), (256, 256, 16, 3, 1, 1), (512, 512, 8, 3, 1, 1),
+                  (256, 512, 16, 3, 2, 1), (512, 256, 8, 1, 1, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer", DARKNET_LAYERS, ids=str)
+def test_benchmark_layers_exact(backend, layer):
+    cin, cout, hw, k, s, p = layer
+    x, w = torch.randn(1, cin, hw, hw), torch.randn(cout, cin, k, k)
+    packed = xnorconv.pack_weight(w)
+    for pad_value in (0, 1, -1):
+        want = reference_binary_conv2d(x, w, None, (s, s), (p,) * 4, (1, 1), 1, None, pad_value)
+        with xnorconv.use_backend(backend):
+            got = xnorconv.binary_conv2d_packed(x, packed, stride=s, padding=p, pad_value=pad_value)
+        assert torch.equal(got.double(), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_threshold_is_sign_of_shifted_input(backend):
+    x, w, t = torch.randn(2, 70, 9, 11), torch.randn(5, 70, 3, 3), torch.randn(70)
+    t[0] = float(x[0, 0, 0, 0])  # x == t binarizes to +1
+    want = F.conv2d(sign(x - t.view(1, -1, 1, 1)), sign(w), padding=1)
+    with xnorconv.use_backend(backend):
+        for layout in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, :, 1:]):
+            got = xnorconv.binary_conv2d(layout, w, padding=1, input_threshold=t)
+            expected = want if layout.shape == x.shape else F.conv2d(
+                sign(layout - t.view(1, -1, 1, 1)), sign(w), padding=1)
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pad_value_zero_is_conv2d_of_signs(backend):
+    x, w = torch.randn(2, 70, 9, 11), torch.randn(5, 70, 3, 3)
+    want = F.conv2d(sign(x), sign(w), padding=2, dilation=2)
+    with xnorconv.use_backend(backend):
+        got = xnorconv.binary_conv2d(x, w, padding=2, dilation=2)
+    assert torch.equal(got, want)
+
+
+def test_sign_edge_values():
+    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-30, -1e-30]).view(1, 7, 1, 1)
+    w = torch.ones(1, 7, 1, 1)
+    # +1, +1, +1, -1, -1 (NaN >= 0 is false), +1, -1
+    for backend in BACKENDS:
+        with xnorconv.use_backend(backend):
+            assert xnorconv.binary_conv2d(x, w).item() == 1.0
+
+
+def test_padding_same_and_valid_follow_nn_conv2d():
+    x, w = torch.randn(1, 8, 10, 9), torch.randn(4, 8, 4, 2)
+    for padding in ("same", "valid"):
+        conv = torch.nn.Conv2d(8, 4, (4, 2), padding=padding, dilation=(1, 2), bias=False)
+        conv.weight.data = sign(w)
+        want = conv(sign(x))
+        got = xnorconv.binary_conv2d(x, w, padding=padding, dilation=(1, 2))
+        assert got.shape == want.shape
+        assert torch.equal(got, want)
+    assert normalize_conv_args(3, 1, "same", 1) == ((1, 1), (1, 1, 1, 1), (1, 1))
+    assert normalize_conv_args((4, 2), 1, "same", (1, 2)) == ((1, 1), (1, 2, 1, 1), (1, 2))
+
+
+def test_channels_last_in_channels_last_out():
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 16, 3, 3)
+    y = xnorconv.binary_conv2d(x, w, padding=1)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, xnorconv.binary_conv2d(x.contiguous(), w, padding=1))
+
+
+def test_batch_zero():
+    y = xnorconv.binary_conv2d(torch.randn(0, 3, 5, 5), torch.randn(4, 3, 3, 3), padding=1)
+    assert y.shape == (0, 4, 5, 5)
+
+
+def test_multithreaded_equals_single_threaded():
+    x, w = torch.randn(3, 96, 20, 20), torch.randn(40, 96, 3, 3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = xnorconv.binary_conv2d(x, w, padding=1)
+        torch.set_num_threads(max(2, threads))
+        many = xnorconv.binary_conv2d(x, w, padding=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+# ---- errors name the argument and the value ----
+
+@pytest.mark.parametrize("call, exc, message", [
+    (lambda: xnorconv.binary_conv2d(torch.randn(3, 5, 5), torch.randn(4, 3, 3, 3)), ValueError,
+     r"input must be 4-D .* got shape \(3, 5, 5\)"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5).double(), torch.randn(4, 3, 3, 3)), TypeError,
+     r"input must be float32, got dtype torch.float64"),
+    (lambda: xnorconv.binary_conv2d(torch.randint(0, 2, (1, 3, 5, 5)), torch.randn(4, 3, 3, 3)), TypeError,
+     r"input must be float32, got dtype torch.int64"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3)), ValueError,
+     r"weight must be 4-D .* got shape \(4, 3, 3\)"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randint(0, 2, (4, 3, 3, 3))), TypeError,
+     r"weight must be a floating-point tensor, got dtype torch.int64"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 5, 5, 5), torch.randn(4, 3, 3, 3)), RuntimeError,
+     r"input has 5 channels but the weight expects 3"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 6, 5, 5), torch.randn(4, 3, 3, 3), groups=4), RuntimeError,
+     r"input has 6 channels but the weight expects 12"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 6, 5, 5), torch.randn(5, 3, 3, 3), groups=2), RuntimeError,
+     r"weight has 5 output channels, not divisible by groups=2"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 2, 2), torch.randn(4, 3, 3, 3)), RuntimeError,
+     r"kernel size \(3, 3\) .* larger than the padded input \(2, 2\)"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), pad_value=2), ValueError,
+     r"pad_value must be 0, 1 or -1, got 2"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), stride=0), ValueError,
+     r"stride must be >= 1, got \(0, 0\)"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), padding=-1), ValueError,
+     r"padding must be >= 0, got \(-1, -1\)"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), padding="full"), ValueError,
+     r"padding must be an int, a pair, 'same' or 'valid', got 'full'"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), stride=2, padding="same"),
+     ValueError, r"padding='same' is not supported for strided convolutions"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), dilation=(1, 2, 3)),
+     ValueError, r"dilation must be an int or a pair of ints, got \(1, 2, 3\)"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), groups=0), ValueError,
+     r"groups must be a positive int, got 0"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), scale=torch.ones(3)),
+     RuntimeError, r"scale must have shape \(4,\) .* got \[3\]"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), bias=torch.ones(2, 3)),
+     RuntimeError, r"bias must have shape \(4,\) .* got \[2, 3\]"),
+    (lambda: xnorconv.binary_conv2d("x", torch.randn(4, 3, 3, 3)), TypeError, r"input must be a torch.Tensor, got str"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), input_threshold=torch.ones(4)),
+     RuntimeError, r"input_threshold must have shape \(3,\) .* got \[4\]"),
+])
+def test_errors_name_argument_and_value(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_use_backend_rejects_unknown_and_restores():
+    before = xnorconv.current_backend()
+    with pytest.raises(ValueError, match=r"unknown backend 'sse9'; available: .*'scalar'"):
+        with xnorconv.use_backend("sse9"):
+            pass
+    with xnorconv.use_backend("scalar"):
+        assert xnorconv.current_backend() == "scalar"
+    assert xnorconv.current_backend() == before
+
+
+def test_backends_best_first_and_scalar_last():
+    names = xnorconv.backends()
+    assert names[-1] == "scalar"
+    info = xnorconv.build_info()
+    assert info["cpu_backends_available"] == names
+    if "avx512vpopcntdq" in info["cpu_features"] and "avx512vl" in info["cpu_features"]:
+        assert names[0] == "avx512"
+
+
+def test_environment_variable_forces_backend(tmp_path):
+    import subprocess
+    import sys
+    code = "import xnorconv; print(xnorconv.current_backend())"
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "XNORCONV_BACKEND": "scalar"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "scalar"
+    out = subprocess.run([sys.executable, "-c", "import xnorconv; print(xnorconv.build_info()['XNORCONV_BACKEND_error'])"],
+                         env={**__import__("os").environ, "XNORCONV_BACKEND": "bogus"}, capture_output=True, text=True,
+                         check=True)
+    assert "unknown backend 'bogus'" in out.stdout
+
+
+def test_python_m_xnorconv_prints_build_info():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "xnorconv"], capture_output=True, text=True, check=True).stdout
+    assert "cpu_backends_available" in out and "torch" in out
+
+
+def test_opcheck():
+    x, w = torch.randn(2, 70, 7, 6), torch.randn(6, 35, 3, 2)
+    bits, tap_sum = torch.ops.xnorconv.pack_weight(w)
+    torch.library.opcheck(torch.ops.xnorconv.pack_weight, (w,))
+    for args in [
+        (x, bits, tap_sum, 35, torch.rand(6), torch.randn(6), [1, 2], [1, 0, 2, 1], [1, 1], 2, 0),
+        (x.contiguous(memory_format=torch.channels_last), bits, tap_sum, 35, None, None, [2, 1], [0, 0, 0, 0], [2, 1],
+         2, -1),
+        (x, bits, tap_sum, 35, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 2, 1, torch.randn(70)),
+    ]:
+        torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed, args)
+
+
+def test_torch_compile_and_export():
+    packed = xnorconv.pack_weight(torch.randn(8, 16, 3, 3))
+
+    class Layer(torch.nn.Module):
+        def forward(self, x):
+            return xnorconv.binary_conv2d_packed(x, packed, padding=1, pad_value=0)
+
+    x = torch.randn(2, 16, 9, 9)
+    want = Layer()(x)
+    compiled = torch.compile(Layer(), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), want)
+    exported = torch.export.export(Layer(), (x,))
+    assert torch.equal(exported.module()(x), want)

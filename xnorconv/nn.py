@@ -1,0 +1,572 @@
+"""nn.Module layer: BinaryConv2d (training + cached packed inference), FrozenBinaryConv2d, freeze(), binarize().
+
+Semantics (shared with xnorconv._reference): y = alpha[c] * conv(sign(x), sign(W)) + bias[c], sign(x) = +1 if
+x >= 0 else -1 (so -0.0 -> +1 and NaN -> -1), alpha[c] = mean |W[c]| (scale='channel') or 1 (scale='none'),
+padded taps worth pad_value (0: nothing, as F.conv2d's zero padding of sign(x); +1 / -1: constants).
+"""
+import copy
+import weakref
+from typing import Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
+from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
+from .functional import PackedWeight, normalize_conv_args, pack_weight
+
+__all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
+           "packed_kernel_devices", "unpack_weight_signs"]
+
+_MAX_TAPS = 1024  # kMaxTaps of the kernel core (csrc/core/xnorconv_core.h)
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _devices_with_kernel(op: str) -> frozenset:
+    return frozenset(d for d in ("cpu", "cuda")
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"xnorconv::{op}", d.upper()))
+
+
+# Device types with a packed-kernel implementation, decided once at import (constants that torch.compile can read
+# without a graph break). CPU always; CUDA once the CUDA kernels are compiled in. Elsewhere the layers run the float
+# path, which computes the same values; weights are packed on the CPU where the device has no pack_weight kernel.
+_PACKED_DEVICES = _devices_with_kernel("binary_conv2d_packed")
+_PACK_DEVICES = _devices_with_kernel("pack_weight")
+
+
+# Bumped after every torch.optim.Optimizer step (any subclass): part of the packed-weight cache key, because fused
+# optimizers (Adam(fused=True), SGD(fused=True), ...) write parameters without bumping their version counter.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def packed_kernel_devices() -> Tuple[str, ...]:
+    """Device types on which BinaryConv2d / FrozenBinaryConv2d run the packed XNOR-popcount kernel at inference."""
+    return tuple(sorted(_PACKED_DEVICES))
+
+
+def _check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_pad_value(pad_value, padding_mode="zeros"):
+    if isinstance(pad_value, bool) or not isinstance(pad_value, int) or pad_value not in (0, 1, -1):
+        raise ValueError(f"pad_value must be 0, 1 or -1, got {pad_value!r}")
+    if pad_value != 0 and padding_mode != "zeros":
+        raise ValueError(f"pad_value={pad_value} only applies to padding_mode='zeros' (a constant pad); "
+                         f"got padding_mode={padding_mode!r}, whose padded taps are copies of the input")
+
+
+def _check_geometry(name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
+    """Construction-time checks that name the argument and show the value (nn.Conv2d's own messages do not)."""
+    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
+    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if value % groups:
+            raise ValueError(f"{name}: {arg}={value} must be divisible by groups={groups}")
+    try:
+        kh, kw = _pair(kernel_size)
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in (kh, kw)) or min(kh, kw) < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: kernel_size must be a positive int or a pair of them, got {kernel_size!r}")
+    if kh * kw > _MAX_TAPS:
+        raise ValueError(f"{name}: kernel_size {(kh, kw)} has {kh * kw} taps, more than the packed kernel's "
+                         f"{_MAX_TAPS}")
+    try:  # stride / dilation >= 1, padding >= 0 or 'same' / 'valid' (not with stride > 1), as nn.Conv2d
+        normalize_conv_args((kh, kw), stride, padding, dilation)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+def _check_input(layer, input: torch.Tensor, weight_dtype, weight_device) -> Tuple[torch.Tensor, bool]:
+    """Validates a forward input like nn.Conv2d (4-D batched or 3-D unbatched); returns (4-D input, unbatched)."""
+    name = type(layer).__name__
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() not in (3, 4):
+        raise ValueError(f"{name}: input must be 4-D (N, C, H, W) or 3-D unbatched (C, H, W), got a {input.dim()}-D "
+                         f"tensor of shape {tuple(input.shape)}")
+    if not input.is_floating_point():
+        expected = f" ({weight_dtype})" if weight_dtype is not None else ""
+        raise TypeError(f"{name}: input must be a floating-point tensor{expected}, got dtype {input.dtype}")
+    if input.device != weight_device:
+        raise ValueError(f"{name}: input is on {input.device} but the layer is on {weight_device}")
+    if (weight_dtype is not None and input.dtype != weight_dtype
+            and not (input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type))):
+        raise TypeError(f"{name}: input dtype {input.dtype} does not match the layer's dtype {weight_dtype} "
+                        f"(convert one of them, e.g. layer.to({input.dtype}))")
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    if input.shape[1] != layer.in_channels:
+        raise ValueError(f"{name}: expected input with {layer.in_channels} channels (dim 1), got {input.shape[1]} "
+                         f"(input shape {tuple(input.shape)})")
+    return input, unbatched
+
+
+def _check_spatial(layer, x: torch.Tensor, pads):
+    kh, kw = layer.kernel_size
+    eff_h = (kh - 1) * layer.dilation[0] + 1
+    eff_w = (kw - 1) * layer.dilation[1] + 1
+    if x.shape[2] + pads[0] + pads[1] < eff_h or x.shape[3] + pads[2] + pads[3] < eff_w:
+        raise ValueError(f"{type(layer).__name__}: padded input size ({x.shape[2] + pads[0] + pads[1]}, "
+                         f"{x.shape[3] + pads[2] + pads[3]}) is smaller than the dilated kernel ({eff_h}, {eff_w})")
+
+
+def _pad_mode_input(layer, x):
+    """padding_mode != 'zeros': pad the real input (sign commutes with reflect/replicate/circular), then no padding."""
+    if layer.padding_mode == "zeros":
+        return x, normalize_conv_args(layer.kernel_size, layer.stride, layer.padding, layer.dilation)[1]
+    return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), (0, 0, 0, 0)
+
+
+def _packed_call(x, bits, tap_sum, in_channels, scale, bias, layer, pads, pad_value):
+    return torch.ops.xnorconv.binary_conv2d_packed(
+        x, bits, tap_sum, in_channels, scale, bias, list(layer.stride), list(pads), list(layer.dilation),
+        layer.groups, pad_value)
+
+
+class BinaryConv2d(nn.Conv2d):
+    r"""Drop-in binary nn.Conv2d: y = alpha[c] * conv(sign(x), sign(W)) + bias[c].
+
+    Same constructor, attributes, ``reset_parameters``, ``extra_repr`` (plus any non-default option below) and
+    state_dict keys (``weight``, ``bias``) as ``nn.Conv2d``, of which it is a subclass: a float ``nn.Conv2d``
+    state_dict loads into it and back. The latent weights stay float; only their signs (and alpha) are used.
+
+    Keyword-only options:
+      scale:          'channel' (alpha[c] = mean |W[c]|, XNOR-Net) or 'none' (alpha = 1).
+      binarize_input: True (XNOR: both operands binary, packed kernel at inference) or False (binary-weight network:
+                      real input, conv(x, alpha * sign(W)) through float convolution).
+      pad_value:      0 (padded taps contribute nothing), +1 or -1 (constant taps, as Larq / daBNN deploy).
+                      Only with padding_mode='zeros'; other padding modes pad the real input before binarizing.
+      ste:            input gradient 'clipped' g * 1{|x| <= 1} (default), 'identity' g, or 'approx' (Bi-Real
+                      ApproxSign, g * (2 - 2|x|) on |x| < 1). Weights always pass through sign as identity, plus the
+                      exact gradient through alpha. See xnorconv._autograd.
+
+    Which path runs: whenever autograd needs to record the op (grad enabled and the input or a parameter requires
+    grad), the straight-through float path, in train() and eval() alike, so gradients are never silently lost.
+    Otherwise (``torch.no_grad()``, ``torch.inference_mode()``, frozen parameters) the packed XNOR-popcount kernel
+    with the weight packed once and cached, on devices in ``packed_kernel_devices()`` for float32 input; the float
+    path elsewhere. All paths compute the same values (the dot product is an exact integer in each).
+
+    The packed-weight cache is keyed on the weight tensor's identity, autograd version counter, data pointer,
+    device, dtype, shape and strides, and on a global count of ``torch.optim.Optimizer`` steps (fused optimizers
+    write parameters without bumping the version counter). So optimizer steps (any torch.optim optimizer, fused or
+    not), ``load_state_dict``, ``.to()``/``.cuda()``/``.double()``, in-place edits of the parameter (``with
+    torch.no_grad(): m.weight.mul_(-1)``), ``m.weight.data = t`` and replacing the Parameter all repack. Writes
+    that bypass both cannot be seen: in-place writes through ``m.weight.data`` (``m.weight.data.copy_(t)``),
+    through ``.numpy()`` views or raw storage, outside an Optimizer.step(). After such writes call
+    ``m.invalidate_packed_cache()`` (or ``xnorconv.nn.invalidate_packed_caches(model)``).
+
+    NaN inputs or weights binarize to -1 (sign(NaN) = -1, as in the reference and the packed kernel) and get zero
+    gradient; +-inf binarize to +-1. A NaN weight makes alpha (hence that output channel) NaN.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 scale: str = "channel", binarize_input: bool = True, pad_value: int = 0, ste: str = "clipped"):
+        resolved = dtype if dtype is not None else torch.get_default_dtype()
+        if resolved not in (torch.float32, torch.float64):
+            raise TypeError(f"BinaryConv2d: dtype must be torch.float32 or torch.float64 (latent float weights), "
+                            f"got dtype={dtype}")
+        _check_geometry("BinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        _check_choice("scale", scale, SCALE_CHOICES)
+        _check_choice("ste", ste, STE_CHOICES)
+        _check_choice("padding_mode", padding_mode, _PADDING_MODES)
+        if not isinstance(binarize_input, bool):
+            raise ValueError(f"binarize_input must be True or False, got {binarize_input!r}")
+        _check_pad_value(pad_value, padding_mode)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self.scale = scale
+        self.binarize_input = binarize_input
+        self.pad_value = pad_value
+        self.ste = ste
+        self._packed_cache = None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **options) -> "BinaryConv2d":
+        """A BinaryConv2d with conv's geometry that shares conv's weight and bias Parameters (no copy)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype,
+                    **options)
+        layer.weight = conv.weight
+        layer.bias = conv.bias
+        layer.train(conv.training)
+        return layer
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.scale != "channel":
+            s += f", scale={self.scale!r}"
+        if not self.binarize_input:
+            s += ", binarize_input=False"
+        if self.pad_value != 0:
+            s += f", pad_value={self.pad_value}"
+        if self.ste != "clipped":
+            s += f", ste={self.ste!r}"
+        return s
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_packed_cache"] = None  # holds a weakref (not picklable) and is cheap to rebuild
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_packed_cache", None)
+
+    def invalidate_packed_cache(self) -> None:
+        """Drops the packed weights; the next inference call repacks. Only needed after writes that bypass the
+        version counter (see the class docstring)."""
+        self._packed_cache = None
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+
+    def packed_weight(self) -> Tuple[PackedWeight, Optional[torch.Tensor]]:
+        """(PackedWeight, alpha or None) of the current weight: packed on first use, then served from the cache
+        until the weight changes."""
+        w = self.weight
+        key = (w._version, _optimizer_steps, w.data_ptr(), w.device, w.dtype, tuple(w.shape), tuple(w.stride()),
+               self.scale)
+        cache = self._packed_cache
+        if cache is not None and cache[0]() is w and cache[1] == key:
+            return cache[2], cache[3]
+        with torch.no_grad():
+            packed = _pack_on_device(w)
+            alpha = channel_scale(w).to(torch.float32).contiguous() if self.scale == "channel" else None
+        self._packed_cache = (weakref.ref(w), key, packed, alpha)
+        return packed, alpha
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x, unbatched = _check_input(self, input, self.weight.dtype, self.weight.device)
+        x, pads = _pad_mode_input(self, x)
+        _check_spatial(self, x, pads)
+        _check_choice("scale", self.scale, SCALE_CHOICES)
+        if (self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and not self._needs_grad(x)):
+            if torch.compiler.is_compiling():  # traced graphs pack inside the graph: no Python-side cache
+                packed = _pack_on_device(self.weight)
+                alpha = channel_scale(self.weight.detach()) if self.scale == "channel" else None
+            else:
+                packed, alpha = self.packed_weight()
+            bias = self.bias.detach().to(torch.float32) if self.bias is not None else None
+            y = _packed_call(x, packed.bits, packed.tap_sum, packed.in_channels, alpha, bias, self, pads,
+                             self.pad_value)
+        else:
+            y = binary_conv2d_ste(x, self.weight, self.bias, self.stride, pads, self.dilation, self.groups,
+                                  scale=self.scale, ste=self.ste, binarize_input=self.binarize_input,
+                                  pad_value=self.pad_value)
+        return y.squeeze(0) if unbatched else y
+
+
+def _pack_on_device(weight: torch.Tensor) -> PackedWeight:
+    w = weight.detach()
+    if w.device.type in _PACK_DEVICES:
+        return pack_weight(w)
+    bits, tap_sum, in_channels = pack_weight(w.cpu())
+    return PackedWeight(bits.to(w.device), tap_sum.to(w.device), in_channels)
+
+
+def unpack_weight_signs(bits: torch.Tensor, in_channels: int, dtype=torch.float32) -> torch.Tensor:
+    """Inverse of pack_weight on the signs: (O, kh, kw, words) int64 -> (O, in_channels, kh, kw) of +-1."""
+    shifts = torch.arange(64, device=bits.device, dtype=torch.int64)
+    bit = (bits.unsqueeze(-1) >> shifts) & 1  # (O, kh, kw, words, 64): bit c % 64 of word c // 64, 1 meaning -1
+    bit = bit.flatten(-2)[..., :in_channels]
+    return (1 - 2 * bit).to(dtype).permute(0, 3, 1, 2).contiguous()
+
+
+def _tap_sum_from_bits(bits: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """sum over channels of sign(w) per tap = in_channels - 2 * popcount (the padding bits of the last word are 0)."""
+    shifts = torch.arange(64, device=bits.device, dtype=torch.int64)
+    ones = ((bits.unsqueeze(-1) >> shifts) & 1).sum(dim=(-1, -2))
+    return (in_channels - 2 * ones).to(torch.int32)
+
+
+class FrozenBinaryConv2d(nn.Module):
+    r"""Inference-only binary convolution holding 1-bit packed weights: y = scale[c] * conv(sign(x), sign(W)) + bias[c].
+
+    Made by ``freeze()`` (or ``FrozenBinaryConv2d.from_binary(layer, bn)``); scale / bias carry alpha, the conv
+    bias and a folded BatchNorm2d. Buffers (all in the state_dict): ``weight_bits`` int64 (O, kh, kw, words) in
+    pack_weight's layout, ``scale`` float32 (O,), ``bias`` float32 (O,) or None. ``weight_tap_sum`` (what
+    pad_value=0 needs on borders) is recomputed from the bits on construction and load (not saved), which keeps the
+    state_dict ~31x smaller than the float layer's for a 3x3 256->256 convolution.
+
+    Construct with the layer's geometry to load a saved state_dict: FrozenBinaryConv2d(256, 256, 3, padding=1).
+    Runs the packed kernel for float32 input on ``packed_kernel_devices()``; elsewhere (or for float64 input) an
+    equivalent float convolution with the unpacked +-1 weights. No train/eval difference, no gradients.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, *,
+                 pad_value: int = 0, binarize_input: bool = True):
+        super().__init__()
+        _check_geometry("FrozenBinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                        groups)
+        # Reuse nn.Conv2d's argument handling (meta: allocates nothing) for identical geometry attributes.
+        geometry = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False,
+                             padding_mode, device="meta")
+        _check_pad_value(pad_value, padding_mode)
+        if not isinstance(binarize_input, bool):
+            raise ValueError(f"binarize_input must be True or False, got {binarize_input!r}")
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, attr, getattr(geometry, attr))
+        self.pad_value = pad_value
+        self.binarize_input = binarize_input
+        kh, kw = self.kernel_size
+        per_group = in_channels // groups
+        words = (per_group + 63) // 64
+        self.register_buffer("weight_bits", torch.zeros(out_channels, kh, kw, words, dtype=torch.int64,
+                                                        device=device))
+        self.register_buffer("weight_tap_sum", torch.full((out_channels, kh, kw), per_group, dtype=torch.int32,
+                                                          device=device), persistent=False)
+        self.register_buffer("scale", torch.ones(out_channels, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32, device=device) if bias else None)
+
+    @property
+    def weight_in_channels(self) -> int:
+        return self.in_channels // self.groups
+
+    @classmethod
+    @torch.no_grad()
+    def from_binary(cls, layer: BinaryConv2d, bn: Optional[nn.BatchNorm2d] = None) -> "FrozenBinaryConv2d":
+        """Freezes one BinaryConv2d, folding `bn` (eval semantics: running statistics) into scale and bias."""
+        if not isinstance(layer, BinaryConv2d):
+            raise TypeError(f"from_binary expects a BinaryConv2d, got {type(layer).__name__}")
+        if bn is not None and not _foldable_bn(layer, bn):
+            raise ValueError(f"cannot fold {bn!r} into {layer!r}: need a BatchNorm2d with running statistics and "
+                             f"num_features == out_channels ({layer.out_channels})")
+        w = layer.weight.detach()
+        frozen = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                     layer.dilation, layer.groups, layer.bias is not None or bn is not None, layer.padding_mode,
+                     device=w.device, pad_value=layer.pad_value, binarize_input=layer.binarize_input)
+        packed = _pack_on_device(w)
+        frozen.weight_bits.copy_(packed.bits)
+        frozen.weight_tap_sum.copy_(packed.tap_sum)
+        # Fold in float64, store float32.
+        scale = channel_scale(w.double()) if layer.scale == "channel" else torch.ones_like(w[:, 0, 0, 0],
+                                                                                           dtype=torch.float64)
+        bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
+        if bn is not None:
+            inv = torch.rsqrt(bn.running_var.double() + bn.eps)
+            gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(inv)
+            beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(inv)
+            scale = scale * gamma * inv
+            bias = (bias - bn.running_mean.double()) * gamma * inv + beta
+        frozen.scale.copy_(scale)
+        if frozen.bias is not None:
+            frozen.bias.copy_(bias)
+        return frozen
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        with torch.no_grad():
+            self.weight_tap_sum.copy_(_tap_sum_from_bits(self.weight_bits, self.weight_in_channels))
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        if self.pad_value != 0:
+            s += f", pad_value={self.pad_value}"
+        if not self.binarize_input:
+            s += ", binarize_input=False"
+        return s
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x, unbatched = _check_input(self, input, None, self.weight_bits.device)
+        x, pads = _pad_mode_input(self, x)
+        _check_spatial(self, x, pads)
+        if self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32:
+            bias = self.bias.to(torch.float32) if self.bias is not None else None  # no-op unless model.double()
+            y = _packed_call(x, self.weight_bits, self.weight_tap_sum, self.weight_in_channels,
+                             self.scale.to(torch.float32), bias, self, pads, self.pad_value)
+        else:
+            w = unpack_weight_signs(self.weight_bits, self.weight_in_channels, x.dtype)
+            xs = _sign(x) if self.binarize_input else x
+            y = conv_padded(xs, w, self.stride, pads, self.dilation, self.groups, self.pad_value)
+            y = y * self.scale.to(y.dtype).view(1, -1, 1, 1)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+        return y.squeeze(0) if unbatched else y
+
+
+def invalidate_packed_caches(model: nn.Module) -> None:
+    """Drops the packed-weight cache of every BinaryConv2d in model (after writes through `.data`)."""
+    for m in model.modules():
+        if isinstance(m, BinaryConv2d):
+            m.invalidate_packed_cache()
+
+
+def _foldable_bn(conv: BinaryConv2d, bn: nn.Module) -> bool:
+    return (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
+            and bn.running_var is not None and bn.num_features == conv.out_channels)
+
+
+def _module_counts(model: nn.Module):
+    counts = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    return counts
+
+
+def _sequential_pairs(model: nn.Module, counts) -> List[Tuple[str, str]]:
+    pairs = []
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Sequential):
+            continue
+        children = list(m.named_children())
+        for (cname, c), (bname, b) in zip(children, children[1:]):
+            if isinstance(c, BinaryConv2d) and _foldable_bn(c, b) and counts[id(c)] == 1 and counts[id(b)] == 1:
+                prefix = f"{name}." if name else ""
+                pairs.append((prefix + cname, prefix + bname))
+    return pairs
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, (BinaryConv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
+
+
+def _traced_pairs(model: nn.Module, counts) -> Optional[List[Tuple[str, str]]]:
+    """conv -> bn pairs in the torch.fx graph: the conv's output feeds only that BatchNorm2d, each called once.
+    None when torch.fx cannot trace the model."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:  # data-dependent control flow, unsupported ops...: the caller falls back to the Sequential rule
+        return None
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        conv, bn = model.get_submodule(src.target), model.get_submodule(node.target)
+        if (isinstance(conv, BinaryConv2d) and _foldable_bn(conv, bn) and calls[src.target] == 1
+                and calls[node.target] == 1 and counts[id(conv)] == 1 and counts[id(bn)] == 1):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.Module:
+    """Replaces every BinaryConv2d of `model` by a FrozenBinaryConv2d (1-bit packed weights, scale, bias) and
+    returns the model in eval() mode (a deep copy unless inplace=True; use the return value, which is the new layer
+    when `model` itself is a BinaryConv2d).
+
+    With fold_bn, a BatchNorm2d (with running statistics, num_features == out_channels) that directly follows a
+    BinaryConv2d is folded into its scale and bias in eval semantics (running statistics) and replaced by
+    nn.Identity. Which pairs are "directly following":
+      (1) when torch.fx can trace the model: wherever a BinaryConv2d's output feeds only a BatchNorm2d, each
+          called once (`self.bn1(self.conv1(x))` in a residual block, [BinaryConv2d, BatchNorm2d] inside an
+          nn.Sequential that is called, ...). This follows the real dataflow, so an nn.Sequential used as a mere
+          container (`for layer in self.layers: x = layer(x) + x`) is not folded.
+      (2) when it cannot (data-dependent control flow): consecutive children [BinaryConv2d, BatchNorm2d] of an
+          nn.Sequential, assuming the Sequential is called as a whole.
+    Modules registered more than once are never folded; BatchNorm layers that are not folded stay as they are.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"freeze expects an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, BinaryConv2d):
+        return FrozenBinaryConv2d.from_binary(model).eval()
+    counts = _module_counts(model)
+    pairs = {}
+    if fold_bn:
+        traced = _traced_pairs(model, counts)
+        pairs = dict(traced if traced is not None else _sequential_pairs(model, counts))
+    frozen_of = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(m, BinaryConv2d):
+            if id(m) not in frozen_of:
+                bn = model.get_submodule(pairs[name]) if name in pairs else None
+                frozen_of[id(m)] = FrozenBinaryConv2d.from_binary(m, bn)
+            _set_submodule(model, name, frozen_of[id(m)])
+    for bn_name in pairs.values():
+        _set_submodule(model, bn_name, nn.Identity())
+    return model.eval()
+
+
+def _binary_from_conv(conv: nn.Conv2d, options) -> BinaryConv2d:
+    if conv.padding_mode != "zeros":  # pad_value applies to constant padding only
+        options = {k: v for k, v in options.items() if k != "pad_value"}
+    return BinaryConv2d.from_conv(conv, **options)
+
+
+def binarize(model: nn.Module, skip_first: bool = True, skip_last: bool = True, exclude: Iterable[str] = (),
+             inplace: bool = False, **options) -> nn.Module:
+    """Replaces the nn.Conv2d layers of `model` by BinaryConv2d layers carrying their weights and returns the model
+    (a deep copy unless inplace=True; use the return value). The new layers take over the Parameter objects of the
+    layers they replace, so with inplace=True an optimizer built on the float model keeps training them.
+
+    XNOR-Net keeps the first and last layers real: with skip_first / skip_last the first / last weight layer
+    (nn.Conv*d or nn.Linear, in registration order, i.e. model.named_modules()) stays as it is if it is an
+    nn.Conv2d (a final nn.Linear classifier is never touched anyway). `exclude`: qualified names of modules to keep
+    real. `options` (scale, binarize_input, pad_value, ste) go to every BinaryConv2d (pad_value only to layers
+    with padding_mode='zeros': the others pad with copies of the input). Only layers of type exactly
+    nn.Conv2d are replaced (subclasses, BinaryConv2d included, are left alone).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"binarize expects an nn.Module, got {type(model).__name__}")
+    exclude = {exclude} if isinstance(exclude, str) else set(exclude)
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
+    unknown = exclude - names
+    if unknown:
+        raise ValueError(f"exclude names modules not in the model: {sorted(unknown)}")
+    BinaryConv2d(1, 1, 1, device="meta", **options)  # validates options up front with BinaryConv2d's messages
+    if not inplace:
+        model = copy.deepcopy(model)
+    weight_layers = [(n, m) for n, m in model.named_modules()
+                     if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    keep = set()
+    if weight_layers and skip_first:
+        keep.add(id(weight_layers[0][1]))
+    if weight_layers and skip_last:
+        keep.add(id(weight_layers[-1][1]))
+    if type(model) is nn.Conv2d:
+        return model if id(model) in keep or "" in exclude else _binary_from_conv(model, options)
+    replaced = {}
+    for name, m in list(model.named_modules(remove_duplicate=False)):
+        if type(m) is not nn.Conv2d or id(m) in keep or name in exclude:
+            continue
+        if id(m) not in replaced:
+            replaced[id(m)] = _binary_from_conv(m, options)
+        _set_submodule(model, name, replaced[id(m)])
+    return model
