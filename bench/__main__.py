@@ -1,24 +1,36 @@
-"""python -m bench: binary vs float (and int8) convolution, measured side by side in one process.
+"""python -m bench: binary vs float (and int8, and OpenVINO) convolution, measured side by side in one process.
 
 Every figure printed comes from this run: correctness is asserted first, then the implementations are timed
 interleaved (one call of each per round, shuffled) and medians are reported with the machine, threads, date and
 command.
+
+  python -m bench                          layer suite (DarkNet-53 layers at 128x128), terminal table
+  python -m bench --models                 model suite (frozen binary_dnet53 vs fp32 / int8 twin, DarkNets)
+  python -m bench --models --layers        both
+  python -m bench --out DIR                also write DIR/bench.json, bench.csv and PNG plots
+  python -m bench --compare OLD.json       also print the change against a saved run
+  python -m bench --markdown               the README's performance section (Markdown)
+  python -m bench --from OLD.json --markdown   re-render a saved run without measuring
+  python -m bench --device cuda ...        GPU benchmark (bench/gpu.py)
 """
 import argparse
+import json
 import sys
 
 import torch
 
 import xnorconv
 
-from . import layers
+from . import layers, report
 from .timing import environment
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", action="append", type=layers.parse_shape, metavar="CIN,COUT,HW,K,STRIDE,PAD",
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cuda: hand the remaining arguments to bench/gpu.py")
+    ap.add_argument("--shape", action="append", type=_shape, metavar="CIN,COUT,HW,K,STRIDE,PAD",
                     help="a layer to measure (repeatable); default: DarkNet53 at 128x128")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
@@ -29,46 +41,102 @@ def parse_args(argv):
                     help="xnorconv CPU backend(s) to measure (repeatable); default: all available")
     ap.add_argument("--no-int8", action="store_true", help="skip PyTorch's int8 convolution")
     ap.add_argument("--no-openvino", action="store_true", help="skip OpenVINO even when installed")
+    ap.add_argument("--models", action="store_true", help="run the model suite (instead of the layer suite)")
+    ap.add_argument("--layers", action="store_true", help="with --models: run the layer suite too")
+    ap.add_argument("--model", action="append", choices=_model_choices(), dest="model_names",
+                    help="model(s) of the model suite (repeatable); default: all")
+    ap.add_argument("--size", type=int, default=128, help="model input height = width")
+    ap.add_argument("--num-classes", type=int, default=6)
+    ap.add_argument("--model-reps", type=int, default=15, help="timed rounds per model and batch size")
+    ap.add_argument("--out", metavar="DIR", help="write bench.json, bench.csv and PNG plots to DIR")
+    ap.add_argument("--compare", metavar="FILE", help="print the change against a saved bench.json")
+    ap.add_argument("--markdown", action="store_true", help="print Markdown (the README performance section)")
+    ap.add_argument("--from", dest="from_file", metavar="FILE", help="render a saved bench.json, measure nothing")
     args = ap.parse_args(argv)
-    if args.batch < 1 or args.threads < 1 or args.reps < 3:
-        ap.error(f"--batch and --threads must be >= 1 and --reps >= 3, got {args.batch}, {args.threads}, {args.reps}")
+    if args.batch < 1 or args.threads < 1 or args.reps < 3 or args.model_reps < 3 or args.size < 8:
+        ap.error(f"--batch and --threads must be >= 1, --reps and --model-reps >= 3, --size >= 8; got "
+                 f"{args.batch}, {args.threads}, {args.reps}, {args.model_reps}, {args.size}")
     return args
 
 
-def print_layer_table(rows, backends, env):
-    print(f"# xnorconv layer benchmark ({env['date']})")
-    print(f"machine: {env['machine']} [{env['cpu_features']}]")
-    print(f"threads: {env['threads']}, batch: {rows[0]['batch']}, torch {env['torch']}, xnorconv {env['xnorconv']}")
-    print(f"command: {env['command']}")
-    print("float32 tensor in, float32 tensor out (xnorconv: binarize + pack + conv + output stage, weights pre-packed);")
-    print("int8: PyTorch quantized conv on quantized input (conversions excluded). Medians in ms.\n")
-    names = [f"xnorconv {b}" for b in backends] + [n for n in rows[0]["ms"] if not n.startswith("xnorconv")]
-    header = f"{'layer (cin,cout,hw,k,s,p)':<26}" + "".join(f"{n:>17}" for n in names)
-    header += "".join(f"{'x fp32 ' + b:>15}" for b in backends) + f"{'kernel/peak':>13}"
-    print(header)
-    for r in rows:
-        line = f"{','.join(map(str, r['shape'])):<26}" + "".join(f"{r['ms'][n]:>17.4f}" for n in names)
-        line += "".join(f"{r['ms']['fp32 NCHW'] / r['ms'][f'xnorconv {b}']:>15.1f}" for b in backends)
-        line += f"{100 * r['kernel_fraction_of_peak'][backends[0]]:>12.0f}%"
-        print(line)
-    print(f"\ngeometric mean speedup over fp32 NCHW: " + ", ".join(
-        f"{b} {layers.geomean(r['ms']['fp32 NCHW'] / r['ms'][f'xnorconv {b}'] for r in rows):.1f}x" for b in backends))
-    for peer in ("int8", "openvino binary"):
-        if peer in rows[0]["ms"]:
-            wins = sum(r["ms"][f"xnorconv {backends[0]}"] < r["ms"][peer] for r in rows)
-            print(f"xnorconv {backends[0]} faster than {peer} on {wins} of {len(rows)} layers")
-    print("peak probe (binary GMAC/s): " + ", ".join(f"{b} {rows[0]['peak_gmacs'][b]:.0f}" for b in backends)
-          + f"; kernel/peak = convolution pass alone on pre-packed input ({backends[0]})")
+def _shape(text):
+    try:
+        return layers.parse_shape(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _model_choices():
+    from .model_suite import DEFAULT_MODELS
+    return DEFAULT_MODELS
+
+
+def run_gpu(argv):
+    if not torch.cuda.is_available():
+        raise SystemExit("python -m bench --device cuda: CUDA is not available here (torch.cuda.is_available() is "
+                         f"False; torch {torch.__version__}, built with CUDA {torch.version.cuda}); "
+                         "run on a machine with an NVIDIA GPU and an xnorconv built with XNORCONV_CUDA=1")
+    try:
+        from . import gpu
+    except ImportError as e:
+        raise SystemExit(f"python -m bench --device cuda: bench/gpu.py cannot be imported ({e})")
+    return gpu.main(argv)
+
+
+def _progress(total, desc):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety; the figures do not depend on it
+        return None, None
+    bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, disable=None)
+    return bar, (lambda _item: bar.update(1))
+
+
+def measure(args, argv):
+    run = {"env": environment(args.threads, argv)}
+    if not args.models or args.layers:
+        backends = args.backend or xnorconv.backends()
+        shapes = args.shape or layers.DARKNET53_128
+        bar, tick = _progress(len(shapes), "layers")
+        rows = layers.layer_rows(shapes, args.batch, args.threads, args.reps, args.pad_value, backends,
+                                 with_int8=not args.no_int8, with_openvino=not args.no_openvino, progress=tick)
+        if bar:
+            bar.close()
+        run["layers"] = {"rows": rows, "backends": backends, "batch": args.batch, "reps": args.reps,
+                         "pad_value": args.pad_value, "threads": args.threads}
+    if args.models:
+        from . import model_suite
+        names = tuple(args.model_names or model_suite.DEFAULT_MODELS)
+        bar, tick = _progress(4, "models")
+        run["models"] = model_suite.run(names, args.num_classes, args.size, args.threads, args.model_reps,
+                                        progress=tick)
+        if bar:
+            bar.close()
+    return run
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    backends = args.backend or xnorconv.backends()
-    shapes = args.shape or layers.DARKNET53_128
-    env = environment(args.threads)
-    rows = layers.layer_rows(shapes, args.batch, args.threads, args.reps, args.pad_value, backends,
-                             with_int8=not args.no_int8, with_openvino=not args.no_openvino)
-    print_layer_table(rows, backends, env)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--device" in argv or any(a.startswith("--device=") for a in argv):
+        args, rest = argparse.ArgumentParser(add_help=False), None
+        args.add_argument("--device", default="cpu")
+        known, rest = args.parse_known_args(argv)
+        if known.device == "cuda":
+            return run_gpu(rest)
+    args = parse_args(argv)
+    if args.from_file:
+        with open(args.from_file) as f:
+            run = json.load(f)
+    else:
+        run = measure(args, argv)
+    print(report.text(run, md=args.markdown))
+    if args.compare:
+        with open(args.compare) as f:
+            print(report.compare(run, json.load(f)))
+    if args.out:
+        for path in report.write(run, args.out):
+            print(f"wrote {path}")
+    return run
 
 
 if __name__ == "__main__":

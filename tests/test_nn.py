@@ -1106,3 +1106,51 @@ def test_torch_export_matches_eager_training_graph_and_packed_graph():
     assert any("xnorconv.binary_conv2d_packed" in t for t in targets), targets
     with torch.no_grad():
         torch.testing.assert_close(frozen_program.module()(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- learnable_threshold: sign(x - t), fused into the packing pass at inference ----
+
+def test_learnable_threshold_paths_agree_with_reference():
+    from xnorconv._reference import reference_binary_conv2d
+    layer = xnorconv.BinaryConv2d(70, 12, 3, padding=1, learnable_threshold=True)
+    with torch.no_grad():
+        layer.input_threshold.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 70, 9, 8)
+    alpha = layer.weight.abs().mean(dim=(1, 2, 3))
+    want = reference_binary_conv2d(x, layer.weight, layer.bias, (1, 1), (1, 1, 1, 1), (1, 1), 1, alpha, 0,
+                                   input_threshold=layer.input_threshold.detach())
+    train_out = layer(x)                  # straight-through float path (parameters require grad)
+    with torch.no_grad():
+        packed_out = layer(x)             # packed kernel, threshold applied while packing
+    frozen = xnorconv.freeze(nn.Sequential(layer))
+    torch.testing.assert_close(train_out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(frozen(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_learnable_threshold_gradient_is_negated_input_gradient():
+    layer = xnorconv.BinaryConv2d(6, 4, 3, padding=1, bias=False, learnable_threshold=True)
+    x = torch.randn(3, 6, 5, 5, requires_grad=True)
+    layer(x).square().sum().backward()
+    # d/dt of sign(x - t) through the STE is minus d/dx, summed over batch and space.
+    torch.testing.assert_close(layer.input_threshold.grad, -x.grad.sum(dim=(0, 2, 3)))
+
+
+def test_learnable_threshold_frozen_state_dict_round_trip():
+    layer = xnorconv.BinaryConv2d(8, 4, 3, padding=1, learnable_threshold=True)
+    with torch.no_grad():
+        layer.input_threshold.copy_(torch.linspace(-1, 1, 8))
+    frozen = xnorconv.FrozenBinaryConv2d.from_binary(layer)
+    assert "input_threshold" in frozen.state_dict()
+    fresh = xnorconv.FrozenBinaryConv2d(8, 4, 3, padding=1, input_threshold=True)
+    fresh.load_state_dict(frozen.state_dict())
+    x = torch.randn(1, 8, 6, 6)
+    assert torch.equal(fresh(x), frozen(x))
+    assert "learnable_threshold=True" in repr(layer) and "input_threshold=True" in repr(frozen)
+
+
+def test_learnable_threshold_errors():
+    with pytest.raises(ValueError, match=r"learnable_threshold=True needs binarize_input=True"):
+        xnorconv.BinaryConv2d(4, 4, 3, learnable_threshold=True, binarize_input=False)
+    with pytest.raises(ValueError, match=r"learnable_threshold must be True or False, got 1"):
+        xnorconv.BinaryConv2d(4, 4, 3, learnable_threshold=1)

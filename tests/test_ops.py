@@ -281,3 +281,13 @@ def test_torch_compile_and_export():
     assert torch.equal(compiled(x), want)
     exported = torch.export.export(Layer(), (x,))
     assert torch.equal(exported.module()(x), want)
+
+
+def test_benchmark_hooks_keep_the_backend_choice():
+    x, w = torch.randn(1, 64, 8, 8), torch.randn(8, 64, 3, 3)
+    with xnorconv.use_backend("scalar"):
+        xnorconv._C.conv_kernel_ms(BACKENDS[0], x, w, [1, 1], [1, 1], 0, 3)
+        xnorconv._C.peak_binary_macs_per_second(BACKENDS[0], 1000)
+        assert xnorconv.current_backend() == "scalar"
+    with pytest.raises(RuntimeError, match=r"conv_kernel_ms: unknown backend 'nope'"):
+        xnorconv._C.conv_kernel_ms("nope", x, w, [1, 1], [1, 1], 0, 3)

@@ -133,10 +133,10 @@ def _pad_mode_input(layer, x):
     return F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), (0, 0, 0, 0)
 
 
-def _packed_call(x, bits, tap_sum, in_channels, scale, bias, layer, pads, pad_value):
+def _packed_call(x, bits, tap_sum, in_channels, scale, bias, layer, pads, pad_value, threshold=None):
     return torch.ops.xnorconv.binary_conv2d_packed(
         x, bits, tap_sum, in_channels, scale, bias, list(layer.stride), list(pads), list(layer.dilation),
-        layer.groups, pad_value)
+        layer.groups, pad_value, threshold)
 
 
 class BinaryConv2d(nn.Conv2d):
@@ -155,6 +155,10 @@ class BinaryConv2d(nn.Conv2d):
       ste:            input gradient 'clipped' g * 1{|x| <= 1} (default), 'identity' g, or 'approx' (Bi-Real
                       ApproxSign, g * (2 - 2|x|) on |x| < 1). Weights always pass through sign as identity, plus the
                       exact gradient through alpha. See xnorconv._autograd.
+      learnable_threshold: False (default) or True: a Parameter ``input_threshold`` (in_channels,), initialised at
+                      0, and the input is binarized as sign(x - t) (ReActNet's RSign; the STE sees x - t, so t gets
+                      the negated input gradient). The packed kernel compares x >= t while packing, so the
+                      threshold costs nothing at inference. Only with binarize_input=True.
 
     Which path runs: whenever autograd needs to record the op (grad enabled and the input or a parameter requires
     grad), the straight-through float path, in train() and eval() alike, so gradients are never silently lost.
@@ -177,7 +181,8 @@ class BinaryConv2d(nn.Conv2d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 scale: str = "channel", binarize_input: bool = True, pad_value: int = 0, ste: str = "clipped"):
+                 scale: str = "channel", binarize_input: bool = True, pad_value: int = 0, ste: str = "clipped",
+                 learnable_threshold: bool = False):
         resolved = dtype if dtype is not None else torch.get_default_dtype()
         if resolved not in (torch.float32, torch.float64):
             raise TypeError(f"BinaryConv2d: dtype must be torch.float32 or torch.float64 (latent float weights), "
@@ -189,8 +194,17 @@ class BinaryConv2d(nn.Conv2d):
         if not isinstance(binarize_input, bool):
             raise ValueError(f"binarize_input must be True or False, got {binarize_input!r}")
         _check_pad_value(pad_value, padding_mode)
+        if not isinstance(learnable_threshold, bool):
+            raise ValueError(f"learnable_threshold must be True or False, got {learnable_threshold!r}")
+        if learnable_threshold and not binarize_input:
+            raise ValueError("learnable_threshold=True needs binarize_input=True (it shifts the input's sign), "
+                             "got binarize_input=False")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
+        if learnable_threshold:
+            self.input_threshold = nn.Parameter(torch.zeros(in_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("input_threshold", None)
         self.scale = scale
         self.binarize_input = binarize_input
         self.pad_value = pad_value
@@ -220,6 +234,8 @@ class BinaryConv2d(nn.Conv2d):
             s += f", pad_value={self.pad_value}"
         if self.ste != "clipped":
             s += f", ste={self.ste!r}"
+        if self.input_threshold is not None:
+            s += ", learnable_threshold=True"
         return s
 
     def __getstate__(self):
@@ -239,7 +255,8 @@ class BinaryConv2d(nn.Conv2d):
     def _needs_grad(self, x: torch.Tensor) -> bool:
         if not torch.is_grad_enabled():
             return False
-        return x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        return (x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+                or (self.input_threshold is not None and self.input_threshold.requires_grad))
 
     def packed_weight(self) -> Tuple[PackedWeight, Optional[torch.Tensor]]:
         """(PackedWeight, alpha or None) of the current weight: packed on first use, then served from the cache
@@ -269,9 +286,12 @@ class BinaryConv2d(nn.Conv2d):
             else:
                 packed, alpha = self.packed_weight()
             bias = self.bias.detach().to(torch.float32) if self.bias is not None else None
+            threshold = self.input_threshold.detach() if self.input_threshold is not None else None
             y = _packed_call(x, packed.bits, packed.tap_sum, packed.in_channels, alpha, bias, self, pads,
-                             self.pad_value)
+                             self.pad_value, threshold)
         else:
+            if self.input_threshold is not None:
+                x = x - self.input_threshold.view(1, -1, 1, 1)
             y = binary_conv2d_ste(x, self.weight, self.bias, self.stride, pads, self.dilation, self.groups,
                                   scale=self.scale, ste=self.ste, binarize_input=self.binarize_input,
                                   pad_value=self.pad_value)
@@ -317,7 +337,7 @@ class FrozenBinaryConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, *,
-                 pad_value: int = 0, binarize_input: bool = True):
+                 pad_value: int = 0, binarize_input: bool = True, input_threshold: bool = False):
         super().__init__()
         _check_geometry("FrozenBinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
                         groups)
@@ -341,6 +361,8 @@ class FrozenBinaryConv2d(nn.Module):
                                                           device=device), persistent=False)
         self.register_buffer("scale", torch.ones(out_channels, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32, device=device) if bias else None)
+        self.register_buffer("input_threshold", torch.zeros(in_channels, dtype=torch.float32, device=device)
+                             if input_threshold else None)
 
     @property
     def weight_in_channels(self) -> int:
@@ -358,7 +380,10 @@ class FrozenBinaryConv2d(nn.Module):
         w = layer.weight.detach()
         frozen = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                      layer.dilation, layer.groups, layer.bias is not None or bn is not None, layer.padding_mode,
-                     device=w.device, pad_value=layer.pad_value, binarize_input=layer.binarize_input)
+                     device=w.device, pad_value=layer.pad_value, binarize_input=layer.binarize_input,
+                     input_threshold=layer.input_threshold is not None)
+        if layer.input_threshold is not None:
+            frozen.input_threshold.copy_(layer.input_threshold.detach())
         packed = _pack_on_device(w)
         frozen.weight_bits.copy_(packed.bits)
         frozen.weight_tap_sum.copy_(packed.tap_sum)
@@ -382,6 +407,21 @@ class FrozenBinaryConv2d(nn.Module):
         with torch.no_grad():
             self.weight_tap_sum.copy_(_tap_sum_from_bits(self.weight_bits, self.weight_in_channels))
 
+    def _apply(self, fn, *args, **kwargs):
+        self._fast_args = None  # .to() / .double(): re-decide the fast path on the next call
+        return super()._apply(fn, *args, **kwargs)
+
+    def _make_fast_args(self):
+        """(stride, pads, dilation, groups, pad_value) for the op, or () when the general path must run."""
+        usable = (self.binarize_input and self.padding_mode == "zeros" and self.weight_bits.device.type in
+                  _PACKED_DEVICES and self.scale.dtype == torch.float32
+                  and (self.bias is None or self.bias.dtype == torch.float32)
+                  and (self.input_threshold is None or self.input_threshold.dtype == torch.float32))
+        if not usable:
+            return ()
+        _, pads, _ = normalize_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)
+        return list(self.stride), list(pads), list(self.dilation), self.groups, self.pad_value
+
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
         if self.padding != (0, 0):
@@ -398,17 +438,33 @@ class FrozenBinaryConv2d(nn.Module):
             s += f", pad_value={self.pad_value}"
         if not self.binarize_input:
             s += ", binarize_input=False"
+        if self.input_threshold is not None:
+            s += ", input_threshold=True"
         return s
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # Fast path for the deployed case (batched float32 on a packed-kernel device, zeros padding): the geometry
+        # never changes, so the op's arguments are computed once; only the per-call checks remain.
+        fast = self.__dict__.get("_fast_args")
+        if fast is None:
+            fast = self._fast_args = self._make_fast_args()
+        if (fast and isinstance(input, torch.Tensor) and input.dim() == 4 and input.dtype == torch.float32
+                and input.device == self.weight_bits.device and input.shape[1] == self.in_channels):
+            _check_spatial(self, input, fast[1])
+            return torch.ops.xnorconv.binary_conv2d_packed(
+                input, self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
+                *fast, self.input_threshold)
         x, unbatched = _check_input(self, input, None, self.weight_bits.device)
         x, pads = _pad_mode_input(self, x)
         _check_spatial(self, x, pads)
         if self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32:
             bias = self.bias.to(torch.float32) if self.bias is not None else None  # no-op unless model.double()
+            threshold = self.input_threshold.to(torch.float32) if self.input_threshold is not None else None
             y = _packed_call(x, self.weight_bits, self.weight_tap_sum, self.weight_in_channels,
-                             self.scale.to(torch.float32), bias, self, pads, self.pad_value)
+                             self.scale.to(torch.float32), bias, self, pads, self.pad_value, threshold)
         else:
+            if self.input_threshold is not None:
+                x = x - self.input_threshold.to(x.dtype).view(1, -1, 1, 1)
             w = unpack_weight_signs(self.weight_bits, self.weight_in_channels, x.dtype)
             xs = _sign(x) if self.binarize_input else x
             y = conv_padded(xs, w, self.stride, pads, self.dilation, self.groups, self.pad_value)

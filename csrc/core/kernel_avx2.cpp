@@ -54,7 +54,7 @@ struct Avx2Isa {
 
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
-                    const BlockStore<kStrips, kChannels>& bs) {
+                    const BlockStore<kStrips, kChannels, kStrip>& bs) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i low_nibble = _mm256_set1_epi8(0x0F);
@@ -94,8 +94,8 @@ struct Avx2Isa {
     flush();
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v)
-        if (bs.out[i][v]) store(total[i][v], bs.lanes[i], bs.depth, bs.scale[v], bs.bias[v], bs.correction[i][v],
-                                bs.out[i][v]);
+        if (bs.out(i, v)) store(total[i][v], bs.lanes[i], bs.depth, bs.scale[v], bs.bias[v], bs.correction(i, v),
+                                bs.out(i, v));
   }
 
   static void store(__m256i counts, int lanes, int32_t depth, float scale, float bias, const int32_t* correction,

@@ -61,7 +61,7 @@ struct Avx512Isa {
 
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
-                    const BlockStore<kStrips, kChannels>& bs) {
+                    const BlockStore<kStrips, kChannels, kStrip>& bs) {
     __m512i acc[kStrips][kChannels];
     for (auto& s : acc)
       for (auto& c : s) c = _mm512_setzero_si512();
@@ -84,13 +84,13 @@ struct Avx512Isa {
     for (int v = 0; v < kChannels; ++v) {
       const __m256 scale = _mm256_set1_ps(bs.scale[v]), bias = _mm256_set1_ps(bs.bias[v]);
       for (int i = 0; i < kStrips; ++i) {
-        if (!bs.out[i][v]) continue;
+        if (!bs.out(i, v)) continue;
         const __m256i count = _mm512_cvtepi64_epi32(acc[i][v]);
         __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
-        if (bs.correction[i][v])
-          dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.correction[i][v])));
+        if (bs.correction(i, v))
+          dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.correction(i, v))));
         const __m256 y = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), bias);
-        _mm256_mask_storeu_ps(bs.out[i][v], static_cast<__mmask8>((1u << bs.lanes[i]) - 1), y);
+        _mm256_mask_storeu_ps(bs.out(i, v), static_cast<__mmask8>((1u << bs.lanes[i]) - 1), y);
       }
     }
   }

@@ -161,15 +161,21 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const float* x, T
   }
 }
 
-// Where and how a block writes: for strip i and channel v, lanes [0, lanes[i]) of out[i][v] (nullptr: a tail
-// strip or channel, computed but not stored) get y = scale[v] * (depth - 2 * popcount - correction) + bias[v].
-template <int P, int V>
+// Where and how a block writes: for strip i and channel v, lanes [0, lanes[i]) of out(i, v) (nullptr: a tail strip
+// or channel, computed but not stored) get y = scale[v] * (depth - 2 * popcount - correction) + bias[v].
+// Stored per channel (plane) and per strip (offset), so that setting up a block costs P + V entries, not P * V.
+template <int P, int V, int SW>
 struct BlockStore {
-  float* out[P][V];
+  float* plane[V];      // output plane of channel v, or nullptr past the group's last channel
+  int64_t offset[P];    // strip i's offset in a plane, or -1 past the last strip
   int lanes[P];
+  bool border[P];       // strip i reads padding (pad_value 0): correction(i, v) applies
   float scale[V], bias[V];
   int32_t depth;
-  const int32_t* correction[P][V];  // kStrip entries (64-byte aligned), or nullptr when no tap is padded
+  alignas(64) int32_t corrections[P][V][SW];
+
+  float* out(int i, int v) const { return plane[v] && offset[i] >= 0 ? plane[v] + offset[i] : nullptr; }
+  const int32_t* correction(int i, int v) const { return border[i] ? corrections[i][v] : nullptr; }
 };
 
 struct TaskSpace {
@@ -197,68 +203,78 @@ template <class Isa>
 void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
                 const OutputStage& st, int64_t begin, int64_t end) {
   constexpr int SW = Isa::kStrip, P = Isa::kStrips, V = Isa::kChannels;
+  if (begin >= end) return;
   const TaskSpace ts = conv_task_space<Isa>(p);
   int64_t offsets[kMaxTaps];
   tap_offsets(p, l, offsets);
   const int64_t oh_count = p.out_h(), ow_count = p.out_w(), og = p.out_channels_per_group();
   const int64_t taps = p.taps(), wpg = l.words_per_group, weight_row = taps * wpg;
   const ZeroPadCorrection* zp = p.pad_value == PadValue::Zero ? st.zero_pad : nullptr;
-  alignas(64) int32_t correction[P][V][SW];
-  BlockStore<P, V> bs;
+  BlockStore<P, V, SW> bs;
   bs.depth = static_cast<int32_t>(p.depth());
 
-  // Task index = ((n * groups + g) * channel_blocks + cb) * strip_blocks + sb, walked without divisions.
+  // Task index = ((n * groups + g) * channel_blocks + cb) * strip_blocks + sb, walked without divisions; the
+  // channel side of the block is rebuilt only when cb changes.
   int64_t sb = begin % ts.strip_blocks, rest = begin / ts.strip_blocks;
   int64_t cb = rest % ts.channel_blocks;
   rest /= ts.channel_blocks;
   int64_t g = rest % p.groups, n = rest / p.groups;
+  bool channels_stale = true;
+  const uint64_t* wrow[V];
+  int64_t channel[V];
+  // Position (row, column) of the block's first strip; later strips step along the row.
+  int64_t first_oh = (sb * P) / ts.strips_per_row, first_ow = ((sb * P) % ts.strips_per_row) * SW;
   for (int64_t task = begin; task < end; ++task) {
-    const uint64_t* act[P];
-    int64_t strip_oh[P], strip_ow[P];
-    for (int i = 0; i < P; ++i) {
-      // Past the last strip, repeat it: computed but not stored, so the block never branches on tails.
-      const int64_t s = imin(sb * P + i, ts.strips - 1);
-      strip_oh[i] = s / ts.strips_per_row;
-      strip_ow[i] = s - strip_oh[i] * ts.strips_per_row;
-      strip_ow[i] *= SW;
-      act[i] = x + n * l.image_stride + strip_oh[i] * p.stride_h * l.row_stride + strip_ow[i] + g * wpg * l.row_words;
-      bs.lanes[i] = static_cast<int>(imin(SW, ow_count - strip_ow[i]));
-    }
-    const uint64_t* wrow[V];
-    int64_t channel[V];
-    for (int v = 0; v < V; ++v) {
-      channel[v] = g * og + imin(cb * V + v, og - 1);
-      wrow[v] = w + channel[v] * weight_row;
-      bs.scale[v] = st.scale ? st.scale[channel[v]] : 1.0f;
-      bs.bias[v] = st.bias ? st.bias[channel[v]] : 0.0f;
-    }
-    const int64_t strips_here = imin(P, ts.strips - sb * P), channels_here = imin(V, og - cb * V);
-    for (int i = 0; i < P; ++i) {
-      bool border = false;
-      int32_t row_cls = 0;
-      if (zp && i < strips_here) {
-        row_cls = zp->row_class[strip_oh[i]];
-        border = row_cls != 0;
-        for (int lane = 0; lane < bs.lanes[i] && !border; ++lane) border = zp->col_class[strip_ow[i] + lane] != 0;
-      }
+    if (channels_stale) {
       for (int v = 0; v < V; ++v) {
-        const bool stored = i < strips_here && v < channels_here;
-        bs.out[i][v] = stored ? st.out + ((n * p.out_channels + channel[v]) * oh_count + strip_oh[i]) * ow_count +
-                                    strip_ow[i]
-                              : nullptr;
-        bs.correction[i][v] = nullptr;
-        if (!stored || !border) continue;
-        for (int lane = 0; lane < SW; ++lane) {
-          const int64_t cls = row_cls * zp->col_classes + zp->col_class[strip_ow[i] + lane];
-          correction[i][v][lane] = zp->value[cls * p.out_channels + channel[v]];
+        // Past the group's last channel, repeat it: computed but not stored.
+        const bool real = cb * V + v < og;
+        channel[v] = g * og + imin(cb * V + v, og - 1);
+        wrow[v] = w + channel[v] * weight_row;
+        bs.plane[v] = real ? st.out + (n * p.out_channels + channel[v]) * oh_count * ow_count : nullptr;
+        bs.scale[v] = st.scale ? st.scale[channel[v]] : 1.0f;
+        bs.bias[v] = st.bias ? st.bias[channel[v]] : 0.0f;
+      }
+      channels_stale = false;
+    }
+    const uint64_t* act[P];
+    const uint64_t* image = x + n * l.image_stride + g * wpg * l.row_words;
+    int64_t oh = first_oh, ow = first_ow;
+    for (int i = 0; i < P; ++i) {
+      const bool real = oh < oh_count;
+      // Past the last strip, repeat the last one: computed but not stored, so the block never branches on tails.
+      const int64_t soh = real ? oh : (ts.strips - 1) / ts.strips_per_row;
+      const int64_t sow = real ? ow : ((ts.strips - 1) % ts.strips_per_row) * SW;
+      act[i] = image + soh * p.stride_h * l.row_stride + sow;
+      bs.offset[i] = real ? soh * ow_count + sow : -1;
+      bs.lanes[i] = static_cast<int>(imin(SW, ow_count - sow));
+      bs.border[i] = false;
+      if (zp && real) {
+        const int32_t row_cls = zp->row_class[soh];
+        bool border = row_cls != 0;
+        for (int lane = 0; lane < bs.lanes[i] && !border; ++lane) border = zp->col_class[sow + lane] != 0;
+        if (border) {
+          bs.border[i] = true;
+          for (int v = 0; v < V; ++v)
+            for (int lane = 0; lane < SW; ++lane) {
+              const int64_t cls = row_cls * zp->col_classes + zp->col_class[sow + lane];
+              bs.corrections[i][v][lane] = zp->value[cls * p.out_channels + channel[v]];
+            }
         }
-        bs.correction[i][v] = correction[i][v];
+      }
+      if (real && (ow += SW) >= ts.strips_per_row * SW) {
+        ow = 0;
+        ++oh;
       }
     }
     Isa::block(act, offsets, taps, wpg, l.row_words, wrow, bs);
 
+    first_oh = oh;
+    first_ow = ow;
     if (++sb == ts.strip_blocks) {
       sb = 0;
+      first_oh = first_ow = 0;
+      channels_stale = true;
       if (++cb == ts.channel_blocks) {
         cb = 0;
         if (++g == p.groups) {

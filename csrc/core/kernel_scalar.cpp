@@ -26,7 +26,7 @@ struct ScalarIsa {
 
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
-                    const BlockStore<kStrips, kChannels>& bs) {
+                    const BlockStore<kStrips, kChannels, kStrip>& bs) {
     uint32_t count[kStrips][kChannels][kStrip] = {};
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t w = 0; w < words_per_group; ++w)
@@ -40,12 +40,12 @@ struct ScalarIsa {
         }
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v) {
-        if (!bs.out[i][v]) continue;
+        if (!bs.out(i, v)) continue;
         for (int lane = 0; lane < bs.lanes[i]; ++lane) {
           int32_t dot = bs.depth - 2 * static_cast<int32_t>(count[i][v][lane]);
-          if (bs.correction[i][v]) dot -= bs.correction[i][v][lane];
+          if (bs.correction(i, v)) dot -= bs.correction(i, v)[lane];
           // fma everywhere: every family then rounds identically.
-          bs.out[i][v][lane] = std::fma(bs.scale[v], static_cast<float>(dot), bs.bias[v]);
+          bs.out(i, v)[lane] = std::fma(bs.scale[v], static_cast<float>(dot), bs.bias[v]);
         }
       }
   }

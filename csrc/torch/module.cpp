@@ -17,12 +17,19 @@
 
 namespace {
 
+// The kernel family `backend` names, leaving the process-wide choice (use_backend / XNORCONV_BACKEND) as it was.
+const xnorconv::KernelOps& family(const std::string& backend, const xnorconv::ConvParams& p, const char* caller) {
+  const std::string previous = xnorconv::backend_override();
+  const std::string err = xnorconv::set_backend_override(backend);
+  TORCH_CHECK(err.empty(), caller, ": ", err);
+  const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
+  xnorconv::set_backend_override(previous);
+  return ops;
+}
+
 // Benchmark hooks (used by python -m bench): the kernel's ceiling and the kernel alone on pre-packed input.
 double peak_binary_macs_per_second(const std::string& backend, int64_t iterations) {
-  const std::string err = xnorconv::set_backend_override(backend);
-  TORCH_CHECK(err.empty(), "peak_binary_macs_per_second: ", err);
-  const xnorconv::KernelOps& ops = xnorconv::select_kernel({});
-  xnorconv::set_backend_override("");
+  const xnorconv::KernelOps& ops = family(backend, {}, "peak_binary_macs_per_second");
   double best = 0;
   for (int r = 0; r < 5; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -36,8 +43,6 @@ double peak_binary_macs_per_second(const std::string& backend, int64_t iteration
 // Median milliseconds of the convolution pass alone (input packed once beforehand), threads from torch.
 double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const at::Tensor& weight,
                       std::vector<int64_t> stride, std::vector<int64_t> padding, int64_t pad_value, int64_t reps) {
-  const std::string err = xnorconv::set_backend_override(backend);
-  TORCH_CHECK(err.empty(), "conv_kernel_ms: ", err);
   xnorconv::ConvParams p;
   p.batch = input.size(0);
   p.in_channels = input.size(1);
@@ -53,8 +58,7 @@ double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const
   p.pad_value = static_cast<xnorconv::PadValue>(pad_value);
   const std::string bad = xnorconv::validate(p);
   TORCH_CHECK(bad.empty(), "conv_kernel_ms: ", bad);
-  const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
-  xnorconv::set_backend_override("");
+  const xnorconv::KernelOps& ops = family(backend, p, "conv_kernel_ms");
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const xnorconv::ActivationLayout l = xnorconv::activation_layout(p);
   std::vector<uint64_t> px(l.total_words), pw(xnorconv::weight_words(p));

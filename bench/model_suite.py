@@ -1,0 +1,274 @@
+"""Model suite (python -m bench --models): whole networks end to end, the paper's Table 6 measured.
+
+For each model: latency per image at batch 1, throughput (images/s) at batch 8, peak memory of a forward pass,
+the in-memory size of its weights and the saved state_dict size; all models timed interleaved in one process.
+Frozen binary_dnet53 (xnorconv.freeze: packed 1-bit weights, BatchNorm folded) is compared with its float twin
+(the identical module tree with nn.Conv2d) in fp32 and int8 (PyTorch's FX static quantization, x86 engine), and
+with float DarkNet-53 and CSP-DarkNet-53. A per-layer breakdown says where the frozen model's time goes.
+
+Correctness before timing: the frozen model must equal the unfrozen binary model computed through its pure-PyTorch
+path (sign + float conv, the STE path) to float rounding; the int8 model's output is compared with fp32's and the
+agreement (cosine similarity of the logits) is recorded beside its figures, since int8 is not exact by nature.
+"""
+import copy
+import io
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+from torch import nn
+
+import xnorconv
+
+from .timing import interleaved, median_ms
+
+DEFAULT_MODELS = ("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8", "darknet53", "cspdarknet53")
+
+
+@dataclass
+class Entry:
+    name: str
+    description: str
+    model: nn.Module
+    unfrozen: nn.Module = None   # binary_dnet53 before freeze: its pure-PyTorch path is the reference
+    reference: nn.Module = None  # int8: the fp32 model it was quantized from
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def state_dict_bytes(model: nn.Module) -> int:
+    """Bytes of torch.save(model.state_dict()): the model file size."""
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds (parameters, buffers, packed weights of quantized modules)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for v in model.state_dict().values():  # quantized modules keep their weights outside parameters()
+        if isinstance(v, torch.Tensor) and v.is_quantized and v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            total += v.numel() * v.element_size()
+    return total
+
+
+def peak_forward_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes held at once by the tensors a forward pass allocates from PyTorch's CPU allocator (activations,
+    outputs, workspaces), from torch.profiler's allocation events (running total of allocated bytes, less what was
+    allocated before the pass). Weights, allocated before, are not in it (see weight_bytes)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad():
+        model(x)  # first call fills caches (e.g. packed weights); not part of the steady state
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            model(x)
+    allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            allocs.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.total_allocated))
+    if not allocs:
+        return 0
+    allocs.sort()
+    before = allocs[0][2] - allocs[0][1]
+    return max(a[2] for a in allocs) - before
+
+
+def _int8(float_model: nn.Module, example: torch.Tensor, calibration: int = 4) -> nn.Module:
+    """PyTorch's x86 static int8 flow (FX graph mode: prepare_fx, calibrate, convert_fx)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(float_model).eval(), get_default_qconfig_mapping("x86"), (example,))
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _ in range(calibration):
+                prepared(torch.randn(example.shape, generator=gen))
+        return convert_fx(prepared)
+
+
+def build(names, num_classes, size, create=None):
+    """The models to compare, built with random weights (speed does not depend on their values)."""
+    if create is None:
+        import models
+        create = models.create
+    example = torch.randn(1, 3, size, size)
+    entries = []
+    for name in names:
+        if name == "binary_dnet53":
+            binary = create("binary_dnet53", num_classes).eval()
+            entries.append(Entry(name, "BinaryDNet53, xnorconv.freeze (1-bit packed weights, BN folded)",
+                                 xnorconv.freeze(binary), unfrozen=binary))
+        elif name == "binary_dnet53_fp32":
+            entries.append(Entry(name, "same architecture, float nn.Conv2d, fp32",
+                                 create("binary_dnet53_float", num_classes).eval()))
+        elif name == "binary_dnet53_int8":
+            float_twin = create("binary_dnet53_float", num_classes).eval()
+            entries.append(Entry(name, "same architecture, float convs, PyTorch int8 (FX static, x86)",
+                                 _int8(float_twin, example), reference=float_twin))
+        elif name in ("darknet53", "cspdarknet53"):
+            entries.append(Entry(name, f"{name}, fp32", create(name, num_classes).eval()))
+        else:
+            raise ValueError(f"unknown model {name!r}; choose from {DEFAULT_MODELS}")
+    return entries
+
+
+def check(entries, size):
+    """Correctness before timing (see the module docstring); returns {name: agreement figure}."""
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    agreement = {}
+    for e in entries:
+        with torch.no_grad():
+            got = _logits(e.model(x))
+        if not torch.isfinite(got).all():
+            raise AssertionError(f"{e.name}: non-finite output")
+        if e.unfrozen is not None:
+            with torch.enable_grad():  # BinaryConv2d's pure-PyTorch (STE) path: sign + F.conv2d
+                want = _logits(e.unfrozen(x.clone().requires_grad_(True))).detach()
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max()))):
+                raise AssertionError(f"{e.name}: frozen model differs from the binary model's reference path by "
+                                     f"{(got - want).abs().max():.3g}")
+            agreement[e.name] = f"max |frozen - reference| = {(got - want).abs().max():.2g}"
+        if e.reference is not None:
+            with torch.no_grad():
+                want = _logits(e.reference(x))
+            if got.shape != want.shape:
+                raise AssertionError(f"{e.name}: output shape {tuple(got.shape)} != fp32 {tuple(want.shape)}")
+            cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+            agreement[e.name] = f"cosine(int8, fp32 logits) = {cos:.3f}"
+    return agreement
+
+
+def layer_breakdown(model: nn.Module, x: torch.Tensor, reps: int) -> Dict:
+    """Where a forward pass's time goes, two ways (medians over `reps` passes, batch of `x`):
+    * per module: forward hooks time every module inclusively; a module's self time is its time less its
+      children's, so functional code in a forward (adds, shortcuts, concatenations) lands on the module that runs
+      it and the self times add up to the pass;
+    * per operator: torch.profiler's self CPU time of each aten / xnorconv op, per pass."""
+    from torch.profiler import ProfilerActivity, profile
+    modules = list(model.named_modules())
+    samples = {n: [] for n, _ in modules}
+    starts = {}
+    handles = []
+    for n, m in modules:
+        handles.append(m.register_forward_pre_hook(
+            lambda mod, inp, n=n: starts.setdefault(n, []).append(time.perf_counter())))
+        handles.append(m.register_forward_hook(
+            lambda mod, inp, out, n=n: samples[n].append(time.perf_counter() - starts[n].pop())))
+    try:
+        with torch.no_grad():
+            model(x)
+            for v in samples.values():
+                v.clear()
+            for _ in range(reps):
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    inclusive = {}
+    for n, _ in modules:
+        calls = len(samples[n]) // reps
+        if calls:
+            inclusive[n] = median_ms([sum(samples[n][i * calls:(i + 1) * calls]) for i in range(reps)])
+    total = inclusive[""]
+    # Self time: less the time of the nearest called descendants (a ModuleList is never called itself).
+    children = {n: 0.0 for n in inclusive}
+    for n in inclusive:
+        if n:
+            parts = n.split(".")
+            parent = next((".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)
+                           if ".".join(parts[:i]) in inclusive), "")
+            children[parent] += inclusive[n]
+    layers = []
+    for n, m in modules:
+        if n not in inclusive:
+            continue
+        children_ms = children[n]
+        layers.append({"name": n or "(model)", "type": type(m).__name__, "detail": _describe(m),
+                       "ms": inclusive[n], "self_ms": max(0.0, inclusive[n] - children_ms),
+                       "share": max(0.0, inclusive[n] - children_ms) / total})
+    by_type = {}
+    for l in layers:
+        by_type[l["type"]] = by_type.get(l["type"], 0.0) + l["self_ms"]
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            model(x)
+    ops = sorted(((k.key, k.self_cpu_time_total / 1e3 / reps, k.count // reps) for k in prof.key_averages()),
+                 key=lambda t: -t[1])
+    op_total = sum(t[1] for t in ops)
+    return {"total_ms": total, "batch": x.shape[0],
+            "layers": sorted(layers, key=lambda l: -l["self_ms"]),
+            "by_type": dict(sorted(by_type.items(), key=lambda kv: -kv[1])),
+            "ops": [{"op": k, "self_ms": ms, "calls": c, "share": ms / op_total} for k, ms, c in ops if ms > 0]}
+
+
+def _describe(m):
+    if isinstance(m, (nn.Conv2d, xnorconv.nn.FrozenBinaryConv2d)) or hasattr(m, "kernel_size"):
+        parts = []
+        for a in ("in_channels", "out_channels", "kernel_size", "stride"):
+            if hasattr(m, a):
+                parts.append(str(getattr(m, a)))
+        return ",".join(parts)
+    return ""
+
+
+def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batches=(1, 8), breakdown_reps=10,
+        create=None, progress=None):
+    """Builds, checks and measures the models; returns a JSON-ready dict."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    entries = build(names, num_classes, size, create)
+    agreement = check(entries, size)
+    result = {"size": size, "threads": threads, "num_classes": num_classes, "reps": reps, "models": []}
+    per = {e.name: {"name": e.name, "description": e.description, "check": agreement.get(e.name, "finite output"),
+                    "state_dict_bytes": state_dict_bytes(e.model), "weight_bytes": weight_bytes(e.model),
+                    "params": sum(p.numel() for p in e.model.parameters())} for e in entries}
+    for batch in batches:
+        x = torch.randn(batch, 3, size, size)
+
+        def fn(m):
+            def call():
+                with torch.no_grad():
+                    m(x)
+            return call
+
+        t = interleaved({e.name: fn(e.model) for e in entries}, reps, warmup=2)
+        for e in entries:
+            ms = median_ms(t[e.name])
+            per[e.name][f"batch{batch}_ms"] = ms
+            per[e.name][f"batch{batch}_ms_per_image"] = ms / batch
+            per[e.name][f"batch{batch}_images_per_s"] = batch / (ms * 1e-3)
+            per[e.name][f"batch{batch}_iqr_ms"] = _iqr_ms(t[e.name])
+        if progress:
+            progress(f"batch {batch}")
+    x1 = torch.randn(1, 3, size, size)
+    for e in entries:
+        per[e.name]["peak_forward_bytes_batch1"] = peak_forward_bytes(e.model, x1)
+    if progress:
+        progress("memory")
+    first = entries[0]
+    result["models"] = [per[e.name] for e in entries]
+    result["breakdown"] = {"model": first.name, **layer_breakdown(first.model, x1, breakdown_reps)}
+    if progress:
+        progress("breakdown")
+    return result
+
+
+def _iqr_ms(samples):
+    if len(samples) < 4:
+        return 0.0
+    q = statistics.quantiles(samples, n=4)
+    return (q[2] - q[0]) * 1e3

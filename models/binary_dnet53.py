@@ -1,0 +1,218 @@
+"""BinaryDNet53 (paper 000, section 3.2, Fig. 6) and its float twin, on the public xnorconv API.
+
+Layout (input 128x128):
+
+    stem        float Conv2d 3x3 (3 -> 16) -> BN -> act                        128x128   (the only float conv)
+    stage 1     binary CSP stage, 3x3 stride-2 conv 16 -> 32, one residual block  64x64
+    stage 2     binary CSP stage, 32 -> 64, one residual block                    32x32   -> branch "low"
+    stage 3     binary CSP stage, 64 -> 128, one residual block                   16x16
+    SPPF        binary 1x1 convs around three 5x5 max pools, 128 -> 128          16x16   -> branch "high"
+    fusion      per branch: binary 1x1 conv to 48 channels ("Conv2D block to make the feature dimension
+                consistent"), global average pool, Linear(48, 1024) + ReLU; the two 1024-d vectors are
+                multiplied element-wise (F' = F1 * F2, section 3.2 item 3)
+    head        Dropout(0.25) -> Linear(1024, num_classes), real-valued
+
+    forward(x) -> BinaryDNet53Output(logits, features): `features` is F', the (N, 1024) fused activation
+    vector from which the Image Complexity Score is computed (paper eq. 5; see image_complexity_score).
+
+Choices where the paper is ambiguous or silent, and why:
+
+  * Depth. "We removed the CSP blocks from the deeper part of the model": of CSP-DarkNet-53's five stages
+    (depths 1, 2, 8, 8, 4) the first three are kept, one residual block each, and the two deepest (stride 16
+    and 32, which hold 92% of CSP-DarkNet-53's parameters) are removed. Widths are halved (32/64/128 instead of
+    64/128/256): see the next point.
+  * Parameter count. The paper gives 0.087M learnable parameters (abstract) and 0.37M (Table 6). Two
+    FC+ReLU branches to 1024-d alone cost 2 * 1024 * (C + 1) parameters, i.e. 67.6K already for C = 32 input
+    channels, so 0.087M cannot hold the described fusion together with any useful CSP backbone; we size the
+    model for Table 6's 0.37M (the computational-cost table, measured from their model): fusion width 48 and
+    widths 32/64/128 give 0.367M parameters for 6 classes (0.363M for 2), 0.254M of them binary conv weights
+    (measured; pinned in tests/test_models.py). The first figure may count only some layers; we cannot tell.
+  * Binarization. The paper binarizes weights only (XNOR-Net's BWN, Fig. 3b), which still needs float
+    multiply-accumulates on real activations. `binary_activations=True` (default) binarizes activations too,
+    so every conv after the stem runs as XNOR-popcount, with the practice that makes such networks train
+    (Bi-Real Net, ReActNet): each binary conv unit is
+        y = PReLU(BN(BinaryConv(sign(x - t))) + shortcut(x))
+    - BN right after every binary conv, so what the next sign() sees is normalised ("BN before sign"); the BN
+      directly follows the conv, so xnorconv.freeze folds it into the packed layer's scale/bias;
+    - a real-valued, parameter-free shortcut around every binary conv (identity; average-pool for stride 2;
+      channel repeat when the conv widens, channel-group mean when it narrows), which carries the real-valued
+      information the sign throws away. The block-level residual of the DarkNet bottleneck is then redundant
+      and removed (the paper also "removed several residual connections");
+    - a learnable per-channel threshold t before each sign (ReActNet's RSign);
+    - PReLU (a learnable negative slope, ReActNet's RPReLU without its shifts) instead of LeakyReLU(0.1): the
+      sign is unchanged either way, but a fixed 0.1 slope would shrink the negative half of the real-valued
+      shortcut stream tenfold at every unit.
+    `binary_activations=False` is the paper's literal model: BinaryConv2d(binarize_input=False) (alpha * sign(W)
+    on real inputs) in DarkNet's Conv -> BN -> LeakyReLU(0.1) units with the bottleneck residuals kept.
+  * `binary=False` builds the float twin: the identical module tree with nn.Conv2d in place of every
+    BinaryConv2d (same parameter count), for fair accuracy and speed comparisons.
+  * Classifier: the paper's large-margin loss consumes logits, so the head is a plain Linear layer.
+"""
+from functools import partial
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import xnorconv
+
+from .darknet import SPPF, CSPStage, _check_num_classes
+
+__all__ = ["BinaryDNet53", "BinaryDNet53Output", "BinaryConvUnit", "LearnableThreshold", "RealShortcut",
+           "binary_dnet53", "image_complexity_score"]
+
+
+class BinaryDNet53Output(NamedTuple):
+    logits: torch.Tensor    # (N, num_classes)
+    features: torch.Tensor  # (N, feature_dim): the fused feature vector F' (paper eq. 5's f(I))
+
+
+def image_complexity_score(features: torch.Tensor, lower: float = 0.7, upper: float = 1.2,
+                           reduction: str = "sum") -> torch.Tensor:
+    """Paper eq. 5: ICS = min(max(sum_d f_d(I), lower), upper), one value per image.
+
+    features: (N, D) from BinaryDNet53Output.features. reduction 'sum' is the paper's I_sum; 'mean' divides by D
+    (a scale that keeps the clamp meaningful for wide feature vectors). The paper uses lower=0.7, upper=1.2.
+    """
+    if features.dim() != 2:
+        raise ValueError(f"features must be 2-D (N, D), got shape {tuple(features.shape)}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if not lower <= upper:
+        raise ValueError(f"lower must be <= upper, got lower={lower}, upper={upper}")
+    total = features.sum(dim=1) if reduction == "sum" else features.mean(dim=1)
+    return total.clamp(lower, upper)
+
+
+class LearnableThreshold(nn.Module):
+    """x - t[c] with a learnable per-channel t (initialised at 0): the next sign() then computes sign(x - t)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.threshold = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x - self.threshold
+
+
+class RealShortcut(nn.Module):
+    """Parameter-free real-valued shortcut from (in_channels, H, W) to (out_channels, H/stride, W/stride).
+
+    Spatial: 2x2 average pool (ceil mode, matching a padded stride-2 conv's output size) when stride is 2.
+    Channels: identity if equal; when narrowing, adaptive average pooling along the channel axis (the mean of
+    k consecutive channels when in = k * out); when widening, each output channel copies input channel
+    floor(o * in / out) (each channel repeated k times when out = k * in).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride}")
+        self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
+        index = torch.div(torch.arange(out_channels) * in_channels, out_channels, rounding_mode="floor")
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self, x):
+        x = self.pool(x)
+        if self.out_channels > self.in_channels:
+            return x.index_select(1, self.index)
+        if self.out_channels < self.in_channels:
+            return F.adaptive_avg_pool3d(x.unsqueeze(1), (self.out_channels, None, None)).squeeze(1)
+        return x
+
+    def extra_repr(self):
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+class BinaryConvUnit(nn.Module):
+    """One conv unit of BinaryDNet53 (what ConvBNAct is to the float DarkNets).
+
+    binary_activations=True:  PReLU(BN(conv(x - t)) + shortcut(x)), conv = BinaryConv2d (sign of input and weight)
+    binary_activations=False: LeakyReLU(BN(conv(x))), conv = BinaryConv2d(binarize_input=False) (binary weights)
+    binary=False replaces BinaryConv2d by nn.Conv2d and changes nothing else (the float twin).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1, *,
+                 binary: bool = True, binary_activations: bool = True, pad_value: int = 0, ste: str = "clipped"):
+        super().__init__()
+        padding = kernel_size // 2
+        self.threshold = LearnableThreshold(in_channels) if binary_activations else None
+        if binary:
+            extra = dict(binarize_input=binary_activations, ste=ste)
+            if binary_activations:
+                extra["pad_value"] = pad_value
+            self.conv = xnorconv.BinaryConv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False,
+                                              **extra)
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)  # registered right after conv: freeze() folds it
+        if binary_activations:
+            self.shortcut = RealShortcut(in_channels, out_channels, stride)
+            self.act = nn.PReLU(out_channels)
+        else:
+            self.shortcut = None
+            self.act = nn.LeakyReLU(0.1, inplace=True)
+
+    def forward(self, x):
+        if self.shortcut is None:
+            return self.act(self.bn(self.conv(x)))
+        return self.act(self.bn(self.conv(self.threshold(x))) + self.shortcut(x))
+
+
+class BinaryDNet53(nn.Module):
+    """See the module docstring. forward(x) -> BinaryDNet53Output(logits, features)."""
+
+    def __init__(self, num_classes: int = 1000, *, binary: bool = True, binary_activations: bool = True,
+                 stem_channels: int = 16, widths: Sequence[int] = (32, 64, 128), depths: Sequence[int] = (1, 1, 1),
+                 fusion_channels: int = 48, feature_dim: int = 1024, dropout: float = 0.25, pad_value: int = 0,
+                 ste: str = "clipped"):
+        super().__init__()
+        _check_num_classes(num_classes)
+        if len(widths) != len(depths) or len(widths) < 2:
+            raise ValueError(f"widths and depths must have the same length >= 2, got widths={tuple(widths)}, "
+                             f"depths={tuple(depths)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.binary, self.binary_activations = binary, binary_activations
+        unit = partial(BinaryConvUnit, binary=binary, binary_activations=binary_activations, pad_value=pad_value,
+                       ste=ste)
+        residual = not binary_activations  # binary units carry their own real shortcuts
+        # Float stem. It ends in BN (then PReLU, which keeps signs) so that the first sign() sees centred values.
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, stem_channels, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(stem_channels),
+            nn.PReLU(stem_channels) if binary_activations else nn.LeakyReLU(0.1, inplace=True),
+        )
+        stages, cin = [], stem_channels
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            stages.append(CSPStage(cin, width, depth, first=(i == 0), conv=unit, residual=residual))
+            cin = width
+        self.stages = nn.ModuleList(stages)
+        self.sppf = SPPF(widths[-1], widths[-1], conv=unit)
+        self.branch_low = unit(widths[-2], fusion_channels, 1)
+        self.branch_high = unit(widths[-1], fusion_channels, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc_low = nn.Sequential(nn.Linear(fusion_channels, feature_dim), nn.ReLU(inplace=True))
+        self.fc_high = nn.Sequential(nn.Linear(fusion_channels, feature_dim), nn.ReLU(inplace=True))
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x) -> BinaryDNet53Output:
+        x = self.stem(x)
+        for stage in self.stages[:-1]:
+            x = stage(x)
+        low = x
+        high = self.sppf(self.stages[-1](x))
+        f_low = self.fc_low(torch.flatten(self.pool(self.branch_low(low)), 1))
+        f_high = self.fc_high(torch.flatten(self.pool(self.branch_high(high)), 1))
+        features = f_low * f_high
+        return BinaryDNet53Output(self.classifier(self.dropout(features)), features)
+
+
+def binary_dnet53(num_classes: int = 1000, *, binary: bool = True, binary_activations: bool = True,
+                  **kwargs) -> BinaryDNet53:
+    """BinaryDNet53 (paper Fig. 6). binary_activations=True (default): full XNOR; False: binary weights only, as
+    the paper describes; binary=False: the float twin. Other keyword arguments: see BinaryDNet53."""
+    return BinaryDNet53(num_classes, binary=binary, binary_activations=binary_activations, **kwargs)

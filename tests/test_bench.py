@@ -1,0 +1,163 @@
+"""python -m bench on tiny settings: the CLI, its files, --compare / --markdown / --from, the model suite, the
+OpenVINO peer's exactness and the correctness checks that must run before any timing. Fast (seconds)."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import xnorconv
+from bench import __main__ as cli
+from bench import layers, model_suite, peers, report
+from bench.timing import SelfTimed, interleaved
+from xnorconv._reference import reference_binary_conv2d
+
+TINY = ["--shape", "16,16,8,3,1,1", "--reps", "3"]
+
+
+def test_layer_cli_writes_files(tmp_path, capsys):
+    run = cli.main(TINY + ["--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "16,16,8,3,1,1" in out and "geometric mean speedup" in out and "command:" in out
+    for name in ("bench.json", "bench.csv", "layers_speedup.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["env"]["threads"] == 1 and saved["env"]["command"].startswith("python")
+    row = saved["layers"]["rows"][0]
+    assert row["shape"] == [16, 16, 8, 3, 1, 1]
+    for b in xnorconv.backends():
+        assert row["ms"][f"xnorconv {b}"] > 0 and 0 < row["kernel_fraction_of_peak"][b]
+    assert {"fp32 NCHW", "fp32 NHWC", "int8"} <= set(row["ms"])
+    if peers.openvino_available():
+        assert row["ms"]["openvino binary"] > 0 and row["kernel_best_ms"]["openvino"] >= 0
+    with open(tmp_path / "bench.csv") as f:
+        records = list(csv.DictReader(f))
+    assert records and all(r["machine"] and r["date"] and r["command"] for r in records)
+    assert {r["metric"] for r in records} >= {"fp32 NCHW ms", f"speedup vs fp32 NCHW xnorconv {xnorconv.backends()[0]}"}
+    assert run["layers"]["rows"][0]["ms"] == row["ms"]
+
+
+def test_compare_markdown_and_from(tmp_path, capsys):
+    cli.main(TINY + ["--no-openvino", "--backend", "scalar", "--out", str(tmp_path)])
+    capsys.readouterr()
+    cli.main(TINY + ["--no-openvino", "--backend", "scalar", "--compare", str(tmp_path / "bench.json"), "--markdown"])
+    out = capsys.readouterr().out
+    assert "| layer cin,cout,hw,k,s,p |" in out and "**threads**" in out
+    assert "change against the run of" in out and "fp32 NCHW" in out.split("change against")[1]
+    cli.main(["--from", str(tmp_path / "bench.json")])
+    out = capsys.readouterr().out
+    assert "xnorconv scalar ms" in out and "--out" in out  # the saved run's own command
+
+
+def test_models_cli_tiny(tmp_path, capsys):
+    run = cli.main(["--models", "--size", "16", "--model-reps", "3", "--model", "binary_dnet53",
+                    "--model", "binary_dnet53_fp32", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "binary_dnet53_fp32" in out and "Where binary_dnet53's time goes" in out
+    ms = {m["name"]: m for m in run["models"]["models"]}
+    assert ms["binary_dnet53"]["state_dict_bytes"] < ms["binary_dnet53_fp32"]["state_dict_bytes"]
+    for m in ms.values():
+        assert m["batch1_ms"] > 0 and m["batch8_images_per_s"] > 0 and m["peak_forward_bytes_batch1"] > 0
+    assert (tmp_path / "models_latency.png").stat().st_size > 0
+    json.loads((tmp_path / "bench.json").read_text())
+
+
+class _Tiny(nn.Module):
+    def __init__(self, binary):
+        super().__init__()
+        conv = xnorconv.BinaryConv2d if binary else nn.Conv2d
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(conv(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.body(self.stem(x)) + 1.0  # functional op outside any leaf module: lands on the model's self time
+        return self.head(x.mean((2, 3)))
+
+
+def test_model_suite_machinery_on_stand_ins():
+    def create(name, num_classes):
+        return _Tiny(binary=name == "binary_dnet53").eval() if name != "darknet53" else _Tiny(False).eval()
+
+    r = model_suite.run(("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8"), 4, 16, 1, 3,
+                        breakdown_reps=3, create=create)
+    names = [m["name"] for m in r["models"]]
+    assert names == ["binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8"]
+    assert "cosine" in r["models"][2]["check"] and "frozen - reference" in r["models"][0]["check"]
+    b = r["breakdown"]
+    assert any(l["type"] == "FrozenBinaryConv2d" for l in b["layers"])
+    assert sum(l["self_ms"] for l in b["layers"]) == pytest.approx(b["total_ms"], rel=0.05)
+    assert any(o["op"].startswith("xnorconv::") for o in b["ops"])
+
+
+def test_model_check_is_asserted(monkeypatch):
+    def create(name, num_classes):
+        return _Tiny(binary=True).eval() if name == "binary_dnet53" else _Tiny(False).eval()
+
+    real_freeze = xnorconv.freeze
+
+    def broken_freeze(model):
+        frozen = real_freeze(model)
+        frozen.head.bias.data += 1  # a frozen model that no longer matches its reference path
+        return frozen
+
+    monkeypatch.setattr(model_suite.xnorconv, "freeze", broken_freeze)
+    with pytest.raises(AssertionError, match="frozen model differs"):
+        model_suite.run(("binary_dnet53",), 4, 16, 1, 3, create=create)
+
+
+def test_layer_correctness_is_asserted(monkeypatch):
+    wrong = lambda *a, **k: reference_binary_conv2d(*a, **k) + 2  # noqa: E731
+    monkeypatch.setattr(layers, "reference_binary_conv2d", wrong)
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        layers.layer_rows([(16, 16, 8, 3, 1, 1)], 1, 1, 3, 0, ["scalar"], with_int8=False, with_openvino=False)
+
+
+def test_self_timed_samples():
+    t = interleaved({"wall": lambda: None, "self": SelfTimed(lambda: 42.0)}, 4, warmup=1)
+    assert t["self"] == [42.0] * 4 and len(t["wall"]) == 4 and all(v >= 0 for v in t["wall"])
+
+
+@pytest.mark.skipif(not peers.openvino_available(), reason="openvino not installed")
+@pytest.mark.parametrize("shape", [(64, 64, 9, 3, 1, 1), (24, 17, 9, 3, 2, 1), (8, 3, 11, 5, 1, 2), (32, 16, 7, 1, 1, 0)])
+def test_openvino_equals_plus_one_padded_reference(shape):
+    cin, cout, hw, k, s, p = shape
+    x = torch.randn(2, cin, hw, hw)
+    w = torch.randn(cout, cin, k, k)
+    flat = x.view(-1)  # the binarization edge: +0, -0, the smallest denormals of either sign
+    flat[::29], flat[1::31], flat[2::37], flat[3::41] = 0.0, -0.0, -1.4e-45, 1.4e-45
+    w.view(-1)[::7] = 0.0
+    want = reference_binary_conv2d(x, w, None, (s, s), (p,) * 4, (1, 1), 1, None, pad_value=1)
+    got = peers.openvino_binary_conv(x, w, s, p, 1)()
+    assert got.dtype == torch.float32 and got.is_contiguous() and torch.equal(got.double(), want)
+    timer = peers.OpenVinoKernelTimer(x, w, s, p, 1)
+    assert timer() >= 0 and timer.exec_type
+
+
+@pytest.mark.skipif(not peers.openvino_available(), reason="openvino not installed")
+def test_openvino_wrong_shapes_are_reported_not_timed():
+    rows = layers.layer_rows([(4, 8, 8, 3, 1, 1)], 1, 1, 3, 0, ["scalar"], with_int8=False)
+    assert "openvino binary" not in rows[0]["ms"] and "not a multiple of 8" in rows[0]["notes"][0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is absent")
+def test_device_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        cli.main(["--device", "cuda"])
+
+
+def test_report_geomean_and_bad_shape():
+    assert report.geomean([2, 8]) == pytest.approx(4)
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--shape", "1,2,3"])
+    assert os.path.basename(cli.__file__) == "__main__.py"
+
+
+def test_backend_override_survives_the_kernel_hooks():
+    x, w = torch.randn(1, 16, 8, 8), torch.randn(8, 16, 3, 3)
+    with xnorconv.use_backend("scalar"):
+        layers._in_backend("scalar", xnorconv._C.conv_kernel_ms, "scalar", x, w, [1, 1], [1, 1], 0, 1)
+        layers._in_backend("scalar", xnorconv._C.peak_binary_macs_per_second, "scalar", 1000)
+        assert xnorconv.current_backend(16, 3) == "scalar"

@@ -1,0 +1,362 @@
+"""Tests of models/: every registered model builds and trains a step at 128x128 for 2 and 6 classes, parameter
+counts stay in their documented ranges, BinaryDNet53 is binary where it should be and runs the packed kernels end
+to end once frozen, pretrained loading is offline with clear errors, and profile() counts what it claims.
+
+Run from the repository root: python -m pytest tests/test_models.py -q
+
+The tests run torch on one thread: on a small shared machine, OpenMP's multi-threaded fwd+bwd of the large
+reference models was 10-30x slower than one thread (spinning workers fighting other processes for the cores).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import models
+import xnorconv
+from models.binary_dnet53 import BinaryConvUnit, RealShortcut
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Documented parameter ranges (millions) for 2 and 6 classes. Published references: Darknet-53 41.6M and
+# CSPDarknet53 27.6M with a 1000-class head (i.e. 40.6M / 26.6M for 6 classes); torchvision's ImageNet counts minus
+# the 1000-class head. binary_dnet53: see models/binary_dnet53.py (sized for the paper's Table 6 figure, 0.37M).
+PARAM_RANGES_M = {
+    "darknet53": (40.5, 40.7),
+    "cspdarknet53": (26.5, 26.7),
+    "dnet53_baseline": (31.5, 32.5),
+    "binary_dnet53": (0.35, 0.38),
+    "binary_dnet53_bwn": (0.35, 0.38),
+    "binary_dnet53_float": (0.35, 0.38),
+    "resnet50": (23.4, 23.6),
+    "densenet121": (6.9, 7.0),
+    "densenet201": (18.0, 18.2),
+    "mobilenet_v2": (2.2, 2.3),
+    "vit_b_16": (85.6, 85.9),
+    "mobilenet_v3_small": (1.5, 1.6),
+    "mobilenet_v3_large": (4.2, 4.3),
+    "efficientnet_b0": (4.0, 4.1),
+    "swin_v2_t": (27.5, 27.6),
+}
+BINARY_VARIANTS = ("binary_dnet53", "binary_dnet53_bwn", "binary_dnet53_float")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def logits_of(output):
+    return output.logits if isinstance(output, models.BinaryDNet53Output) else output
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def randomize_batchnorm(model):
+    """Non-trivial BatchNorm statistics and affine parameters, so BN folding is really exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+
+
+def test_registry_lists_every_model():
+    assert set(models.list_models()) == set(PARAM_RANGES_M)
+    with pytest.raises(ValueError, match="unknown model 'darknet54'.*darknet53"):
+        models.create("darknet54", 6)
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+        models.create("darknet53", 0)
+
+
+@pytest.mark.parametrize("num_classes", [2, 6])
+@pytest.mark.parametrize("name", list(PARAM_RANGES_M))
+def test_builds_trains_one_step(name, num_classes):
+    torch.manual_seed(0)
+    model = models.create(name, num_classes)
+    low, high = PARAM_RANGES_M[name]
+    assert low * 1e6 <= n_params(model) <= high * 1e6, f"{name}: {n_params(model)} parameters"
+    model.train()
+    if name == "vit_b_16":
+        # torchvision zero-initialises ViT's head, so no gradient flows past it at step 0; give it random weights
+        # so that the check below sees the whole network.
+        nn.init.normal_(model.heads.head.weight, std=0.02)
+    batch = 1 if name in ("vit_b_16", "swin_v2_t", "densenet201") else 2
+    x = torch.randn(batch, 3, 128, 128)
+    out = model(x)
+    logits = logits_of(out)
+    assert logits.shape == (batch, num_classes)
+    assert torch.isfinite(logits).all()
+    F.cross_entropy(logits, torch.arange(batch) % num_classes).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), f"{name}: missing or non-finite grads"
+    first = next(p for p in model.parameters() if p.dim() == 4)  # the first conv / patch embedding
+    assert first.grad.abs().sum() > 0, f"{name}: no gradient reaches the first layer"
+
+
+def test_our_parameter_counts_exact():
+    """Counts measured once and pinned (the docstrings quote them)."""
+    expected = {("darknet53", 6): 40_591_078, ("cspdarknet53", 6): 26_623_334, ("dnet53_baseline", 6): 32_057_446,
+                ("binary_dnet53", 6): 367_286, ("binary_dnet53", 2): 363_186, ("binary_dnet53_bwn", 6): 364_150,
+                ("binary_dnet53_float", 6): 367_286}
+    for (name, classes), count in expected.items():
+        assert n_params(models.create(name, classes)) == count, name
+    # 1000-class heads give the published backbone figures
+    assert n_params(models.darknet53(1000)) == 41_609_928
+    assert n_params(models.cspdarknet53(1000)) == 27_642_184
+
+
+@pytest.mark.parametrize("name", BINARY_VARIANTS)
+def test_binary_dnet53_every_conv_but_stem_is_binary(name):
+    model = models.create(name, 6)
+    float_convs = [n for n, m in model.named_modules()
+                   if isinstance(m, nn.Conv2d) and not isinstance(m, xnorconv.BinaryConv2d)]
+    binary = [m for m in model.modules() if isinstance(m, xnorconv.BinaryConv2d)]
+    units = [m for m in model.modules() if isinstance(m, BinaryConvUnit)]
+    assert len(units) == 25
+    if name == "binary_dnet53_float":  # the float twin: same tree, nn.Conv2d everywhere
+        assert binary == [] and len(float_convs) == 26
+        return
+    assert float_convs == ["stem.0"]
+    assert len(binary) == 25
+    assert all(m.binarize_input == (name == "binary_dnet53") for m in binary)
+
+
+def test_binary_dnet53_output_and_ics():
+    model = models.create("binary_dnet53", 6).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 128, 128))
+    assert isinstance(out, models.BinaryDNet53Output)
+    assert out.logits.shape == (3, 6) and out.features.shape == (3, 1024)
+    assert (out.features >= 0).all()  # product of two ReLU branches
+    ics = models.image_complexity_score(out.features)
+    assert ics.shape == (3,)
+    torch.testing.assert_close(ics, out.features.sum(1).clamp(0.7, 1.2))
+    feats = torch.tensor([[0.1, 0.2], [0.5, 0.5], [1.0, 2.0]])
+    torch.testing.assert_close(models.image_complexity_score(feats), torch.tensor([0.7, 1.0, 1.2]))
+    torch.testing.assert_close(models.image_complexity_score(feats, reduction="mean"), torch.tensor([0.7, 0.7, 1.2]))
+    with pytest.raises(ValueError, match="features must be 2-D"):
+        models.image_complexity_score(torch.zeros(3))
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean', got 'max'"):
+        models.image_complexity_score(feats, reduction="max")
+
+
+def test_real_shortcut():
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(RealShortcut(8, 8)(x), x)
+    torch.testing.assert_close(RealShortcut(8, 4)(x), x.view(2, 4, 2, 5, 5).mean(2))
+    torch.testing.assert_close(RealShortcut(8, 16)(x), x.repeat_interleave(2, dim=1))
+    y = RealShortcut(8, 16, stride=2)(x)
+    assert y.shape == (2, 16, 3, 3)  # what a padded 3x3 stride-2 conv gives for 5x5
+    torch.testing.assert_close(y[:, 0, 0, 0], x[:, 0, :2, :2].mean((1, 2)))
+    assert RealShortcut(64, 48)(torch.randn(1, 64, 4, 4)).shape == (1, 48, 4, 4)
+
+
+class OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_frozen_binary_dnet53_runs_packed_kernels_and_matches():
+    torch.manual_seed(0)
+    model = models.create("binary_dnet53", 6)
+    randomize_batchnorm(model)
+    model.eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = model(x)
+    frozen = xnorconv.freeze(model)
+    layers = [m for m in frozen.modules() if isinstance(m, xnorconv.FrozenBinaryConv2d)]
+    assert len(layers) == 25 and not any(isinstance(m, xnorconv.BinaryConv2d) for m in frozen.modules())
+    # every BatchNorm after a binary conv is folded; only the float stem's remains
+    assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["stem.1"]
+    recorder = OpRecorder()
+    with torch.no_grad(), recorder:
+        out = frozen(x)
+    assert recorder.ops.count("xnorconv.binary_conv2d_packed") == 25
+    assert recorder.ops.count("aten.convolution") == 1  # the float stem only
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.features, expected.features, rtol=1e-4, atol=1e-5)
+    # the packed model stores far less than the float one
+    float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    frozen_bytes = sum(t.numel() * t.element_size() for t in frozen.state_dict().values())
+    assert frozen_bytes < 0.4 * float_bytes
+    # and a saved frozen state_dict round-trips into a fresh frozen model
+    again = xnorconv.freeze(models.create("binary_dnet53", 6))
+    again.load_state_dict(frozen.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, out.logits)
+
+
+def test_frozen_weight_only_variant_matches():
+    torch.manual_seed(1)
+    model = models.create("binary_dnet53_bwn", 2)
+    randomize_batchnorm(model)
+    model.eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = model(x)
+        frozen = xnorconv.freeze(model)
+        out = frozen(x)
+    assert sum(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in frozen.modules()) == 25
+    assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["stem.1"]
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_binary_dnet53_exports():
+    """torch.export of the deployed model keeps the 25 packed convolutions in the graph and matches eager."""
+    frozen = xnorconv.freeze(models.create("binary_dnet53", 6))
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        program = torch.export.export(frozen, (x,))
+        targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        assert sum("xnorconv.binary_conv2d_packed" in t for t in targets) == 25
+        torch.testing.assert_close(program.module()(x).logits, frozen(x).logits)
+
+
+@pytest.mark.parametrize("pad_value", [1, -1])
+def test_frozen_matches_for_constant_pad_values(pad_value):
+    torch.manual_seed(2)
+    model = models.create("binary_dnet53", 2, pad_value=pad_value)
+    assert {m.pad_value for m in model.modules() if isinstance(m, xnorconv.BinaryConv2d)} == {pad_value}
+    randomize_batchnorm(model)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        frozen = xnorconv.freeze(model)
+        out = frozen(x)
+    assert {m.pad_value for m in frozen.modules() if isinstance(m, xnorconv.FrozenBinaryConv2d)} == {pad_value}
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_unfrozen_eval_uses_packed_kernels_too():
+    model = models.create("binary_dnet53", 2).eval()
+    recorder = OpRecorder()
+    with torch.no_grad(), recorder:
+        model(torch.randn(1, 3, 64, 64))
+    assert recorder.ops.count("xnorconv.binary_conv2d_packed") == 25
+
+
+def test_pretrained_true_without_cache_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    path, url = models.torchvision_cache_path("mobilenet_v3_small")
+    assert path.startswith(str(tmp_path)) and url.startswith("https://")
+    with pytest.raises(FileNotFoundError) as err:
+        models.create("mobilenet_v3_small", 6, pretrained=True)
+    message = str(err.value)
+    assert path in message and url in message and "pretrained='/path/to/file.pth'" in message
+    assert "never downloads" in message
+    with pytest.raises(ValueError, match="darknet53 has no published pretrained weights"):
+        models.create("darknet53", 6, pretrained=True)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        models.create("resnet50", 6, pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_pretrained_from_torchvision_cache_and_local_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    path, _ = models.torchvision_cache_path("mobilenet_v3_small")
+    os.makedirs(os.path.dirname(path))
+    torch.manual_seed(3)
+    imagenet = models.create("mobilenet_v3_small", 1000)
+    torch.save(imagenet.state_dict(), path)
+    model = models.create("mobilenet_v3_small", 6, pretrained=True)
+    torch.testing.assert_close(model.features[0][0].weight, imagenet.features[0][0].weight)
+    torch.testing.assert_close(model.classifier[0].weight, imagenet.classifier[0].weight)
+    assert model.classifier[3].weight.shape == (6, 1024)  # new head for 6 classes
+    same = models.create("mobilenet_v3_small", 1000, pretrained=path)  # a local file, head kept
+    torch.testing.assert_close(same.classifier[3].weight, imagenet.classifier[3].weight)
+
+    # our own models: a checkpoint dict from a 6-class run loads into a 2-class model (head re-initialised)
+    source = models.create("binary_dnet53", 6)
+    ckpt = tmp_path / "ckpt.pth"
+    torch.save({"model": source.state_dict(), "epoch": 3}, ckpt)
+    target = models.create("binary_dnet53", 2, pretrained=ckpt)
+    torch.testing.assert_close(target.stages[1][0].conv.weight, source.stages[1][0].conv.weight)
+    assert target.classifier.weight.shape == (2, 1024)
+    # a checkpoint of another architecture is refused with the keys that do not fit
+    torch.save(models.create("binary_dnet53_bwn", 6).state_dict(), ckpt)
+    with pytest.raises(ValueError, match="does not fit binary_dnet53.*missing keys"):
+        models.create("binary_dnet53", 6, pretrained=ckpt)
+
+
+def test_vit_position_embeddings_are_interpolated_when_loading(tmp_path):
+    """ImageNet ViT weights (224x224) load into a model built for 128x128 inputs (a small ViT of the same family)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    from models.registry import _load_backbone
+    arch = dict(patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64)
+    source = VisionTransformer(image_size=224, num_classes=1000, **arch)
+    target = VisionTransformer(image_size=128, num_classes=6, **arch)
+    _load_backbone(target, source.state_dict(), models.model_info("vit_b_16"), "imagenet.pth", {})
+    assert target.encoder.pos_embedding.shape == (1, 65, 32)
+    torch.testing.assert_close(target.encoder.pos_embedding[:, 0], source.encoder.pos_embedding[:, 0])
+    torch.testing.assert_close(target.conv_proj.weight, source.conv_proj.weight)
+    assert target.heads.head.weight.shape == (6, 32)
+    assert target(torch.randn(1, 3, 128, 128)).shape == (1, 6)
+
+
+def test_profile_counts_a_small_model_exactly():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),            # float: 16*16*8*27 MACs
+        xnorconv.BinaryConv2d(8, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64),  # binary: 16*16*64*72
+        xnorconv.BinaryConv2d(64, 16, 1, binarize_input=False, bias=False),       # sign-weight: 16*16*16*64
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))                  # float: 80
+    p = models.profile(model, (3, 16, 16), name="tiny")
+    assert p.binary_params == 8 * 64 * 9 + 64 * 16
+    assert p.float_params == 3 * 8 * 9 + 2 * 8 + 2 * 64 + 16 * 5 + 5
+    assert p.float_macs == 16 * 16 * 8 * 27 + 80
+    assert p.binary_macs == 16 * 16 * 64 * 72
+    assert p.sign_weight_macs == 16 * 16 * 16 * 64
+    assert p.mac_equivalent == p.float_macs + p.sign_weight_macs + p.binary_macs / 64
+    assert p.packed_storage_bytes < p.float_storage_bytes
+    # activations: at least the three conv outputs, and the peak is at most the total
+    assert p.activation_bytes >= 4 * 16 * 16 * (8 + 64 + 16)
+    assert 4 * 16 * 16 * 64 <= p.peak_activation_bytes <= p.activation_bytes
+    assert model.training  # the training flag is restored
+
+
+def test_profile_of_binary_dnet53_and_its_float_twin():
+    binary = models.profile(models.create("binary_dnet53", 6), 128, name="binary_dnet53")
+    twin = models.profile(models.create("binary_dnet53_float", 6), 128, name="binary_dnet53_float")
+    assert binary.params == twin.params
+    assert binary.binary_params == sum(m.weight.numel() for m in models.create("binary_dnet53", 6).modules()
+                                       if isinstance(m, xnorconv.BinaryConv2d))
+    # the float twin's float MACs are the binary model's float MACs plus its binary MACs
+    assert twin.float_macs == binary.float_macs + binary.binary_macs
+    assert binary.float_macs == 128 * 128 * 16 * 27 + 2 * 48 * 1024 + 1024 * 6
+    assert binary.packed_storage_bytes < binary.float_storage_bytes / 2.5
+    # a frozen model profiles the same
+    frozen = models.profile(xnorconv.freeze(models.create("binary_dnet53", 6)), 128)
+    assert (frozen.binary_params, frozen.binary_macs, frozen.float_macs) == \
+        (binary.binary_params, binary.binary_macs, binary.float_macs)
+    table = models.format_table([binary, twin])
+    assert table.count("\n") == 3 and "| binary_dnet53 | 0.367 |" in table
+
+
+def test_profile_command_prints_the_table():
+    result = subprocess.run([sys.executable, "-m", "models", "profile", "--models", "binary_dnet53",
+                             "binary_dnet53_float", "--size", "64"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("# python -m models profile")
+    assert lines[2].startswith("| model | params (M) |")
+    assert lines[4].startswith("| binary_dnet53 | 0.367 | 0.113 | 0.254 |")
+    assert len(lines) == 6

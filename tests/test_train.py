@@ -1,0 +1,358 @@
+"""End-to-end tests of `python -m train` on small generated image-folder datasets (real image files).
+
+Run from the repository root: `python -m pytest tests/test_train.py`. Every training run uses 32x32 images, one
+thread per process and (except the paper-preset test) a narrow BinaryDNet53, so the whole file takes a couple of
+minutes on a shared 2-core CPU.
+"""
+import csv
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from train import data as D
+from train.cli import main
+from train.losses import DistillationLoss, WeightedLargeMarginLoss, class_weights_from, image_complexity_score
+from train.metrics import classification_metrics, fairness_metrics
+from train.stats import confusion_chi2_test, mcnemar_test, paired_t_test
+from train.synthetic import make_synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = json.dumps({"stem_channels": 8, "widths": [16, 32, 64], "fusion_channels": 16, "feature_dim": 64})
+COMMON = ["--image-size", "32", "--batch-size", "16", "--threads", "1", "--no-progress", "--latency-runs", "3",
+          "--model-kwargs", TINY]
+CLASSES = ["Mpox", "Chickenpox", "Measles", "Healthy"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread_and_restore():
+    """Training sets deterministic algorithms process-wide; put back what other test files expect."""
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(det)
+
+
+def run(*argv):
+    assert main([str(a) for a in argv]) == 0
+
+
+def load(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+@pytest.fixture(scope="module")
+def split_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("split")
+    run("make-synthetic", root, "--layout", "split", "--per-class", 12, "--size", 32, "--corrupt", 1,
+        "--classes", ",".join(CLASSES))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def msld_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("msld")
+    make_synthetic(str(root), "msld", CLASSES, per_class=10, size=32, folds=2, seed=1, ext=".jpg")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def trained(split_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    run("fit", split_data, "--out", out, "--name", "fit", "--epochs", 2,
+        "--subgroups", os.path.join(split_data, "subgroups.csv"), *COMMON)
+    return os.path.join(out, "fit")
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def test_layouts_case_insensitive_and_splits(tmp_path, msld_data):
+    s = D.load_splits(msld_data, fold=2)
+    assert s.layout == "msld" and s.classes == sorted(CLASSES, key=str.lower)
+    assert len(s.train) and len(s.val) and len(s.test)
+    assert all("Fold2" in x.path for x in s.train + s.val + s.test)
+    # the same tree with every folder name in another case
+    lower = tmp_path / "lower"
+    shutil.copytree(msld_data, lower)
+    for dirpath, dirnames, _ in os.walk(lower, topdown=False):
+        for d in dirnames:
+            os.rename(os.path.join(dirpath, d), os.path.join(dirpath, d.upper() if d == "Original Images"
+                                                             else d.lower()))
+    s2 = D.load_splits(str(lower), fold=2)
+    assert s2.layout == "msld" and [c.lower() for c in s2.classes] == [c.lower() for c in s.classes]
+    assert (len(s2.train), len(s2.val), len(s2.test)) == (len(s.train), len(s.val), len(s.test))
+    # training-only extra images (MSLD's augmented tree of the same fold): train grows, val/test do not
+    aug = tmp_path / "aug"
+    make_synthetic(str(aug), "msld", CLASSES, per_class=5, size=16, folds=2, seed=7)
+    os.rename(aug / "Original Images", aug / "Augmented Images")
+    for k in (1, 2):
+        os.rename(aug / "Augmented Images" / f"Fold{k}", aug / "Augmented Images" / f"fold{k}_AUG")
+    e = D.load_splits(msld_data, fold=2, extra_train=str(aug))
+    assert len(e.train) == len(s.train) + 4 * 4 and [x.path for x in e.test] == [x.path for x in s.test]
+    assert all("fold2_AUG" in x.path for x in e.train[len(s.train):])
+    # binary task: Mpox against the rest, positive = label 1
+    b = D.load_splits(msld_data, task="binary")
+    assert b.classes == ["Non-Mpox", "Mpox"]
+    assert sum(x.label for x in b.test) == sum(1 for x in b.test if "/Mpox/" in x.path)
+    # "Training/Testing" names, given validation kept as is
+    tt = tmp_path / "tt"
+    make_synthetic(str(tt), "split", CLASSES[:2], per_class=6, size=16)
+    os.rename(tt / "train", tt / "Training")
+    os.rename(tt / "test", tt / "Testing")
+    s3 = D.load_splits(str(tt), val_mode="given")
+    assert s3.layout == "split" and len(s3.val) == 2 * 2 and len(s3.test) == 2 * 2
+    # single folder: stratified split by the seed, reproducible, disjoint
+    single = tmp_path / "single"
+    make_synthetic(str(single), "single", CLASSES, per_class=10, size=16)
+    a1, a2 = D.load_splits(str(single), split_seed=3), D.load_splits(str(single), split_seed=3)
+    assert [x.path for x in a1.test] == [x.path for x in a2.test]
+    paths = [x.path for x in a1.train + a1.val + a1.test]
+    assert len(paths) == len(set(paths)) == 40
+    assert a1.counts("test") == {c: 2 for c in a1.classes}
+
+
+def test_clear_errors(tmp_path, split_data):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("x")
+    with pytest.raises(D.DataError, match="(?s)could not recognise the dataset layout.*Found:.*notes"):
+        D.load_splits(str(tmp_path))
+    typo = tmp_path / "typo"
+    make_synthetic(str(typo), "split", CLASSES[:2], per_class=4, size=8)
+    os.rename(typo / "train", typo / "trian")                       # val/ and test/ but no train/
+    with pytest.raises(D.DataError, match=r"(?s)no train/ \(or training/\) folder.*found test, val.*trian/"):
+        D.load_splits(str(typo))
+    shutil.rmtree(typo / "val")
+    shutil.rmtree(typo / "test")                                    # folders of class folders are not classes
+    with pytest.raises(D.DataError, match="(?s)could not recognise.*trian/"):
+        D.load_splits(str(typo))
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.load_splits(str(tmp_path / "missing"))
+    bad = tmp_path / "empty_class"
+    shutil.copytree(split_data, bad)
+    (bad / "train" / "Cowpox").mkdir()
+    with pytest.raises(D.DataError, match=r"(?s)empty class folder\(s\) \[.cowpox.\].*images per class"):
+        D.load_splits(str(bad))
+    with pytest.raises(D.DataError, match="no Mpox/Monkeypox class"):
+        D.find_positive_class(["cat", "dog"])
+    # the CLI turns them into a message and exit code 2, not a traceback
+    assert main(["fit", str(tmp_path), "--threads", "1"]) == 2
+
+
+def test_corrupt_image_is_skipped_not_fatal(split_data):
+    samples = D.load_splits(split_data).train
+    good, bad = D.verify_images(samples)
+    assert len(bad) == 1 and bad[0][0].endswith("corrupt_0.png") and len(good) == len(samples) - 1
+    # at load time too (if a file goes bad after the check): None, dropped by the collate function
+    tf = D.build_transform(32, "minmax", train=False)
+    ds = D.ImageListDataset([s for s in samples if "corrupt" in s.path] + good[:2], tf)
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        x, y, idx, skipped = D.collate_skip([ds[i] for i in range(3)])
+    assert skipped == 1 and x.shape == (2, 3, 32, 32) and idx.tolist() == [1, 2]
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0      # min-max normalisation (paper eq. 1)
+
+
+def test_gaussian_oversampling():
+    samples = [D.Sample(f"a{i}", 0) for i in range(10)] + [D.Sample(f"b{i}", 1) for i in range(3)]
+    out = D.oversample_gaussian(samples, 2, 0, seed=0)
+    assert sum(s.label == 1 for s in out) == 10 and sum(s.noisy for s in out) == 7
+    assert all(s.label == 1 for s in out if s.noisy)
+
+
+# ------------------------------------------------------------------------------------------ losses / metrics / stats
+
+def test_losses_match_their_equations():
+    torch.manual_seed(0)
+    logits, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    ics = torch.tensor([0.7, 1.0, 1.2, 0.9, 1.1])
+    manual = torch.stack([sum(max(0.0, 10 - logits[n, y[n]] + logits[n, i]) for i in range(4) if i != y[n]) / 4
+                          for n in range(5)])
+    got = WeightedLargeMarginLoss(10, 1, inputs="logits")(logits, y, ics)
+    assert torch.allclose(got, (manual * ics).mean())
+    probs = logits.softmax(1)
+    got_p = WeightedLargeMarginLoss(10, 1, inputs="probs")(logits, y)
+    assert torch.allclose(got_p, ((10 * 3 + 1) / 4 - probs[torch.arange(5), y]).mean(), atol=1e-6)
+    feats = torch.tensor([[1.0, 1.0], [3.0, 3.0], [0.1, 0.1], [2.0, 2.0]])
+    assert torch.allclose(image_complexity_score(feats, 0.7, 1.2, "batch_mean"),
+                          torch.tensor([0.7, 1.2, 0.7, 1.2]))
+    assert torch.allclose(image_complexity_score(feats, 0.7, 1.2, "none"), torch.tensor([1.2, 1.2, 0.7, 1.2]))
+    t, a = 3.0, 0.3
+    teacher = torch.randn(5, 4)
+    base = WeightedLargeMarginLoss(10, 1, inputs="logits")
+    kd = DistillationLoss(base, a, t)(logits, y, teacher)
+    kl = (teacher / t).softmax(1) * ((teacher / t).log_softmax(1) - (logits / t).log_softmax(1))
+    assert torch.allclose(kd, (1 - a) * base(logits, y) + a * t * t * kl.sum(1).mean(), atol=1e-6)
+    assert class_weights_from("balanced", [10, 30]).tolist() == pytest.approx([2.0, 2.0 / 3.0])
+    assert class_weights_from("15,1", [10, 30]).tolist() == [15.0, 1.0]
+
+
+def test_metrics_and_fairness():
+    y = [0, 0, 1, 1, 1, 0]
+    p = np.array([[.9, .1], [.4, .6], [.2, .8], [.3, .7], [.6, .4], [.8, .2]])
+    m = classification_metrics(y, p, ["Non-Mpox", "Mpox"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision_positive"] == pytest.approx(2 / 3) and m["recall_positive"] == pytest.approx(2 / 3)
+    assert m["confusion_matrix"] == [[2, 1], [1, 2]]
+    assert m["roc_auc"] == pytest.approx(8 / 9)
+    assert set(m["per_class"]) == {"Non-Mpox", "Mpox"}
+    f = fairness_metrics(y, p.argmax(1), ["g1", "g1", "g1", "g2", "g2", "g2"][:5] + [None], positive_index=1)
+    assert f["n_without_group"] == 1 and f["reference_group"] == "g2"       # the smaller group
+    assert f["groups"]["g2"]["spd"] == 0.0
+    assert f["groups"]["g1"]["spd"] == pytest.approx(2 / 3 - 1 / 2)
+    assert 0.0 <= f["fairness_score"] <= 1.0
+
+
+def test_statistics():
+    a, b = [0.95, 0.93, 0.94, 0.92, 0.96], [0.91, 0.90, 0.93, 0.89, 0.93]
+    t = paired_t_test(a, b)
+    d = np.subtract(a, b)
+    assert t["df"] == 4 and t["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / math.sqrt(5)))
+    y = np.zeros(30, dtype=int)
+    pa = np.r_[np.zeros(20), np.ones(10)].astype(int)              # A wrong on 10
+    pb = np.r_[np.ones(4), np.zeros(26)].astype(int)               # B wrong on 4 (other images)
+    mc = mcnemar_test(y, pa, pb)
+    assert (mc["a_right_b_wrong"], mc["a_wrong_b_right"]) == (4, 10)
+    assert mc["chi2"] == pytest.approx((abs(4 - 10) - 1) ** 2 / 14)
+    # paper Table 4: chi2 = 7.03 with p = 0.07 is the df-3 test of two 2x2 confusion matrices
+    from scipy import stats
+    assert stats.chi2.sf(7.03, 3) == pytest.approx(0.071, abs=1e-3)
+    c = confusion_chi2_test([[50, 5], [7, 38]], [[45, 10], [15, 30]])
+    assert c["df"] == 3 and 0 < c["p_value"] < 1
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+def test_fit_writes_everything(trained, split_data):
+    for f in ("config.json", "best.pt", "last.pt", "log.csv", "metrics.json", "predictions.csv",
+              "confusion_matrix.png", "roc.png", "pr.png", "training_curves.png"):
+        assert os.path.getsize(os.path.join(trained, f)) > 0, f
+    assert os.listdir(os.path.join(trained, "tensorboard"))
+    cfg = load(os.path.join(trained, "config.json"))
+    assert cfg["preset"] == "paper" and cfg["loss"] == "wlm" and cfg["lr"] == 0.003 and cfg["margin"] == 10
+    m = load(os.path.join(trained, "metrics.json"))
+    assert m["split"] == "test" and m["n"] == 4 * 2
+    for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "pr_auc", "per_class",
+              "confusion_matrix"):
+        assert m[k] is not None, k
+    assert m["data"]["skipped_images"] == 1 and m["data"]["unreadable_files"][0].endswith("corrupt_0.png")
+    assert set(m["subgroups"]["groups"]) <= {"light", "medium", "dark"} and "mean_abs_spd" in m["subgroups"]
+    lat = m["latency"]
+    assert lat["model"]["median_ms"] > 0 and lat["frozen_binary"]["median_ms"] > 0
+    assert lat["float_twin"]["median_ms"] > 0
+    with open(os.path.join(trained, "log.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+
+def test_evaluate_and_predict_frozen(trained, split_data, tmp_path, capsys):
+    ck = os.path.join(trained, "best.pt")
+    run("evaluate", "--checkpoint", ck, "--split", "test", "--eval-out", tmp_path / "ev", "--threads", "1",
+        "--no-progress", "--latency-runs", "2")
+    run("evaluate", "--checkpoint", ck, "--split", "test", "--frozen", "--eval-out", tmp_path / "evf",
+        "--threads", "1", "--no-progress", "--latency-runs", "2")
+    a, b = load(tmp_path / "ev" / "metrics.json"), load(tmp_path / "evf" / "metrics.json")
+    assert a["accuracy"] == load(os.path.join(trained, "metrics.json"))["accuracy"]
+    assert b["frozen"] and b["frozen_vs_unfrozen_agreement"] >= 0.75
+    assert b["latency"]["frozen_binary"]["median_ms"] > 0
+    capsys.readouterr()
+    out_csv = tmp_path / "pred.csv"
+    run("predict", os.path.join(split_data, "test"), os.path.join(split_data, "train", "Mpox", "corrupt_0.png"),
+        "--checkpoint", ck, "--frozen", "--csv", out_csv, "--threads", "1", "--no-progress")
+    with open(out_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and all(r["pred"] in CLASSES for r in rows)
+    assert all(abs(sum(float(r[f"prob_{c}"]) for c in CLASSES) - 1) < 1e-3 for r in rows)
+    assert "corrupt" not in capsys.readouterr().out
+
+
+def test_resume_matches_uninterrupted(split_data, tmp_path):
+    args = ["--out", tmp_path, "--no-latency", "--seed", "5", *COMMON]
+    run("fit", split_data, "--name", "full", "--epochs", 2, *args)
+    run("fit", split_data, "--name", "cut", "--epochs", 1, *args)
+    run("fit", split_data, "--name", "cut", "--epochs", 2, "--resume", "auto", *args)
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    assert cut["epoch"] == full["epoch"] == 2 and len(cut["history"]) == 2
+    for k, v in full["model"].items():
+        assert torch.equal(v, cut["model"][k]), k
+
+
+def test_cv_and_compare_on_msld_layout(msld_data, tmp_path, capsys):
+    common = ["--out", tmp_path, "--epochs", 1, "--folds", 2, "--no-latency", *COMMON]
+    run("cv", msld_data, "--name", "a", *common)
+    run("cv", msld_data, "--name", "b", "--model", "binary_dnet53_float", "--loss", "ce", *common)
+    s = load(tmp_path / "a" / "cv_summary.json")
+    assert s["k"] == 2 and [f["fold"] for f in s["folds"]] == [1, 2] and "MSLD" in s["scheme"]
+    assert set(s["mean"]) >= {"accuracy", "f1_macro", "roc_auc"} and s["std"]["accuracy"] >= 0
+    capsys.readouterr()
+    run("compare", tmp_path / "a", tmp_path / "b", "--names", "binary", "float", "--json", tmp_path / "cmp.json")
+    r = load(tmp_path / "cmp.json")
+    assert r["paired_t_test"]["df"] == 1 and r["paired_images"] == 2 * 4 * 2
+    assert 0 <= r["mcnemar"]["p_value"] <= 1 and 0 <= r["chi_square_confusion"]["p_value"] <= 1
+    assert "paired t-test" in capsys.readouterr().out
+    # the paper's pairing: t-test from the cv folds, McNemar / chi-square from two final models' test predictions
+    fa, fb = (os.path.join(tmp_path, x, "fold1", "predictions.csv") for x in ("a", "b"))
+    run("compare", tmp_path / "a", tmp_path / "b", "--predictions", fa, fb, "--json", tmp_path / "cmp2.json")
+    r2 = load(tmp_path / "cmp2.json")
+    assert r2["paired_images"] == 4 * 2 and r2["paired_t_test"] == r["paired_t_test"]
+
+
+def test_binary_task_kd_oversampling_two_step(msld_data, tmp_path):
+    common = ["--out", tmp_path, "--task", "binary", "--fold", 2, "--no-latency", *COMMON]
+    run("fit", msld_data, "--name", "teacher", "--model", "binary_dnet53_float", "--epochs", 1, "--loss", "ce",
+        *common)
+    run("fit", msld_data, "--name", "student", "--preset", "bnn", "--two-step-epochs", 1, "--epochs", 1,
+        "--teacher", tmp_path / "teacher" / "best.pt", "--kd-alpha", 0.5, "--oversample", "gaussian",
+        "--class-weights", "balanced", *common)
+    m = load(tmp_path / "student" / "metrics.json")
+    assert m["classes"] == ["Non-Mpox", "Mpox"] and m["positive_class"] == "Mpox"
+    assert m["data"]["train_counts"][0] == m["data"]["train_counts"][1]      # small class topped up
+    assert "recall_positive" in m and "specificity" in m
+    cfg = load(tmp_path / "student" / "config.json")
+    assert cfg["binary_weight_decay"] == 0.0 and cfg["loss"] == "ce"
+    with open(tmp_path / "student" / "log.csv") as fh:
+        assert [r["phase"] for r in csv.DictReader(fh)] == ["float", "final"]
+    groups = torch.load(tmp_path / "student" / "last.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0 and len(groups[1]["params"]) > 5  # binary weights
+    assert groups[0]["weight_decay"] == 1e-4
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_cpu(split_data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "train", "fit", split_data,
+           "--out", str(tmp_path), "--name", "ddp", "--epochs", 2, "--no-latency", "--device", "cpu", *COMMON]
+    p = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    with open(tmp_path / "ddp" / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert load(tmp_path / "ddp" / "metrics.json")["accuracy"] is not None
+    assert p.stdout.count("[train] epoch 1/2") == 1          # only rank 0 reports
+
+
+def test_paper_preset_learns(tmp_path):
+    """binary_dnet53 at its paper size with the paper's preset, at 32x32 and for a few epochs, on a learnable
+    4-class synthetic task: clearly above the 25% chance level."""
+    data = tmp_path / "learn"
+    make_synthetic(str(data), "split", CLASSES, per_class=40, size=32, seed=0)
+    run("fit", data, "--out", tmp_path, "--name", "paper", "--image-size", 32, "--epochs", 6, "--batch-size", 16,
+        "--threads", 1, "--no-progress", "--no-latency")
+    m = load(tmp_path / "paper" / "metrics.json")
+    cfg = load(tmp_path / "paper" / "config.json")
+    assert cfg["model"] == "binary_dnet53" and cfg["model_kwargs"] == {} and cfg["preset"] == "paper"
+    assert m["accuracy"] >= 0.5, m["accuracy"]
