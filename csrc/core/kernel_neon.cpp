@@ -95,7 +95,7 @@ struct NeonIsa {
 
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
-                    const BlockStore<kStrips, kChannels>& bs) {
+                    const BlockStore<kStrips, kChannels, kStrip>& bs) {
     Totals totals;
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v)
@@ -133,13 +133,13 @@ struct NeonIsa {
     for (int v = 0; v < kChannels; ++v) {
       const float32x4_t scale = vdupq_n_f32(bs.scale[v]), bias = vdupq_n_f32(bs.bias[v]);
       for (int i = 0; i < kStrips; ++i) {
-        float* out = bs.out[i][v];
+        float* out = bs.out(i, v);
         if (!out) continue;
         float32x4_t y[2];
         for (int h = 0; h < 2; ++h) {
           const int32x4_t c = vreinterpretq_s32_u32(vld1q_u32(&totals.count[i][v][4 * h]));
           int32x4_t dot = vsubq_s32(depth, vshlq_n_s32(c, 1));
-          if (bs.correction[i][v]) dot = vsubq_s32(dot, vld1q_s32(bs.correction[i][v] + 4 * h));
+          if (bs.correction(i, v)) dot = vsubq_s32(dot, vld1q_s32(bs.correction(i, v) + 4 * h));
           y[h] = vfmaq_f32(bias, scale, vcvtq_f32_s32(dot));
         }
         if (bs.lanes[i] == kStrip) {
