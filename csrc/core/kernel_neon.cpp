@@ -1,7 +1,8 @@
 // AArch64 NEON kernel family. Compiles to nothing on other targets.
 //
 // Vectorised across pixels, like the x86 families: one q register holds the packed words of 2 consecutive output
-// pixels for one tap and channel word; the weight word of an output channel is broadcast (ld1r). The inner loop
+// pixels for one tap and channel word; the weight word of an output channel is broadcast (vld1q_dup_u64, which
+// GCC 12 emits as ldr d + dup: one ASIMD uop). The inner loop
 // per (pixel pair, channel) is
 //     eor   (veorq_u8)    a ^ w
 //     cnt   (vcntq_u8)    popcount of each byte (0..8)
