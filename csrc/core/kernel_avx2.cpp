@@ -2,13 +2,14 @@
 // pixels; popcount is the nibble lookup (vpshufb) into byte counters, widened with vpsadbw, which sums the 8 bytes
 // of each 64-bit lane, so each lane stays one output pixel. Byte counters hold at most 8 per word, so they are
 // flushed every 31 words.
-#include <immintrin.h>
-
 #include <cstdint>
 
 #include "xnorconv_core.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+// x86-only header: inside the guard, so that the whole file compiles to nothing on ARM (native or cross).
+#include <immintrin.h>
+
 #define XNORCONV_ISA_TARGET "avx2,fma,popcnt,bmi,bmi2"
 #include "isa_begin.h"
 #include "kernel_common.h"

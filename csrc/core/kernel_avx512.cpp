@@ -2,13 +2,14 @@
 // consecutive output pixels for one tap and channel word; the weight word of an output channel is broadcast, so
 // the inner loop is vpxorq + vpopcntq + vpaddq with no horizontal reduction, and each accumulator lane is one
 // output value: the epilogue writes 8 contiguous floats of an NCHW row.
-#include <immintrin.h>
-
 #include <cstdint>
 
 #include "xnorconv_core.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+// x86-only header: inside the guard, so that the whole file compiles to nothing on ARM (native or cross).
+#include <immintrin.h>
+
 #define XNORCONV_ISA_TARGET "avx2,fma,popcnt,bmi,bmi2,avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq"
 #include "isa_begin.h"
 #include "kernel_common.h"

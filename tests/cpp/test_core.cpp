@@ -75,8 +75,10 @@ void fill_signed(std::vector<float>& v) {
 
 enum class Layout { Nchw, ChannelsLast, RowPadded };
 
+// x_shift / w_shift move the normal samples (e.g. -3 / +3: almost every XOR bit set, the worst case for narrow
+// accumulators).
 void check_case(const ConvParams& p, Layout layout, bool with_affine, const std::string& label,
-                bool with_threshold = false) {
+                bool with_threshold = false, float x_shift = 0.0f, float w_shift = 0.0f) {
   const std::string err = validate(p);
   EXPECT(err.empty(), "%s: validate: %s", label.c_str(), err.c_str());
   if (!err.empty()) return;
@@ -85,6 +87,8 @@ void check_case(const ConvParams& p, Layout layout, bool with_affine, const std:
   std::vector<float> x(p.batch * p.in_channels * p.in_h * row), w(p.out_channels * p.channels_per_group() * p.taps());
   fill_signed(x);
   fill_signed(w);
+  for (auto& e : x) e += x_shift;
+  for (auto& e : w) e += w_shift;
   TensorStrides s = layout == Layout::ChannelsLast
                         ? TensorStrides{p.in_h * p.in_w * p.in_channels, 1, p.in_w * p.in_channels, p.in_channels}
                         : TensorStrides{p.in_channels * p.in_h * row, p.in_h * row, row, 1};
@@ -177,6 +181,23 @@ void test_darknet_shapes() {
     }
 }
 
+// Depth past any narrow accumulator's range: 171 words x 49 taps = 8379 words per output, with nearly every XOR bit
+// set, so a 16-bit lane (16 per word) would overflow twice over without its periodic flush (NEON flushes every 4095
+// words; AVX2's byte counters every 31). Padding 3 on a 4x4 input: most taps of most outputs are padded.
+void test_deep_accumulation() {
+  for (PadValue pv : {PadValue::Zero, PadValue::MinusOne}) {
+    ConvParams p;
+    p.batch = 1;
+    p.in_channels = 64 * 171 - 5;
+    p.out_channels = 3;
+    p.in_h = p.in_w = 4;
+    p.kernel_h = p.kernel_w = 7;
+    p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 3;
+    p.pad_value = pv;
+    check_case(p, Layout::Nchw, false, "deep " + describe(p), false, -3.0f, 3.0f);
+  }
+}
+
 // Pins the documented bit order: channel c of a pixel is bit c % 64 of word c / 64; a negative value is a 1.
 void test_bit_order() {
   ConvParams p;
@@ -254,6 +275,26 @@ void test_validate_messages() {
   set_backend_override("");
 }
 
+// On aarch64 the NEON family must be compiled, usable, and the selector's first choice (never silently scalar).
+void test_preferred_backend() {
+#if defined(__aarch64__)
+  const std::vector<std::string> available = available_backends();
+  EXPECT(!available.empty() && available.front() == "neon", "aarch64: first available backend is '%s', want 'neon'",
+         available.empty() ? "" : available.front().c_str());
+  EXPECT(cpu_features().neon, "aarch64: cpu_features().neon is false");
+  backend_override();  // applies XNORCONV_BACKEND (read once), so that clearing the override below is final
+  set_backend_override("");
+  ConvParams p;
+  p.batch = 1;
+  p.in_channels = p.out_channels = 64;
+  p.in_h = p.in_w = 8;
+  p.kernel_h = p.kernel_w = 3;
+  EXPECT(std::string(select_kernel(p).name) == "neon", "aarch64: selector picked '%s', want 'neon'",
+         select_kernel(p).name);
+  std::printf("aarch64: selector picks %s\n", select_kernel(p).name);
+#endif
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -261,10 +302,12 @@ int main(int argc, char** argv) {
   std::printf("backends:");
   for (const auto& b : available_backends()) std::printf(" %s", b.c_str());
   std::printf("\n");
+  test_preferred_backend();
   test_bit_order();
   test_sign_edge_cases();
   test_validate_messages();
   test_darknet_shapes();
+  test_deep_accumulation();
   test_random_shapes(random_cases);
   std::printf("%d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
