@@ -80,6 +80,13 @@ struct NeonIsa {
   static uint64_t below(const float* x, float t, int64_t count) { return below_impl(x, Uniform{t, vdupq_n_f32(t)}, count); }
   static uint64_t below_each(const float* x, const float* t, int64_t count) { return below_impl(x, PerLane{t}, count); }
 
+  // Sign input (bytes, nonzero = -1): plain loop; the byte test is cheap next to the convolution.
+  static uint64_t nonzero(const uint8_t* x, int64_t count) {
+    uint64_t bits = 0;
+    for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(x[i] != 0) << i;
+    return bits;
+  }
+
   // u16 accumulators -> per-pixel u32 totals: uaddlp sums lane pairs (2 u32 per pixel), addp the remaining pairs
   // across two registers, giving 4 consecutive pixels in order.
   static void flush(uint16x8_t (&acc)[kStrips][kChannels][kRegs], Totals& out) {
@@ -134,8 +141,8 @@ struct NeonIsa {
     for (int v = 0; v < kChannels; ++v) {
       const float32x4_t scale = vdupq_n_f32(bs.scale[v]), bias = vdupq_n_f32(bs.bias[v]);
       for (int i = 0; i < kStrips; ++i) {
+        if (!bs.stored(i, v)) continue;
         float* out = bs.out(i, v);
-        if (!out) continue;
         float32x4_t y[2];
         for (int h = 0; h < 2; ++h) {
           const int32x4_t c = vreinterpretq_s32_u32(vld1q_u32(&totals.count[i][v][4 * h]));
@@ -143,7 +150,12 @@ struct NeonIsa {
           if (bs.correction(i, v)) dot = vsubq_s32(dot, vld1q_s32(bs.correction(i, v) + 4 * h));
           y[h] = vfmaq_f32(bias, scale, vcvtq_f32_s32(dot));
         }
-        if (bs.lanes[i] == kStrip) {
+        if (uint8_t* signs = bs.signs(i, v)) {
+          float tmp[kStrip];
+          vst1q_f32(tmp, y[0]);
+          vst1q_f32(tmp + 4, y[1]);
+          store_signs(tmp, bs.lanes[i], bs.threshold[v], signs);
+        } else if (bs.lanes[i] == kStrip) {
           vst1q_f32(out, y[0]);
           vst1q_f32(out + 4, y[1]);
         } else {

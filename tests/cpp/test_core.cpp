@@ -258,6 +258,65 @@ void test_sign_edge_cases() {
   set_backend_override("");
 }
 
+// Sign output (y < threshold, as bytes) fed back as sign input must equal the float path with that threshold.
+void test_sign_io(int cases) {
+  for (int iter = 0; iter < cases; ++iter) {
+    ConvParams p;
+    p.batch = pick(1, 2);
+    p.groups = pick(0, 3) == 0 ? 2 : 1;
+    p.in_channels = p.groups * pick(1, 90);
+    p.out_channels = p.groups * pick(1, 20);
+    p.in_h = pick(3, 12);
+    p.in_w = pick(3, 20);
+    p.kernel_h = p.kernel_w = 3;
+    p.stride_h = p.stride_w = pick(1, 2);
+    p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
+    p.pad_value = static_cast<PadValue>(pick(-1, 1));
+    std::vector<float> x(p.batch * p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.channels_per_group() * 9);
+    std::vector<float> t(p.in_channels), scale(p.out_channels), bias(p.out_channels), out_t(p.out_channels);
+    fill_signed(x);
+    fill_signed(w);
+    for (auto& e : t) e = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+    for (auto& e : scale) e = std::uniform_real_distribution<float>(0.1f, 2.0f)(rng);
+    for (auto& e : bias) e = std::uniform_real_distribution<float>(-3.0f, 3.0f)(rng);
+    for (auto& e : out_t) e = std::uniform_real_distribution<float>(-4.0f, 4.0f)(rng);
+    const TensorStrides s{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+    std::vector<uint8_t> x_signs(x.size());
+    for (size_t i = 0; i < x.size(); ++i) x_signs[i] = !(x[i] >= t[(i / (p.in_h * p.in_w)) % p.in_channels]);
+    const ActivationLayout l = activation_layout(p);
+    std::vector<uint64_t> pw(weight_words(p)), packed(l.total_words);
+    std::vector<int32_t> tap_sum(p.out_channels * 9);
+    pack_weights(p, w.data(), pw.data(), tap_sum.data());
+    const ZeroPadCorrection zp = zero_pad_correction(p, tap_sum.data());
+    for (const auto& name : available_backends()) {
+      set_backend_override(name);
+      const KernelOps& ops = select_kernel(p);
+      std::vector<float> y(p.batch * p.out_channels * p.out_h() * p.out_w());
+      binary_conv2d_serial(ops, p, x.data(), s, w.data(), scale.data(), bias.data(), y.data(), t.data());
+      ops.pack_signs(p, l, x_signs.data(), s, packed.data(), 0, ops.pack_tasks(p, l));
+      OutputStage st;
+      st.scale = scale.data();
+      st.bias = bias.data();
+      st.zero_pad = &zp;
+      std::vector<float> y2(y.size());
+      st.out = y2.data();
+      ops.conv(p, l, packed.data(), pw.data(), st, 0, ops.conv_tasks(p, l));
+      EXPECT(y2 == y, "[%s] sign input differs from float input with the same threshold", name.c_str());
+      std::vector<uint8_t> signs(y.size(), 7);
+      st.out = nullptr;
+      st.out_signs = signs.data();
+      st.out_threshold = out_t.data();
+      ops.conv(p, l, packed.data(), pw.data(), st, 0, ops.conv_tasks(p, l));
+      int64_t bad = 0;
+      const int64_t plane = p.out_h() * p.out_w();
+      for (size_t i = 0; i < y.size(); ++i)
+        bad += signs[i] != static_cast<uint8_t>(!(y[i] >= out_t[(i / plane) % p.out_channels]));
+      EXPECT(bad == 0, "[%s] %lld sign outputs wrong", name.c_str(), static_cast<long long>(bad));
+    }
+    set_backend_override("");
+  }
+}
+
 void test_validate_messages() {
   ConvParams p;
   p.batch = 1;
@@ -306,6 +365,7 @@ int main(int argc, char** argv) {
   test_bit_order();
   test_sign_edge_cases();
   test_validate_messages();
+  test_sign_io(random_cases / 10 + 4);
   test_darknet_shapes();
   test_deep_accumulation();
   test_random_shapes(random_cases);
