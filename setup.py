@@ -12,6 +12,7 @@ the extension runs on any x86-64 (or aarch64) CPU and picks its kernels at runti
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -42,6 +43,12 @@ def sources(pattern):
 debug = env_flag("XNORCONV_DEBUG", "0") == "1"
 cxx_flags = ["-Wall", "-Wno-psabi", "-Wno-maybe-uninitialized"]
 cxx_flags += ["-O0", "-g"] if debug else ["-O3"]
+# at::parallel_for is a header template: without OpenMP in *this* build it silently runs serially. With it, the
+# extension shares torch's OpenMP runtime (same libgomp soname), so torch.set_num_threads governs its threads.
+link_flags = []
+if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 include_dirs = [os.path.join(ROOT, "csrc", "core")]
 CUDA_BINDING = os.path.join("csrc", "torch", "ops_cuda.cpp")
 ext_sources = [s for s in sources("csrc/core/*.cpp") + sources("csrc/torch/*.cpp") if s != CUDA_BINDING]
@@ -96,6 +103,7 @@ if with_cuda:
         ext_sources + [CUDA_BINDING] + sources("csrc/cuda/*.cu"),
         include_dirs=include_dirs + [os.path.join(ROOT, "csrc", "cuda")] + wheel_cuda_includes(),
         extra_compile_args={"cxx": cxx_flags + ["-DXNORCONV_WITH_CUDA=1", archs_define], "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 else:
     extension = CppExtension(
@@ -103,6 +111,7 @@ else:
         ext_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
 setup(

@@ -124,12 +124,17 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const typename So
     return packed + n * l.image_stride + r * l.row_stride + (j % phases) * l.phase_stride + word * l.row_words +
            j / phases;
   };
+  // Within an image, row tasks (padding; in row mode also the data) and plane blocks alternate, so that
+  // contiguous task ranges (one per thread) get a fair share of both.
+  const int64_t blocks = flat_blocks(p), paired = 2 * imin(l.rows, blocks);
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t n = task / tasks_per_image, t = task % tasks_per_image;
-    if (t >= l.rows) {
+    const int64_t n = task / tasks_per_image, k = task % tasks_per_image;
+    const bool is_row = k < paired ? k % 2 == 0 : l.rows > blocks;
+    const int64_t index = k < paired ? k / 2 : k - paired / 2;
+    if (!is_row) {
       if (!plane) continue;
       // Plane mode: 64 flat pixels of every channel word, transposed once, scattered to their rows.
-      const int64_t f0 = (t - l.rows) * 64, count = imin(64, p.in_h * p.in_w - f0);
+      const int64_t f0 = index * 64, count = imin(64, p.in_h * p.in_w - f0);
       const int64_t ih0 = f0 / p.in_w, iw0 = f0 - ih0 * p.in_w;
       for (int64_t g = 0; g < p.groups; ++g)
         for (int64_t w = 0; w < wpg; ++w) {
@@ -150,7 +155,7 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const typename So
         }
       continue;
     }
-    const int64_t r = t, ih = r - p.pad_top;
+    const int64_t r = index, ih = r - p.pad_top;
     uint64_t* row = packed + n * l.image_stride + r * l.row_stride;
     const bool real_row = ih >= 0 && ih < p.in_h;
     for (int64_t g = 0; g < p.groups; ++g)
