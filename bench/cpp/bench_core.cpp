@@ -15,6 +15,10 @@
 
 #include "xnorconv_core.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 using namespace xnorconv;
 using Clock = std::chrono::steady_clock;
 
@@ -59,6 +63,38 @@ double peak_rate(const KernelOps& ops, int threads) {
   return best;
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The fp32 side of the comparison, measured the same way: independent AVX-512 FMAs on registers (16 lanes each).
+// Its ratio to the binary probe is this machine's ceiling for binary over fp32 convolution, whatever the core's
+// number of FMA ports.
+__attribute__((target("avx512f"))) double fp32_fma_probe_once(int64_t iterations) {
+  constexpr int kAcc = 16;
+  __m512 acc[kAcc];
+  for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_set1_ps(0.001f * i);
+  __m512 a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(0.0001f);
+  const auto t0 = Clock::now();
+  for (int64_t it = 0; it < iterations; ++it) {
+    __asm__ volatile("" : "+v"(a), "+v"(b));
+    for (int i = 0; i < kAcc; ++i) acc[i] = _mm512_fmadd_ps(acc[i], a, b);
+  }
+  const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+  float sink = 0;
+  for (int i = 0; i < kAcc; ++i) sink += _mm512_reduce_add_ps(acc[i]);
+  volatile float keep = sink;
+  (void)keep;
+  return static_cast<double>(iterations) * kAcc * 16 / s;
+}
+
+double fp32_fma_peak() {
+  if (!cpu_features().avx512f) return 0;
+  double best = 0;
+  for (int r = 0; r < 5; ++r) best = std::max(best, fp32_fma_probe_once(4'000'000));
+  return best;
+}
+#else
+double fp32_fma_peak() { return 0; }
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -87,6 +123,8 @@ int main(int argc, char** argv) {
     shapes = {{64, 64, 64, 3, 1, 1}, {128, 128, 32, 3, 1, 1}, {256, 256, 16, 3, 1, 1},
               {512, 512, 8, 3, 1, 1}, {256, 512, 16, 3, 2, 1}, {512, 256, 8, 1, 1, 0}};
   std::printf("threads %d, reps %d (median), pad_value +1, batch 1\n", threads, reps);
+  if (const double fma = fp32_fma_peak(); fma > 0)
+    std::printf("fp32 FMA probe (AVX-512, 1 thread): %.1f GFMA/s\n", fma / 1e9);
   std::mt19937 rng(7);
   std::normal_distribution<float> dist;
   std::vector<std::string> backends = available_backends();
@@ -102,7 +140,10 @@ int main(int argc, char** argv) {
     ConvParams probe_params;
     const KernelOps& ops = select_kernel(probe_params);
     const double peak = peak_rate(ops, threads);
-    std::printf("\n[%s] peak probe: %.1f binary GMAC/s\n", name.c_str(), peak / 1e9);
+    std::printf("\n[%s] peak probe: %.1f binary GMAC/s", name.c_str(), peak / 1e9);
+    if (const double fma = fp32_fma_peak(); fma > 0)
+      std::printf(" = %.1fx the fp32 FMA probe (the ceiling of binary over fp32 here)", peak / threads / fma);
+    std::printf("\n");
     std::printf("%-26s %10s %10s %12s %8s\n", "layer", "pack ms", "conv ms", "conv GMAC/s", "of peak");
     for (const auto& s : shapes) {
       ConvParams p;
