@@ -1154,3 +1154,51 @@ def test_learnable_threshold_errors():
         xnorconv.BinaryConv2d(4, 4, 3, learnable_threshold=True, binarize_input=False)
     with pytest.raises(ValueError, match=r"learnable_threshold must be True or False, got 1"):
         xnorconv.BinaryConv2d(4, 4, 3, learnable_threshold=1)
+
+
+# ---- freeze(chain_signs=True): conv -> BN -> binary conv hands over bool signs ----
+
+class _Chain(nn.Module):
+    def __init__(self, threshold=False):
+        super().__init__()
+        self.conv1 = xnorconv.BinaryConv2d(32, 48, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(48)
+        self.conv2 = xnorconv.BinaryConv2d(48, 16, 3, padding=1, learnable_threshold=threshold)
+        self.bn2 = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+
+@pytest.mark.parametrize("threshold", [False, True])
+def test_freeze_chains_signs_and_matches(threshold):
+    model = _Chain(threshold)
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-3, 3)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(-1, 1)
+        if threshold:
+            model.conv2.input_threshold.uniform_(-0.5, 0.5)
+    model.eval()
+    x = torch.randn(2, 32, 9, 10)
+    with torch.no_grad():
+        want = model(x)
+        chained = xnorconv.freeze(model)
+        plain = xnorconv.freeze(model, chain_signs=False)
+        got = chained(x)
+        assert chained.conv1(x).dtype == torch.bool  # the hand-over is signs, not floats
+        assert plain.conv1(x).dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-4)
+    assert hasattr(chained.conv1, "output_threshold") and not hasattr(chained.conv2, "output_threshold")
+
+
+def test_freeze_does_not_chain_when_the_output_is_used_elsewhere():
+    class Branchy(_Chain):
+        def forward(self, x):
+            y = self.bn1(self.conv1(x))
+            return self.conv2(y).mean() + y.mean()
+
+    frozen = xnorconv.freeze(Branchy().eval())
+    assert not hasattr(frozen.conv1, "output_threshold")

@@ -407,6 +407,16 @@ class FrozenBinaryConv2d(nn.Module):
         with torch.no_grad():
             self.weight_tap_sum.copy_(_tap_sum_from_bits(self.weight_bits, self.weight_in_channels))
 
+    @torch.no_grad()
+    def emit_signs(self, threshold: Optional[torch.Tensor] = None) -> None:
+        """From now on output the bool signs a following binary layer binarizes (y < threshold, per output channel;
+        0 when None) instead of y. freeze() calls this for conv -> BN -> binary conv chains."""
+        t = torch.zeros(self.out_channels) if threshold is None else threshold.detach().reshape(-1)
+        if t.numel() != self.out_channels:
+            raise ValueError(f"emit_signs: threshold must have {self.out_channels} values, got {t.numel()}")
+        self.register_buffer("output_threshold", t.to(self.weight_bits.device, torch.float32).clone())
+        self._fast_args = None
+
     def _apply(self, fn, *args, **kwargs):
         self._fast_args = None  # .to() / .double(): re-decide the fast path on the next call
         return super()._apply(fn, *args, **kwargs)
@@ -448,12 +458,20 @@ class FrozenBinaryConv2d(nn.Module):
         fast = self.__dict__.get("_fast_args")
         if fast is None:
             fast = self._fast_args = self._make_fast_args()
-        if (fast and isinstance(input, torch.Tensor) and input.dim() == 4 and input.dtype == torch.float32
+        if (fast and isinstance(input, torch.Tensor) and input.dim() == 4
+                and input.dtype in (torch.float32, torch.bool)
                 and input.device == self.weight_bits.device and input.shape[1] == self.in_channels):
             _check_spatial(self, input, fast[1])
+            out_threshold = getattr(self, "output_threshold", None)
+            # Bool input: the signs of a chained producer, which already applied this layer's threshold.
+            in_threshold = self.input_threshold if input.dtype == torch.float32 else None
             return torch.ops.xnorconv.binary_conv2d_packed(
                 input, self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
-                *fast, self.input_threshold)
+                *fast, in_threshold, out_threshold is not None, out_threshold)
+        if getattr(self, "output_threshold", None) is not None or input.dtype == torch.bool:
+            raise ValueError(f"{type(self).__name__}: sign input/output (a freeze() chain) needs a batched float32 "
+                             f"or bool input on {self.weight_bits.device}, got {input.dtype} of shape "
+                             f"{tuple(input.shape)} on {input.device}")
         x, unbatched = _check_input(self, input, None, self.weight_bits.device)
         x, pads = _pad_mode_input(self, x)
         _check_spatial(self, x, pads)
@@ -536,12 +554,52 @@ def _traced_pairs(model: nn.Module, counts) -> Optional[List[Tuple[str, str]]]:
     return pairs
 
 
+def _traced_chains(model: nn.Module, counts, pairs) -> List[Tuple[str, str]]:
+    """(producer, consumer) BinaryConv2d names where the producer's output (through its folded BatchNorm, if any)
+    feeds only the consumer, which binarizes it: the producer can emit the consumer's signs directly."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:  # no graph, no chains (folding still uses its Sequential fallback)
+        return []
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded_bn = {bn: conv for conv, bn in pairs.items()}
+    chains = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        consumer = model.get_submodule(node.target)
+        if not (isinstance(consumer, BinaryConv2d) and consumer.binarize_input and consumer.padding_mode == "zeros"):
+            continue
+        src = node.args[0]
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            continue
+        producer_name = folded_bn.get(src.target, src.target)
+        if producer_name != src.target:  # through a folded BatchNorm: the conv must feed only that BatchNorm
+            conv_nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == producer_name]
+            if len(conv_nodes) != 1 or len(conv_nodes[0].users) != 1:
+                continue
+        producer = model.get_submodule(producer_name)
+        if not isinstance(producer, BinaryConv2d):
+            continue
+        if any(calls.get(name, 0) != 1 or counts[id(model.get_submodule(name))] != 1
+               for name in (producer_name, node.target)):
+            continue
+        # Sign output exists on the CPU kernels only; float32 layers only.
+        if any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in (producer, consumer)):
+            continue
+        chains.append((producer_name, node.target))
+    return chains
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.Module:
+def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_signs: bool = True) -> nn.Module:
     """Replaces every BinaryConv2d of `model` by a FrozenBinaryConv2d (1-bit packed weights, scale, bias) and
     returns the model in eval() mode (a deep copy unless inplace=True; use the return value, which is the new layer
     when `model` itself is a BinaryConv2d).
@@ -556,6 +614,11 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
       (2) when it cannot (data-dependent control flow): consecutive children [BinaryConv2d, BatchNorm2d] of an
           nn.Sequential, assuming the Sequential is called as a whole.
     Modules registered more than once are never folded; BatchNorm layers that are not folded stay as they are.
+
+    With chain_signs (CPU, float32, traceable models), where a binary conv's output (after its folded BatchNorm)
+    feeds nothing but another binary conv that binarizes it (conv -> BN -> binary conv), the first layer emits the
+    second one's input signs (bool, y < the second layer's input threshold) instead of floats, and the second
+    consumes them without a packing compare: a byte instead of 4 per value between the two, same results.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze expects an nn.Module, got {type(model).__name__}")
@@ -568,6 +631,8 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
     if fold_bn:
         traced = _traced_pairs(model, counts)
         pairs = dict(traced if traced is not None else _sequential_pairs(model, counts))
+    chains = [(model.get_submodule(a), model.get_submodule(b))
+              for a, b in (_traced_chains(model, counts, pairs) if chain_signs else [])]
     frozen_of = {}
     for name, m in list(model.named_modules(remove_duplicate=False)):
         if isinstance(m, BinaryConv2d):
@@ -575,6 +640,8 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True) -> nn.
                 bn = model.get_submodule(pairs[name]) if name in pairs else None
                 frozen_of[id(m)] = FrozenBinaryConv2d.from_binary(m, bn)
             _set_submodule(model, name, frozen_of[id(m)])
+    for producer, consumer in chains:
+        frozen_of[id(producer)].emit_signs(consumer.input_threshold)
     for bn_name in pairs.values():
         _set_submodule(model, bn_name, nn.Identity())
     return model.eval()
