@@ -468,7 +468,8 @@ class FrozenBinaryConv2d(nn.Module):
             return torch.ops.xnorconv.binary_conv2d_packed(
                 input, self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
                 *fast, in_threshold, out_threshold is not None, out_threshold)
-        if getattr(self, "output_threshold", None) is not None or input.dtype == torch.bool:
+        if isinstance(input, torch.Tensor) and (getattr(self, "output_threshold", None) is not None
+                                                or input.dtype == torch.bool):
             raise ValueError(f"{type(self).__name__}: sign input/output (a freeze() chain) needs a batched float32 "
                              f"or bool input on {self.weight_bits.device}, got {input.dtype} of shape "
                              f"{tuple(input.shape)} on {input.device}")
