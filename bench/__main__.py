@@ -104,6 +104,10 @@ def measure(args, argv):
             bar.close()
         run["layers"] = {"rows": rows, "backends": backends, "batch": args.batch, "reps": args.reps,
                          "pad_value": args.pad_value, "threads": args.threads}
+        if not args.shape:
+            from . import chain
+            run["chain"] = {"rows": chain.chain_rows(chain.DEFAULT_SHAPES, args.threads, args.reps),
+                            "threads": args.threads, "reps": args.reps}
     if args.models:
         from . import model_suite
         names = tuple(args.model_names or model_suite.DEFAULT_MODELS)

@@ -152,6 +152,16 @@ def text(run, md=False):
         cols, table, summary = layer_table(run, md)
         out += [render(cols, table, md), ""]
         out += [f"- {s}" if md else s for s in summary] + [""]
+    if "chain" in run:
+        c = run["chain"]
+        out += ["#### Two binary layers in a row" if md else "## two binary layers in a row", "",
+                "conv -> BN -> binary conv -> BN (3x3, batch 1), frozen by xnorconv.freeze: the first layer hands the "
+                "second floats (chain_signs=False) or its input signs as bool (chain_signs=True, the default). "
+                f"{c['threads']} thread(s), median of {c['reps']} interleaved rounds, ms.", ""]
+        cols = ["channels x hw", "float hand-over ms", "sign hand-over ms", "gain"]
+        table = [[f"{r['channels']} x {r['hw']}", f"{r['ms']['float hand-over']:.4f}",
+                  f"{r['ms']['sign hand-over']:.4f}", f"{r['gain']:.2f}x"] for r in c["rows"]]
+        out += [render(cols, table, md), ""]
     if "models" in run:
         m = run["models"]
         out += [("#### Models" if md else "## models") + f" ({m['size']}x{m['size']}, {m['threads']} thread(s), "
