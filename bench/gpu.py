@@ -23,18 +23,7 @@ import torch.nn.functional as F
 import xnorconv
 from xnorconv._reference import reference_binary_conv2d
 
-DARKNET53_128 = [(64, 64, 64, 3, 1, 1), (128, 128, 32, 3, 1, 1), (256, 256, 16, 3, 1, 1), (512, 512, 8, 3, 1, 1),
-                 (256, 512, 16, 3, 2, 1), (512, 256, 8, 1, 1, 0)]
-
-
-def parse_shape(text):
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 6 or min(values[:5]) < 1 or values[5] < 0:
-        raise argparse.ArgumentTypeError(f"shape must be CIN,COUT,HW,K,STRIDE,PAD with positive ints, got {text!r}")
-    return values
+from .layers import DARKNET53_128, parse_shape  # the same layers and --shape syntax as the CPU suite
 
 
 def parse_args(argv):

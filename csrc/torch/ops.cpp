@@ -51,7 +51,9 @@ void check_output_threshold(const c10::optional<at::Tensor>& t, bool output_sign
 ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, const at::Tensor& weight_tap_sum,
                        int64_t weight_in_channels, const c10::optional<at::Tensor>& scale,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, int64_t groups, int64_t pad_value) {
+                       at::IntArrayRef dilation, int64_t groups, int64_t pad_value,
+                       const c10::optional<at::Tensor>& input_threshold, bool output_signs,
+                       const c10::optional<at::Tensor>& output_threshold) {
   TORCH_CHECK(input.dim() == 4, "binary_conv2d: input must be 4-D (N, C, H, W), got a ", input.dim(),
               "-D tensor of shape ", input.sizes());
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBool,
@@ -84,6 +86,8 @@ ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, c
               " output channels, not divisible by groups=", groups);
   check_affine(scale, "scale", out_channels, input);
   check_affine(bias, "bias", out_channels, input);
+  check_input_threshold(input_threshold, input);
+  check_output_threshold(output_threshold, output_signs, out_channels, input);
 
   ConvParams p;
   p.batch = input.size(0);
@@ -140,9 +144,8 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
                                     const c10::optional<at::Tensor>& input_threshold, bool output_signs,
                                     const c10::optional<at::Tensor>& output_threshold) {
   const ConvParams p = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride,
-                                   padding, dilation, groups, pad_value);
-  check_input_threshold(input_threshold, input);
-  check_output_threshold(output_threshold, output_signs, p.out_channels, input);
+                                   padding, dilation, groups, pad_value,
+                                   input_threshold, output_signs, output_threshold);
   const bool sign_input = input.scalar_type() == at::kBool;
   at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()},
                              input.options().dtype(output_signs ? at::kBool : at::kFloat));

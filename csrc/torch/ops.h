@@ -11,7 +11,9 @@ xnorconv::ConvParams conv_params(const at::Tensor& input, const at::Tensor& weig
                                  const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
                                  const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, int64_t pad_value);
+                                 int64_t groups, int64_t pad_value,
+                                 const c10::optional<at::Tensor>& input_threshold, bool output_signs,
+                                 const c10::optional<at::Tensor>& output_threshold);
 
 // input_threshold: None, or float32 (C,) on the input's device.
 void check_input_threshold(const c10::optional<at::Tensor>& input_threshold, const at::Tensor& input);

@@ -83,9 +83,8 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
                                      const c10::optional<at::Tensor>& input_threshold, bool output_signs,
                                      const c10::optional<at::Tensor>& output_threshold) {
   const xnorconv::ConvParams c = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias,
-                                             stride, padding, dilation, groups, pad_value);
-  check_input_threshold(input_threshold, input);
-  check_output_threshold(output_threshold, output_signs, c.out_channels, input);
+                                             stride, padding, dilation, groups, pad_value,
+                                             input_threshold, output_signs, output_threshold);
   TORCH_CHECK(input.scalar_type() == at::kFloat, "binary_conv2d: bool (sign) input is not supported on CUDA yet; "
               "pass the float input (and input_threshold) instead, got ", input.scalar_type());
   TORCH_CHECK(!output_signs, "binary_conv2d: output_signs=True is not supported on CUDA yet; use the float output");
