@@ -627,8 +627,8 @@ def latency_report(model: nn.Module, cfg: Config, device: torch.device, frozen: 
         try:
             twin = build_model(replace(cfg, pretrained=""), _num_classes(model), binary=False).to(device)
             rep["float_twin"] = measure_latency(twin, cfg.image_size, device, cfg.latency_runs)
-        except (ValueError, TypeError):
-            pass
+        except (ValueError, TypeError) as e:  # no float twin for this model: say so in the report
+            rep["float_twin"] = {"error": f"no float twin: {type(e).__name__}: {e}"}
     return rep
 
 
