@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .functional import _affine, _check_input, _check_pad_value, normalize_conv_args
+from .functional import _per_channel, _check_input, _check_pad_value, normalize_conv_args
 
 
 @triton.jit
@@ -140,8 +140,8 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
     (sh, sw), (pt, pb, pl, pr), (dh, dw) = normalize_conv_args((kh, kw), stride, padding, dilation)
     pv = _check_pad_value(pad_value)
-    scale, bias = _affine(scale, "scale"), _affine(bias, "bias")
-    threshold = _affine(input_threshold, "input_threshold")
+    scale, bias = _per_channel(scale, "scale"), _per_channel(bias, "bias")
+    threshold = _per_channel(input_threshold, "input_threshold")
     for name, t, size in (("scale", scale, out_channels), ("bias", bias, out_channels),
                           ("input_threshold", threshold, input.shape[1])):
         if t is not None and (t.shape != (size,) or t.device != input.device):

@@ -100,9 +100,10 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     stride, pads, dilation = normalize_conv_args(weight.kernel_size, stride, padding, dilation)
     return torch.ops.xnorconv.binary_conv2d_packed(
-        input, weight.bits, weight.tap_sum, weight.in_channels, _affine(scale, "scale"), _affine(bias, "bias"),
-        list(stride), list(pads), list(dilation), groups, _check_pad_value(pad_value),
-        _affine(input_threshold, "input_threshold"), output_signs, _affine(output_threshold, "output_threshold"))
+        input, weight.bits, weight.tap_sum, weight.in_channels, _per_channel(scale, "scale"),
+        _per_channel(bias, "bias"), list(stride), list(pads), list(dilation), groups, _check_pad_value(pad_value),
+        _per_channel(input_threshold, "input_threshold"), output_signs,
+        _per_channel(output_threshold, "output_threshold"))
 
 
 def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -138,7 +139,7 @@ def _check_input(input):
         raise TypeError(f"input must be float32 (or bool: already binarized, True meaning -1), got dtype {input.dtype}")
 
 
-def _affine(t, name):
+def _per_channel(t, name):
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
