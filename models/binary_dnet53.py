@@ -188,6 +188,11 @@ class BinaryConvUnit(nn.Module):
     def forward(self, x):
         if self.shortcut is None:
             return self.act(self.bn(self.conv(x)))
+        if (isinstance(self.conv, xnorconv.FrozenBinaryConv2d) and isinstance(self.bn, nn.Identity)
+                and isinstance(self.act, nn.PReLU)):
+            # Frozen, with the BatchNorm folded into the conv: the shortcut add and the PReLU run in the packed
+            # kernel's output stage, so the unit is one pass over its output.
+            return self.conv(x, residual=self.shortcut(x), prelu_weight=self.act.weight)
         return self.act(self.bn(self.conv(x)) + self.shortcut(x))
 
 

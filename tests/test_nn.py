@@ -1202,3 +1202,17 @@ def test_freeze_does_not_chain_when_the_output_is_used_elsewhere():
 
     frozen = xnorconv.freeze(Branchy().eval())
     assert not hasattr(frozen.conv1, "output_threshold")
+
+
+def test_frozen_layer_fuses_residual_and_prelu():
+    layer = xnorconv.BinaryConv2d(24, 16, 3, padding=1, learnable_threshold=True)
+    frozen = xnorconv.FrozenBinaryConv2d.from_binary(layer)
+    x, r = torch.randn(2, 24, 7, 7), torch.randn(2, 16, 7, 7)
+    prelu = nn.PReLU(16)
+    with torch.no_grad():
+        prelu.weight.uniform_(-0.5, 0.5)
+        want = prelu(frozen(x) + r)
+        torch.testing.assert_close(frozen(x, residual=r, prelu_weight=prelu.weight), want)
+        # The general path (float64 input) applies the same epilogue in PyTorch.
+        torch.testing.assert_close(frozen(x.double(), residual=r.double(), prelu_weight=prelu.weight),
+                                   want.double(), rtol=1e-5, atol=1e-5)

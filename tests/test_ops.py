@@ -275,6 +275,8 @@ def test_opcheck():
         (x, bits, tap_sum, 35, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 2, 1, torch.randn(70)),
         (x < 0, bits, tap_sum, 35, torch.rand(6), torch.randn(6), [1, 1], [1, 1, 1, 1], [1, 1], 2, 0, None, True,
          torch.randn(6)),
+        (x, bits, tap_sum, 35, torch.rand(6), torch.randn(6), [1, 1], [1, 1, 1, 1], [1, 1], 2, 0, None, False, None,
+         torch.randn(2, 6, 7, 7), torch.rand(6)),
     ]:
         torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed, args)
 
@@ -344,3 +346,37 @@ def test_two_layer_chain_through_signs():
     want = xnorconv.binary_conv2d(y1, w2, padding=1, input_threshold=t2)
     signs = xnorconv.binary_conv2d(x, w1, b1, padding=1, scale=s1, output_signs=True, output_threshold=t2)
     assert torch.equal(xnorconv.binary_conv2d(signs, w2, padding=1), want)
+
+
+# ---- residual + PReLU fused into the output stage (the end of a Bi-Real / ReActNet unit) ----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("slopes", ["per_channel", "shared"])
+def test_residual_and_prelu_match_reference(backend, slopes):
+    x, w = torch.randn(2, 70, 9, 11), torch.randn(13, 70, 3, 3)
+    scale, bias = torch.rand(13) + 0.5, torch.randn(13)
+    residual = torch.randn(2, 13, 5, 6)
+    a = torch.rand(13) * 0.5 if slopes == "per_channel" else torch.tensor([0.25])
+    want = reference_binary_conv2d(x, w, bias, (2, 2), (1, 1, 1, 1), (1, 1), 1, scale, 0, residual=residual,
+                                   prelu_weight=a.expand(13))
+    with xnorconv.use_backend(backend):
+        got = xnorconv.binary_conv2d(x, w, bias, stride=2, padding=1, scale=scale, residual=residual,
+                                     prelu_weight=a)
+        signs = xnorconv.binary_conv2d(x, w, bias, stride=2, padding=1, scale=scale, residual=residual,
+                                       prelu_weight=a, output_signs=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(signs, got < 0)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), residual=torch.randn(1, 4, 5, 5)),
+     r"residual must have the output's shape \[1, 4, 3, 3\], got \[1, 4, 5, 5\]"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3),
+                                    residual=torch.randn(1, 4, 3, 3).double()),
+     r"residual must be float32, got Double"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), prelu_weight=torch.ones(3)),
+     r"prelu_weight must have shape \(4,\) or \(1,\), got \[3\]"),
+])
+def test_residual_and_prelu_errors(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()

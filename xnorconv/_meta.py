@@ -19,7 +19,7 @@ def _pack_weight_fake(weight):
 @torch.library.register_fake("xnorconv::binary_conv2d_packed")
 def _binary_conv2d_packed_fake(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding,
                                dilation, groups, pad_value, input_threshold=None, output_signs=False,
-                               output_threshold=None):
+                               output_threshold=None, residual=None, prelu_weight=None):
     torch._check(input.dim() == 4, lambda: f"binary_conv2d: input must be 4-D, got {input.dim()}-D")
     torch._check(input.shape[1] == weight_in_channels * groups,
                  lambda: f"binary_conv2d: input has {input.shape[1]} channels but the weight expects "

@@ -16,7 +16,8 @@ def sign(x: torch.Tensor, threshold=0) -> torch.Tensor:
 
 
 def reference_binary_conv2d(input, weight, bias=None, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1),
-                            groups=1, scale=None, pad_value=0, dtype=torch.float64, input_threshold=None):
+                            groups=1, scale=None, pad_value=0, dtype=torch.float64, input_threshold=None,
+                            residual=None, prelu_weight=None):
     """`padding` is (top, bottom, left, right). Computes in `dtype` (float64: exact for any realistic depth)."""
     top, bottom, left, right = padding
     threshold = 0 if input_threshold is None else input_threshold.view(1, -1, 1, 1)
@@ -26,4 +27,8 @@ def reference_binary_conv2d(input, weight, bias=None, stride=(1, 1), padding=(0,
         y = y * scale.to(dtype).view(1, -1, 1, 1)
     if bias is not None:
         y = y + bias.to(dtype).view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.to(dtype)
+    if prelu_weight is not None:
+        y = torch.where(y >= 0, y, prelu_weight.to(dtype).view(1, -1, 1, 1) * y)
     return y

@@ -86,8 +86,12 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
                          stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
                          groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
                          input_threshold: Optional[torch.Tensor] = None, output_signs: bool = False,
-                         output_threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         output_threshold: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                         prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """binary_conv2d with a weight packed once by pack_weight (the inference path of BinaryConv2d).
+
+    residual (the output's shape) and prelu_weight ((O,) or (1,)) fuse the end of a Bi-Real / ReActNet unit into the
+    output stage: y = prelu(scale * conv + bias + residual), applied before output_signs' test.
 
     output_signs=True returns, instead of the float y, the bool tensor y < output_threshold[c] (default 0): True
     where y binarizes to -1 for a following binary layer. Fed to that layer's binary_conv2d as its input, it
@@ -103,14 +107,15 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
         input, weight.bits, weight.tap_sum, weight.in_channels, _per_channel(scale, "scale"),
         _per_channel(bias, "bias"), list(stride), list(pads), list(dilation), groups, _check_pad_value(pad_value),
         _per_channel(input_threshold, "input_threshold"), output_signs,
-        _per_channel(output_threshold, "output_threshold"))
+        _per_channel(output_threshold, "output_threshold"), residual, _per_channel(prelu_weight, "prelu_weight"))
 
 
 def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
                   groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
                   input_threshold: Optional[torch.Tensor] = None, output_signs: bool = False,
-                  output_threshold: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  output_threshold: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                  prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Binary convolution: F.conv2d(sign(input), sign(weight), None, stride, padding, dilation, groups) * scale[c]
     + bias[c], with sign(x) = +1 if x >= 0 else -1 and padded taps worth `pad_value` (0, +1 or -1).
 
@@ -127,7 +132,7 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if packed.bits.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
     return binary_conv2d_packed(input, packed, bias, stride, padding, dilation, groups, scale, pad_value,
-                                input_threshold, output_signs, output_threshold)
+                                input_threshold, output_signs, output_threshold, residual, prelu_weight)
 
 
 def _check_input(input):

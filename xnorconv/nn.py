@@ -452,7 +452,12 @@ class FrozenBinaryConv2d(nn.Module):
             s += ", input_threshold=True"
         return s
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """y = scale * conv(sign(x), sign(W)) + bias. Optional fused epilogue of a Bi-Real / ReActNet unit:
+        y = prelu(y + residual) with `residual` of the output's shape and `prelu_weight` (out_channels,) or (1,)
+        (nn.PReLU's weight), computed in the packed kernel's output stage."""
+        prelu = prelu_weight.detach() if prelu_weight is not None else None
         # Fast path for the deployed case (batched float32 on a packed-kernel device, zeros padding): the geometry
         # never changes, so the op's arguments are computed once; only the per-call checks remain.
         fast = self.__dict__.get("_fast_args")
@@ -467,7 +472,7 @@ class FrozenBinaryConv2d(nn.Module):
             in_threshold = self.input_threshold if input.dtype == torch.float32 else None
             return torch.ops.xnorconv.binary_conv2d_packed(
                 input, self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
-                *fast, in_threshold, out_threshold is not None, out_threshold)
+                *fast, in_threshold, out_threshold is not None, out_threshold, residual, prelu)
         if isinstance(input, torch.Tensor) and (getattr(self, "output_threshold", None) is not None
                                                 or input.dtype == torch.bool):
             raise ValueError(f"{type(self).__name__}: sign input/output (a freeze() chain) needs a batched float32 "
@@ -490,6 +495,10 @@ class FrozenBinaryConv2d(nn.Module):
             y = y * self.scale.to(y.dtype).view(1, -1, 1, 1)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+        if residual is not None:
+            y = y + (residual.unsqueeze(0) if unbatched else residual).to(y.dtype)
+        if prelu is not None:
+            y = F.prelu(y, prelu.to(y.dtype))
         return y.squeeze(0) if unbatched else y
 
 

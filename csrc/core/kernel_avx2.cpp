@@ -109,16 +109,25 @@ struct Avx2Isa {
       for (int v = 0; v < kChannels; ++v)
         if (bs.stored(i, v))
           store(total[i][v], bs.lanes[i], bs.depth, bs.scale[v], bs.bias[v], bs.correction(i, v), bs.out(i, v),
-                bs.signs(i, v), bs.threshold[v]);
+                bs.signs(i, v), bs.threshold[v], bs.residual(i, v), bs.prelu, bs.slope[v]);
   }
 
   static void store(__m256i counts, int lanes, int32_t depth, float scale, float bias, const int32_t* correction,
-                    float* out, uint8_t* signs, float threshold) {
+                    float* out, uint8_t* signs, float threshold, const float* residual, bool prelu, float slope) {
     // Lanes are 64-bit counts below 2^31: take the low dword of each.
     const __m256i count = _mm256_permutevar8x32_epi32(counts, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
     __m128i dot = _mm_sub_epi32(_mm_set1_epi32(depth), _mm_slli_epi32(_mm256_castsi256_si128(count), 1));
     if (correction) dot = _mm_sub_epi32(dot, _mm_load_si128(reinterpret_cast<const __m128i*>(correction)));
-    const __m128 y = _mm_fmadd_ps(_mm_set1_ps(scale), _mm_cvtepi32_ps(dot), _mm_set1_ps(bias));
+    __m128 y = _mm_fmadd_ps(_mm_set1_ps(scale), _mm_cvtepi32_ps(dot), _mm_set1_ps(bias));
+    if (residual) {
+      alignas(16) float r[4] = {0, 0, 0, 0};
+      for (int lane = 0; lane < lanes; ++lane) r[lane] = residual[lane];
+      y = _mm_add_ps(y, _mm_load_ps(r));
+    }
+    if (prelu) {
+      const __m128 negative = _mm_cmp_ps(y, _mm_setzero_ps(), _CMP_NGE_UQ);
+      y = _mm_blendv_ps(y, _mm_mul_ps(y, _mm_set1_ps(slope)), negative);
+    }
     if (signs) {
       const int negative = _mm_movemask_ps(_mm_cmp_ps(y, _mm_set1_ps(threshold), _CMP_NGE_UQ));
       for (int lane = 0; lane < lanes; ++lane) signs[lane] = static_cast<uint8_t>((negative >> lane) & 1);

@@ -95,8 +95,13 @@ struct Avx512Isa {
         __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
         if (bs.correction(i, v))
           dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.correction(i, v))));
-        const __m256 y = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), bias);
+        __m256 y = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), bias);
         const __mmask8 lanes = static_cast<__mmask8>((1u << bs.lanes[i]) - 1);
+        if (const float* r = bs.residual(i, v)) y = _mm256_add_ps(y, _mm256_maskz_loadu_ps(lanes, r));
+        if (bs.prelu) {
+          const __mmask8 negative = _mm256_cmp_ps_mask(y, _mm256_setzero_ps(), _CMP_NGE_UQ);
+          y = _mm256_mask_mul_ps(y, negative, y, _mm256_set1_ps(bs.slope[v]));
+        }
         if (uint8_t* signs = bs.signs(i, v)) {
           const __mmask8 negative = _mm256_cmp_ps_mask(y, _mm256_set1_ps(bs.threshold[v]), _CMP_NGE_UQ);
           _mm_mask_storeu_epi8(signs, lanes, _mm_maskz_set1_epi8(negative, 1));

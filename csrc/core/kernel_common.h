@@ -207,6 +207,19 @@ struct BlockStore {
   // Sign output (OutputStage::out_signs): plane[v] is then unused and sign_plane[v] / threshold[v] are set.
   uint8_t* sign_plane[V];
   float threshold[V];
+  // Optional residual add and PReLU (OutputStage::residual / prelu), before the store or the sign test.
+  const float* residual_plane[V];
+  bool prelu;
+  float slope[V];
+
+  const float* residual(int i, int v) const {
+    return residual_plane[v] && offset[i] >= 0 ? residual_plane[v] + offset[i] : nullptr;
+  }
+  // The scalar form of the residual / PReLU step, for lanes handled one by one.
+  float finish(float y, int i, int v, int lane) const {
+    if (const float* r = residual(i, v)) y += r[lane];
+    return prelu && !(y >= 0.0f) ? slope[v] * y : y;
+  }
 
   float* out(int i, int v) const { return plane[v] && offset[i] >= 0 ? plane[v] + offset[i] : nullptr; }
   uint8_t* signs(int i, int v) const {
@@ -251,6 +264,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   const ZeroPadCorrection* zp = p.pad_value == PadValue::Zero ? st.zero_pad : nullptr;
   BlockStore<P, V, SW> bs;
   bs.depth = static_cast<int32_t>(p.depth());
+  bs.prelu = st.prelu != nullptr;
 
   // Task index = ((n * groups + g) * channel_blocks + cb) * strip_blocks + sb, walked without divisions; the
   // channel side of the block is rebuilt only when cb changes.
@@ -274,6 +288,8 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
         bs.plane[v] = real && !st.out_signs ? st.out + plane_offset : nullptr;
         bs.sign_plane[v] = real && st.out_signs ? st.out_signs + plane_offset : nullptr;
         bs.threshold[v] = st.out_threshold ? st.out_threshold[channel[v]] : 0.0f;
+        bs.residual_plane[v] = real && st.residual ? st.residual + plane_offset : nullptr;
+        bs.slope[v] = st.prelu ? st.prelu[channel[v]] : 1.0f;
         bs.scale[v] = st.scale ? st.scale[channel[v]] : 1.0f;
         bs.bias[v] = st.bias ? st.bias[channel[v]] : 0.0f;
       }

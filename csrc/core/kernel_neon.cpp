@@ -150,6 +150,15 @@ struct NeonIsa {
           if (bs.correction(i, v)) dot = vsubq_s32(dot, vld1q_s32(bs.correction(i, v) + 4 * h));
           y[h] = vfmaq_f32(bias, scale, vcvtq_f32_s32(dot));
         }
+        if (bs.residual(i, v) || bs.prelu) {
+          // Residual add and PReLU lane by lane: rare (a fused Bi-Real unit) next to the popcount loop.
+          float tmp[kStrip];
+          vst1q_f32(tmp, y[0]);
+          vst1q_f32(tmp + 4, y[1]);
+          for (int lane = 0; lane < bs.lanes[i]; ++lane) tmp[lane] = bs.finish(tmp[lane], i, v, lane);
+          y[0] = vld1q_f32(tmp);
+          y[1] = vld1q_f32(tmp + 4);
+        }
         if (uint8_t* signs = bs.signs(i, v)) {
           float tmp[kStrip];
           vst1q_f32(tmp, y[0]);

@@ -52,7 +52,7 @@ struct ScalarIsa {
           int32_t dot = bs.depth - 2 * static_cast<int32_t>(count[i][v][lane]);
           if (bs.correction(i, v)) dot -= bs.correction(i, v)[lane];
           // fma everywhere: every family then rounds identically.
-          y[lane] = std::fma(bs.scale[v], static_cast<float>(dot), bs.bias[v]);
+          y[lane] = bs.finish(std::fma(bs.scale[v], static_cast<float>(dot), bs.bias[v]), i, v, lane);
         }
         if (uint8_t* signs = bs.signs(i, v)) {
           store_signs(y, bs.lanes[i], bs.threshold[v], signs);

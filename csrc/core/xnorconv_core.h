@@ -103,6 +103,9 @@ struct TensorStrides {
 // Fused output stage: y[n][o][oh][ow] = scale[o] * dot + bias[o], written to an NCHW-contiguous float buffer.
 // Sign output instead (the input of a following binary layer, 4x less traffic than floats, no packing compare):
 // out_signs[n][o][oh][ow] = 1 when y < out_threshold[o] (the value binarizes to -1 there), else 0.
+// Optional epilogue of a Bi-Real / ReActNet unit, applied in this order before the output or the sign test:
+// y += residual[n][o][oh][ow] (a real-valued shortcut, NCHW contiguous, the output's shape), then
+// y = y >= 0 ? y : prelu[o] * y.
 struct OutputStage {
   const float* scale = nullptr;  // [O] or nullptr for 1
   const float* bias = nullptr;   // [O] or nullptr for 0
@@ -110,6 +113,8 @@ struct OutputStage {
   float* out = nullptr;                  // float output, NCHW contiguous; or
   uint8_t* out_signs = nullptr;          // sign output, NCHW contiguous bytes (then `out` is unused)
   const float* out_threshold = nullptr;  // [O] or nullptr for 0, with out_signs
+  const float* residual = nullptr;       // NCHW contiguous, same shape as the output, or nullptr
+  const float* prelu = nullptr;          // [O] negative slopes, or nullptr for none
 };
 
 // One CPU kernel family. Work is split into independent tasks so the caller owns threading (the torch layer uses

@@ -48,6 +48,29 @@ void check_output_threshold(const c10::optional<at::Tensor>& t, bool output_sign
               " but input is on ", input.device());
 }
 
+void check_unit_epilogue(const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight,
+                         const ConvParams& p, const at::Tensor& input) {
+  if (residual.has_value()) {
+    const std::vector<int64_t> shape{p.batch, p.out_channels, p.out_h(), p.out_w()};
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape), "binary_conv2d: residual must have the output's shape ",
+                at::IntArrayRef(shape), ", got ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == at::kFloat, "binary_conv2d: residual must be float32, got ",
+                residual->scalar_type());
+    TORCH_CHECK(residual->device() == input.device(), "binary_conv2d: residual is on ", residual->device(),
+                " but input is on ", input.device());
+  }
+  if (prelu_weight.has_value()) {
+    const int64_t n = prelu_weight->numel();
+    TORCH_CHECK(prelu_weight->dim() == 1 && (n == 1 || n == p.out_channels),
+                "binary_conv2d: prelu_weight must have shape (", p.out_channels, ",) or (1,), got ",
+                prelu_weight->sizes());
+    TORCH_CHECK(prelu_weight->scalar_type() == at::kFloat, "binary_conv2d: prelu_weight must be float32, got ",
+                prelu_weight->scalar_type());
+    TORCH_CHECK(prelu_weight->device() == input.device(), "binary_conv2d: prelu_weight is on ",
+                prelu_weight->device(), " but input is on ", input.device());
+  }
+}
+
 ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, const at::Tensor& weight_tap_sum,
                        int64_t weight_in_channels, const c10::optional<at::Tensor>& scale,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -142,11 +165,14 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                     int64_t groups, int64_t pad_value,
                                     const c10::optional<at::Tensor>& input_threshold, bool output_signs,
-                                    const c10::optional<at::Tensor>& output_threshold) {
+                                    const c10::optional<at::Tensor>& output_threshold,
+                                    const c10::optional<at::Tensor>& residual,
+                                    const c10::optional<at::Tensor>& prelu_weight) {
   const ConvParams p = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride,
                                    padding, dilation, groups, pad_value,
                                    input_threshold, output_signs, output_threshold);
   const bool sign_input = input.scalar_type() == at::kBool;
+  check_unit_epilogue(residual, prelu_weight, p, input);
   at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()},
                              input.options().dtype(output_signs ? at::kBool : at::kFloat));
   if (p.batch == 0) return out;
@@ -180,6 +206,10 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   } else {
     stage.out = out.data_ptr<float>();
   }
+  const at::Tensor residual_c = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const at::Tensor slope = prelu_weight.has_value() ? prelu_weight->expand({p.out_channels}).contiguous() : at::Tensor();
+  stage.residual = residual_c.defined() ? residual_c.data_ptr<float>() : nullptr;
+  stage.prelu = slope.defined() ? slope.data_ptr<float>() : nullptr;
   if (p.pad_value == PadValue::Zero) {
     zero_pad = xnorconv::zero_pad_correction(p, weight_tap_sum.contiguous().data_ptr<int32_t>());
     stage.zero_pad = &zero_pad;
@@ -201,7 +231,8 @@ TORCH_LIBRARY(xnorconv, m) {
   m.def(
       "binary_conv2d_packed(Tensor input, Tensor weight_bits, Tensor weight_tap_sum, int weight_in_channels, "
       "Tensor? scale, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, int groups, int pad_value, "
-      "Tensor? input_threshold=None, bool output_signs=False, Tensor? output_threshold=None) -> Tensor");
+      "Tensor? input_threshold=None, bool output_signs=False, Tensor? output_threshold=None, "
+      "Tensor? residual=None, Tensor? prelu_weight=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {

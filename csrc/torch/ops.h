@@ -21,4 +21,8 @@ void check_input_threshold(const c10::optional<at::Tensor>& input_threshold, con
 void check_output_threshold(const c10::optional<at::Tensor>& output_threshold, bool output_signs,
                             int64_t out_channels, const at::Tensor& input);
 
+// residual: None or float32 with the output's shape; prelu_weight: None or float32 (O,) or (1,).
+void check_unit_epilogue(const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight,
+                         const xnorconv::ConvParams& p, const at::Tensor& input);
+
 }  // namespace xnorconv_torch

@@ -81,13 +81,17 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                      int64_t groups, int64_t pad_value,
                                      const c10::optional<at::Tensor>& input_threshold, bool output_signs,
-                                     const c10::optional<at::Tensor>& output_threshold) {
+                                     const c10::optional<at::Tensor>& output_threshold,
+                                     const c10::optional<at::Tensor>& residual,
+                                     const c10::optional<at::Tensor>& prelu_weight) {
   const xnorconv::ConvParams c = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias,
                                              stride, padding, dilation, groups, pad_value,
                                              input_threshold, output_signs, output_threshold);
   TORCH_CHECK(input.scalar_type() == at::kFloat, "binary_conv2d: bool (sign) input is not supported on CUDA yet; "
               "pass the float input (and input_threshold) instead, got ", input.scalar_type());
   TORCH_CHECK(!output_signs, "binary_conv2d: output_signs=True is not supported on CUDA yet; use the float output");
+  TORCH_CHECK(!residual.has_value() && !prelu_weight.has_value(),
+              "binary_conv2d: residual / prelu_weight are not supported on CUDA yet; add and activate after the op");
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({c.batch, c.out_channels, c.out_h(), c.out_w()}, input.options());
   if (c.batch == 0) return out;

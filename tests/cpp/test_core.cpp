@@ -258,6 +258,24 @@ void test_sign_io(int cases) {
       st.out = y2.data();
       ops.conv(p, l, packed.data(), pw.data(), st, 0, ops.conv_tasks(p, l));
       EXPECT(y2 == y, "[%s] sign input differs from float input with the same threshold", name.c_str());
+      // Residual add + PReLU in the output stage: the same float operations, in the same order, as done here.
+      std::vector<float> residual(y.size()), slope(p.out_channels), fused(y.size());
+      fill_signed(residual);
+      for (auto& e : slope) e = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+      st.out = fused.data();
+      st.residual = residual.data();
+      st.prelu = slope.data();
+      ops.conv(p, l, packed.data(), pw.data(), st, 0, ops.conv_tasks(p, l));
+      int64_t wrong = 0;
+      const int64_t plane_size = p.out_h() * p.out_w();
+      for (size_t i = 0; i < y.size(); ++i) {
+        float e = y[i] + residual[i];
+        if (!(e >= 0.0f)) e *= slope[(i / plane_size) % p.out_channels];
+        wrong += fused[i] != e;
+      }
+      EXPECT(wrong == 0, "[%s] %lld outputs of the residual + PReLU stage wrong", name.c_str(), static_cast<long long>(wrong));
+      st.residual = nullptr;
+      st.prelu = nullptr;
       std::vector<uint8_t> signs(y.size(), 7);
       st.out = nullptr;
       st.out_signs = signs.data();
