@@ -162,10 +162,11 @@ int main(int argc, char** argv) {
       std::vector<float> x(p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.in_channels * p.taps());
       for (auto& e : x) e = dist(rng);
       for (auto& e : w) e = dist(rng);
-      const ActivationLayout l = activation_layout(p);
-      std::vector<uint64_t> px(l.total_words), pw(weight_words(p));
+      const ActivationLayout l = ops.layout(p);
+      WordBuffer px(l.total_words), pw(weight_words(p)), formatted;
       std::vector<int32_t> tap_sum(p.out_channels * p.taps());
       pack_weights(p, w.data(), pw.data(), tap_sum.data());
+      const uint64_t* w_conv = conv_weight(ops, p, pw.data(), formatted);
       std::vector<float> out(p.out_channels * p.out_h() * p.out_w());
       OutputStage st;
       st.out = out.data();
@@ -188,7 +189,7 @@ int main(int argc, char** argv) {
         });
         auto t1 = Clock::now();
         parallel(threads, ops.conv_tasks(p, l), [&](int64_t b, int64_t e) {
-          ops.conv(p, l, px.data(), pw.data(), st, b, e);
+          ops.conv(p, l, px.data(), w_conv, st, b, e);
         });
         auto t2 = Clock::now();
         pack_t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());

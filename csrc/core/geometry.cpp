@@ -150,25 +150,34 @@ ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_su
   return z;
 }
 
+const uint64_t* conv_weight(const KernelOps& ops, const ConvParams& p, const uint64_t* bits, WordBuffer& storage) {
+  if (!ops.format_weight) return bits;
+  storage.assign(ops.weight_format_words(p), 0);
+  ops.format_weight(p, bits, storage.data());
+  return storage.data();
+}
+
 void binary_conv2d_serial(const KernelOps& ops, const ConvParams& p, const float* input, TensorStrides strides,
                           const float* weight, const float* scale, const float* bias, float* out,
                           const float* threshold) {
-  const ActivationLayout layout = activation_layout(p);
+  const ActivationLayout layout = ops.layout(p);
   std::vector<uint64_t> packed_w(weight_words(p));
   std::vector<int32_t> tap_sum(p.out_channels * p.taps());
   pack_weights(p, weight, packed_w.data(), tap_sum.data());
-  std::vector<uint64_t> packed_x(layout.total_words + 64);
+  WordBuffer packed_x(layout.total_words + 64);
   ops.pack(p, layout, input, strides, threshold, packed_x.data(), 0, ops.pack_tasks(p, layout));
   ZeroPadCorrection zero_pad;
   OutputStage stage;
   stage.scale = scale;
   stage.bias = bias;
   stage.out = out;
-  if (p.pad_value == PadValue::Zero) {
+  if (p.pad_value == PadValue::Zero && !ops.exact_zero_padding) {
     zero_pad = zero_pad_correction(p, tap_sum.data());
     stage.zero_pad = &zero_pad;
   }
-  ops.conv(p, layout, packed_x.data(), packed_w.data(), stage, 0, ops.conv_tasks(p, layout));
+  WordBuffer formatted;
+  ops.conv(p, layout, packed_x.data(), conv_weight(ops, p, packed_w.data(), formatted), stage, 0,
+           ops.conv_tasks(p, layout));
 }
 
 }  // namespace xnorconv

@@ -13,57 +13,15 @@
 #define XNORCONV_ISA_TARGET "avx2,fma,popcnt,bmi,bmi2,avx512f,avx512bw,avx512vl,avx512dq,avx512vpopcntdq"
 #include "isa_begin.h"
 #include "kernel_common.h"
+#include "avx512_binarize.h"
 
 namespace xnorconv {
 namespace {
 
-struct Avx512Isa {
+struct Avx512Isa : Avx512Binarize {
   // Measured best of 2x12, 3x7, 3x8, 4x5, 6x4 and 4x6 on Zen 4 (bench_core, interleaved).
   // 4 strips x 6 channels = 24 zmm accumulators + 4 activation registers + temporaries, within the 32 zmm.
   static constexpr int kStrip = 8, kStrips = 4, kChannels = 6;
-
-  // 16-float compares; `Threshold` yields the 16 thresholds at offset i (masked for the tail).
-  template <class Threshold>
-  static uint64_t below_impl(const float* x, Threshold threshold, int64_t count) {
-    if (count == 64) {
-      const uint64_t m0 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x), threshold.vec(0, 0xFFFF), _CMP_NGE_UQ);
-      const uint64_t m1 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + 16), threshold.vec(16, 0xFFFF), _CMP_NGE_UQ);
-      const uint64_t m2 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + 32), threshold.vec(32, 0xFFFF), _CMP_NGE_UQ);
-      const uint64_t m3 = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + 48), threshold.vec(48, 0xFFFF), _CMP_NGE_UQ);
-      return m0 | (m1 << 16) | (m2 << 32) | (m3 << 48);
-    }
-    uint64_t bits = 0;
-    for (int64_t i = 0; i < count; i += 16) {
-      const int64_t left = count - i;
-      const __mmask16 valid = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(valid, x + i);
-      const __mmask16 below = _mm512_mask_cmp_ps_mask(valid, v, threshold.vec(i, valid), _CMP_NGE_UQ);
-      bits |= static_cast<uint64_t>(below) << i;
-    }
-    return bits;
-  }
-
-  struct Uniform {
-    __m512 t;
-    __m512 vec(int64_t, __mmask16) const { return t; }
-  };
-  struct PerLane {
-    const float* t;
-    __m512 vec(int64_t i, __mmask16 valid) const { return _mm512_maskz_loadu_ps(valid, t + i); }
-  };
-
-  static uint64_t below(const float* x, float t, int64_t count) {
-    return below_impl(x, Uniform{_mm512_set1_ps(t)}, count);
-  }
-  static uint64_t below_each(const float* x, const float* t, int64_t count) {
-    return below_impl(x, PerLane{t}, count);
-  }
-
-  static uint64_t nonzero(const uint8_t* x, int64_t count) {
-    const __mmask64 valid = count >= 64 ? ~0ull : (1ull << count) - 1;
-    const __m512i v = _mm512_maskz_loadu_epi8(valid, x);
-    return _mm512_test_epi8_mask(v, v);
-  }
 
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],

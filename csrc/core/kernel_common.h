@@ -101,35 +101,62 @@ struct SignSource {
   }
 };
 
-// Positions [lo, hi) of phase `ph` that hold real input columns; the others hold padding.
-inline void real_positions(const ConvParams& p, const ActivationLayout& l, int64_t ph, int64_t& lo, int64_t& hi) {
-  const int64_t phases = l.phases;
+// Positions [lo, hi) of phase `ph` that hold real input columns, of `positions` per phase; the others hold
+// padding.
+inline void real_positions(const ConvParams& p, int64_t phases, int64_t positions, int64_t ph, int64_t& lo,
+                           int64_t& hi) {
   auto ceil_div = [](int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); };
   lo = ceil_div(p.pad_left - ph, phases);
   hi = ceil_div(p.pad_left + p.in_w - ph, phases);
-  lo = lo < 0 ? 0 : (lo > l.row_words ? l.row_words : lo);
-  hi = hi < lo ? lo : (hi > l.row_words ? l.row_words : hi);
+  lo = lo < 0 ? 0 : (lo > positions ? positions : lo);
+  hi = hi < lo ? lo : (hi > positions ? positions : hi);
 }
 
-template <class Source>
-void pack_rows(const ConvParams& p, const ActivationLayout& l, const typename Source::T* x, TensorStrides s,
-               Source source, uint64_t* packed, int64_t begin, int64_t end) {
-  const int64_t cg = p.channels_per_group(), wpg = l.words_per_group, phases = l.phases;
-  const int64_t padded_cols = phases * l.row_words;
+// Where packing stores, in the bit layout (ActivationLayout): one word per (pixel, channel word).
+// A sink provides rows (padded input rows to write), words_per_group, put(n, r, word, word_in_group, j, bits) for
+// a real pixel's bits at padded row r and padded column j, and pad_row() for every position of row r that is not a
+// real input pixel.
+struct BitSink {
+  const ConvParams& p;
+  const ActivationLayout& l;
+  uint64_t* packed;
+  int64_t rows, words_per_group;
+
+  BitSink(const ConvParams& params, const ActivationLayout& layout, uint64_t* out)
+      : p(params), l(layout), packed(out), rows(layout.rows), words_per_group(layout.words_per_group) {}
+
+  void put(int64_t n, int64_t r, int64_t word, int64_t, int64_t j, uint64_t bits) const {
+    if (j < l.phases * l.row_words)
+      packed[n * l.image_stride + r * l.row_stride + (j % l.phases) * l.phase_stride + word * l.row_words +
+             j / l.phases] = bits;
+  }
+  void pad_row(int64_t n, int64_t r, int64_t word, int64_t word_in_group, bool real_row) const {
+    const uint64_t pad = pad_word(p, word_in_group);
+    uint64_t* row = packed + n * l.image_stride + r * l.row_stride + word * l.row_words;
+    for (int64_t ph = 0; ph < l.phases; ++ph) {
+      uint64_t* dst = row + ph * l.phase_stride;
+      int64_t lo = 0, hi = 0;
+      if (real_row) real_positions(p, l.phases, l.row_words, ph, lo, hi);
+      for (int64_t pos = 0; pos < lo; ++pos) dst[pos] = pad;
+      for (int64_t pos = hi; pos < l.row_words; ++pos) dst[pos] = pad;
+    }
+  }
+};
+
+template <class Source, class Sink>
+void pack_rows(const ConvParams& p, const typename Source::T* x, TensorStrides s, Source source, const Sink& sink,
+               int64_t begin, int64_t end) {
+  const int64_t cg = p.channels_per_group(), wpg = sink.words_per_group, rows = sink.rows;
   const bool channels_contiguous = s.c == 1 && s.w != 1;
   const bool plane = plane_mode(p, s);
-  const int64_t tasks_per_image = l.rows + flat_blocks(p);
+  const int64_t tasks_per_image = rows + flat_blocks(p);
   alignas(64) uint64_t block[64];
-  auto word_ptr = [&](int64_t n, int64_t r, int64_t word, int64_t j) {
-    return packed + n * l.image_stride + r * l.row_stride + (j % phases) * l.phase_stride + word * l.row_words +
-           j / phases;
-  };
   // Within an image, row tasks (padding; in row mode also the data) and plane blocks alternate, so that
   // contiguous task ranges (one per thread) get a fair share of both.
-  const int64_t blocks = flat_blocks(p), paired = 2 * imin(l.rows, blocks);
+  const int64_t blocks = flat_blocks(p), paired = 2 * imin(rows, blocks);
   for (int64_t task = begin; task < end; ++task) {
     const int64_t n = task / tasks_per_image, k = task % tasks_per_image;
-    const bool is_row = k < paired ? k % 2 == 0 : l.rows > blocks;
+    const bool is_row = k < paired ? k % 2 == 0 : rows > blocks;
     const int64_t index = k < paired ? k / 2 : k - paired / 2;
     if (!is_row) {
       if (!plane) continue;
@@ -145,8 +172,7 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const typename So
           transpose64(block);
           int64_t ih = ih0, iw = iw0;
           for (int64_t i = 0; i < count; ++i) {
-            const int64_t j = iw + p.pad_left;
-            if (j < padded_cols) *word_ptr(n, ih + p.pad_top, g * wpg + w, j) = block[i];
+            if (ih + p.pad_top < rows) sink.put(n, ih + p.pad_top, g * wpg + w, w, iw + p.pad_left, block[i]);
             if (++iw == p.in_w) {
               iw = 0;
               ++ih;
@@ -156,28 +182,17 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const typename So
       continue;
     }
     const int64_t r = index, ih = r - p.pad_top;
-    uint64_t* row = packed + n * l.image_stride + r * l.row_stride;
     const bool real_row = ih >= 0 && ih < p.in_h;
     for (int64_t g = 0; g < p.groups; ++g)
       for (int64_t w = 0; w < wpg; ++w) {
-        const uint64_t pad = pad_word(p, w);
         const int64_t word = g * wpg + w;
-        for (int64_t ph = 0; ph < phases; ++ph) {
-          uint64_t* dst = row + ph * l.phase_stride + word * l.row_words;
-          int64_t lo = 0, hi = 0;
-          if (real_row) real_positions(p, l, ph, lo, hi);
-          for (int64_t pos = 0; pos < lo; ++pos) dst[pos] = pad;
-          for (int64_t pos = hi; pos < l.row_words; ++pos) dst[pos] = pad;
-        }
+        sink.pad_row(n, r, word, w, real_row);
         if (!real_row || plane) continue;
         const int64_t c0 = g * cg + 64 * w, channels = imin(64, cg - 64 * w);
         const auto* src = x + n * s.n + c0 * s.c + ih * s.h;
-        auto put = [&](int64_t iw, uint64_t bits) {
-          const int64_t j = iw + p.pad_left;
-          if (j < padded_cols) row[(j % phases) * l.phase_stride + word * l.row_words + j / phases] = bits;
-        };
         if (channels_contiguous) {
-          for (int64_t iw = 0; iw < p.in_w; ++iw) put(iw, source.across_channels(src + iw * s.w, c0, channels));
+          for (int64_t iw = 0; iw < p.in_w; ++iw)
+            sink.put(n, r, word, w, iw + p.pad_left, source.across_channels(src + iw * s.w, c0, channels));
           continue;
         }
         for (int64_t iw0 = 0; iw0 < p.in_w; iw0 += 64) {
@@ -186,7 +201,7 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const typename So
             block[c] = source.strided(src + c * s.c + iw0 * s.w, s.w, c0 + c, count);
           for (int64_t c = channels; c < 64; ++c) block[c] = 0;
           transpose64(block);
-          for (int64_t i = 0; i < count; ++i) put(iw0 + i, block[i]);
+          for (int64_t i = 0; i < count; ++i) sink.put(n, r, word, w, iw0 + i + p.pad_left, block[i]);
         }
       }
   }
@@ -347,13 +362,13 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
 template <class Isa>
 void pack_floats(const ConvParams& p, const ActivationLayout& l, const float* x, TensorStrides s,
                  const float* threshold, uint64_t* packed, int64_t begin, int64_t end) {
-  pack_rows(p, l, x, s, FloatSource<Isa>{threshold}, packed, begin, end);
+  pack_rows(p, x, s, FloatSource<Isa>{threshold}, BitSink(p, l, packed), begin, end);
 }
 
 template <class Isa>
 void pack_signs(const ConvParams& p, const ActivationLayout& l, const uint8_t* x, TensorStrides s, uint64_t* packed,
                 int64_t begin, int64_t end) {
-  pack_rows(p, l, x, s, SignSource<Isa>{}, packed, begin, end);
+  pack_rows(p, x, s, SignSource<Isa>{}, BitSink(p, l, packed), begin, end);
 }
 
 // Sign output of one strip from its float results: byte = 1 where y < threshold (binarizes to -1).
@@ -363,8 +378,10 @@ inline void store_signs(const float* y, int lanes, float threshold, uint8_t* out
 
 template <class Isa>
 KernelOps make_kernel_ops(const char* name) {
-  return KernelOps{name,           pack_task_count, pack_floats<Isa>, pack_signs<Isa>, conv_task_count<Isa>,
-                   conv_tasks<Isa>, Isa::peak_probe};
+  KernelOps ops{name,           pack_task_count, pack_floats<Isa>, pack_signs<Isa>, conv_task_count<Isa>,
+                conv_tasks<Isa>, Isa::peak_probe};
+  ops.layout = activation_layout;
+  return ops;
 }
 
 }  // namespace

@@ -3,6 +3,14 @@
 #include <cstdlib>
 #include <sstream>
 
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "xnorconv_core.h"
 
 namespace xnorconv {
@@ -23,6 +31,20 @@ CpuFeatures detect() {
   f.avx512vl = __builtin_cpu_supports("avx512vl");
   f.avx512dq = __builtin_cpu_supports("avx512dq");
   f.avx512vpopcntdq = __builtin_cpu_supports("avx512vpopcntdq");
+  // AMX: CPUID.(7,0):EDX bits 24 (tile) and 25 (int8), and the OS must save the tile state (XCR0 bits 17, 18).
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 24 & 1)) {
+    __get_cpuid(1, &eax, &ebx, &ecx, &edx);
+    const bool osxsave = ecx >> 27 & 1;
+    if (osxsave) {
+      unsigned xcr0_lo = 0, xcr0_hi = 0;
+      __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+      const bool tile_state = (xcr0_lo >> 17 & 1) && (xcr0_lo >> 18 & 1);
+      __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx);
+      f.amx_tile = tile_state;
+      f.amx_int8 = tile_state && (edx >> 25 & 1);
+    }
+  }
 #endif
 #if defined(__aarch64__)
   f.neon = true;  // Advanced SIMD is mandatory in AArch64.
@@ -36,13 +58,18 @@ struct Family {
   bool (*usable)(const CpuFeatures&);
 };
 
+#if defined(__x86_64__) || defined(_M_X64)
+bool avx512_usable(const CpuFeatures& f) {
+  return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vpopcntdq && f.avx2 && f.fma;
+}
+#endif
+
 // Best first; scalar last and always usable.
 const Family kFamilies[] = {
 #if defined(__x86_64__) || defined(_M_X64)
-    {"avx512", avx512_kernel,
-     [](const CpuFeatures& f) {
-       return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vpopcntdq && f.avx2 && f.fma;
-     }},
+    {"amx", amx_kernel,
+     [](const CpuFeatures& f) { return avx512_usable(f) && f.amx_tile && f.amx_int8 && request_amx_permission(); }},
+    {"avx512", avx512_kernel, avx512_usable},
     {"avx2", avx2_kernel, [](const CpuFeatures& f) { return f.avx2 && f.fma; }},
 #endif
 #if defined(__aarch64__)
@@ -82,12 +109,28 @@ void apply_environment_once() {
 
 }  // namespace
 
+#if defined(__x86_64__) || defined(_M_X64)
+bool request_amx_permission() {
+  static const bool granted = [] {
+#if defined(__linux__)
+    // Linux >= 5.16 keeps the 8 KB tile state off until a process asks for it; without the grant the first tile
+    // instruction faults. XFEATURE_XTILEDATA = 18.
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;  // no known way to ask for the tile state elsewhere: AMX stays off
+#endif
+  }();
+  return granted;
+}
+#endif
+
 std::vector<std::string> CpuFeatures::names() const {
   std::vector<std::string> n;
   const std::pair<const char*, bool> all[] = {{"avx2", avx2}, {"fma", fma}, {"popcnt", popcnt}, {"bmi2", bmi2},
                                               {"avx512f", avx512f}, {"avx512bw", avx512bw}, {"avx512vl", avx512vl},
                                               {"avx512dq", avx512dq}, {"avx512vpopcntdq", avx512vpopcntdq},
-                                              {"neon", neon}};
+                                              {"amx_tile", amx_tile}, {"amx_int8", amx_int8}, {"neon", neon}};
   for (const auto& [name, present] : all)
     if (present) n.emplace_back(name);
   return n;

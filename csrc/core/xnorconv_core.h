@@ -24,6 +24,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -137,13 +138,46 @@ struct KernelOps {
   // rounds; returns the binary MACs it performed. Timing it gives this machine's ceiling for this family, against
   // which the benchmark reports each kernel's fraction (the ceiling is measured, never assumed).
   uint64_t (*peak_probe)(int64_t iterations);
+  // The family's activation layout: activation_layout() (the bit layout above) for the XNOR-popcount families;
+  // the AMX family packs one int8 (+1 / -1 / 0) per value instead (see kernel_amx.cpp). pack, pack_signs and conv
+  // take buffers of layout(p).total_words words.
+  ActivationLayout (*layout)(const ConvParams&) = nullptr;
+  // Families that read weights in their own format (made once per weight from pack_weights's bits): its size in
+  // words, and the conversion. nullptr: conv reads the bits as they are.
+  int64_t (*weight_format_words)(const ConvParams&) = nullptr;
+  void (*format_weight)(const ConvParams&, const uint64_t* weight_bits, uint64_t* out) = nullptr;
+  // True when pad_value 0 is computed exactly by the kernel itself: OutputStage::zero_pad is then not needed.
+  bool exact_zero_padding = false;
 };
+
+// 64-byte aligned storage, as the torch CPU allocator gives the op: AMX tile loads of rows that straddle cache
+// lines run at half speed, so tests and benchmarks use this for packed buffers.
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  bool operator==(const CacheLineAllocator&) const { return true; }
+  bool operator!=(const CacheLineAllocator&) const { return false; }
+};
+using WordBuffer = std::vector<uint64_t, CacheLineAllocator<uint64_t>>;
+
+// The weight as ops.conv reads it: `bits` itself, or the family's own format made from them into `storage`.
+// (The torch layer keeps the formatted weight cached instead; see csrc/torch/ops.cpp.)
+const uint64_t* conv_weight(const KernelOps& ops, const ConvParams& p, const uint64_t* bits, WordBuffer& storage);
 
 // ---- kernel families (defined only where compiled; see select.cpp) ----
 const KernelOps& scalar_kernel();
 #if defined(__x86_64__) || defined(_M_X64)
 const KernelOps& avx2_kernel();
 const KernelOps& avx512_kernel();
+const KernelOps& amx_kernel();
+// Asks the OS for the AMX tile state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, once per process); false when the OS
+// refuses or has no such request, and then AMX instructions must not run.
+bool request_amx_permission();
 #endif
 #if defined(__aarch64__)
 const KernelOps& neon_kernel();
@@ -152,6 +186,7 @@ const KernelOps& neon_kernel();
 struct CpuFeatures {
   bool avx2 = false, fma = false, popcnt = false, bmi2 = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512vpopcntdq = false;
+  bool amx_tile = false, amx_int8 = false;  // CPU and OS (XCR0) support; the process permission is separate
   bool neon = false;
   std::vector<std::string> names() const;
 };

@@ -2,7 +2,11 @@
 // The only C++ (with module.cpp and the CUDA glue) that includes torch headers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
+
+#include <list>
+#include <mutex>
 
 #include "xnorconv_core.h"
 #include "ops.h"
@@ -137,6 +141,58 @@ ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, c
 
 namespace {
 
+// Weights in a family's own format (the AMX tiles), made from a packed weight once and reused while that tensor
+// lives unchanged. The key holds the weight_bits tensor weakly (so its address cannot be reused while the entry
+// exists) with its version counter, which every in-place write (copy_, load_state_dict, optimizer steps) bumps.
+class FormattedWeightCache {
+ public:
+  at::Tensor get(const xnorconv::KernelOps& ops, const ConvParams& p, const at::Tensor& bits) {
+    const int64_t words = ops.weight_format_words(p);
+    const auto version = bits._version();
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      if (it->owner.expired()) {
+        it = entries_.erase(it);
+        continue;
+      }
+      if (it->owner._unsafe_get_target() == bits.unsafeGetTensorImpl() && it->version == version &&
+          it->ops == &ops && it->groups == p.groups && it->in_channels == p.in_channels &&
+          it->formatted.numel() == words && it->data == bits.data_ptr()) {
+        entries_.splice(entries_.begin(), entries_, it);  // most recently used first
+        return it->formatted;
+      }
+      ++it;
+    }
+    at::Tensor formatted = at::empty({words}, bits.options());
+    const at::Tensor source = bits.contiguous();
+    ops.format_weight(p, reinterpret_cast<const uint64_t*>(source.data_ptr<int64_t>()),
+                      reinterpret_cast<uint64_t*>(formatted.data_ptr<int64_t>()));
+    entries_.push_front({c10::weak_intrusive_ptr<c10::TensorImpl>(bits.getIntrusivePtr()), version, bits.data_ptr(),
+                         &ops, p.groups, p.in_channels, formatted});
+    if (entries_.size() > kMaxEntries) entries_.pop_back();
+    return formatted;
+  }
+
+ private:
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::TensorImpl> owner;
+    uint32_t version;
+    const void* data;
+    const xnorconv::KernelOps* ops;
+    int64_t groups, in_channels;
+    at::Tensor formatted;
+  };
+  // Enough for every layer of a large network; entries of freed weights are dropped as soon as they are seen.
+  static constexpr size_t kMaxEntries = 512;
+  std::mutex mutex_;
+  std::list<Entry> entries_;
+};
+
+FormattedWeightCache& formatted_weights() {
+  static FormattedWeightCache cache;
+  return cache;
+}
+
 std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 4, "pack_weight: weight must be 4-D (O, C/groups, kh, kw), got a ", weight.dim(),
               "-D tensor of shape ", weight.sizes());
@@ -183,7 +239,7 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   const float* threshold_ptr = threshold.defined() ? threshold.data_ptr<float>() : nullptr;
 
   const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
-  const xnorconv::ActivationLayout layout = xnorconv::activation_layout(p);
+  const xnorconv::ActivationLayout layout = ops.layout(p);
   at::Tensor packed = at::empty({layout.total_words}, input.options().dtype(at::kLong));
   auto* packed_ptr = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
   const xnorconv::TensorStrides strides{input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
@@ -210,11 +266,12 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   const at::Tensor slope = prelu_weight.has_value() ? prelu_weight->expand({p.out_channels}).contiguous() : at::Tensor();
   stage.residual = residual_c.defined() ? residual_c.data_ptr<float>() : nullptr;
   stage.prelu = slope.defined() ? slope.data_ptr<float>() : nullptr;
-  if (p.pad_value == PadValue::Zero) {
+  if (p.pad_value == PadValue::Zero && !ops.exact_zero_padding) {
     zero_pad = xnorconv::zero_pad_correction(p, weight_tap_sum.contiguous().data_ptr<int32_t>());
     stage.zero_pad = &zero_pad;
   }
-  const auto* w = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  const at::Tensor formatted = ops.format_weight ? formatted_weights().get(ops, p, weight_bits) : bits;
+  const auto* w = reinterpret_cast<const uint64_t*>(formatted.data_ptr<int64_t>());
   at::parallel_for(0, ops.conv_tasks(p, layout), 1, [&](int64_t begin, int64_t end) {
     ops.conv(p, layout, packed_ptr, w, stage, begin, end);
   });

@@ -168,14 +168,27 @@ void test_bit_order() {
   for (const auto& name : available_backends()) {
     set_backend_override(name);
     const KernelOps& ops = select_kernel(p);
+    const bool bytes = ops.layout != activation_layout;  // AMX: one int8 per value, 64 per (pixel, word)
+    const ActivationLayout fl = ops.layout(p);
     for (int64_t hot = 0; hot < p.in_channels; ++hot) {
       std::vector<float> x(p.in_channels * p.in_w, 1.0f);
       for (int64_t iw = 0; iw < p.in_w; ++iw) x[hot * p.in_w + iw] = -1.0f;
-      std::vector<uint64_t> packed(l.total_words, 0xDEADBEEFull);
-      ops.pack(p, l, x.data(), {p.in_channels * p.in_w, p.in_w, p.in_w, 1}, nullptr, packed.data(), 0,
-               ops.pack_tasks(p, l));
+      std::vector<uint64_t> packed(fl.total_words, 0xDEADBEEFull);
+      ops.pack(p, fl, x.data(), {p.in_channels * p.in_w, p.in_w, p.in_w, 1}, nullptr, packed.data(), 0,
+               ops.pack_tasks(p, fl));
       for (int64_t iw = 0; iw < p.in_w; ++iw)
         for (int64_t word = 0; word < 3; ++word) {
+          if (bytes) {
+            // Byte c % 64 of position iw in word c / 64's plane; planes hold image_stride / words_per_pixel words.
+            const auto* plane = reinterpret_cast<const int8_t*>(packed.data()) +
+                                word * (fl.image_stride * 8 / fl.words_per_pixel) + iw * 64;
+            for (int64_t k = 0; k < 64 && 64 * word + k < p.in_channels; ++k) {
+              const int want = 64 * word + k == hot ? -1 : 1;
+              EXPECT(plane[k] == want, "[%s] channel %lld pixel %lld byte %lld: got %d want %d", name.c_str(),
+                     (long long)hot, (long long)iw, (long long)(64 * word + k), plane[k], want);
+            }
+            continue;
+          }
           const uint64_t want = word == hot / 64 ? (1ull << (hot % 64)) : 0;
           const uint64_t got = packed[word * l.row_words + iw];
           EXPECT(got == want, "[%s] channel %lld pixel %lld word %lld: got %016llx want %016llx", name.c_str(),
@@ -239,14 +252,17 @@ void test_sign_io(int cases) {
     const TensorStrides s{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
     std::vector<uint8_t> x_signs(x.size());
     for (size_t i = 0; i < x.size(); ++i) x_signs[i] = !(x[i] >= t[(i / (p.in_h * p.in_w)) % p.in_channels]);
-    const ActivationLayout l = activation_layout(p);
-    std::vector<uint64_t> pw(weight_words(p)), packed(l.total_words);
+    std::vector<uint64_t> bits(weight_words(p));
+    WordBuffer formatted;
     std::vector<int32_t> tap_sum(p.out_channels * 9);
-    pack_weights(p, w.data(), pw.data(), tap_sum.data());
+    pack_weights(p, w.data(), bits.data(), tap_sum.data());
     const ZeroPadCorrection zp = zero_pad_correction(p, tap_sum.data());
     for (const auto& name : available_backends()) {
       set_backend_override(name);
       const KernelOps& ops = select_kernel(p);
+      const ActivationLayout l = ops.layout(p);
+      std::vector<uint64_t> packed(l.total_words);
+      const uint64_t* pw = conv_weight(ops, p, bits.data(), formatted);
       std::vector<float> y(p.batch * p.out_channels * p.out_h() * p.out_w());
       binary_conv2d_serial(ops, p, x.data(), s, w.data(), scale.data(), bias.data(), y.data(), t.data());
       ops.pack_signs(p, l, x_signs.data(), s, packed.data(), 0, ops.pack_tasks(p, l));
@@ -256,7 +272,7 @@ void test_sign_io(int cases) {
       st.zero_pad = &zp;
       std::vector<float> y2(y.size());
       st.out = y2.data();
-      ops.conv(p, l, packed.data(), pw.data(), st, 0, ops.conv_tasks(p, l));
+      ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
       EXPECT(y2 == y, "[%s] sign input differs from float input with the same threshold", name.c_str());
       // Residual add + PReLU in the output stage: the same float operations, in the same order, as done here.
       std::vector<float> residual(y.size()), slope(p.out_channels), fused(y.size());
@@ -265,7 +281,7 @@ void test_sign_io(int cases) {
       st.out = fused.data();
       st.residual = residual.data();
       st.prelu = slope.data();
-      ops.conv(p, l, packed.data(), pw.data(), st, 0, ops.conv_tasks(p, l));
+      ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
       int64_t wrong = 0;
       const int64_t plane_size = p.out_h() * p.out_w();
       for (size_t i = 0; i < y.size(); ++i) {
@@ -280,7 +296,7 @@ void test_sign_io(int cases) {
       st.out = nullptr;
       st.out_signs = signs.data();
       st.out_threshold = out_t.data();
-      ops.conv(p, l, packed.data(), pw.data(), st, 0, ops.conv_tasks(p, l));
+      ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
       int64_t bad = 0;
       const int64_t plane = p.out_h() * p.out_w();
       for (size_t i = 0; i < y.size(); ++i)
