@@ -102,6 +102,8 @@ def measure(args, argv):
                                  with_int8=not args.no_int8, with_openvino=not args.no_openvino, progress=tick)
         if bar:
             bar.close()
+        if all("xnorconv auto" in r["ms"] for r in rows):  # the selector's pick per layer, reported first
+            backends = ["auto"] + list(backends)
         run["layers"] = {"rows": rows, "backends": backends, "batch": args.batch, "reps": args.reps,
                          "pad_value": args.pad_value, "threads": args.threads}
         if not args.shape:

@@ -122,11 +122,16 @@ def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True
             probe_samples[b].extend(t.pop("probe"))
             for name in fns:
                 times.setdefault(name, []).extend(t[name])
+        # What a user gets without use_backend: the selector's choice for this layer (the same timings).
+        auto = xnorconv.current_backend(cin, k, s)
+        if len(backends) > 1 and auto in backends:
+            times["xnorconv auto"] = times[f"xnorconv {auto}"]
+            kernel_samples["auto"] = kernel_samples[auto]
         if "openvino kernel" in times:  # a kernel-alone figure: reported beside xnorconv's, not as float in/out
             kernel_samples["openvino"] = times.pop("openvino kernel")
         macs = batch * cout * ((hw + 2 * p - k) // s + 1) ** 2 * cin * k * k
         rows.append({
-            "shape": list(shape), "batch": batch, "threads": threads, "macs": macs,
+            "shape": list(shape), "batch": batch, "threads": threads, "macs": macs, "auto_backend": auto,
             "ms": {name: median_ms(v) for name, v in times.items()},
             "kernel_ms": {b: median_ms(v) for b, v in kernel_samples.items()},
             "kernel_best_ms": {b: min(v) * 1e3 for b, v in kernel_samples.items()},
@@ -139,10 +144,14 @@ def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True
     for r in rows:
         r["peak_gmacs"] = {b: peaks[b] / 1e9 for b in backends}
         r["kernel_fraction_of_peak"] = {b: r["macs"] / (r["kernel_best_ms"][b] * 1e-3) / peaks[b] for b in backends}
+        if "auto" in r["kernel_best_ms"]:
+            r["peak_gmacs"]["auto"] = r["peak_gmacs"][r["auto_backend"]]
+            r["kernel_fraction_of_peak"]["auto"] = r["kernel_fraction_of_peak"][r["auto_backend"]]
         if "openvino" in r["kernel_best_ms"] and r["kernel_best_ms"]["openvino"] > 0:
             r["openvino_kernel_fraction_of_peak"] = (r["macs"] / (r["kernel_best_ms"]["openvino"] * 1e-3)
                                                      / peaks[backends[0]])
-        r["speedup_vs_fp32"] = {b: r["ms"]["fp32 NCHW"] / r["ms"][f"xnorconv {b}"] for b in backends}
+        r["speedup_vs_fp32"] = {b: r["ms"]["fp32 NCHW"] / r["ms"][f"xnorconv {b}"]
+                                for b in backends + (["auto"] if "xnorconv auto" in r["ms"] else [])}
         r["gops"] = {name: 2 * r["macs"] / (ms * 1e-3) / 1e9 for name, ms in r["ms"].items() if ms > 0}
     return rows
 

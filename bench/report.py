@@ -47,7 +47,9 @@ def layer_table(run, md=False):
     rows, backends = layers["rows"], layers["backends"]
     best = backends[0]
     names = layer_names(layers)
-    cols = ["layer cin,cout,hw,k,s,p"] + [f"{n} ms" for n in names] + [f"x fp32 {b}" for b in backends]
+    picks = "auto" in backends  # xnorconv auto = the backend the selector picks for the layer (no use_backend)
+    cols = (["layer cin,cout,hw,k,s,p"] + (["auto picks"] if picks else []) + [f"{n} ms" for n in names]
+            + [f"x fp32 {b}" for b in backends])
     has_ov = any("openvino binary" in r["ms"] for r in rows)
     if has_ov:
         cols.append(f"x openvino {best}")
@@ -57,7 +59,7 @@ def layer_table(run, md=False):
         cols.append("kernel/peak openvino")
     table = []
     for r in rows:
-        line = [_shape(r)] + [_fmt(r["ms"].get(n), ".4f") for n in names]
+        line = [_shape(r)] + ([r["auto_backend"]] if picks else []) + [_fmt(r["ms"].get(n), ".4f") for n in names]
         line += [_fmt(r["ms"]["fp32 NCHW"] / r["ms"][XNOR + b], ".1f") for b in backends]
         if has_ov:
             ov = r["ms"].get("openvino binary")
@@ -78,7 +80,7 @@ def layer_table(run, md=False):
             wins = sum(r["ms"][XNOR + best] < r["ms"][peer] for r in measured)
             summary.append(f"xnorconv {best} faster than {peer} on {wins} of {len(measured)} layers")
     summary.append("peak probe (binary GMAC/s, best of the run x threads): " + ", ".join(
-        f"{b} {rows[0]['peak_gmacs'][b]:.0f}" for b in backends))
+        f"{b} {rows[0]['peak_gmacs'][b]:.0f}" for b in backends if b != "auto"))
     summary.append("kernel = convolution pass alone on pre-packed input, best of the run (openvino: its "
                    "BinaryConvolution node per OpenVINO's profiler, 1 us resolution); kernel/peak = its MAC rate over "
                    f"the best {best} probe reading")

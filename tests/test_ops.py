@@ -247,6 +247,41 @@ def test_backends_best_first_and_scalar_last():
         assert names[0] == "avx512", names
 
 
+def test_automatic_choice_follows_the_layer():
+    if "amx" not in xnorconv.backends():
+        pytest.skip("no AMX on this CPU: every layer gets the first backend")
+    assert xnorconv.current_backend(64, 3, 1) == "amx"
+    assert xnorconv.current_backend(512, 3, 1) == "amx"
+    for channels, kernel, stride in [(64, 1, 1), (64, 3, 2), (16, 3, 1)]:
+        assert xnorconv.current_backend(channels, kernel, stride) == "avx512"
+    with xnorconv.use_backend("amx"):
+        assert xnorconv.current_backend(64, 1, 1) == "amx"
+
+
+@pytest.mark.parametrize("backend", xnorconv.backends())
+def test_packed_weight_rewritten_in_place_is_used(backend):
+    """Families with their own weight format (AMX) cache it per packed-weight tensor: an in-place write to that
+    tensor (load_state_dict, copy_) must reach the next call, and a different tensor must never hit a stale entry."""
+    x = torch.randn(1, 64, 9, 9)
+    w1, w2 = torch.randn(40, 64, 3, 3), torch.randn(40, 64, 3, 3)
+    p1, p2 = xnorconv.pack_weight(w1), xnorconv.pack_weight(w2)
+    want1 = reference_binary_conv2d(x, w1, padding=(1, 1, 1, 1)).float()
+    want2 = reference_binary_conv2d(x, w2, padding=(1, 1, 1, 1)).float()
+    with xnorconv.use_backend(backend):
+        def run(bits, tap_sum):
+            return torch.ops.xnorconv.binary_conv2d_packed(x, bits, tap_sum, 64, None, None, [1, 1], [1, 1, 1, 1],
+                                                           [1, 1], 1, 0)
+        bits, tap_sum = p1.bits.clone(), p1.tap_sum.clone()
+        assert torch.equal(run(bits, tap_sum), want1)
+        bits.copy_(p2.bits)
+        tap_sum.copy_(p2.tap_sum)
+        assert torch.equal(run(bits, tap_sum), want2)
+        for _ in range(3):  # fresh tensors (often at a freed one's address) with other contents
+            fresh = p1.bits.clone() if _ % 2 == 0 else p2.bits.clone()
+            assert torch.equal(run(fresh, p1.tap_sum if _ % 2 == 0 else p2.tap_sum), want1 if _ % 2 == 0 else want2)
+            del fresh
+
+
 def test_environment_variable_forces_backend(tmp_path):
     import subprocess
     import sys

@@ -107,12 +107,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("backend_override", &xnorconv::backend_override, "The forced CPU kernel family, or ''");
   m.def("backend_environment_error", &xnorconv::backend_environment_error,
         "Why XNORCONV_BACKEND was ignored, or ''");
-  m.def("selected_backend", [](int64_t channels, int64_t kernel) {
+  m.def("selected_backend", [](int64_t channels, int64_t kernel, int64_t stride) {
     xnorconv::ConvParams p;
     p.in_channels = channels;
     p.kernel_h = p.kernel_w = kernel;
+    p.stride_h = p.stride_w = stride;
     return std::string(xnorconv::select_kernel(p).name);
-  }, "The CPU kernel family the selector picks for a layer");
+  }, "The CPU kernel family the selector picks for a layer (channels, square kernel, stride)");
   m.def("peak_binary_macs_per_second", &peak_binary_macs_per_second, "Peak probe of a CPU kernel family (best of 5)");
   m.def("conv_kernel_ms", &conv_kernel_ms, "Median ms of the convolution pass alone on pre-packed input");
   m.attr("with_cuda") = static_cast<bool>(XNORCONV_WITH_CUDA);
