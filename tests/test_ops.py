@@ -406,6 +406,28 @@ def test_residual_and_prelu_match_reference(backend, slopes):
     assert torch.equal(signs, got < 0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("residual_layout", ["contiguous", "channels_last"])
+def test_channels_last_unit_epilogue_matches_nchw(backend, residual_layout):
+    """A channels_last input gets a channels_last output (AMX writes it directly, the others convert): the same
+    values, signs and fused residual/PReLU as the NCHW path, whatever the residual's own layout."""
+    x, w = torch.randn(2, 70, 9, 11), torch.randn(37, 70, 3, 3)
+    scale, bias, a, t = torch.rand(37) + 0.5, torch.randn(37), torch.rand(37) * 0.5, torch.randn(37)
+    residual = torch.randn(2, 37, 9, 11)
+    if residual_layout == "channels_last":
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    kwargs = dict(padding=1, scale=scale, residual=residual, prelu_weight=a)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with xnorconv.use_backend(backend):
+        want = xnorconv.binary_conv2d(x, w, bias, **kwargs)
+        got = xnorconv.binary_conv2d(x_cl, w, bias, **kwargs)
+        want_signs = xnorconv.binary_conv2d(x, w, bias, output_signs=True, output_threshold=t, **kwargs)
+        got_signs = xnorconv.binary_conv2d(x_cl, w, bias, output_signs=True, output_threshold=t, **kwargs)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    assert got_signs.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want) and torch.equal(got_signs, want_signs)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: xnorconv.binary_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), residual=torch.randn(1, 4, 5, 5)),
      r"residual must have the output's shape \[1, 4, 3, 3\], got \[1, 4, 5, 5\]"),

@@ -262,6 +262,44 @@ int64_t amx_conv_tasks(const ConvParams& p, const ActivationLayout&) {
   return p.batch * p.groups * g.channel_blocks * g.task_chunks;
 }
 
+// NHWC output: each tile row is 16 channels of one output pixel, stored as they are.
+void store_block_nhwc(const ConvParams& p, const AmxGeometry& g, const OutputStage& st, int64_t n, int64_t grp,
+                      int64_t cb, int64_t pb, const int32_t (*c)[kTileRows][kTileRows]) {
+  const int64_t og = p.out_channels_per_group(), oh = p.out_h(), ow = p.out_w(), oc = p.out_channels;
+  const __m512 zero = _mm512_setzero_ps();
+  for (int h = 0; h < 2; ++h) {
+    const int64_t o0 = cb * kBlockChannels + h * kTileRows;
+    if (o0 >= og) break;
+    const __mmask16 real = static_cast<__mmask16>((1u << imin(kTileRows, og - o0)) - 1);
+    const int64_t first = grp * og + o0;
+    const __m512 scale = st.scale ? _mm512_maskz_loadu_ps(real, st.scale + first) : _mm512_set1_ps(1.0f);
+    const __m512 bias = st.bias ? _mm512_maskz_loadu_ps(real, st.bias + first) : zero;
+    const __m512 slope = st.prelu ? _mm512_maskz_loadu_ps(real, st.prelu + first) : zero;
+    const __m512 threshold = st.out_threshold ? _mm512_maskz_loadu_ps(real, st.out_threshold + first) : zero;
+    for (int m = 0; m < 2; ++m) {
+      const int64_t q0 = pb * kBlockPositions + m * kTileRows;
+      int64_t oy = q0 / g.phase_cols, ox = q0 - oy * g.phase_cols;
+      for (int i = 0; i < kTileRows; ++i, ++ox) {
+        if (ox == g.phase_cols) {
+          ox = 0;
+          ++oy;
+        }
+        if (oy >= oh) break;
+        if (ox >= ow) continue;  // a wide position past the row's end
+        const int64_t at = ((n * oh + oy) * ow + ox) * oc + first;
+        __m512 y = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * m + h][i])), bias);
+        if (st.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(real, st.residual + at));
+        if (st.prelu) y = _mm512_mask_mul_ps(y, _mm512_cmp_ps_mask(y, zero, _CMP_NGE_UQ), y, slope);
+        if (st.out_signs)
+          _mm_mask_storeu_epi8(st.out_signs + at, real,
+                               _mm_maskz_set1_epi8(_mm512_cmp_ps_mask(y, threshold, _CMP_NGE_UQ), 1));
+        else
+          _mm512_mask_storeu_ps(st.out + at, real, y);
+      }
+    }
+  }
+}
+
 // The output stage of one block: c[2 * m + h][position][channel] for position tile m and channel tile h. The
 // affine step runs on the tile's rows (16 channels of one position, with a vector of 16 scales), then the
 // transpose makes each channel's 16 positions a vector to store along its NCHW row.
@@ -336,6 +374,7 @@ void amx_conv(const ConvParams& p, const ActivationLayout&, const uint64_t* pack
   // vector units store one block while the tile unit computes the next.
   alignas(64) int32_t c[2][4][kTileRows][kTileRows];
   const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
+  const auto store = st.channels_last ? store_block_nhwc : store_block;
   const TileConfig config;
   _tile_loadconfig(&config);
   for (int64_t task = begin; task < end; ++task) {
@@ -384,7 +423,7 @@ void amx_conv(const ConvParams& p, const ActivationLayout&, const uint64_t* pack
             _tile_dpbssd(2, 5, 6);
             _tile_dpbssd(3, 5, 7);
           }
-          if (last && pending >= 0) store_block(p, g, st, n, grp, cb, pending, c[pending & 1]);
+          if (last && pending >= 0) store(p, g, st, n, grp, cb, pending, c[pending & 1]);
           int32_t* dst = last ? &c[pb & 1][0][0][0] : keep;
           _tile_stored(0, dst, 64);
           _tile_stored(1, dst + 256, 64);
@@ -393,7 +432,7 @@ void amx_conv(const ConvParams& p, const ActivationLayout&, const uint64_t* pack
           if (last) pending = pb;
         }
       }
-    if (pending >= 0) store_block(p, g, st, n, grp, cb, pending, c[pending & 1]);
+    if (pending >= 0) store(p, g, st, n, grp, cb, pending, c[pending & 1]);
   }
   _tile_release();
   if (saved) ::operator delete(saved, std::align_val_t(64));
@@ -439,6 +478,7 @@ const KernelOps& amx_kernel() {
     k.weight_format_words = amx_weight_words;
     k.format_weight = amx_format_weight;
     k.exact_zero_padding = true;
+    k.channels_last_output = true;
     return k;
   }();
   return ops;

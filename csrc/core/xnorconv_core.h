@@ -116,6 +116,8 @@ struct OutputStage {
   const float* out_threshold = nullptr;  // [O] or nullptr for 0, with out_signs
   const float* residual = nullptr;       // NCHW contiguous, same shape as the output, or nullptr
   const float* prelu = nullptr;          // [O] negative slopes, or nullptr for none
+  // out, out_signs and residual are NHWC contiguous instead (only for families with channels_last_output).
+  bool channels_last = false;
 };
 
 // One CPU kernel family. Work is split into independent tasks so the caller owns threading (the torch layer uses
@@ -148,6 +150,8 @@ struct KernelOps {
   void (*format_weight)(const ConvParams&, const uint64_t* weight_bits, uint64_t* out) = nullptr;
   // True when pad_value 0 is computed exactly by the kernel itself: OutputStage::zero_pad is then not needed.
   bool exact_zero_padding = false;
+  // True when conv honours OutputStage::channels_last (writes NHWC directly).
+  bool channels_last_output = false;
 };
 
 // 64-byte aligned storage, as the torch CPU allocator gives the op: AMX tile loads of rows that straddle cache

@@ -229,16 +229,24 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
                                    input_threshold, output_signs, output_threshold);
   const bool sign_input = input.scalar_type() == at::kBool;
   check_unit_epilogue(residual, prelu_weight, p, input);
+  const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
+  // Same rule as the fake kernel in xnorconv/_meta.py: a channels_last input gets a channels_last output, written
+  // as such by families that can (else converted at the end).
+  const bool channels_last =
+      input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1;
+  const bool write_nhwc = channels_last && ops.channels_last_output;
   at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()},
-                             input.options().dtype(output_signs ? at::kBool : at::kFloat));
-  if (p.batch == 0) return out;
+                             input.options()
+                                 .dtype(output_signs ? at::kBool : at::kFloat)
+                                 .memory_format(write_nhwc ? at::MemoryFormat::ChannelsLast
+                                                           : at::MemoryFormat::Contiguous));
+  if (p.batch == 0) return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
   const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor bits = weight_bits.contiguous();
   const at::Tensor threshold = input_threshold.has_value() ? input_threshold->contiguous() : at::Tensor();
   const float* threshold_ptr = threshold.defined() ? threshold.data_ptr<float>() : nullptr;
 
-  const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
   const xnorconv::ActivationLayout layout = ops.layout(p);
   at::Tensor packed = at::empty({layout.total_words}, input.options().dtype(at::kLong));
   auto* packed_ptr = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
@@ -262,7 +270,11 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   } else {
     stage.out = out.data_ptr<float>();
   }
-  const at::Tensor residual_c = residual.has_value() ? residual->contiguous() : at::Tensor();
+  const at::Tensor residual_c =
+      residual.has_value()
+          ? residual->contiguous(write_nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
+          : at::Tensor();
+  stage.channels_last = write_nhwc;
   const at::Tensor slope = prelu_weight.has_value() ? prelu_weight->expand({p.out_channels}).contiguous() : at::Tensor();
   stage.residual = residual_c.defined() ? residual_c.data_ptr<float>() : nullptr;
   stage.prelu = slope.defined() ? slope.data_ptr<float>() : nullptr;
@@ -275,9 +287,7 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   at::parallel_for(0, ops.conv_tasks(p, layout), 1, [&](int64_t begin, int64_t end) {
     ops.conv(p, layout, packed_ptr, w, stage, begin, end);
   });
-  // Same rule as the fake kernel in xnorconv/_meta.py: a channels_last input gets a channels_last output.
-  if (input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1)
-    return out.contiguous(at::MemoryFormat::ChannelsLast);
+  if (channels_last && !write_nhwc) return out.contiguous(at::MemoryFormat::ChannelsLast);
   return out;
 }
 
