@@ -13,6 +13,9 @@
 //        accumulates one block of kStrips strips x kChannels output channels and writes it through the output
 //        stage, keeping the accumulators in registers
 //   uint64_t peak_probe(int64_t iterations)                   see KernelOps::peak_probe
+// and may provide
+//   void transpose64(uint64_t a[64])   the same result as the portable transpose64 below, in vector registers
+//                                      (a[] is 64-byte aligned); packing NCHW input spends most of its time there
 //
 // Nothing from the standard library is instantiated here (no std::vector, std::fill, std::min): a template
 // instantiated under the ISA pragma could be emitted as a COMDAT copy that the linker then shares with other TUs.
@@ -41,6 +44,16 @@ inline void transpose64(uint64_t a[64]) {
         a[i + j] ^= t;
       }
   }
+}
+
+// Isa::transpose64 where the family has one, else the portable version.
+template <class Isa>
+auto transpose_block(uint64_t a[64], int) -> decltype(Isa::transpose64(a)) {
+  return Isa::transpose64(a);
+}
+template <class Isa>
+void transpose_block(uint64_t a[64], long) {
+  transpose64(a);
 }
 
 // The bits a padding pixel carries in word `word` of a group: 1 in every real channel for pad_value -1.
@@ -86,6 +99,7 @@ struct FloatSource {
   uint64_t strided(const float* x, int64_t stride, int64_t c, int64_t count) const {
     return below_strided<Isa>(x, stride, t(c), count);
   }
+  static void transpose(uint64_t a[64]) { transpose_block<Isa>(a, 0); }
 };
 
 template <class Isa>
@@ -99,6 +113,7 @@ struct SignSource {
     for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(x[i * stride] != 0) << i;
     return bits;
   }
+  static void transpose(uint64_t a[64]) { transpose_block<Isa>(a, 0); }
 };
 
 // Positions [lo, hi) of phase `ph` that hold real input columns; the others hold padding.
@@ -142,14 +157,25 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const typename So
           const auto* src = x + n * s.n + c0 * s.c + f0;
           for (int64_t c = 0; c < channels; ++c) block[c] = source.run(src + c * s.c, c0 + c, count);
           for (int64_t c = channels; c < 64; ++c) block[c] = 0;
-          transpose64(block);
-          int64_t ih = ih0, iw = iw0;
+          Source::transpose(block);
+          // Column j = iw + pad_left lives at phase j % phases, position j / phases: stepped, not divided per pixel.
+          int64_t ih = ih0, iw = iw0, j = iw0 + p.pad_left;
+          uint64_t* dst = word_ptr(n, ih + p.pad_top, g * wpg + w, 0);
+          int64_t ph = j % phases, pos = j / phases;
           for (int64_t i = 0; i < count; ++i) {
-            const int64_t j = iw + p.pad_left;
-            if (j < padded_cols) *word_ptr(n, ih + p.pad_top, g * wpg + w, j) = block[i];
+            if (j < padded_cols) dst[ph * l.phase_stride + pos] = block[i];
+            ++j;
+            if (++ph == phases) {
+              ph = 0;
+              ++pos;
+            }
             if (++iw == p.in_w) {
               iw = 0;
               ++ih;
+              j = p.pad_left;
+              dst += l.row_stride;
+              ph = j % phases;
+              pos = j / phases;
             }
           }
         }
@@ -185,7 +211,7 @@ void pack_rows(const ConvParams& p, const ActivationLayout& l, const typename So
           for (int64_t c = 0; c < channels; ++c)
             block[c] = source.strided(src + c * s.c + iw0 * s.w, s.w, c0 + c, count);
           for (int64_t c = channels; c < 64; ++c) block[c] = 0;
-          transpose64(block);
+          Source::transpose(block);
           for (int64_t i = 0; i < count; ++i) put(iw0 + i, block[i]);
         }
       }

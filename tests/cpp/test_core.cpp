@@ -195,6 +195,55 @@ void test_bit_order() {
   EXPECT(tap_sum == 128, "tap_sum of 129 positives and 1 negative: got %d", tap_sum);
 }
 
+// Every family's packing writes the same words as the portable one (padding and tail bits included): pins the
+// per-ISA transposes and the stepped scatter of the plane path on planes of many 64-pixel blocks.
+void test_pack_matches_scalar(int cases) {
+  const PadValue pads[] = {PadValue::Zero, PadValue::PlusOne, PadValue::MinusOne};
+  for (int iter = 0; iter < cases; ++iter) {
+    ConvParams p;
+    p.batch = pick(1, 2);
+    p.groups = pick(0, 3) == 0 ? 2 : 1;
+    p.in_channels = p.groups * pick(1, 140);
+    p.out_channels = p.groups;
+    p.kernel_h = p.kernel_w = pick(1, 3);
+    p.stride_h = pick(1, 2);
+    p.stride_w = pick(1, 3);
+    p.pad_top = pick(0, 2);
+    p.pad_bottom = pick(0, 2);
+    p.pad_left = pick(0, 2);
+    p.pad_right = pick(0, 2);
+    p.pad_value = pads[iter % 3];
+    p.in_h = pick(3, 40);
+    p.in_w = pick(3, 70);
+    if (!validate(p).empty()) continue;
+    const ActivationLayout l = activation_layout(p);
+    std::vector<float> x(p.batch * p.in_channels * p.in_h * p.in_w), th(p.in_channels);
+    fill_signed(x);
+    for (auto& e : th) e = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+    x[pick(0, static_cast<int64_t>(x.size()) - 1)] = NAN;
+    const bool channels_last = pick(0, 3) == 0;
+    const TensorStrides s = channels_last
+                                ? TensorStrides{p.in_h * p.in_w * p.in_channels, 1, p.in_w * p.in_channels, p.in_channels}
+                                : TensorStrides{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+    const float* t = pick(0, 1) ? th.data() : nullptr;
+    std::vector<uint64_t> want(l.total_words, 0x5A5A5A5A5A5A5A5Aull);
+    scalar_kernel().pack(p, l, x.data(), s, t, want.data(), 0, scalar_kernel().pack_tasks(p, l));
+    for (const auto& name : available_backends()) {
+      set_backend_override(name);
+      const KernelOps& ops = select_kernel(p);
+      std::vector<uint64_t> got(l.total_words, 0xA5A5A5A5A5A5A5A5ull);
+      ops.pack(p, l, x.data(), s, t, got.data(), 0, ops.pack_tasks(p, l));
+      int64_t bad = 0, first = -1;
+      for (size_t i = 0; i < want.size(); ++i)
+        if (got[i] != want[i] && bad++ == 0) first = static_cast<int64_t>(i);
+      EXPECT(bad == 0, "pack %s%s [%s]: %lld of %zu words differ from scalar, first at %lld", describe(p).c_str(),
+             channels_last ? " channels_last" : "", name.c_str(), static_cast<long long>(bad), want.size(),
+             static_cast<long long>(first));
+    }
+    set_backend_override("");
+  }
+}
+
 void test_sign_edge_cases() {
   ConvParams p;
   p.batch = 1;
@@ -338,6 +387,7 @@ int main(int argc, char** argv) {
   test_preferred_backend();
   test_bit_order();
   test_sign_edge_cases();
+  test_pack_matches_scalar(random_cases / 4 + 8);
   test_validate_messages();
   test_sign_io(random_cases / 10 + 4);
   test_darknet_shapes();
