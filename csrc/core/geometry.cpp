@@ -1,6 +1,9 @@
 // Layout arithmetic, weight packing and the pad_value-0 border correction: portable code that runs once per
 // weight or once per call, so it is kept out of the per-ISA files.
 #include <algorithm>
+#include <cstring>
+#include <list>
+#include <mutex>
 #include <sstream>
 #include <utility>
 
@@ -148,6 +151,56 @@ ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_su
         }
     }
   return z;
+}
+
+namespace {
+
+// What zero_pad_correction reads besides the tap sums.
+struct ZeroPadKey {
+  int64_t v[12];
+  explicit ZeroPadKey(const ConvParams& p)
+      : v{p.in_h,     p.in_w,     p.out_channels, p.kernel_h,   p.kernel_w,     p.stride_h,
+          p.stride_w, p.pad_top,  p.pad_bottom,   p.pad_left,   p.pad_right,    p.dilation_h * 65536 + p.dilation_w} {}
+  bool operator==(const ZeroPadKey& o) const { return std::memcmp(v, o.v, sizeof v) == 0; }
+};
+
+struct ZeroPadEntry {
+  ZeroPadKey key;
+  const int32_t* address;        // where the tap sums were read: checked first, never trusted alone
+  std::vector<int32_t> tap_sum;  // the values the result was computed from
+  std::shared_ptr<const ZeroPadCorrection> result;
+};
+
+}  // namespace
+
+std::shared_ptr<const ZeroPadCorrection> cached_zero_pad_correction(const ConvParams& p, const int32_t* tap_sum) {
+  static std::mutex mutex;
+  static std::list<ZeroPadEntry> entries;  // most recently used first
+  const ZeroPadKey key(p);
+  const size_t count = static_cast<size_t>(p.out_channels * p.taps());
+  const size_t bytes = count * sizeof(int32_t);
+  auto matches = [&](const ZeroPadEntry& e) {
+    return e.key == key && e.tap_sum.size() == count && std::memcmp(e.tap_sum.data(), tap_sum, bytes) == 0;
+  };
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    // Same address first: a layer called again finds its entry with one comparison of its values.
+    auto hit = std::find_if(entries.begin(), entries.end(),
+                            [&](const ZeroPadEntry& e) { return e.address == tap_sum && matches(e); });
+    if (hit == entries.end()) hit = std::find_if(entries.begin(), entries.end(), matches);
+    if (hit != entries.end()) {
+      hit->address = tap_sum;
+      entries.splice(entries.begin(), entries, hit);
+      return hit->result;
+    }
+  }
+  // Computed outside the lock; two threads missing on the same key both compute it, and both entries are valid.
+  auto result = std::make_shared<const ZeroPadCorrection>(zero_pad_correction(p, tap_sum));
+  ZeroPadEntry entry{key, tap_sum, std::vector<int32_t>(tap_sum, tap_sum + count), result};
+  std::lock_guard<std::mutex> lock(mutex);
+  entries.push_front(std::move(entry));
+  if (entries.size() > kZeroPadCacheEntries) entries.pop_back();
+  return result;
 }
 
 void binary_conv2d_serial(const KernelOps& ops, const ConvParams& p, const float* input, TensorStrides strides,

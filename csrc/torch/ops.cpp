@@ -195,7 +195,7 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
       ops.pack(p, layout, input.data_ptr<float>(), strides, threshold_ptr, packed_ptr, begin, end);
   });
 
-  xnorconv::ZeroPadCorrection zero_pad;
+  std::shared_ptr<const xnorconv::ZeroPadCorrection> zero_pad;
   xnorconv::OutputStage stage;
   stage.scale = scale_c.defined() ? scale_c.data_ptr<float>() : nullptr;
   stage.bias = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
@@ -211,8 +211,8 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   stage.residual = residual_c.defined() ? residual_c.data_ptr<float>() : nullptr;
   stage.prelu = slope.defined() ? slope.data_ptr<float>() : nullptr;
   if (p.pad_value == PadValue::Zero) {
-    zero_pad = xnorconv::zero_pad_correction(p, weight_tap_sum.contiguous().data_ptr<int32_t>());
-    stage.zero_pad = &zero_pad;
+    zero_pad = xnorconv::cached_zero_pad_correction(p, weight_tap_sum.contiguous().data_ptr<int32_t>());
+    stage.zero_pad = zero_pad.get();
   }
   const auto* w = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   at::parallel_for(0, ops.conv_tasks(p, layout), 1, [&](int64_t begin, int64_t end) {

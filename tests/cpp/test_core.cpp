@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "xnorconv_core.h"
@@ -244,6 +245,93 @@ void test_pack_matches_scalar(int cases) {
   }
 }
 
+bool same_correction(const ZeroPadCorrection& a, const ZeroPadCorrection& b) {
+  return a.row_class == b.row_class && a.col_class == b.col_class && a.value == b.value &&
+         a.col_classes == b.col_classes;
+}
+
+// The memoised zero-pad correction always equals a fresh one: for other geometries with the same tap sums, for tap
+// sums changed in place at the same address, after eviction, and from several threads at once.
+void test_zero_pad_cache() {
+  struct Case {
+    ConvParams p;
+    std::vector<int32_t> tap_sum;
+  };
+  auto make = [](int64_t o, int64_t k, int64_t hw, int64_t stride, int64_t pad) {
+    Case c;
+    c.p.batch = 1;
+    c.p.in_channels = 70;
+    c.p.out_channels = o;
+    c.p.in_h = hw;
+    c.p.in_w = hw + 3;
+    c.p.kernel_h = c.p.kernel_w = k;
+    c.p.stride_h = c.p.stride_w = stride;
+    c.p.pad_top = c.p.pad_left = pad;
+    c.p.pad_bottom = c.p.pad_right = pad + (hw % 2);
+    c.tap_sum.resize(o * k * k);
+    for (auto& t : c.tap_sum) t = static_cast<int32_t>(pick(-70, 70) / 2 * 2);
+    return c;
+  };
+  std::vector<Case> cases;
+  for (int i = 0; i < 12; ++i) cases.push_back(make(pick(1, 40), pick(1, 5), pick(5, 12), pick(1, 2), pick(0, 2)));
+  // Same tap sums, other geometry: a separate entry.
+  Case other = cases[0];
+  other.p.pad_top += 1;
+  cases.push_back(other);
+  for (const Case& c : cases) {
+    EXPECT(validate(c.p).empty(), "zero-pad cache case: %s", validate(c.p).c_str());
+    for (int rep = 0; rep < 2; ++rep)
+      EXPECT(same_correction(*cached_zero_pad_correction(c.p, c.tap_sum.data()),
+                             zero_pad_correction(c.p, c.tap_sum.data())),
+             "cached zero-pad correction differs from a fresh one: %s (call %d)", describe(c.p).c_str(), rep);
+  }
+  // Changed in place: same address, same geometry, other values.
+  Case& c = cases[1];
+  const auto before = cached_zero_pad_correction(c.p, c.tap_sum.data());
+  c.tap_sum[c.tap_sum.size() - 1] += 2;
+  c.tap_sum[0] -= 4;
+  const auto after = cached_zero_pad_correction(c.p, c.tap_sum.data());
+  EXPECT(same_correction(*after, zero_pad_correction(c.p, c.tap_sum.data())),
+         "zero-pad cache served a stale entry for tap sums changed in place: %s", describe(c.p).c_str());
+  // Another address holding the same values shares the entry.
+  const std::vector<int32_t> copy = c.tap_sum;
+  EXPECT(cached_zero_pad_correction(c.p, copy.data()) == after, "zero-pad cache: equal tap sums elsewhere missed");
+  // Evict everything, then every case is computed again, correctly.
+  for (size_t i = 0; i < kZeroPadCacheEntries + 4; ++i) {
+    Case filler = make(3, 3, 6, 1, 1);
+    filler.tap_sum[0] = static_cast<int32_t>(1000 + i);
+    cached_zero_pad_correction(filler.p, filler.tap_sum.data());
+  }
+  for (const Case& k : cases)
+    EXPECT(same_correction(*cached_zero_pad_correction(k.p, k.tap_sum.data()),
+                           zero_pad_correction(k.p, k.tap_sum.data())),
+           "zero-pad correction after eviction: %s", describe(k.p).c_str());
+  // Threads: lookups, misses and evictions racing, each result checked against its fresh value.
+  std::vector<ZeroPadCorrection> fresh;
+  for (const Case& k : cases) fresh.push_back(zero_pad_correction(k.p, k.tap_sum.data()));
+  std::vector<int> wrong(4, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      std::mt19937 local(t);
+      for (int i = 0; i < 3000; ++i) {
+        if (i % 50 == 0) {  // a burst of new entries, evicting others
+          for (int f = 0; f < 20; ++f) {
+            std::vector<int32_t> sums(9, static_cast<int32_t>(local() % 100000));
+            ConvParams q = cases[0].p;
+            q.out_channels = 1;
+            q.kernel_h = q.kernel_w = 3;
+            cached_zero_pad_correction(q, sums.data());
+          }
+        }
+        const size_t j = local() % cases.size();
+        wrong[t] += !same_correction(*cached_zero_pad_correction(cases[j].p, cases[j].tap_sum.data()), fresh[j]);
+      }
+    });
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < 4; ++t) EXPECT(wrong[t] == 0, "zero-pad cache, thread %d: %d wrong results", t, wrong[t]);
+}
+
 void test_sign_edge_cases() {
   ConvParams p;
   p.batch = 1;
@@ -388,6 +476,7 @@ int main(int argc, char** argv) {
   test_bit_order();
   test_sign_edge_cases();
   test_pack_matches_scalar(random_cases / 4 + 8);
+  test_zero_pad_cache();
   test_validate_messages();
   test_sign_io(random_cases / 10 + 4);
   test_darknet_shapes();
