@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <list>
+#include <memory>
 #include <mutex>
 #include <sstream>
 #include <utility>
@@ -22,13 +23,26 @@ int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad_lo
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// A stream made only when there is something to say: validate() runs on every call, and constructing an
+// ostringstream (locale included) costs microseconds when the caches are cold.
+struct LazyMessage {
+  std::unique_ptr<std::ostringstream> stream;
+  template <class T>
+  LazyMessage& operator<<(const T& value) {
+    if (!stream) stream = std::make_unique<std::ostringstream>();
+    *stream << value;
+    return *this;
+  }
+  std::string str() const { return stream ? stream->str() : std::string(); }
+};
+
 }  // namespace
 
 int64_t ConvParams::out_h() const { return conv_out_size(in_h, kernel_h, stride_h, pad_top, pad_bottom, dilation_h); }
 int64_t ConvParams::out_w() const { return conv_out_size(in_w, kernel_w, stride_w, pad_left, pad_right, dilation_w); }
 
 std::string validate(const ConvParams& p) {
-  std::ostringstream err;
+  LazyMessage err;
   if (p.batch < 0) err << "batch size must be >= 0, got " << p.batch;
   else if (p.in_channels < 1) err << "in_channels must be >= 1, got " << p.in_channels;
   else if (p.out_channels < 1) err << "out_channels must be >= 1, got " << p.out_channels;
