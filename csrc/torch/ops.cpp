@@ -159,6 +159,13 @@ std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& weight) {
   return {bits, tap_sum};
 }
 
+// Packing splits across threads only when the input is large enough to repay waking them: measured on 2 threads,
+// 256 channels x 16x16 packs faster on one (4.6 vs 5.5 us) and 64 x 64x64 on two (12 vs 26 us).
+int64_t pack_grain(const ConvParams& p, int64_t tasks) {
+  constexpr int64_t kParallelPackValues = 96 * 1024;
+  return p.batch * p.in_channels * p.in_h * p.in_w < kParallelPackValues ? tasks : 1;
+}
+
 at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& weight_bits,
                                     const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
                                     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
@@ -187,7 +194,8 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   at::Tensor packed = at::empty({layout.total_words}, input.options().dtype(at::kLong));
   auto* packed_ptr = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
   const xnorconv::TensorStrides strides{input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
-  at::parallel_for(0, ops.pack_tasks(p, layout), 1, [&](int64_t begin, int64_t end) {
+  const int64_t pack_tasks = ops.pack_tasks(p, layout);
+  at::parallel_for(0, pack_tasks, pack_grain(p, pack_tasks), [&](int64_t begin, int64_t end) {
     if (sign_input)
       ops.pack_signs(p, layout, reinterpret_cast<const uint8_t*>(input.data_ptr<bool>()), strides, packed_ptr, begin,
                      end);
