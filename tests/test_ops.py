@@ -440,3 +440,76 @@ def test_channels_last_unit_epilogue_matches_nchw(backend, residual_layout):
 def test_residual_and_prelu_errors(call, message):
     with pytest.raises(RuntimeError, match=message):
         call()
+
+
+def _packed_call(x, packed, stride=1, padding=1, pad_value=0):
+    return torch.ops.xnorconv.binary_conv2d_packed(x, packed.bits, packed.tap_sum, packed.in_channels, None, None,
+                                                   [stride, stride], [padding] * 4, [1, 1], 1, pad_value)
+
+
+def _want(x, w, stride=1, padding=1, pad_value=0):
+    return reference_binary_conv2d(x, w, None, (stride, stride), (padding,) * 4, (1, 1), 1, None, pad_value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_pad_correction_follows_weight_shape_and_pad_changes(backend):
+    # The pad_value-0 border correction is memoised per geometry and tap sums: every change must be seen.
+    with xnorconv.use_backend(backend):
+        w1, w2 = torch.randn(16, 20, 3, 3), torch.randn(16, 20, 3, 3)
+        p1, p2 = xnorconv.pack_weight(w1), xnorconv.pack_weight(w2)
+        for hw, stride, padding in [(9, 1, 1), (9, 1, 2), (12, 2, 1), (9, 1, 1), (7, 1, 1), (9, 2, 0)]:
+            x = torch.randn(2, 20, hw, hw + 1)
+            for w, p in [(w1, p1), (w2, p2), (w1, p1)]:
+                for pad_value in (0, 1, 0, -1):
+                    got = _packed_call(x, p, stride, padding, pad_value)
+                    assert torch.equal(got.double(), _want(x, w, stride, padding, pad_value)), \
+                        (hw, stride, padding, pad_value)
+
+
+def test_zero_pad_correction_follows_weights_changed_in_place():
+    w, w_new = torch.randn(24, 70, 3, 3), torch.randn(24, 70, 3, 3)
+    packed, fresh = xnorconv.pack_weight(w), xnorconv.pack_weight(w_new)
+    x = torch.randn(1, 70, 10, 10)
+    assert torch.equal(_packed_call(x, packed).double(), _want(x, w))
+    # In place through torch (version counter bumped) ...
+    packed.bits.copy_(fresh.bits)
+    packed.tap_sum.copy_(fresh.tap_sum)
+    assert torch.equal(_packed_call(x, packed).double(), _want(x, w_new))
+    # ... and behind torch's back (no version bump): the memo compares values, not versions.
+    packed.bits.numpy()[:] = xnorconv.pack_weight(w).bits.numpy()
+    packed.tap_sum.numpy()[:] = xnorconv.pack_weight(w).tap_sum.numpy()
+    assert torch.equal(_packed_call(x, packed).double(), _want(x, w))
+
+
+def test_zero_pad_correction_under_threads():
+    layers = [(torch.randn(o, 33, 3, 3), hw) for o, hw in [(8, 6), (8, 6), (13, 9), (5, 17)]]
+    packed = [(w, xnorconv.pack_weight(w), hw) for w, hw in layers]
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for w, p, hw in packed * 2:
+                x = torch.randn(1, 33, hw, hw)
+                assert torch.equal(_packed_call(x, p).double(), _want(x, w)), (threads, hw)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_zero_pad_correction_from_concurrent_callers():
+    import concurrent.futures
+    cases = []
+    for i in range(6):
+        w = torch.randn(4 + i, 40, 3, 3)
+        x = torch.randn(1, 40, 5 + i, 7)
+        cases.append((x, xnorconv.pack_weight(w), _want(x, w)))
+
+    def run(seed):
+        rng = random.Random(seed)
+        for _ in range(60):
+            x, p, want = rng.choice(cases)
+            if not torch.equal(_packed_call(x, p).double(), want):
+                return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(8)))

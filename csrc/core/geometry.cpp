@@ -1,6 +1,10 @@
 // Layout arithmetic, weight packing and the pad_value-0 border correction: portable code that runs once per
 // weight or once per call, so it is kept out of the per-ISA files.
 #include <algorithm>
+#include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <sstream>
 #include <utility>
 
@@ -19,13 +23,26 @@ int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad_lo
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// A stream made only when there is something to say: validate() runs on every call, and constructing an
+// ostringstream (locale included) costs microseconds when the caches are cold.
+struct LazyMessage {
+  std::unique_ptr<std::ostringstream> stream;
+  template <class T>
+  LazyMessage& operator<<(const T& value) {
+    if (!stream) stream = std::make_unique<std::ostringstream>();
+    *stream << value;
+    return *this;
+  }
+  std::string str() const { return stream ? stream->str() : std::string(); }
+};
+
 }  // namespace
 
 int64_t ConvParams::out_h() const { return conv_out_size(in_h, kernel_h, stride_h, pad_top, pad_bottom, dilation_h); }
 int64_t ConvParams::out_w() const { return conv_out_size(in_w, kernel_w, stride_w, pad_left, pad_right, dilation_w); }
 
 std::string validate(const ConvParams& p) {
-  std::ostringstream err;
+  LazyMessage err;
   if (p.batch < 0) err << "batch size must be >= 0, got " << p.batch;
   else if (p.in_channels < 1) err << "in_channels must be >= 1, got " << p.in_channels;
   else if (p.out_channels < 1) err << "out_channels must be >= 1, got " << p.out_channels;
@@ -155,6 +172,56 @@ const uint64_t* conv_weight(const KernelOps& ops, const ConvParams& p, const uin
   storage.assign(ops.weight_format_words(p), 0);
   ops.format_weight(p, bits, storage.data());
   return storage.data();
+}
+
+namespace {
+
+// What zero_pad_correction reads besides the tap sums.
+struct ZeroPadKey {
+  int64_t v[12];
+  explicit ZeroPadKey(const ConvParams& p)
+      : v{p.in_h,     p.in_w,     p.out_channels, p.kernel_h,   p.kernel_w,     p.stride_h,
+          p.stride_w, p.pad_top,  p.pad_bottom,   p.pad_left,   p.pad_right,    p.dilation_h * 65536 + p.dilation_w} {}
+  bool operator==(const ZeroPadKey& o) const { return std::memcmp(v, o.v, sizeof v) == 0; }
+};
+
+struct ZeroPadEntry {
+  ZeroPadKey key;
+  const int32_t* address;        // where the tap sums were read: checked first, never trusted alone
+  std::vector<int32_t> tap_sum;  // the values the result was computed from
+  std::shared_ptr<const ZeroPadCorrection> result;
+};
+
+}  // namespace
+
+std::shared_ptr<const ZeroPadCorrection> cached_zero_pad_correction(const ConvParams& p, const int32_t* tap_sum) {
+  static std::mutex mutex;
+  static std::list<ZeroPadEntry> entries;  // most recently used first
+  const ZeroPadKey key(p);
+  const size_t count = static_cast<size_t>(p.out_channels * p.taps());
+  const size_t bytes = count * sizeof(int32_t);
+  auto matches = [&](const ZeroPadEntry& e) {
+    return e.key == key && e.tap_sum.size() == count && std::memcmp(e.tap_sum.data(), tap_sum, bytes) == 0;
+  };
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    // Same address first: a layer called again finds its entry with one comparison of its values.
+    auto hit = std::find_if(entries.begin(), entries.end(),
+                            [&](const ZeroPadEntry& e) { return e.address == tap_sum && matches(e); });
+    if (hit == entries.end()) hit = std::find_if(entries.begin(), entries.end(), matches);
+    if (hit != entries.end()) {
+      hit->address = tap_sum;
+      entries.splice(entries.begin(), entries, hit);
+      return hit->result;
+    }
+  }
+  // Computed outside the lock; two threads missing on the same key both compute it, and both entries are valid.
+  auto result = std::make_shared<const ZeroPadCorrection>(zero_pad_correction(p, tap_sum));
+  ZeroPadEntry entry{key, tap_sum, std::vector<int32_t>(tap_sum, tap_sum + count), result};
+  std::lock_guard<std::mutex> lock(mutex);
+  entries.push_front(std::move(entry));
+  if (entries.size() > kZeroPadCacheEntries) entries.pop_back();
+  return result;
 }
 
 void binary_conv2d_serial(const KernelOps& ops, const ConvParams& p, const float* input, TensorStrides strides,

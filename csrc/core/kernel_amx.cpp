@@ -129,6 +129,21 @@ struct ByteSink {
     int8_t* dst = plane(n, row_phase(r), col_phase(j), word) + (row_in_phase(r) * g.phase_cols + col_in_phase(j)) * 64;
     _mm512_storeu_si512(dst, _mm512_maskz_mov_epi8(channels(word_in_group), _mm512_mask_blend_epi8(bits, plus, minus)));
   }
+  void put_run(int64_t n, int64_t r, int64_t word, int64_t word_in_group, int64_t j, const uint64_t* bits,
+               int64_t count) const {
+    const int64_t end = imin(j + count, g.sw * g.phase_cols), row = row_in_phase(r) * g.phase_cols;
+    const __mmask64 real = channels(word_in_group);
+    int8_t* first = plane(n, row_phase(r), 0, word) + row * 64;
+    const int64_t phase_bytes = g.wpp * g.plane_bytes;
+    for (int64_t ph = col_phase(j), pos = col_in_phase(j); j < end; ++j, ++bits) {
+      _mm512_storeu_si512(first + ph * phase_bytes + pos * 64,
+                          _mm512_maskz_mov_epi8(real, _mm512_mask_blend_epi8(*bits, plus, minus)));
+      if (++ph == g.sw) {
+        ph = 0;
+        ++pos;
+      }
+    }
+  }
   void pad_row(int64_t n, int64_t r, int64_t word, int64_t word_in_group, bool real_row) const {
     const int64_t row = row_in_phase(r);
     const __m512i fill = _mm512_maskz_mov_epi8(channels(word_in_group), pad);

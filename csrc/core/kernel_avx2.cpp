@@ -65,6 +65,38 @@ struct Avx2Isa {
     return below_impl(x, PerLane{t}, count);
   }
 
+  // The portable transpose64's six swap levels on 16 ymm (a[i] in register i / 4, lane i % 4), as in the AVX-512
+  // family: distances 32 to 4 pair whole registers, 2 and 1 pair lanes of one register through a permute.
+  static void transpose64(uint64_t a[64]) {
+    __m256i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(a + 4 * i));
+    auto across = [&](int d, int shift, uint64_t mask) {
+      const __m256i m = _mm256_set1_epi64x(static_cast<long long>(mask));
+      for (int base = 0; base < 16; base += 2 * d)
+        for (int i = base; i < base + d; ++i) {
+          const __m256i t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi64(r[i], shift), r[i + d]), m);
+          r[i] = _mm256_xor_si256(r[i], _mm256_slli_epi64(t, shift));
+          r[i + d] = _mm256_xor_si256(r[i + d], t);
+        }
+    };
+    across(8, 32, 0x00000000FFFFFFFFull);
+    across(4, 16, 0x0000FFFF0000FFFFull);
+    across(2, 8, 0x00FF00FF00FF00FFull);
+    across(1, 4, 0x0F0F0F0F0F0F0F0Full);
+    // t is formed in the low lane of each pair and moved to the high one by the same permute.
+    for (auto& v : r) {
+      const __m256i m = _mm256_set1_epi64x(0x3333333333333333ll);
+      const __m256i t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi64(v, 2), _mm256_permute4x64_epi64(v, 0x4E)), m);
+      v = _mm256_xor_si256(v, _mm256_blend_epi32(_mm256_permute4x64_epi64(t, 0x4E), _mm256_slli_epi64(t, 2), 0x0F));
+    }
+    for (auto& v : r) {
+      const __m256i m = _mm256_set1_epi64x(0x5555555555555555ll);
+      const __m256i t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi64(v, 1), _mm256_shuffle_epi32(v, 0x4E)), m);
+      v = _mm256_xor_si256(v, _mm256_blend_epi32(_mm256_shuffle_epi32(t, 0x4E), _mm256_slli_epi64(t, 1), 0x33));
+    }
+    for (int i = 0; i < 16; ++i) _mm256_store_si256(reinterpret_cast<__m256i*>(a + 4 * i), r[i]);
+  }
+
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs) {

@@ -13,6 +13,9 @@
 //        accumulates one block of kStrips strips x kChannels output channels and writes it through the output
 //        stage, keeping the accumulators in registers
 //   uint64_t peak_probe(int64_t iterations)                   see KernelOps::peak_probe
+// and may provide
+//   void transpose64(uint64_t a[64])   the same result as the portable transpose64 below, in vector registers
+//                                      (a[] is 64-byte aligned); packing NCHW input spends most of its time there
 //
 // Nothing from the standard library is instantiated here (no std::vector, std::fill, std::min): a template
 // instantiated under the ISA pragma could be emitted as a COMDAT copy that the linker then shares with other TUs.
@@ -41,6 +44,16 @@ inline void transpose64(uint64_t a[64]) {
         a[i + j] ^= t;
       }
   }
+}
+
+// Isa::transpose64 where the family has one, else the portable version.
+template <class Isa>
+auto transpose_block(uint64_t a[64], int) -> decltype(Isa::transpose64(a)) {
+  return Isa::transpose64(a);
+}
+template <class Isa>
+void transpose_block(uint64_t a[64], long) {
+  transpose64(a);
 }
 
 // The bits a padding pixel carries in word `word` of a group: 1 in every real channel for pad_value -1.
@@ -86,6 +99,7 @@ struct FloatSource {
   uint64_t strided(const float* x, int64_t stride, int64_t c, int64_t count) const {
     return below_strided<Isa>(x, stride, t(c), count);
   }
+  static void transpose(uint64_t a[64]) { transpose_block<Isa>(a, 0); }
 };
 
 template <class Isa>
@@ -99,6 +113,7 @@ struct SignSource {
     for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(x[i * stride] != 0) << i;
     return bits;
   }
+  static void transpose(uint64_t a[64]) { transpose_block<Isa>(a, 0); }
 };
 
 // Positions [lo, hi) of phase `ph` that hold real input columns, of `positions` per phase; the others hold
@@ -114,8 +129,8 @@ inline void real_positions(const ConvParams& p, int64_t phases, int64_t position
 
 // Where packing stores, in the bit layout (ActivationLayout): one word per (pixel, channel word).
 // A sink provides rows (padded input rows to write), words_per_group, put(n, r, word, word_in_group, j, bits) for
-// a real pixel's bits at padded row r and padded column j, and pad_row() for every position of row r that is not a
-// real input pixel.
+// a real pixel's bits at padded row r and padded column j, put_run() for `count` consecutive pixels of one row, and
+// pad_row() for every position of row r that is not a real input pixel.
 struct BitSink {
   const ConvParams& p;
   const ActivationLayout& l;
@@ -129,6 +144,18 @@ struct BitSink {
     if (j < l.phases * l.row_words)
       packed[n * l.image_stride + r * l.row_stride + (j % l.phases) * l.phase_stride + word * l.row_words +
              j / l.phases] = bits;
+  }
+  // `count` consecutive columns from j: phase and position stepped, not divided per pixel.
+  void put_run(int64_t n, int64_t r, int64_t word, int64_t, int64_t j, const uint64_t* bits, int64_t count) const {
+    uint64_t* row = packed + n * l.image_stride + r * l.row_stride + word * l.row_words;
+    const int64_t end = imin(j + count, l.phases * l.row_words);
+    for (int64_t ph = j % l.phases, pos = j / l.phases; j < end; ++j, ++bits) {
+      row[ph * l.phase_stride + pos] = *bits;
+      if (++ph == l.phases) {
+        ph = 0;
+        ++pos;
+      }
+    }
   }
   void pad_row(int64_t n, int64_t r, int64_t word, int64_t word_in_group, bool real_row) const {
     const uint64_t pad = pad_word(p, word_in_group);
@@ -169,14 +196,12 @@ void pack_rows(const ConvParams& p, const typename Source::T* x, TensorStrides s
           const auto* src = x + n * s.n + c0 * s.c + f0;
           for (int64_t c = 0; c < channels; ++c) block[c] = source.run(src + c * s.c, c0 + c, count);
           for (int64_t c = channels; c < 64; ++c) block[c] = 0;
-          transpose64(block);
-          int64_t ih = ih0, iw = iw0;
-          for (int64_t i = 0; i < count; ++i) {
-            if (ih + p.pad_top < rows) sink.put(n, ih + p.pad_top, g * wpg + w, w, iw + p.pad_left, block[i]);
-            if (++iw == p.in_w) {
-              iw = 0;
-              ++ih;
-            }
+          Source::transpose(block);
+          // Scattered one image row at a time: a run of consecutive columns steps through phases and positions.
+          for (int64_t i = 0, ih = ih0, iw = iw0; i < count; ++ih, iw = 0) {
+            const int64_t run = imin(count - i, p.in_w - iw);
+            if (ih + p.pad_top < rows) sink.put_run(n, ih + p.pad_top, g * wpg + w, w, iw + p.pad_left, block + i, run);
+            i += run;
           }
         }
       continue;
@@ -200,8 +225,8 @@ void pack_rows(const ConvParams& p, const typename Source::T* x, TensorStrides s
           for (int64_t c = 0; c < channels; ++c)
             block[c] = source.strided(src + c * s.c + iw0 * s.w, s.w, c0 + c, count);
           for (int64_t c = channels; c < 64; ++c) block[c] = 0;
-          transpose64(block);
-          for (int64_t i = 0; i < count; ++i) sink.put(n, r, word, w, iw0 + i + p.pad_left, block[i]);
+          Source::transpose(block);
+          sink.put_run(n, r, word, w, iw0 + p.pad_left, block, count);
         }
       }
   }

@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <new>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -95,6 +96,11 @@ struct ZeroPadCorrection {
   int64_t col_classes = 1;
 };
 ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_sum);
+// The same, memoised: a call with the geometry and tap sums of a recent call (compared value by value, so a weight
+// changed in place, or another weight at the same address, is never served a stale entry) shares its result.
+// Thread-safe; keeps at most kZeroPadCacheEntries results (least recently used dropped first).
+constexpr size_t kZeroPadCacheEntries = 64;
+std::shared_ptr<const ZeroPadCorrection> cached_zero_pad_correction(const ConvParams& p, const int32_t* tap_sum);
 
 // Strides (in elements) of an NCHW-indexed float tensor, any memory format.
 struct TensorStrides {

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "xnorconv_core.h"
@@ -208,6 +209,145 @@ void test_bit_order() {
   EXPECT(tap_sum == 128, "tap_sum of 129 positives and 1 negative: got %d", tap_sum);
 }
 
+// Every family's packing writes the same words as the portable one (padding and tail bits included): pins the
+// per-ISA transposes and the stepped scatter of the plane path on planes of many 64-pixel blocks.
+void test_pack_matches_scalar(int cases) {
+  const PadValue pads[] = {PadValue::Zero, PadValue::PlusOne, PadValue::MinusOne};
+  for (int iter = 0; iter < cases; ++iter) {
+    ConvParams p;
+    p.batch = pick(1, 2);
+    p.groups = pick(0, 3) == 0 ? 2 : 1;
+    p.in_channels = p.groups * pick(1, 140);
+    p.out_channels = p.groups;
+    p.kernel_h = p.kernel_w = pick(1, 3);
+    p.stride_h = pick(1, 2);
+    p.stride_w = pick(1, 3);
+    p.pad_top = pick(0, 2);
+    p.pad_bottom = pick(0, 2);
+    p.pad_left = pick(0, 2);
+    p.pad_right = pick(0, 2);
+    p.pad_value = pads[iter % 3];
+    p.in_h = pick(3, 40);
+    p.in_w = pick(3, 70);
+    if (!validate(p).empty()) continue;
+    const ActivationLayout l = activation_layout(p);
+    std::vector<float> x(p.batch * p.in_channels * p.in_h * p.in_w), th(p.in_channels);
+    fill_signed(x);
+    for (auto& e : th) e = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+    x[pick(0, static_cast<int64_t>(x.size()) - 1)] = NAN;
+    const bool channels_last = pick(0, 3) == 0;
+    const TensorStrides s = channels_last
+                                ? TensorStrides{p.in_h * p.in_w * p.in_channels, 1, p.in_w * p.in_channels, p.in_channels}
+                                : TensorStrides{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+    const float* t = pick(0, 1) ? th.data() : nullptr;
+    std::vector<uint64_t> want(l.total_words, 0x5A5A5A5A5A5A5A5Aull);
+    scalar_kernel().pack(p, l, x.data(), s, t, want.data(), 0, scalar_kernel().pack_tasks(p, l));
+    for (const auto& name : available_backends()) {
+      set_backend_override(name);
+      const KernelOps& ops = select_kernel(p);
+      // Word-for-word comparison needs the bit layout; AMX's int8 packing is checked through its convolutions
+      // (and its byte order by test_bit_order).
+      if (ops.layout != activation_layout) continue;
+      std::vector<uint64_t> got(l.total_words, 0xA5A5A5A5A5A5A5A5ull);
+      ops.pack(p, l, x.data(), s, t, got.data(), 0, ops.pack_tasks(p, l));
+      int64_t bad = 0, first = -1;
+      for (size_t i = 0; i < want.size(); ++i)
+        if (got[i] != want[i] && bad++ == 0) first = static_cast<int64_t>(i);
+      EXPECT(bad == 0, "pack %s%s [%s]: %lld of %zu words differ from scalar, first at %lld", describe(p).c_str(),
+             channels_last ? " channels_last" : "", name.c_str(), static_cast<long long>(bad), want.size(),
+             static_cast<long long>(first));
+    }
+    set_backend_override("");
+  }
+}
+
+bool same_correction(const ZeroPadCorrection& a, const ZeroPadCorrection& b) {
+  return a.row_class == b.row_class && a.col_class == b.col_class && a.value == b.value &&
+         a.col_classes == b.col_classes;
+}
+
+// The memoised zero-pad correction always equals a fresh one: for other geometries with the same tap sums, for tap
+// sums changed in place at the same address, after eviction, and from several threads at once.
+void test_zero_pad_cache() {
+  struct Case {
+    ConvParams p;
+    std::vector<int32_t> tap_sum;
+  };
+  auto make = [](int64_t o, int64_t k, int64_t hw, int64_t stride, int64_t pad) {
+    Case c;
+    c.p.batch = 1;
+    c.p.in_channels = 70;
+    c.p.out_channels = o;
+    c.p.in_h = hw;
+    c.p.in_w = hw + 3;
+    c.p.kernel_h = c.p.kernel_w = k;
+    c.p.stride_h = c.p.stride_w = stride;
+    c.p.pad_top = c.p.pad_left = pad;
+    c.p.pad_bottom = c.p.pad_right = pad + (hw % 2);
+    c.tap_sum.resize(o * k * k);
+    for (auto& t : c.tap_sum) t = static_cast<int32_t>(pick(-70, 70) / 2 * 2);
+    return c;
+  };
+  std::vector<Case> cases;
+  for (int i = 0; i < 12; ++i) cases.push_back(make(pick(1, 40), pick(1, 5), pick(5, 12), pick(1, 2), pick(0, 2)));
+  // Same tap sums, other geometry: a separate entry.
+  Case other = cases[0];
+  other.p.pad_top += 1;
+  cases.push_back(other);
+  for (const Case& c : cases) {
+    EXPECT(validate(c.p).empty(), "zero-pad cache case: %s", validate(c.p).c_str());
+    for (int rep = 0; rep < 2; ++rep)
+      EXPECT(same_correction(*cached_zero_pad_correction(c.p, c.tap_sum.data()),
+                             zero_pad_correction(c.p, c.tap_sum.data())),
+             "cached zero-pad correction differs from a fresh one: %s (call %d)", describe(c.p).c_str(), rep);
+  }
+  // Changed in place: same address, same geometry, other values.
+  Case& c = cases[1];
+  const auto before = cached_zero_pad_correction(c.p, c.tap_sum.data());
+  c.tap_sum[c.tap_sum.size() - 1] += 2;
+  c.tap_sum[0] -= 4;
+  const auto after = cached_zero_pad_correction(c.p, c.tap_sum.data());
+  EXPECT(same_correction(*after, zero_pad_correction(c.p, c.tap_sum.data())),
+         "zero-pad cache served a stale entry for tap sums changed in place: %s", describe(c.p).c_str());
+  // Another address holding the same values shares the entry.
+  const std::vector<int32_t> copy = c.tap_sum;
+  EXPECT(cached_zero_pad_correction(c.p, copy.data()) == after, "zero-pad cache: equal tap sums elsewhere missed");
+  // Evict everything, then every case is computed again, correctly.
+  for (size_t i = 0; i < kZeroPadCacheEntries + 4; ++i) {
+    Case filler = make(3, 3, 6, 1, 1);
+    filler.tap_sum[0] = static_cast<int32_t>(1000 + i);
+    cached_zero_pad_correction(filler.p, filler.tap_sum.data());
+  }
+  for (const Case& k : cases)
+    EXPECT(same_correction(*cached_zero_pad_correction(k.p, k.tap_sum.data()),
+                           zero_pad_correction(k.p, k.tap_sum.data())),
+           "zero-pad correction after eviction: %s", describe(k.p).c_str());
+  // Threads: lookups, misses and evictions racing, each result checked against its fresh value.
+  std::vector<ZeroPadCorrection> fresh;
+  for (const Case& k : cases) fresh.push_back(zero_pad_correction(k.p, k.tap_sum.data()));
+  std::vector<int> wrong(4, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      std::mt19937 local(t);
+      for (int i = 0; i < 3000; ++i) {
+        if (i % 50 == 0) {  // a burst of new entries, evicting others
+          for (int f = 0; f < 20; ++f) {
+            std::vector<int32_t> sums(9, static_cast<int32_t>(local() % 100000));
+            ConvParams q = cases[0].p;
+            q.out_channels = 1;
+            q.kernel_h = q.kernel_w = 3;
+            cached_zero_pad_correction(q, sums.data());
+          }
+        }
+        const size_t j = local() % cases.size();
+        wrong[t] += !same_correction(*cached_zero_pad_correction(cases[j].p, cases[j].tap_sum.data()), fresh[j]);
+      }
+    });
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < 4; ++t) EXPECT(wrong[t] == 0, "zero-pad cache, thread %d: %d wrong results", t, wrong[t]);
+}
+
 void test_sign_edge_cases() {
   ConvParams p;
   p.batch = 1;
@@ -354,6 +494,8 @@ int main(int argc, char** argv) {
   test_preferred_backend();
   test_bit_order();
   test_sign_edge_cases();
+  test_pack_matches_scalar(random_cases / 4 + 8);
+  test_zero_pad_cache();
   test_validate_messages();
   test_sign_io(random_cases / 10 + 4);
   test_darknet_shapes();
