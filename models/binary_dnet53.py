@@ -104,6 +104,40 @@ class ThresholdConv2d(nn.Conv2d):
         return super().forward(x - self.input_threshold.view(1, -1, 1, 1))
 
 
+# The shortcut's computations are plain functions that torch.fx records as single calls (torch.fx.wrap): their
+# shape tests would otherwise stop symbolic tracing, which xnorconv.freeze (BatchNorm folding) and PyTorch's FX
+# quantization rely on.
+@torch.fx.wrap
+def _avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """avg_pool2d(x, 2, 2, ceil_mode=True)."""
+    n, c, h, w = x.shape
+    if h % 2 == 0 and w % 2 == 0 and x.is_contiguous() and x.numel() > 0:
+        rows = x.view(n, c, h // 2, 2, w)
+        rows = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(n, c, h // 2, w // 2, 2)
+        return (rows[..., 0] + rows[..., 1]).mul_(0.25)
+    # Odd sizes (partial windows): PyTorch's CPU average pooling runs about twice as fast on channels_last,
+    # conversions included.
+    return F.avg_pool2d(x.contiguous(memory_format=torch.channels_last), 2, 2, ceil_mode=True).contiguous()
+
+
+@torch.fx.wrap
+def _channel_group_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of each k consecutive channels: x.unflatten(1, (C // k, k)).mean(2)."""
+    total = x[:, 0::k] + x[:, 1::k]
+    for j in range(2, k):
+        total += x[:, j::k]
+    return total.div_(k)
+
+
+@torch.fx.wrap
+def _channel_adaptive_mean(x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """Adaptive average pooling along the channel axis (the definition), run as adaptive_avg_pool1d over the
+    channels of each pixel: a channels-innermost view of x, then back to NCHW."""
+    n, c, h, w = x.shape
+    y = F.adaptive_avg_pool1d(x.flatten(2).transpose(1, 2), out_channels)  # (N, H*W, out)
+    return y.transpose(1, 2).reshape(n, out_channels, h, w).contiguous()
+
+
 class RealShortcut(nn.Module):
     """Parameter-free real-valued shortcut from (in_channels, H, W) to (out_channels, H/stride, W/stride).
 
@@ -112,8 +146,17 @@ class RealShortcut(nn.Module):
     [floor(o * in / out), ceil((o + 1) * in / out)) (adaptive average pooling along the channel axis: the mean of
     k consecutive channels when in = k * out); when widening, output channel o copies input channel
     floor(o * in / out) (each channel repeated k times when out = k * in).
-    The divisible cases are a reshape + mean; the others a cumulative sum and two gathers (adaptive_avg_pool3d
-    over the channel axis computes the same but was the slowest op of the whole frozen model on CPU).
+
+    How, on CPU (each measured against the alternatives at BinaryDNet53's sizes, batch 1, 1 thread):
+      * 2x2 pool of an NCHW tensor with even H and W: rows summed through a view, then column pairs (two adds and
+        a scale, no layout conversion; 3-4x faster than avg_pool2d, which is slow on NCHW and needed a
+        channels_last round trip). Odd sizes (ceil mode's partial windows) use nn.AvgPool2d on channels_last.
+      * k-to-1 narrowing: the sum of k channel-strided views divided by k (the mean of k channels without a
+        reduction kernel; 1.3-2x faster than reshape + mean).
+      * non-divisible narrowing: adaptive_avg_pool1d over the channels of each pixel, from a channels-innermost
+        view (10x faster than the former cumulative sums, 30x faster than adaptive_avg_pool3d on NCHW).
+      * widening: index_select of the repeated channel indices (as fast as any view-based repeat).
+    The results equal the definition above up to float rounding (order of the additions).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
@@ -121,33 +164,24 @@ class RealShortcut(nn.Module):
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        # Kept for the module tree (and state_dict-free): forward pools through _avg_pool_2x2, which computes it.
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
         o = torch.arange(out_channels)
         self.divisible = max(in_channels, out_channels) % min(in_channels, out_channels) == 0
         if out_channels >= in_channels:
             self.register_buffer("index", torch.div(o * in_channels, out_channels, rounding_mode="floor"),
                                  persistent=False)
-        else:
-            start = torch.div(o * in_channels, out_channels, rounding_mode="floor")
-            end = torch.div((o + 1) * in_channels + out_channels - 1, out_channels, rounding_mode="floor")
-            self.register_buffer("start", start, persistent=False)
-            self.register_buffer("end", end, persistent=False)
-            self.register_buffer("count", (end - start).to(torch.get_default_dtype()).view(1, -1, 1, 1),
-                                 persistent=False)
 
     def forward(self, x):
         if self.stride == 2:
-            # PyTorch's CPU average pooling runs about twice as fast on channels_last, conversions included
-            # (bench: 0.21 vs 0.43 ms at 16x128x128); come back to NCHW for what follows.
-            x = self.pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
-        if self.out_channels > self.in_channels:
+            x = _avg_pool_2x2(x)
+        cin, cout = self.in_channels, self.out_channels
+        if cout > cin:
             return x.index_select(1, self.index)
-        if self.out_channels < self.in_channels:
+        if cout < cin:
             if self.divisible:
-                return x.unflatten(1, (self.out_channels, self.in_channels // self.out_channels)).mean(dim=2)
-            csum = F.pad(x.cumsum(dim=1), (0, 0, 0, 0, 1, 0))  # csum[:, c] = sum of channels < c
-            total = csum.index_select(1, self.end) - csum.index_select(1, self.start)
-            return total / self.count.to(total.dtype)
+                return _channel_group_mean(x, cin // cout)
+            return _channel_adaptive_mean(x, cout)
         return x
 
     def extra_repr(self):
