@@ -52,7 +52,7 @@ Choices where the paper is ambiguous or silent, and why:
   * Classifier: the paper's large-margin loss consumes logits, so the head is a plain Linear layer.
 """
 from functools import partial
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,10 +60,10 @@ from torch import nn
 
 import xnorconv
 
-from .darknet import SPPF, CSPStage, _check_num_classes
+from .darknet import SPPF, CSPBlock, CSPStage, _check_num_classes
 
-__all__ = ["BinaryDNet53", "BinaryDNet53Output", "BinaryConvUnit", "RealShortcut", "ThresholdConv2d",
-           "binary_dnet53", "image_complexity_score"]
+__all__ = ["BinaryCSPBlock", "BinaryDNet53", "BinaryDNet53Output", "BinaryConvUnit", "RealShortcut",
+           "ThresholdConv2d", "binary_dnet53", "image_complexity_score"]
 
 
 class BinaryDNet53Output(NamedTuple):
@@ -219,15 +219,34 @@ class BinaryConvUnit(nn.Module):
             self.shortcut = None
             self.act = nn.LeakyReLU(0.1, inplace=True)
 
-    def forward(self, x):
+    def forward(self, x, shortcut: Optional[torch.Tensor] = None):
+        """`shortcut`: self.shortcut(x) when the caller has it already (units sharing an input and a shortcut)."""
         if self.shortcut is None:
             return self.act(self.bn(self.conv(x)))
-        if (isinstance(self.conv, xnorconv.FrozenBinaryConv2d) and isinstance(self.bn, nn.Identity)
-                and isinstance(self.act, nn.PReLU)):
+        if shortcut is None:
+            shortcut = self.shortcut(x)
+        conv, bn, act = self.conv, self.bn, self.act
+        if isinstance(conv, xnorconv.FrozenBinaryConv2d) and isinstance(bn, nn.Identity) and isinstance(act, nn.PReLU):
             # Frozen, with the BatchNorm folded into the conv: the shortcut add and the PReLU run in the packed
             # kernel's output stage, so the unit is one pass over its output.
-            return self.conv(x, residual=self.shortcut(x), prelu_weight=self.act.weight)
-        return self.act(self.bn(self.conv(x)) + self.shortcut(x))
+            return conv(x, residual=shortcut, prelu_weight=act.weight)
+        return act(bn(conv(x)) + shortcut)
+
+
+class BinaryCSPBlock(CSPBlock):
+    """CSPBlock of BinaryConvUnits: the two parts read the same input through the same kind of real shortcut,
+    which is computed once for both. Same submodules and function as CSPBlock."""
+
+    def forward(self, x):
+        part1, part2 = self.part1, self.part2
+        s1, s2 = getattr(part1, "shortcut", None), getattr(part2, "shortcut", None)
+        if (isinstance(s1, RealShortcut) and isinstance(s2, RealShortcut)
+                and (s1.in_channels, s1.out_channels, s1.stride) == (s2.in_channels, s2.out_channels, s2.stride)):
+            shortcut = s1(x)
+            a, b = part1(x, shortcut), part2(x, shortcut)
+        else:
+            a, b = part1(x), part2(x)
+        return self.fuse(torch.cat([a, self.transition(self.blocks(b))], dim=1))
 
 
 class BinaryDNet53(nn.Module):
@@ -256,7 +275,8 @@ class BinaryDNet53(nn.Module):
         )
         stages, cin = [], stem_channels
         for i, (width, depth) in enumerate(zip(widths, depths)):
-            stages.append(CSPStage(cin, width, depth, first=(i == 0), conv=unit, residual=residual))
+            stages.append(CSPStage(cin, width, depth, first=(i == 0), conv=unit, residual=residual,
+                                   block=BinaryCSPBlock))
             cin = width
         self.stages = nn.ModuleList(stages)
         self.sppf = SPPF(widths[-1], widths[-1], conv=unit)
@@ -268,8 +288,39 @@ class BinaryDNet53(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(feature_dim, num_classes)
 
+    def _stem_forward(self, x):
+        """self.stem(x). At inference (eval, no autograd, eager) the BatchNorm is folded into the conv's weight and
+        bias (computed once and cached until a parameter or statistic changes): one conv and the activation."""
+        conv, bn, act = self.stem
+        if (self.training or torch.is_grad_enabled() or type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d
+                or bn.running_mean is None or bn.running_var is None or conv.padding_mode != "zeros"
+                or torch.compiler.is_compiling()):
+            return self.stem(x)
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None
+                    for t in tensors) + (bn.eps,)
+        cached = self.__dict__.get("_folded_stem")
+        if cached is None or cached[0] != key:
+            w = conv.weight.detach().double()
+            inv = torch.rsqrt(bn.running_var.double() + bn.eps)
+            if bn.weight is not None:
+                inv = inv * bn.weight.detach().double()
+            bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(inv)
+            bias = (bias - bn.running_mean.double()) * inv
+            if bn.bias is not None:
+                bias = bias + bn.bias.detach().double()
+            dtype = conv.weight.dtype
+            cached = (key, (w * inv.view(-1, 1, 1, 1)).to(dtype), bias.to(dtype))
+            self.__dict__["_folded_stem"] = cached
+        return act(F.conv2d(x, cached[1], cached[2], conv.stride, conv.padding, conv.dilation, conv.groups))
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_folded_stem", None)  # a cache: rebuilt on first use
+        return state
+
     def forward(self, x) -> BinaryDNet53Output:
-        x = self.stem(x)
+        x = self._stem_forward(x)
         for stage in self.stages[:-1]:
             x = stage(x)
         low = x

@@ -145,13 +145,15 @@ class CSPStage(nn.Sequential):
     """3x3 stride-2 downsampling conv followed by a CSPBlock (one stage of CSP-DarkNet-53)."""
 
     def __init__(self, in_channels: int, out_channels: int, depth: int, first: bool, conv=ConvBNAct,
-                 residual: bool = True):
+                 residual: bool = True, block=None):
         # CSPDarknet53: the first stage keeps the full width in both parts (and a C/2 bottleneck inside its
         # residual block); later stages split into halves and use full-width (C/2 -> C/2) residual blocks.
+        # `block`: the CSPBlock class (or a subclass with the same submodules).
         hidden = out_channels if first else out_channels // 2
         block_hidden = out_channels // 2
+        block = CSPBlock if block is None else block
         super().__init__(conv(in_channels, out_channels, 3, 2),
-                         CSPBlock(out_channels, out_channels, depth, hidden, block_hidden, conv, residual))
+                         block(out_channels, out_channels, depth, hidden, block_hidden, conv, residual))
 
 
 class CSPDarkNet53Backbone(nn.Module):

@@ -269,6 +269,41 @@ def test_fast_forward_matches_reference(name, size):
         torch.testing.assert_close(out.features.detach(), features[:n], rtol=1e-4, atol=1e-5, msg=f"{name} {label}")
 
 
+def test_folded_stem_follows_changes():
+    """The stem's folded conv is a cache: in-place updates, load_state_dict, copies and train() all see the
+    current parameters and statistics."""
+    import copy
+    import pickle
+    torch.manual_seed(9)
+    frozen = xnorconv.freeze(models.create("binary_dnet53", 6))
+    x = torch.randn(1, 3, 64, 64)
+
+    def check(model):
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, reference_forward(model.eval(), x)[0], rtol=1e-4, atol=1e-5)
+
+    check(frozen)
+    randomize_batchnorm(frozen)  # in place: stem.1's statistics and affine parameters
+    check(frozen)
+    with torch.no_grad():
+        frozen.stem[0].weight.mul_(-1.5)
+    check(frozen)
+    other = xnorconv.freeze(models.create("binary_dnet53", 6))
+    randomize_batchnorm(other)
+    frozen.load_state_dict(other.state_dict())
+    check(frozen)
+    clone = copy.deepcopy(frozen)
+    assert "_folded_stem" not in clone.__dict__
+    with torch.no_grad():
+        clone.stem[1].running_var.mul_(4.0)
+    check(clone)
+    check(pickle.loads(pickle.dumps(frozen)))
+    frozen.train()  # training mode: batch statistics, no folding
+    frozen.stem.train()
+    out = frozen(x)
+    assert out.logits.shape == (1, 6)
+
+
 def test_real_shortcut_matches_reference_formulation():
     torch.manual_seed(8)
     for cin, cout, stride in ((16, 32, 2), (32, 64, 2), (32, 16, 1), (64, 32, 1), (256, 128, 1), (64, 48, 1),
@@ -322,12 +357,14 @@ def test_frozen_binary_dnet53_runs_packed_kernels_and_matches():
     # every BatchNorm after a binary conv is folded; only the float stem's remains
     assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["stem.1"]
     recorder = OpRecorder()
-    with torch.no_grad(), recorder:
-        out = frozen(x)
+    with torch.no_grad():
+        frozen(x)  # the first call folds the stem's BatchNorm into its conv (cached)
+        with recorder:
+            out = frozen(x)
     assert recorder.ops.count("xnorconv.binary_conv2d_packed") == 25
     assert recorder.ops.count("aten.convolution") == 1  # the float stem only
-    # the 25 learnable thresholds are fused into the packing pass: no subtraction is left (the non-divisible
-    # channel-narrowing shortcuts, 64 -> 48 and 128 -> 48, are one matrix product each)
+    assert not [op for op in recorder.ops if "batch_norm" in op]  # its BatchNorm folded into it
+    # the 25 learnable thresholds are fused into the packing pass: no subtraction is left
     assert recorder.ops.count("aten.sub") == 0
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.features, expected.features, rtol=1e-4, atol=1e-5)
