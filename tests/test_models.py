@@ -318,6 +318,20 @@ def test_real_shortcut_matches_reference_formulation():
             torch.testing.assert_close(s(x[:0]), want[:0])
 
 
+def test_sppf_separable_pools_are_exact():
+    from models.darknet import SPPF
+    torch.manual_seed(10)
+    sppf = SPPF(16, 16).eval()
+    for shape in ((2, 16, 9, 7), (1, 16, 16, 16), (1, 16, 3, 2)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            y0 = sppf.reduce(x)
+            y1 = sppf.pool(y0)
+            y2 = sppf.pool(y1)
+            want = sppf.fuse(torch.cat([y0, y1, y2, sppf.pool(y2)], dim=1))
+            torch.testing.assert_close(sppf(x), want, rtol=0, atol=0)
+
+
 def test_state_dict_keys_unchanged():
     """State dicts saved before the inference speed-ups load unchanged: keys and shapes pinned (sha256 of the
     'key:shape' lines, computed on the implementation before them)."""
