@@ -179,7 +179,7 @@ class RealShortcut(nn.Module):
             x = _avg_pool_2x2(x)
         cin, cout = self.in_channels, self.out_channels
         if cout > cin:
-            return x.index_select(1, self.index)
+            return x.index_select(1, self._buffers["index"])
         if cout < cin:
             if self.divisible:
                 return _channel_group_mean(x, cin // cout)
@@ -223,15 +223,18 @@ class BinaryConvUnit(nn.Module):
 
     def forward(self, x, shortcut: Optional[torch.Tensor] = None):
         """`shortcut`: self.shortcut(x) when the caller has it already (units sharing an input and a shortcut)."""
-        if self.shortcut is None:
-            return self.act(self.bn(self.conv(x)))
+        # Submodules straight from _modules: nn.Module.__getattr__ is a slow fallback, and this runs 25 times per
+        # image.
+        modules = self._modules
+        conv, bn, act, real = modules["conv"], modules["bn"], modules["act"], modules.get("shortcut")
+        if real is None:
+            return act(bn(conv(x)))
         if shortcut is None:
-            shortcut = self.shortcut(x)
-        conv, bn, act = self.conv, self.bn, self.act
-        if isinstance(conv, xnorconv.FrozenBinaryConv2d) and isinstance(bn, nn.Identity) and isinstance(act, nn.PReLU):
+            shortcut = real(x)
+        if type(act) is nn.PReLU and type(bn) is nn.Identity and isinstance(conv, xnorconv.FrozenBinaryConv2d):
             # Frozen, with the BatchNorm folded into the conv: the shortcut add and the PReLU run in the packed
             # kernel's output stage, so the unit is one pass over its output.
-            return conv(x, residual=shortcut, prelu_weight=act.weight)
+            return conv(x, shortcut, act.weight)
         return act(bn(conv(x)) + shortcut)
 
 
@@ -240,7 +243,8 @@ class BinaryCSPBlock(CSPBlock):
     which is computed once for both. Same submodules and function as CSPBlock."""
 
     def forward(self, x):
-        part1, part2 = self.part1, self.part2
+        modules = self._modules
+        part1, part2 = modules["part1"], modules["part2"]
         s1, s2 = getattr(part1, "shortcut", None), getattr(part2, "shortcut", None)
         if (isinstance(s1, RealShortcut) and isinstance(s2, RealShortcut)
                 and (s1.in_channels, s1.out_channels, s1.stride) == (s2.in_channels, s2.out_channels, s2.stride)):
@@ -248,7 +252,7 @@ class BinaryCSPBlock(CSPBlock):
             a, b = part1(x, shortcut), part2(x, shortcut)
         else:
             a, b = part1(x), part2(x)
-        return self.fuse(torch.cat([a, self.transition(self.blocks(b))], dim=1))
+        return modules["fuse"](torch.cat([a, modules["transition"](modules["blocks"](b))], dim=1))
 
 
 class BinaryDNet53(nn.Module):

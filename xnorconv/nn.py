@@ -490,8 +490,8 @@ class FrozenBinaryConv2d(nn.Module):
         y = prelu(y + residual) with `residual` of the output's shape and `prelu_weight` (out_channels,) or (1,)
         (nn.PReLU's weight), computed in the packed kernel's output stage."""
         prelu = prelu_weight
-        if prelu is not None and prelu.requires_grad:
-            prelu = prelu.detach()
+        if prelu is not None and prelu.requires_grad and torch.is_grad_enabled():
+            prelu = prelu.detach()  # the op has no autograd formula (under no_grad there is nothing to detach from)
         # Fast path for the deployed case (batched float32 or bool on a packed-kernel device, zeros padding): the
         # geometry and the tensors never change, so the op's arguments are gathered once; only the per-call
         # checks on the input remain.
@@ -503,7 +503,7 @@ class FrozenBinaryConv2d(nn.Module):
             shape = input.shape
             dtype = input.dtype
             if (len(shape) == 4 and shape[1] == self.in_channels and (dtype is torch.float32 or dtype is torch.bool)
-                    and input.device == device):
+                    and (input.is_cpu if device.type == "cpu" else input.device == device)):
                 if shape[2] < min_h or shape[3] < min_w:
                     _check_spatial(self, input, args[6])  # raises, naming the sizes
                 # Bool input: the signs of a chained producer, which already applied this layer's threshold.
