@@ -283,6 +283,9 @@ def test_folded_stem_follows_changes():
             torch.testing.assert_close(model(x).logits, reference_forward(model.eval(), x)[0], rtol=1e-4, atol=1e-5)
 
     check(frozen)
+    with torch.inference_mode():  # folded (and cached) as inference tensors, then used under no_grad
+        torch.testing.assert_close(frozen(x).logits, reference_forward(frozen, x)[0], rtol=1e-4, atol=1e-5)
+    check(frozen)
     randomize_batchnorm(frozen)  # in place: stem.1's statistics and affine parameters
     check(frozen)
     with torch.no_grad():
