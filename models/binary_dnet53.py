@@ -298,7 +298,7 @@ class BinaryDNet53(nn.Module):
         """self.stem(x). At inference (eval, no autograd, eager) the BatchNorm is folded into the conv's weight and
         bias (computed once and cached until a parameter or statistic changes): one conv and the activation."""
         conv, bn, act = self.stem
-        if (self.training or torch.is_grad_enabled() or type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d
+        if (torch.is_grad_enabled() or type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.training
                 or bn.running_mean is None or bn.running_var is None or conv.padding_mode != "zeros"
                 or torch.compiler.is_compiling()):
             return self.stem(x)

@@ -301,10 +301,12 @@ def test_folded_stem_follows_changes():
         clone.stem[1].running_var.mul_(4.0)
     check(clone)
     check(pickle.loads(pickle.dumps(frozen)))
-    frozen.train()  # training mode: batch statistics, no folding
-    frozen.stem.train()
-    out = frozen(x)
-    assert out.logits.shape == (1, 6)
+    frozen.stem[1].train()  # only the stem's BatchNorm in training mode: batch statistics, no folding
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x).logits, reference_forward(frozen, x)[0], rtol=1e-4, atol=1e-5)
+        assert frozen.stem[1].num_batches_tracked.item() == 2  # the module ran (it also updated its statistics)
+    frozen.train()
+    assert frozen(x).logits.shape == (1, 6)
 
 
 def test_real_shortcut_matches_reference_formulation():
