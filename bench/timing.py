@@ -63,11 +63,14 @@ def cpu_model():
 
 
 def configure_allocator(top_pad_mb):
-    """--malloc-top-pad: glibc's malloc gives the top of its heap back to the kernel whenever more than a few MB
-    are free there, so a network whose activations (a few MB) are freed at the end of every forward pass faults
-    them in again on the next pass (~1000 minor page faults per binary_dnet53 pass at 128x128, 0.5-2 ms on this
-    VM). mallopt(M_TOP_PAD, n) keeps n bytes of padding instead, as MALLOC_TOP_PAD_=n would (jemalloc or tcmalloc
-    have the same effect). Returns the description recorded with the run."""
+    """--malloc-top-pad: glibc's malloc can give the top of its heap back to the kernel whenever a few MB are free
+    there, so a network whose activations (a few MB) are freed at the end of every forward pass faults them in
+    again on the next one. Measured in a small fresh process running frozen binary_dnet53 and its fp32 twin at
+    128x128: ~1000 minor page faults per pass, 0.9-2 ms of a 5-6 ms binary pass on this VM. Whether it happens
+    depends on the process's allocation history (the model suite's own process, which builds and calibrates the
+    int8 model first, usually settles at 0; the suite reports the count). mallopt(M_TOP_PAD, n) keeps n bytes of
+    padding, as MALLOC_TOP_PAD_=n would (jemalloc or tcmalloc avoid it too). Returns the description recorded with
+    the run."""
     if not top_pad_mb:
         return "default (glibc malloc as configured by the environment)" if _glibc() else "default"
     libc = _glibc()
