@@ -22,7 +22,7 @@ import torch
 import xnorconv
 
 from . import layers, report
-from .timing import environment
+from .timing import configure_allocator, environment
 
 
 def parse_args(argv):
@@ -48,11 +48,17 @@ def parse_args(argv):
     ap.add_argument("--size", type=int, default=128, help="model input height = width")
     ap.add_argument("--num-classes", type=int, default=6)
     ap.add_argument("--model-reps", type=int, default=15, help="timed rounds per model and batch size")
+    ap.add_argument("--malloc-top-pad", type=int, default=0, metavar="MB",
+                    help="glibc: mallopt(M_TOP_PAD, MB) before measuring, so that memory freed at the end of a "
+                         "forward pass is reused by the next instead of being faulted in again (recorded with the "
+                         "run; default 0: leave the allocator alone)")
     ap.add_argument("--out", metavar="DIR", help="write bench.json, bench.csv and PNG plots to DIR")
     ap.add_argument("--compare", metavar="FILE", help="print the change against a saved bench.json")
     ap.add_argument("--markdown", action="store_true", help="print Markdown (the README performance section)")
     ap.add_argument("--from", dest="from_file", metavar="FILE", help="render a saved bench.json, measure nothing")
     args = ap.parse_args(argv)
+    if args.malloc_top_pad < 0:
+        ap.error(f"--malloc-top-pad must be >= 0, got {args.malloc_top_pad}")
     if args.batch < 1 or args.threads < 1 or args.reps < 3 or args.model_reps < 3 or args.size < 8:
         ap.error(f"--batch and --threads must be >= 1, --reps and --model-reps >= 3, --size >= 8; got "
                  f"{args.batch}, {args.threads}, {args.reps}, {args.model_reps}, {args.size}")
@@ -93,7 +99,7 @@ def _progress(total, desc):
 
 
 def measure(args, argv):
-    run = {"env": environment(args.threads, argv)}
+    run = {"env": environment(args.threads, argv, configure_allocator(args.malloc_top_pad))}
     if not args.models or args.layers:
         backends = args.backend or xnorconv.backends()
         shapes = args.shape or layers.DARKNET53_128

@@ -23,7 +23,7 @@ from torch import nn
 
 import xnorconv
 
-from .timing import interleaved, median_ms
+from .timing import interleaved, median_ms, minor_faults
 
 DEFAULT_MODELS = ("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8", "darknet53", "cspdarknet53")
 
@@ -83,6 +83,18 @@ def peak_forward_bytes(model: nn.Module, x: torch.Tensor) -> int:
     allocs.sort()
     before = allocs[0][2] - allocs[0][1]
     return max(a[2] for a in allocs) - before
+
+
+def minor_faults_per_pass(model: nn.Module, x: torch.Tensor, passes: int = 10) -> float:
+    """Minor page faults per forward pass in the steady state: memory the allocator gave back to the kernel and
+    faults in again (see timing.configure_allocator)."""
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        before = minor_faults()
+        for _ in range(passes):
+            model(x)
+        return (minor_faults() - before) / passes
 
 
 def _int8(float_model: nn.Module, example: torch.Tensor, calibration: int = 4) -> nn.Module:
@@ -255,6 +267,8 @@ def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batch
         if progress:
             progress(f"batch {batch}")
     x1 = torch.randn(1, 3, size, size)
+    for e in entries:
+        per[e.name]["batch1_minor_faults"] = minor_faults_per_pass(e.model, x1)
     for e in entries:
         per[e.name]["peak_forward_bytes_batch1"] = peak_forward_bytes(e.model, x1)
     if progress:

@@ -38,6 +38,8 @@ def header_lines(env, md=False):
              f"{b}threads{b}: {env['threads']}; torch {env['torch']}, xnorconv {env['xnorconv']}"
              + (f", openvino {env['openvino']}" if env.get("openvino") else "") + f", python {env['python']}",
              f"{b}command{b}: `{env['command']}`" if md else f"command: {env['command']}"]
+    if env.get("allocator"):
+        lines.append(f"{b}allocator{b}: {env['allocator']}")
     return lines
 
 
@@ -108,6 +110,9 @@ def model_table(run):
               f"{e['weight_bytes'] / 2**20:.3f}", f"{e['state_dict_bytes'] / 2**20:.3f}",
               f"{e['batch1_ms'] / first:.2f}"] for e in m["models"]]
     summary = [f"{e['name']}: {e['description']}; check: {e['check']}" for e in m["models"]]
+    if all("batch1_minor_faults" in e for e in m["models"]):
+        summary.append("minor page faults per batch-1 pass (memory the allocator faults in again): "
+                       + ", ".join(f"{e['name']} {e['batch1_minor_faults']:.0f}" for e in m["models"]))
     by = {e["name"]: e for e in m["models"]}
     if "binary_dnet53" in by:
         for other in ("binary_dnet53_fp32", "binary_dnet53_int8"):

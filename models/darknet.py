@@ -27,6 +27,7 @@ Layouts (input 128x128, the paper's size; any size divisible by 32 works):
 from typing import List, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ConvBNAct", "DarkResidual", "CSPBlock", "CSPStage", "SPPF", "DarkNet53", "CSPDarkNet53", "DNet53Baseline",
@@ -96,13 +97,19 @@ class SPPF(nn.Module):
         self.pool = nn.MaxPool2d(pool, 1, pool // 2)
         self.fuse = conv(4 * hidden, out_channels, 1)
 
+    def _pool(self, y):
+        """self.pool(y) (k x k, stride 1, padding k // 2) as a 1 x k then a k x 1 max pool: the same maxima, and
+        1.5x faster on channels_last (44 vs 68 us for 5x5 over 64x16x16)."""
+        k, p = self.pool.kernel_size, self.pool.padding
+        return F.max_pool2d(F.max_pool2d(y, (1, k), 1, (0, p)), (k, 1), 1, (p, 0))
+
     def forward(self, x):
         y0 = self.reduce(x)
         # PyTorch's CPU max pooling is an order of magnitude faster on channels_last than on NCHW (bench: 0.15 vs
         # 1.66 ms for 5x5 over 128x16x16); the maxima are the same in any layout, so pool there and come back.
-        y1 = self.pool(y0.contiguous(memory_format=torch.channels_last))
-        y2 = self.pool(y1)
-        y3 = self.pool(y2)
+        y1 = self._pool(y0.contiguous(memory_format=torch.channels_last))
+        y2 = self._pool(y1)
+        y3 = self._pool(y2)
         return self.fuse(torch.cat([y0, y1.contiguous(), y2.contiguous(), y3.contiguous()], dim=1))
 
 
@@ -145,13 +152,15 @@ class CSPStage(nn.Sequential):
     """3x3 stride-2 downsampling conv followed by a CSPBlock (one stage of CSP-DarkNet-53)."""
 
     def __init__(self, in_channels: int, out_channels: int, depth: int, first: bool, conv=ConvBNAct,
-                 residual: bool = True):
+                 residual: bool = True, block=None):
         # CSPDarknet53: the first stage keeps the full width in both parts (and a C/2 bottleneck inside its
         # residual block); later stages split into halves and use full-width (C/2 -> C/2) residual blocks.
+        # `block`: the CSPBlock class (or a subclass with the same submodules).
         hidden = out_channels if first else out_channels // 2
         block_hidden = out_channels // 2
+        block = CSPBlock if block is None else block
         super().__init__(conv(in_channels, out_channels, 3, 2),
-                         CSPBlock(out_channels, out_channels, depth, hidden, block_hidden, conv, residual))
+                         block(out_channels, out_channels, depth, hidden, block_hidden, conv, residual))
 
 
 class CSPDarkNet53Backbone(nn.Module):

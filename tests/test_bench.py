@@ -64,6 +64,19 @@ def test_models_cli_tiny(tmp_path, capsys):
     json.loads((tmp_path / "bench.json").read_text())
 
 
+def test_models_cli_allocator_and_page_faults(capsys):
+    import platform
+    top_pad = ["--malloc-top-pad", "16"] if platform.libc_ver()[0] == "glibc" else []
+    run = cli.main(["--models", "--size", "16", "--model-reps", "3", "--model", "binary_dnet53", *top_pad])
+    out = capsys.readouterr().out
+    assert "allocator: " in out and "minor page faults per batch-1 pass" in out
+    if top_pad:
+        assert "M_TOP_PAD, 16 MB" in run["env"]["allocator"]
+    assert run["models"]["models"][0]["batch1_minor_faults"] >= 0
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--malloc-top-pad", "-1"])
+
+
 class _Tiny(nn.Module):
     def __init__(self, binary):
         super().__init__()

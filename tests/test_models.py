@@ -184,6 +184,174 @@ def test_real_shortcut():
         torch.testing.assert_close(RealShortcut(cin, cout)(x), expected)
 
 
+# --- The fast inference paths compute the original function -----------------------------------------------------
+# BinaryDNet53's forward takes shortcuts for speed (shortcut views and matrix products, a shortcut shared by the
+# two CSP parts, the stem's BatchNorm folded into its conv at inference, the unit's epilogue fused into the packed
+# kernel). reference_forward below is the model's function written plainly from its module tree, with the
+# original formulations (avg_pool2d, adaptive average pooling over channels, index gathers, unfused
+# conv -> BN -> act): every model variant, frozen or not, must match it to float rounding.
+
+def _reference_shortcut(s, x):
+    if s.stride == 2:
+        x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
+    if s.out_channels > s.in_channels:
+        return x[:, torch.div(torch.arange(s.out_channels) * s.in_channels, s.out_channels, rounding_mode="floor")]
+    if s.out_channels < s.in_channels:
+        return F.adaptive_avg_pool3d(x.unsqueeze(1), (s.out_channels,) + tuple(x.shape[2:])).squeeze(1)
+    return x
+
+
+def _reference_unit(u, x):
+    y = u.bn(u.conv(x))  # a FrozenBinaryConv2d called alone: no fused epilogue
+    if u.shortcut is None:
+        return u.act(y)
+    return u.act(y + _reference_shortcut(u.shortcut, x))
+
+
+def _reference_csp_stage(stage, x):
+    down, block = stage
+    x = _reference_unit(down, x)
+    part1 = _reference_unit(block.part1, x)
+    y = _reference_unit(block.part2, x)
+    for res in block.blocks:
+        z = _reference_unit(res.conv2, _reference_unit(res.conv1, y))
+        y = y + z if res.residual else z
+    return _reference_unit(block.fuse, torch.cat([part1, _reference_unit(block.transition, y)], dim=1))
+
+
+def reference_forward(model, x):
+    conv, bn, act = model.stem
+    x = act(bn(conv(x)))
+    for stage in model.stages[:-1]:
+        x = _reference_csp_stage(stage, x)
+    low = x
+    x = _reference_csp_stage(model.stages[-1], x)
+    y = [_reference_unit(model.sppf.reduce, x)]
+    for _ in range(3):
+        y.append(F.max_pool2d(y[-1], 5, 1, 2))
+    high = _reference_unit(model.sppf.fuse, torch.cat(y, dim=1))
+    f_low = model.fc_low(_reference_unit(model.branch_low, low).mean((2, 3)))
+    f_high = model.fc_high(_reference_unit(model.branch_high, high).mean((2, 3)))
+    features = f_low * f_high
+    return model.classifier(features), features
+
+
+def _randomize_prelu(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.PReLU):
+                m.weight.uniform_(-0.2, 0.6)
+
+
+@pytest.mark.parametrize("name", BINARY_VARIANTS)
+@pytest.mark.parametrize("size", [128, 70])  # 70: odd sizes downstream (35 -> ceil-mode partial pooling windows)
+def test_fast_forward_matches_reference(name, size):
+    torch.manual_seed(7)
+    model = models.create(name, 6)
+    randomize_batchnorm(model)
+    _randomize_prelu(model)
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        logits, features = reference_forward(model, x)
+        candidates = {"eval": model(x)}
+        if name != "binary_dnet53_float":
+            frozen = xnorconv.freeze(model)
+            candidates["frozen"] = frozen(x)
+            candidates["frozen, batch 1"] = frozen(x[:1])
+            ref_frozen = reference_forward(frozen, x)
+            torch.testing.assert_close(ref_frozen[0], logits, rtol=1e-4, atol=1e-5)
+    with torch.enable_grad():  # the training-time path (unfolded stem, STE convs) computes the same in eval mode
+        candidates["grad"] = model(x.clone().requires_grad_(True))
+    for label, out in candidates.items():
+        n = out.logits.shape[0]
+        torch.testing.assert_close(out.logits.detach(), logits[:n], rtol=1e-4, atol=1e-5, msg=f"{name} {label}")
+        torch.testing.assert_close(out.features.detach(), features[:n], rtol=1e-4, atol=1e-5, msg=f"{name} {label}")
+
+
+def test_folded_stem_follows_changes():
+    """The stem's folded conv is a cache: in-place updates, load_state_dict, copies and train() all see the
+    current parameters and statistics."""
+    import copy
+    import pickle
+    torch.manual_seed(9)
+    frozen = xnorconv.freeze(models.create("binary_dnet53", 6))
+    x = torch.randn(1, 3, 64, 64)
+
+    def check(model):
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, reference_forward(model.eval(), x)[0], rtol=1e-4, atol=1e-5)
+
+    check(frozen)
+    with torch.inference_mode():  # folded (and cached) as inference tensors, then used under no_grad
+        torch.testing.assert_close(frozen(x).logits, reference_forward(frozen, x)[0], rtol=1e-4, atol=1e-5)
+    check(frozen)
+    randomize_batchnorm(frozen)  # in place: stem.1's statistics and affine parameters
+    check(frozen)
+    with torch.no_grad():
+        frozen.stem[0].weight.mul_(-1.5)
+    check(frozen)
+    other = xnorconv.freeze(models.create("binary_dnet53", 6))
+    randomize_batchnorm(other)
+    frozen.load_state_dict(other.state_dict())
+    check(frozen)
+    clone = copy.deepcopy(frozen)
+    assert "_folded_stem" not in clone.__dict__
+    with torch.no_grad():
+        clone.stem[1].running_var.mul_(4.0)
+    check(clone)
+    check(pickle.loads(pickle.dumps(frozen)))
+    frozen.stem[1].train()  # only the stem's BatchNorm in training mode: batch statistics, no folding
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x).logits, reference_forward(frozen, x)[0], rtol=1e-4, atol=1e-5)
+        assert frozen.stem[1].num_batches_tracked.item() == 2  # the module ran (it also updated its statistics)
+    frozen.train()
+    assert frozen(x).logits.shape == (1, 6)
+
+
+def test_real_shortcut_matches_reference_formulation():
+    torch.manual_seed(8)
+    for cin, cout, stride in ((16, 32, 2), (32, 64, 2), (32, 16, 1), (64, 32, 1), (256, 128, 1), (64, 48, 1),
+                              (128, 48, 1), (12, 4, 1), (7, 3, 2), (3, 7, 2), (8, 8, 2), (8, 8, 1)):
+        for shape in ((2, cin, 9, 7), (1, cin, 8, 6)):
+            x = torch.randn(shape)
+            s = RealShortcut(cin, cout, stride)
+            want = _reference_shortcut(s, x)
+            torch.testing.assert_close(s(x), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s(x.contiguous(memory_format=torch.channels_last)), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s(x.double()), want.double(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s(x[:0]), want[:0])
+
+
+def test_sppf_separable_pools_are_exact():
+    from models.darknet import SPPF
+    torch.manual_seed(10)
+    sppf = SPPF(16, 16).eval()
+    for shape in ((2, 16, 9, 7), (1, 16, 16, 16), (1, 16, 3, 2)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            y0 = sppf.reduce(x)
+            y1 = sppf.pool(y0)
+            y2 = sppf.pool(y1)
+            want = sppf.fuse(torch.cat([y0, y1, y2, sppf.pool(y2)], dim=1))
+            torch.testing.assert_close(sppf(x), want, rtol=0, atol=0)
+
+
+def test_state_dict_keys_unchanged():
+    """State dicts saved before the inference speed-ups load unchanged: keys and shapes pinned (sha256 of the
+    'key:shape' lines, computed on the implementation before them)."""
+    import hashlib
+
+    def digest(sd):
+        lines = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in sd.items())
+        return len(sd), hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+    assert digest(models.create("binary_dnet53", 6).state_dict()) == (213, "3359a0f17b6f170f")
+    assert digest(models.create("binary_dnet53_float", 6).state_dict()) == (213, "3359a0f17b6f170f")
+    assert digest(models.create("binary_dnet53_bwn", 6).state_dict()) == (162, "0624eeeaac90ab83")
+    assert digest(xnorconv.freeze(models.create("binary_dnet53", 6)).state_dict()) == (138, "99d635e36ed86c44")
+
+
 class OpRecorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -208,13 +376,15 @@ def test_frozen_binary_dnet53_runs_packed_kernels_and_matches():
     # every BatchNorm after a binary conv is folded; only the float stem's remains
     assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["stem.1"]
     recorder = OpRecorder()
-    with torch.no_grad(), recorder:
-        out = frozen(x)
+    with torch.no_grad():
+        frozen(x)  # the first call folds the stem's BatchNorm into its conv (cached)
+        with recorder:
+            out = frozen(x)
     assert recorder.ops.count("xnorconv.binary_conv2d_packed") == 25
     assert recorder.ops.count("aten.convolution") == 1  # the float stem only
-    # the 25 learnable thresholds are fused into the packing pass: the only subtractions left are those of the two
-    # non-divisible channel-narrowing shortcuts (64 -> 48 and 128 -> 48, differences of cumulative sums)
-    assert recorder.ops.count("aten.sub") == 2
+    assert not [op for op in recorder.ops if "batch_norm" in op]  # its BatchNorm folded into it
+    # the 25 learnable thresholds are fused into the packing pass: no subtraction is left
+    assert recorder.ops.count("aten.sub") == 0
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.features, expected.features, rtol=1e-4, atol=1e-5)
     # the packed model stores far less than the float one

@@ -1216,3 +1216,40 @@ def test_frozen_layer_fuses_residual_and_prelu():
         # The general path (float64 input) applies the same epilogue in PyTorch.
         torch.testing.assert_close(frozen(x.double(), residual=r.double(), prelu_weight=prelu.weight),
                                    want.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_fast_path_sees_replaced_state():
+    """The frozen layer's forward gathers its op arguments once; replacing any of them (setattr of a buffer or
+    geometry attribute, emit_signs, .to()) is seen by the next call, in-place updates without any rebuild."""
+    torch.manual_seed(5)
+    layer = xnorconv.BinaryConv2d(16, 8, 3, padding=1, learnable_threshold=True)
+    frozen = xnorconv.FrozenBinaryConv2d.from_binary(layer)
+    x = torch.randn(2, 16, 6, 6)
+
+    def reference():
+        return frozen(x.double()).float()  # the general (non-packed) path, which re-reads everything
+
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), reference())
+        frozen.scale = torch.linspace(-1.0, 2.0, 8)
+        torch.testing.assert_close(frozen(x), reference())
+        frozen.bias.add_(0.5)  # in place: same tensor, seen as is
+        torch.testing.assert_close(frozen(x), reference())
+        frozen.input_threshold = torch.full((16,), 0.25)
+        torch.testing.assert_close(frozen(x), reference())
+        frozen.pad_value = 1
+        torch.testing.assert_close(frozen(x), reference())
+        frozen.padding = (0, 0)
+        assert frozen(x).shape == (2, 8, 4, 4)
+        torch.testing.assert_close(frozen(x), reference())
+        with pytest.raises(ValueError, match=r"padded input size \(2, 2\) is smaller than the dilated kernel"):
+            frozen(torch.randn(1, 16, 2, 2))
+        frozen.emit_signs(torch.zeros(8))
+        assert frozen(x).dtype == torch.bool
+        other = xnorconv.FrozenBinaryConv2d.from_binary(xnorconv.BinaryConv2d(16, 8, 3, learnable_threshold=True))
+        other.load_state_dict(frozen.state_dict(), strict=False)
+        other(x)
+        import copy
+        clone = copy.deepcopy(frozen)
+        clone.output_threshold.fill_(1e9)  # the clone's own tensors, not the original's
+        assert clone(x).all() and not torch.equal(clone(x), frozen(x))

@@ -22,6 +22,11 @@ __all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalida
            "packed_kernel_devices", "unpack_weight_signs"]
 
 _MAX_TAPS = 1024  # kMaxTaps of the kernel core (csrc/core/xnorconv_core.h)
+_PACKED_CONV = torch.ops.xnorconv.binary_conv2d_packed.default  # the overload itself: no per-call resolution
+# FrozenBinaryConv2d state that its forward fast path holds (see FrozenBinaryConv2d._make_fast_args).
+_FAST_PATH_STATE = frozenset(("weight_bits", "weight_tap_sum", "scale", "bias", "input_threshold", "output_threshold",
+                              "stride", "padding", "dilation", "groups", "pad_value", "padding_mode", "binarize_input",
+                              "kernel_size", "in_channels"))
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -421,16 +426,43 @@ class FrozenBinaryConv2d(nn.Module):
         self._fast_args = None  # .to() / .double(): re-decide the fast path on the next call
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_fast_args"] = None  # rebuilt on the next call
+        return state
+
+    def __setattr__(self, name, value):
+        if name in _FAST_PATH_STATE:  # the fast path holds these tensors: re-read them on the next call
+            self.__dict__["_fast_args"] = None
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name in _FAST_PATH_STATE:
+            self.__dict__["_fast_args"] = None
+        super().__delattr__(name)
+
     def _make_fast_args(self):
-        """(stride, pads, dilation, groups, pad_value) for the op, or () when the general path must run."""
+        """What the deployed case's forward needs, computed once (or () when the general path must run):
+        (device, min_h, min_w, op arguments from weight_bits to pad_value, input_threshold, output_signs,
+        output_threshold). Buffers are held by reference, so in-place updates (load_state_dict) need no rebuild;
+        replacing one (setattr, register_buffer, .to()) drops this tuple."""
         usable = (self.binarize_input and self.padding_mode == "zeros" and self.weight_bits.device.type in
                   _PACKED_DEVICES and self.scale.dtype == torch.float32
                   and (self.bias is None or self.bias.dtype == torch.float32)
                   and (self.input_threshold is None or self.input_threshold.dtype == torch.float32))
-        if not usable:
+        out_threshold = getattr(self, "output_threshold", None)
+        if not usable or (out_threshold is not None and out_threshold.dtype != torch.float32):
             return ()
         _, pads, _ = normalize_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)
-        return list(self.stride), list(pads), list(self.dilation), self.groups, self.pad_value
+        kh, kw = self.kernel_size
+        # Smallest input size the kernel accepts (_check_spatial's rule); smaller inputs take the general path,
+        # which raises its error.
+        min_h = (kh - 1) * self.dilation[0] + 1 - pads[0] - pads[1]
+        min_w = (kw - 1) * self.dilation[1] + 1 - pads[2] - pads[3]
+        args = (self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
+                list(self.stride), list(pads), list(self.dilation), self.groups, self.pad_value)
+        return (self.weight_bits.device, min_h, min_w, args, self.input_threshold, out_threshold is not None,
+                out_threshold)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
@@ -457,22 +489,26 @@ class FrozenBinaryConv2d(nn.Module):
         """y = scale * conv(sign(x), sign(W)) + bias. Optional fused epilogue of a Bi-Real / ReActNet unit:
         y = prelu(y + residual) with `residual` of the output's shape and `prelu_weight` (out_channels,) or (1,)
         (nn.PReLU's weight), computed in the packed kernel's output stage."""
-        prelu = prelu_weight.detach() if prelu_weight is not None else None
-        # Fast path for the deployed case (batched float32 on a packed-kernel device, zeros padding): the geometry
-        # never changes, so the op's arguments are computed once; only the per-call checks remain.
+        prelu = prelu_weight
+        if prelu is not None and prelu.requires_grad and torch.is_grad_enabled():
+            prelu = prelu.detach()  # the op has no autograd formula (under no_grad there is nothing to detach from)
+        # Fast path for the deployed case (batched float32 or bool on a packed-kernel device, zeros padding): the
+        # geometry and the tensors never change, so the op's arguments are gathered once; only the per-call
+        # checks on the input remain.
         fast = self.__dict__.get("_fast_args")
         if fast is None:
             fast = self._fast_args = self._make_fast_args()
-        if (fast and isinstance(input, torch.Tensor) and input.dim() == 4
-                and input.dtype in (torch.float32, torch.bool)
-                and input.device == self.weight_bits.device and input.shape[1] == self.in_channels):
-            _check_spatial(self, input, fast[1])
-            out_threshold = getattr(self, "output_threshold", None)
-            # Bool input: the signs of a chained producer, which already applied this layer's threshold.
-            in_threshold = self.input_threshold if input.dtype == torch.float32 else None
-            return torch.ops.xnorconv.binary_conv2d_packed(
-                input, self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
-                *fast, in_threshold, out_threshold is not None, out_threshold, residual, prelu)
+        if fast and isinstance(input, torch.Tensor):
+            device, min_h, min_w, args, in_threshold, output_signs, out_threshold = fast
+            shape = input.shape
+            dtype = input.dtype
+            if (len(shape) == 4 and shape[1] == self.in_channels and (dtype is torch.float32 or dtype is torch.bool)
+                    and (input.is_cpu if device.type == "cpu" else input.device == device)):
+                if shape[2] < min_h or shape[3] < min_w:
+                    _check_spatial(self, input, args[6])  # raises, naming the sizes
+                # Bool input: the signs of a chained producer, which already applied this layer's threshold.
+                return _PACKED_CONV(input, *args, in_threshold if dtype is torch.float32 else None, output_signs,
+                                    out_threshold, residual, prelu)
         if isinstance(input, torch.Tensor) and (getattr(self, "output_threshold", None) is not None
                                                 or input.dtype == torch.bool):
             raise ValueError(f"{type(self).__name__}: sign input/output (a freeze() chain) needs a batched float32 "
