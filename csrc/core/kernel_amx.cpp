@@ -370,7 +370,7 @@ void amx_conv(const ConvParams& p, const ActivationLayout&, const uint64_t* pack
               const uint64_t* packed_weight, const OutputStage& st, int64_t begin, int64_t end) {
   if (begin >= end) return;
   const AmxGeometry g = amx_geometry(p);
-  const int64_t taps = p.taps();
+  const int64_t taps = p.taps(), og = p.out_channels_per_group();
   int64_t tap_base[kMaxTaps];
   for (int64_t kh = 0, t = 0; kh < p.kernel_h; ++kh)
     for (int64_t kw = 0; kw < p.kernel_w; ++kw, ++t) {
@@ -427,16 +427,37 @@ void amx_conv(const ConvParams& p, const ActivationLayout&, const uint64_t* pack
             _tile_loadd(3, keep + 768, 64);
           }
           const int8_t* a = image + k * g.plane_bytes + pb * kBlockPositions * 64;
-          for (int64_t t = 0; t < tn; ++t) {
-            const int8_t* at = a + tap_base[t0 + t];
-            _tile_loadd(4, at, 64);
-            _tile_loadd(5, at + kTileBytes, 64);
-            _tile_loadd(6, b_tiles[0][t], 64);
-            _tile_loadd(7, b_tiles[1][t], 64);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbssd(1, 4, 7);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbssd(3, 5, 7);
+          // A block's second position tile or channel tile can lie wholly past the outputs (the last block of a
+          // small image, 16 channels left): its products are skipped, the dropped results left stale.
+          const bool second_positions = pb * kBlockPositions + kTileRows < g.out_positions;
+          const bool second_channels = cb * kBlockChannels + kTileRows < og;
+          if (second_positions && second_channels) {
+            for (int64_t t = 0; t < tn; ++t) {
+              const int8_t* at = a + tap_base[t0 + t];
+              _tile_loadd(4, at, 64);
+              _tile_loadd(5, at + kTileBytes, 64);
+              _tile_loadd(6, b_tiles[0][t], 64);
+              _tile_loadd(7, b_tiles[1][t], 64);
+              _tile_dpbssd(0, 4, 6);
+              _tile_dpbssd(1, 4, 7);
+              _tile_dpbssd(2, 5, 6);
+              _tile_dpbssd(3, 5, 7);
+            }
+          } else {
+            for (int64_t t = 0; t < tn; ++t) {
+              const int8_t* at = a + tap_base[t0 + t];
+              _tile_loadd(4, at, 64);
+              _tile_loadd(6, b_tiles[0][t], 64);
+              _tile_dpbssd(0, 4, 6);
+              if (second_channels) {
+                _tile_loadd(7, b_tiles[1][t], 64);
+                _tile_dpbssd(1, 4, 7);
+              }
+              if (second_positions) {
+                _tile_loadd(5, at + kTileBytes, 64);
+                _tile_dpbssd(2, 5, 6);
+              }
+            }
           }
           if (last && pending >= 0) store(p, g, st, n, grp, cb, pending, c[pending & 1]);
           int32_t* dst = last ? &c[pb & 1][0][0][0] : keep;
