@@ -19,7 +19,7 @@ def backends():
 def current_backend(channels: int = 64, kernel: int = 3, stride: int = 1) -> str:
     """The CPU kernel path the selector picks now for a layer with `channels` input channels (per group), a square
     `kernel` and `stride` (honouring use_backend and XNORCONV_BACKEND). Without an override the choice depends on
-    the layer: on CPUs with AMX, 'amx' takes stride-1 windows of 2x2 or more over 32+ channels, 'avx512' the rest."""
+    the layer: on CPUs with AMX, 'amx' takes stride-1 windows of 2x2 or more over 16+ channels, 'avx512' the rest."""
     return _C.selected_backend(channels, kernel, stride)
 
 
