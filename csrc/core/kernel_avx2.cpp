@@ -2,7 +2,13 @@
 // pixels; popcount is the nibble lookup (vpshufb) into byte counters, widened with vpsadbw, which sums the 8 bytes
 // of each 64-bit lane, so each lane stays one output pixel. Byte counters hold at most 8 per word, so they are
 // flushed every 31 words.
+//
+// XOR commutes with the nibble split (lo(a ^ w) = lo(a) ^ lo(w)), so the split is done once per call on both
+// operands (split_conv) instead of once per product: the inner loop is 2 XOR + 2 vpshufb + 2 byte adds per 256 binary
+// MACs instead of 8 ops (the and/shift/and of the split). Every op is on the three vector ALU ports, so that is the
+// ratio of the peaks (the probe measures it).
 #include <cstdint>
+#include <cstdlib>
 
 #include "xnorconv_core.h"
 
@@ -18,9 +24,15 @@ namespace xnorconv {
 namespace {
 
 struct Avx2Isa {
-  // Measured best of 1x6, 1x8, 1x10, 2x3, 4x2 and 2x4 on Zen 4 (bench_core, interleaved).
-  // 2 strips x 4 channels = 8 byte-counter registers + 2 activations + LUT, nibble mask and temporaries: 16 ymm.
-  static constexpr int kStrip = 4, kStrips = 2, kChannels = 4;
+  // 1 strip x 8 channels: 8 byte counters + the strip's two nibble planes + two weight broadcasts + LUT and two
+  // temporaries fit the 16 ymm, so nothing spills and the activations are loaded once per word. Measured on
+  // Sapphire Rapids (bench_core, interleaved) against 2x4, 2x5, 1x10 (and 4x2, 3x3 before the weights were
+  // interleaved): 2x4 needs its activations as memory operands, which unlaminate and leave the loop issue-bound.
+#ifndef XP
+#define XP 1
+#define XV 8
+#endif
+  static constexpr int kStrip = 4, kStrips = XP, kChannels = XV;
   static constexpr int kFlushWords = 31;
 
   // One 8-float compare per step; `Threshold` yields the 8 thresholds at offset i.
@@ -65,17 +77,36 @@ struct Avx2Isa {
     return below_impl(x, PerLane{t}, count);
   }
 
+  // Set by split_conv on the calling thread before its tasks run: where the high-nibble activation plane sits
+  // relative to the low one, and the weights conv_tasks indexes (to find a block's interleaved split weights).
+  static thread_local int64_t act_hi;
+  static thread_local const uint64_t* weight_base;
+  static thread_local uint64_t* split_weights;
+  static thread_local const uint64_t* cached_row;
+  static thread_local const uint64_t* cached_block;
+  static thread_local int64_t weight_row, group_out, group_blocks;
+
+  // The split weights of the block whose first channel row conv_tasks points at: [word][channel][lo, hi].
+  static const uint64_t* block_weights(const uint64_t* first_row) {
+    if (first_row != cached_row) {
+      const int64_t c0 = (first_row - weight_base) / weight_row, g = c0 / group_out;
+      const int64_t cb = (c0 - g * group_out) / kChannels;
+      cached_row = first_row;
+      cached_block = split_weights + (g * group_blocks + cb) * 2 * kChannels * weight_row;
+    }
+    return cached_block;
+  }
+
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+    const int64_t ah = act_hi;
+    const uint64_t* wb = block_weights(weight[0]);
     __m256i total[kStrips][kChannels], bytes[kStrips][kChannels];
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v) total[i][v] = bytes[i][v] = _mm256_setzero_si256();
-    const uint64_t* w[kChannels];
-    for (int v = 0; v < kChannels; ++v) w[v] = weight[v];
     int pending = 0;
     auto flush = [&] {
       for (int i = 0; i < kStrips; ++i)
@@ -89,18 +120,22 @@ struct Avx2Isa {
       const uint64_t* a[kStrips];
       for (int i = 0; i < kStrips; ++i) a[i] = act[i] + tap_offset[t];
       for (int64_t k = 0; k < words_per_group; ++k) {
-        __m256i x[kStrips];
-        for (int i = 0; i < kStrips; ++i)
-          x[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[i] + k * word_stride));
+        __m256i lo[kStrips], hi[kStrips];
+        for (int i = 0; i < kStrips; ++i) {
+          lo[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[i]));
+          hi[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[i] + ah));
+          a[i] += word_stride;
+        }
         for (int v = 0; v < kChannels; ++v) {
-          const __m256i wv = _mm256_set1_epi64x(static_cast<long long>(*w[v]++));
+          const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v]));
+          const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v + 1]));
           for (int i = 0; i < kStrips; ++i) {
-            const __m256i d = _mm256_xor_si256(x[i], wv);
-            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(d, low_nibble));
-            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(d, 4), low_nibble));
-            bytes[i][v] = _mm256_add_epi8(bytes[i][v], _mm256_add_epi8(lo, hi));
+            const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo[i], wl));
+            const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi[i], wh));
+            bytes[i][v] = _mm256_add_epi8(bytes[i][v], _mm256_add_epi8(l, h));
           }
         }
+        wb += 2 * kChannels;
         if (++pending == kFlushWords) flush();
       }
     }
@@ -141,24 +176,35 @@ struct Avx2Isa {
   }
 
   static uint64_t peak_probe(int64_t iterations) {
+    // The kernel's inner loop on registers: per strip and channel, two XORs of nibble planes, two lookups and two
+    // byte adds, with the vpsadbw widening every kFlushWords rounds.
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i low_nibble = _mm256_set1_epi8(0x0F);
     constexpr int kAcc = kStrips * kChannels;
-    __m256i bytes[kAcc], total = _mm256_setzero_si256(), x[kStrips];
-    for (int i = 0; i < kStrips; ++i) x[i] = _mm256_set1_epi64x(0x0123456789ABCDEFll * (i + 1));
+    __m256i bytes[kAcc], total = _mm256_setzero_si256(), lo[kStrips], hi[kStrips];
+    for (int i = 0; i < kStrips; ++i) {
+      lo[i] = _mm256_set1_epi64x(0x0102030405060708ll * (i + 1));
+      hi[i] = _mm256_set1_epi64x(0x0807060504030201ll * (i + 1));
+    }
+    alignas(64) uint64_t weights[2 * kChannels];
+    for (int v = 0; v < kChannels; ++v) {
+      weights[2 * v] = 0x0505030300000F0Full + v;
+      weights[2 * v + 1] = 0x0A0A0C0C0F0F0000ull + v;
+    }
+    const uint64_t* wp = weights;
     for (int64_t it = 0; it < iterations;) {
       for (int i = 0; i < kAcc; ++i) bytes[i] = _mm256_setzero_si256();
       for (int round = 0; round < kFlushWords && it < iterations; ++round, ++it) {
+        // The weights are broadcast from memory, as in the kernel (a load, no shuffle-port uop); the opaque pointer
+        // makes every round reload them, so no product can be shared between rounds.
+        __asm__ volatile("" : "+r"(wp));
         for (int v = 0; v < kChannels; ++v) {
-          // A fresh opaque weight per channel, as the kernel's broadcast: no product can be shared.
-          __m256i w = _mm256_set1_epi64x(0x5555AAAA3333CCCCll + v);
-          __asm__ volatile("" : "+x"(w));
+          const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wp[2 * v]));
+          const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wp[2 * v + 1]));
           for (int i = 0; i < kStrips; ++i) {
-            const __m256i d = _mm256_xor_si256(x[i], w);
-            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(d, low_nibble));
-            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(d, 4), low_nibble));
-            bytes[i * kChannels + v] = _mm256_add_epi8(bytes[i * kChannels + v], _mm256_add_epi8(lo, hi));
+            const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo[i], wl));
+            const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi[i], wh));
+            bytes[i * kChannels + v] = _mm256_add_epi8(bytes[i * kChannels + v], _mm256_add_epi8(l, h));
           }
         }
       }
@@ -172,10 +218,99 @@ struct Avx2Isa {
   }
 };
 
+thread_local int64_t Avx2Isa::act_hi = 0;
+thread_local const uint64_t* Avx2Isa::weight_base = nullptr;
+thread_local uint64_t* Avx2Isa::split_weights = nullptr;
+thread_local const uint64_t* Avx2Isa::cached_row = nullptr;
+thread_local const uint64_t* Avx2Isa::cached_block = nullptr;
+thread_local int64_t Avx2Isa::weight_row = 1, Avx2Isa::group_out = 1, Avx2Isa::group_blocks = 1;
+
+// A buffer kept per thread across calls, so that the split planes cost no allocation (and no page faults) per call.
+struct Scratch {
+  uint64_t* data = nullptr;
+  int64_t capacity = 0;
+  uint64_t* get(int64_t words) {
+    if (words > capacity) {
+      std::free(data);
+      data = static_cast<uint64_t*>(std::malloc(static_cast<size_t>(words) * sizeof(uint64_t)));
+      if (!data) std::abort();
+      capacity = words;
+    }
+    return data;
+  }
+  ~Scratch() { std::free(data); }
+};
+thread_local Scratch t_act_planes, t_weight_planes;
+
+constexpr uint64_t kLowNibbles = 0x0F0F0F0F0F0F0F0Full;
+
+// lo = the low nibble of every byte, hi = the high nibble shifted down: the two vpshufb indices, computed once per
+// word here instead of once per (word, output channel) in the inner loop.
+void split_nibbles(const uint64_t* src, int64_t words, uint64_t* lo, uint64_t* hi) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  int64_t i = 0;
+  for (; i + 4 <= words; i += 4) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i), _mm256_and_si256(x, mask));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i), _mm256_and_si256(_mm256_srli_epi16(x, 4), mask));
+  }
+  for (; i < words; ++i) {
+    lo[i] = src[i] & kLowNibbles;
+    hi[i] = (src[i] >> 4) & kLowNibbles;
+  }
+}
+
+// The convolution pass. Splits the packed activations into nibble planes, and the weight rows of the channel blocks
+// these tasks use into per-block interleaved [word][channel][lo, hi] runs that the block reads with one pointer;
+// per thread, since the tasks of one call may run on several threads. Then runs the shared skeleton on the low
+// activation plane.
+void split_conv(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
+                const OutputStage& st, int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  constexpr int V = Avx2Isa::kChannels;
+  const int64_t act_words = l.total_words;
+  uint64_t* act = t_act_planes.get(2 * act_words);
+  split_nibbles(x, act_words, act, act + act_words);
+
+  const TaskSpace ts = conv_task_space<Avx2Isa>(p);
+  const int64_t row = p.taps() * l.words_per_group, og = p.out_channels_per_group();
+  const int64_t block_words = 2 * V * row;
+  uint64_t* split = t_weight_planes.get(p.groups * ts.channel_blocks * block_words);
+  // Only the channel blocks of these tasks: (n, g, cb) rows first..last, at most one pass over every (g, cb).
+  const int64_t first = begin / ts.strip_blocks, last = (end - 1) / ts.strip_blocks;
+  const int64_t rows = imin(last - first + 1, p.groups * ts.channel_blocks);
+  for (int64_t r = first; r < first + rows; ++r) {
+    const int64_t b = r % (p.groups * ts.channel_blocks);
+    const int64_t g = b / ts.channel_blocks, cb = b % ts.channel_blocks;
+    uint64_t* dst = split + b * block_words;
+    const uint64_t* src[V];
+    // Past the group's last channel, the same clamp as conv_tasks (computed, never stored).
+    for (int v = 0; v < V; ++v) src[v] = w + (g * og + imin(cb * V + v, og - 1)) * row;
+    for (int64_t j = 0; j < row; ++j)
+      for (int v = 0; v < V; ++v) {
+        const uint64_t word = src[v][j];
+        *dst++ = word & kLowNibbles;
+        *dst++ = (word >> 4) & kLowNibbles;
+      }
+  }
+  Avx2Isa::act_hi = act_words;
+  Avx2Isa::weight_base = w;
+  Avx2Isa::split_weights = split;
+  Avx2Isa::cached_row = nullptr;
+  Avx2Isa::weight_row = row;
+  Avx2Isa::group_out = og;
+  Avx2Isa::group_blocks = ts.channel_blocks;
+  conv_tasks<Avx2Isa>(p, l, act, w, st, begin, end);
+}
+
 }  // namespace
 
 const KernelOps& avx2_kernel() {
-  static const KernelOps ops = make_kernel_ops<Avx2Isa>("avx2");
+  static const KernelOps ops = [] {
+    KernelOps k = make_kernel_ops<Avx2Isa>("avx2");
+    k.conv = split_conv;
+    return k;
+  }();
   return ops;
 }
 
