@@ -29,8 +29,8 @@ struct Avx2Isa {
   // Sapphire Rapids (bench_core, interleaved) against 2x4, 2x5, 1x10 (and 4x2, 3x3 before the weights were
   // interleaved): 2x4 needs its activations as memory operands, which unlaminate and leave the loop issue-bound.
 #ifndef XP
-#define XP 1
-#define XV 8
+#define XP 4
+#define XV 6
 #endif
   static constexpr int kStrip = 4, kStrips = XP, kChannels = XV;
   static constexpr int kFlushWords = 31;
@@ -100,79 +100,120 @@ struct Avx2Isa {
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs) {
+    const uint64_t* wb = block_weights(weight[0]);
+    // Strips one after the other, each with all kChannels counters in registers (the weights are re-read from L1
+    // per strip); the epilogue then takes two strips at a time, 8 pixels per ymm.
+    for (int i = 0; i < kStrips; i += 2) {
+      if (bs.offset[i] < 0) break;  // repeats of the last strip, never stored
+      __m256i even[kChannels], odd[kChannels];
+      strip(act[i], tap_offset, taps, words_per_group, word_stride, wb, even);
+      if (bs.offset[i + 1] >= 0) strip(act[i + 1], tap_offset, taps, words_per_group, word_stride, wb, odd);
+      else
+        for (int v = 0; v < kChannels; ++v) odd[v] = _mm256_setzero_si256();
+      for (int v = 0; v < kChannels; ++v) {
+        if (!bs.stored(i, v)) continue;
+        // The low dword of each 64-bit count (below 2^31), strip i's 4 pixels then strip i + 1's.
+        const __m256i mixed = _mm256_blend_epi32(even[v], _mm256_slli_epi64(odd[v], 32), 0xAA);
+        emit(_mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)), i, v, bs);
+      }
+    }
+  }
+
+  // The output stage of 8 pixels of channel v: strip i's lanes in the low half, strip i + 1's in the high half.
+  static void emit(__m256i count, int i, int v, const BlockStore<kStrips, kChannels, kStrip>& bs) {
+    const int lanes0 = bs.lanes[i], lanes1 = bs.offset[i + 1] >= 0 ? bs.lanes[i + 1] : 0;
+    // The two strips are contiguous in the NCHW plane whenever the first is full (rows end-to-end included).
+    const bool joined = lanes0 == kStrip && bs.offset[i + 1] == bs.offset[i] + kStrip;
+    __m256i dot = _mm256_sub_epi32(_mm256_set1_epi32(bs.depth), _mm256_add_epi32(count, count));
+    if (bs.border[i] || (lanes1 && bs.border[i + 1])) {
+      const __m128i zero = _mm_setzero_si128();
+      const __m128i c0 = bs.border[i] ? _mm_load_si128(reinterpret_cast<const __m128i*>(bs.corrections[i][v])) : zero;
+      const __m128i c1 =
+          lanes1 && bs.border[i + 1] ? _mm_load_si128(reinterpret_cast<const __m128i*>(bs.corrections[i + 1][v])) : zero;
+      dot = _mm256_sub_epi32(dot, _mm256_setr_m128i(c0, c1));
+    }
+    __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(bs.bias[v]));
+    alignas(32) float tmp[2 * kStrip];
+    if (bs.residual_plane[v]) {
+      const float* r0 = bs.residual(i, v);
+      if (joined && lanes1 == kStrip) {
+        y = _mm256_add_ps(y, _mm256_loadu_ps(r0));
+      } else {
+        const float* r1 = lanes1 ? bs.residual(i + 1, v) : nullptr;
+        for (int lane = 0; lane < 2 * kStrip; ++lane) tmp[lane] = 0.0f;
+        for (int lane = 0; lane < lanes0; ++lane) tmp[lane] = r0[lane];
+        for (int lane = 0; lane < lanes1; ++lane) tmp[kStrip + lane] = r1[lane];
+        y = _mm256_add_ps(y, _mm256_load_ps(tmp));
+      }
+    }
+    if (bs.prelu) {
+      const __m256 negative = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_NGE_UQ);
+      y = _mm256_blendv_ps(y, _mm256_mul_ps(y, _mm256_set1_ps(bs.slope[v])), negative);
+    }
+    if (bs.sign_plane[v]) {
+      const int negative = _mm256_movemask_ps(_mm256_cmp_ps(y, _mm256_set1_ps(bs.threshold[v]), _CMP_NGE_UQ));
+      uint8_t* s0 = bs.signs(i, v);
+      for (int lane = 0; lane < lanes0; ++lane) s0[lane] = static_cast<uint8_t>((negative >> lane) & 1);
+      if (lanes1) {
+        uint8_t* s1 = bs.signs(i + 1, v);
+        for (int lane = 0; lane < lanes1; ++lane) s1[lane] = static_cast<uint8_t>((negative >> (kStrip + lane)) & 1);
+      }
+      return;
+    }
+    float* o0 = bs.out(i, v);
+    if (joined && lanes1 == kStrip) {
+      _mm256_storeu_ps(o0, y);
+      return;
+    }
+    if (lanes0 == kStrip) {
+      _mm_storeu_ps(o0, _mm256_castps256_ps128(y));
+    } else {
+      _mm256_store_ps(tmp, y);
+      for (int lane = 0; lane < lanes0; ++lane) o0[lane] = tmp[lane];
+    }
+    if (lanes1 == kStrip) {
+      _mm_storeu_ps(bs.out(i + 1, v), _mm256_extractf128_ps(y, 1));
+    } else if (lanes1) {
+      _mm256_store_ps(tmp, y);
+      float* o1 = bs.out(i + 1, v);
+      for (int lane = 0; lane < lanes1; ++lane) o1[lane] = tmp[kStrip + lane];
+    }
+  }
+
+  // Popcounts of one strip against kChannels interleaved split weight rows, 64-bit lane per pixel.
+  static void strip(const uint64_t* act, const int64_t* tap_offset, int64_t taps, int64_t words_per_group,
+                    int64_t word_stride, const uint64_t* wb, __m256i total[kChannels]) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const int64_t ah = act_hi;
-    const uint64_t* wb = block_weights(weight[0]);
-    __m256i total[kStrips][kChannels], bytes[kStrips][kChannels];
-    for (int i = 0; i < kStrips; ++i)
-      for (int v = 0; v < kChannels; ++v) total[i][v] = bytes[i][v] = _mm256_setzero_si256();
+    __m256i bytes[kChannels];
+    for (int v = 0; v < kChannels; ++v) total[v] = bytes[v] = _mm256_setzero_si256();
     int pending = 0;
     auto flush = [&] {
-      for (int i = 0; i < kStrips; ++i)
-        for (int v = 0; v < kChannels; ++v) {
-          total[i][v] = _mm256_add_epi64(total[i][v], _mm256_sad_epu8(bytes[i][v], _mm256_setzero_si256()));
-          bytes[i][v] = _mm256_setzero_si256();
-        }
+      for (int v = 0; v < kChannels; ++v) {
+        total[v] = _mm256_add_epi64(total[v], _mm256_sad_epu8(bytes[v], _mm256_setzero_si256()));
+        bytes[v] = _mm256_setzero_si256();
+      }
       pending = 0;
     };
     for (int64_t t = 0; t < taps; ++t) {
-      const uint64_t* a[kStrips];
-      for (int i = 0; i < kStrips; ++i) a[i] = act[i] + tap_offset[t];
+      const uint64_t* a = act + tap_offset[t];
       for (int64_t k = 0; k < words_per_group; ++k) {
-        __m256i lo[kStrips], hi[kStrips];
-        for (int i = 0; i < kStrips; ++i) {
-          lo[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[i]));
-          hi[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[i] + ah));
-          a[i] += word_stride;
-        }
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + ah));
+        a += word_stride;
         for (int v = 0; v < kChannels; ++v) {
           const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v]));
           const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v + 1]));
-          for (int i = 0; i < kStrips; ++i) {
-            const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo[i], wl));
-            const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi[i], wh));
-            bytes[i][v] = _mm256_add_epi8(bytes[i][v], _mm256_add_epi8(l, h));
-          }
+          const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo, wl));
+          const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi, wh));
+          bytes[v] = _mm256_add_epi8(bytes[v], _mm256_add_epi8(l, h));
         }
         wb += 2 * kChannels;
         if (++pending == kFlushWords) flush();
       }
     }
     flush();
-    for (int i = 0; i < kStrips; ++i)
-      for (int v = 0; v < kChannels; ++v)
-        if (bs.stored(i, v))
-          store(total[i][v], bs.lanes[i], bs.depth, bs.scale[v], bs.bias[v], bs.correction(i, v), bs.out(i, v),
-                bs.signs(i, v), bs.threshold[v], bs.residual(i, v), bs.prelu, bs.slope[v]);
-  }
-
-  static void store(__m256i counts, int lanes, int32_t depth, float scale, float bias, const int32_t* correction,
-                    float* out, uint8_t* signs, float threshold, const float* residual, bool prelu, float slope) {
-    // Lanes are 64-bit counts below 2^31: take the low dword of each.
-    const __m256i count = _mm256_permutevar8x32_epi32(counts, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
-    __m128i dot = _mm_sub_epi32(_mm_set1_epi32(depth), _mm_slli_epi32(_mm256_castsi256_si128(count), 1));
-    if (correction) dot = _mm_sub_epi32(dot, _mm_load_si128(reinterpret_cast<const __m128i*>(correction)));
-    __m128 y = _mm_fmadd_ps(_mm_set1_ps(scale), _mm_cvtepi32_ps(dot), _mm_set1_ps(bias));
-    if (residual) {
-      alignas(16) float r[4] = {0, 0, 0, 0};
-      for (int lane = 0; lane < lanes; ++lane) r[lane] = residual[lane];
-      y = _mm_add_ps(y, _mm_load_ps(r));
-    }
-    if (prelu) {
-      const __m128 negative = _mm_cmp_ps(y, _mm_setzero_ps(), _CMP_NGE_UQ);
-      y = _mm_blendv_ps(y, _mm_mul_ps(y, _mm_set1_ps(slope)), negative);
-    }
-    if (signs) {
-      const int negative = _mm_movemask_ps(_mm_cmp_ps(y, _mm_set1_ps(threshold), _CMP_NGE_UQ));
-      for (int lane = 0; lane < lanes; ++lane) signs[lane] = static_cast<uint8_t>((negative >> lane) & 1);
-    } else if (lanes == 4) {
-      _mm_storeu_ps(out, y);
-    } else {
-      alignas(16) float tmp[4];
-      _mm_store_ps(tmp, y);
-      for (int lane = 0; lane < lanes; ++lane) out[lane] = tmp[lane];
-    }
   }
 
   static uint64_t peak_probe(int64_t iterations) {
@@ -180,9 +221,9 @@ struct Avx2Isa {
     // byte adds, with the vpsadbw widening every kFlushWords rounds.
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    constexpr int kAcc = kStrips * kChannels;
-    __m256i bytes[kAcc], total = _mm256_setzero_si256(), lo[kStrips], hi[kStrips];
-    for (int i = 0; i < kStrips; ++i) {
+    constexpr int kProbeStrips = 1, kAcc = kProbeStrips * kChannels;
+    __m256i bytes[kAcc], total = _mm256_setzero_si256(), lo[kProbeStrips], hi[kProbeStrips];
+    for (int i = 0; i < kProbeStrips; ++i) {
       lo[i] = _mm256_set1_epi64x(0x0102030405060708ll * (i + 1));
       hi[i] = _mm256_set1_epi64x(0x0807060504030201ll * (i + 1));
     }
@@ -201,7 +242,7 @@ struct Avx2Isa {
         for (int v = 0; v < kChannels; ++v) {
           const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wp[2 * v]));
           const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wp[2 * v + 1]));
-          for (int i = 0; i < kStrips; ++i) {
+          for (int i = 0; i < kProbeStrips; ++i) {
             const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo[i], wl));
             const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi[i], wh));
             bytes[i * kChannels + v] = _mm256_add_epi8(bytes[i * kChannels + v], _mm256_add_epi8(l, h));
