@@ -110,11 +110,23 @@ struct Avx2Isa {
       if (bs.offset[i + 1] >= 0) strip(act[i + 1], tap_offset, taps, words_per_group, word_stride, wb, odd);
       else
         for (int v = 0; v < kChannels; ++v) odd[v] = _mm256_setzero_si256();
+      // The common case, decided once per pair: 8 contiguous float outputs, nothing but scale and bias.
+      const bool plain = bs.offset[i + 1] == bs.offset[i] + kStrip && bs.lanes[i] == kStrip &&
+                         bs.lanes[i + 1] == kStrip && !bs.border[i] && !bs.border[i + 1] && !bs.prelu;
+      const __m256i depth = _mm256_set1_epi32(bs.depth);
       for (int v = 0; v < kChannels; ++v) {
         if (!bs.stored(i, v)) continue;
         // The low dword of each 64-bit count (below 2^31), strip i's 4 pixels then strip i + 1's.
         const __m256i mixed = _mm256_blend_epi32(even[v], _mm256_slli_epi64(odd[v], 32), 0xAA);
-        emit(_mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7)), i, v, bs);
+        const __m256i count = _mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+        if (plain && bs.plane[v] && !bs.residual_plane[v]) {
+          const __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
+          _mm256_storeu_ps(bs.plane[v] + bs.offset[i], _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]),
+                                                                        _mm256_cvtepi32_ps(dot),
+                                                                        _mm256_set1_ps(bs.bias[v])));
+        } else {
+          emit(count, i, v, bs);
+        }
       }
     }
   }
