@@ -23,6 +23,31 @@
 namespace xnorconv {
 namespace {
 
+// A buffer kept per thread across calls, so that the split planes cost no allocation (and no page faults) per call.
+struct Scratch {
+  uint64_t* data = nullptr;
+  int64_t capacity = 0;
+  uint64_t* get(int64_t words) {
+    if (words > capacity) {
+      std::free(data);
+      data = static_cast<uint64_t*>(std::malloc(static_cast<size_t>(words) * sizeof(uint64_t)));
+      if (!data) std::abort();
+      capacity = words;
+    }
+    return data;
+  }
+  ~Scratch() { std::free(data); }
+};
+
+constexpr uint64_t kLowNibbles = 0x0F0F0F0F0F0F0F0Full;
+
+// Per-thread state of the convolution pass (the tasks of one call may run on several threads): the activation nibble
+// planes and where the high one sits relative to the low one, and the split weights of the current channel block,
+// keyed by its first weight row (reset by every call, so weights changed in place are split again).
+thread_local Scratch t_act_planes, t_weight_block;
+thread_local int64_t t_act_hi = 0;
+thread_local const uint64_t* t_cached_row = nullptr;
+
 struct Avx2Isa {
   // 1 strip x 8 channels: 8 byte counters + the strip's two nibble planes + two weight broadcasts + LUT and two
   // temporaries fit the 16 ymm, so nothing spills and the activations are loaded once per word. Measured on
@@ -77,30 +102,27 @@ struct Avx2Isa {
     return below_impl(x, PerLane{t}, count);
   }
 
-  // Set by split_conv on the calling thread before its tasks run: where the high-nibble activation plane sits
-  // relative to the low one, and the weights conv_tasks indexes (to find a block's interleaved split weights).
-  static thread_local int64_t act_hi;
-  static thread_local const uint64_t* weight_base;
-  static thread_local uint64_t* split_weights;
-  static thread_local const uint64_t* cached_row;
-  static thread_local const uint64_t* cached_block;
-  static thread_local int64_t weight_row, group_out, group_blocks;
-
-  // The split weights of the block whose first channel row conv_tasks points at: [word][channel][lo, hi].
-  static const uint64_t* block_weights(const uint64_t* first_row) {
-    if (first_row != cached_row) {
-      const int64_t c0 = (first_row - weight_base) / weight_row, g = c0 / group_out;
-      const int64_t cb = (c0 - g * group_out) / kChannels;
-      cached_row = first_row;
-      cached_block = split_weights + (g * group_blocks + cb) * 2 * kChannels * weight_row;
+  // The split weights of the block whose channel rows conv_tasks points at, [word][channel][lo, hi], so that the
+  // strip loop reads them with one pointer. Split when the channel block changes: conv_tasks walks strip blocks
+  // innermost, so this runs once per channel block and task range, into a buffer that stays in L1.
+  static const uint64_t* block_weights(const uint64_t* const weight[kChannels], int64_t row) {
+    if (weight[0] != t_cached_row) {
+      uint64_t* dst = t_weight_block.get(2 * kChannels * row);
+      for (int64_t j = 0; j < row; ++j)
+        for (int v = 0; v < kChannels; ++v) {
+          const uint64_t word = weight[v][j];
+          dst[2 * (j * kChannels + v)] = word & kLowNibbles;
+          dst[2 * (j * kChannels + v) + 1] = (word >> 4) & kLowNibbles;
+        }
+      t_cached_row = weight[0];
     }
-    return cached_block;
+    return t_weight_block.data;
   }
 
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs) {
-    const uint64_t* wb = block_weights(weight[0]);
+    const uint64_t* wb = block_weights(weight, taps * words_per_group);
     // Strips one after the other, each with all kChannels counters in registers (the weights are re-read from L1
     // per strip); the epilogue then takes two strips at a time, 8 pixels per ymm.
     for (int i = 0; i < kStrips; i += 2) {
@@ -197,7 +219,7 @@ struct Avx2Isa {
                     int64_t word_stride, const uint64_t* wb, __m256i total[kChannels]) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const int64_t ah = act_hi;
+    const int64_t ah = t_act_hi;
     __m256i bytes[kChannels];
     for (int v = 0; v < kChannels; ++v) total[v] = bytes[v] = _mm256_setzero_si256();
     int pending = 0;
@@ -271,32 +293,6 @@ struct Avx2Isa {
   }
 };
 
-thread_local int64_t Avx2Isa::act_hi = 0;
-thread_local const uint64_t* Avx2Isa::weight_base = nullptr;
-thread_local uint64_t* Avx2Isa::split_weights = nullptr;
-thread_local const uint64_t* Avx2Isa::cached_row = nullptr;
-thread_local const uint64_t* Avx2Isa::cached_block = nullptr;
-thread_local int64_t Avx2Isa::weight_row = 1, Avx2Isa::group_out = 1, Avx2Isa::group_blocks = 1;
-
-// A buffer kept per thread across calls, so that the split planes cost no allocation (and no page faults) per call.
-struct Scratch {
-  uint64_t* data = nullptr;
-  int64_t capacity = 0;
-  uint64_t* get(int64_t words) {
-    if (words > capacity) {
-      std::free(data);
-      data = static_cast<uint64_t*>(std::malloc(static_cast<size_t>(words) * sizeof(uint64_t)));
-      if (!data) std::abort();
-      capacity = words;
-    }
-    return data;
-  }
-  ~Scratch() { std::free(data); }
-};
-thread_local Scratch t_act_planes, t_weight_planes;
-
-constexpr uint64_t kLowNibbles = 0x0F0F0F0F0F0F0F0Full;
-
 // lo = the low nibble of every byte, hi = the high nibble shifted down: the two vpshufb indices, computed once per
 // word here instead of once per (word, output channel) in the inner loop.
 void split_nibbles(const uint64_t* src, int64_t words, uint64_t* lo, uint64_t* hi) {
@@ -313,46 +309,16 @@ void split_nibbles(const uint64_t* src, int64_t words, uint64_t* lo, uint64_t* h
   }
 }
 
-// The convolution pass. Splits the packed activations into nibble planes, and the weight rows of the channel blocks
-// these tasks use into per-block interleaved [word][channel][lo, hi] runs that the block reads with one pointer;
-// per thread, since the tasks of one call may run on several threads. Then runs the shared skeleton on the low
-// activation plane.
+// The convolution pass: splits the packed activations into nibble planes (per thread), then runs the shared skeleton
+// on the low plane; blocks split their weights themselves (block_weights).
 void split_conv(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
                 const OutputStage& st, int64_t begin, int64_t end) {
   if (begin >= end) return;
-  constexpr int V = Avx2Isa::kChannels;
   const int64_t act_words = l.total_words;
   uint64_t* act = t_act_planes.get(2 * act_words);
   split_nibbles(x, act_words, act, act + act_words);
-
-  const TaskSpace ts = conv_task_space<Avx2Isa>(p);
-  const int64_t row = p.taps() * l.words_per_group, og = p.out_channels_per_group();
-  const int64_t block_words = 2 * V * row;
-  uint64_t* split = t_weight_planes.get(p.groups * ts.channel_blocks * block_words);
-  // Only the channel blocks of these tasks: (n, g, cb) rows first..last, at most one pass over every (g, cb).
-  const int64_t first = begin / ts.strip_blocks, last = (end - 1) / ts.strip_blocks;
-  const int64_t rows = imin(last - first + 1, p.groups * ts.channel_blocks);
-  for (int64_t r = first; r < first + rows; ++r) {
-    const int64_t b = r % (p.groups * ts.channel_blocks);
-    const int64_t g = b / ts.channel_blocks, cb = b % ts.channel_blocks;
-    uint64_t* dst = split + b * block_words;
-    const uint64_t* src[V];
-    // Past the group's last channel, the same clamp as conv_tasks (computed, never stored).
-    for (int v = 0; v < V; ++v) src[v] = w + (g * og + imin(cb * V + v, og - 1)) * row;
-    for (int64_t j = 0; j < row; ++j)
-      for (int v = 0; v < V; ++v) {
-        const uint64_t word = src[v][j];
-        *dst++ = word & kLowNibbles;
-        *dst++ = (word >> 4) & kLowNibbles;
-      }
-  }
-  Avx2Isa::act_hi = act_words;
-  Avx2Isa::weight_base = w;
-  Avx2Isa::split_weights = split;
-  Avx2Isa::cached_row = nullptr;
-  Avx2Isa::weight_row = row;
-  Avx2Isa::group_out = og;
-  Avx2Isa::group_blocks = ts.channel_blocks;
+  t_act_hi = act_words;
+  t_cached_row = nullptr;
   conv_tasks<Avx2Isa>(p, l, act, w, st, begin, end);
 }
 
