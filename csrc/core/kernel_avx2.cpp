@@ -44,8 +44,10 @@ constexpr uint64_t kLowNibbles = 0x0F0F0F0F0F0F0F0Full;
 // Per-thread state of the convolution pass (the tasks of one call may run on several threads): the activation nibble
 // planes and where the high one sits relative to the low one, and the split weights of the current channel block,
 // keyed by its first weight row (reset by every call, so weights changed in place are split again).
-thread_local Scratch t_act_planes, t_weight_block;
+thread_local Scratch t_act_planes, t_weight_block, t_offsets;
 thread_local int64_t t_act_hi = 0;
+// Word offset of word j = tap * words_per_group + channel word of the strip's input, for every j of the depth.
+thread_local const int64_t* t_word_offsets = nullptr;
 thread_local const uint64_t* t_cached_row = nullptr;
 
 struct Avx2Isa {
@@ -119,17 +121,19 @@ struct Avx2Isa {
     return t_weight_block.data;
   }
 
-  static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
-                    int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
+  static void block(const uint64_t* const act[kStrips], const int64_t* /*tap_offset: see t_word_offsets*/,
+                    int64_t taps, int64_t words_per_group, int64_t /*word_stride*/,
+                    const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs) {
-    const uint64_t* wb = block_weights(weight, taps * words_per_group);
+    const int64_t words = taps * words_per_group;
+    const uint64_t* wb = block_weights(weight, words);
     // Strips one after the other, each with all kChannels counters in registers (the weights are re-read from L1
     // per strip); the epilogue then takes two strips at a time, 8 pixels per ymm.
     for (int i = 0; i < kStrips; i += 2) {
       if (bs.offset[i] < 0) break;  // repeats of the last strip, never stored
       __m256i even[kChannels], odd[kChannels];
-      strip(act[i], tap_offset, taps, words_per_group, word_stride, wb, even);
-      if (bs.offset[i + 1] >= 0) strip(act[i + 1], tap_offset, taps, words_per_group, word_stride, wb, odd);
+      strip(act[i], words, wb, even);
+      if (bs.offset[i + 1] >= 0) strip(act[i + 1], words, wb, odd);
       else
         for (int v = 0; v < kChannels; ++v) odd[v] = _mm256_setzero_si256();
       // The common case, decided once per pair: 8 contiguous float outputs, nothing but scale and bias.
@@ -215,27 +219,24 @@ struct Avx2Isa {
   }
 
   // Popcounts of one strip against kChannels interleaved split weight rows, 64-bit lane per pixel.
-  static void strip(const uint64_t* act, const int64_t* tap_offset, int64_t taps, int64_t words_per_group,
-                    int64_t word_stride, const uint64_t* wb, __m256i total[kChannels]) {
+  // Popcounts of one strip against kChannels interleaved split weight rows, 64-bit lane per pixel. Words are read
+  // through the flat offset list (tap and channel word in one index, see split_conv), in runs of kFlushWords with
+  // no other bookkeeping in the loop.
+  static void strip(const uint64_t* act, int64_t words, const uint64_t* wb, __m256i total[kChannels]) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const int64_t ah = t_act_hi;
-    __m256i bytes[kChannels];
-    for (int v = 0; v < kChannels; ++v) total[v] = bytes[v] = _mm256_setzero_si256();
-    int pending = 0;
-    auto flush = [&] {
-      for (int v = 0; v < kChannels; ++v) {
-        total[v] = _mm256_add_epi64(total[v], _mm256_sad_epu8(bytes[v], _mm256_setzero_si256()));
-        bytes[v] = _mm256_setzero_si256();
-      }
-      pending = 0;
-    };
-    for (int64_t t = 0; t < taps; ++t) {
-      const uint64_t* a = act + tap_offset[t];
-      for (int64_t k = 0; k < words_per_group; ++k) {
-        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a));
-        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + ah));
-        a += word_stride;
+    const uint64_t* hi_plane = act + t_act_hi;
+    const int64_t* offset = t_word_offsets;
+    for (int v = 0; v < kChannels; ++v) total[v] = _mm256_setzero_si256();
+    for (int64_t j0 = 0; j0 < words; j0 += kFlushWords) {
+      const int64_t j1 = imin(words, j0 + kFlushWords);
+      __m256i bytes[kChannels];
+      for (int v = 0; v < kChannels; ++v) bytes[v] = _mm256_setzero_si256();
+      // Two words per iteration: measured 2-4% faster than one (the loop control is then a tenth of the uops).
+#pragma GCC unroll 2
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act + offset[j]));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi_plane + offset[j]));
         for (int v = 0; v < kChannels; ++v) {
           const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v]));
           const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v + 1]));
@@ -244,10 +245,10 @@ struct Avx2Isa {
           bytes[v] = _mm256_add_epi8(bytes[v], _mm256_add_epi8(l, h));
         }
         wb += 2 * kChannels;
-        if (++pending == kFlushWords) flush();
       }
+      for (int v = 0; v < kChannels; ++v)
+        total[v] = _mm256_add_epi64(total[v], _mm256_sad_epu8(bytes[v], _mm256_setzero_si256()));
     }
-    flush();
   }
 
   static uint64_t peak_probe(int64_t iterations) {
@@ -319,6 +320,13 @@ void split_conv(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   split_nibbles(x, act_words, act, act + act_words);
   t_act_hi = act_words;
   t_cached_row = nullptr;
+  const int64_t taps = p.taps(), wpg = l.words_per_group;
+  int64_t* offsets = reinterpret_cast<int64_t*>(t_offsets.get(taps * (wpg + 1)));
+  int64_t* tap = offsets + taps * wpg;
+  tap_offsets(p, l, tap);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t k = 0; k < wpg; ++k) offsets[t * wpg + k] = tap[t] + k * l.row_words;
+  t_word_offsets = offsets;
   conv_tasks<Avx2Isa>(p, l, act, w, st, begin, end);
 }
 
