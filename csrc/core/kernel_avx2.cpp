@@ -56,7 +56,7 @@ struct Avx2Isa {
   // Sapphire Rapids (bench_core, interleaved) against 2x4, 2x5, 1x10 (and 4x2, 3x3 before the weights were
   // interleaved): 2x4 needs its activations as memory operands, which unlaminate and leave the loop issue-bound.
 #ifndef XP
-#define XP 4
+#define XP 8
 #define XV 6
 #endif
   static constexpr int kStrip = 4, kStrips = XP, kChannels = XV;
