@@ -136,9 +136,10 @@ struct Avx2Isa {
       if (bs.offset[i + 1] >= 0) strip(act[i + 1], words, wb, odd);
       else
         for (int v = 0; v < kChannels; ++v) odd[v] = _mm256_setzero_si256();
-      // The common case, decided once per pair: 8 contiguous float outputs, nothing but scale and bias.
+      // The common case, decided once per pair: 8 contiguous float outputs (borders included), scale and bias only.
       const bool plain = bs.offset[i + 1] == bs.offset[i] + kStrip && bs.lanes[i] == kStrip &&
-                         bs.lanes[i + 1] == kStrip && !bs.border[i] && !bs.border[i + 1] && !bs.prelu;
+                         bs.lanes[i + 1] == kStrip && !bs.prelu;
+      const bool border = bs.border[i] || bs.border[i + 1];
       const __m256i depth = _mm256_set1_epi32(bs.depth);
       for (int v = 0; v < kChannels; ++v) {
         if (!bs.stored(i, v)) continue;
@@ -146,7 +147,8 @@ struct Avx2Isa {
         const __m256i mixed = _mm256_blend_epi32(even[v], _mm256_slli_epi64(odd[v], 32), 0xAA);
         const __m256i count = _mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
         if (plain && bs.plane[v] && !bs.residual_plane[v]) {
-          const __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
+          __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
+          if (border) dot = _mm256_sub_epi32(dot, corrections(i, v, bs));
           _mm256_storeu_ps(bs.plane[v] + bs.offset[i], _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]),
                                                                         _mm256_cvtepi32_ps(dot),
                                                                         _mm256_set1_ps(bs.bias[v])));
@@ -157,19 +159,23 @@ struct Avx2Isa {
     }
   }
 
+  // The pad_value 0 corrections of strips i and i + 1 for channel v (zero for a strip off the border or absent).
+  static __m256i corrections(int i, int v, const BlockStore<kStrips, kChannels, kStrip>& bs) {
+    const __m128i zero = _mm_setzero_si128();
+    const __m128i c0 = bs.border[i] ? _mm_load_si128(reinterpret_cast<const __m128i*>(bs.corrections[i][v])) : zero;
+    const __m128i c1 = bs.offset[i + 1] >= 0 && bs.border[i + 1]
+                           ? _mm_load_si128(reinterpret_cast<const __m128i*>(bs.corrections[i + 1][v]))
+                           : zero;
+    return _mm256_setr_m128i(c0, c1);
+  }
+
   // The output stage of 8 pixels of channel v: strip i's lanes in the low half, strip i + 1's in the high half.
   static void emit(__m256i count, int i, int v, const BlockStore<kStrips, kChannels, kStrip>& bs) {
     const int lanes0 = bs.lanes[i], lanes1 = bs.offset[i + 1] >= 0 ? bs.lanes[i + 1] : 0;
     // The two strips are contiguous in the NCHW plane whenever the first is full (rows end-to-end included).
     const bool joined = lanes0 == kStrip && bs.offset[i + 1] == bs.offset[i] + kStrip;
     __m256i dot = _mm256_sub_epi32(_mm256_set1_epi32(bs.depth), _mm256_add_epi32(count, count));
-    if (bs.border[i] || (lanes1 && bs.border[i + 1])) {
-      const __m128i zero = _mm_setzero_si128();
-      const __m128i c0 = bs.border[i] ? _mm_load_si128(reinterpret_cast<const __m128i*>(bs.corrections[i][v])) : zero;
-      const __m128i c1 =
-          lanes1 && bs.border[i + 1] ? _mm_load_si128(reinterpret_cast<const __m128i*>(bs.corrections[i + 1][v])) : zero;
-      dot = _mm256_sub_epi32(dot, _mm256_setr_m128i(c0, c1));
-    }
+    if (bs.border[i] || (lanes1 && bs.border[i + 1])) dot = _mm256_sub_epi32(dot, corrections(i, v, bs));
     __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(bs.bias[v]));
     alignas(32) float tmp[2 * kStrip];
     if (bs.residual_plane[v]) {
