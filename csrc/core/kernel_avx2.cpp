@@ -65,6 +65,12 @@ struct Avx2Isa {
   // One 8-float compare per step; `Threshold` yields the 8 thresholds at offset i.
   template <class Threshold>
   static uint64_t below_impl(const float* x, Threshold threshold, int64_t count) {
+#ifdef PFX
+    // Packing reads 64 floats of each of 64 channels per block, 64 streams at once, more than the hardware
+    // prefetchers follow: fetch the next 64 floats of this stream, which the next block of the pack reads.
+    if (count == 64)
+      for (int b = 0; b < 256; b += 64) _mm_prefetch(reinterpret_cast<const char*>(x + 64) + b, _MM_HINT_T0);
+#endif
     uint64_t bits = 0;
     int64_t i = 0;
     for (; i + 8 <= count; i += 8) {
@@ -117,6 +123,11 @@ struct Avx2Isa {
           dst[2 * (j * kChannels + v) + 1] = (word >> 4) & kLowNibbles;
         }
       t_cached_row = weight[0];
+      // The next channel block's rows usually follow these: fetch them while this block's strips run, since the
+      // packed weights are read once per call and are cold in a network (other layers ran in between): measured
+      // 5% on the 512x8x8 layer in python -m bench. A prefetch past the end of the weights is harmless.
+      const char* next = reinterpret_cast<const char*>(weight[kChannels - 1] + row);
+      for (int64_t b = 0; b < kChannels * row * 8; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
     return t_weight_block.data;
   }
