@@ -65,12 +65,6 @@ struct Avx2Isa {
   // One 8-float compare per step; `Threshold` yields the 8 thresholds at offset i.
   template <class Threshold>
   static uint64_t below_impl(const float* x, Threshold threshold, int64_t count) {
-#ifdef PFX
-    // Packing reads 64 floats of each of 64 channels per block, 64 streams at once, more than the hardware
-    // prefetchers follow: fetch the next 64 floats of this stream, which the next block of the pack reads.
-    if (count == 64)
-      for (int b = 0; b < 256; b += 64) _mm_prefetch(reinterpret_cast<const char*>(x + 64) + b, _MM_HINT_T0);
-#endif
     uint64_t bits = 0;
     int64_t i = 0;
     for (; i + 8 <= count; i += 8) {
@@ -244,7 +238,6 @@ struct Avx2Isa {
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const uint64_t* hi_plane = act + t_act_hi;
     const int64_t* offset = t_word_offsets;
-    for (int v = 0; v < kChannels; ++v) total[v] = _mm256_setzero_si256();
     for (int64_t j0 = 0; j0 < words; j0 += kFlushWords) {
       const int64_t j1 = imin(words, j0 + kFlushWords);
       __m256i bytes[kChannels];
@@ -263,8 +256,10 @@ struct Avx2Isa {
         }
         wb += 2 * kChannels;
       }
-      for (int v = 0; v < kChannels; ++v)
-        total[v] = _mm256_add_epi64(total[v], _mm256_sad_epu8(bytes[v], _mm256_setzero_si256()));
+      for (int v = 0; v < kChannels; ++v) {
+        const __m256i sums = _mm256_sad_epu8(bytes[v], _mm256_setzero_si256());
+        total[v] = j0 == 0 ? sums : _mm256_add_epi64(total[v], sums);
+      }
     }
   }
 
