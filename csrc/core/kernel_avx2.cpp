@@ -41,14 +41,19 @@ struct Scratch {
 
 constexpr uint64_t kLowNibbles = 0x0F0F0F0F0F0F0F0Full;
 
-// Per-thread state of the convolution pass (the tasks of one call may run on several threads): the activation nibble
-// planes and where the high one sits relative to the low one, and the split weights of the current channel block,
-// keyed by its first weight row (reset by every call, so weights changed in place are split again).
+// Per-thread buffers of the convolution pass (the tasks of one call may run on several threads), grown as needed and
+// kept across calls: the activation nibble planes, the split weights of the current channel block, the word offsets.
 thread_local Scratch t_act_planes, t_weight_block, t_offsets;
-thread_local int64_t t_act_hi = 0;
-// Word offset of word j = tap * words_per_group + channel word of the strip's input, for every j of the depth.
-thread_local const int64_t* t_word_offsets = nullptr;
-thread_local const uint64_t* t_cached_row = nullptr;
+
+// What split_conv prepares for the blocks of one call on this thread. Plain data, read once per block: in a shared
+// library each thread_local access is a __tls_get_addr call, and one with a destructor adds an init-guard check.
+struct CallState {
+  int64_t act_hi = 0;                   // the high activation plane, relative to the low one
+  const int64_t* word_offsets = nullptr;  // word j = tap * words_per_group + channel word, relative to a strip
+  uint64_t* weight_block = nullptr;     // [word][channel][lo, hi] of the current channel block
+  const uint64_t* cached_row = nullptr;  // its first weight row (reset every call: weights may change in place)
+};
+thread_local CallState t_call;
 
 struct Avx2Isa {
   // 1 strip x 8 channels: 8 byte counters + the strip's two nibble planes + two weight broadcasts + LUT and two
@@ -107,38 +112,39 @@ struct Avx2Isa {
   // The split weights of the block whose channel rows conv_tasks points at, [word][channel][lo, hi], so that the
   // strip loop reads them with one pointer. Split when the channel block changes: conv_tasks walks strip blocks
   // innermost, so this runs once per channel block and task range, into a buffer that stays in L1.
-  static const uint64_t* block_weights(const uint64_t* const weight[kChannels], int64_t row) {
-    if (weight[0] != t_cached_row) {
-      uint64_t* dst = t_weight_block.get(2 * kChannels * row);
+  static const uint64_t* block_weights(const uint64_t* const weight[kChannels], int64_t row, CallState& call) {
+    if (weight[0] != call.cached_row) {
+      uint64_t* dst = call.weight_block;
       for (int64_t j = 0; j < row; ++j)
         for (int v = 0; v < kChannels; ++v) {
           const uint64_t word = weight[v][j];
           dst[2 * (j * kChannels + v)] = word & kLowNibbles;
           dst[2 * (j * kChannels + v) + 1] = (word >> 4) & kLowNibbles;
         }
-      t_cached_row = weight[0];
+      call.cached_row = weight[0];
       // The next channel block's rows usually follow these: fetch them while this block's strips run, since the
       // packed weights are read once per call and are cold in a network (other layers ran in between): measured
       // 5% on the 512x8x8 layer in python -m bench. A prefetch past the end of the weights is harmless.
       const char* next = reinterpret_cast<const char*>(weight[kChannels - 1] + row);
       for (int64_t b = 0; b < kChannels * row * 8; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
-    return t_weight_block.data;
+    return call.weight_block;
   }
 
-  static void block(const uint64_t* const act[kStrips], const int64_t* /*tap_offset: see t_word_offsets*/,
+  static void block(const uint64_t* const act[kStrips], const int64_t* /*tap_offset: see word_offsets*/,
                     int64_t taps, int64_t words_per_group, int64_t /*word_stride*/,
                     const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs) {
+    CallState& call = t_call;
     const int64_t words = taps * words_per_group;
-    const uint64_t* wb = block_weights(weight, words);
+    const uint64_t* wb = block_weights(weight, words, call);
     // Strips one after the other, each with all kChannels counters in registers (the weights are re-read from L1
     // per strip); the epilogue then takes two strips at a time, 8 pixels per ymm.
     for (int i = 0; i < kStrips; i += 2) {
       if (bs.offset[i] < 0) break;  // repeats of the last strip, never stored
       __m256i even[kChannels], odd[kChannels];
-      strip(act[i], words, wb, even);
-      if (bs.offset[i + 1] >= 0) strip(act[i + 1], words, wb, odd);
+      strip(act[i], words, wb, call, even);
+      if (bs.offset[i + 1] >= 0) strip(act[i + 1], words, wb, call, odd);
       else
         for (int v = 0; v < kChannels; ++v) odd[v] = _mm256_setzero_si256();
       // The common case, decided once per pair: 8 contiguous float outputs (borders included), scale and bias only.
@@ -229,15 +235,15 @@ struct Avx2Isa {
     }
   }
 
-  // Popcounts of one strip against kChannels interleaved split weight rows, 64-bit lane per pixel.
   // Popcounts of one strip against kChannels interleaved split weight rows, 64-bit lane per pixel. Words are read
   // through the flat offset list (tap and channel word in one index, see split_conv), in runs of kFlushWords with
   // no other bookkeeping in the loop.
-  static void strip(const uint64_t* act, int64_t words, const uint64_t* wb, __m256i total[kChannels]) {
+  static void strip(const uint64_t* act, int64_t words, const uint64_t* wb, const CallState& call,
+                    __m256i total[kChannels]) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const uint64_t* hi_plane = act + t_act_hi;
-    const int64_t* offset = t_word_offsets;
+    const uint64_t* hi_plane = act + call.act_hi;
+    const int64_t* offset = call.word_offsets;
     for (int64_t j0 = 0; j0 < words; j0 += kFlushWords) {
       const int64_t j1 = imin(words, j0 + kFlushWords);
       __m256i bytes[kChannels];
@@ -322,23 +328,25 @@ void split_nibbles(const uint64_t* src, int64_t words, uint64_t* lo, uint64_t* h
   }
 }
 
-// The convolution pass: splits the packed activations into nibble planes (per thread), then runs the shared skeleton
-// on the low plane; blocks split their weights themselves (block_weights).
+// The convolution pass: splits the packed activations into nibble planes (per thread), lists the word offsets, then
+// runs the shared skeleton on the low plane; blocks split their weights themselves (block_weights).
 void split_conv(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
                 const OutputStage& st, int64_t begin, int64_t end) {
   if (begin >= end) return;
   const int64_t act_words = l.total_words;
   uint64_t* act = t_act_planes.get(2 * act_words);
   split_nibbles(x, act_words, act, act + act_words);
-  t_act_hi = act_words;
-  t_cached_row = nullptr;
+  CallState& call = t_call;
+  call.act_hi = act_words;
+  call.cached_row = nullptr;
   const int64_t taps = p.taps(), wpg = l.words_per_group;
+  call.weight_block = t_weight_block.get(2 * Avx2Isa::kChannels * taps * wpg);
   int64_t* offsets = reinterpret_cast<int64_t*>(t_offsets.get(taps * (wpg + 1)));
   int64_t* tap = offsets + taps * wpg;
   tap_offsets(p, l, tap);
   for (int64_t t = 0; t < taps; ++t)
     for (int64_t k = 0; k < wpg; ++k) offsets[t * wpg + k] = tap[t] + k * l.row_words;
-  t_word_offsets = offsets;
+  call.word_offsets = offsets;
   conv_tasks<Avx2Isa>(p, l, act, w, st, begin, end);
 }
 
