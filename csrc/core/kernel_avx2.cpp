@@ -61,10 +61,10 @@ struct Avx2Isa {
   // Sapphire Rapids (bench_core, interleaved) against 2x4, 2x5, 1x10 (and 4x2, 3x3 before the weights were
   // interleaved): 2x4 needs its activations as memory operands, which unlaminate and leave the loop issue-bound.
 #ifndef XP
-#define XP 8
+#define XP 4
 #define XV 6
 #endif
-  static constexpr int kStrip = 4, kStrips = XP, kChannels = XV;
+  static constexpr int kStrip = 8, kHalf = 4, kStrips = XP, kChannels = XV;
   static constexpr int kFlushWords = 31;
 
   // One 8-float compare per step; `Threshold` yields the 8 thresholds at offset i.
@@ -138,66 +138,43 @@ struct Avx2Isa {
     CallState& call = t_call;
     const int64_t words = taps * words_per_group;
     const uint64_t* wb = block_weights(weight, words, call);
-    // Strips one after the other, each with all kChannels counters in registers (the weights are re-read from L1
-    // per strip); the epilogue then takes two strips at a time, 8 pixels per ymm.
-    for (int i = 0; i < kStrips; i += 2) {
+    const __m256i depth = _mm256_set1_epi32(bs.depth);
+    // Each strip of 8 pixels is two ymm halves computed one after the other, each with all kChannels counters in
+    // registers (the weights are re-read from L1 per half); the output stage then takes the 8 pixels in one ymm.
+    for (int i = 0; i < kStrips; ++i) {
       if (bs.offset[i] < 0) break;  // repeats of the last strip, never stored
-      __m256i even[kChannels], odd[kChannels];
-      strip(act[i], words, wb, call, even);
-      if (bs.offset[i + 1] >= 0) strip(act[i + 1], words, wb, call, odd);
+      __m256i low[kChannels], high[kChannels];
+      half(act[i], words, wb, call, low);
+      if (bs.lanes[i] > kHalf) half(act[i] + kHalf, words, wb, call, high);
       else
-        for (int v = 0; v < kChannels; ++v) odd[v] = _mm256_setzero_si256();
-      // The common case, decided once per pair: 8 contiguous float outputs (borders included), scale and bias only.
-      const bool plain = bs.offset[i + 1] == bs.offset[i] + kStrip && bs.lanes[i] == kStrip &&
-                         bs.lanes[i + 1] == kStrip && !bs.prelu;
-      const bool border = bs.border[i] || bs.border[i + 1];
-      const __m256i depth = _mm256_set1_epi32(bs.depth);
+        for (int v = 0; v < kChannels; ++v) high[v] = _mm256_setzero_si256();
+      // The common case, decided once per strip: 8 float outputs, scale and bias only (border corrections included).
+      const bool plain = bs.lanes[i] == kStrip && !bs.prelu;
       for (int v = 0; v < kChannels; ++v) {
         if (!bs.stored(i, v)) continue;
-        // The low dword of each 64-bit count (below 2^31), strip i's 4 pixels then strip i + 1's.
-        const __m256i mixed = _mm256_blend_epi32(even[v], _mm256_slli_epi64(odd[v], 32), 0xAA);
+        // The low dword of each 64-bit count (below 2^31), the low half's 4 pixels then the high half's.
+        const __m256i mixed = _mm256_blend_epi32(low[v], _mm256_slli_epi64(high[v], 32), 0xAA);
         const __m256i count = _mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
-        if (plain && bs.plane[v] && !bs.residual_plane[v]) {
-          __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
-          if (border) dot = _mm256_sub_epi32(dot, corrections(i, v, bs));
-          _mm256_storeu_ps(bs.plane[v] + bs.offset[i], _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]),
-                                                                        _mm256_cvtepi32_ps(dot),
-                                                                        _mm256_set1_ps(bs.bias[v])));
-        } else {
-          emit(count, i, v, bs);
-        }
+        __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
+        if (const int32_t* c = bs.correction(i, v))
+          dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(c)));
+        const __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(bs.bias[v]));
+        if (plain && bs.plane[v] && !bs.residual_plane[v]) _mm256_storeu_ps(bs.out(i, v), y);
+        else emit(y, i, v, bs);
       }
     }
   }
 
-  // The pad_value 0 corrections of strips i and i + 1 for channel v (zero for a strip off the border or absent).
-  static __m256i corrections(int i, int v, const BlockStore<kStrips, kChannels, kStrip>& bs) {
-    const __m128i zero = _mm_setzero_si128();
-    const __m128i c0 = bs.border[i] ? _mm_load_si128(reinterpret_cast<const __m128i*>(bs.corrections[i][v])) : zero;
-    const __m128i c1 = bs.offset[i + 1] >= 0 && bs.border[i + 1]
-                           ? _mm_load_si128(reinterpret_cast<const __m128i*>(bs.corrections[i + 1][v]))
-                           : zero;
-    return _mm256_setr_m128i(c0, c1);
-  }
-
-  // The output stage of 8 pixels of channel v: strip i's lanes in the low half, strip i + 1's in the high half.
-  static void emit(__m256i count, int i, int v, const BlockStore<kStrips, kChannels, kStrip>& bs) {
-    const int lanes0 = bs.lanes[i], lanes1 = bs.offset[i + 1] >= 0 ? bs.lanes[i + 1] : 0;
-    // The two strips are contiguous in the NCHW plane whenever the first is full (rows end-to-end included).
-    const bool joined = lanes0 == kStrip && bs.offset[i + 1] == bs.offset[i] + kStrip;
-    __m256i dot = _mm256_sub_epi32(_mm256_set1_epi32(bs.depth), _mm256_add_epi32(count, count));
-    if (bs.border[i] || (lanes1 && bs.border[i + 1])) dot = _mm256_sub_epi32(dot, corrections(i, v, bs));
-    __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(bs.bias[v]));
-    alignas(32) float tmp[2 * kStrip];
-    if (bs.residual_plane[v]) {
-      const float* r0 = bs.residual(i, v);
-      if (joined && lanes1 == kStrip) {
-        y = _mm256_add_ps(y, _mm256_loadu_ps(r0));
+  // The rest of the output stage for strip i, channel v (y = scale * dot + bias): partial strips, residual, PReLU,
+  // sign output.
+  static void emit(__m256 y, int i, int v, const BlockStore<kStrips, kChannels, kStrip>& bs) {
+    const int lanes = bs.lanes[i];
+    alignas(32) float tmp[kStrip];
+    if (const float* r = bs.residual(i, v)) {
+      if (lanes == kStrip) {
+        y = _mm256_add_ps(y, _mm256_loadu_ps(r));
       } else {
-        const float* r1 = lanes1 ? bs.residual(i + 1, v) : nullptr;
-        for (int lane = 0; lane < 2 * kStrip; ++lane) tmp[lane] = 0.0f;
-        for (int lane = 0; lane < lanes0; ++lane) tmp[lane] = r0[lane];
-        for (int lane = 0; lane < lanes1; ++lane) tmp[kStrip + lane] = r1[lane];
+        for (int lane = 0; lane < kStrip; ++lane) tmp[lane] = lane < lanes ? r[lane] : 0.0f;
         y = _mm256_add_ps(y, _mm256_load_ps(tmp));
       }
     }
@@ -205,41 +182,25 @@ struct Avx2Isa {
       const __m256 negative = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_NGE_UQ);
       y = _mm256_blendv_ps(y, _mm256_mul_ps(y, _mm256_set1_ps(bs.slope[v])), negative);
     }
-    if (bs.sign_plane[v]) {
+    if (uint8_t* s = bs.signs(i, v)) {
       const int negative = _mm256_movemask_ps(_mm256_cmp_ps(y, _mm256_set1_ps(bs.threshold[v]), _CMP_NGE_UQ));
-      uint8_t* s0 = bs.signs(i, v);
-      for (int lane = 0; lane < lanes0; ++lane) s0[lane] = static_cast<uint8_t>((negative >> lane) & 1);
-      if (lanes1) {
-        uint8_t* s1 = bs.signs(i + 1, v);
-        for (int lane = 0; lane < lanes1; ++lane) s1[lane] = static_cast<uint8_t>((negative >> (kStrip + lane)) & 1);
-      }
+      for (int lane = 0; lane < lanes; ++lane) s[lane] = static_cast<uint8_t>((negative >> lane) & 1);
       return;
     }
-    float* o0 = bs.out(i, v);
-    if (joined && lanes1 == kStrip) {
-      _mm256_storeu_ps(o0, y);
-      return;
-    }
-    if (lanes0 == kStrip) {
-      _mm_storeu_ps(o0, _mm256_castps256_ps128(y));
+    float* o = bs.out(i, v);
+    if (lanes == kStrip) {
+      _mm256_storeu_ps(o, y);
     } else {
       _mm256_store_ps(tmp, y);
-      for (int lane = 0; lane < lanes0; ++lane) o0[lane] = tmp[lane];
-    }
-    if (lanes1 == kStrip) {
-      _mm_storeu_ps(bs.out(i + 1, v), _mm256_extractf128_ps(y, 1));
-    } else if (lanes1) {
-      _mm256_store_ps(tmp, y);
-      float* o1 = bs.out(i + 1, v);
-      for (int lane = 0; lane < lanes1; ++lane) o1[lane] = tmp[kStrip + lane];
+      for (int lane = 0; lane < lanes; ++lane) o[lane] = tmp[lane];
     }
   }
 
-  // Popcounts of one strip against kChannels interleaved split weight rows, 64-bit lane per pixel. Words are read
+  // Popcounts of one strip half (4 pixels) against kChannels interleaved split weight rows, 64-bit lane per pixel. Words are read
   // through the flat offset list (tap and channel word in one index, see split_conv), in runs of kFlushWords with
   // no other bookkeeping in the loop.
-  static void strip(const uint64_t* act, int64_t words, const uint64_t* wb, const CallState& call,
-                    __m256i total[kChannels]) {
+  static void half(const uint64_t* act, int64_t words, const uint64_t* wb, const CallState& call,
+                   __m256i total[kChannels]) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const uint64_t* hi_plane = act + call.act_hi;
