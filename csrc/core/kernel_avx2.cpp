@@ -1,12 +1,18 @@
 // AVX2 kernel family (AVX2 + FMA; no vector popcount). One ymm holds the packed words of 4 consecutive output
 // pixels; popcount is the nibble lookup (vpshufb) into byte counters, widened with vpsadbw, which sums the 8 bytes
 // of each 64-bit lane, so each lane stays one output pixel. Byte counters hold at most 8 per word, so they are
-// flushed every 31 words.
+// widened every 31 words.
 //
-// XOR commutes with the nibble split (lo(a ^ w) = lo(a) ^ lo(w)), so the split is done once per call on both
-// operands (split_conv) instead of once per product: the inner loop is 2 XOR + 2 vpshufb + 2 byte adds per 256 binary
-// MACs instead of 8 ops (the and/shift/and of the split). Every op is on the three vector ALU ports, so that is the
-// ratio of the peaks (the probe measures it).
+// XOR commutes with the nibble split (lo(a ^ w) = lo(a) ^ lo(w)), so the split is done once per word of each operand
+// instead of once per product: the activations once per call (split_conv), the weights once per channel block
+// (block_weights). The inner loop is then 2 XOR + 2 vpshufb + 2 byte adds per 256 binary MACs instead of 8 ops (the
+// and/shift/and of the split). All of them compete for the same three vector ALU ports, so the peak rises by 8/6;
+// the probe measures it.
+//
+// Tried and measured slower or no better here (Sapphire Rapids, 3 vector ALU ports): Harley-Seal carry-save adders
+// (5 ops per CSA without vpternlog, about 6 ops per 256 MACs with the XOR, and 3-5 live registers per output),
+// scalar popcnt beside the vector loop (popcnt runs on port 1, one of the three vector ports, and its xor/add/load
+// uops hit the 6-wide rename limit first).
 #include <cstdint>
 #include <cstdlib>
 
@@ -56,15 +62,12 @@ struct CallState {
 thread_local CallState t_call;
 
 struct Avx2Isa {
-  // 1 strip x 8 channels: 8 byte counters + the strip's two nibble planes + two weight broadcasts + LUT and two
-  // temporaries fit the 16 ymm, so nothing spills and the activations are loaded once per word. Measured on
-  // Sapphire Rapids (bench_core, interleaved) against 2x4, 2x5, 1x10 (and 4x2, 3x3 before the weights were
-  // interleaved): 2x4 needs its activations as memory operands, which unlaminate and leave the loop issue-bound.
-#ifndef XP
-#define XP 4
-#define XV 6
-#endif
-  static constexpr int kStrip = 8, kHalf = 4, kStrips = XP, kChannels = XV;
+  // A strip is 8 pixels, computed as two 4-pixel halves one after the other; a half keeps its kChannels byte
+  // counters, its two activation nibble planes, two weight broadcasts, the LUT and two temporaries in the 16 ymm,
+  // with nothing spilled. 4 strips x 6 channels measured best (bench_core, interleaved, Sapphire Rapids) against 1..8
+  // strips of 4 or 8 (16 was slower) and 5, 7, 8, 10 channels (8 and more spill counters); 2 strips x 4 channels held
+  // in registers at once needs the activations as memory operands, which unlaminate and leave the loop issue-bound.
+  static constexpr int kStrip = 8, kHalf = 4, kStrips = 4, kChannels = 6;
   static constexpr int kFlushWords = 31;
 
   // One 8-float compare per step; `Threshold` yields the 8 thresholds at offset i.
@@ -124,9 +127,11 @@ struct Avx2Isa {
       call.cached_row = weight[0];
       // The next channel block's rows usually follow these: fetch them while this block's strips run, since the
       // packed weights are read once per call and are cold in a network (other layers ran in between): measured
-      // 5% on the 512x8x8 layer in python -m bench. A prefetch past the end of the weights is harmless.
-      const char* next = reinterpret_cast<const char*>(weight[kChannels - 1] + row);
-      for (int64_t b = 0; b < kChannels * row * 8; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+      // 5% on the 512x8x8 layer in python -m bench. A prefetch past the end of the weights is harmless (addresses
+      // are computed as integers, so no pointer leaves its array).
+      const uintptr_t next = reinterpret_cast<uintptr_t>(weight[kChannels - 1] + row);
+      for (int64_t b = 0; b < kChannels * row * 8; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<uintptr_t>(b)), _MM_HINT_T0);
     }
     return call.weight_block;
   }
@@ -158,7 +163,8 @@ struct Avx2Isa {
         __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
         if (const int32_t* c = bs.correction(i, v))
           dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(c)));
-        const __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(bs.bias[v]));
+        const __m256 y =
+            _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(bs.bias[v]));
         if (plain && bs.plane[v] && !bs.residual_plane[v]) _mm256_storeu_ps(bs.out(i, v), y);
         else emit(y, i, v, bs);
       }
@@ -196,9 +202,9 @@ struct Avx2Isa {
     }
   }
 
-  // Popcounts of one strip half (4 pixels) against kChannels interleaved split weight rows, 64-bit lane per pixel. Words are read
-  // through the flat offset list (tap and channel word in one index, see split_conv), in runs of kFlushWords with
-  // no other bookkeeping in the loop.
+  // Popcounts of one strip half (4 pixels) against kChannels interleaved split weight rows, 64-bit lane per pixel.
+  // Words are read through the flat offset list (tap and channel word in one index, see split_conv), in runs of
+  // kFlushWords with no other bookkeeping in the loop.
   static void half(const uint64_t* act, int64_t words, const uint64_t* wb, const CallState& call,
                    __m256i total[kChannels]) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
@@ -231,16 +237,15 @@ struct Avx2Isa {
   }
 
   static uint64_t peak_probe(int64_t iterations) {
-    // The kernel's inner loop on registers: per strip and channel, two XORs of nibble planes, two lookups and two
-    // byte adds, with the vpsadbw widening every kFlushWords rounds.
+    // The inner loop of half() with its activations in registers: per round (one word), kChannels pairs of weight
+    // broadcasts from memory (loads, as in the kernel: no shuffle-port uop), and per channel two XORs of nibble
+    // planes, two lookups and two byte adds, with the vpsadbw widening every kFlushWords rounds. Left out: the
+    // kernel's two activation loads and offset load per word, and everything outside the loop.
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    constexpr int kProbeStrips = 1, kAcc = kProbeStrips * kChannels;
-    __m256i bytes[kAcc], total = _mm256_setzero_si256(), lo[kProbeStrips], hi[kProbeStrips];
-    for (int i = 0; i < kProbeStrips; ++i) {
-      lo[i] = _mm256_set1_epi64x(0x0102030405060708ll * (i + 1));
-      hi[i] = _mm256_set1_epi64x(0x0807060504030201ll * (i + 1));
-    }
+    constexpr int kAcc = kChannels;
+    __m256i bytes[kAcc], total = _mm256_setzero_si256();
+    const __m256i lo = _mm256_set1_epi64x(0x0102030405060708ll), hi = _mm256_set1_epi64x(0x0807060504030201ll);
     alignas(64) uint64_t weights[2 * kChannels];
     for (int v = 0; v < kChannels; ++v) {
       weights[2 * v] = 0x0505030300000F0Full + v;
@@ -248,22 +253,19 @@ struct Avx2Isa {
     }
     const uint64_t* wp = weights;
     for (int64_t it = 0; it < iterations;) {
-      for (int i = 0; i < kAcc; ++i) bytes[i] = _mm256_setzero_si256();
+      for (int v = 0; v < kAcc; ++v) bytes[v] = _mm256_setzero_si256();
       for (int round = 0; round < kFlushWords && it < iterations; ++round, ++it) {
-        // The weights are broadcast from memory, as in the kernel (a load, no shuffle-port uop); the opaque pointer
-        // makes every round reload them, so no product can be shared between rounds.
+        // An opaque pointer: every round reloads the weights, so no product can be shared between rounds.
         __asm__ volatile("" : "+r"(wp));
         for (int v = 0; v < kChannels; ++v) {
           const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wp[2 * v]));
           const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wp[2 * v + 1]));
-          for (int i = 0; i < kProbeStrips; ++i) {
-            const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo[i], wl));
-            const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi[i], wh));
-            bytes[i * kChannels + v] = _mm256_add_epi8(bytes[i * kChannels + v], _mm256_add_epi8(l, h));
-          }
+          const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo, wl));
+          const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi, wh));
+          bytes[v] = _mm256_add_epi8(bytes[v], _mm256_add_epi8(l, h));
         }
       }
-      for (int i = 0; i < kAcc; ++i) total = _mm256_add_epi64(total, _mm256_sad_epu8(bytes[i], _mm256_setzero_si256()));
+      for (int v = 0; v < kAcc; ++v) total = _mm256_add_epi64(total, _mm256_sad_epu8(bytes[v], _mm256_setzero_si256()));
     }
     alignas(32) long long lanes[4];
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), total);
