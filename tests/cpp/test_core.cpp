@@ -308,7 +308,8 @@ void test_task_ranges(int cases) {
     p.stride_h = p.stride_w = pick(1, 2);
     p.pad_value = static_cast<PadValue>(pick(-1, 1));
     if (!validate(p).empty()) continue;
-    std::vector<float> x(p.batch * p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.channels_per_group() * p.taps());
+    std::vector<float> x(p.batch * p.in_channels * p.in_h * p.in_w);
+    std::vector<float> w(p.out_channels * p.channels_per_group() * p.taps());
     fill_signed(x);
     fill_signed(w);
     const TensorStrides s{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
