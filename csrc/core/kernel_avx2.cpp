@@ -15,6 +15,7 @@
 // uops hit the 6-wide rename limit first).
 #include <cstdint>
 #include <cstdlib>
+#include <new>
 
 #include "xnorconv_core.h"
 
@@ -36,8 +37,10 @@ struct Scratch {
   uint64_t* get(int64_t words) {
     if (words > capacity) {
       std::free(data);
+      capacity = 0;
       data = static_cast<uint64_t*>(std::malloc(static_cast<size_t>(words) * sizeof(uint64_t)));
-      if (!data) std::abort();
+      // An exception, not an abort: the op layer turns it into a Python error (at::parallel_for rethrows it).
+      if (!data) throw std::bad_alloc();
       capacity = words;
     }
     return data;
