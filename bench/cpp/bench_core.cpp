@@ -2,7 +2,7 @@
 // binarize+pack pass and of the convolution pass on pre-packed input, the binary MAC rate, and its fraction of the
 // family's peak measured by its own probe. Runs natively anywhere the core builds (x86, Raspberry Pi, Jetson).
 //
-//   bench_core [--threads N] [--reps R] [--backend NAME] [--shape cin,cout,hw,k,stride,pad]...
+//   bench_core [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--shape cin,cout,hw,k,stride,pad]...
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -98,13 +98,20 @@ double fp32_fma_peak() { return 0; }
 }  // namespace
 
 int main(int argc, char** argv) {
-  int threads = 1, reps = 50;
+  int threads = 1, reps = 50, pad_value = 1;
   std::string only_backend;
   std::vector<std::vector<int64_t>> shapes;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--backend") && i + 1 < argc) only_backend = argv[++i];
+    else if (!std::strcmp(argv[i], "--pad-value") && i + 1 < argc) {
+      pad_value = std::atoi(argv[++i]);
+      if (pad_value < -1 || pad_value > 1) {
+        std::fprintf(stderr, "--pad-value wants 1, 0 or -1\n");
+        return 2;
+      }
+    }
     else if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) {
       std::vector<int64_t> s;
       for (char* tok = std::strtok(argv[++i], ","); tok; tok = std::strtok(nullptr, ",")) s.push_back(std::atoll(tok));
@@ -114,7 +121,8 @@ int main(int argc, char** argv) {
       }
       shapes.push_back(s);
     } else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--backend NAME] [--shape cin,cout,hw,k,stride,pad]...\n",
+      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] "
+                   "[--shape cin,cout,hw,k,stride,pad]...\n",
                    argv[0]);
       return 2;
     }
@@ -122,7 +130,7 @@ int main(int argc, char** argv) {
   if (shapes.empty())
     shapes = {{64, 64, 64, 3, 1, 1}, {128, 128, 32, 3, 1, 1}, {256, 256, 16, 3, 1, 1},
               {512, 512, 8, 3, 1, 1}, {256, 512, 16, 3, 2, 1}, {512, 256, 8, 1, 1, 0}};
-  std::printf("threads %d, reps %d (median), pad_value +1, batch 1\n", threads, reps);
+  std::printf("threads %d, reps %d (median), pad_value %+d, batch 1\n", threads, reps, pad_value);
   // Measured once, so that every family's ceiling is a ratio to the same fp32 figure.
   const double fma = fp32_fma_peak();
   if (fma > 0) std::printf("fp32 FMA probe (AVX-512, 1 thread, best of 10): %.1f GFMA/s\n", fma / 1e9);
@@ -154,7 +162,7 @@ int main(int argc, char** argv) {
       p.kernel_h = p.kernel_w = s[3];
       p.stride_h = p.stride_w = s[4];
       p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = s[5];
-      p.pad_value = PadValue::PlusOne;
+      p.pad_value = static_cast<PadValue>(pad_value);
       if (const std::string err = validate(p); !err.empty()) {
         std::fprintf(stderr, "bad shape: %s\n", err.c_str());
         return 2;
@@ -170,6 +178,8 @@ int main(int argc, char** argv) {
       std::vector<float> out(p.out_channels * p.out_h() * p.out_w());
       OutputStage st;
       st.out = out.data();
+      const ZeroPadCorrection zero_pad = zero_pad_correction(p, tap_sum.data());
+      if (p.pad_value == PadValue::Zero) st.zero_pad = &zero_pad;
       const TensorStrides strides{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
       // Correctness first: this family against the scalar one on this very layer.
       {

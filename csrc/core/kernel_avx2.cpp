@@ -1,8 +1,21 @@
 // AVX2 kernel family (AVX2 + FMA; no vector popcount). One ymm holds the packed words of 4 consecutive output
 // pixels; popcount is the nibble lookup (vpshufb) into byte counters, widened with vpsadbw, which sums the 8 bytes
 // of each 64-bit lane, so each lane stays one output pixel. Byte counters hold at most 8 per word, so they are
-// flushed every 31 words.
+// widened every 31 words.
+//
+// XOR commutes with the nibble split (lo(a ^ w) = lo(a) ^ lo(w)), so the split is done once per word of each operand
+// instead of once per product: the activations once per call (split_conv), the weights once per channel block
+// (block_weights). The inner loop is then 2 XOR + 2 vpshufb + 2 byte adds per 256 binary MACs instead of 8 ops (the
+// and/shift/and of the split). All of them compete for the same three vector ALU ports, so the peak rises by 8/6;
+// the probe measures it.
+//
+// Tried and measured slower or no better here (Sapphire Rapids, 3 vector ALU ports): Harley-Seal carry-save adders
+// (5 ops per CSA without vpternlog, about 6 ops per 256 MACs with the XOR, and 3-5 live registers per output),
+// scalar popcnt beside the vector loop (popcnt runs on port 1, one of the three vector ports, and its xor/add/load
+// uops hit the 6-wide rename limit first).
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 
 #include "xnorconv_core.h"
 
@@ -17,15 +30,57 @@
 namespace xnorconv {
 namespace {
 
+// A buffer kept per thread across calls, so that the split planes cost no allocation (and no page faults) per call.
+struct Scratch {
+  uint64_t* data = nullptr;
+  int64_t capacity = 0;
+  uint64_t* get(int64_t words) {
+    if (words > capacity) {
+      std::free(data);
+      capacity = 0;
+      data = static_cast<uint64_t*>(std::malloc(static_cast<size_t>(words) * sizeof(uint64_t)));
+      // An exception, not an abort: the op layer turns it into a Python error (at::parallel_for rethrows it).
+      if (!data) throw std::bad_alloc();
+      capacity = words;
+    }
+    return data;
+  }
+  ~Scratch() { std::free(data); }
+};
+
+constexpr uint64_t kLowNibbles = 0x0F0F0F0F0F0F0F0Full;
+
+// Per-thread buffers of the convolution pass (the tasks of one call may run on several threads), grown as needed and
+// kept across calls: the activation nibble planes, the split weights of the current channel block, the word offsets.
+thread_local Scratch t_act_planes, t_weight_block, t_offsets;
+
+// What split_conv prepares for the blocks of one call on this thread. Plain data, read once per block: in a shared
+// library each thread_local access is a __tls_get_addr call, and one with a destructor adds an init-guard check.
+struct CallState {
+  int64_t act_hi = 0;                   // the high activation plane, relative to the low one
+  const int64_t* word_offsets = nullptr;  // word j = tap * words_per_group + channel word, relative to a strip
+  uint64_t* weight_block = nullptr;     // [word][channel][lo, hi] of the current channel block
+  const uint64_t* cached_row = nullptr;  // its first weight row (reset every call: weights may change in place)
+};
+thread_local CallState t_call;
+
 struct Avx2Isa {
-  // Measured best of 1x6, 1x8, 1x10, 2x3, 4x2 and 2x4 on Zen 4 (bench_core, interleaved).
-  // 2 strips x 4 channels = 8 byte-counter registers + 2 activations + LUT, nibble mask and temporaries: 16 ymm.
-  static constexpr int kStrip = 4, kStrips = 2, kChannels = 4;
+  // A strip is 8 pixels, computed as two 4-pixel halves one after the other; a half keeps its kChannels byte
+  // counters, its two activation nibble planes, two weight broadcasts, the LUT and two temporaries in the 16 ymm,
+  // with nothing spilled. 4 strips x 6 channels measured best (bench_core, interleaved, Sapphire Rapids) against 1..8
+  // strips of 4 or 8 (16 was slower) and 5, 7, 8, 10 channels (8 and more spill counters); 2 strips x 4 channels held
+  // in registers at once needs the activations as memory operands, which unlaminate and leave the loop issue-bound.
+  static constexpr int kStrip = 8, kHalf = 4, kStrips = 4, kChannels = 6;
   static constexpr int kFlushWords = 31;
 
   // One 8-float compare per step; `Threshold` yields the 8 thresholds at offset i.
   template <class Threshold>
   static uint64_t below_impl(const float* x, Threshold threshold, int64_t count) {
+    // Packing reads 64 floats of each of 64 channels per block: 64 streams at once, more than the hardware
+    // prefetchers follow. Fetch the next 64 floats of this stream, which the pack's next block reads.
+    if (count == 64)
+      for (int b = 0; b < 256; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(x + 32) + 128 + b), _MM_HINT_T0);
     uint64_t bits = 0;
     int64_t i = 0;
     for (; i + 8 <= count; i += 8) {
@@ -97,104 +152,160 @@ struct Avx2Isa {
     for (int i = 0; i < 16; ++i) _mm256_store_si256(reinterpret_cast<__m256i*>(a + 4 * i), r[i]);
   }
 
-  static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
-                    int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
-                    const BlockStore<kStrips, kChannels, kStrip>& bs) {
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i low_nibble = _mm256_set1_epi8(0x0F);
-    __m256i total[kStrips][kChannels], bytes[kStrips][kChannels];
-    for (int i = 0; i < kStrips; ++i)
-      for (int v = 0; v < kChannels; ++v) total[i][v] = bytes[i][v] = _mm256_setzero_si256();
-    const uint64_t* w[kChannels];
-    for (int v = 0; v < kChannels; ++v) w[v] = weight[v];
-    int pending = 0;
-    auto flush = [&] {
-      for (int i = 0; i < kStrips; ++i)
+  // The split weights of the block whose channel rows conv_tasks points at, [word][channel][lo, hi], so that the
+  // strip loop reads them with one pointer. Split when the channel block changes: conv_tasks walks strip blocks
+  // innermost, so this runs once per channel block and task range, into a buffer that stays in L1.
+  static const uint64_t* block_weights(const uint64_t* const weight[kChannels], int64_t row, CallState& call) {
+    if (weight[0] != call.cached_row) {
+      uint64_t* dst = call.weight_block;
+      for (int64_t j = 0; j < row; ++j)
         for (int v = 0; v < kChannels; ++v) {
-          total[i][v] = _mm256_add_epi64(total[i][v], _mm256_sad_epu8(bytes[i][v], _mm256_setzero_si256()));
-          bytes[i][v] = _mm256_setzero_si256();
+          const uint64_t word = weight[v][j];
+          dst[2 * (j * kChannels + v)] = word & kLowNibbles;
+          dst[2 * (j * kChannels + v) + 1] = (word >> 4) & kLowNibbles;
         }
-      pending = 0;
-    };
-    for (int64_t t = 0; t < taps; ++t) {
-      const uint64_t* a[kStrips];
-      for (int i = 0; i < kStrips; ++i) a[i] = act[i] + tap_offset[t];
-      for (int64_t k = 0; k < words_per_group; ++k) {
-        __m256i x[kStrips];
-        for (int i = 0; i < kStrips; ++i)
-          x[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[i] + k * word_stride));
-        for (int v = 0; v < kChannels; ++v) {
-          const __m256i wv = _mm256_set1_epi64x(static_cast<long long>(*w[v]++));
-          for (int i = 0; i < kStrips; ++i) {
-            const __m256i d = _mm256_xor_si256(x[i], wv);
-            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(d, low_nibble));
-            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(d, 4), low_nibble));
-            bytes[i][v] = _mm256_add_epi8(bytes[i][v], _mm256_add_epi8(lo, hi));
-          }
-        }
-        if (++pending == kFlushWords) flush();
-      }
+      call.cached_row = weight[0];
+      // The next channel block's rows usually follow these: fetch them while this block's strips run, since the
+      // packed weights are read once per call and are cold in a network (other layers ran in between): measured
+      // 5% on the 512x8x8 layer in python -m bench. A prefetch past the end of the weights is harmless (addresses
+      // are computed as integers, so no pointer leaves its array).
+      const uintptr_t next = reinterpret_cast<uintptr_t>(weight[kChannels - 1] + row);
+      for (int64_t b = 0; b < kChannels * row * 8; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<uintptr_t>(b)), _MM_HINT_T0);
     }
-    flush();
-    for (int i = 0; i < kStrips; ++i)
-      for (int v = 0; v < kChannels; ++v)
-        if (bs.stored(i, v))
-          store(total[i][v], bs.lanes[i], bs.depth, bs.scale[v], bs.bias[v], bs.correction(i, v), bs.out(i, v),
-                bs.signs(i, v), bs.threshold[v], bs.residual(i, v), bs.prelu, bs.slope[v]);
+    return call.weight_block;
   }
 
-  static void store(__m256i counts, int lanes, int32_t depth, float scale, float bias, const int32_t* correction,
-                    float* out, uint8_t* signs, float threshold, const float* residual, bool prelu, float slope) {
-    // Lanes are 64-bit counts below 2^31: take the low dword of each.
-    const __m256i count = _mm256_permutevar8x32_epi32(counts, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
-    __m128i dot = _mm_sub_epi32(_mm_set1_epi32(depth), _mm_slli_epi32(_mm256_castsi256_si128(count), 1));
-    if (correction) dot = _mm_sub_epi32(dot, _mm_load_si128(reinterpret_cast<const __m128i*>(correction)));
-    __m128 y = _mm_fmadd_ps(_mm_set1_ps(scale), _mm_cvtepi32_ps(dot), _mm_set1_ps(bias));
-    if (residual) {
-      alignas(16) float r[4] = {0, 0, 0, 0};
-      for (int lane = 0; lane < lanes; ++lane) r[lane] = residual[lane];
-      y = _mm_add_ps(y, _mm_load_ps(r));
+  static void block(const uint64_t* const act[kStrips], const int64_t* /*tap_offset: see word_offsets*/,
+                    int64_t taps, int64_t words_per_group, int64_t /*word_stride*/,
+                    const uint64_t* const weight[kChannels],
+                    const BlockStore<kStrips, kChannels, kStrip>& bs) {
+    CallState& call = t_call;
+    const int64_t words = taps * words_per_group;
+    const uint64_t* wb = block_weights(weight, words, call);
+    const __m256i depth = _mm256_set1_epi32(bs.depth);
+    // Each strip of 8 pixels is two ymm halves computed one after the other, each with all kChannels counters in
+    // registers (the weights are re-read from L1 per half); the output stage then takes the 8 pixels in one ymm.
+    for (int i = 0; i < kStrips; ++i) {
+      if (bs.offset[i] < 0) break;  // repeats of the last strip, never stored
+      __m256i low[kChannels], high[kChannels];
+      half(act[i], words, wb, call, low);
+      if (bs.lanes[i] > kHalf) half(act[i] + kHalf, words, wb, call, high);
+      else
+        for (int v = 0; v < kChannels; ++v) high[v] = _mm256_setzero_si256();
+      // The common case, decided once per strip: 8 float outputs, scale and bias only (border corrections included).
+      const bool plain = bs.lanes[i] == kStrip && !bs.prelu;
+      for (int v = 0; v < kChannels; ++v) {
+        if (!bs.stored(i, v)) continue;
+        // The low dword of each 64-bit count (below 2^31), the low half's 4 pixels then the high half's.
+        const __m256i mixed = _mm256_blend_epi32(low[v], _mm256_slli_epi64(high[v], 32), 0xAA);
+        const __m256i count = _mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+        __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
+        if (const int32_t* c = bs.correction(i, v))
+          dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(c)));
+        const __m256 y =
+            _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(bs.bias[v]));
+        if (plain && bs.plane[v] && !bs.residual_plane[v]) _mm256_storeu_ps(bs.out(i, v), y);
+        else emit(y, i, v, bs);
+      }
     }
-    if (prelu) {
-      const __m128 negative = _mm_cmp_ps(y, _mm_setzero_ps(), _CMP_NGE_UQ);
-      y = _mm_blendv_ps(y, _mm_mul_ps(y, _mm_set1_ps(slope)), negative);
+  }
+
+  // The rest of the output stage for strip i, channel v (y = scale * dot + bias): partial strips, residual, PReLU,
+  // sign output.
+  static void emit(__m256 y, int i, int v, const BlockStore<kStrips, kChannels, kStrip>& bs) {
+    const int lanes = bs.lanes[i];
+    alignas(32) float tmp[kStrip];
+    if (const float* r = bs.residual(i, v)) {
+      if (lanes == kStrip) {
+        y = _mm256_add_ps(y, _mm256_loadu_ps(r));
+      } else {
+        for (int lane = 0; lane < kStrip; ++lane) tmp[lane] = lane < lanes ? r[lane] : 0.0f;
+        y = _mm256_add_ps(y, _mm256_load_ps(tmp));
+      }
     }
-    if (signs) {
-      const int negative = _mm_movemask_ps(_mm_cmp_ps(y, _mm_set1_ps(threshold), _CMP_NGE_UQ));
-      for (int lane = 0; lane < lanes; ++lane) signs[lane] = static_cast<uint8_t>((negative >> lane) & 1);
-    } else if (lanes == 4) {
-      _mm_storeu_ps(out, y);
+    if (bs.prelu) {
+      const __m256 negative = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_NGE_UQ);
+      y = _mm256_blendv_ps(y, _mm256_mul_ps(y, _mm256_set1_ps(bs.slope[v])), negative);
+    }
+    if (uint8_t* s = bs.signs(i, v)) {
+      const int negative = _mm256_movemask_ps(_mm256_cmp_ps(y, _mm256_set1_ps(bs.threshold[v]), _CMP_NGE_UQ));
+      for (int lane = 0; lane < lanes; ++lane) s[lane] = static_cast<uint8_t>((negative >> lane) & 1);
+      return;
+    }
+    float* o = bs.out(i, v);
+    if (lanes == kStrip) {
+      _mm256_storeu_ps(o, y);
     } else {
-      alignas(16) float tmp[4];
-      _mm_store_ps(tmp, y);
-      for (int lane = 0; lane < lanes; ++lane) out[lane] = tmp[lane];
+      _mm256_store_ps(tmp, y);
+      for (int lane = 0; lane < lanes; ++lane) o[lane] = tmp[lane];
+    }
+  }
+
+  // Popcounts of one strip half (4 pixels) against kChannels interleaved split weight rows, 64-bit lane per pixel.
+  // Words are read through the flat offset list (tap and channel word in one index, see split_conv), in runs of
+  // kFlushWords with no other bookkeeping in the loop.
+  static void half(const uint64_t* act, int64_t words, const uint64_t* wb, const CallState& call,
+                   __m256i total[kChannels]) {
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const uint64_t* hi_plane = act + call.act_hi;
+    const int64_t* offset = call.word_offsets;
+    for (int64_t j0 = 0; j0 < words; j0 += kFlushWords) {
+      const int64_t j1 = imin(words, j0 + kFlushWords);
+      __m256i bytes[kChannels];
+      for (int v = 0; v < kChannels; ++v) bytes[v] = _mm256_setzero_si256();
+      // Two words per iteration: measured 2-4% faster than one (the loop control is then a tenth of the uops).
+#pragma GCC unroll 2
+      for (int64_t j = j0; j < j1; ++j) {
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act + offset[j]));
+        const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi_plane + offset[j]));
+        for (int v = 0; v < kChannels; ++v) {
+          const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v]));
+          const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v + 1]));
+          const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo, wl));
+          const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi, wh));
+          bytes[v] = _mm256_add_epi8(bytes[v], _mm256_add_epi8(l, h));
+        }
+        wb += 2 * kChannels;
+      }
+      for (int v = 0; v < kChannels; ++v) {
+        const __m256i sums = _mm256_sad_epu8(bytes[v], _mm256_setzero_si256());
+        total[v] = j0 == 0 ? sums : _mm256_add_epi64(total[v], sums);
+      }
     }
   }
 
   static uint64_t peak_probe(int64_t iterations) {
+    // The inner loop of half() with its activations in registers: per round (one word), kChannels pairs of weight
+    // broadcasts from memory (loads, as in the kernel: no shuffle-port uop), and per channel two XORs of nibble
+    // planes, two lookups and two byte adds, with the vpsadbw widening every kFlushWords rounds. Left out: the
+    // kernel's two activation loads and offset load per word, and everything outside the loop.
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-    const __m256i low_nibble = _mm256_set1_epi8(0x0F);
-    constexpr int kAcc = kStrips * kChannels;
-    __m256i bytes[kAcc], total = _mm256_setzero_si256(), x[kStrips];
-    for (int i = 0; i < kStrips; ++i) x[i] = _mm256_set1_epi64x(0x0123456789ABCDEFll * (i + 1));
+    constexpr int kAcc = kChannels;
+    __m256i bytes[kAcc], total = _mm256_setzero_si256();
+    const __m256i lo = _mm256_set1_epi64x(0x0102030405060708ll), hi = _mm256_set1_epi64x(0x0807060504030201ll);
+    alignas(64) uint64_t weights[2 * kChannels];
+    for (int v = 0; v < kChannels; ++v) {
+      weights[2 * v] = 0x0505030300000F0Full + v;
+      weights[2 * v + 1] = 0x0A0A0C0C0F0F0000ull + v;
+    }
+    const uint64_t* wp = weights;
     for (int64_t it = 0; it < iterations;) {
-      for (int i = 0; i < kAcc; ++i) bytes[i] = _mm256_setzero_si256();
+      for (int v = 0; v < kAcc; ++v) bytes[v] = _mm256_setzero_si256();
       for (int round = 0; round < kFlushWords && it < iterations; ++round, ++it) {
+        // An opaque pointer: every round reloads the weights, so no product can be shared between rounds.
+        __asm__ volatile("" : "+r"(wp));
         for (int v = 0; v < kChannels; ++v) {
-          // A fresh opaque weight per channel, as the kernel's broadcast: no product can be shared.
-          __m256i w = _mm256_set1_epi64x(0x5555AAAA3333CCCCll + v);
-          __asm__ volatile("" : "+x"(w));
-          for (int i = 0; i < kStrips; ++i) {
-            const __m256i d = _mm256_xor_si256(x[i], w);
-            const __m256i lo = _mm256_shuffle_epi8(lut, _mm256_and_si256(d, low_nibble));
-            const __m256i hi = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(d, 4), low_nibble));
-            bytes[i * kChannels + v] = _mm256_add_epi8(bytes[i * kChannels + v], _mm256_add_epi8(lo, hi));
-          }
+          const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wp[2 * v]));
+          const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wp[2 * v + 1]));
+          const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo, wl));
+          const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi, wh));
+          bytes[v] = _mm256_add_epi8(bytes[v], _mm256_add_epi8(l, h));
         }
       }
-      for (int i = 0; i < kAcc; ++i) total = _mm256_add_epi64(total, _mm256_sad_epu8(bytes[i], _mm256_setzero_si256()));
+      for (int v = 0; v < kAcc; ++v) total = _mm256_add_epi64(total, _mm256_sad_epu8(bytes[v], _mm256_setzero_si256()));
     }
     alignas(32) long long lanes[4];
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), total);
@@ -204,10 +315,52 @@ struct Avx2Isa {
   }
 };
 
+// lo = the low nibble of every byte, hi = the high nibble shifted down: the two vpshufb indices, computed once per
+// word here instead of once per (word, output channel) in the inner loop.
+void split_nibbles(const uint64_t* src, int64_t words, uint64_t* lo, uint64_t* hi) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  int64_t i = 0;
+  for (; i + 4 <= words; i += 4) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + i), _mm256_and_si256(x, mask));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + i), _mm256_and_si256(_mm256_srli_epi16(x, 4), mask));
+  }
+  for (; i < words; ++i) {
+    lo[i] = src[i] & kLowNibbles;
+    hi[i] = (src[i] >> 4) & kLowNibbles;
+  }
+}
+
+// The convolution pass: splits the packed activations into nibble planes (per thread), lists the word offsets, then
+// runs the shared skeleton on the low plane; blocks split their weights themselves (block_weights).
+void split_conv(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
+                const OutputStage& st, int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  const int64_t act_words = l.total_words;
+  uint64_t* act = t_act_planes.get(2 * act_words);
+  split_nibbles(x, act_words, act, act + act_words);
+  CallState& call = t_call;
+  call.act_hi = act_words;
+  call.cached_row = nullptr;
+  const int64_t taps = p.taps(), wpg = l.words_per_group;
+  call.weight_block = t_weight_block.get(2 * Avx2Isa::kChannels * taps * wpg);
+  int64_t* offsets = reinterpret_cast<int64_t*>(t_offsets.get(taps * (wpg + 1)));
+  int64_t* tap = offsets + taps * wpg;
+  tap_offsets(p, l, tap);
+  for (int64_t t = 0; t < taps; ++t)
+    for (int64_t k = 0; k < wpg; ++k) offsets[t * wpg + k] = tap[t] + k * l.row_words;
+  call.word_offsets = offsets;
+  conv_tasks<Avx2Isa>(p, l, act, w, st, begin, end);
+}
+
 }  // namespace
 
 const KernelOps& avx2_kernel() {
-  static const KernelOps ops = make_kernel_ops<Avx2Isa>("avx2");
+  static const KernelOps ops = [] {
+    KernelOps k = make_kernel_ops<Avx2Isa>("avx2");
+    k.conv = split_conv;
+    return k;
+  }();
   return ops;
 }
 

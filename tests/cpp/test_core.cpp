@@ -1,5 +1,6 @@
 // Kernel-core tests (no torch): every compiled-and-usable kernel family against a naive float reference of the
 // binary semantics, over random shapes, plus the packed bit order and the layout invariants.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -447,6 +448,57 @@ void test_sign_io(int cases) {
   }
 }
 
+// The convolution pass run as several task ranges (as threads run it: each range a separate call) must write exactly
+// what one call over all tasks writes: families may prepare per-call state for the tasks of their range only.
+void test_task_ranges(int cases) {
+  for (int iter = 0; iter < cases; ++iter) {
+    ConvParams p;
+    p.batch = pick(1, 3);
+    p.groups = pick(0, 2) == 0 ? pick(2, 3) : 1;
+    p.in_channels = p.groups * pick(1, 140);
+    p.out_channels = p.groups * pick(1, 30);
+    p.in_h = pick(1, 14);
+    p.in_w = pick(1, 25);
+    p.kernel_h = p.kernel_w = pick(0, 1) ? 3 : 1;
+    p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = p.kernel_h / 2;
+    p.stride_h = p.stride_w = pick(1, 2);
+    p.pad_value = static_cast<PadValue>(pick(-1, 1));
+    if (!validate(p).empty()) continue;
+    std::vector<float> x(p.batch * p.in_channels * p.in_h * p.in_w);
+    std::vector<float> w(p.out_channels * p.channels_per_group() * p.taps());
+    fill_signed(x);
+    fill_signed(w);
+    const TensorStrides s{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+    std::vector<uint64_t> bits(weight_words(p));
+    std::vector<int32_t> tap_sum(p.out_channels * p.taps());
+    pack_weights(p, w.data(), bits.data(), tap_sum.data());
+    const ZeroPadCorrection zp = zero_pad_correction(p, tap_sum.data());
+    for (const auto& name : available_backends()) {
+      set_backend_override(name);
+      const KernelOps& ops = select_kernel(p);
+      const ActivationLayout l = ops.layout(p);
+      WordBuffer packed(l.total_words), formatted;
+      const uint64_t* pw = conv_weight(ops, p, bits.data(), formatted);
+      ops.pack(p, l, x.data(), s, nullptr, packed.data(), 0, ops.pack_tasks(p, l));
+      OutputStage st;
+      st.zero_pad = &zp;
+      const size_t outputs = p.batch * p.out_channels * p.out_h() * p.out_w();
+      std::vector<float> whole(outputs, NAN), pieces(outputs, NAN);
+      const int64_t tasks = ops.conv_tasks(p, l);
+      st.out = whole.data();
+      ops.conv(p, l, packed.data(), pw, st, 0, tasks);
+      st.out = pieces.data();
+      for (int64_t b = tasks; b > 0;) {  // ranges of random sizes, last first
+        const int64_t a = b - pick(1, std::max<int64_t>(1, tasks / 3));
+        ops.conv(p, l, packed.data(), pw, st, std::max<int64_t>(a, 0), b);
+        b = std::max<int64_t>(a, 0);
+      }
+      EXPECT(pieces == whole, "[%s] %s: task ranges run apart differ from one call", name.c_str(), describe(p).c_str());
+    }
+    set_backend_override("");
+  }
+}
+
 void test_validate_messages() {
   ConvParams p;
   p.batch = 1;
@@ -498,6 +550,7 @@ int main(int argc, char** argv) {
   test_zero_pad_cache();
   test_validate_messages();
   test_sign_io(random_cases / 10 + 4);
+  test_task_ranges(random_cases / 10 + 4);
   test_darknet_shapes();
   test_deep_accumulation();
   test_random_shapes(random_cases);
