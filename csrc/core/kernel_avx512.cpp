@@ -88,7 +88,10 @@ struct Avx512Isa : Avx512Binarize {
     }
     __m512i sum = _mm512_setzero_si512();
     for (int i = 0; i < kAcc; ++i) sum = _mm512_add_epi64(sum, acc[i]);
-    volatile long long sink = _mm512_reduce_add_epi64(sum);
+    // Summed by hand: GCC 12 warns inside _mm512_reduce_add_epi64's own header code.
+    alignas(64) long long lanes[8];
+    _mm512_store_si512(lanes, sum);
+    volatile long long sink = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
     (void)sink;
     return static_cast<uint64_t>(iterations) * kAcc * 512;
   }
