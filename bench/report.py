@@ -85,7 +85,7 @@ def layer_table(run, md=False):
         f"{b} {rows[0]['peak_gmacs'][b]:.0f}" for b in backends if b != "auto"))
     summary.append("kernel = convolution pass alone on pre-packed input, best of the run (openvino: its "
                    "BinaryConvolution node per OpenVINO's profiler, 1 us resolution); kernel/peak = its MAC rate over "
-                   f"the best {best} probe reading")
+                   f"the best probe reading of its family ({best}: the family it picks; openvino: avx512)")
     for r in rows:
         summary += [f"{_shape(r)}: {n}" for n in r.get("notes", [])]
     return cols, table, summary
