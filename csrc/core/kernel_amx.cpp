@@ -24,7 +24,7 @@
 
 #include "xnorconv_core.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if XNORCONV_HAVE_AMX
 #include <immintrin.h>
 
 #define XNORCONV_ISA_TARGET \

@@ -77,9 +77,11 @@ bool amx_suits(const ConvParams& p) {
 // Best first; scalar last and always usable.
 const Family kFamilies[] = {
 #if defined(__x86_64__) || defined(_M_X64)
+#if XNORCONV_HAVE_AMX
     {"amx", amx_kernel,
      [](const CpuFeatures& f) { return avx512_usable(f) && f.amx_tile && f.amx_int8 && request_amx_permission(); },
      amx_suits},
+#endif
     {"avx512", avx512_kernel, avx512_usable},
     {"avx2", avx2_kernel, [](const CpuFeatures& f) { return f.avx2 && f.fma; }},
 #endif

@@ -181,10 +181,20 @@ const uint64_t* conv_weight(const KernelOps& ops, const ConvParams& p, const uin
 
 // ---- kernel families (defined only where compiled; see select.cpp) ----
 const KernelOps& scalar_kernel();
+// The AMX family needs compiler support for its intrinsics (GCC 11, Clang 12); older compilers build without it.
+#if (defined(__x86_64__) || defined(_M_X64)) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define XNORCONV_HAVE_AMX 1
+#else
+#define XNORCONV_HAVE_AMX 0
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
 const KernelOps& avx2_kernel();
 const KernelOps& avx512_kernel();
+#if XNORCONV_HAVE_AMX
 const KernelOps& amx_kernel();
+#endif
 // Asks the OS for the AMX tile state (Linux: arch_prctl ARCH_REQ_XCOMP_PERM, once per process); false when the OS
 // refuses or has no such request, and then AMX instructions must not run.
 bool request_amx_permission();
