@@ -131,6 +131,181 @@ def test_input_threshold(cuda_kernel, pad_value):
     assert torch.equal(got.cpu().double(), want)
 
 
+# ---- CPU parity of the fused paths: sign input, sign output, residual + PReLU, channels_last ----
+# The CUDA epilogue uses the CPU kernels' float operations in the CPU's order (fmaf(scale, dot, bias), + residual,
+# then the PReLU multiply; the sign byte is !(y >= threshold)), so the CUDA result must equal the CPU op's bit for
+# bit, not only to a tolerance.
+
+# (n, c, h, w, o, k, stride, padding, groups): a popcount-sized group (auto picks the popcount kernel) and a
+# 128+-channel group (auto picks the tensor-core form where the GPU has one).
+PARITY_SHAPES = [(2, 160, 9, 12, 24, 3, 1, 1, 2), (1, 256, 7, 9, 72, 3, 2, 1, 1)]
+
+
+def _assert_same_as_cpu(got, want):
+    """got (CUDA) equals want (the CPU op): dtype, shape, memory format, and every bit (NaN where NaN)."""
+    assert got.device.type == "cuda" and got.dtype == want.dtype and got.shape == want.shape
+    assert got.is_contiguous() == want.is_contiguous()
+    cl = torch.channels_last
+    assert got.is_contiguous(memory_format=cl) == want.is_contiguous(memory_format=cl)
+    got = got.cpu()
+    if got.dtype == torch.bool:
+        assert torch.equal(got, want), f"{(got != want).sum().item()} of {got.numel()} signs differ"
+        return
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan), "NaN outputs differ"
+    got, want = got.masked_fill(nan, 0.0), want.masked_fill(nan, 0.0)  # NaN payloads may differ per device
+    differ = got.view(torch.int32) != want.view(torch.int32)
+    assert not differ.any(), (f"{differ.sum().item()} of {got.numel()} outputs differ from the CPU op, max abs "
+                              f"difference {(got.double() - want.double()).abs().max().item()}")
+
+
+def _to_cuda(kwargs):
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def _cpu_and_cuda(x, w, **kwargs):
+    """The same xnorconv.binary_conv2d call on CUDA and on the CPU (tensors moved with .to(), which keeps a
+    channels_last layout)."""
+    got = xnorconv.binary_conv2d(x.to(DEVICE), w.to(DEVICE), **_to_cuda(kwargs))
+    want = xnorconv.binary_conv2d(x, w, **kwargs)
+    return got, want
+
+
+def _layout(t, layout):
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":
+        return t[:, :, :, ::2]
+    return t
+
+
+def _affine(o, g):
+    return torch.rand(o, generator=g) + 0.5, torch.randn(o, generator=g)
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("pad_value", [0, 1, -1])
+def test_sign_input_matches_cpu(cuda_kernel, shape, layout, pad_value):
+    n, c, h, w, o, k, stride, padding, groups = shape
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, c, h, 2 * w, generator=g)
+    t = torch.randn(c, generator=g) * 0.3
+    signs = _layout(x < t.view(1, -1, 1, 1), layout)  # bool input: True means -1
+    wt = _signed((o, c // groups, k, k), g)
+    scale, bias = _affine(o, g)
+    kwargs = dict(bias=bias, stride=stride, padding=padding, groups=groups, scale=scale, pad_value=pad_value)
+    want = xnorconv.binary_conv2d(signs, wt, **kwargs)
+    signs_d = _layout((x < t.view(1, -1, 1, 1)).to(DEVICE), layout)  # the same strides, built on the device
+    assert signs_d.stride() == signs.stride()
+    got = xnorconv.binary_conv2d(signs_d, wt.to(DEVICE), **_to_cuda(kwargs))
+    _assert_same_as_cpu(got, want)
+    # and the sign input is the float input binarized with that threshold, on the GPU too
+    from_floats = xnorconv.binary_conv2d(_layout(x.to(DEVICE), layout), wt.to(DEVICE), input_threshold=t.to(DEVICE),
+                                         **_to_cuda(kwargs))
+    assert torch.equal(from_floats, got)
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("threshold", [False, True])
+def test_sign_output_matches_cpu(cuda_kernel, shape, threshold):
+    n, c, h, w, o, k, stride, padding, groups = shape
+    g = torch.Generator().manual_seed(12)
+    x, wt = _signed((n, c, h, w), g), _signed((o, c // groups, k, k), g)
+    scale, bias = _affine(o, g)
+    thr = torch.randn(o, generator=g) * 2 if threshold else None
+    kwargs = dict(bias=bias, stride=stride, padding=padding, groups=groups, scale=scale)
+    got, want = _cpu_and_cuda(x, wt, output_signs=True, output_threshold=thr, **kwargs)
+    assert got.dtype == torch.bool
+    _assert_same_as_cpu(got, want)
+    y, _ = _cpu_and_cuda(x, wt, **kwargs)
+    assert torch.equal(got, y < (thr.to(DEVICE).view(1, -1, 1, 1) if threshold else 0))
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("slopes", ["per_channel", "shared", "none"])
+@pytest.mark.parametrize("output", ["float", "signs"])
+def test_residual_and_prelu_match_cpu(cuda_kernel, shape, slopes, output):
+    n, c, h, w, o, k, stride, padding, groups = shape
+    g = torch.Generator().manual_seed(13)
+    x, wt = _signed((n, c, h, w), g), _signed((o, c // groups, k, k), g)
+    scale, bias = _affine(o, g)
+    oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    residual = torch.randn(n, o, oh, ow, generator=g) * 4
+    a = {"per_channel": torch.rand(o, generator=g) - 0.5, "shared": torch.tensor([0.25]), "none": None}[slopes]
+    kwargs = dict(bias=bias, stride=stride, padding=padding, groups=groups, scale=scale, residual=residual,
+                  prelu_weight=a)
+    if output == "signs":
+        kwargs.update(output_signs=True, output_threshold=torch.randn(o, generator=g))
+    got, want = _cpu_and_cuda(x, wt, **kwargs)
+    _assert_same_as_cpu(got, want)
+    if output == "float":  # and the order of the operations is the one documented
+        ref = reference_binary_conv2d(x, wt, bias, (stride, stride), (padding,) * 4, (1, 1), groups, scale, 0,
+                                      residual=residual, prelu_weight=None if a is None else a.expand(o))
+        torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nan_and_negative_zero_residual_match_cpu(cuda_kernel):
+    """NaN in the residual: y is NaN, PReLU keeps it NaN, and its sign is -1 (True), exactly as on the CPU."""
+    g = torch.Generator().manual_seed(14)
+    x, wt = _signed((2, 130, 6, 7), g), _signed((70, 130, 3, 3), g)
+    residual = torch.randn(2, 70, 6, 7, generator=g)
+    residual.view(-1)[::7] = float("nan")
+    residual.view(-1)[3::7] = -0.0
+    kwargs = dict(padding=1, scale=torch.rand(70, generator=g) + 0.5, residual=residual,
+                  prelu_weight=torch.rand(70, generator=g) - 0.5)
+    got, want = _cpu_and_cuda(x, wt, **kwargs)
+    _assert_same_as_cpu(got, want)
+    got, want = _cpu_and_cuda(x, wt, output_signs=True, **kwargs)
+    _assert_same_as_cpu(got, want)
+    assert got.cpu()[residual.isnan()].all()
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("residual_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("input_dtype", ["float", "bool"])
+def test_channels_last_matches_cpu(cuda_kernel, shape, residual_layout, input_dtype):
+    """A channels_last input gives a channels_last output (written NHWC by the epilogue), equal to the CPU op's for
+    float and sign outputs with the fused residual / PReLU, whatever the residual's own layout."""
+    n, c, h, w, o, k, stride, padding, groups = shape
+    g = torch.Generator().manual_seed(15)
+    x, wt = _signed((n, c, h, w), g), _signed((o, c // groups, k, k), g)
+    if input_dtype == "bool":
+        x = x < 0
+    x = x.contiguous(memory_format=torch.channels_last)
+    scale, bias = _affine(o, g)
+    oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    residual = _layout(torch.randn(n, o, oh, ow, generator=g), residual_layout)
+    kwargs = dict(bias=bias, stride=stride, padding=padding, groups=groups, scale=scale)
+    for extra in ({}, dict(residual=residual, prelu_weight=torch.rand(o, generator=g) - 0.5),
+                  dict(residual=residual, output_signs=True, output_threshold=torch.randn(o, generator=g))):
+        got, want = _cpu_and_cuda(x, wt, **kwargs, **extra)
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+        _assert_same_as_cpu(got, want)
+        nchw, _ = _cpu_and_cuda(x.contiguous(), wt, **kwargs, **extra)
+        assert nchw.is_contiguous() and torch.equal(nchw, got)
+
+
+def test_frozen_chain_through_signs_matches_cpu():
+    """freeze(chain_signs=True) on CUDA: the first layer emits bool signs, the second packs them; same as the CPU."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(xnorconv.BinaryConv2d(64, 160, 3, padding=1, bias=False), torch.nn.BatchNorm2d(160),
+                                xnorconv.BinaryConv2d(160, 32, 3, padding=1), torch.nn.BatchNorm2d(32))
+    with torch.no_grad():
+        for bn in (model[1], model[3]):
+            bn.running_mean.uniform_(-3, 3)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(-1, 1)
+    frozen = xnorconv.freeze(model.eval())
+    x = torch.randn(2, 64, 10, 11)
+    with torch.no_grad():
+        want = frozen(x)
+        frozen_gpu = frozen.to(DEVICE)
+        assert frozen_gpu[0](x.to(DEVICE)).dtype == torch.bool
+        got = frozen_gpu(x.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
+
+
 def test_runs_on_current_stream():
     x = torch.randn(4, 96, 20, 20, device=DEVICE)
     w = torch.randn(64, 96, 3, 3, device=DEVICE)

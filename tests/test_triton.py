@@ -122,3 +122,121 @@ def test_errors_name_the_argument():
         _triton.binary_conv2d(x, torch.randn(2, 3, 3, 3, device=DEVICE))
     with pytest.raises(ValueError, match="pad_value"):
         _triton.binary_conv2d(x, torch.randn(2, 4, 3, 3, device=DEVICE), pad_value=2)
+
+
+# ---- the fused paths of the op: sign input, sign output, residual + PReLU, channels_last ----
+# The Triton epilogue uses the CPU kernels' float operations in their order (fma(scale, dot, bias), + residual, the
+# PReLU multiply; sign = !(y >= threshold)), so on a GPU it equals the CPU op bit for bit. Triton's interpreter
+# evaluates tl.fma as a * b + c with two float32 roundings, so there the scales are dyadic with few significant
+# bits (scale * dot is then exact and both forms round once): still a bit-for-bit comparison with the CPU op.
+
+def _scale_bias(o, g):
+    if INTERPRETED:
+        scale = torch.randint(1, 256, (o,), generator=g).float() / 64
+    else:
+        scale = torch.rand(o, generator=g) + 0.5
+    return scale, torch.randn(o, generator=g)
+
+
+def _same_as_cpu_op(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    cl = torch.channels_last
+    assert got.is_contiguous() == want.is_contiguous()
+    assert got.is_contiguous(memory_format=cl) == want.is_contiguous(memory_format=cl)
+    got = got.cpu()
+    if got.dtype == torch.bool:
+        assert torch.equal(got, want), f"{(got != want).sum().item()} signs differ"
+        return
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    differ = got.masked_fill(nan, 0).view(torch.int32) != want.masked_fill(nan, 0).view(torch.int32)
+    assert not differ.any(), f"{differ.sum().item()} of {got.numel()} outputs differ from the CPU op"
+
+
+def _triton_and_cpu(x, w, **kwargs):
+    dev = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    got = _triton.binary_conv2d(x.to(DEVICE), w.to(DEVICE), **dev)
+    want = xnorconv.binary_conv2d(x, w, **kwargs)
+    return got, want
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("pad_value", [0, 1, -1])
+def test_sign_input(layout, pad_value):
+    g = torch.Generator().manual_seed(21)
+    x, w = torch.randn(2, 40, 7, 16, generator=g), torch.randn(6, 20, 3, 3, generator=g)
+    t = torch.randn(40, generator=g) * 0.3
+    negative = x < t.view(1, -1, 1, 1)  # bool input: True means -1
+    if layout == "channels_last":
+        x, negative = x.contiguous(memory_format=torch.channels_last), negative.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x, negative = x[..., ::2], negative[..., ::2]
+    scale, bias = _scale_bias(6, g)
+    kwargs = dict(bias=bias, padding=1, groups=2, scale=scale, pad_value=pad_value)
+    dev = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    got = _triton.binary_conv2d(negative.to(DEVICE), w.to(DEVICE), **dev)
+    want = xnorconv.binary_conv2d(negative, w, **kwargs)
+    _same_as_cpu_op(got, want)
+    from_floats = _triton.binary_conv2d(x.to(DEVICE), w.to(DEVICE), input_threshold=t.to(DEVICE), **dev)
+    assert torch.equal(from_floats, got)
+
+
+@pytest.mark.parametrize("threshold", [False, True])
+def test_sign_output(threshold):
+    g = torch.Generator().manual_seed(22)
+    x, w = torch.randn(2, 70, 6, 9, generator=g), torch.randn(13, 70, 3, 3, generator=g)
+    scale, bias = _scale_bias(13, g)
+    thr = torch.randn(13, generator=g) * 2 if threshold else None
+    got, want = _triton_and_cpu(x, w, bias=bias, padding=1, scale=scale, output_signs=True, output_threshold=thr)
+    assert got.dtype == torch.bool
+    _same_as_cpu_op(got, want)
+    y = _triton.binary_conv2d(x.to(DEVICE), w.to(DEVICE), bias.to(DEVICE), padding=1, scale=scale.to(DEVICE))
+    assert torch.equal(got.cpu(), (y < (thr.to(DEVICE).view(1, -1, 1, 1) if threshold else 0)).cpu())
+
+
+@pytest.mark.parametrize("slopes", ["per_channel", "shared", "none"])
+@pytest.mark.parametrize("output", ["float", "signs"])
+def test_residual_and_prelu(slopes, output):
+    g = torch.Generator().manual_seed(23)
+    x, w = torch.randn(2, 70, 9, 11, generator=g), torch.randn(13, 70, 3, 3, generator=g)
+    scale, bias = _scale_bias(13, g)
+    residual = torch.randn(2, 13, 5, 6, generator=g) * 4
+    residual.view(-1)[::11] = float("nan")  # y NaN: PReLU keeps it, its sign is -1
+    residual.view(-1)[5::11] = -0.0
+    a = {"per_channel": torch.rand(13, generator=g) - 0.5, "shared": torch.tensor([0.25]), "none": None}[slopes]
+    kwargs = dict(bias=bias, stride=2, padding=1, scale=scale, residual=residual, prelu_weight=a)
+    if output == "signs":
+        kwargs.update(output_signs=True, output_threshold=torch.randn(13, generator=g))
+    got, want = _triton_and_cpu(x, w, **kwargs)
+    _same_as_cpu_op(got, want)
+
+
+@pytest.mark.parametrize("residual_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("input_dtype", ["float", "bool"])
+def test_channels_last(residual_layout, input_dtype):
+    g = torch.Generator().manual_seed(24)
+    x, w = torch.randn(2, 40, 6, 7, generator=g), torch.randn(11, 40, 3, 3, generator=g)
+    if input_dtype == "bool":
+        x = x < 0
+    x = x.contiguous(memory_format=torch.channels_last)
+    scale, bias = _scale_bias(11, g)
+    residual = torch.randn(2, 11, 6, 7, generator=g)
+    if residual_layout == "channels_last":
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    for extra in ({}, dict(residual=residual, prelu_weight=torch.rand(11, generator=g) - 0.5),
+                  dict(residual=residual, output_signs=True, output_threshold=torch.randn(11, generator=g))):
+        got, want = _triton_and_cpu(x, w, bias=bias, padding=1, scale=scale, **extra)
+        assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+        _same_as_cpu_op(got, want)
+
+
+def test_fused_argument_errors():
+    x, w = torch.randn(1, 4, 5, 5, device=DEVICE), torch.randn(3, 4, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="output_threshold is only used with output_signs=True"):
+        _triton.binary_conv2d(x, w, output_threshold=torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="prelu_weight must have shape"):
+        _triton.binary_conv2d(x, w, prelu_weight=torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="residual must be a float32 tensor of the output's shape"):
+        _triton.binary_conv2d(x, w, residual=torch.zeros(1, 3, 5, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="input_threshold applies to float input"):
+        _triton.binary_conv2d(x < 0, w, input_threshold=torch.zeros(4, device=DEVICE))

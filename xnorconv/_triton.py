@@ -35,7 +35,8 @@ def _popcount32(x):
 
 @triton.jit
 def _pack_kernel(x_ptr, t_ptr, out_ptr, total, H, W, CG, WORDS, GW, sn, sc, sh, sw, HAS_THRESHOLD: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 SIGNS: tl.constexpr, BLOCK: tl.constexpr):
+    # SIGNS: x is a bool tensor viewed as uint8 (already binarized: nonzero means -1, like the CPU and CUDA packs).
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
     pix = e // GW
@@ -51,20 +52,26 @@ def _pack_kernel(x_ptr, t_ptr, out_ptr, total, H, W, CG, WORDS, GW, sn, sc, sh, 
     for b in tl.static_range(32):
         c = w * 32 + b
         valid = mask & (c < CG)
-        v = tl.load(x_ptr + base + (g * CG + c).to(tl.int64) * sc, mask=valid, other=0.0)
-        if HAS_THRESHOLD:  # sign(x - t) computed as x >= t, like the CPU and CUDA kernels
-            t = tl.load(t_ptr + g * CG + c, mask=valid, other=0.0)
+        if SIGNS:
+            negative = tl.load(x_ptr + base + (g * CG + c).to(tl.int64) * sc, mask=valid, other=0) != 0
         else:
-            t = 0.0
-        negative = (v >= t) == 0  # NaN >= t is false: NaN packs as -1, like everywhere else
+            v = tl.load(x_ptr + base + (g * CG + c).to(tl.int64) * sc, mask=valid, other=0.0)
+            if HAS_THRESHOLD:  # sign(x - t) computed as x >= t, like the CPU and CUDA kernels
+                t = tl.load(t_ptr + g * CG + c, mask=valid, other=0.0)
+            else:
+                t = 0.0
+            negative = (v >= t) == 0  # NaN >= t is false: NaN packs as -1, like everywhere else
         bits = bits | ((negative & valid).to(tl.int32) << b)
     tl.store(out_ptr + e.to(tl.int64), bits, mask=mask)
 
 
 @triton.jit
-def _conv_kernel(a_ptr, w_ptr, ts_ptr, scale_ptr, bias_ptr, out_ptr,
+def _conv_kernel(a_ptr, w_ptr, ts_ptr, scale_ptr, bias_ptr, res_ptr, slope_ptr, thr_ptr, out_ptr,
                  N, H, W, OH, OW, O, CG, OG, KH, KW, SH, SW, PT, PL, DH, DW, WORDS, GW, PV, CHANNEL_BLOCKS,
-                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
+                 osn, osc, osh, osw, rsn, rsc, rsh, rsw,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 HAS_PRELU: tl.constexpr, OUT_SIGNS: tl.constexpr, HAS_OUT_THRESHOLD: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_o = tl.program_id(1)
     g = pid_o // CHANNEL_BLOCKS
@@ -96,13 +103,38 @@ def _conv_kernel(a_ptr, w_ptr, ts_ptr, scale_ptr, bias_ptr, out_ptr,
                 b = tl.load(w_ptr + w_base + w, mask=omask, other=0)
                 acc += _popcount32(a[:, None] ^ b[None, :])
     dot = CG * taps - 2 * acc + (PV - 1) * padded
+    # The output stage in the CPU kernels' float operations and order: y = fma(scale, dot, bias); y += residual;
+    # y = y >= 0 ? y : slope * y; then y, or the sign byte !(y >= threshold). (tl.fma is one rounding on a GPU;
+    # Triton's interpreter evaluates it as a * b + c in float32, two roundings.)
     y = dot.to(tl.float32)
-    if HAS_SCALE:
-        y = y * tl.load(scale_ptr + o, mask=omask, other=1.0)[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + o, mask=omask, other=0.0)[None, :]
-    out_off = ((n.to(tl.int64)[:, None] * O + o[None, :]) * OH + oh[:, None]) * OW + ow[:, None]
-    tl.store(out_ptr + out_off, y, mask=pmask[:, None] & omask[None, :])
+    if HAS_SCALE or HAS_BIAS:
+        scale = tl.full([BLOCK_O], 1.0, tl.float32)
+        bias = tl.zeros([BLOCK_O], dtype=tl.float32)
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + o, mask=omask, other=1.0)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + o, mask=omask, other=0.0)
+        y = tl.fma(tl.broadcast_to(scale[None, :], [BLOCK_P, BLOCK_O]), y,
+                   tl.broadcast_to(bias[None, :], [BLOCK_P, BLOCK_O]))
+    mask = pmask[:, None] & omask[None, :]
+    if HAS_RESIDUAL:  # the residual's own strides: any memory format
+        r_off = (n.to(tl.int64)[:, None] * rsn + o.to(tl.int64)[None, :] * rsc + oh.to(tl.int64)[:, None] * rsh
+                 + ow.to(tl.int64)[:, None] * rsw)
+        y = y + tl.load(res_ptr + r_off, mask=mask, other=0.0)
+    if HAS_PRELU:
+        slope = tl.load(slope_ptr + o, mask=omask, other=1.0)
+        y = tl.where(y >= 0, y, slope[None, :] * y)  # NaN takes the multiply (and stays NaN), as on the CPU
+    out_off = (n.to(tl.int64)[:, None] * osn + o.to(tl.int64)[None, :] * osc + oh.to(tl.int64)[:, None] * osh
+               + ow.to(tl.int64)[:, None] * osw)
+    if OUT_SIGNS:
+        if HAS_OUT_THRESHOLD:
+            thr = tl.load(thr_ptr + o, mask=omask, other=0.0)
+        else:
+            thr = tl.zeros([BLOCK_O], dtype=tl.float32)
+        negative = (y >= thr[None, :]) == 0  # NaN -> -1 (True), the sign rule
+        tl.store(out_ptr + out_off, negative.to(tl.uint8), mask=mask)
+    else:
+        tl.store(out_ptr + out_off, y, mask=mask)
 
 
 def pack_weight_words(weight: torch.Tensor):
@@ -121,15 +153,20 @@ def pack_weight_words(weight: torch.Tensor):
 
 def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1,
                   padding=0, dilation=1, groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
-                  input_threshold: Optional[torch.Tensor] = None, block_p: int = 32,
-                  block_o: int = 32) -> torch.Tensor:
-    """Same arguments and result as xnorconv.binary_conv2d (NCHW-contiguous float32 output), computed by the
-    Triton kernels. The tensors must be on a device Triton can run on (a GPU, or the CPU in interpreter mode)."""
+                  input_threshold: Optional[torch.Tensor] = None, block_p: int = 32, block_o: int = 32, *,
+                  output_signs: bool = False, output_threshold: Optional[torch.Tensor] = None,
+                  residual: Optional[torch.Tensor] = None, prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Same arguments and result as xnorconv.binary_conv2d, computed by the Triton kernels: float32 or bool (sign)
+    input, output_signs / output_threshold, the fused residual + PReLU, and a channels_last output for a
+    channels_last input (the op's rule). The tensors must be on a device Triton can run on (a GPU, or the CPU in
+    interpreter mode)."""
     _check_input(input)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"weight must be a 4-D tensor (O, C/groups, kh, kw), got {getattr(weight, 'shape', weight)!r}")
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    if not isinstance(output_signs, bool):
+        raise ValueError(f"output_signs must be True or False, got {output_signs!r}")
     out_channels, cg, kh, kw = weight.shape
     if input.shape[1] != cg * groups:
         raise ValueError(f"input has {input.shape[1]} channels but the weight expects {cg * groups} "
@@ -140,10 +177,21 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
     (sh, sw), (pt, pb, pl, pr), (dh, dw) = normalize_conv_args((kh, kw), stride, padding, dilation)
     pv = _check_pad_value(pad_value)
+    signs = input.dtype == torch.bool
     scale, bias = _per_channel(scale, "scale"), _per_channel(bias, "bias")
     threshold = _per_channel(input_threshold, "input_threshold")
+    out_threshold = _per_channel(output_threshold, "output_threshold")
+    slope = _per_channel(prelu_weight, "prelu_weight")
+    if threshold is not None and signs:
+        raise ValueError("input_threshold applies to float input; this input is bool (already binarized)")
+    if out_threshold is not None and not output_signs:
+        raise ValueError("output_threshold is only used with output_signs=True")
+    if slope is not None and slope.shape == (1,):
+        slope = slope.expand(out_channels)  # one shared slope
     for name, t, size in (("scale", scale, out_channels), ("bias", bias, out_channels),
-                          ("input_threshold", threshold, input.shape[1])):
+                          ("input_threshold", threshold, input.shape[1]),
+                          ("output_threshold", out_threshold, out_channels),
+                          ("prelu_weight", slope, out_channels)):
         if t is not None and (t.shape != (size,) or t.device != input.device):
             raise ValueError(f"{name} must have shape ({size},) on {input.device}, got {tuple(t.shape)} on {t.device}")
 
@@ -153,7 +201,18 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel size ({kh}, {kw}) with dilation ({dh}, {dw}) is larger than the padded input "
                          f"({h + pt + pb}, {w + pl + pr})")
-    out = torch.empty((n, out_channels, oh, ow), device=input.device, dtype=torch.float32)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.shape != (n, out_channels, oh, ow) \
+                or residual.dtype != torch.float32 or residual.device != input.device:
+            raise ValueError(f"residual must be a float32 tensor of the output's shape {(n, out_channels, oh, ow)} "
+                             f"on {input.device}, got {getattr(residual, 'dtype', None)} "
+                             f"{tuple(getattr(residual, 'shape', ()))}")
+        residual = residual.detach()
+    # The op's rule (and its fake kernel's): a channels_last input gets a channels_last output.
+    channels_last = input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous() and c > 1
+    out = torch.empty((n, out_channels, oh, ow), device=input.device,
+                      dtype=torch.bool if output_signs else torch.float32,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if n == 0:
         return out
     words = (cg + 31) // 32
@@ -161,16 +220,22 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     packed = torch.empty((n, h, w, groups, words), device=input.device, dtype=torch.int32)
     total = packed.numel()
     block = 128
-    _pack_kernel[(triton.cdiv(total, block),)](input, threshold.contiguous() if threshold is not None else input,
+    x = input.view(torch.uint8) if signs else input
+    _pack_kernel[(triton.cdiv(total, block),)](x, threshold.contiguous() if threshold is not None else x,
                                                packed, total, h, w, cg, words, groups * words, *input.stride(),
-                                               HAS_THRESHOLD=threshold is not None, BLOCK=block)
+                                               HAS_THRESHOLD=threshold is not None, SIGNS=signs, BLOCK=block)
     og = out_channels // groups
     channel_blocks = triton.cdiv(og, block_o)
     grid = (triton.cdiv(n * oh * ow, block_p), groups * channel_blocks)
-    dummy = out  # never read when HAS_SCALE / HAS_BIAS is False
+    out_view = out.view(torch.uint8) if output_signs else out
+    dummy = packed  # never read when the matching HAS_* flag is False
     _conv_kernel[grid](packed, bits, tap_sum, scale if scale is not None else dummy,
-                       bias if bias is not None else dummy, out,
+                       bias if bias is not None else dummy, residual if residual is not None else dummy,
+                       slope.contiguous() if slope is not None else dummy,
+                       out_threshold if out_threshold is not None else dummy, out_view,
                        n, h, w, oh, ow, out_channels, cg, og, kh, kw, sh, sw, pt, pl, dh, dw, words, groups * words,
-                       pv, channel_blocks, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-                       BLOCK_P=block_p, BLOCK_O=block_o)
+                       pv, channel_blocks, *out.stride(), *(residual.stride() if residual is not None else (0,) * 4),
+                       HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                       HAS_PRELU=slope is not None, OUT_SIGNS=output_signs,
+                       HAS_OUT_THRESHOLD=out_threshold is not None, BLOCK_P=block_p, BLOCK_O=block_o)
     return out

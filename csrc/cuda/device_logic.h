@@ -26,6 +26,7 @@
 // Weights: the op's packed weight [O][kh][kw][words] (int64 words, the CPU layout) is used as is.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 
 #if defined(__CUDACC__)
@@ -117,9 +118,15 @@ struct Strides4 {
   int64_t n, c, h, w;
 };
 
-// threshold: [in_channels] or nullptr (0).
-XNC_HD void pack_activation_word(const GpuConv& p, const float* x, Strides4 s, const float* threshold,
-                                 uint64_t* packed, int64_t e) {
+// Where thread e of the pack writes, and which input channels it reads (the float and the sign pack share it).
+struct PackSite {
+  int64_t word;           // index of the packed word written
+  int64_t base;           // element offset of channel g * cg of pixel (n, h, col) in the input
+  int32_t channel0;       // g * cg + 64 * w: the input channel of bit 0 (for the threshold)
+  int32_t count;          // channels in this word (0 .. 64; 0 for the even-padding word)
+};
+
+XNC_HD PackSite pack_site(const GpuConv& p, Strides4 s, int64_t e) {
   const int32_t pixels = p.batch * p.in_h * p.in_w;  // fits: packed words fit int32
   const int32_t pix = static_cast<int32_t>(e % pixels);
   const int32_t word_of_pixel = static_cast<int32_t>(e / pixels);
@@ -128,18 +135,38 @@ XNC_HD void pack_activation_word(const GpuConv& p, const float* x, Strides4 s, c
   const int32_t n = pix / (p.in_h * p.in_w);
   const int32_t hw = pix % (p.in_h * p.in_w);
   const int32_t h = hw / p.in_w, col = hw % p.in_w;
+  PackSite r;
+  r.word = static_cast<int64_t>(pix) * p.act_words_per_pixel + word_of_pixel;
+  r.channel0 = g * p.cg + 64 * w;
+  int32_t count = p.cg - 64 * w;
+  r.count = count < 0 ? 0 : (count > 64 ? 64 : count);
+  r.base = n * s.n + h * s.h + col * s.w + static_cast<int64_t>(r.channel0) * s.c;
+  return r;
+}
+
+// threshold: [in_channels] or nullptr (0).
+XNC_HD void pack_activation_word(const GpuConv& p, const float* x, Strides4 s, const float* threshold,
+                                 uint64_t* packed, int64_t e) {
+  const PackSite site = pack_site(p, s, e);
+  const float* base = x + site.base;
   uint64_t bits = 0;
-  const int32_t c_begin = 64 * w;
-  int32_t c_end = c_begin + 64;
-  if (c_end > p.cg) c_end = p.cg;
-  const float* base = x + n * s.n + h * s.h + col * s.w + static_cast<int64_t>(g) * p.cg * s.c;
   if (threshold) {
-    const float* t = threshold + static_cast<int64_t>(g) * p.cg;
-    for (int32_t c = c_begin; c < c_end; ++c) bits |= sign_bit(base[c * s.c], t[c]) << (c - c_begin);
+    const float* t = threshold + site.channel0;
+    for (int32_t c = 0; c < site.count; ++c) bits |= sign_bit(base[c * s.c], t[c]) << c;
   } else {
-    for (int32_t c = c_begin; c < c_end; ++c) bits |= sign_bit(base[c * s.c]) << (c - c_begin);
+    for (int32_t c = 0; c < site.count; ++c) bits |= sign_bit(base[c * s.c]) << c;
   }
-  packed[static_cast<int64_t>(pix) * p.act_words_per_pixel + word_of_pixel] = bits;
+  packed[site.word] = bits;
+}
+
+// The same for an input that is already binarized (a torch.bool tensor, or another layer's sign output): one byte
+// per value, nonzero meaning -1, as the CPU core's pack_signs.
+XNC_HD void pack_sign_word(const GpuConv& p, const uint8_t* x, Strides4 s, uint64_t* packed, int64_t e) {
+  const PackSite site = pack_site(p, s, e);
+  const uint8_t* base = x + site.base;
+  uint64_t bits = 0;
+  for (int32_t c = 0; c < site.count; ++c) bits |= static_cast<uint64_t>(base[c * s.c] != 0) << c;
+  packed[site.word] = bits;
 }
 
 // Weight pack (the CUDA implementation of the pack_weight op): one thread per (o, tap); weight is float
@@ -264,31 +291,91 @@ XNC_HD int32_t dot_from_xor(const GpuConv& p, int32_t raw_xor, int32_t padded_su
   return p.cg * p.taps - 2 * raw_xor + (p.pad_value - 1) * padded_sum;
 }
 
-// One output pixel of the epilogue: decoded once, then store() for each of the thread's channels.
+// The fused output stage (the CPU core's OutputStage on device pointers), in the CPU kernels' float operations and
+// order, so that every output is bit-identical to the CPU op's:
+//   y = fmaf(scale[o], dot, bias[o])                  (scale 1, bias 0 when absent: then y is the exact dot)
+//   y = y + residual[n][o][oh][ow]                    (when residual)
+//   y = y >= 0 ? y : prelu[o] * y                     (when prelu; NaN takes the multiply, as on the CPU)
+//   store y, or the sign byte !(y >= out_threshold[o]) (1 = -1; NaN -> 1, the sign rule) when out_signs.
+// prelu holds one slope per output channel (the binding expands a shared (1,) slope).
+struct Epilogue {
+  const float* scale = nullptr;          // [O] or nullptr (1)
+  const float* bias = nullptr;           // [O] or nullptr (0)
+  const float* residual = nullptr;       // the output's shape and memory format, or nullptr
+  const float* prelu = nullptr;          // [O] negative slopes, or nullptr
+  float* out = nullptr;                  // float output (unused with out_signs)
+  uint8_t* out_signs = nullptr;          // sign output bytes, or nullptr for the float output
+  const float* out_threshold = nullptr;  // [O] or nullptr (0), with out_signs
+  int32_t channels_last = 0;             // out / out_signs / residual are NHWC contiguous instead of NCHW
+};
+
+// Rounded float add and multiply that the device compiler never fuses into an FMA with a neighbour (the CPU kernels
+// round each step on its own).
+XNC_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+XNC_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+// A load of an operand the kernel only reads (the read-only data cache on the device).
+XNC_HD float load_ro(const float* ptr) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(ptr);
+#else
+  return *ptr;
+#endif
+}
+
+// y of output channel o at element offset `at` of the output, from the exact integer dot.
+XNC_HD float output_value(const Epilogue& e, int64_t o, int32_t dot, int64_t at) {
+  float y = fmaf(e.scale ? load_ro(e.scale + o) : 1.0f, static_cast<float>(dot), e.bias ? load_ro(e.bias + o) : 0.0f);
+  if (e.residual) y = add_rn(y, load_ro(e.residual + at));
+  if (e.prelu && !(y >= 0.0f)) y = mul_rn(load_ro(e.prelu + o), y);
+  return y;
+}
+
+// One output pixel of the epilogue: decoded once, then store_output() for each of the thread's channels.
 struct PixelOut {
   OutPixel q;
   bool interior;
   int64_t base;         // offset of y[n][0][oh][ow]
-  int64_t plane;        // out_h * out_w
+  int64_t channel_step; // offset between consecutive channels: out_h * out_w (NCHW) or 1 (NHWC)
 };
 
-XNC_HD PixelOut pixel_out(const GpuConv& p, int32_t pixel) {
+XNC_HD PixelOut pixel_out(const GpuConv& p, const Epilogue& e, int32_t pixel) {
   PixelOut r;
   r.q = decode_pixel(p, pixel);
   r.interior = interior_pixel(p, r.q);
-  r.plane = static_cast<int64_t>(p.out_h) * p.out_w;
-  r.base = static_cast<int64_t>(r.q.n) * p.out_channels * r.plane + static_cast<int64_t>(r.q.oh) * p.out_w + r.q.ow;
+  if (e.channels_last) {
+    r.channel_step = 1;
+    r.base = static_cast<int64_t>(pixel) * p.out_channels;  // pixel = (n * out_h + oh) * out_w + ow
+  } else {
+    r.channel_step = static_cast<int64_t>(p.out_h) * p.out_w;
+    r.base = static_cast<int64_t>(r.q.n) * p.out_channels * r.channel_step + static_cast<int64_t>(r.q.oh) * p.out_w +
+             r.q.ow;
+  }
   return r;
 }
 
-// Writes y[n][o][oh][ow] = scale[o] * dot + bias[o] (NCHW contiguous) for output channel o of pixel px.
+// Output channel o of pixel px: the dot from the raw XOR count and the padding, then the output stage.
 XNC_HD void store_output(const GpuConv& p, const PixelOut& px, int64_t o, int32_t raw_xor, const int32_t* tap_sum,
-                         const float* scale, const float* bias, float* out) {
+                         const Epilogue& e) {
   const int32_t padded = px.interior ? 0 : padded_tap_sum(p, px.q, tap_sum, o);
-  float y = static_cast<float>(dot_from_xor(p, raw_xor, padded));
-  if (scale) y = y * scale[o];
-  if (bias) y = y + bias[o];
-  out[px.base + o * px.plane] = y;
+  const int64_t at = px.base + o * px.channel_step;
+  const float y = output_value(e, o, dot_from_xor(p, raw_xor, padded), at);
+  if (e.out_signs)
+    e.out_signs[at] = static_cast<uint8_t>(!(y >= (e.out_threshold ? load_ro(e.out_threshold + o) : 0.0f)));
+  else
+    e.out[at] = y;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -329,8 +416,7 @@ XNC_HD void accumulate(int32_t tid, const uint64_t* sA, const uint64_t* sW, int3
 }
 
 XNC_HD void epilogue(const GpuConv& p, int32_t block_x, int32_t block_y, int32_t tid,
-                     const int32_t acc[kRegP][kRegO], const int32_t* tap_sum, const float* scale, const float* bias,
-                     float* out) {
+                     const int32_t acc[kRegP][kRegO], const int32_t* tap_sum, const Epilogue& e) {
   const int32_t cb = channel_blocks(p);
   const int32_t g = block_y / cb, channel_block = block_y % cb;
   const int32_t tx = tid % 16, ty = tid / 16;
@@ -338,11 +424,11 @@ XNC_HD void epilogue(const GpuConv& p, int32_t block_x, int32_t block_y, int32_t
   for (int i = 0; i < kRegP; ++i) {
     const int32_t pixel = block_x * kTileP + tx + 16 * i;
     if (pixel >= p.out_pixels) continue;
-    const PixelOut px = pixel_out(p, pixel);
+    const PixelOut px = pixel_out(p, e, pixel);
     XNC_UNROLL
     for (int j = 0; j < kRegO; ++j) {
       const int32_t jo = channel_block * kTileO + ty + 16 * j;
-      if (jo < p.og) store_output(p, px, static_cast<int64_t>(g) * p.og + jo, acc[i][j], tap_sum, scale, bias, out);
+      if (jo < p.og) store_output(p, px, static_cast<int64_t>(g) * p.og + jo, acc[i][j], tap_sum, e);
     }
   }
 }
@@ -395,14 +481,14 @@ XNC_HD int32_t c_channel(int32_t tid, int32_t n, int32_t i) { return warp_n(tid)
 // popcount of the thread's A row of m-tile m summed over the whole K loop (after the 4-lane reduction).
 XNC_HD void epilogue(const GpuConv& p, bool and_form, int32_t block_x, int32_t block_y, int32_t tid,
                      const int32_t acc[kM][kN][2], const int32_t row_pop[kM], const int32_t* tap_sum,
-                     const float* scale, const float* bias, float* out) {
+                     const Epilogue& e) {
   const int32_t cb = channel_blocks(p);
   const int32_t g = block_y / cb, channel_block = block_y % cb;
   XNC_UNROLL
   for (int m = 0; m < kM; ++m) {
     const int32_t pixel = block_x * kTileP + c_pixel(tid, m);
     if (pixel >= p.out_pixels) continue;
-    const PixelOut px = pixel_out(p, pixel);
+    const PixelOut px = pixel_out(p, e, pixel);
     XNC_UNROLL
     for (int n = 0; n < kN; ++n)
       XNC_UNROLL
@@ -412,7 +498,7 @@ XNC_HD void epilogue(const GpuConv& p, bool and_form, int32_t block_x, int32_t b
         const int64_t o = static_cast<int64_t>(g) * p.og + jo;
         const int32_t raw =
             and_form ? row_pop[m] + weight_popcount(p, tap_sum, o) - 2 * acc[m][n][i] : acc[m][n][i];
-        store_output(p, px, o, raw, tap_sum, scale, bias, out);
+        store_output(p, px, o, raw, tap_sum, e);
       }
   }
 }

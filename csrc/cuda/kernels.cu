@@ -22,6 +22,12 @@ __global__ void __launch_bounds__(kPackThreads) pack_activations_kernel(GpuConv 
   if (e < total) pack_activation_word(p, x, s, threshold, packed, e);
 }
 
+__global__ void __launch_bounds__(kPackThreads) pack_signs_kernel(GpuConv p, const uint8_t* __restrict__ x, Strides4 s,
+                                                                  uint64_t* __restrict__ packed, int64_t total) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * kPackThreads + threadIdx.x;
+  if (e < total) pack_sign_word(p, x, s, packed, e);
+}
+
 __global__ void __launch_bounds__(kPackThreads) pack_weights_kernel(int32_t cg, int32_t taps, int32_t words,
                                                                     const float* __restrict__ weight,
                                                                     uint64_t* __restrict__ bits,
@@ -33,9 +39,7 @@ __global__ void __launch_bounds__(kPackThreads) pack_weights_kernel(int32_t cg, 
 __global__ void __launch_bounds__(popc::kThreads, 2) popc_conv_kernel(GpuConv p, const uint64_t* __restrict__ packed,
                                                                    const uint64_t* __restrict__ weight_bits,
                                                                    const int32_t* __restrict__ tap_sum,
-                                                                   const float* __restrict__ scale,
-                                                                   const float* __restrict__ bias,
-                                                                   float* __restrict__ out) {
+                                                                   Epilogue e) {
   __shared__ uint64_t sA[popc::kChunk * popc::kTileP];
   __shared__ uint64_t sW[popc::kChunk * popc::kTileO];
   const int32_t tid = threadIdx.x;
@@ -51,7 +55,7 @@ __global__ void __launch_bounds__(popc::kThreads, 2) popc_conv_kernel(GpuConv p,
     popc::accumulate(tid, sA, sW, acc);
     __syncthreads();
   }
-  popc::epilogue(p, blockIdx.x, blockIdx.y, tid, acc, tap_sum, scale, bias, out);
+  popc::epilogue(p, blockIdx.x, blockIdx.y, tid, acc, tap_sum, e);
 }
 
 // The mma instruction. Each form is emitted only for architectures that have it; elsewhere the kernel body is a
@@ -88,9 +92,7 @@ template <bool kAnd>
 __global__ void __launch_bounds__(tc::kThreads, 4) tc_conv_kernel(GpuConv p, const uint64_t* __restrict__ packed,
                                                                const uint64_t* __restrict__ weight_bits,
                                                                const int32_t* __restrict__ tap_sum,
-                                                               const float* __restrict__ scale,
-                                                               const float* __restrict__ bias,
-                                                               float* __restrict__ out) {
+                                                               Epilogue e) {
 #if XNORCONV_HAS_MMA_AND || XNORCONV_HAS_MMA_XOR
   if ((kAnd && !XNORCONV_HAS_MMA_AND) || (!kAnd && !XNORCONV_HAS_MMA_XOR)) {
     __trap();
@@ -138,7 +140,7 @@ __global__ void __launch_bounds__(tc::kThreads, 4) tc_conv_kernel(GpuConv p, con
         row_pop[m] += __shfl_xor_sync(0xffffffffu, row_pop[m], 2);
       }
     }
-    tc::epilogue(p, kAnd, blockIdx.x, blockIdx.y, tid, acc, row_pop, tap_sum, scale, bias, out);
+    tc::epilogue(p, kAnd, blockIdx.x, blockIdx.y, tid, acc, row_pop, tap_sum, e);
   }
 #else
   __trap();
@@ -200,6 +202,16 @@ cudaError_t pack_activations(const GpuConv& p, const float* x, Strides4 s, const
   return launched();
 }
 
+cudaError_t pack_activation_signs(const GpuConv& p, const uint8_t* x, Strides4 s, uint64_t* packed,
+                                  cudaStream_t stream) {
+  const int64_t total = pack_threads(p);
+  if (total == 0) return cudaSuccess;
+  const int64_t blocks = (total + kPackThreads - 1) / kPackThreads;
+  if (cudaError_t err = check_grid(blocks, 1)) return err;
+  pack_signs_kernel<<<static_cast<unsigned>(blocks), kPackThreads, 0, stream>>>(p, x, s, packed, total);
+  return launched();
+}
+
 cudaError_t pack_weights(int64_t out_channels, int32_t cg, int32_t taps, const float* weight, uint64_t* bits,
                          int32_t* tap_sum, cudaStream_t stream) {
   const int64_t total = out_channels * taps;
@@ -213,22 +225,22 @@ cudaError_t pack_weights(int64_t out_channels, int32_t cg, int32_t taps, const f
 }
 
 cudaError_t conv(ConvKernel kernel, const GpuConv& p, const uint64_t* packed, const uint64_t* weight_bits,
-                 const int32_t* tap_sum, const float* scale, const float* bias, float* out, cudaStream_t stream) {
+                 const int32_t* tap_sum, const Epilogue& e, cudaStream_t stream) {
   if (p.out_pixels == 0) return cudaSuccess;
   if (kernel == ConvKernel::Popcount) {
     const int64_t gx = popc::grid_x(p), gy = popc::grid_y(p);
     if (cudaError_t err = check_grid(gx, gy)) return err;
     popc_conv_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), popc::kThreads, 0, stream>>>(
-        p, packed, weight_bits, tap_sum, scale, bias, out);
+        p, packed, weight_bits, tap_sum, e);
     return launched();
   }
   const int64_t gx = tc::grid_x(p), gy = tc::grid_y(p);
   if (cudaError_t err = check_grid(gx, gy)) return err;
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   if (kernel == ConvKernel::TensorCoreAnd)
-    tc_conv_kernel<true><<<grid, tc::kThreads, 0, stream>>>(p, packed, weight_bits, tap_sum, scale, bias, out);
+    tc_conv_kernel<true><<<grid, tc::kThreads, 0, stream>>>(p, packed, weight_bits, tap_sum, e);
   else
-    tc_conv_kernel<false><<<grid, tc::kThreads, 0, stream>>>(p, packed, weight_bits, tap_sum, scale, bias, out);
+    tc_conv_kernel<false><<<grid, tc::kThreads, 0, stream>>>(p, packed, weight_bits, tap_sum, e);
   return launched();
 }
 

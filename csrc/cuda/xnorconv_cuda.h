@@ -31,13 +31,18 @@ ConvKernel choose_kernel(const GpuConv& p, int device_cc);
 cudaError_t pack_activations(const GpuConv& p, const float* x, Strides4 s, const float* threshold, uint64_t* packed,
                              cudaStream_t stream);
 
+// bool (sign) input (n, c, h, w) with element strides s, one byte per value, nonzero meaning -1 -> packed words.
+cudaError_t pack_activation_signs(const GpuConv& p, const uint8_t* x, Strides4 s, uint64_t* packed,
+                                  cudaStream_t stream);
+
 // float weight [O][cg][kh][kw] contiguous -> bits [O][kh][kw][words], tap_sum [O][kh][kw].
 cudaError_t pack_weights(int64_t out_channels, int32_t cg, int32_t taps, const float* weight, uint64_t* bits,
                          int32_t* tap_sum, cudaStream_t stream);
 
-// out: float NCHW contiguous [batch][out_channels][out_h][out_w]; scale, bias: [out_channels] or nullptr.
+// The output stage (scale, bias, residual, PReLU; float or sign output; NCHW or NHWC) is described by `e`
+// (device_logic.h): e.out or e.out_signs is [batch][out_channels][out_h][out_w], contiguous in NCHW or NHWC order.
 cudaError_t conv(ConvKernel kernel, const GpuConv& p, const uint64_t* packed, const uint64_t* weight_bits,
-                 const int32_t* tap_sum, const float* scale, const float* bias, float* out, cudaStream_t stream);
+                 const int32_t* tap_sum, const Epilogue& e, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace xnorconv

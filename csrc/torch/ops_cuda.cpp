@@ -87,13 +87,16 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
   const xnorconv::ConvParams c = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias,
                                              stride, padding, dilation, groups, pad_value,
                                              input_threshold, output_signs, output_threshold);
-  TORCH_CHECK(input.scalar_type() == at::kFloat, "binary_conv2d: bool (sign) input is not supported on CUDA yet; "
-              "pass the float input (and input_threshold) instead, got ", input.scalar_type());
-  TORCH_CHECK(!output_signs, "binary_conv2d: output_signs=True is not supported on CUDA yet; use the float output");
-  TORCH_CHECK(!residual.has_value() && !prelu_weight.has_value(),
-              "binary_conv2d: residual / prelu_weight are not supported on CUDA yet; add and activate after the op");
+  const bool sign_input = input.scalar_type() == at::kBool;
+  check_unit_epilogue(residual, prelu_weight, c, input);
+  // Same rule as the CPU path and the fake kernel: a channels_last input gets a channels_last output, which the
+  // epilogue writes as such (NHWC), reading the residual in the same order.
+  const bool channels_last =
+      input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1;
+  const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor out = at::empty({c.batch, c.out_channels, c.out_h(), c.out_w()}, input.options());
+  at::Tensor out = at::empty({c.batch, c.out_channels, c.out_h(), c.out_w()},
+                             input.options().dtype(output_signs ? at::kBool : at::kFloat).memory_format(format));
   if (c.batch == 0) return out;
   xc::GpuConv p;
   TORCH_CHECK(xc::gpu_conv_from(c, p), "binary_conv2d: input of shape ", input.sizes(), " with ", c.out_channels,
@@ -112,20 +115,38 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
   const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor threshold = input_threshold.has_value() ? input_threshold->contiguous() : at::Tensor();
+  const at::Tensor out_threshold = output_threshold.has_value() ? output_threshold->contiguous() : at::Tensor();
+  const at::Tensor residual_c = residual.has_value() ? residual->contiguous(format) : at::Tensor();
+  // A shared slope (1,) is expanded to one per output channel, as on the CPU.
+  const at::Tensor slope =
+      prelu_weight.has_value() ? prelu_weight->expand({c.out_channels}).contiguous() : at::Tensor();
 
   at::Tensor packed = at::empty({xc::packed_activation_words(p)}, input.options().dtype(at::kLong));
   auto* packed_ptr = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
   const xc::Strides4 strides{input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
-  check_launch(xc::pack_activations(p, input.data_ptr<float>(), strides,
-                                    threshold.defined() ? threshold.data_ptr<float>() : nullptr, packed_ptr, stream),
-               "activation pack");
+  if (sign_input)
+    check_launch(xc::pack_activation_signs(p, reinterpret_cast<const uint8_t*>(input.data_ptr<bool>()), strides,
+                                           packed_ptr, stream),
+                 "sign pack");
+  else
+    check_launch(xc::pack_activations(p, input.data_ptr<float>(), strides,
+                                      threshold.defined() ? threshold.data_ptr<float>() : nullptr, packed_ptr, stream),
+                 "activation pack");
+  xc::Epilogue e;
+  e.scale = scale_c.defined() ? scale_c.data_ptr<float>() : nullptr;
+  e.bias = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
+  e.residual = residual_c.defined() ? residual_c.data_ptr<float>() : nullptr;
+  e.prelu = slope.defined() ? slope.data_ptr<float>() : nullptr;
+  if (output_signs) {
+    e.out_signs = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
+    e.out_threshold = out_threshold.defined() ? out_threshold.data_ptr<float>() : nullptr;
+  } else {
+    e.out = out.data_ptr<float>();
+  }
+  e.channels_last = channels_last ? 1 : 0;
   check_launch(xc::conv(kernel, p, packed_ptr, reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()),
-                        tap_sum.data_ptr<int32_t>(), scale_c.defined() ? scale_c.data_ptr<float>() : nullptr,
-                        bias_c.defined() ? bias_c.data_ptr<float>() : nullptr, out.data_ptr<float>(), stream),
+                        tap_sum.data_ptr<int32_t>(), e, stream),
                xc::kernel_name(kernel));
-  // Same rule as the CPU path and the fake kernel: a channels_last input gets a channels_last output.
-  if (input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1)
-    return out.contiguous(at::MemoryFormat::ChannelsLast);
   return out;
 }
 

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -34,6 +35,14 @@ std::vector<uint64_t> run_pack(const GpuConv& p, const std::vector<float>& x, Te
   return packed;
 }
 
+// The sign-input pack kernel (bool input: one byte per value, nonzero meaning -1).
+std::vector<uint64_t> run_sign_pack(const GpuConv& p, const std::vector<uint8_t>& x, TensorStrides s) {
+  std::vector<uint64_t> packed(packed_activation_words(p), 0xBADBADBADBADBADBull);
+  const Strides4 st{s.n, s.c, s.h, s.w};
+  for (int64_t e = 0; e < pack_threads(p); ++e) pack_sign_word(p, x.data(), st, packed.data(), e);
+  return packed;
+}
+
 void run_weight_pack(const GpuConv& p, const std::vector<float>& w, std::vector<uint64_t>& bits,
                      std::vector<int32_t>& tap_sum) {
   bits.assign(static_cast<size_t>(p.out_channels) * p.taps * p.words, 0xBADBADBADBADBADBull);
@@ -46,9 +55,7 @@ struct Operands {
   const uint64_t* packed;
   const uint64_t* bits;
   const int32_t* tap_sum;
-  const float* scale;
-  const float* bias;
-  float* out;
+  Epilogue epilogue;  // scale, bias, residual, prelu, float or sign output, NCHW or NHWC
 };
 
 void run_popc(const GpuConv& p, const Operands& op) {
@@ -72,8 +79,7 @@ void run_popc(const GpuConv& p, const Operands& op) {
         // __syncthreads()
       }
       for (int tid = 0; tid < kThreads; ++tid)
-        epilogue(p, static_cast<int32_t>(bx), static_cast<int32_t>(by), tid, acc_of(tid), op.tap_sum, op.scale,
-                 op.bias, op.out);
+        epilogue(p, static_cast<int32_t>(bx), static_cast<int32_t>(by), tid, acc_of(tid), op.tap_sum, op.epilogue);
     }
 }
 
@@ -144,7 +150,7 @@ void run_tc(const GpuConv& p, bool and_form, const Operands& op) {
             }
       for (int tid = 0; tid < kThreads; ++tid)
         epilogue(p, and_form, static_cast<int32_t>(bx), static_cast<int32_t>(by), tid, th[tid].acc, th[tid].row_pop,
-                 op.tap_sum, op.scale, op.bias, op.out);
+                 op.tap_sum, op.epilogue);
     }
 }
 
@@ -162,29 +168,137 @@ void fill_signed(std::vector<float>& v) {
   }
 }
 
-void check_case(const ConvParams& c, bool channels_last, bool with_affine, bool with_threshold,
-                const std::string& label) {
+// What a case exercises besides the shape. The output stage options follow the op: sign input (bool, taken as
+// already binarized), residual + PReLU (per-channel or one shared slope), sign output with or without thresholds,
+// and the channels_last layout (input strides and NHWC output / residual, as the binding does for such an input).
+struct Options {
+  bool channels_last = false;
+  bool affine = false;          // scale and bias
+  bool input_threshold = false; // with sign_input: the threshold the previous layer binarized with
+  bool sign_input = false;
+  bool residual = false;
+  int prelu = 0;                // 0 none, 1 per output channel, 2 one shared slope (expanded, as the binding does)
+  bool out_signs = false;
+  bool out_threshold = false;
+};
+
+std::string describe(const Options& o) {
+  std::string r;
+  if (o.channels_last) r += " channels_last";
+  if (o.affine) r += " affine";
+  if (o.input_threshold) r += " in_threshold";
+  if (o.sign_input) r += " sign_input";
+  if (o.residual) r += " residual";
+  if (o.prelu) r += o.prelu == 1 ? " prelu" : " prelu_shared";
+  if (o.out_signs) r += o.out_threshold ? " out_signs+threshold" : " out_signs";
+  return r;
+}
+
+bool same_float(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);  // NaN payloads may differ per device
+  uint32_t x, y;
+  std::memcpy(&x, &a, 4);
+  std::memcpy(&y, &b, 4);
+  return x == y;
+}
+
+// The CPU op's result for the same case, from a CPU kernel family of the core (pack or pack_signs, then conv with
+// the core's OutputStage), NCHW contiguous: float output in y, or sign bytes in signs.
+void cpu_op(const KernelOps& ops, const ConvParams& c, const std::vector<float>& x, const std::vector<uint8_t>& x_signs,
+            TensorStrides s, const float* threshold, const std::vector<uint64_t>& bits,
+            const std::vector<int32_t>& tap_sum, OutputStage st, std::vector<float>& y, std::vector<uint8_t>& signs) {
+  const ActivationLayout l = ops.layout(c);
+  std::vector<uint64_t> packed(l.total_words);
+  if (!x_signs.empty())
+    ops.pack_signs(c, l, x_signs.data(), s, packed.data(), 0, ops.pack_tasks(c, l));
+  else
+    ops.pack(c, l, x.data(), s, threshold, packed.data(), 0, ops.pack_tasks(c, l));
+  WordBuffer formatted;
+  const uint64_t* w = conv_weight(ops, c, bits.data(), formatted);
+  ZeroPadCorrection zp;
+  if (c.pad_value == PadValue::Zero && !ops.exact_zero_padding) {
+    zp = zero_pad_correction(c, tap_sum.data());
+    st.zero_pad = &zp;
+  }
+  if (st.out_signs) st.out_signs = signs.data();
+  else st.out = y.data();
+  ops.conv(c, l, packed.data(), w, st, 0, ops.conv_tasks(c, l));
+}
+
+void check_case(const ConvParams& c, const Options& opt, const std::string& shape_label) {
+  const std::string label = shape_label + describe(opt);
   GpuConv p;
   EXPECT(validate(c).empty() && gpu_conv_from(c, p), "%s: invalid case", label.c_str());
   if (!validate(c).empty() || !gpu_conv_from(c, p)) return;
   std::vector<float> x(c.batch * c.in_channels * c.in_h * c.in_w), w(c.out_channels * c.channels_per_group() * c.taps());
   fill_signed(x);
   fill_signed(w);
+  const bool channels_last = opt.channels_last;
   const TensorStrides s = channels_last
                               ? TensorStrides{c.in_h * c.in_w * c.in_channels, 1, c.in_w * c.in_channels, c.in_channels}
                               : TensorStrides{c.in_channels * c.in_h * c.in_w, c.in_h * c.in_w, c.in_w, 1};
   std::vector<float> scale(c.out_channels), bias(c.out_channels);
   for (auto& e : scale) e = std::uniform_real_distribution<float>(0.1f, 2.0f)(rng);
   for (auto& e : bias) e = std::uniform_real_distribution<float>(-3.0f, 3.0f)(rng);
-  const float* sc = with_affine ? scale.data() : nullptr;
-  const float* bi = with_affine ? bias.data() : nullptr;
+  const float* sc = opt.affine ? scale.data() : nullptr;
+  const float* bi = opt.affine ? bias.data() : nullptr;
   std::vector<float> thresholds(c.in_channels);
   for (auto& e : thresholds) e = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
   if (!thresholds.empty()) thresholds[0] = 0.0f;
   // exact ties x == t must binarize to +1
-  if (with_threshold && !x.empty()) x[0] = thresholds[0];
-  const float* th = with_threshold ? thresholds.data() : nullptr;
-  const std::vector<double> want = reference(c, x, s, w, sc, bi, th);
+  if (opt.input_threshold && !x.empty()) x[0] = thresholds[0];
+  const float* th = opt.input_threshold ? thresholds.data() : nullptr;
+  // The exact integer dot of every output (NCHW), from the direct float64 convolution of the signs.
+  const std::vector<double> dot = reference(c, x, s, w, nullptr, nullptr, th);
+
+  // Sign input: the bytes a previous layer's sign output holds for x (binarized with th), at x's strides; any
+  // nonzero byte means -1 (a few are 0xFF).
+  std::vector<uint8_t> x_signs;
+  if (opt.sign_input) {
+    x_signs.assign(x.size(), 0);
+    for (int64_t n = 0; n < c.batch; ++n)
+      for (int64_t ch = 0; ch < c.in_channels; ++ch)
+        for (int64_t h = 0; h < c.in_h; ++h)
+          for (int64_t col = 0; col < c.in_w; ++col) {
+            const int64_t at = n * s.n + ch * s.c + h * s.h + col * s.w;
+            x_signs[at] = x[at] >= (th ? th[ch] : 0.0f) ? 0 : (pick(0, 7) == 0 ? 0xFF : 1);
+          }
+  }
+
+  // Output stage operands. residual in the output's layout (NHWC for a channels_last case) and NCHW for the CPU.
+  const int64_t oh = c.out_h(), ow = c.out_w(), plane = oh * ow, outputs = c.batch * c.out_channels * plane;
+  auto nhwc_of = [&](int64_t i) {  // NCHW index -> NHWC index
+    const int64_t n = i / (c.out_channels * plane), o = (i / plane) % c.out_channels, q = i % plane;
+    return (n * plane + q) * c.out_channels + o;
+  };
+  const bool out_nhwc = channels_last;
+  std::vector<float> residual, residual_gpu, slope, out_threshold(c.out_channels);
+  if (opt.residual) {
+    residual.resize(outputs);
+    fill_signed(residual);  // includes 0, -0.0 and NaN
+    residual_gpu = residual;
+    if (out_nhwc)
+      for (int64_t i = 0; i < outputs; ++i) residual_gpu[nhwc_of(i)] = residual[i];
+  }
+  if (opt.prelu) {
+    slope.resize(c.out_channels);
+    const float shared = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+    for (auto& e : slope) e = opt.prelu == 2 ? shared : std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+  }
+  for (auto& e : out_threshold) e = std::uniform_real_distribution<float>(-4.0f, 4.0f)(rng);
+
+  // The specification, in the CPU kernels' float operations: y = fmaf(scale, dot, bias); y += residual;
+  // y = y >= 0 ? y : slope * y; sign byte !(y >= threshold).
+  std::vector<float> want(outputs);
+  std::vector<uint8_t> want_signs(outputs);
+  for (int64_t i = 0; i < outputs; ++i) {
+    const int64_t o = (i / plane) % c.out_channels;
+    float y = std::fma(sc ? sc[o] : 1.0f, static_cast<float>(dot[i]), bi ? bi[o] : 0.0f);
+    if (opt.residual) y = y + residual[i];
+    if (opt.prelu && !(y >= 0.0f)) y = slope[o] * y;
+    want[i] = y;
+    want_signs[i] = static_cast<uint8_t>(!(y >= (opt.out_threshold ? out_threshold[o] : 0.0f)));
+  }
 
   // Weight pack kernel == the core's pack_weights (bits and tap sums).
   std::vector<uint64_t> bits;
@@ -195,7 +309,31 @@ void check_case(const ConvParams& c, bool channels_last, bool with_affine, bool 
   pack_weights(c, w.data(), core_bits.data(), core_tap_sum.data());
   EXPECT(bits == core_bits && tap_sum == core_tap_sum, "%s: CUDA weight pack differs from the core's", label.c_str());
 
-  const std::vector<uint64_t> packed = run_pack(p, x, s, th);
+  // The CPU op (every CPU kernel family usable here) gives exactly the specification: the reference the CUDA
+  // results are held to is the CPU op's result, bit for bit.
+  OutputStage st;
+  st.scale = sc;
+  st.bias = bi;
+  st.residual = opt.residual ? residual.data() : nullptr;
+  st.prelu = opt.prelu ? slope.data() : nullptr;
+  if (opt.out_signs) {
+    st.out_signs = reinterpret_cast<uint8_t*>(1);  // set by cpu_op
+    st.out_threshold = opt.out_threshold ? out_threshold.data() : nullptr;
+  }
+  for (const auto& name : available_backends()) {
+    set_backend_override(name);
+    std::vector<float> y(outputs, NAN);
+    std::vector<uint8_t> signs(outputs, 7);
+    cpu_op(select_kernel(c), c, x, x_signs, s, th, core_bits, core_tap_sum, st, y, signs);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < outputs; ++i)
+      bad += opt.out_signs ? signs[i] != want_signs[i] : !same_float(y[i], want[i]);
+    EXPECT(bad == 0, "%s: the CPU op [%s] differs from the specification in %lld of %lld outputs", label.c_str(),
+           name.c_str(), (long long)bad, (long long)outputs);
+  }
+  set_backend_override("");
+
+  const std::vector<uint64_t> packed = opt.sign_input ? run_sign_pack(p, x_signs, s) : run_pack(p, x, s, th);
   // Every packed word is a sign word of the documented layout (tail bits zero, even-padding words zero).
   int64_t bad_words = 0;
   for (int64_t n = 0; n < c.batch; ++n)
@@ -217,20 +355,37 @@ void check_case(const ConvParams& c, bool channels_last, bool with_affine, bool 
 
   const char* names[] = {"popcount", "tensor_core_xor", "tensor_core_and"};
   for (int kernel = 0; kernel < 3; ++kernel) {
-    std::vector<float> got(want.size(), NAN);
-    const Operands op{packed.data(), bits.data(), tap_sum.data(), sc, bi, got.data()};
+    // Sentinels that no output equals: an output the kernel never writes fails the comparison.
+    std::vector<float> got(outputs, 1e30f);
+    std::vector<uint8_t> got_signs(outputs, 7);
+    Operands op{packed.data(), bits.data(), tap_sum.data(), Epilogue{}};
+    op.epilogue.scale = sc;
+    op.epilogue.bias = bi;
+    op.epilogue.residual = opt.residual ? residual_gpu.data() : nullptr;
+    op.epilogue.prelu = opt.prelu ? slope.data() : nullptr;
+    if (opt.out_signs) {
+      op.epilogue.out_signs = got_signs.data();
+      op.epilogue.out_threshold = opt.out_threshold ? out_threshold.data() : nullptr;
+    } else {
+      op.epilogue.out = got.data();
+    }
+    op.epilogue.channels_last = out_nhwc ? 1 : 0;
     if (kernel == 0) run_popc(p, op);
     else run_tc(p, kernel == 2, op);
     int64_t bad = 0, first = -1;
-    for (size_t i = 0; i < want.size(); ++i) {
-      const double tol = with_affine ? 1e-5 * (1.0 + std::fabs(want[i])) : 0.0;
-      if (!(std::fabs(got[i] - want[i]) <= tol)) {
-        if (first < 0) first = static_cast<int64_t>(i);
+    for (int64_t i = 0; i < outputs; ++i) {
+      const int64_t at = out_nhwc ? nhwc_of(i) : i;
+      const bool ok = opt.out_signs ? got_signs[at] == want_signs[i] : same_float(got[at], want[i]);
+      if (!ok) {
+        if (first < 0) first = i;
         ++bad;
       }
     }
-    EXPECT(bad == 0, "%s [%s]: %lld of %zu outputs wrong, first at %lld: got %g want %g", label.c_str(), names[kernel],
-           (long long)bad, want.size(), (long long)first, first >= 0 ? got[first] : 0.0, first >= 0 ? want[first] : 0.0);
+    const int64_t at = first < 0 ? 0 : (out_nhwc ? nhwc_of(first) : first);
+    EXPECT(bad == 0, "%s [%s]: %lld of %lld outputs wrong, first (NCHW index %lld): got %.9g / sign %d, want %.9g / "
+           "sign %d", label.c_str(), names[kernel], (long long)bad, (long long)outputs, (long long)first,
+           first >= 0 && !opt.out_signs ? got[at] : 0.0, first >= 0 ? got_signs[at] : 0,
+           first >= 0 ? want[first] : 0.0, first >= 0 ? want_signs[first] : 0);
   }
 }
 
@@ -271,7 +426,16 @@ void test_random_shapes(int count) {
     p.in_w = pick(1, 40);
     if (!validate(p).empty()) continue;
     ++run;
-    check_case(p, pick(0, 3) == 0, pick(0, 1) == 1, pick(0, 3) == 0, describe(p));
+    Options o;
+    o.channels_last = pick(0, 3) == 0;
+    o.affine = pick(0, 1) == 1;
+    o.input_threshold = pick(0, 3) == 0;
+    o.sign_input = pick(0, 3) == 0;
+    o.residual = pick(0, 2) == 0;
+    o.prelu = pick(0, 2) == 0 ? static_cast<int>(pick(1, 2)) : 0;
+    o.out_signs = pick(0, 3) == 0;
+    o.out_threshold = o.out_signs && pick(0, 3) != 0;
+    check_case(p, o, describe(p));
   }
   std::printf("random shapes: %d run\n", run);
 }
@@ -290,7 +454,14 @@ void test_darknet_shapes() {
       p.stride_h = p.stride_w = sh[4];
       p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = sh[5];
       p.pad_value = pv;
-      check_case(p, false, true, pv == PadValue::MinusOne, describe(p));
+      Options o;
+      o.affine = true;
+      o.input_threshold = pv == PadValue::MinusOne;
+      // One of the fused Bi-Real / ReActNet output stages per pad value, on the full-size layers.
+      o.residual = pv == PadValue::Zero;
+      o.prelu = pv == PadValue::Zero ? 1 : 0;
+      o.sign_input = o.out_signs = o.out_threshold = pv == PadValue::PlusOne;
+      check_case(p, o, describe(p));
     }
 }
 
@@ -312,6 +483,10 @@ void test_bit_order() {
     std::vector<float> x(c.in_channels * c.in_w, 1.0f);
     for (int64_t iw = 0; iw < c.in_w; ++iw) x[hot * c.in_w + iw] = -1.0f;
     const std::vector<uint64_t> packed = run_pack(p, x, {c.in_channels * c.in_w, c.in_w, c.in_w, 1});
+    std::vector<uint8_t> x_signs(x.size());
+    for (size_t i = 0; i < x.size(); ++i) x_signs[i] = x[i] < 0.0f;
+    EXPECT(run_sign_pack(p, x_signs, {c.in_channels * c.in_w, c.in_w, c.in_w, 1}) == packed,
+           "channel %lld: the sign pack differs from the float pack", (long long)hot);
     const int64_t g = hot / 130, ch = hot % 130;
     for (int64_t iw = 0; iw < c.in_w; ++iw)
       for (int64_t word = 0; word < 8; ++word) {
@@ -320,6 +495,51 @@ void test_bit_order() {
                (long long)iw, (long long)word, (unsigned long long)packed[iw * 8 + word]);
       }
   }
+}
+
+// Every combination of the output stage options (sign input, residual, PReLU per channel / shared, float / sign
+// output with and without thresholds, NCHW / channels_last) on shapes that cover both tensor-core tiles' channel
+// tails, padding of every kind, stride and groups.
+void test_epilogue_matrix() {
+  struct Shape {
+    int64_t n, c, h, w, o, k, stride, pad, groups;
+    PadValue pv;
+  };
+  const Shape shapes[] = {{2, 130, 5, 7, 70, 3, 1, 1, 1, PadValue::Zero},
+                          {1, 2 * 128, 6, 5, 2 * 20, 3, 2, 1, 2, PadValue::MinusOne},
+                          {2, 37, 4, 9, 9, 2, 1, 1, 1, PadValue::PlusOne}};
+  int run = 0;
+  for (const Shape& sh : shapes)
+    for (int combo = 0; combo < 2 * 2 * 3 * 3 * 2; ++combo) {
+      ConvParams p;
+      p.batch = sh.n;
+      p.in_channels = sh.c;
+      p.in_h = sh.h;
+      p.in_w = sh.w;
+      p.out_channels = sh.o;
+      p.groups = sh.groups;
+      p.kernel_h = p.kernel_w = sh.k;
+      p.stride_h = p.stride_w = sh.stride;
+      p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = sh.pad;
+      p.pad_value = sh.pv;
+      Options o;
+      int r = combo;
+      o.sign_input = r % 2;
+      r /= 2;
+      o.residual = r % 2;
+      r /= 2;
+      o.prelu = r % 3;
+      r /= 3;
+      o.out_signs = r % 3 != 0;
+      o.out_threshold = r % 3 == 2;
+      r /= 3;
+      o.channels_last = r % 2;
+      o.affine = combo % 5 != 0;
+      o.input_threshold = combo % 3 == 0;
+      check_case(p, o, describe(p));
+      ++run;
+    }
+  std::printf("epilogue matrix: %d cases run\n", run);
 }
 
 void test_sign_edge_cases() {
@@ -345,6 +565,7 @@ int main(int argc, char** argv) {
   test_sign_edge_cases();
   test_bit_order();
   test_limits();
+  test_epilogue_matrix();
   test_darknet_shapes();
   test_random_shapes(random_cases);
   std::printf("%d checks, %d failed\n", checks, failures);
