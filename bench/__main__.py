@@ -11,6 +11,7 @@ command.
   python -m bench --compare OLD.json       also print the change against a saved run
   python -m bench --markdown               the README's performance section (Markdown)
   python -m bench --from OLD.json --markdown   re-render a saved run without measuring
+  python -m bench --scaling --threads 2    thread scaling of the op: 1 vs 2 threads per layer (bench/scaling.py)
   python -m bench --device cuda ...        GPU benchmark (bench/gpu.py)
 """
 import argparse
@@ -43,6 +44,9 @@ def parse_args(argv):
     ap.add_argument("--no-openvino", action="store_true", help="skip OpenVINO even when installed")
     ap.add_argument("--models", action="store_true", help="run the model suite (instead of the layer suite)")
     ap.add_argument("--layers", action="store_true", help="with --models: run the layer suite too")
+    ap.add_argument("--scaling", action="store_true",
+                    help="thread scaling instead: each layer at 1 and at --threads threads, automatic pick and each "
+                         "--backend given")
     ap.add_argument("--model", action="append", choices=_model_choices(), dest="model_names",
                     help="model(s) of the model suite (repeatable); default: all")
     ap.add_argument("--size", type=int, default=128, help="model input height = width")
@@ -100,6 +104,14 @@ def _progress(total, desc):
 
 def measure(args, argv):
     run = {"env": environment(args.threads, argv, configure_allocator(args.malloc_top_pad))}
+    if args.scaling:
+        from . import scaling
+        if args.threads < 2:
+            raise SystemExit("python -m bench --scaling: give --threads N with N >= 2 (the count compared with 1)")
+        run["scaling"] = {"rows": scaling.scaling_rows(args.shape or layers.DARKNET53_128, args.threads,
+                                                       ["auto"] + list(args.backend or [])),
+                          "threads": args.threads}
+        return run
     if not args.models or args.layers:
         backends = args.backend or xnorconv.backends()
         shapes = args.shape or layers.DARKNET53_128

@@ -169,6 +169,16 @@ def text(run, md=False):
         table = [[f"{r['channels']} x {r['hw']}", f"{r['ms']['float hand-over']:.4f}",
                   f"{r['ms']['sign hand-over']:.4f}", f"{r['gain']:.2f}x"] for r in c["rows"]]
         out += [render(cols, table, md), ""]
+    if "scaling" in run:
+        sc = run["scaling"]
+        n = sc["threads"]
+        out += [f"#### Thread scaling, 1 vs {n} threads" if md else f"## thread scaling, 1 vs {n} threads", "",
+                "The op alone, batch 1, float in and out; thread counts alternate in blocks of 20 timed calls, "
+                "medians in ms (auto: the selector's pick, named in 'runs').", ""]
+        cols = ["layer cin,cout,hw,k,s,p", "backend", "runs", "1 thread ms", f"{n} threads ms", "speedup"]
+        table = [[_shape(r), r["backend"], r["runs"], f"{r['ms_1']:.4f}", f"{r[f'ms_{n}']:.4f}",
+                  f"{r['speedup']:.2f}x"] for r in sc["rows"]]
+        out += [render(cols, table, md), ""]
     if "models" in run:
         m = run["models"]
         out += [("#### Models" if md else "## models") + f" ({m['size']}x{m['size']}, {m['threads']} thread(s), "
@@ -202,6 +212,13 @@ def figures(run):
             for b in r["kernel_ms"]:
                 recs += [("layers", item, f"kernel median ms {b}", r["kernel_ms"][b], "ms"),
                          ("layers", item, f"kernel best ms {b}", r["kernel_best_ms"][b], "ms")]
+    if "scaling" in run:
+        n = run["scaling"]["threads"]
+        for r in run["scaling"]["rows"]:
+            item = f"{_shape(r)} {r['backend']}"
+            recs += [("scaling", item, "1 thread ms", r["ms_1"], "ms"),
+                     ("scaling", item, f"{n} threads ms", r[f"ms_{n}"], "ms"),
+                     ("scaling", item, f"speedup 1 -> {n} threads", r["speedup"], "x")]
     if "models" in run:
         for e in run["models"]["models"]:
             for k, v in e.items():

@@ -39,6 +39,19 @@ def test_layer_cli_writes_files(tmp_path, capsys):
     assert run["layers"]["rows"][0]["ms"] == row["ms"]
 
 
+def test_scaling_cli(tmp_path, capsys):
+    run = cli.main(["--scaling", "--threads", "2", "--shape", "16,16,8,3,1,1", "--backend", "scalar", "--out",
+                    str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "thread scaling, 1 vs 2 threads" in out and "16,16,8,3,1,1" in out
+    rows = run["scaling"]["rows"]
+    assert [r["backend"] for r in rows] == ["auto", "scalar"] and rows[1]["runs"] == "scalar"
+    assert all(r["ms_1"] > 0 and r["ms_2"] > 0 and r["speedup"] > 0 for r in rows)
+    assert "speedup 1 -> 2 threads" in (tmp_path / "bench.csv").read_text()
+    with pytest.raises(SystemExit, match="--threads N with N >= 2"):
+        cli.main(["--scaling", "--shape", "16,16,8,3,1,1"])
+
+
 def test_compare_markdown_and_from(tmp_path, capsys):
     cli.main(TINY + ["--no-openvino", "--backend", "scalar", "--out", str(tmp_path)])
     capsys.readouterr()

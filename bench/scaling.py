@@ -1,0 +1,56 @@
+"""Thread scaling of the op: the same layer timed at 1 thread and at N threads in one process.
+
+The thread counts alternate in blocks (a few warm-up calls, then timed calls), not call by call: switching
+torch's thread count on every call makes OpenMP park and wake its team each time, which measures the switch rather
+than the op. Each backend is forced in turn; 'auto' is the selector's pick.
+"""
+import statistics
+import time
+
+import torch
+
+import xnorconv
+
+from .layers import DARKNET53_128
+
+BLOCKS, BLOCK_CALLS, WARMUP_CALLS = 10, 20, 3
+
+
+def _median_ms(fn, threads_per_block):
+    samples = {t: [] for t in threads_per_block}
+    for _ in range(BLOCKS):
+        for t in threads_per_block:
+            torch.set_num_threads(t)
+            for _ in range(WARMUP_CALLS):
+                fn()
+            for _ in range(BLOCK_CALLS):
+                start = time.perf_counter()
+                fn()
+                samples[t].append(time.perf_counter() - start)
+    return {t: statistics.median(v) * 1e3 for t, v in samples.items()}
+
+
+def scaling_rows(shapes=DARKNET53_128, threads=2, backends=("auto",)):
+    """One row per (layer, backend): medians at 1 and at `threads` threads, and their ratio."""
+    old = torch.get_num_threads()
+    rows = []
+    try:
+        for cin, cout, hw, k, s, p in shapes:
+            x, w = torch.randn(1, cin, hw, hw), torch.randn(cout, cin, k, k)
+            packed = xnorconv.pack_weight(w)
+
+            def call():
+                return torch.ops.xnorconv.binary_conv2d_packed(x, packed.bits, packed.tap_sum, packed.in_channels,
+                                                               None, None, [s, s], [p] * 4, [1, 1], 1, 0)
+
+            for b in backends:
+                if b == "auto":
+                    ms, name = _median_ms(call, (1, threads)), xnorconv.current_backend(cin, k, s)
+                else:
+                    with xnorconv.use_backend(b):
+                        ms, name = _median_ms(call, (1, threads)), b
+                rows.append({"shape": [cin, cout, hw, k, s, p], "backend": b, "runs": name, "ms_1": ms[1],
+                             f"ms_{threads}": ms[threads], "speedup": ms[1] / ms[threads]})
+    finally:
+        torch.set_num_threads(old)
+    return rows
