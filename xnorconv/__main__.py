@@ -8,6 +8,8 @@ def main():
     for key, value in info.items():
         if isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
         print(f"{key:<{width}}  {value}")
 
 

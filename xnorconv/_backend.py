@@ -54,7 +54,9 @@ def build_info():
         "compiler": _C.compiler,
         "cpu_backends_compiled": list(_C.compiled_backends()),
         "cpu_backends_available": backends(),
-        "cpu_backend_selected": current_backend(),
+        # The automatic choice depends on the layer: shown for three typical 64-channel ones.
+        "cpu_backend_selected": {"3x3 stride 1": current_backend(64, 3, 1), "3x3 stride 2": current_backend(64, 3, 2),
+                                 "1x1": current_backend(64, 1, 1)},
         "cpu_backend_override": _C.backend_override() or None,
         "XNORCONV_BACKEND": os.environ.get("XNORCONV_BACKEND") or None,
         "XNORCONV_BACKEND_error": env_error or None,
