@@ -217,9 +217,9 @@ std::vector<std::string> available_backends();
 // Names of all families compiled into this build (usable or not).
 std::vector<std::string> compiled_backends();
 
-// The one selector. With no override, picks the best available family for p (the first in backends() order
-// whose measured sweet spot includes p: AMX takes stride-1 windows of 2x2 or more over 16+ channels per group). The override ("" = none) comes from
-// set_backend_override() or, initially, the XNORCONV_BACKEND environment variable.
+// The one selector. With no override, picks the best available family for p: the first in backends() order whose
+// measured sweet spot includes p (AMX takes stride-1 windows of 2x2 or more over 16+ channels per group). The
+// override ("" = none) comes from set_backend_override() or, initially, the XNORCONV_BACKEND environment variable.
 const KernelOps& select_kernel(const ConvParams& p);
 // Returns an empty string on success, else an error naming the value and the available backends.
 std::string set_backend_override(const std::string& name);
