@@ -277,6 +277,19 @@ int64_t amx_conv_tasks(const ConvParams& p, const ActivationLayout&) {
   return p.batch * p.groups * g.channel_blocks * g.task_chunks;
 }
 
+// The end of the output stage for up to 16 values y (y = scale * dot + bias) going to out + at / out_signs + at:
+// residual add, PReLU with `slope` (per lane), then the float store or the sign test against `threshold`.
+inline void finish_store(const OutputStage& st, __m512 y, __mmask16 lanes, int64_t at, __m512 slope,
+                         __m512 threshold) {
+  if (st.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lanes, st.residual + at));
+  if (st.prelu) y = _mm512_mask_mul_ps(y, _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ), y, slope);
+  if (st.out_signs)
+    _mm_mask_storeu_epi8(st.out_signs + at, lanes,
+                         _mm_maskz_set1_epi8(_mm512_mask_cmp_ps_mask(lanes, y, threshold, _CMP_NGE_UQ), 1));
+  else
+    _mm512_mask_storeu_ps(st.out + at, lanes, y);
+}
+
 // NHWC output: each tile row is 16 channels of one output pixel, stored as they are.
 void store_block_nhwc(const ConvParams& p, const AmxGeometry& g, const OutputStage& st, int64_t n, int64_t grp,
                       int64_t cb, int64_t pb, const int32_t (*c)[kTileRows][kTileRows]) {
@@ -301,15 +314,8 @@ void store_block_nhwc(const ConvParams& p, const AmxGeometry& g, const OutputSta
         }
         if (oy >= oh) break;
         if (ox >= ow) continue;  // a wide position past the row's end
-        const int64_t at = ((n * oh + oy) * ow + ox) * oc + first;
-        __m512 y = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * m + h][i])), bias);
-        if (st.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(real, st.residual + at));
-        if (st.prelu) y = _mm512_mask_mul_ps(y, _mm512_cmp_ps_mask(y, zero, _CMP_NGE_UQ), y, slope);
-        if (st.out_signs)
-          _mm_mask_storeu_epi8(st.out_signs + at, real,
-                               _mm_maskz_set1_epi8(_mm512_cmp_ps_mask(y, threshold, _CMP_NGE_UQ), 1));
-        else
-          _mm512_mask_storeu_ps(st.out + at, real, y);
+        const __m512 y = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * m + h][i])), bias);
+        finish_store(st, y, real, ((n * oh + oy) * ow + ox) * oc + first, slope, threshold);
       }
     }
   }
@@ -343,23 +349,13 @@ void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& s
         const int64_t o = first + v;
         const __m512 yv = _mm512_castsi512_ps(y[v]);
         const int64_t plane = (n * p.out_channels + o) * plane_size;
+        const __m512 slope = _mm512_set1_ps(st.prelu ? st.prelu[o] : 0.0f);
+        const __m512 threshold = _mm512_set1_ps(st.out_threshold ? st.out_threshold[o] : 0.0f);
         for (int sgi = 0; sgi < seg.count; ++sgi) {
-          const int64_t at = plane + seg.offset[sgi];
           const __mmask16 low = static_cast<__mmask16>((1u << seg.lanes[sgi]) - 1);
           // The run's lanes, moved to the bottom (already there for a run that starts at lane 0).
-          __m512 r = seg.mask[sgi] == low ? yv : _mm512_maskz_compress_ps(seg.mask[sgi], yv);
-          if (st.residual) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(low, st.residual + at));
-          if (st.prelu) {
-            const __mmask16 negative = _mm512_cmp_ps_mask(r, zero, _CMP_NGE_UQ);
-            r = _mm512_mask_mul_ps(r, negative, r, _mm512_set1_ps(st.prelu[o]));
-          }
-          if (st.out_signs) {
-            const __m512 t = _mm512_set1_ps(st.out_threshold ? st.out_threshold[o] : 0.0f);
-            const __mmask16 negative = _mm512_mask_cmp_ps_mask(low, r, t, _CMP_NGE_UQ);
-            _mm_mask_storeu_epi8(st.out_signs + at, low, _mm_maskz_set1_epi8(negative, 1));
-          } else {
-            _mm512_mask_storeu_ps(st.out + at, low, r);
-          }
+          const __m512 r = seg.mask[sgi] == low ? yv : _mm512_maskz_compress_ps(seg.mask[sgi], yv);
+          finish_store(st, r, low, plane + seg.offset[sgi], slope, threshold);
         }
       }
     }

@@ -31,19 +31,16 @@ CpuFeatures detect() {
   f.avx512vl = __builtin_cpu_supports("avx512vl");
   f.avx512dq = __builtin_cpu_supports("avx512dq");
   f.avx512vpopcntdq = __builtin_cpu_supports("avx512vpopcntdq");
-  // AMX: CPUID.(7,0):EDX bits 24 (tile) and 25 (int8), and the OS must save the tile state (XCR0 bits 17, 18).
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 24 & 1)) {
-    __get_cpuid(1, &eax, &ebx, &ecx, &edx);
-    const bool osxsave = ecx >> 27 & 1;
-    if (osxsave) {
-      unsigned xcr0_lo = 0, xcr0_hi = 0;
-      __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
-      const bool tile_state = (xcr0_lo >> 17 & 1) && (xcr0_lo >> 18 & 1);
-      __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx);
-      f.amx_tile = tile_state;
-      f.amx_int8 = tile_state && (edx >> 25 & 1);
-    }
+  // AMX: CPUID.(7,0):EDX bits 24 (tile) and 25 (int8), and the OS must save the tile state (XCR0 bits 17, 18,
+  // readable once CPUID.1:ECX.OSXSAVE says xgetbv is enabled).
+  unsigned eax = 0, ebx = 0, ecx = 0, leaf7_edx = 0, leaf1_ecx = 0, edx = 0;
+  if (__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &leaf7_edx) && __get_cpuid(1, &eax, &ebx, &leaf1_ecx, &edx) &&
+      (leaf1_ecx >> 27 & 1)) {
+    unsigned xcr0_lo = 0, xcr0_hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    const bool tile_state = (xcr0_lo >> 17 & 1) && (xcr0_lo >> 18 & 1);
+    f.amx_tile = tile_state && (leaf7_edx >> 24 & 1);
+    f.amx_int8 = f.amx_tile && (leaf7_edx >> 25 & 1);
   }
 #endif
 #if defined(__aarch64__)

@@ -61,22 +61,12 @@ double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const
   const xnorconv::KernelOps& ops = family(backend, p, "conv_kernel_ms");
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const xnorconv::ActivationLayout l = ops.layout(p);
-  // Tensors, not vectors: the CPU allocator's 64-byte alignment is what the op's own buffers get (AMX tile loads
-  // of unaligned rows run at half speed).
-  const at::Tensor px_t = at::empty({l.total_words}, x.options().dtype(at::kLong));
-  auto* px_ptr = reinterpret_cast<uint64_t*>(px_t.data_ptr<int64_t>());
-  std::vector<uint64_t> pw(xnorconv::weight_words(p));
+  xnorconv::WordBuffer px(l.total_words), pw(xnorconv::weight_words(p)), formatted;  // 64-byte aligned, as the op's
   std::vector<int32_t> tap_sum(p.out_channels * p.taps());
   xnorconv::pack_weights(p, w.data_ptr<float>(), pw.data(), tap_sum.data());
-  ops.pack(p, l, x.data_ptr<float>(), {x.stride(0), x.stride(1), x.stride(2), x.stride(3)}, nullptr, px_ptr, 0,
+  ops.pack(p, l, x.data_ptr<float>(), {x.stride(0), x.stride(1), x.stride(2), x.stride(3)}, nullptr, px.data(), 0,
            ops.pack_tasks(p, l));
-  at::Tensor formatted;
-  const uint64_t* w_conv = pw.data();
-  if (ops.format_weight) {
-    formatted = at::empty({ops.weight_format_words(p)}, x.options().dtype(at::kLong));
-    w_conv = reinterpret_cast<const uint64_t*>(formatted.data_ptr<int64_t>());
-    ops.format_weight(p, pw.data(), const_cast<uint64_t*>(w_conv));
-  }
+  const uint64_t* w_conv = xnorconv::conv_weight(ops, p, pw.data(), formatted);
   xnorconv::ZeroPadCorrection zp;
   if (p.pad_value == xnorconv::PadValue::Zero) zp = xnorconv::zero_pad_correction(p, tap_sum.data());
   at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()}, x.options());
@@ -87,7 +77,7 @@ double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const
   for (int64_t r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     at::parallel_for(0, ops.conv_tasks(p, l), 1, [&](int64_t b, int64_t e) {
-      ops.conv(p, l, px_ptr, w_conv, st, b, e);
+      ops.conv(p, l, px.data(), w_conv, st, b, e);
     });
     times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }

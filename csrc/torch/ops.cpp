@@ -249,10 +249,8 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   const bool sign_input = input.scalar_type() == at::kBool;
   check_unit_epilogue(residual, prelu_weight, p, input);
   const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
-  // Same rule as the fake kernel in xnorconv/_meta.py: a channels_last input gets a channels_last output, written
-  // as such by families that can (else converted at the end).
-  const bool channels_last =
-      input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1;
+  // Written as NHWC by families that can, else converted at the end.
+  const bool channels_last = wants_channels_last_output(input);
   const bool write_nhwc = channels_last && ops.channels_last_output;
   at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()},
                              input.options()

@@ -21,6 +21,12 @@ void check_input_threshold(const c10::optional<at::Tensor>& input_threshold, con
 void check_output_threshold(const c10::optional<at::Tensor>& output_threshold, bool output_signs,
                             int64_t out_channels, const at::Tensor& input);
 
+// The layout rule of the op (and of the fake kernel in xnorconv/_meta.py): a channels_last input gets a
+// channels_last output.
+inline bool wants_channels_last_output(const at::Tensor& input) {
+  return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1;
+}
+
 // residual: None or float32 with the output's shape; prelu_weight: None or float32 (O,) or (1,).
 void check_unit_epilogue(const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight,
                          const xnorconv::ConvParams& p, const at::Tensor& input);

@@ -89,10 +89,8 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
                                              input_threshold, output_signs, output_threshold);
   const bool sign_input = input.scalar_type() == at::kBool;
   check_unit_epilogue(residual, prelu_weight, c, input);
-  // Same rule as the CPU path and the fake kernel: a channels_last input gets a channels_last output, which the
-  // epilogue writes as such (NHWC), reading the residual in the same order.
-  const bool channels_last =
-      input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1;
+  // The epilogue writes a channels_last output as such (NHWC), reading the residual in the same order.
+  const bool channels_last = wants_channels_last_output(input);
   const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({c.batch, c.out_channels, c.out_h(), c.out_w()},
