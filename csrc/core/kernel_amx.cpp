@@ -245,8 +245,7 @@ inline void transpose16(__m512i r[16]) {
 struct Segments {
   int count = 0;
   __mmask16 mask[kTileRows];
-  int64_t offset[kTileRows];  // output offset (oy * out_w + ox) of the run's first lane
-  int lanes[kTileRows];
+  int64_t offset[kTileRows];  // output offset of lane 0 if it were in the run's row (may be negative)
 };
 
 Segments segments_of(int64_t q0, const AmxGeometry& g, int64_t out_h, int64_t out_w) {
@@ -257,8 +256,7 @@ Segments segments_of(int64_t q0, const AmxGeometry& g, int64_t out_h, int64_t ou
     if (ox < out_w) {
       const int n = static_cast<int>(imin(out_w - ox, kTileRows - lane));
       s.mask[s.count] = static_cast<__mmask16>(((1u << n) - 1) << lane);
-      s.offset[s.count] = oy * out_w + ox;
-      s.lanes[s.count] = n;
+      s.offset[s.count] = oy * out_w + ox - lane;
       ++s.count;
       lane += n;
       ox += n;
@@ -351,12 +349,9 @@ void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& s
         const int64_t plane = (n * p.out_channels + o) * plane_size;
         const __m512 slope = _mm512_set1_ps(st.prelu ? st.prelu[o] : 0.0f);
         const __m512 threshold = _mm512_set1_ps(st.out_threshold ? st.out_threshold[o] : 0.0f);
-        for (int sgi = 0; sgi < seg.count; ++sgi) {
-          const __mmask16 low = static_cast<__mmask16>((1u << seg.lanes[sgi]) - 1);
-          // The run's lanes, moved to the bottom (already there for a run that starts at lane 0).
-          const __m512 r = seg.mask[sgi] == low ? yv : _mm512_maskz_compress_ps(seg.mask[sgi], yv);
-          finish_store(st, r, low, plane + seg.offset[sgi], slope, threshold);
-        }
+        // Each run is stored in place under its lane mask, from where lane 0 would land.
+        for (int sgi = 0; sgi < seg.count; ++sgi)
+          finish_store(st, yv, seg.mask[sgi], plane + seg.offset[sgi], slope, threshold);
       }
     }
   }
