@@ -343,6 +343,13 @@ void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& s
         y[i] = _mm512_castps_si512(
             _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * m + h][i])), bias));
       transpose16(y);  // y[v] = channel o0 + v over the 16 positions
+      if (!st.residual && !st.prelu && !st.out_signs) {
+        float* row = st.out + (n * p.out_channels + first) * plane_size;
+        for (int v = 0; v < channels; ++v, row += plane_size)
+          for (int sgi = 0; sgi < seg.count; ++sgi)
+            _mm512_mask_storeu_ps(row + seg.offset[sgi], seg.mask[sgi], _mm512_castsi512_ps(y[v]));
+        continue;
+      }
       for (int v = 0; v < channels; ++v) {
         const int64_t o = first + v;
         const __m512 yv = _mm512_castsi512_ps(y[v]);
