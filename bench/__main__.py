@@ -52,6 +52,9 @@ def parse_args(argv):
     ap.add_argument("--size", type=int, default=128, help="model input height = width")
     ap.add_argument("--num-classes", type=int, default=6)
     ap.add_argument("--model-reps", type=int, default=15, help="timed rounds per model and batch size")
+    ap.add_argument("--deploy", type=_deploy_modes, default=None, metavar="MODES",
+                    help="comma-separated deployment modes the model suite times: eager, torchscript, compile "
+                         "(default: eager,torchscript; eager is always timed, the others are checked against it)")
     ap.add_argument("--malloc-top-pad", type=int, default=0, metavar="MB",
                     help="glibc: mallopt(M_TOP_PAD, MB) before measuring, so that memory freed at the end of a "
                          "forward pass is reused by the next instead of being faulted in again (recorded with the "
@@ -74,6 +77,16 @@ def _shape(text):
         return layers.parse_shape(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
+
+
+def _deploy_modes(text):
+    from .model_suite import DEPLOY_MODES
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in DEPLOY_MODES]
+    if not modes or unknown:
+        raise argparse.ArgumentTypeError(f"--deploy wants a comma-separated subset of {','.join(DEPLOY_MODES)}, "
+                                         f"got {text!r}")
+    return modes
 
 
 def _model_choices():
@@ -133,7 +146,7 @@ def measure(args, argv):
         names = tuple(args.model_names or model_suite.DEFAULT_MODELS)
         bar, tick = _progress(4, "models")
         run["models"] = model_suite.run(names, args.num_classes, args.size, args.threads, args.model_reps,
-                                        progress=tick)
+                                        progress=tick, deploy=args.deploy or model_suite.DEFAULT_DEPLOY)
         if bar:
             bar.close()
     return run

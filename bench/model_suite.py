@@ -9,6 +9,12 @@ with float DarkNet-53 and CSP-DarkNet-53. A per-layer breakdown says where the f
 Correctness before timing: the frozen model must equal the unfrozen binary model computed through its pure-PyTorch
 path (sign + float conv, the STE path) to float rounding; the int8 model's output is compared with fp32's and the
 agreement (cosine similarity of the logits) is recorded beside its figures, since int8 is not exact by nature.
+
+Deployment modes (`deploy`): every model is timed as an eager nn.Module and, by default, as TorchScript
+(torch.jit.trace, then torch.jit.freeze: the graph runs without Python, the float models' BatchNorms folded into
+their convs), the way a model ships to a device without Python; `compile` adds torch.compile (Inductor; ~20 s of
+compilation per model and batch size). Each deployed model must give its eager model's output before it is timed,
+and the modes are timed interleaved with each other.
 """
 import copy
 import io
@@ -26,6 +32,8 @@ import xnorconv
 from .timing import interleaved, median_ms, minor_faults
 
 DEFAULT_MODELS = ("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8", "darknet53", "cspdarknet53")
+DEPLOY_MODES = ("eager", "torchscript", "compile")
+DEFAULT_DEPLOY = ("eager", "torchscript")
 
 
 @dataclass
@@ -38,7 +46,10 @@ class Entry:
 
 
 def _logits(out):
-    return out.logits if hasattr(out, "logits") else out
+    if hasattr(out, "logits"):
+        return out.logits
+    # TorchScript returns binary_dnet53's (logits, features) NamedTuple as a plain tuple.
+    return out[0] if isinstance(out, tuple) else out
 
 
 def state_dict_bytes(model: nn.Module) -> int:
@@ -136,6 +147,35 @@ def build(names, num_classes, size, create=None):
         else:
             raise ValueError(f"unknown model {name!r}; choose from {DEFAULT_MODELS}")
     return entries
+
+
+def deployed(model: nn.Module, mode: str, example: torch.Tensor):
+    """`model` as deployed in `mode` (see the module docstring), specialised to `example`'s shape."""
+    if mode == "eager":
+        return model
+    if mode == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
+            # check_trace=False: a second trace to compare with would rebuild caches the first call filled (the
+            # float stem's folded BatchNorm), a difference in how the graph was reached, not in what it computes.
+            return torch.jit.freeze(torch.jit.trace(model, example, strict=False, check_trace=False))
+    if mode == "compile":
+        return torch.compile(model)
+    raise ValueError(f"deploy mode must be one of {DEPLOY_MODES}, got {mode!r}")
+
+
+def check_deployed(name: str, mode: str, model: nn.Module, deployed_model, example: torch.Tensor):
+    """A deployed model must give its eager model's logits (to float rounding) before it is timed."""
+    with torch.no_grad():
+        want, got = _logits(model(example)), _logits(deployed_model(example))
+    scale = max(1.0, float(want.abs().max()))
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * scale):
+        raise AssertionError(f"{name} as {mode} differs from the eager model by {(got - want).abs().max():.3g}")
+
+
+def _key(mode: str, batch: int) -> str:
+    """The result key of a latency: batch1_ms for eager (as before deployment modes existed), batch1_ms_torchscript."""
+    return f"batch{batch}_ms" if mode == "eager" else f"batch{batch}_ms_{mode}"
 
 
 def check(entries, size):
@@ -238,13 +278,18 @@ def _describe(m):
 
 
 def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batches=(1, 8), breakdown_reps=10,
-        create=None, progress=None):
+        create=None, progress=None, deploy=DEFAULT_DEPLOY):
     """Builds, checks and measures the models; returns a JSON-ready dict."""
+    deploy = tuple(dict.fromkeys(("eager",) + tuple(deploy)))  # eager always: the reference of the other modes
+    for mode in deploy:
+        if mode not in DEPLOY_MODES:
+            raise ValueError(f"deploy mode must be one of {DEPLOY_MODES}, got {mode!r}")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     entries = build(names, num_classes, size, create)
     agreement = check(entries, size)
-    result = {"size": size, "threads": threads, "num_classes": num_classes, "reps": reps, "models": []}
+    result = {"size": size, "threads": threads, "num_classes": num_classes, "reps": reps, "deploy": list(deploy),
+              "models": []}
     per = {e.name: {"name": e.name, "description": e.description, "check": agreement.get(e.name, "finite output"),
                     "state_dict_bytes": state_dict_bytes(e.model), "weight_bytes": weight_bytes(e.model),
                     "params": sum(p.numel() for p in e.model.parameters())} for e in entries}
@@ -257,13 +302,22 @@ def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batch
                     m(x)
             return call
 
-        t = interleaved({e.name: fn(e.model) for e in entries}, reps, warmup=2)
+        calls = {}
         for e in entries:
-            ms = median_ms(t[e.name])
-            per[e.name][f"batch{batch}_ms"] = ms
-            per[e.name][f"batch{batch}_ms_per_image"] = ms / batch
-            per[e.name][f"batch{batch}_images_per_s"] = batch / (ms * 1e-3)
-            per[e.name][f"batch{batch}_iqr_ms"] = _iqr_ms(t[e.name])
+            for mode in deploy:
+                m = deployed(e.model, mode, x)
+                if mode != "eager":
+                    check_deployed(e.name, mode, e.model, m, x)
+                calls[(e.name, mode)] = fn(m)
+        t = interleaved(calls, reps, warmup=2)
+        for e in entries:
+            for mode in deploy:
+                key, samples = _key(mode, batch), t[(e.name, mode)]
+                ms = median_ms(samples)
+                per[e.name][key] = ms
+                per[e.name][key.replace("_ms", "_ms_per_image", 1)] = ms / batch
+                per[e.name][key.replace("_ms", "_images_per_s", 1)] = batch / (ms * 1e-3)
+                per[e.name][key.replace("_ms", "_iqr_ms", 1)] = _iqr_ms(samples)
         if progress:
             progress(f"batch {batch}")
     x1 = torch.randn(1, 3, size, size)

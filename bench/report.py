@@ -102,24 +102,36 @@ def layer_preamble(run):
 def model_table(run):
     m = run["models"]
     first_name = m["models"][0]["name"]
-    cols = ["model", "batch 1 ms/image", "batch 8 ms/image", "batch 8 images/s", "peak forward MB (batch 1)",
-            "weights MB", "file MB", f"batch 1 time / {first_name}'s"]
+    modes = [d for d in m.get("deploy", ["eager"]) if d != "eager"]
+    cols = (["model", "batch 1 ms/image"] + [f"batch 1 ms/image ({d})" for d in modes] + ["batch 8 ms/image"]
+            + [f"batch 8 ms/image ({d})" for d in modes]
+            + ["batch 8 images/s", "peak forward MB (batch 1)", "weights MB", "file MB",
+               f"batch 1 time / {first_name}'s"])
     first = m["models"][0]["batch1_ms"]
-    table = [[e["name"], f"{e['batch1_ms_per_image']:.2f}", f"{e['batch8_ms_per_image']:.2f}",
-              f"{e['batch8_images_per_s']:.1f}", f"{e['peak_forward_bytes_batch1'] / 2**20:.2f}",
-              f"{e['weight_bytes'] / 2**20:.3f}", f"{e['state_dict_bytes'] / 2**20:.3f}",
-              f"{e['batch1_ms'] / first:.2f}"] for e in m["models"]]
+    table = [[e["name"], f"{e['batch1_ms_per_image']:.2f}"] + [f"{e[f'batch1_ms_per_image_{d}']:.2f}" for d in modes]
+             + [f"{e['batch8_ms_per_image']:.2f}"] + [f"{e[f'batch8_ms_per_image_{d}']:.2f}" for d in modes]
+             + [f"{e['batch8_images_per_s']:.1f}", f"{e['peak_forward_bytes_batch1'] / 2**20:.2f}",
+                f"{e['weight_bytes'] / 2**20:.3f}", f"{e['state_dict_bytes'] / 2**20:.3f}",
+                f"{e['batch1_ms'] / first:.2f}"] for e in m["models"]]
     summary = [f"{e['name']}: {e['description']}; check: {e['check']}" for e in m["models"]]
+    if modes:
+        summary.append("deployment modes: eager (nn.Module), " + ", ".join(
+            {"torchscript": "torchscript (torch.jit.trace + torch.jit.freeze, no Python in the graph)",
+             "compile": "compile (torch.compile, Inductor)"}[d] for d in modes)
+                       + "; each checked against its eager model's output before timing")
     if all("batch1_minor_faults" in e for e in m["models"]):
         summary.append("minor page faults per batch-1 pass (memory the allocator faults in again): "
                        + ", ".join(f"{e['name']} {e['batch1_minor_faults']:.0f}" for e in m["models"]))
     by = {e["name"]: e for e in m["models"]}
     if "binary_dnet53" in by:
         for other in ("binary_dnet53_fp32", "binary_dnet53_int8"):
-            if other in by:
-                summary.append(f"frozen binary_dnet53 vs {other}: "
-                               + ", ".join(f"batch {b} {by[other][f'batch{b}_ms'] / by['binary_dnet53'][f'batch{b}_ms']:.2f}x"
-                                           for b in (1, 8) if f"batch{b}_ms" in by[other]) + " faster")
+            if other not in by:
+                continue
+            for d in ["eager"] + modes:
+                suffix = "" if d == "eager" else f"_{d}"
+                ratios = [f"batch {b} {by[other][f'batch{b}_ms{suffix}'] / by['binary_dnet53'][f'batch{b}_ms{suffix}']:.2f}x"
+                          for b in (1, 8) if f"batch{b}_ms{suffix}" in by[other]]
+                summary.append(f"frozen binary_dnet53 vs {other}, both {d}: " + ", ".join(ratios) + " faster")
     return cols, table, summary
 
 
@@ -321,8 +333,9 @@ def compare(run, old):
             o = then.get(e["name"])
             if o is None:
                 continue
-            for k in ("batch1_ms_per_image", "batch8_ms_per_image", "peak_forward_bytes_batch1", "state_dict_bytes"):
-                if k in o:
+            latencies = [k for k in e if "_ms_per_image" in k]
+            for k in latencies + ["peak_forward_bytes_batch1", "state_dict_bytes"]:
+                if k in o and k in e:
                     add(e["name"], k, e[k], o[k], "bytes" if "bytes" in k else "ms")
     if not rows:
         out.append("nothing in common with the saved run (different suites or shapes)")

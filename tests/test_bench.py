@@ -73,6 +73,8 @@ def test_models_cli_tiny(tmp_path, capsys):
     assert ms["binary_dnet53"]["state_dict_bytes"] < ms["binary_dnet53_fp32"]["state_dict_bytes"]
     for m in ms.values():
         assert m["batch1_ms"] > 0 and m["batch8_images_per_s"] > 0 and m["peak_forward_bytes_batch1"] > 0
+        assert m["batch1_ms_torchscript"] > 0 and m["batch8_images_per_s_torchscript"] > 0  # default deploy modes
+    assert "batch 1 ms/image (torchscript)" in out and "both torchscript" in out
     assert (tmp_path / "models_latency.png").stat().st_size > 0
     json.loads((tmp_path / "bench.json").read_text())
 
@@ -116,6 +118,26 @@ def test_model_suite_machinery_on_stand_ins():
     assert any(l["type"] == "FrozenBinaryConv2d" for l in b["layers"])
     assert sum(l["self_ms"] for l in b["layers"]) == pytest.approx(b["total_ms"], rel=0.05)
     assert any(o["op"].startswith("xnorconv::") for o in b["ops"])
+
+
+def test_deployed_model_is_checked_before_timing(monkeypatch):
+    def create(name, num_classes):
+        return _Tiny(binary=True).eval() if name == "binary_dnet53" else _Tiny(False).eval()
+
+    real_deployed = model_suite.deployed
+
+    def broken(model, mode, example):
+        m = real_deployed(model, mode, example)
+        return (lambda x: m(x) + 1) if mode == "torchscript" else m  # a deployment that changed the result
+
+    monkeypatch.setattr(model_suite, "deployed", broken)
+    with pytest.raises(AssertionError, match="as torchscript differs from the eager model"):
+        model_suite.run(("binary_dnet53",), 4, 16, 1, 3, create=create)
+    with pytest.raises(ValueError, match="deploy mode must be one of"):
+        model_suite.run(("binary_dnet53",), 4, 16, 1, 3, create=create, deploy=("onnx",))
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--models", "--deploy", "eager,tflite"])
+    assert cli.parse_args(["--models", "--deploy", "compile"]).deploy == ("compile",)
 
 
 def test_model_check_is_asserted(monkeypatch):
