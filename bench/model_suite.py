@@ -12,12 +12,16 @@ agreement (cosine similarity of the logits) is recorded beside its figures, sinc
 
 Deployment modes (`deploy`): every model is timed as an eager nn.Module and, by default, as TorchScript
 (torch.jit.trace, then torch.jit.freeze: the graph runs without Python, the float models' BatchNorms folded into
-their convs), the way a model ships to a device without Python; `compile` adds torch.compile (Inductor; ~20 s of
-compilation per model and batch size). Each deployed model must give its eager model's output before it is timed,
-and the modes are timed interleaved with each other.
+their convs). On request: `aoti`, torch.export + AOTInductor (aoti_compile_and_package / aoti_load_package, the
+package a device loads without the model's Python code; ~15 s of compilation per model and batch size) and
+`compile`, torch.compile (Inductor). Each deployed model must give its eager model's output before it is timed,
+and the modes are timed interleaved with each other. A mode a model cannot take (PyTorch's FX int8 models do not
+export) is reported with the reason instead of a figure.
 """
 import copy
 import io
+import os
+import tempfile
 import statistics
 import time
 import warnings
@@ -32,7 +36,7 @@ import xnorconv
 from .timing import interleaved, median_ms, minor_faults
 
 DEFAULT_MODELS = ("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8", "darknet53", "cspdarknet53")
-DEPLOY_MODES = ("eager", "torchscript", "compile")
+DEPLOY_MODES = ("eager", "torchscript", "aoti", "compile")
 DEFAULT_DEPLOY = ("eager", "torchscript")
 
 
@@ -159,6 +163,12 @@ def deployed(model: nn.Module, mode: str, example: torch.Tensor):
             # check_trace=False: a second trace to compare with would rebuild caches the first call filled (the
             # float stem's folded BatchNorm), a difference in how the graph was reached, not in what it computes.
             return torch.jit.freeze(torch.jit.trace(model, example, strict=False, check_trace=False))
+    if mode == "aoti":
+        with torch.no_grad():
+            program = torch.export.export(model, (example,))
+            package = os.path.join(tempfile.mkdtemp(prefix="xnorconv-bench-"), "model.pt2")
+            return torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program,
+                                                                                              package_path=package))
     if mode == "compile":
         return torch.compile(model)
     raise ValueError(f"deploy mode must be one of {DEPLOY_MODES}, got {mode!r}")
@@ -305,13 +315,23 @@ def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batch
         calls = {}
         for e in entries:
             for mode in deploy:
-                m = deployed(e.model, mode, x)
+                if mode in per[e.name].get("deploy_unavailable", {}):
+                    continue
+                try:
+                    m = deployed(e.model, mode, x)
+                except Exception as err:  # the model cannot be deployed this way: say so, time the rest
+                    if mode == "eager":
+                        raise
+                    per[e.name].setdefault("deploy_unavailable", {})[mode] = f"{type(err).__name__}: {err}"[:200]
+                    continue
                 if mode != "eager":
                     check_deployed(e.name, mode, e.model, m, x)
                 calls[(e.name, mode)] = fn(m)
         t = interleaved(calls, reps, warmup=2)
         for e in entries:
             for mode in deploy:
+                if (e.name, mode) not in calls:
+                    continue
                 key, samples = _key(mode, batch), t[(e.name, mode)]
                 ms = median_ms(samples)
                 per[e.name][key] = ms

@@ -108,8 +108,12 @@ def model_table(run):
             + ["batch 8 images/s", "peak forward MB (batch 1)", "weights MB", "file MB",
                f"batch 1 time / {first_name}'s"])
     first = m["models"][0]["batch1_ms"]
-    table = [[e["name"], f"{e['batch1_ms_per_image']:.2f}"] + [f"{e[f'batch1_ms_per_image_{d}']:.2f}" for d in modes]
-             + [f"{e['batch8_ms_per_image']:.2f}"] + [f"{e[f'batch8_ms_per_image_{d}']:.2f}" for d in modes]
+    def per_image(e, batch, d):
+        key = f"batch{batch}_ms_per_image_{d}"
+        return f"{e[key]:.2f}" if key in e else "n/a"
+
+    table = [[e["name"], f"{e['batch1_ms_per_image']:.2f}"] + [per_image(e, 1, d) for d in modes]
+             + [f"{e['batch8_ms_per_image']:.2f}"] + [per_image(e, 8, d) for d in modes]
              + [f"{e['batch8_images_per_s']:.1f}", f"{e['peak_forward_bytes_batch1'] / 2**20:.2f}",
                 f"{e['weight_bytes'] / 2**20:.3f}", f"{e['state_dict_bytes'] / 2**20:.3f}",
                 f"{e['batch1_ms'] / first:.2f}"] for e in m["models"]]
@@ -117,8 +121,12 @@ def model_table(run):
     if modes:
         summary.append("deployment modes: eager (nn.Module), " + ", ".join(
             {"torchscript": "torchscript (torch.jit.trace + torch.jit.freeze, no Python in the graph)",
+             "aoti": "aoti (torch.export + AOTInductor package)",
              "compile": "compile (torch.compile, Inductor)"}[d] for d in modes)
                        + "; each checked against its eager model's output before timing")
+        for e in m["models"]:
+            for d, why in e.get("deploy_unavailable", {}).items():
+                summary.append(f"{e['name']} has no {d} figure: {why}")
     if all("batch1_minor_faults" in e for e in m["models"]):
         summary.append("minor page faults per batch-1 pass (memory the allocator faults in again): "
                        + ", ".join(f"{e['name']} {e['batch1_minor_faults']:.0f}" for e in m["models"]))
@@ -130,8 +138,10 @@ def model_table(run):
             for d in ["eager"] + modes:
                 suffix = "" if d == "eager" else f"_{d}"
                 ratios = [f"batch {b} {by[other][f'batch{b}_ms{suffix}'] / by['binary_dnet53'][f'batch{b}_ms{suffix}']:.2f}x"
-                          for b in (1, 8) if f"batch{b}_ms{suffix}" in by[other]]
-                summary.append(f"frozen binary_dnet53 vs {other}, both {d}: " + ", ".join(ratios) + " faster")
+                          for b in (1, 8) if f"batch{b}_ms{suffix}" in by[other]
+                          and f"batch{b}_ms{suffix}" in by["binary_dnet53"]]
+                if ratios:
+                    summary.append(f"frozen binary_dnet53 vs {other}, both {d}: " + ", ".join(ratios) + " faster")
     return cols, table, summary
 
 

@@ -71,6 +71,12 @@ class BinaryDNet53Output(NamedTuple):
     features: torch.Tensor  # (N, feature_dim): the fused feature vector F' (paper eq. 5's f(I))
 
 
+# A stable name for the output structure, which torch.export.save and AOTInductor packages serialise (without it,
+# packaging the model fails; this is the registration that error message asks for).
+torch.utils._pytree._register_namedtuple(BinaryDNet53Output,
+                                         serialized_type_name="models.binary_dnet53.BinaryDNet53Output")
+
+
 def image_complexity_score(features: torch.Tensor, lower: float = 0.7, upper: float = 1.2,
                            reduction: str = "sum") -> torch.Tensor:
     """Paper eq. 5: ICS = min(max(sum_d f_d(I), lower), upper), one value per image.

@@ -140,6 +140,19 @@ def test_deployed_model_is_checked_before_timing(monkeypatch):
     assert cli.parse_args(["--models", "--deploy", "compile"]).deploy == ("compile",)
 
 
+def test_a_model_that_cannot_deploy_in_a_mode_is_reported_not_timed():
+    def create(name, num_classes):
+        return _Tiny(binary=name == "binary_dnet53").eval()
+
+    # PyTorch's FX int8 models do not go through torch.export, so they have no AOTInductor figure.
+    r = model_suite.run(("binary_dnet53_int8",), 4, 16, 1, 3, create=create, deploy=("aoti",), breakdown_reps=3)
+    e = r["models"][0]
+    assert "aoti" in e["deploy_unavailable"] and "batch1_ms_aoti" not in e and e["batch1_ms"] > 0
+    cols, table, summary = report.model_table({"models": r})
+    assert "batch 1 ms/image (aoti)" in cols and table[0][cols.index("batch 1 ms/image (aoti)")] == "n/a"
+    assert any(s.startswith("binary_dnet53_int8 has no aoti figure: ") for s in summary)
+
+
 def test_model_check_is_asserted(monkeypatch):
     def create(name, num_classes):
         return _Tiny(binary=True).eval() if name == "binary_dnet53" else _Tiny(False).eval()

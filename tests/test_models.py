@@ -424,6 +424,46 @@ def test_frozen_binary_dnet53_exports():
         torch.testing.assert_close(program.module()(x).logits, frozen(x).logits)
 
 
+def test_frozen_binary_dnet53_aoti_package_loads_in_a_fresh_process(tmp_path):
+    """The recommended deployment: torch.export, AOTInductor package, then aoti_load_package where only
+    `import xnorconv` (which registers the ops) precedes it: the (logits, features) output and its values."""
+    frozen = xnorconv.freeze(models.create("binary_dnet53", 6))
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        program = torch.export.export(frozen, (x,))
+        package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+        want = frozen(x)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import torch, xnorconv, models\n"
+            f"m = torch._inductor.aoti_load_package({package!r})\n"
+            f"with torch.no_grad():\n    out = m(torch.load({str(tmp_path / 'x.pt')!r}))\n"
+            "assert type(out).__name__ == 'BinaryDNet53Output', type(out)\n"
+            f"torch.save(tuple(out), {str(tmp_path / 'out.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    logits, features = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(logits, want.logits)
+    torch.testing.assert_close(features, want.features)
+
+
+def test_frozen_binary_dnet53_torchscript_saves_and_loads_in_a_fresh_process(tmp_path):
+    """The Python-free deployment: trace + freeze, torch.jit.save, then torch.jit.load where only `import xnorconv`
+    (which registers the ops) precedes it; same logits, and the 25 packed convolutions are in the saved graph."""
+    frozen = xnorconv.freeze(models.create("binary_dnet53", 6))
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        scripted = torch.jit.freeze(torch.jit.trace(frozen, x, strict=False, check_trace=False))
+        want = frozen(x).logits
+    assert str(scripted.graph).count("xnorconv::binary_conv2d_packed") == 25
+    torch.jit.save(scripted, str(tmp_path / "model.pt"))
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch, xnorconv\n"
+            f"m = torch.jit.load({str(tmp_path / 'model.pt')!r})\n"
+            f"with torch.no_grad():\n    logits = m(torch.load({str(tmp_path / 'x.pt')!r}))[0]\n"
+            f"torch.save(logits, {str(tmp_path / 'logits.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want)
+
+
 @pytest.mark.parametrize("pad_value", [1, -1])
 def test_frozen_matches_for_constant_pad_values(pad_value):
     torch.manual_seed(2)
