@@ -126,8 +126,8 @@ def test_deployed_model_is_checked_before_timing(monkeypatch):
 
     real_deployed = model_suite.deployed
 
-    def broken(model, mode, example):
-        m = real_deployed(model, mode, example)
+    def broken(model, mode, example, workdir):
+        m = real_deployed(model, mode, example, workdir)
         return (lambda x: m(x) + 1) if mode == "torchscript" else m  # a deployment that changed the result
 
     monkeypatch.setattr(model_suite, "deployed", broken)
