@@ -243,7 +243,8 @@ struct BlockStore {
   bool border[P];       // strip i reads padding (pad_value 0): correction(i, v) applies
   float scale[V], bias[V];
   int32_t depth;
-  alignas(64) int32_t corrections[P][V][SW];
+  // Channel-major, so that one channel's neighbouring strips are adjacent (one load for a pair of 8-lane strips).
+  alignas(64) int32_t corrections[V][P][SW];
   // Sign output (OutputStage::out_signs): plane[v] is then unused and sign_plane[v] / threshold[v] are set.
   uint8_t* sign_plane[V];
   float threshold[V];
@@ -251,6 +252,8 @@ struct BlockStore {
   const float* residual_plane[V];
   bool prelu;
   float slope[V];
+  // The common output stage, fixed per call: float output, no residual, no PReLU (y = scale * dot + bias, stored).
+  bool plain;
 
   const float* residual(int i, int v) const {
     return residual_plane[v] && offset[i] >= 0 ? residual_plane[v] + offset[i] : nullptr;
@@ -267,7 +270,7 @@ struct BlockStore {
   }
   // Whether strip i, channel v is stored at all (float or signs).
   bool stored(int i, int v) const { return offset[i] >= 0 && (plane[v] || sign_plane[v]); }
-  const int32_t* correction(int i, int v) const { return border[i] ? corrections[i][v] : nullptr; }
+  const int32_t* correction(int i, int v) const { return border[i] ? corrections[v][i] : nullptr; }
 };
 
 struct TaskSpace {
@@ -305,6 +308,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   BlockStore<P, V, SW> bs;
   bs.depth = static_cast<int32_t>(p.depth());
   bs.prelu = st.prelu != nullptr;
+  bs.plain = !st.out_signs && !st.residual && !st.prelu;
 
   // Task index = ((n * groups + g) * channel_blocks + cb) * strip_blocks + sb, walked without divisions; the
   // channel side of the block is rebuilt only when cb changes.
@@ -356,7 +360,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
           for (int v = 0; v < V; ++v)
             for (int lane = 0; lane < SW; ++lane) {
               const int64_t cls = row_cls * zp->col_classes + zp->col_class[sow + lane];
-              bs.corrections[i][v][lane] = zp->value[cls * p.out_channels + channel[v]];
+              bs.corrections[v][i][lane] = zp->value[cls * p.out_channels + channel[v]];
             }
         }
       }
