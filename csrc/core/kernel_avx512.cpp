@@ -60,8 +60,10 @@ struct Avx512Isa : Avx512Binarize {
     for (int i = 0; i < kStrips; i += 2) {
       if (bs.offset[i] < 0) break;  // the block's tail: repeats of the last strip, never stored
       const bool second = bs.offset[i + 1] >= 0;
-      const __mmask16 lanes = static_cast<__mmask16>(lane_mask(bs.lanes[i]) | (second ? lane_mask(bs.lanes[i + 1]) << 8 : 0));
-      const __mmask16 border = static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (second && bs.border[i + 1] ? 0xFF00 : 0));
+      const __mmask16 lanes =
+          static_cast<__mmask16>(lane_mask(bs.lanes[i]) | (second ? lane_mask(bs.lanes[i + 1]) << 8 : 0));
+      const __mmask16 border =
+          static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (second && bs.border[i + 1] ? 0xFF00 : 0));
       // Strip i + 1 elsewhere than right after strip i (a new row when out_w is not a multiple of 8): two accesses.
       const bool split = second && bs.offset[i + 1] != bs.offset[i] + kStrip;
       if (bs.plain) {
@@ -125,7 +127,8 @@ struct Avx512Isa : Avx512Binarize {
   static __m512 load_pair(const float* lo, const float* hi, __mmask16 lanes, bool split) {
     if (!split) return _mm512_maskz_loadu_ps(lanes, lo);
     const __m256 low = _mm256_maskz_loadu_ps(static_cast<__mmask8>(lanes), lo);
-    return _mm512_insertf32x8(_mm512_castps256_ps512(low), _mm256_maskz_loadu_ps(static_cast<__mmask8>(lanes >> 8), hi), 1);
+    const __m256 high = _mm256_maskz_loadu_ps(static_cast<__mmask8>(lanes >> 8), hi);
+    return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
   }
 
   static uint64_t peak_probe(int64_t iterations) {
