@@ -201,8 +201,10 @@ struct Avx2Isa {
         const __m256i mixed = _mm256_blend_epi32(low[v], _mm256_slli_epi64(high[v], 32), 0xAA);
         const __m256i count = _mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
         __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
-        if (const int32_t* c = bs.correction(i, v))
-          dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(c)));
+        if (bs.border[i]) {
+          const __m256i classes = _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.lane_class[i]));
+          dot = _mm256_sub_epi32(dot, _mm256_i32gather_epi32(bs.class_value[v], classes, 4));
+        }
         const __m256 y =
             _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(bs.bias[v]));
         if (plain && bs.plane[v] && !bs.residual_plane[v]) _mm256_storeu_ps(bs.out(i, v), y);

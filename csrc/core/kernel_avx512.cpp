@@ -107,8 +107,20 @@ struct Avx512Isa : Avx512Binarize {
                        const BlockStore<kStrips, kChannels, kStrip>& bs, int i, int v) {
     const __m512i count = _mm512_permutex2var_epi32(count_lo, low_dwords, count_hi);
     __m512i dot = _mm512_sub_epi32(depth, _mm512_add_epi32(count, count));
-    if (border) dot = _mm512_sub_epi32(dot, _mm512_maskz_load_epi32(border, bs.corrections[v][i]));
+    if (border) dot = _mm512_sub_epi32(dot, corrections(border, bs, i, v));
     return _mm512_fmadd_ps(_mm512_set1_ps(bs.scale[v]), _mm512_cvtepi32_ps(dot), _mm512_set1_ps(bs.bias[v]));
+  }
+
+  // The zero-padding corrections of strips i and i + 1 of channel v, in the lanes of `border`. Up to 16 classes
+  // (3x3 kernels have 9) the channel's values fit one register and one vpermd looks all 16 lanes up; beyond that, a
+  // gather.
+  static __m512i corrections(__mmask16 border, const BlockStore<kStrips, kChannels, kStrip>& bs, int i, int v) {
+    const __m512i classes = _mm512_load_si512(bs.lane_class[i]);
+    if (bs.classes <= 16) {
+      const __mmask16 present = static_cast<__mmask16>(lane_mask(bs.classes));
+      return _mm512_maskz_permutexvar_epi32(border, classes, _mm512_maskz_loadu_epi32(present, bs.class_value[v]));
+    }
+    return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), border, classes, bs.class_value[v], 4);
   }
 
   // 16 floats to lo (lanes 0-15), or, split, 8 to lo and 8 to hi.
