@@ -29,20 +29,23 @@ struct Avx512Isa : Avx512Binarize {
     __m512i acc[kStrips][kChannels];
     for (auto& s : acc)
       for (auto& c : s) c = _mm512_setzero_si512();
-    const uint64_t* w[kChannels];
-    for (int v = 0; v < kChannels; ++v) w[v] = weight[v];
-    for (int64_t t = 0; t < taps; ++t) {
-      const uint64_t* a[kStrips];
-      for (int i = 0; i < kStrips; ++i) a[i] = act[i] + tap_offset[t];
-      for (int64_t k = 0; k < words_per_group; ++k) {
-        __m512i x[kStrips];
-        for (int i = 0; i < kStrips; ++i) x[i] = _mm512_loadu_si512(a[i] + k * word_stride);
-        for (int v = 0; v < kChannels; ++v) {
-          const __m512i wv = _mm512_set1_epi64(static_cast<long long>(*w[v]++));
-          for (int i = 0; i < kStrips; ++i)
-            acc[i][v] = _mm512_add_epi64(acc[i][v], _mm512_popcnt_epi64(_mm512_xor_si512(x[i], wv)));
-        }
+    // One channel word of every strip (at `offset` from its first pixel) against word j of every weight row.
+    auto word = [&](int64_t offset, int64_t j) {
+      __m512i x[kStrips];
+      for (int i = 0; i < kStrips; ++i) x[i] = _mm512_loadu_si512(act[i] + offset);
+      for (int v = 0; v < kChannels; ++v) {
+        const __m512i wv = _mm512_set1_epi64(static_cast<long long>(weight[v][j]));
+        for (int i = 0; i < kStrips; ++i)
+          acc[i][v] = _mm512_add_epi64(acc[i][v], _mm512_popcnt_epi64(_mm512_xor_si512(x[i], wv)));
       }
+    };
+    // Up to 64 channels a tap is one word: one flat loop, without the per-tap setup of an inner loop that runs once
+    // (measured 0.175 -> 0.148 ms on the 64 -> 64 layer at 64x64, the others unchanged).
+    if (words_per_group == 1) {
+      for (int64_t t = 0; t < taps; ++t) word(tap_offset[t], t);
+    } else {
+      for (int64_t t = 0, j = 0; t < taps; ++t)
+        for (int64_t k = 0; k < words_per_group; ++k, ++j) word(tap_offset[t] + k * word_stride, j);
     }
     store(acc, bs);
   }
