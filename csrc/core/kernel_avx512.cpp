@@ -27,25 +27,30 @@ struct Avx512Isa : Avx512Binarize {
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs) {
     __m512i acc[kStrips][kChannels];
-    for (auto& s : acc)
-      for (auto& c : s) c = _mm512_setzero_si512();
-    // One channel word of every strip (at `offset` from its first pixel) against word j of every weight row.
-    auto word = [&](int64_t offset, int64_t j) {
+    // One channel word of every strip (at `offset` from its first pixel) against word j of every weight row; the
+    // first word sets the accumulators instead of adding to zeros.
+    auto word = [&](int64_t offset, int64_t j, bool first) {
       __m512i x[kStrips];
       for (int i = 0; i < kStrips; ++i) x[i] = _mm512_loadu_si512(act[i] + offset);
       for (int v = 0; v < kChannels; ++v) {
         const __m512i wv = _mm512_set1_epi64(static_cast<long long>(weight[v][j]));
-        for (int i = 0; i < kStrips; ++i)
-          acc[i][v] = _mm512_add_epi64(acc[i][v], _mm512_popcnt_epi64(_mm512_xor_si512(x[i], wv)));
+        for (int i = 0; i < kStrips; ++i) {
+          const __m512i count = _mm512_popcnt_epi64(_mm512_xor_si512(x[i], wv));
+          acc[i][v] = first ? count : _mm512_add_epi64(acc[i][v], count);
+        }
       }
     };
     // Up to 64 channels a tap is one word: one flat loop, without the per-tap setup of an inner loop that runs once
-    // (measured 0.175 -> 0.148 ms on the 64 -> 64 layer at 64x64, the others unchanged).
+    // (measured 0.175 -> 0.148 ms on the 64 -> 64 layer at 64x64, the others unchanged), and the first word peeled
+    // (0.148 -> 0.143 ms; peeled in the nested loop too, the deeper layers lost 5%).
     if (words_per_group == 1) {
-      for (int64_t t = 0; t < taps; ++t) word(tap_offset[t], t);
+      word(tap_offset[0], 0, true);
+      for (int64_t t = 1; t < taps; ++t) word(tap_offset[t], t, false);
     } else {
+      for (auto& s : acc)
+        for (auto& c : s) c = _mm512_setzero_si512();
       for (int64_t t = 0, j = 0; t < taps; ++t)
-        for (int64_t k = 0; k < words_per_group; ++k, ++j) word(tap_offset[t] + k * word_stride, j);
+        for (int64_t k = 0; k < words_per_group; ++k, ++j) word(tap_offset[t] + k * word_stride, j, false);
     }
     store(acc, bs);
   }
