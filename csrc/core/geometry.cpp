@@ -145,23 +145,20 @@ ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_su
   z.col_class = tap_range_classes(p.out_w(), p.in_w, p.kernel_w, p.stride_w, p.pad_left, p.dilation_w, col_ranges);
   z.col_class.resize(z.col_class.size() + kStripWidth, 0);
   z.col_classes = static_cast<int64_t>(col_ranges.size());
+  z.classes = static_cast<int64_t>(row_ranges.size()) * z.col_classes;
   const int64_t o_count = p.out_channels, taps = p.taps();
-  z.value.assign(row_ranges.size() * col_ranges.size() * o_count, 0);
-  if (row_ranges.size() == 1 && col_ranges.size() == 1) return z;  // no output reads padding
-  // Tap-major copy, so that the sums below run over contiguous output channels.
-  std::vector<int32_t> by_tap(taps * o_count);
-  for (int64_t o = 0; o < o_count; ++o)
-    for (int64_t t = 0; t < taps; ++t) by_tap[t * o_count + o] = tap_sum[o * taps + t];
+  z.value.assign(o_count * z.classes, 0);
+  if (z.classes == 1) return z;  // no output reads padding
   for (size_t rc = 0; rc < row_ranges.size(); ++rc)
     for (size_t cc = 0; cc < col_ranges.size(); ++cc) {
-      int32_t* dst = z.value.data() + (rc * col_ranges.size() + cc) * o_count;
+      const int64_t cls = static_cast<int64_t>(rc) * z.col_classes + static_cast<int64_t>(cc);
       for (int64_t kh = 0; kh < p.kernel_h; ++kh)
         for (int64_t kw = 0; kw < p.kernel_w; ++kw) {
           const bool padded = kh < row_ranges[rc].first || kh > row_ranges[rc].second ||
                               kw < col_ranges[cc].first || kw > col_ranges[cc].second;
           if (!padded) continue;
-          const int32_t* src = by_tap.data() + (kh * p.kernel_w + kw) * o_count;
-          for (int64_t o = 0; o < o_count; ++o) dst[o] += src[o];
+          const int64_t t = kh * p.kernel_w + kw;
+          for (int64_t o = 0; o < o_count; ++o) z.value[o * z.classes + cls] += tap_sum[o * taps + t];
         }
     }
   return z;

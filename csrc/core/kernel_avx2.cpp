@@ -194,18 +194,22 @@ struct Avx2Isa {
       else
         for (int v = 0; v < kChannels; ++v) high[v] = _mm256_setzero_si256();
       // The common case, decided once per strip: 8 float outputs, scale and bias only (border corrections included).
-      const bool plain = bs.lanes[i] == kStrip && !bs.prelu;
+      const bool plain = bs.plain && bs.lanes[i] == kStrip;
       for (int v = 0; v < kChannels; ++v) {
         if (!bs.stored(i, v)) continue;
-        // The low dword of each 64-bit count (below 2^31), the low half's 4 pixels then the high half's.
-        const __m256i mixed = _mm256_blend_epi32(low[v], _mm256_slli_epi64(high[v], 32), 0xAA);
-        const __m256i count = _mm256_permutevar8x32_epi32(mixed, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+        // The low dword of each 64-bit count (below 2^31), the low half's 4 pixels then the high half's: two
+        // shuffle-port uops (dwords l0 l1 h0 h1 l2 l3 h2 h3, then 64-bit pairs reordered), where shift + blend +
+        // vpermd took three and a constant.
+        const __m256 pairs = _mm256_shuffle_ps(_mm256_castsi256_ps(low[v]), _mm256_castsi256_ps(high[v]), 0x88);
+        const __m256i count = _mm256_permute4x64_epi64(_mm256_castps_si256(pairs), 0xD8);
         __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
-        if (const int32_t* c = bs.correction(i, v))
-          dot = _mm256_sub_epi32(dot, _mm256_load_si256(reinterpret_cast<const __m256i*>(c)));
+        if (bs.border[i]) {
+          const __m256i classes = _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.lane_class[i]));
+          dot = _mm256_sub_epi32(dot, _mm256_i32gather_epi32(bs.class_value[v], classes, 4));
+        }
         const __m256 y =
             _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(bs.bias[v]));
-        if (plain && bs.plane[v] && !bs.residual_plane[v]) _mm256_storeu_ps(bs.out(i, v), y);
+        if (plain) _mm256_storeu_ps(bs.plane[v] + bs.offset[i], y);
         else emit(y, i, v, bs);
       }
     }

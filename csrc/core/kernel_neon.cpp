@@ -147,7 +147,11 @@ struct NeonIsa {
         for (int h = 0; h < 2; ++h) {
           const int32x4_t c = vreinterpretq_s32_u32(vld1q_u32(&totals.count[i][v][4 * h]));
           int32x4_t dot = vsubq_s32(depth, vshlq_n_s32(c, 1));
-          if (bs.correction(i, v)) dot = vsubq_s32(dot, vld1q_s32(bs.correction(i, v) + 4 * h));
+          if (bs.border[i]) {
+            int32_t correction[4];
+            for (int lane = 0; lane < 4; ++lane) correction[lane] = bs.correction(i, v, 4 * h + lane);
+            dot = vsubq_s32(dot, vld1q_s32(correction));
+          }
           y[h] = vfmaq_f32(bias, scale, vcvtq_f32_s32(dot));
         }
         if (bs.residual(i, v) || bs.prelu) {

@@ -50,7 +50,7 @@ struct ScalarIsa {
         float y[kStrip];
         for (int lane = 0; lane < bs.lanes[i]; ++lane) {
           int32_t dot = bs.depth - 2 * static_cast<int32_t>(count[i][v][lane]);
-          if (bs.correction(i, v)) dot -= bs.correction(i, v)[lane];
+          if (bs.border[i]) dot -= bs.correction(i, v, lane);
           // fma everywhere: every family then rounds identically.
           y[lane] = bs.finish(std::fma(bs.scale[v], static_cast<float>(dot), bs.bias[v]), i, v, lane);
         }

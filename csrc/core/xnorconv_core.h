@@ -89,11 +89,13 @@ inline int64_t weight_words(const ConvParams& p) {
 void pack_weights(const ConvParams& p, const float* weight, uint64_t* packed, int32_t* tap_sum);
 
 // Border correction for pad_value 0. Rows (and columns) fall into classes by which kernel rows (columns) land in
-// the padding; class 0 is "none". value[(row_class * col_classes + col_class) * O + o] is what the +1-padded dot
-// of output channel o must lose. col_class has out_w + kStripWidth entries (zeros past out_w).
+// the padding; class 0 is "none". An output's class is row_class * col_classes + col_class, and
+// value[o * classes + class] is what the +1-padded dot of output channel o must lose there (channel-major: one
+// channel's few values are adjacent, so a vector kernel loads them at once). col_class has out_w + kStripWidth
+// entries (zeros past out_w).
 struct ZeroPadCorrection {
   std::vector<int32_t> row_class, col_class, value;
-  int64_t col_classes = 1;
+  int64_t col_classes = 1, classes = 1;
 };
 ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_sum);
 // The same, memoised: a call with the geometry and tap sums of a recent call (compared value by value, so a weight

@@ -156,6 +156,24 @@ void test_deep_accumulation() {
   }
 }
 
+// More zero-padding classes than one vector register holds (the AVX-512 family looks up to 16 up with a permute,
+// more with a gather): a 9x9 kernel with padding 4 on a 6x6 input puts every output row and column in its own
+// class, 7 x 7 = 49 with "none"; 13 output channels and odd widths give tail channels and split strips.
+void test_many_padding_classes() {
+  for (int64_t w : {6, 11}) {
+    ConvParams p;
+    p.batch = 1;
+    p.in_channels = 70;
+    p.out_channels = 13;
+    p.in_h = 6;
+    p.in_w = w;
+    p.kernel_h = p.kernel_w = 9;
+    p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 4;
+    p.pad_value = PadValue::Zero;
+    check_case(p, Layout::Nchw, false, "many padding classes " + describe(p));
+  }
+}
+
 // Pins the documented bit order: channel c of a pixel is bit c % 64 of word c / 64; a negative value is a 1.
 void test_bit_order() {
   ConvParams p;
@@ -264,7 +282,7 @@ void test_pack_matches_scalar(int cases) {
 
 bool same_correction(const ZeroPadCorrection& a, const ZeroPadCorrection& b) {
   return a.row_class == b.row_class && a.col_class == b.col_class && a.value == b.value &&
-         a.col_classes == b.col_classes;
+         a.col_classes == b.col_classes && a.classes == b.classes;
 }
 
 // The memoised zero-pad correction always equals a fresh one: for other geometries with the same tap sums, for tap
@@ -553,6 +571,7 @@ int main(int argc, char** argv) {
   test_task_ranges(random_cases / 10 + 4);
   test_darknet_shapes();
   test_deep_accumulation();
+  test_many_padding_classes();
   test_random_shapes(random_cases);
   std::printf("%d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
