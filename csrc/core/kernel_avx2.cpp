@@ -246,13 +246,31 @@ struct Avx2Isa {
     }
   }
 
+  // Popcount of every nibble value, for vpshufb.
+  static __m256i nibble_popcounts() {
+    return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3,
+                            4);
+  }
+
+  // One channel word of the low and high nibble planes against kChannels split weight words (wb: low, high per
+  // channel), added to the byte counters. The kernel's inner step, and what the peak probe repeats.
+  static inline __attribute__((always_inline)) void nibble_word(__m256i lut, __m256i lo, __m256i hi,
+                                                                const uint64_t* wb, __m256i bytes[kChannels]) {
+    for (int v = 0; v < kChannels; ++v) {
+      const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v]));
+      const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v + 1]));
+      const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo, wl));
+      const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi, wh));
+      bytes[v] = _mm256_add_epi8(bytes[v], _mm256_add_epi8(l, h));
+    }
+  }
+
   // Popcounts of one strip half (4 pixels) against kChannels interleaved split weight rows, 64-bit lane per pixel.
   // Words are read through the flat offset list (tap and channel word in one index, see split_conv), in runs of
   // kFlushWords with no other bookkeeping in the loop.
   static void half(const uint64_t* act, int64_t words, const uint64_t* wb, const CallState& call,
                    __m256i total[kChannels]) {
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i lut = nibble_popcounts();
     const uint64_t* hi_plane = act + call.act_hi;
     const int64_t* offset = call.word_offsets;
     for (int64_t j0 = 0; j0 < words; j0 += kFlushWords) {
@@ -264,13 +282,7 @@ struct Avx2Isa {
       for (int64_t j = j0; j < j1; ++j) {
         const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act + offset[j]));
         const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi_plane + offset[j]));
-        for (int v = 0; v < kChannels; ++v) {
-          const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v]));
-          const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wb[2 * v + 1]));
-          const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo, wl));
-          const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi, wh));
-          bytes[v] = _mm256_add_epi8(bytes[v], _mm256_add_epi8(l, h));
-        }
+        nibble_word(lut, lo, hi, wb, bytes);
         wb += 2 * kChannels;
       }
       for (int v = 0; v < kChannels; ++v) {
@@ -285,8 +297,7 @@ struct Avx2Isa {
     // broadcasts from memory (loads, as in the kernel: no shuffle-port uop), and per channel two XORs of nibble
     // planes, two lookups and two byte adds, with the vpsadbw widening every kFlushWords rounds. Left out: the
     // kernel's two activation loads and offset load per word, and everything outside the loop.
-    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i lut = nibble_popcounts();
     constexpr int kAcc = kChannels;
     __m256i bytes[kAcc], total = _mm256_setzero_si256();
     const __m256i lo = _mm256_set1_epi64x(0x0102030405060708ll), hi = _mm256_set1_epi64x(0x0807060504030201ll);
@@ -301,13 +312,7 @@ struct Avx2Isa {
       for (int round = 0; round < kFlushWords && it < iterations; ++round, ++it) {
         // An opaque pointer: every round reloads the weights, so no product can be shared between rounds.
         __asm__ volatile("" : "+r"(wp));
-        for (int v = 0; v < kChannels; ++v) {
-          const __m256i wl = _mm256_set1_epi64x(static_cast<long long>(wp[2 * v]));
-          const __m256i wh = _mm256_set1_epi64x(static_cast<long long>(wp[2 * v + 1]));
-          const __m256i l = _mm256_shuffle_epi8(lut, _mm256_xor_si256(lo, wl));
-          const __m256i h = _mm256_shuffle_epi8(lut, _mm256_xor_si256(hi, wh));
-          bytes[v] = _mm256_add_epi8(bytes[v], _mm256_add_epi8(l, h));
-        }
+        nibble_word(lut, lo, hi, wp, bytes);
       }
       for (int v = 0; v < kAcc; ++v) total = _mm256_add_epi64(total, _mm256_sad_epu8(bytes[v], _mm256_setzero_si256()));
     }
