@@ -23,7 +23,7 @@ import torch
 import xnorconv
 
 from . import layers, report
-from .timing import configure_allocator, environment
+from .timing import REWARM_S, configure_allocator, configure_rewarm, environment
 
 
 def parse_args(argv):
@@ -59,6 +59,10 @@ def parse_args(argv):
                     help="glibc: mallopt(M_TOP_PAD, MB) before measuring, so that memory freed at the end of a "
                          "forward pass is reused by the next instead of being faulted in again (recorded with the "
                          "run; default 0: leave the allocator alone)")
+    ap.add_argument("--cold", action="store_true",
+                    help="time each call right after the other implementations' calls, without re-warming it by "
+                         "untimed calls of its own first (short calls then carry this machine's penalty for code "
+                         "that follows other work; see bench/timing.py)")
     ap.add_argument("--out", metavar="DIR", help="write bench.json, bench.csv and PNG plots to DIR")
     ap.add_argument("--compare", metavar="FILE", help="print the change against a saved bench.json")
     ap.add_argument("--markdown", action="store_true", help="print Markdown (the README performance section)")
@@ -116,7 +120,8 @@ def _progress(total, desc):
 
 
 def measure(args, argv):
-    run = {"env": environment(args.threads, argv, configure_allocator(args.malloc_top_pad))}
+    run = {"env": environment(args.threads, argv, configure_allocator(args.malloc_top_pad),
+                            configure_rewarm(0 if args.cold else REWARM_S))}
     if args.scaling:
         from . import scaling
         if args.threads < 2:

@@ -40,6 +40,8 @@ def header_lines(env, md=False):
              f"{b}command{b}: `{env['command']}`" if md else f"command: {env['command']}"]
     if env.get("allocator"):
         lines.append(f"{b}allocator{b}: {env['allocator']}")
+    if env.get("timing"):
+        lines.append(f"{b}timing{b}: {env['timing']}")
     return lines
 
 

@@ -24,10 +24,32 @@ class SelfTimed:
         return self.fn()
 
 
+# Before each timed call, untimed calls of the same implementation run for at least this long (the default; see
+# configure_rewarm). On this project's VM any code that follows a millisecond of other work runs several times slower
+# for its first tens of microseconds (measured even for pure Python: sum(range(300)) 2.7 us back to back, 17 us after
+# a 3 ms gap; the AVX-512 kernels need about 0.1 ms of AVX-512 work to reach full speed again), which would charge
+# every short call with a penalty that long calls spread over milliseconds.
+REWARM_S = 2e-4
+_rewarm_s = REWARM_S
+
+
+def configure_rewarm(seconds):
+    """--cold sets 0: every timed call follows the other implementations' calls directly. Returns the description
+    recorded with the run."""
+    global _rewarm_s
+    _rewarm_s = float(seconds)
+    if _rewarm_s <= 0:
+        return "cold: each timed call directly follows the other implementations' calls (--cold)"
+    return (f"warm: each timed call follows {_rewarm_s * 1e3:g} ms or more of untimed calls of the same implementation "
+            "(at least one)")
+
+
 def interleaved(fns, reps, warmup=3, seed=0):
-    """Times every callable `reps` times, one call of each per round in a shuffled order, so that the machine's
-    drifts (other load, clock changes) fall on all of them alike. Returns {name: [seconds, ...]} (for a SelfTimed
-    entry: the values it returned)."""
+    """Times every callable `reps` times, one timed call of each per round in a shuffled order, so that the machine's
+    drifts (other load, clock changes) fall on all of them alike. Each timed call is preceded by untimed calls of
+    the same callable for the configured re-warm time (configure_rewarm), as inside a network where a layer's code
+    runs right after other kernels rather than after a gap. Returns {name: [seconds, ...]} (for a SelfTimed entry,
+    which is never re-warmed: the values it returned)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -41,6 +63,11 @@ def interleaved(fns, reps, warmup=3, seed=0):
             if isinstance(fn, SelfTimed):
                 times[name].append(fn())
                 continue
+            if _rewarm_s > 0:
+                until = time.perf_counter() + _rewarm_s
+                fn()
+                while time.perf_counter() < until:
+                    fn()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -101,11 +128,12 @@ def minor_faults():
         return 0
 
 
-def environment(threads, argv=None, allocator=None):
+def environment(threads, argv=None, allocator=None, timing=None):
     argv = sys.argv[1:] if argv is None else argv
     info = xnorconv.build_info()
     return {
         "allocator": allocator,
+        "timing": timing,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "bench", *argv]),
         "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.machine()}",

@@ -2,6 +2,7 @@
 OpenVINO peer's exactness and the correctness checks that must run before any timing. Fast (seconds)."""
 import csv
 import json
+import itertools
 import os
 
 import pytest
@@ -174,6 +175,24 @@ def test_layer_correctness_is_asserted(monkeypatch):
     monkeypatch.setattr(layers, "reference_binary_conv2d", wrong)
     with pytest.raises(AssertionError, match="differs from the reference"):
         layers.layer_rows([(16, 16, 8, 3, 1, 1)], 1, 1, 3, 0, ["scalar"], with_int8=False, with_openvino=False)
+
+
+def test_each_timed_call_follows_untimed_calls_of_its_own():
+    from bench import timing
+    log = []
+    fns = {name: (lambda name=name: log.append(name)) for name in "ab"}
+    try:
+        timing.configure_rewarm(0)
+        interleaved(fns, 5, warmup=0)
+        assert len(log) == 10  # cold: one call per round each, nothing else
+        log.clear()
+        assert timing.configure_rewarm(1e-4).startswith("warm")
+        interleaved(fns, 5, warmup=0)
+    finally:
+        timing.configure_rewarm(timing.REWARM_S)
+    # Warm: every round runs one implementation's untimed calls then its timed call, never another's in between.
+    runs = [len(list(g)) for _, g in itertools.groupby(log)]
+    assert len(runs) >= 5 and all(n >= 2 for n in runs) and sum(runs) == len(log)
 
 
 def test_self_timed_samples():
