@@ -22,6 +22,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "xnorconv_core.h"
 
@@ -299,6 +300,53 @@ int64_t conv_task_count(const ConvParams& p, const ActivationLayout&) {
   return conv_task_space<Isa>(p).tasks;
 }
 
+// The strip side of a block (P strips of SW output pixels): where its strips read and write, and their padding
+// classes. It depends on the strip block alone, not on the channel block or the image.
+template <int P, int SW>
+struct StripBlock {
+  alignas(64) int32_t lane_class[P][SW];  // valid where border[i]
+  int64_t act[P];                          // first packed word of strip i, from the image's (group's) first word
+  int64_t offset[P];                       // BlockStore::offset
+  int lanes[P];
+  bool border[P];
+  bool any_border;
+};
+
+// Strip block sb: strips sb * P ... sb * P + P - 1 in row-major strip order. Past the last strip the last one is
+// repeated (computed but not stored), so that a block never branches on tails.
+template <int P, int SW>
+void strip_block_setup(const ConvParams& p, const ActivationLayout& l, const TaskSpace& ts,
+                       const ZeroPadCorrection* zp, int64_t sb, StripBlock<P, SW>& out) {
+  const int64_t ow_count = p.out_w();
+  out.any_border = false;
+  for (int i = 0; i < P; ++i) {
+    const int64_t strip = sb * P + i;
+    const bool real = strip < ts.strips;
+    const int64_t s = real ? strip : ts.strips - 1;
+    const int64_t oh = s / ts.strips_per_row, ow = (s % ts.strips_per_row) * SW;
+    out.act[i] = oh * p.stride_h * l.row_stride + ow;
+    out.offset[i] = real ? oh * ow_count + ow : -1;
+    out.lanes[i] = static_cast<int>(imin(SW, ow_count - ow));
+    out.border[i] = false;
+    if (zp && real) {
+      const int32_t row_base = zp->row_class[oh] * static_cast<int32_t>(zp->col_classes);
+      const int32_t* col = zp->col_class.data() + ow;  // col_class has kStripWidth zeros past out_w
+      int32_t any = row_base;
+      for (int lane = 0; lane < SW; ++lane) any |= col[lane];
+      out.border[i] = any != 0;
+      if (out.border[i])
+        for (int lane = 0; lane < SW; ++lane) out.lane_class[i][lane] = row_base + col[lane];
+      out.any_border |= out.border[i];
+    }
+  }
+}
+
+// Strip blocks set up at most once per call when a task range visits each of them more than once (it walks all
+// strip blocks of one channel block, then of the next): measured on the 512 -> 256 1x1 layer at 8x8, where a block
+// is only 8 channel words deep, the per-block setup took a fifth of the kernel's time. Above this many strip
+// blocks the table would outgrow L2, and a block is then deep or wide enough for its setup not to matter.
+constexpr int64_t kMaxCachedStripBlocks = 1024;
+
 template <class Isa>
 void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
                 const OutputStage& st, int64_t begin, int64_t end) {
@@ -315,6 +363,20 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   bs.prelu = st.prelu != nullptr;
   bs.plain = !st.out_signs && !st.residual && !st.prelu;
   bs.classes = zp ? static_cast<int32_t>(zp->classes) : 1;
+  // Fields of the optional output stages keep these values when their stage is off (set once, not per block).
+  for (int v = 0; v < V; ++v) {
+    bs.plane[v] = nullptr;
+    bs.sign_plane[v] = nullptr;
+    bs.threshold[v] = 0.0f;
+    bs.residual_plane[v] = nullptr;
+    bs.slope[v] = 1.0f;
+    bs.class_value[v] = nullptr;
+  }
+
+  const bool cache_strips = end - begin > ts.strip_blocks && ts.strip_blocks <= kMaxCachedStripBlocks;
+  std::vector<StripBlock<P, SW>> strip_cache(cache_strips ? static_cast<size_t>(ts.strip_blocks) : 0);
+  std::vector<char> strip_ready(strip_cache.size(), 0);
+  StripBlock<P, SW> strip_scratch;
 
   // Task index = ((n * groups + g) * channel_blocks + cb) * strip_blocks + sb, walked without divisions; the
   // channel side of the block is rebuilt only when cb changes.
@@ -324,61 +386,54 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   int64_t g = rest % p.groups, n = rest / p.groups;
   bool channels_stale = true;
   const uint64_t* wrow[V];
-  int64_t channel[V];
-  // Position (row, column) of the block's first strip; later strips step along the row.
-  int64_t first_oh = (sb * P) / ts.strips_per_row, first_ow = ((sb * P) % ts.strips_per_row) * SW;
   for (int64_t task = begin; task < end; ++task) {
     if (channels_stale) {
       for (int v = 0; v < V; ++v) {
         // Past the group's last channel, repeat it: computed but not stored.
         const bool real = cb * V + v < og;
-        channel[v] = g * og + imin(cb * V + v, og - 1);
-        wrow[v] = w + channel[v] * weight_row;
-        const int64_t plane_offset = (n * p.out_channels + channel[v]) * oh_count * ow_count;
-        bs.plane[v] = real && !st.out_signs ? st.out + plane_offset : nullptr;
-        bs.sign_plane[v] = real && st.out_signs ? st.out_signs + plane_offset : nullptr;
-        bs.threshold[v] = st.out_threshold ? st.out_threshold[channel[v]] : 0.0f;
-        bs.residual_plane[v] = real && st.residual ? st.residual + plane_offset : nullptr;
-        bs.slope[v] = st.prelu ? st.prelu[channel[v]] : 1.0f;
-        bs.scale[v] = st.scale ? st.scale[channel[v]] : 1.0f;
-        bs.bias[v] = st.bias ? st.bias[channel[v]] : 0.0f;
-        bs.class_value[v] = zp ? zp->value.data() + channel[v] * zp->classes : nullptr;
+        const int64_t channel = g * og + imin(cb * V + v, og - 1);
+        wrow[v] = w + channel * weight_row;
+        float* plane = real ? (st.out_signs ? nullptr : st.out) : nullptr;
+        const int64_t plane_offset = (n * p.out_channels + channel) * oh_count * ow_count;
+        bs.plane[v] = plane ? plane + plane_offset : nullptr;
+        bs.scale[v] = st.scale ? st.scale[channel] : 1.0f;
+        bs.bias[v] = st.bias ? st.bias[channel] : 0.0f;
+        if (!bs.plain) {
+          bs.sign_plane[v] = real && st.out_signs ? st.out_signs + plane_offset : nullptr;
+          bs.threshold[v] = st.out_threshold ? st.out_threshold[channel] : 0.0f;
+          bs.residual_plane[v] = real && st.residual ? st.residual + plane_offset : nullptr;
+          bs.slope[v] = st.prelu ? st.prelu[channel] : 1.0f;
+        }
+        if (zp) bs.class_value[v] = zp->value.data() + channel * zp->classes;
       }
       channels_stale = false;
     }
+    const StripBlock<P, SW>* strips = &strip_scratch;
+    if (cache_strips) {
+      strips = &strip_cache[static_cast<size_t>(sb)];
+      if (!strip_ready[static_cast<size_t>(sb)]) {
+        strip_block_setup<P, SW>(p, l, ts, zp, sb, strip_cache[static_cast<size_t>(sb)]);
+        strip_ready[static_cast<size_t>(sb)] = 1;
+      }
+    } else {
+      strip_block_setup<P, SW>(p, l, ts, zp, sb, strip_scratch);
+    }
     const uint64_t* act[P];
     const uint64_t* image = x + n * l.image_stride + g * wpg * l.row_words;
-    int64_t oh = first_oh, ow = first_ow;
     for (int i = 0; i < P; ++i) {
-      const bool real = oh < oh_count;
-      // Past the last strip, repeat the last one: computed but not stored, so the block never branches on tails.
-      const int64_t soh = real ? oh : (ts.strips - 1) / ts.strips_per_row;
-      const int64_t sow = real ? ow : ((ts.strips - 1) % ts.strips_per_row) * SW;
-      act[i] = image + soh * p.stride_h * l.row_stride + sow;
-      bs.offset[i] = real ? soh * ow_count + sow : -1;
-      bs.lanes[i] = static_cast<int>(imin(SW, ow_count - sow));
-      bs.border[i] = false;
-      if (zp && real) {
-        const int32_t row_base = zp->row_class[soh] * static_cast<int32_t>(zp->col_classes);
-        const int32_t* col = zp->col_class.data() + sow;  // col_class has kStripWidth zeros past out_w
-        int32_t any = row_base;
-        for (int lane = 0; lane < SW; ++lane) any |= col[lane];
-        bs.border[i] = any != 0;
-        if (bs.border[i])
-          for (int lane = 0; lane < SW; ++lane) bs.lane_class[i][lane] = row_base + col[lane];
-      }
-      if (real && (ow += SW) >= ts.strips_per_row * SW) {
-        ow = 0;
-        ++oh;
-      }
+      act[i] = image + strips->act[i];
+      bs.offset[i] = strips->offset[i];
+      bs.lanes[i] = strips->lanes[i];
+      bs.border[i] = strips->border[i];
     }
+    if (strips->any_border)
+      for (int i = 0; i < P; ++i)
+        if (strips->border[i])
+          for (int lane = 0; lane < SW; ++lane) bs.lane_class[i][lane] = strips->lane_class[i][lane];
     Isa::block(act, offsets, taps, wpg, l.row_words, wrow, bs);
 
-    first_oh = oh;
-    first_ow = ow;
     if (++sb == ts.strip_blocks) {
       sb = 0;
-      first_oh = first_ow = 0;
       channels_stale = true;
       if (++cb == ts.channel_blocks) {
         cb = 0;
