@@ -71,11 +71,8 @@ def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True
         x = torch.randn(batch, cin, hw, hw)
         w = torch.randn(cout, cin, k, k)
         packed = xnorconv.pack_weight(w)
-        args = ([s, s], [p, p, p, p], [1, 1], 1, pad_value)
-
-        def binary(x=x, packed=packed):
-            return torch.ops.xnorconv.binary_conv2d_packed(x, packed.bits, packed.tap_sum, packed.in_channels,
-                                                           None, None, *args)
+        def binary(x=x, packed=packed, s=s, p=p):  # the public API with weights packed once, as a user calls it
+            return xnorconv.binary_conv2d_packed(x, packed, stride=s, padding=p, pad_value=pad_value)
 
         # Correctness before any timing: every backend, exactly, against the float64 reference.
         want = reference_binary_conv2d(x, w, None, (s, s), (p,) * 4, (1, 1), 1, None, pad_value)

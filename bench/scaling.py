@@ -40,8 +40,7 @@ def scaling_rows(shapes=DARKNET53_128, threads=2, backends=("auto",)):
             packed = xnorconv.pack_weight(w)
 
             def call():
-                return torch.ops.xnorconv.binary_conv2d_packed(x, packed.bits, packed.tap_sum, packed.in_channels,
-                                                               None, None, [s, s], [p] * 4, [1, 1], 1, 0)
+                return xnorconv.binary_conv2d_packed(x, packed, stride=s, padding=p)
 
             for b in backends:
                 if b == "auto":

@@ -320,6 +320,41 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed, args)
 
 
+def test_eager_entry_is_the_op_through_the_dispatcher():
+    # xnorconv.functional.packed_conv_op(): in eager mode the pybind11 entry, which must give what torch.ops gives,
+    # fail the same way, and still be seen by tracing, make_fx and the profiler (it reaches the same dispatcher).
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from xnorconv.functional import packed_conv_op
+    x, w = torch.randn(2, 70, 7, 6), torch.randn(6, 35, 3, 2)
+    bits, tap_sum = torch.ops.xnorconv.pack_weight(w)
+    eager = packed_conv_op()
+    assert eager is xnorconv._C.call_binary_conv2d_packed
+    for args in [(x, bits, tap_sum, 35, torch.rand(6), torch.randn(6), [1, 2], [1, 0, 2, 1], [1, 1], 2, 0),
+                 (x < 0, bits, tap_sum, 35, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 2, 0, None, True, None),
+                 (x, bits, tap_sum, 35, None, None, [1, 1], [1, 1, 1, 1], [1, 1], 2, 0, None, False, None,
+                  torch.randn(2, 6, 7, 7), torch.rand(6))]:
+        assert torch.equal(eager(*args), torch.ops.xnorconv.binary_conv2d_packed(*args))
+    bad = (x[:, :69], bits, tap_sum, 35, None, None, [1, 1], [0] * 4, [1, 1], 2, 0)
+    with pytest.raises(RuntimeError) as via_ops:
+        torch.ops.xnorconv.binary_conv2d_packed(*bad)
+    with pytest.raises(RuntimeError) as via_eager:
+        eager(*bad)
+    assert str(via_eager.value).splitlines()[0] == str(via_ops.value).splitlines()[0]
+
+    layer = xnorconv.freeze(xnorconv.BinaryConv2d(16, 8, 3, padding=1).eval())
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x)
+    assert "xnorconv::binary_conv2d_packed" in [n.kind() for n in traced.graph.nodes()]
+    x2 = torch.randn(1, 16, 8, 8)
+    assert torch.equal(traced(x2), layer(x2))
+    graph = make_fx(layer)(x)
+    assert torch.ops.xnorconv.binary_conv2d_packed.default in [n.target for n in graph.graph.nodes]
+    with torch.profiler.profile() as prof:
+        layer(x)
+    assert any(e.name == "xnorconv::binary_conv2d_packed" for e in prof.events())
+
+
 def test_torch_compile_and_export():
     packed = xnorconv.pack_weight(torch.randn(8, 16, 3, 3))
 

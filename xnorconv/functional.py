@@ -3,9 +3,20 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library, which registers torch.ops.xnorconv.*)
+from . import _C  # loads the library, which registers torch.ops.xnorconv.*
 
 IntOrPair = Union[int, Sequence[int]]
+
+
+def packed_conv_op():
+    """torch.ops.xnorconv.binary_conv2d_packed as called from Python: in eager mode through _C, which reaches the
+    same dispatcher entry with pybind11's argument conversion instead of torch.ops' (schema matching and an IValue
+    stack); measured, interleaved: 10.2 -> 5.1 us a call on a one-pixel layer, 26.2 -> 20.7 us on the 512 -> 256
+    1x1 layer at 8x8. Every dispatch key still applies (tracing, fake tensors, Python modes, the profiler).
+    torch.compile cannot trace into a pybind11 function, so compiled code gets the op overload."""
+    if torch.compiler.is_compiling():
+        return torch.ops.xnorconv.binary_conv2d_packed.default
+    return _C.call_binary_conv2d_packed
 
 
 class PackedWeight(NamedTuple):
@@ -103,7 +114,7 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
     if not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     stride, pads, dilation = normalize_conv_args(weight.kernel_size, stride, padding, dilation)
-    return torch.ops.xnorconv.binary_conv2d_packed(
+    return packed_conv_op()(
         input, weight.bits, weight.tap_sum, weight.in_channels, _per_channel(scale, "scale"),
         _per_channel(bias, "bias"), list(stride), list(pads), list(dilation), groups, _check_pad_value(pad_value),
         _per_channel(input_threshold, "input_threshold"), output_signs,

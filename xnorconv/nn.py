@@ -16,13 +16,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
-from .functional import PackedWeight, normalize_conv_args, pack_weight
+from .functional import PackedWeight, normalize_conv_args, pack_weight, packed_conv_op
 
 __all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
            "packed_kernel_devices", "unpack_weight_signs"]
 
 _MAX_TAPS = 1024  # kMaxTaps of the kernel core (csrc/core/xnorconv_core.h)
-_PACKED_CONV = torch.ops.xnorconv.binary_conv2d_packed.default  # the overload itself: no per-call resolution
 # FrozenBinaryConv2d state that its forward fast path holds (see FrozenBinaryConv2d._make_fast_args).
 _FAST_PATH_STATE = frozenset(("weight_bits", "weight_tap_sum", "scale", "bias", "input_threshold", "output_threshold",
                               "stride", "padding", "dilation", "groups", "pad_value", "padding_mode", "binarize_input",
@@ -139,7 +138,7 @@ def _pad_mode_input(layer, x):
 
 
 def _packed_call(x, bits, tap_sum, in_channels, scale, bias, layer, pads, pad_value, threshold=None):
-    return torch.ops.xnorconv.binary_conv2d_packed(
+    return packed_conv_op()(
         x, bits, tap_sum, in_channels, scale, bias, list(layer.stride), list(pads), list(layer.dilation),
         layer.groups, pad_value, threshold)
 
@@ -507,8 +506,8 @@ class FrozenBinaryConv2d(nn.Module):
                 if shape[2] < min_h or shape[3] < min_w:
                     _check_spatial(self, input, args[6])  # raises, naming the sizes
                 # Bool input: the signs of a chained producer, which already applied this layer's threshold.
-                return _PACKED_CONV(input, *args, in_threshold if dtype is torch.float32 else None, output_signs,
-                                    out_threshold, residual, prelu)
+                return packed_conv_op()(input, *args, in_threshold if dtype is torch.float32 else None, output_signs,
+                                        out_threshold, residual, prelu)
         if isinstance(input, torch.Tensor) and (getattr(self, "output_threshold", None) is not None
                                                 or input.dtype == torch.bool):
             raise ValueError(f"{type(self).__name__}: sign input/output (a freeze() chain) needs a batched float32 "
