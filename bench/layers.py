@@ -71,6 +71,7 @@ def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True
         x = torch.randn(batch, cin, hw, hw)
         w = torch.randn(cout, cin, k, k)
         packed = xnorconv.pack_weight(w)
+
         def binary(x=x, packed=packed, s=s, p=p):  # the public API with weights packed once, as a user calls it
             return xnorconv.binary_conv2d_packed(x, packed, stride=s, padding=p, pad_value=pad_value)
 

@@ -341,8 +341,8 @@ void strip_block_setup(const ConvParams& p, const ActivationLayout& l, const Tas
   }
 }
 
-// Strip blocks set up at most once per call when a task range visits each of them more than once (it walks all
-// strip blocks of one channel block, then of the next): measured on the 512 -> 256 1x1 layer at 8x8, where a block
+// Strip blocks set up once per call when a task range visits them more than once (it walks all strip blocks of
+// one channel block, then of the next): measured on the 512 -> 256 1x1 layer at 8x8, where a block
 // is only 8 channel words deep, the per-block setup took a fifth of the kernel's time. Above this many strip
 // blocks the table would outgrow L2, and a block is then deep or wide enough for its setup not to matter.
 constexpr int64_t kMaxCachedStripBlocks = 1024;
@@ -373,9 +373,12 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
     bs.class_value[v] = nullptr;
   }
 
+  // More tasks than strip blocks: consecutive tasks cycle through the strip blocks, so the range visits every one
+  // of them, some more than once; each is set up here once.
   const bool cache_strips = end - begin > ts.strip_blocks && ts.strip_blocks <= kMaxCachedStripBlocks;
   std::vector<StripBlock<P, SW>> strip_cache(cache_strips ? static_cast<size_t>(ts.strip_blocks) : 0);
-  std::vector<char> strip_ready(strip_cache.size(), 0);
+  for (size_t i = 0; i < strip_cache.size(); ++i)
+    strip_block_setup<P, SW>(p, l, ts, zp, static_cast<int64_t>(i), strip_cache[i]);
   StripBlock<P, SW> strip_scratch;
 
   // Task index = ((n * groups + g) * channel_blocks + cb) * strip_blocks + sb, walked without divisions; the
@@ -393,9 +396,8 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
         const bool real = cb * V + v < og;
         const int64_t channel = g * og + imin(cb * V + v, og - 1);
         wrow[v] = w + channel * weight_row;
-        float* plane = real ? (st.out_signs ? nullptr : st.out) : nullptr;
         const int64_t plane_offset = (n * p.out_channels + channel) * oh_count * ow_count;
-        bs.plane[v] = plane ? plane + plane_offset : nullptr;
+        bs.plane[v] = real && !st.out_signs ? st.out + plane_offset : nullptr;
         bs.scale[v] = st.scale ? st.scale[channel] : 1.0f;
         bs.bias[v] = st.bias ? st.bias[channel] : 0.0f;
         if (!bs.plain) {
@@ -409,15 +411,10 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
       channels_stale = false;
     }
     const StripBlock<P, SW>* strips = &strip_scratch;
-    if (cache_strips) {
+    if (cache_strips)
       strips = &strip_cache[static_cast<size_t>(sb)];
-      if (!strip_ready[static_cast<size_t>(sb)]) {
-        strip_block_setup<P, SW>(p, l, ts, zp, sb, strip_cache[static_cast<size_t>(sb)]);
-        strip_ready[static_cast<size_t>(sb)] = 1;
-      }
-    } else {
+    else
       strip_block_setup<P, SW>(p, l, ts, zp, sb, strip_scratch);
-    }
     const uint64_t* act[P];
     const uint64_t* image = x + n * l.image_stride + g * wpg * l.row_words;
     for (int i = 0; i < P; ++i) {
