@@ -4,7 +4,10 @@ For each model: latency per image at batch 1, throughput (images/s) at batch 8, 
 the in-memory size of its weights and the saved state_dict size; all models timed interleaved in one process.
 Frozen binary_dnet53 (xnorconv.freeze: packed 1-bit weights, BatchNorm folded) is compared with its float twin
 (the identical module tree with nn.Conv2d) in fp32 and int8 (PyTorch's FX static quantization, x86 engine), and
-with float DarkNet-53 and CSP-DarkNet-53. A per-layer breakdown says where the frozen model's time goes.
+with float DarkNet-53 and CSP-DarkNet-53. A per-layer breakdown says where the frozen model's time goes; the
+frozen model is also timed with its binary convolutions made free (the most any binary kernel could give against
+the twin), and each binary convolution is timed in place against the twin's float convolution and against the
+memory passes its tensors need.
 
 Correctness before timing: the frozen model must equal the unfrozen binary model computed through its pure-PyTorch
 path (sign + float conv, the STE path) to float rounding; the int8 model's output is compared with fp32's and the
@@ -38,6 +41,8 @@ from .timing import interleaved, median_ms, minor_faults
 DEFAULT_MODELS = ("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8", "darknet53", "cspdarknet53")
 DEPLOY_MODES = ("eager", "torchscript", "aoti", "compile")
 DEFAULT_DEPLOY = ("eager", "torchscript")
+# Modes in which the model with free binary convolutions (free_binary_convs) is timed.
+FLOOR_MODES = ("eager", "torchscript")
 
 
 @dataclass
@@ -188,7 +193,7 @@ def check_deployed(name: str, mode: str, model: nn.Module, deployed_model, examp
         raise AssertionError(f"{name} as {mode} differs from the eager model by {(got - want).abs().max():.3g}")
 
 
-def _key(mode: str, batch: int) -> str:
+def latency_key(mode: str, batch: int) -> str:
     """The result key of a latency: batch1_ms for eager (as before deployment modes existed), batch1_ms_torchscript."""
     return f"batch{batch}_ms" if mode == "eager" else f"batch{batch}_ms_{mode}"
 
@@ -282,6 +287,95 @@ def layer_breakdown(model: nn.Module, x: torch.Tensor, reps: int) -> Dict:
             "ops": [{"op": k, "self_ms": ms, "calls": c, "share": ms / op_total} for k, ms, c in ops if ms > 0]}
 
 
+class _FreeBinaryConv(xnorconv.FrozenBinaryConv2d):
+    """A FrozenBinaryConv2d that costs nothing: it returns an unwritten tensor of its output's shape. It stays a
+    FrozenBinaryConv2d so that the model takes the same fused paths as with the real layer (BinaryDNet53 hands its
+    shortcut add and PReLU to the conv's output stage), whose cost then goes with the convolution."""
+
+    def forward(self, input, residual=None, prelu_weight=None):
+        return input.new_empty(self.free_output_shape, dtype=self.free_output_dtype)
+
+
+def binary_conv_calls(model: nn.Module, x: torch.Tensor):
+    """(name, module, args, output) of every FrozenBinaryConv2d call in one forward pass of `model` on `x`."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: calls.append((n, mod, args, out)))
+             for n, m in model.named_modules() if isinstance(m, xnorconv.FrozenBinaryConv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def free_binary_convs(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """A copy of the frozen `model` whose binary convolutions take no time (for inputs of x's shape): its latency is
+    what the rest of the network costs, so the float twin's latency over it bounds what any binary kernel can give."""
+    floor = copy.deepcopy(model)
+    shapes = {}
+    for name, _, _, out in binary_conv_calls(floor, x):
+        if shapes.setdefault(name, (tuple(out.shape), out.dtype)) != (tuple(out.shape), out.dtype):
+            raise ValueError(f"{name} is called with outputs of different shapes; it has no single free stand-in")
+    for name, (shape, dtype) in shapes.items():
+        m = floor.get_submodule(name)
+        m.__class__ = _FreeBinaryConv
+        m.free_output_shape, m.free_output_dtype = shape, dtype
+    return floor
+
+
+def binary_conv_table(frozen: nn.Module, float_twin: nn.Module, x: torch.Tensor, reps: int):
+    """Each binary convolution of `frozen` with the tensors it gets in a forward pass of `x`, timed interleaved with
+    (a) the float twin's convolution of the same name on its own input and (b) the memory passes no convolution of
+    those tensors can skip, done by torch's vectorized reductions and fills: read the input, read the residual
+    (the fused shortcut), write the output. Rows in network order; ms are medians."""
+    twin = {}
+
+    def record(name):
+        def hook(mod, args, out):
+            twin.setdefault(name, (mod, args))  # a hook that returns a value would replace the output
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in float_twin.named_modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            float_twin(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for name, conv, args, out in binary_conv_calls(frozen, x):
+        if name not in twin:
+            continue
+        fconv, fargs = twin[name]
+        inp = args[0]
+        residual = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+        out_buffer = torch.empty_like(out)
+
+        def binary(conv=conv, args=args):
+            with torch.no_grad():
+                conv(*args)
+
+        def fp32(fconv=fconv, fargs=fargs):
+            with torch.no_grad():
+                fconv(*fargs)
+
+        def memory(inp=inp, residual=residual, out_buffer=out_buffer):
+            inp.sum()
+            if residual is not None:
+                residual.sum()
+            out_buffer.fill_(1)
+
+        t = interleaved({"binary": binary, "fp32": fp32, "memory": memory}, reps)
+        rows.append({"name": name, "in_channels": conv.in_channels, "out_channels": conv.out_channels,
+                     "kernel": list(conv.kernel_size), "stride": list(conv.stride), "in_hw": list(inp.shape[2:]),
+                     "input_dtype": str(inp.dtype).replace("torch.", ""), "residual": residual is not None,
+                     "binary_ms": median_ms(t["binary"]), "fp32_ms": median_ms(t["fp32"]),
+                     "memory_ms": median_ms(t["memory"])})
+    return rows
+
+
 def _describe(m):
     if isinstance(m, (nn.Conv2d, xnorconv.nn.FrozenBinaryConv2d)) or hasattr(m, "kernel_size"):
         parts = []
@@ -334,12 +428,22 @@ def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batch
                 if mode != "eager":
                     check_deployed(e.name, mode, e.model, m, x)
                 calls[(e.name, mode)] = fn(m)
+        floor_name = f"{entries[0].name} (binary convs free)"
+        if batch == 1 and any(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in entries[0].model.modules()):
+            floor = free_binary_convs(entries[0].model, x)
+            # Not under AOTInductor: it drops the computation that reads unwritten tensors, leaving nothing to time.
+            for mode in (d for d in deploy if d in FLOOR_MODES):
+                calls[(floor_name, mode)] = fn(deployed(floor, mode, x, workdir))
         t = interleaved(calls, reps, warmup=2)
+        for mode in FLOOR_MODES:
+            if (floor_name, mode) in t:
+                free = result.setdefault("binary_convs_free", {"model": entries[0].name})
+                free[latency_key(mode, batch)] = median_ms(t[(floor_name, mode)])
         for e in entries:
             for mode in deploy:
                 if (e.name, mode) not in calls:
                     continue
-                key, samples = _key(mode, batch), t[(e.name, mode)]
+                key, samples = latency_key(mode, batch), t[(e.name, mode)]
                 ms = median_ms(samples)
                 per[e.name][key] = ms
                 per[e.name][key.replace("_ms", "_ms_per_image", 1)] = ms / batch
@@ -358,6 +462,9 @@ def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batch
     first = entries[0]
     result["models"] = [per[e.name] for e in entries]
     result["breakdown"] = {"model": first.name, **layer_breakdown(first.model, x1, breakdown_reps)}
+    twin = next((e for e in entries if e.name == "binary_dnet53_fp32"), None)
+    if twin is not None and first.name == "binary_dnet53":
+        result["binary_convs"] = binary_conv_table(first.model, twin.model, x1, max(reps, 3 * breakdown_reps))
     if progress:
         progress("breakdown")
     return result

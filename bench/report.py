@@ -144,7 +144,35 @@ def model_table(run):
                           and f"batch{b}_ms{suffix}" in by["binary_dnet53"]]
                 if ratios:
                     summary.append(f"frozen binary_dnet53 vs {other}, both {d}: " + ", ".join(ratios) + " faster")
+    free = m.get("binary_convs_free")
+    if free and "binary_dnet53_fp32" in by and free["model"] in by:
+        for key in (k for k in free if k.startswith("batch1_ms")):  # batch1_ms (eager), batch1_ms_torchscript
+            d = key[len("batch1_ms_"):] or "eager"
+            if key in by["binary_dnet53_fp32"]:
+                twin, binary = by["binary_dnet53_fp32"][key], by[free["model"]][key]
+                summary.append(
+                    f"{free['model']} with its binary convolutions free ({d}, batch 1): {free[key]:.2f} ms, the rest "
+                    f"of the network; so against binary_dnet53_fp32 no binary kernel can give more than "
+                    f"{twin / free[key]:.2f}x (now {twin / binary:.2f}x: the binary convolutions take "
+                    f"{binary - free[key]:.2f} ms of {binary:.2f})")
     return cols, table, summary
+
+
+def binary_conv_rows(run):
+    rows = run["models"].get("binary_convs")
+    if not rows:
+        return None
+    cols = ["binary conv", "cin->cout k/s", "input", "binary ms", "fp32 conv ms", "memory passes ms",
+            "x fp32 conv", "binary / memory"]
+    table = [[r["name"], f"{r['in_channels']}->{r['out_channels']} {r['kernel'][0]}x{r['kernel'][1]}/{r['stride'][0]}",
+              f"{r['in_hw'][0]}x{r['in_hw'][1]} {r['input_dtype']}" + (" +res" if r["residual"] else ""),
+              f"{r['binary_ms']:.4f}", f"{r['fp32_ms']:.4f}", f"{r['memory_ms']:.4f}",
+              f"{r['fp32_ms'] / r['binary_ms']:.1f}x", f"{r['binary_ms'] / r['memory_ms']:.2f}"] for r in rows]
+    totals = {k: sum(r[k] for r in rows) for k in ("binary_ms", "fp32_ms", "memory_ms")}
+    table.append([f"total ({len(rows)})", "", "", f"{totals['binary_ms']:.3f}", f"{totals['fp32_ms']:.3f}",
+                  f"{totals['memory_ms']:.3f}", f"{totals['fp32_ms'] / totals['binary_ms']:.1f}x",
+                  f"{totals['binary_ms'] / totals['memory_ms']:.2f}"])
+    return cols, table
 
 
 def breakdown_tables(run, top=12):
@@ -198,7 +226,8 @@ def text(run, md=False):
         n = sc["threads"]
         out += [f"#### Thread scaling, 1 vs {n} threads" if md else f"## thread scaling, 1 vs {n} threads", "",
                 "The op alone, batch 1, float in and out; thread counts alternate in blocks of 20 timed calls, "
-                "medians in ms (auto: the selector's pick, named in 'runs').", ""]
+                "medians in ms (auto: the selector's pick, named in 'runs'); speedup: the median over neighbouring "
+                "block pairs of their ratio, which cancels the host's slow speed drifts.", ""]
         cols = ["layer cin,cout,hw,k,s,p", "backend", "runs", "1 thread ms", f"{n} threads ms", "speedup"]
         table = [[_shape(r), r["backend"], r["runs"], f"{r['ms_1']:.4f}", f"{r[f'ms_{n}']:.4f}",
                   f"{r['speedup']:.2f}x"] for r in sc["rows"]]
@@ -215,6 +244,13 @@ def text(run, md=False):
                 ""]
         (mc, mt), (oc, ot) = breakdown_tables(run)
         out += [render(mc, mt, md), "", render(oc, ot, md), ""]
+        conv_rows = binary_conv_rows(run)
+        if conv_rows:
+            out += [f"Each binary convolution of {b['model']} in place (batch 1, the tensors it gets in a forward pass, "
+                    "interleaved medians): binary = the op with its fused shortcut add and PReLU; fp32 conv = the "
+                    "float twin's convolution alone; memory passes = torch reading the input (and the residual) and "
+                    "writing the output, the traffic no convolution of these tensors avoids:", "",
+                    render(*conv_rows, md), ""]
     return "\n".join(out)
 
 

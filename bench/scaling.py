@@ -2,7 +2,10 @@
 
 The thread counts alternate in blocks (a few warm-up calls, then timed calls), not call by call: switching
 torch's thread count on every call makes OpenMP park and wake its team each time, which measures the switch rather
-than the op. Each backend is forced in turn; 'auto' is the selector's pick.
+than the op. The speedup is the median over consecutive block pairs of their ratio (1-thread block median over
+N-thread block median): the host's speed drifts by tens of percent over seconds on a shared VM, and a ratio of
+neighbouring blocks cancels what a ratio of whole-run medians keeps. Each backend is forced in turn; 'auto' is the
+selector's pick.
 """
 import statistics
 import time
@@ -13,21 +16,29 @@ import xnorconv
 
 from .layers import DARKNET53_128
 
-BLOCKS, BLOCK_CALLS, WARMUP_CALLS = 10, 20, 3
+BLOCKS, BLOCK_CALLS, WARMUP_CALLS = 20, 20, 3
 
 
-def _median_ms(fn, threads_per_block):
-    samples = {t: [] for t in threads_per_block}
+def _time_blocks(fn, one, many):
+    """{threads: median ms over all timed calls}, and the median over block pairs of (1-thread block median /
+    `many`-thread block median)."""
+    samples = {one: [], many: []}
+    ratios = []
     for _ in range(BLOCKS):
-        for t in threads_per_block:
+        block = {}
+        for t in (one, many):
             torch.set_num_threads(t)
             for _ in range(WARMUP_CALLS):
                 fn()
+            times = []
             for _ in range(BLOCK_CALLS):
                 start = time.perf_counter()
                 fn()
-                samples[t].append(time.perf_counter() - start)
-    return {t: statistics.median(v) * 1e3 for t, v in samples.items()}
+                times.append(time.perf_counter() - start)
+            samples[t] += times
+            block[t] = statistics.median(times)
+        ratios.append(block[one] / block[many])
+    return {t: statistics.median(v) * 1e3 for t, v in samples.items()}, statistics.median(ratios)
 
 
 def scaling_rows(shapes=DARKNET53_128, threads=2, backends=("auto",)):
@@ -44,12 +55,12 @@ def scaling_rows(shapes=DARKNET53_128, threads=2, backends=("auto",)):
 
             for b in backends:
                 if b == "auto":
-                    ms, name = _median_ms(call, (1, threads)), xnorconv.current_backend(cin, k, s)
+                    (ms, speedup), name = _time_blocks(call, 1, threads), xnorconv.current_backend(cin, k, s)
                 else:
                     with xnorconv.use_backend(b):
-                        ms, name = _median_ms(call, (1, threads)), b
+                        (ms, speedup), name = _time_blocks(call, 1, threads), b
                 rows.append({"shape": [cin, cout, hw, k, s, p], "backend": b, "runs": name, "ms_1": ms[1],
-                             f"ms_{threads}": ms[threads], "speedup": ms[1] / ms[threads]})
+                             f"ms_{threads}": ms[threads], "speedup": speedup})
     finally:
         torch.set_num_threads(old)
     return rows

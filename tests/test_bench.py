@@ -1,9 +1,10 @@
 """python -m bench on tiny settings: the CLI, its files, --compare / --markdown / --from, the model suite, the
 OpenVINO peer's exactness and the correctness checks that must run before any timing. Fast (seconds)."""
 import csv
-import json
 import itertools
+import json
 import os
+import time
 
 import pytest
 import torch
@@ -53,6 +54,27 @@ def test_scaling_cli(tmp_path, capsys):
         cli.main(["--scaling", "--shape", "16,16,8,3,1,1"])
 
 
+def test_scaling_speedup_is_the_median_ratio_of_neighbouring_blocks(monkeypatch):
+    from bench import scaling
+    monkeypatch.setattr(scaling, "BLOCKS", 6)
+    calls = []
+
+    def fn():
+        # Twice as fast on 2 threads, on a host whose speed halves after the first blocks: the ratio stays 2.
+        calls.append(None)
+        slow = 2.0 if len(calls) > 3 * 2 * (scaling.WARMUP_CALLS + scaling.BLOCK_CALLS) else 1.0
+        end = time.perf_counter() + 200e-6 * slow / torch.get_num_threads()
+        while time.perf_counter() < end:
+            pass
+
+    old = torch.get_num_threads()
+    try:
+        ms, speedup = scaling._time_blocks(fn, 1, 2)
+    finally:
+        torch.set_num_threads(old)
+    assert speedup == pytest.approx(2.0, rel=0.15) and ms[1] > ms[2] > 0
+
+
 def test_compare_markdown_and_from(tmp_path, capsys):
     cli.main(TINY + ["--no-openvino", "--backend", "scalar", "--out", str(tmp_path)])
     capsys.readouterr()
@@ -76,6 +98,8 @@ def test_models_cli_tiny(tmp_path, capsys):
         assert m["batch1_ms"] > 0 and m["batch8_images_per_s"] > 0 and m["peak_forward_bytes_batch1"] > 0
         assert m["batch1_ms_torchscript"] > 0 and m["batch8_images_per_s_torchscript"] > 0  # default deploy modes
     assert "batch 1 ms/image (torchscript)" in out and "both torchscript" in out
+    assert "with its binary convolutions free (torchscript, batch 1)" in out and "no binary kernel can give" in out
+    assert "memory passes ms" in out and len(run["models"]["binary_convs"]) == 25
     assert (tmp_path / "models_latency.png").stat().st_size > 0
     json.loads((tmp_path / "bench.json").read_text())
 
@@ -119,6 +143,23 @@ def test_model_suite_machinery_on_stand_ins():
     assert any(l["type"] == "FrozenBinaryConv2d" for l in b["layers"])
     assert sum(l["self_ms"] for l in b["layers"]) == pytest.approx(b["total_ms"], rel=0.05)
     assert any(o["op"].startswith("xnorconv::") for o in b["ops"])
+    free = r["binary_convs_free"]
+    assert free["model"] == "binary_dnet53" and free["batch1_ms"] > 0 and free["batch1_ms_torchscript"] > 0
+    (row,) = r["binary_convs"]
+    assert row["name"] == "body.0" and (row["in_channels"], row["out_channels"]) == (8, 16)
+    assert row["binary_ms"] > 0 and row["fp32_ms"] > 0 and row["memory_ms"] > 0 and not row["residual"]
+
+
+def test_free_binary_convs_keep_the_shapes_and_leave_the_model_alone():
+    frozen = xnorconv.freeze(_Tiny(binary=True).eval())
+    x = torch.randn(1, 3, 16, 16)
+    floor = model_suite.free_binary_convs(frozen, x)
+    assert isinstance(frozen.body[0], xnorconv.FrozenBinaryConv2d) and type(frozen.body[0]) is not type(floor.body[0])
+    assert isinstance(floor.body[0], xnorconv.FrozenBinaryConv2d)  # the model's fused paths stay taken
+    with torch.no_grad():
+        assert floor(x).shape == frozen(x).shape
+        h = frozen.stem(x)
+        assert floor.body[0](h).shape == frozen.body[0](h).shape
 
 
 def test_deployed_model_is_checked_before_timing(monkeypatch):

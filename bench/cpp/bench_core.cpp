@@ -15,6 +15,10 @@
 
 #include "xnorconv_core.h"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -24,20 +28,30 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// Splits [0, tasks) into `threads` contiguous ranges, like at::parallel_for.
+// Splits [0, tasks) into `threads` contiguous ranges, like at::parallel_for. With OpenMP (what torch's
+// at::parallel_for runs on) the team persists between calls, so a 2-thread figure is the kernel's scaling and not
+// the cost of starting threads; without it each call starts and joins threads.
 template <class F>
 void parallel(int threads, int64_t tasks, F&& f) {
   if (threads <= 1 || tasks <= 1) {
     f(0, tasks);
     return;
   }
-  std::vector<std::thread> pool;
   const int64_t chunk = (tasks + threads - 1) / threads;
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t b = omp_get_thread_num() * chunk, e = std::min(tasks, b + chunk);
+    if (b < e) f(b, e);
+  }
+#else
+  std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) {
     const int64_t b = t * chunk, e = std::min(tasks, b + chunk);
     if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
   }
   for (auto& th : pool) th.join();
+#endif
 }
 
 double median(std::vector<double> v) {
