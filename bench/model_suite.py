@@ -296,11 +296,12 @@ class _FreeBinaryConv(xnorconv.FrozenBinaryConv2d):
         return input.new_empty(self.free_output_shape, dtype=self.free_output_dtype)
 
 
-def binary_conv_calls(model: nn.Module, x: torch.Tensor):
-    """(name, module, args, output) of every FrozenBinaryConv2d call in one forward pass of `model` on `x`."""
+def module_calls(model: nn.Module, x: torch.Tensor, kind=xnorconv.FrozenBinaryConv2d):
+    """(name, module, args, output) of every call of a `kind` module in one forward pass of `model` on `x`."""
     calls = []
+    # The hooks return None: a forward hook that returns a value replaces the module's output.
     hooks = [m.register_forward_hook(lambda mod, args, out, n=n: calls.append((n, mod, args, out)))
-             for n, m in model.named_modules() if isinstance(m, xnorconv.FrozenBinaryConv2d)]
+             for n, m in model.named_modules() if isinstance(m, kind)]
     try:
         with torch.no_grad():
             model(x)
@@ -315,7 +316,7 @@ def free_binary_convs(model: nn.Module, x: torch.Tensor) -> nn.Module:
     what the rest of the network costs, so the float twin's latency over it bounds what any binary kernel can give."""
     floor = copy.deepcopy(model)
     shapes = {}
-    for name, _, _, out in binary_conv_calls(floor, x):
+    for name, _, _, out in module_calls(floor, x):
         if shapes.setdefault(name, (tuple(out.shape), out.dtype)) != (tuple(out.shape), out.dtype):
             raise ValueError(f"{name} is called with outputs of different shapes; it has no single free stand-in")
     for name, (shape, dtype) in shapes.items():
@@ -331,21 +332,10 @@ def binary_conv_table(frozen: nn.Module, float_twin: nn.Module, x: torch.Tensor,
     those tensors can skip, done by torch's vectorized reductions and fills: read the input, read the residual
     (the fused shortcut), write the output. Rows in network order; ms are medians."""
     twin = {}
-
-    def record(name):
-        def hook(mod, args, out):
-            twin.setdefault(name, (mod, args))  # a hook that returns a value would replace the output
-        return hook
-
-    hooks = [m.register_forward_hook(record(n)) for n, m in float_twin.named_modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            float_twin(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    for name, conv, args, _ in module_calls(float_twin, x, nn.Conv2d):
+        twin.setdefault(name, (conv, args))
     rows = []
-    for name, conv, args, out in binary_conv_calls(frozen, x):
+    for name, conv, args, out in module_calls(frozen, x):
         if name not in twin:
             continue
         fconv, fargs = twin[name]
