@@ -19,9 +19,10 @@ from .layers import DARKNET53_128
 BLOCKS, BLOCK_CALLS, WARMUP_CALLS = 20, 20, 3
 
 
-def _time_blocks(fn, one, many):
-    """{threads: median ms over all timed calls}, and the median over block pairs of (1-thread block median /
-    `many`-thread block median)."""
+def _time_blocks(fn, many):
+    """{threads: median ms over all timed calls} for 1 and `many` threads, and the median over block pairs of
+    (1-thread block median / `many`-thread block median)."""
+    one = 1
     samples = {one: [], many: []}
     ratios = []
     for _ in range(BLOCKS):
@@ -55,10 +56,10 @@ def scaling_rows(shapes=DARKNET53_128, threads=2, backends=("auto",)):
 
             for b in backends:
                 if b == "auto":
-                    (ms, speedup), name = _time_blocks(call, 1, threads), xnorconv.current_backend(cin, k, s)
+                    (ms, speedup), name = _time_blocks(call, threads), xnorconv.current_backend(cin, k, s)
                 else:
                     with xnorconv.use_backend(b):
-                        (ms, speedup), name = _time_blocks(call, 1, threads), b
+                        (ms, speedup), name = _time_blocks(call, threads), b
                 rows.append({"shape": [cin, cout, hw, k, s, p], "backend": b, "runs": name, "ms_1": ms[1],
                              f"ms_{threads}": ms[threads], "speedup": speedup})
     finally:

@@ -69,7 +69,7 @@ def test_scaling_speedup_is_the_median_ratio_of_neighbouring_blocks(monkeypatch)
 
     old = torch.get_num_threads()
     try:
-        ms, speedup = scaling._time_blocks(fn, 1, 2)
+        ms, speedup = scaling._time_blocks(fn, 2)
     finally:
         torch.set_num_threads(old)
     assert speedup == pytest.approx(2.0, rel=0.15) and ms[1] > ms[2] > 0

@@ -376,9 +376,13 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   // More tasks than strip blocks: consecutive tasks cycle through the strip blocks, so the range visits every one
   // of them, some more than once; each is set up here once.
   const bool cache_strips = end - begin > ts.strip_blocks && ts.strip_blocks <= kMaxCachedStripBlocks;
-  std::vector<StripBlock<P, SW>> strip_cache(cache_strips ? static_cast<size_t>(ts.strip_blocks) : 0);
-  for (size_t i = 0; i < strip_cache.size(); ++i)
-    strip_block_setup<P, SW>(p, l, ts, zp, static_cast<int64_t>(i), strip_cache[i]);
+  // Kept per thread and reused, not allocated per call (at most kMaxCachedStripBlocks entries); a thread runs one
+  // range at a time, and the table is rebuilt for each.
+  thread_local std::vector<StripBlock<P, SW>> strip_cache;
+  if (cache_strips) {
+    if (strip_cache.size() < static_cast<size_t>(ts.strip_blocks)) strip_cache.resize(ts.strip_blocks);
+    for (int64_t i = 0; i < ts.strip_blocks; ++i) strip_block_setup<P, SW>(p, l, ts, zp, i, strip_cache[i]);
+  }
   StripBlock<P, SW> strip_scratch;
 
   // Task index = ((n * groups + g) * channel_blocks + cb) * strip_blocks + sb, walked without divisions; the
