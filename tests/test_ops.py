@@ -320,6 +320,29 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed, args)
 
 
+def test_backward_through_the_packed_op_fails_with_a_clear_error():
+    # The op has no derivative (BinaryConv2d trains through its straight-through path): a recorded call must not
+    # hand back a silently missing gradient, and an unrecorded one must not be linked to the graph.
+    import warnings
+    w = torch.randn(6, 8, 3, 3)
+    for grad_arg in ("input", "residual", "scale"):
+        x = torch.randn(1, 8, 5, 5, requires_grad=grad_arg == "input")
+        residual = torch.randn(1, 6, 5, 5, requires_grad=grad_arg == "residual")
+        scale = torch.rand(6, requires_grad=grad_arg == "scale")
+        bits, tap_sum = torch.ops.xnorconv.pack_weight(w)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            y = torch.ops.xnorconv.binary_conv2d_packed(x, bits, tap_sum, 8, scale, None, [1, 1], [1, 1, 1, 1],
+                                                        [1, 1], 1, 0, residual=residual)
+        assert y.requires_grad, grad_arg
+        with pytest.raises(RuntimeError, match="has no derivative: train with xnorconv.BinaryConv2d"):
+            y.sum().backward()
+        with torch.no_grad():
+            again = torch.ops.xnorconv.binary_conv2d_packed(x, bits, tap_sum, 8, scale, None, [1, 1], [1, 1, 1, 1],
+                                                            [1, 1], 1, 0, residual=residual)
+        assert not again.requires_grad and torch.equal(again, y.detach())
+
+
 def test_eager_entry_is_the_op_through_the_dispatcher():
     # xnorconv.functional.packed_conv_op(): in eager mode the pybind11 entry, which must give what torch.ops gives,
     # fail the same way, and still be seen by tracing, make_fx and the profiler (it reaches the same dispatcher).
