@@ -268,6 +268,10 @@ struct BlockStore {
   float slope[V];
   // The common output stage, fixed per call: float output, no residual, no PReLU (y = scale * dot + bias, stored).
   bool plain;
+  // plain, and every strip and channel of this block is real and stored whole, with each pair of strips (0-1, 2-3)
+  // contiguous in its plane: a family may then store without per-strip or per-channel tests (border strips still
+  // get their corrections).
+  bool dense;
 
   const float* residual(int i, int v) const {
     return residual_plane[v] && offset[i] >= 0 ? residual_plane[v] + offset[i] : nullptr;
@@ -318,6 +322,7 @@ struct StripBlock {
   int lanes[P];
   bool border[P];
   bool any_border;
+  bool dense;  // every strip real and full, pairs contiguous (the strip side of BlockStore::dense)
 };
 
 // Strip block sb: strips sb * P ... sb * P + P - 1 in row-major strip order. Past the last strip the last one is
@@ -347,6 +352,9 @@ void strip_block_setup(const ConvParams& p, const ActivationLayout& l, const Tas
       out.any_border |= out.border[i];
     }
   }
+  out.dense = true;
+  for (int i = 0; i < P; ++i) out.dense &= out.offset[i] >= 0 && out.lanes[i] == SW;
+  for (int i = 0; i + 1 < P; i += 2) out.dense &= out.offset[i + 1] == out.offset[i] + SW;
 }
 
 // Strip blocks set up once per call when a task range visits them more than once (it walks all strip blocks of
@@ -399,7 +407,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   int64_t cb = rest % ts.channel_blocks;
   rest /= ts.channel_blocks;
   int64_t g = rest % p.groups, n = rest / p.groups;
-  bool channels_stale = true;
+  bool channels_stale = true, channels_real = false;
   const uint64_t* wrow[V];
   for (int64_t task = begin; task < end; ++task) {
     if (channels_stale) {
@@ -420,6 +428,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
         }
         if (zp) bs.class_value[v] = zp->value.data() + channel * zp->classes;
       }
+      channels_real = (cb + 1) * V <= og;
       channels_stale = false;
     }
     const StripBlock<P, SW>* strips = &strip_scratch;
@@ -435,6 +444,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
       bs.lanes[i] = strips->lanes[i];
       bs.border[i] = strips->border[i];
     }
+    bs.dense = bs.plain && channels_real && strips->dense;
     if (strips->any_border)
       for (int i = 0; i < P; ++i)
         if (strips->border[i])
