@@ -85,7 +85,8 @@ def layer_table(run, md=False):
             summary.append(f"xnorconv {best} faster than {peer} on {wins} of {len(measured)} layers")
     summary.append("peak probe (binary GMAC/s, best of the run x threads): " + ", ".join(
         f"{b} {rows[0]['peak_gmacs'][b]:.0f}" for b in backends if b != "auto"))
-    summary.append("kernel = convolution pass alone on pre-packed input, best of the run (openvino: its "
+    summary.append("kernel = convolution pass alone on pre-packed input, timed after one untimed pass over the same "
+                   "buffers, best of the run (openvino: its "
                    "BinaryConvolution node per OpenVINO's profiler, 1 us resolution); kernel/peak = its MAC rate over "
                    f"the best probe reading of its family ({best}: the family it picks; openvino: avx512)")
     for r in rows:
