@@ -65,17 +65,8 @@ struct Avx512Isa : Avx512Binarize {
     const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i depth = _mm512_set1_epi32(bs.depth);
     if (bs.dense) {
-      // Whole blocks: 16 outputs per vpermt2d + integer step (+ corrections on borders) + conversion + FMA + store,
-      // with no other test.
-#pragma GCC unroll 4
-      for (int i = 0; i < kStrips; i += 2) {
-        const __mmask16 border =
-            static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (bs.border[i + 1] ? 0xFF00 : 0));
-#pragma GCC unroll 8
-        for (int v = 0; v < kChannels; ++v)
-          _mm512_storeu_ps(bs.plane[v] + bs.offset[i],
-                           output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, i, v));
-      }
+      if (bs.plain) dense_store<false>(acc, bs, low_dwords, depth);
+      else dense_store<true>(acc, bs, low_dwords, depth);
       return;
     }
 #pragma GCC unroll 4
@@ -120,6 +111,29 @@ struct Avx512Isa : Avx512Binarize {
         } else {
           store_pair(bs.out(i, v), bs.out(i + 1, v), lanes, split, y);
         }
+      }
+    }
+  }
+
+  // Whole blocks (BlockStore::dense): 16 outputs per vpermt2d + integer step (+ corrections on borders) +
+  // conversion + FMA (+ residual and PReLU: kUnit) + store, with no per-strip or per-channel test.
+  template <bool kUnit>
+  static void dense_store(const __m512i (&acc)[kStrips][kChannels], const BlockStore<kStrips, kChannels, kStrip>& bs,
+                          __m512i low_dwords, __m512i depth) {
+#pragma GCC unroll 4
+    for (int i = 0; i < kStrips; i += 2) {
+      const __mmask16 border = static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (bs.border[i + 1] ? 0xFF00 : 0));
+#pragma GCC unroll 8
+      for (int v = 0; v < kChannels; ++v) {
+        __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, i, v);
+        if (kUnit) {
+          if (bs.residual_plane[v]) y = _mm512_add_ps(y, _mm512_loadu_ps(bs.residual_plane[v] + bs.offset[i]));
+          if (bs.prelu) {
+            const __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ);
+            y = _mm512_mask_mul_ps(y, negative, y, _mm512_set1_ps(bs.slope[v]));
+          }
+        }
+        _mm512_storeu_ps(bs.plane[v] + bs.offset[i], y);
       }
     }
   }

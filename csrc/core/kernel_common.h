@@ -268,9 +268,9 @@ struct BlockStore {
   float slope[V];
   // The common output stage, fixed per call: float output, no residual, no PReLU (y = scale * dot + bias, stored).
   bool plain;
-  // plain, and every strip and channel of this block is real and stored whole, with each pair of strips (0-1, 2-3)
-  // contiguous in its plane: a family may then store without per-strip or per-channel tests (border strips still
-  // get their corrections).
+  // Float output (residual and PReLU allowed), and every strip and channel of this block is real and stored whole,
+  // with each pair of strips (0-1, 2-3) contiguous in its plane: a family may then store without per-strip or
+  // per-channel tests (border strips still get their corrections).
   bool dense;
 
   const float* residual(int i, int v) const {
@@ -444,7 +444,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
       bs.lanes[i] = strips->lanes[i];
       bs.border[i] = strips->border[i];
     }
-    bs.dense = bs.plain && channels_real && strips->dense;
+    bs.dense = !st.out_signs && channels_real && strips->dense;
     if (strips->any_border)
       for (int i = 0; i < P; ++i)
         if (strips->border[i])
