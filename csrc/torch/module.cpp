@@ -6,6 +6,7 @@
 #include <chrono>
 #include <vector>
 
+#include "ops.h"
 #include "xnorconv_core.h"
 
 #ifndef XNORCONV_WITH_CUDA
@@ -96,12 +97,6 @@ double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const
 // torch.ops' generic one (schema matching and an IValue stack: about 5 us more per call from Python, measured
 // interleaved). Every dispatch key still applies (autograd, tracing, fake tensors, Python modes, the profiler);
 // only the Python-to-C++ step differs. Called through xnorconv.functional.packed_conv_op() in eager mode.
-using PackedConvSignature = at::Tensor(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t,
-    const c10::optional<at::Tensor>&, bool, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&);
-
 at::Tensor call_binary_conv2d_packed(
     const at::Tensor& input, const at::Tensor& weight_bits, const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
@@ -111,7 +106,7 @@ at::Tensor call_binary_conv2d_packed(
     const c10::optional<at::Tensor>& prelu_weight) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("xnorconv::binary_conv2d_packed", "")
-                             .typed<PackedConvSignature>();
+                             .typed<xnorconv_torch::PackedConvSignature>();
   return op.call(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding, dilation,
                  groups, pad_value, input_threshold, output_signs, output_threshold, residual, prelu_weight);
 }

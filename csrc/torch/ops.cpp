@@ -315,12 +315,6 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
 // fallback for ops without an autograd kernel gave a deprecation warning and no gradient. And the usual call, which
 // records nothing, no longer goes through that fallback, which boxes every argument: 1 us a call (5.5 -> 4.5 us on
 // a one-pixel layer, measured interleaved against inference_mode, which skips the fallback too).
-using PackedConvFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, at::IntArrayRef,
-                                at::IntArrayRef, at::IntArrayRef, int64_t, int64_t, const c10::optional<at::Tensor>&,
-                                bool, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                                const c10::optional<at::Tensor>&);
-
 at::Tensor call_below_autograd(const at::Tensor& input, const at::Tensor& weight_bits,
                                const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
                                const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
@@ -331,7 +325,7 @@ at::Tensor call_below_autograd(const at::Tensor& input, const at::Tensor& weight
                                const c10::optional<at::Tensor>& prelu_weight) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("xnorconv::binary_conv2d_packed", "")
-                             .typed<PackedConvFn>();
+                             .typed<PackedConvSignature>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding, dilation,
                  groups, pad_value, input_threshold, output_signs, output_threshold, residual, prelu_weight);

@@ -27,6 +27,13 @@ inline bool wants_channels_last_output(const at::Tensor& input) {
   return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1;
 }
 
+// The C++ signature of xnorconv::binary_conv2d_packed, for typed dispatcher handles to it.
+using PackedConvSignature = at::Tensor(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&,
+    const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t,
+    const c10::optional<at::Tensor>&, bool, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+    const c10::optional<at::Tensor>&);
+
 // residual: None or float32 with the output's shape; prelu_weight: None or float32 (O,) or (1,).
 void check_unit_epilogue(const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight,
                          const xnorconv::ConvParams& p, const at::Tensor& input);
