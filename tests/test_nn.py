@@ -543,6 +543,19 @@ def test_packs_once_and_reuses_the_cache(pack_calls):
     assert len(pack_calls) == 1
 
 
+@pytest.mark.parametrize("backend", xnorconv.backends())
+def test_weight_packed_under_inference_mode_runs_on_every_backend(backend):
+    """Packed under torch.inference_mode, the weight is an inference tensor, which has no version counter: the
+    families that keep a formatted copy of the weight (amx) must run it all the same, and reuse the copy."""
+    torch.manual_seed(3)
+    m = BinaryConv2d(64, 64, 3, padding=1).eval()
+    x = torch.randn(1, 64, 16, 16)
+    with xnorconv.use_backend(backend), torch.inference_mode():
+        first, again = m(x), m(x)
+    torch.testing.assert_close(first.double(), reference(m, x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(first, again)
+
+
 def test_cache_invalidated_by_optimizer_step(pack_calls):
     torch.manual_seed(6)
     m = BinaryConv2d(8, 4, 3, padding=1)

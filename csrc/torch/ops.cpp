@@ -160,7 +160,9 @@ class FormattedWeightCache {
   at::Tensor get(const xnorconv::KernelOps& ops, const ConvParams& p, const at::Tensor& bits_in) {
     const int64_t words = ops.weight_format_words(p);
     const at::Tensor bits = bits_in.contiguous();
-    const int64_t version = static_cast<int64_t>(bits_in._version());
+    // A tensor made under torch.inference_mode has no version counter (reading it throws): its entries rely on the
+    // fingerprint alone, like a rewrite behind torch's back.
+    const int64_t version = bits_in.is_inference() ? -1 : static_cast<int64_t>(bits_in._version());
     const uint64_t print = fingerprint(bits);
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = entries_.begin(); it != entries_.end();) {
