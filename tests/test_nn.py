@@ -778,6 +778,80 @@ def test_freeze_folds_batchnorm_in_sequential_and_round_trips_state_dict():
         torch.testing.assert_close(target(x), frozen(x))
 
 
+def feature_net():
+    """conv_bn_net without its head: a 4-D output, whose layout freeze() must hand back as the caller's."""
+    return conv_bn_net()[:8]
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format, "auto"])
+def test_freeze_memory_format_runs_float_layers_in_it_and_returns_the_callers_layout(memory_format):
+    torch.manual_seed(21)
+    model = feature_net()
+    randomize_bn(model)
+    model.eval()
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        expected = model(x)
+        frozen = freeze(model, memory_format=memory_format)
+        y_nchw = frozen(x)
+        y_cl = frozen(x.contiguous(memory_format=torch.channels_last))
+    hooks = [h.__self__ for h in frozen._forward_pre_hooks.values()]
+    assert len(hooks) == 1
+    chosen = hooks[0].choice
+    assert chosen in (torch.channels_last, torch.contiguous_format)  # "auto" measured on the first call
+    if memory_format != "auto":
+        assert chosen is memory_format
+    assert frozen[0].weight.is_contiguous(memory_format=chosen)
+    assert frozen[3].weight_bits.is_contiguous()  # packed bits are not an image: never permuted
+    torch.testing.assert_close(y_nchw, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y_cl, expected, rtol=1e-4, atol=1e-4)
+    assert y_nchw.is_contiguous()
+    if chosen is torch.channels_last:
+        assert y_cl.is_contiguous(memory_format=torch.channels_last) and not y_cl.is_contiguous()
+    # copies keep the chosen layout and their own hooks
+    for copied in (copy.deepcopy(frozen), pickle.loads(pickle.dumps(frozen))):
+        assert [h.__self__.choice for h in copied._forward_pre_hooks.values()] == [chosen]
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x), y_nchw)
+    # freezing a frozen model again keeps one pair of hooks
+    again = freeze(frozen, memory_format=torch.contiguous_format)
+    assert len(again._forward_pre_hooks) == 1 and len(again._forward_hooks) == 1
+    assert again[0].weight.is_contiguous()
+
+
+def test_freeze_auto_layout_measures_out_of_the_callers_sight():
+    """The first call measures both layouts, but the caller's hooks and modes see one call, and a first call under
+    inference_mode leaves ordinary parameters behind (the model still runs with grad enabled afterwards)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(23)
+    frozen = freeze(feature_net().eval())
+    calls = []
+    frozen[3].register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(1, 3, 12, 12)
+    with torch.inference_mode(), FlopCounterMode(display=False) as first:
+        frozen(x)
+    assert [h.__self__.choice for h in frozen._forward_pre_hooks.values()] != [None]
+    with torch.inference_mode(), FlopCounterMode(display=False) as second:
+        frozen(x)
+    assert calls == [1, 1] and first.get_total_flops() == second.get_total_flops() > 0
+    assert not any(t.is_inference() for t in frozen.parameters())
+    frozen(x.requires_grad_())
+
+
+def test_freeze_auto_layout_is_not_measured_while_tracing():
+    torch.manual_seed(22)
+    frozen = freeze(feature_net().eval())
+    x = torch.randn(1, 3, 12, 12)
+    with torch.no_grad():
+        traced = torch.jit.trace(frozen, x, check_trace=False)  # the check would be an eager call
+    assert [h.__self__.choice for h in frozen._forward_pre_hooks.values()] == [None]
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), frozen(x))
+    with pytest.raises(ValueError, match="memory_format must be 'auto', torch.channels_last or "
+                                         "torch.contiguous_format, got 'nhwc'"):
+        freeze(feature_net(), memory_format="nhwc")
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, c):
         super().__init__()

@@ -16,6 +16,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
+from ._layout import check_memory_format
+from ._layout import install as install_layout_hooks
 from .functional import PackedWeight, normalize_conv_args, pack_weight, packed_conv_op
 
 __all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
@@ -644,7 +646,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_signs: bool = True) -> nn.Module:
+def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_signs: bool = True,
+           memory_format="auto") -> nn.Module:
     """Replaces every BinaryConv2d of `model` by a FrozenBinaryConv2d (1-bit packed weights, scale, bias) and
     returns the model in eval() mode (a deep copy unless inplace=True; use the return value, which is the new layer
     when `model` itself is a BinaryConv2d).
@@ -664,9 +667,15 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
     feeds nothing but another binary conv that binarizes it (conv -> BN -> binary conv), the first layer emits the
     second one's input signs (bool, y < the second layer's input threshold) instead of floats, and the second
     consumes them without a packing compare: a byte instead of 4 per value between the two, same results.
+
+    memory_format: the layout the frozen model runs its float layers in. torch.channels_last or
+    torch.contiguous_format fix it; "auto" (default) lets the first eager call with a CPU float input time the
+    model both ways on that input and keep the faster (see xnorconv._layout). Either way the model takes the input
+    layout callers have (NCHW) and returns 4-D outputs in the caller's layout; results match to float rounding.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze expects an nn.Module, got {type(model).__name__}")
+    check_memory_format(memory_format)
     if not inplace:
         model = copy.deepcopy(model)
     if isinstance(model, BinaryConv2d):
@@ -689,7 +698,7 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
         frozen_of[id(producer)].emit_signs(consumer.input_threshold)
     for bn_name in pairs.values():
         _set_submodule(model, bn_name, nn.Identity())
-    return model.eval()
+    return install_layout_hooks(model, memory_format, skip=(FrozenBinaryConv2d,)).eval()
 
 
 def _binary_from_conv(conv: nn.Conv2d, options) -> BinaryConv2d:
