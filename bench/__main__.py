@@ -48,7 +48,7 @@ def parse_args(argv):
                     help="thread scaling instead: each layer at 1 and at --threads threads, automatic pick and each "
                          "--backend given")
     ap.add_argument("--model", action="append", choices=_model_choices(), dest="model_names",
-                    help="model(s) of the model suite (repeatable); default: all")
+                    help="model(s) of the model suite (repeatable); default: the binary_dnet53 and darknet ones")
     ap.add_argument("--size", type=int, default=128, help="model input height = width")
     ap.add_argument("--num-classes", type=int, default=6)
     ap.add_argument("--model-reps", type=int, default=15, help="timed rounds per model and batch size")
@@ -94,8 +94,8 @@ def _deploy_modes(text):
 
 
 def _model_choices():
-    from .model_suite import DEFAULT_MODELS
-    return DEFAULT_MODELS
+    from .model_suite import MODEL_CHOICES
+    return MODEL_CHOICES
 
 
 def run_gpu(argv):

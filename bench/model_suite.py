@@ -39,6 +39,9 @@ import xnorconv
 from .timing import interleaved, median_ms, minor_faults
 
 DEFAULT_MODELS = ("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8", "darknet53", "cspdarknet53")
+# On request (--model): a torchvision network binarized as a user would (xnorconv.binarize, then freeze), beside
+# its float original.
+MODEL_CHOICES = DEFAULT_MODELS + ("resnet18_binary", "resnet18_fp32")
 DEPLOY_MODES = ("eager", "torchscript", "aoti", "compile")
 DEFAULT_DEPLOY = ("eager", "torchscript")
 # Modes in which the model with free binary convolutions (free_binary_convs) is timed.
@@ -156,8 +159,17 @@ def build(names, num_classes, size, create=None):
                                  _int8(float_twin, example), reference=float_twin, may_not_deploy=True))
         elif name in ("darknet53", "cspdarknet53"):
             entries.append(Entry(name, f"{name}, fp32", create(name, num_classes).eval()))
+        elif name == "resnet18_binary":
+            import torchvision
+            binary = xnorconv.binarize(torchvision.models.resnet18(num_classes=num_classes)).eval()
+            entries.append(Entry(name, "torchvision resnet18, xnorconv.binarize + freeze (first conv and fc float)",
+                                 xnorconv.freeze(binary), unfrozen=binary))
+        elif name == "resnet18_fp32":
+            import torchvision
+            entries.append(Entry(name, "torchvision resnet18, fp32",
+                                 torchvision.models.resnet18(num_classes=num_classes).eval()))
         else:
-            raise ValueError(f"unknown model {name!r}; choose from {DEFAULT_MODELS}")
+            raise ValueError(f"unknown model {name!r}; choose from {MODEL_CHOICES}")
     return entries
 
 

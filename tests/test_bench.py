@@ -150,6 +150,15 @@ def test_model_suite_machinery_on_stand_ins():
     assert row["binary_ms"] > 0 and row["fp32_ms"] > 0 and row["memory_ms"] > 0 and not row["residual"]
 
 
+def test_model_suite_binarized_resnet18_is_checked_against_its_reference():
+    """The torchvision network goes through binarize + freeze as a user's would, and is checked before timing."""
+    (binary, fp32) = model_suite.build(("resnet18_binary", "resnet18_fp32"), 3, 32)
+    assert sum(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in binary.model.modules()) == 19
+    assert not any(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in fp32.model.modules())
+    agreement = model_suite.check([binary, fp32], 32)
+    assert "frozen - reference" in agreement["resnet18_binary"]
+
+
 def test_free_binary_convs_keep_the_shapes_and_leave_the_model_alone():
     frozen = xnorconv.freeze(_Tiny(binary=True).eval())
     x = torch.randn(1, 3, 16, 16)
