@@ -282,3 +282,32 @@ def test_backend_override_survives_the_kernel_hooks():
         layers._in_backend("scalar", xnorconv._C.conv_kernel_ms, "scalar", x, w, [1, 1], [1, 1], 0, 1)
         layers._in_backend("scalar", xnorconv._C.peak_binary_macs_per_second, "scalar", 1000)
         assert xnorconv.current_backend(16, 3) == "scalar"
+
+
+def test_readme_table_is_generated_from_a_saved_run():
+    """README.md's performance table is the summary.md the bench wrote for docs/perf/threads1, and that file is
+    what report.summary_markdown renders from the run's bench.json: no figure in it is typed by hand."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("sync_readme_perf", os.path.join(root, "tools", "sync_readme_perf.py"))
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    assert sync.main(["--check"]) == 0
+    src = sync.BLOCK.search(open(os.path.join(root, "README.md")).read())["src"]
+    with open(os.path.join(root, os.path.dirname(src), "bench.json")) as f:
+        run = json.load(f)
+    assert open(os.path.join(root, src)).read() == report.summary_markdown(run)
+    assert run["env"]["command"] in open(os.path.join(root, "README.md")).read()
+
+
+def test_from_with_out_rewrites_only_the_markdown(tmp_path, capsys):
+    cli.main(TINY + ["--no-openvino", "--backend", "scalar", "--out", str(tmp_path)])
+    capsys.readouterr()
+    measured = {p: (tmp_path / p).read_bytes() for p in ("bench.json", "bench.csv")}
+    for p in ("bench.md", "summary.md"):
+        (tmp_path / p).unlink()
+    cli.main(["--from", str(tmp_path / "bench.json"), "--out", str(tmp_path)])
+    assert {p: (tmp_path / p).read_bytes() for p in measured} == measured
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| 16,16,8,3,1,1 | " in summary and "**command**" in summary
+    assert "| layer cin,cout,hw,k,s,p |" in (tmp_path / "bench.md").read_text()
