@@ -11,6 +11,7 @@ command.
   python -m bench --compare OLD.json       also print the change against a saved run
   python -m bench --markdown               the README's performance section (Markdown)
   python -m bench --from OLD.json --markdown   re-render a saved run without measuring
+  python -m bench --from DIR/bench.json --out DIR   (re)write DIR/bench.md and DIR/summary.md from a saved run
   python -m bench --scaling --threads 2    thread scaling of the op: 1 vs 2 threads per layer (bench/scaling.py)
   python -m bench --device cuda ...        GPU benchmark (bench/gpu.py)
 """
@@ -63,7 +64,8 @@ def parse_args(argv):
                     help="time each call right after the other implementations' calls, without re-warming it by "
                          "untimed calls of its own first (short calls then carry this machine's penalty for code "
                          "that follows other work; see bench/timing.py)")
-    ap.add_argument("--out", metavar="DIR", help="write bench.json, bench.csv and PNG plots to DIR")
+    ap.add_argument("--out", metavar="DIR", help="write bench.json, bench.csv, bench.md, summary.md and PNG plots to DIR "
+                                                       "(with --from: only the two .md files)")
     ap.add_argument("--compare", metavar="FILE", help="print the change against a saved bench.json")
     ap.add_argument("--markdown", action="store_true", help="print Markdown (the README performance section)")
     ap.add_argument("--from", dest="from_file", metavar="FILE", help="render a saved bench.json, measure nothing")
@@ -176,7 +178,9 @@ def main(argv=None):
         with open(args.compare) as f:
             print(report.compare(run, json.load(f)))
     if args.out:
-        for path in report.write(run, args.out):
+        # A re-rendered run writes only its Markdown: the measured files (JSON, CSV, plots) stay as measured.
+        write = report.write_markdown if args.from_file else report.write
+        for path in write(run, args.out):
             print(f"wrote {path}")
     return run
 

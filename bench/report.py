@@ -94,6 +94,35 @@ def layer_table(run, md=False):
     return cols, table, summary
 
 
+def summary_markdown(run):
+    """The short form of a layer run, for the README: machine and command, then per layer the selector's pick and
+    the medians of xnorconv, PyTorch fp32 and int8 and OpenVINO's BinaryConvolution (when measured), and the ratios.
+    `python -m bench --out DIR` writes it to DIR/summary.md."""
+    env, layers = run["env"], run["layers"]
+    rows = layers["rows"]
+    best = layers["backends"][0]
+    peers = [p for p in ("int8", "openvino binary") if any(p in r["ms"] for r in rows)]
+    label = {"int8": "PyTorch int8", "openvino binary": "OpenVINO binary"}
+    cols = (["layer cin,cout,hw,k,s,p", "xnorconv picks", "xnorconv ms", "PyTorch fp32 ms"]
+            + [f"{label[p]} ms" for p in peers] + ["x fp32"] + [f"x {label[p]}" for p in peers])
+    table = []
+    for r in rows:
+        ours = r["ms"][XNOR + best]
+        table.append([_shape(r), r.get("auto_backend", best), f"{ours:.4f}", f"{r['ms']['fp32 NCHW']:.4f}"]
+                     + [_fmt(r["ms"].get(p), ".4f") for p in peers]
+                     + [f"{r['ms']['fp32 NCHW'] / ours:.1f}"]
+                     + [_fmt(r["ms"][p] / ours if p in r["ms"] else None, ".1f") for p in peers])
+    out = [f"- **machine**: {env['machine']} [{env['cpu_features']}]",
+           f"- **threads**: {env['threads']}; batch {layers['batch']}; torch {env['torch']}"
+           + (f", openvino {env['openvino']}" if env.get("openvino") else ""),
+           f"- **command**: `{env['command']}` ({env['date']})", "",
+           render(cols, table, md=True), "",
+           f"Medians of {layers['reps']} interleaved rounds, float32 tensor in and out (xnorconv: binarize, pack, "
+           f"convolve, scale; pad_value {layers['pad_value']}); x = how many times faster xnorconv is. Geometric "
+           f"mean over fp32: {geomean(r['ms']['fp32 NCHW'] / r['ms'][XNOR + best] for r in rows):.1f}x."]
+    return "\n".join(out) + "\n"
+
+
 def layer_preamble(run):
     l = run["layers"]
     return (f"batch {l['batch']}, {l['reps']} interleaved rounds per backend, medians in ms; xnorconv pad_value "
@@ -295,8 +324,22 @@ def figures(run):
     return recs
 
 
+def write_markdown(run, out_dir):
+    """bench.md (the whole report as Markdown) and, for a layer run, summary.md (the README's table)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "bench.md")]
+    with open(paths[0], "w") as f:
+        f.write(text(run, md=True) + "\n")
+    if "layers" in run:
+        paths.append(os.path.join(out_dir, "summary.md"))
+        with open(paths[-1], "w") as f:
+            f.write(summary_markdown(run))
+    return paths
+
+
 def write(run, out_dir):
-    """bench.json (everything), bench.csv (every figure, one per line, with the environment), PNG plots."""
+    """bench.json (everything), bench.csv (every figure, one per line, with the environment), bench.md and
+    summary.md (write_markdown), PNG plots."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.csv")]
     with open(paths[0], "w") as f:
@@ -308,6 +351,7 @@ def write(run, out_dir):
         w.writerow(["suite", "item", "metric", "value", "unit"] + env_cols)
         for rec in figures(run):
             w.writerow(list(rec) + [env.get(c, "") for c in env_cols])
+    paths += write_markdown(run, out_dir)
     paths += plots(run, out_dir)
     return paths
 

@@ -129,7 +129,7 @@ def _avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 @torch.fx.wrap
 def _channel_group_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of each k consecutive channels: x.unflatten(1, (C // k, k)).mean(2)."""
-    if k == 2:  # one pass: a + (b - a) / 2 (1.5x faster than (a + b) / 2 in two passes)
+    if k == 2:  # one pass: a + (b - a) / 2, where (a + b) / 2 takes two
         return torch.lerp(x[:, 0::2], x[:, 1::2], 0.5)
     total = x[:, 0::k] + x[:, 1::k]
     for j in range(2, k):
@@ -155,14 +155,14 @@ class RealShortcut(nn.Module):
     k consecutive channels when in = k * out); when widening, output channel o copies input channel
     floor(o * in / out) (each channel repeated k times when out = k * in).
 
-    How, on CPU (each measured against the alternatives at BinaryDNet53's sizes, batch 1, 1 thread):
+    How, on CPU (each chosen against the alternatives at BinaryDNet53's sizes, batch 1, 1 thread):
       * 2x2 pool of an NCHW tensor with even H and W: rows summed through a view, then column pairs (two adds and
-        a scale, no layout conversion; 3-4x faster than avg_pool2d, which is slow on NCHW and needed a
-        channels_last round trip). Odd sizes (ceil mode's partial windows) use nn.AvgPool2d on channels_last.
+        a scale, no layout conversion; avg_pool2d is slow on NCHW and needs a channels_last round trip). Odd sizes
+        (ceil mode's partial windows) use nn.AvgPool2d on channels_last.
       * k-to-1 narrowing: from k channel-strided views, without a reduction kernel: lerp(a, b, 0.5) for k = 2
-        (one pass; 2-3x faster than reshape + mean), else their sum divided by k.
+        (one pass, where reshape + mean takes a reduction), else their sum divided by k.
       * non-divisible narrowing: adaptive_avg_pool1d over the channels of each pixel, from a channels-innermost
-        view (10x faster than the former cumulative sums, 30x faster than adaptive_avg_pool3d on NCHW).
+        view (cumulative sums and adaptive_avg_pool3d on NCHW were much slower).
       * widening: index_select of the repeated channel indices (as fast as any view-based repeat).
     The results equal the definition above up to float rounding (order of the additions).
     """

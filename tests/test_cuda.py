@@ -307,15 +307,43 @@ def test_frozen_chain_through_signs_matches_cpu():
 
 
 def test_runs_on_current_stream():
+    """The op launches on the caller's current stream and does not synchronize the device. The default stream is
+    kept busy while the op runs on a side stream and its output is copied on that side stream at once: launched on
+    the default stream, the op would run after the busy kernel, so the copy (ordered on the side stream only) would
+    read the output before it is written; and a device synchronization inside the op would hold the host until the
+    busy kernel ends."""
     x = torch.randn(4, 96, 20, 20, device=DEVICE)
     w = torch.randn(64, 96, 3, 3, device=DEVICE)
     want = xnorconv.binary_conv2d(x, w, padding=1)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    torch.cuda.synchronize()
+    busy_s = _busy_kernel_seconds()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # x, w and want are ready; the busy kernel below is not awaited
+    with torch.cuda.stream(side):
+        torch.full_like(want, float("nan"))  # freed at once: the op's output may reuse this NaN-filled block
+    torch.cuda._sleep(_BUSY_CYCLES)  # on the default stream
+    import time
+    t0 = time.perf_counter()
+    with torch.cuda.stream(side):
         got = xnorconv.binary_conv2d(x, w, padding=1)
-    stream.synchronize()
-    assert torch.equal(got, want)
+        snapshot = got.clone()
+    host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    assert host_s < busy_s / 2, f"the op held the host {host_s:.3f} s while the default stream was busy {busy_s:.3f} s"
+    assert torch.equal(snapshot, want), "the op's output was not ready on the caller's stream"
+
+
+_BUSY_CYCLES = 1 << 30
+
+
+def _busy_kernel_seconds():
+    """How long torch.cuda._sleep(_BUSY_CYCLES) keeps a stream busy on this GPU."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(_BUSY_CYCLES)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def test_second_device_guard():

@@ -15,7 +15,7 @@ BACKENDS = xnorconv.backends()
 def _random_case(rng):
     groups = rng.choice([1, 1, 1, 2, 3])
     return dict(
-        n=rng.choice([0, 1, 1, 2]),
+        n=rng.choice([1, 1, 2]),  # batch 0 has its own test: an empty output compares equal to anything
         cin=groups * rng.randint(1, 140),
         cout=groups * rng.randint(1, 24),
         h=rng.randint(1, 17), w=rng.randint(1, 33),
@@ -146,13 +146,28 @@ def test_reference_is_integer_arithmetic(channels, height, width, pad_value):
     assert torch.equal(reference_binary_conv2d(x, w, padding=(1, 1, 1, 1), pad_value=pad_value), want)
 
 
-def test_sign_edge_values():
-    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-30, -1e-30]).view(1, 7, 1, 1)
-    w = torch.ones(1, 7, 1, 1)
-    # +1, +1, +1, -1, -1 (NaN >= 0 is false), +1, -1
-    for backend in BACKENDS:
+EDGE_VALUES = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-30, -1e-30, 1.4e-45, -1.4e-45]
+EDGE_SIGNS = [1.0, 1.0, 1.0, -1.0, -1.0, 1.0, -1.0, 1.0, -1.0]  # NaN >= 0 is false: -1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_sign_edge_values(backend, layout):
+    """Each edge value on its own output: column j holds value j at channel c0 and +1 at every other channel, and a
+    1x1 conv with an all-+1 weight gives y[j] = (C - 1) + sign(value j), so no two mistakes can cancel. c0 runs over
+    several bit positions (the first word, its last bit, the second word's first bit, the tail)."""
+    c = 70
+    w = torch.ones(1, c, 1, 1)
+    for c0 in (0, 5, 63, 64, 69):
+        x = torch.ones(1, c, 1, len(EDGE_VALUES))
+        x[0, c0, 0, :] = torch.tensor(EDGE_VALUES)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
         with xnorconv.use_backend(backend):
-            assert xnorconv.binary_conv2d(x, w).item() == 1.0
+            y = xnorconv.binary_conv2d(x, w)
+        got = (y.view(-1) - (c - 1)).tolist()
+        assert got == EDGE_SIGNS, f"channel {c0}: " + ", ".join(
+            f"{v} -> {g}" for v, g, want in zip(EDGE_VALUES, got, EDGE_SIGNS) if g != want)
 
 
 def test_padding_same_and_valid_follow_nn_conv2d():
@@ -176,9 +191,28 @@ def test_channels_last_in_channels_last_out():
     assert torch.equal(y, xnorconv.binary_conv2d(x.contiguous(), w, padding=1))
 
 
-def test_batch_zero():
-    y = xnorconv.binary_conv2d(torch.randn(0, 3, 5, 5), torch.randn(4, 3, 3, 3), padding=1)
-    assert y.shape == (0, 4, 5, 5)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_zero(backend):
+    """Batch 0 returns an empty output of the right shape and dtype on every path (float, channels_last and bool
+    input; every pad value, stride, the fused options), and checks its arguments as any batch does."""
+    w = torch.randn(6, 35, 3, 3)
+    packed = xnorconv.pack_weight(w)
+    with xnorconv.use_backend(backend):
+        for x in (torch.randn(0, 70, 5, 7), torch.randn(0, 70, 5, 7).contiguous(memory_format=torch.channels_last),
+                  torch.randn(0, 70, 5, 7) < 0):
+            for kwargs in (dict(padding=1), dict(stride=2, pad_value=-1), dict(padding=1, pad_value=1),
+                           dict(padding=1, scale=torch.rand(6), bias=torch.randn(6)),
+                           dict(padding=1, output_signs=True, output_threshold=torch.randn(6)),
+                           dict(padding=1, residual=torch.randn(0, 6, 5, 7), prelu_weight=torch.rand(6))):
+                y = xnorconv.binary_conv2d_packed(x, packed, groups=2, **kwargs)
+                oh, ow = (5, 7) if kwargs.get("padding") else (2, 3)
+                assert y.shape == (0, 6, oh, ow) and y.dtype == (torch.bool if "output_signs" in kwargs else
+                                                                 torch.float32)
+            if x.dtype == torch.float32:
+                y = xnorconv.binary_conv2d(x, w, padding=1, groups=2, input_threshold=torch.randn(70))
+                assert y.shape == (0, 6, 5, 7)
+        with pytest.raises((RuntimeError, ValueError), match="channels"):
+            xnorconv.binary_conv2d_packed(torch.randn(0, 69, 5, 7), packed, groups=2)
 
 
 def test_multithreaded_equals_single_threaded():

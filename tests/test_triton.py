@@ -240,3 +240,61 @@ def test_fused_argument_errors():
         _triton.binary_conv2d(x, w, residual=torch.zeros(1, 3, 5, 5, device=DEVICE))
     with pytest.raises(ValueError, match="input_threshold applies to float input"):
         _triton.binary_conv2d(x < 0, w, input_threshold=torch.zeros(4, device=DEVICE))
+
+
+# ---- per-channel tensors in any layout, several channel blocks per group, the device of the inputs ----
+
+def _dyadic(size, g):
+    """Values with few significant bits (exact products in the interpreter's two-rounding fma, see above)."""
+    return torch.randint(-255, 256, (size,), generator=g).float() / 64
+
+
+@pytest.mark.parametrize("output", ["float", "signs"])
+def test_strided_and_expanded_per_channel_tensors(output):
+    """scale / bias / output_threshold / prelu_weight that are strided views or expanded (stride 0) must be read as
+    their values, not as the memory behind them: the result equals the same call with contiguous copies, and the
+    CPU op's."""
+    g = torch.Generator().manual_seed(25)
+    o = 40
+    x, w = torch.randn(1, 24, 5, 6, generator=g), torch.randn(o, 24, 3, 3, generator=g)
+    scale = (_dyadic(2 * o, g).abs() + 0.25)[::2]           # strided view
+    bias = torch.tensor([0.75]).expand(o)                     # expanded: one value, stride 0
+    slope = _dyadic(3 * o, g)[1::3]                          # strided view
+    kwargs = dict(bias=bias, padding=1, scale=scale, prelu_weight=slope,
+                  residual=torch.randn(1, o, 5, 6, generator=g))
+    if output == "signs":
+        kwargs.update(output_signs=True, output_threshold=torch.tensor([0.5]).expand(o))
+    assert not scale.is_contiguous() and bias.stride() == (0,) and not slope.is_contiguous()
+    got, want = _triton_and_cpu(x, w, **kwargs)
+    _same_as_cpu_op(got, want)
+    dense = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    _same_as_cpu_op(got, xnorconv.binary_conv2d(x, w, **dense))
+
+
+@pytest.mark.parametrize("block_o", [32, 16])
+def test_more_output_channels_per_group_than_one_block(block_o):
+    """70 output channels per group: three channel blocks of 32 (or five of 16) per group, the last one partial, so
+    the kernel's channel-block index, its group index and the channel mask all matter."""
+    g = torch.Generator().manual_seed(26)
+    groups, og = 2, 70
+    x, w = torch.randn(1, 2 * 20, 4, 5, generator=g), torch.randn(groups * og, 20, 3, 3, generator=g)
+    scale, bias = _scale_bias(groups * og, g)
+    for extra in ({}, dict(output_signs=True, output_threshold=torch.randn(groups * og, generator=g))):
+        kwargs = dict(bias=bias, padding=1, groups=groups, scale=scale, pad_value=0, **extra)
+        dev = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        got = _triton.binary_conv2d(x.to(DEVICE), w.to(DEVICE), block_o=block_o, **dev)
+        _same_as_cpu_op(got, xnorconv.binary_conv2d(x, w, **kwargs))
+
+
+@pytest.mark.skipif(INTERPRETED or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_inputs_on_a_gpu_that_is_not_the_current_one():
+    """The kernels must launch on the inputs' GPU, not on the current device (torch.cuda.current_device() is 0)."""
+    g = torch.Generator().manual_seed(27)
+    x, w = torch.randn(2, 40, 6, 7, generator=g), torch.randn(11, 40, 3, 3, generator=g)
+    scale, bias = _scale_bias(11, g)
+    with torch.cuda.device(0):
+        got = _triton.binary_conv2d(x.to("cuda:1"), w.to("cuda:1"), bias.to("cuda:1"), padding=1,
+                                    scale=scale.to("cuda:1"))
+        torch.cuda.synchronize(1)
+    assert got.device == torch.device("cuda:1")
+    _same_as_cpu_op(got, xnorconv.binary_conv2d(x, w, bias, padding=1, scale=scale))

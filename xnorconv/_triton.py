@@ -13,6 +13,7 @@ A padded tap loads a zero word (sign +1), then the epilogue applies
   dot = Cg * taps - 2 * popcount_total + (pad_value - 1) * (sum of tap_sum[o][t] over the padded taps t),
 the same identity as the CUDA kernels (csrc/cuda/device_logic.h).
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -194,6 +195,10 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                           ("prelu_weight", slope, out_channels)):
         if t is not None and (t.shape != (size,) or t.device != input.device):
             raise ValueError(f"{name} must have shape ({size},) on {input.device}, got {tuple(t.shape)} on {t.device}")
+    # The kernels index a per-channel tensor as base + channel: a strided view would be read at the wrong places and
+    # an expanded one (stride 0, one element behind it) past its end. Contiguous copies where needed (no copy else).
+    scale, bias, threshold, out_threshold, slope = (None if t is None else t.contiguous()
+                                                    for t in (scale, bias, threshold, out_threshold, slope))
 
     n, c, h, w = input.shape
     oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
@@ -215,13 +220,27 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if n == 0:
         return out
+    # Triton launches on the current CUDA device: make it the inputs' one (no-op on the CPU interpreter).
+    guard = torch.cuda.device(input.device) if input.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _launch(input, weight, out, scale, bias, threshold, out_threshold, slope, residual, signs, output_signs,
+                groups, (sh, sw), (pt, pl), (dh, dw), pv, block_p, block_o)
+    return out
+
+
+def _launch(input, weight, out, scale, bias, threshold, out_threshold, slope, residual, signs, output_signs, groups,
+            stride, pads, dilation, pv, block_p, block_o):
+    (sh, sw), (pt, pl), (dh, dw) = stride, pads, dilation
+    n, _, h, w = input.shape
+    out_channels, cg, kh, kw = weight.shape
+    oh, ow = out.shape[2], out.shape[3]
     words = (cg + 31) // 32
     bits, tap_sum = pack_weight_words(weight)
     packed = torch.empty((n, h, w, groups, words), device=input.device, dtype=torch.int32)
     total = packed.numel()
     block = 128
     x = input.view(torch.uint8) if signs else input
-    _pack_kernel[(triton.cdiv(total, block),)](x, threshold.contiguous() if threshold is not None else x,
+    _pack_kernel[(triton.cdiv(total, block),)](x, threshold if threshold is not None else x,
                                                packed, total, h, w, cg, words, groups * words, *input.stride(),
                                                HAS_THRESHOLD=threshold is not None, SIGNS=signs, BLOCK=block)
     og = out_channels // groups
@@ -231,11 +250,10 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     dummy = packed  # never read when the matching HAS_* flag is False
     _conv_kernel[grid](packed, bits, tap_sum, scale if scale is not None else dummy,
                        bias if bias is not None else dummy, residual if residual is not None else dummy,
-                       slope.contiguous() if slope is not None else dummy,
+                       slope if slope is not None else dummy,
                        out_threshold if out_threshold is not None else dummy, out_view,
                        n, h, w, oh, ow, out_channels, cg, og, kh, kw, sh, sw, pt, pl, dh, dw, words, groups * words,
                        pv, channel_blocks, *out.stride(), *(residual.stride() if residual is not None else (0,) * 4),
                        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                        HAS_PRELU=slope is not None, OUT_SIGNS=output_signs,
                        HAS_OUT_THRESHOLD=out_threshold is not None, BLOCK_P=block_p, BLOCK_O=block_o)
-    return out

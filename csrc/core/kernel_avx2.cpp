@@ -9,7 +9,7 @@
 // and/shift/and of the split). All of them compete for the same three vector ALU ports, so the peak rises by 8/6;
 // the probe measures it.
 //
-// Tried and measured slower or no better here (Sapphire Rapids, 3 vector ALU ports): Harley-Seal carry-save adders
+// Tried, and slower or no better on a core with three vector ALU ports: Harley-Seal carry-save adders
 // (5 ops per CSA without vpternlog, about 6 ops per 256 MACs with the XOR, and 3-5 live registers per output),
 // scalar popcnt beside the vector loop (popcnt runs on port 1, one of the three vector ports, and its xor/add/load
 // uops hit the 6-wide rename limit first).
@@ -67,8 +67,8 @@ thread_local CallState t_call;
 struct Avx2Isa {
   // A strip is 8 pixels, computed as two 4-pixel halves one after the other; a half keeps its kChannels byte
   // counters, its two activation nibble planes, two weight broadcasts, the LUT and two temporaries in the 16 ymm,
-  // with nothing spilled. 4 strips x 6 channels measured best (bench_core, interleaved, Sapphire Rapids) against 1..8
-  // strips of 4 or 8 (16 was slower) and 5, 7, 8, 10 channels (8 and more spill counters); 2 strips x 4 channels held
+  // with nothing spilled. 4 strips x 6 channels was the best of 1..8 strips of 4 or 8 pixels (16 was slower) and
+  // 5, 7, 8, 10 channels (8 and more spill counters) in bench_core, interleaved; 2 strips x 4 channels held
   // in registers at once needs the activations as memory operands, which unlaminate and leave the loop issue-bound.
   static constexpr int kStrip = 8, kHalf = 4, kStrips = 4, kChannels = 6;
   static constexpr int kFlushWords = 31;
@@ -166,8 +166,8 @@ struct Avx2Isa {
         }
       call.cached_row = weight[0];
       // The next channel block's rows usually follow these: fetch them while this block's strips run, since the
-      // packed weights are read once per call and are cold in a network (other layers ran in between): measured
-      // 5% on the 512x8x8 layer in python -m bench. A prefetch past the end of the weights is harmless (addresses
+      // packed weights are read once per call and are cold in a network (other layers ran in between); it matters
+      // most on the deep layers, whose weights are largest. A prefetch past the end of the weights is harmless (addresses
       // are computed as integers, so no pointer leaves its array).
       const uintptr_t next = reinterpret_cast<uintptr_t>(weight[kChannels - 1] + row);
       for (int64_t b = 0; b < kChannels * row * 8; b += 64)
@@ -277,7 +277,7 @@ struct Avx2Isa {
       const int64_t j1 = imin(words, j0 + kFlushWords);
       __m256i bytes[kChannels];
       for (int v = 0; v < kChannels; ++v) bytes[v] = _mm256_setzero_si256();
-      // Two words per iteration: measured 2-4% faster than one (the loop control is then a tenth of the uops).
+      // Two words per iteration: the loop control is then a tenth of the uops, which a loop this short notices.
 #pragma GCC unroll 2
       for (int64_t j = j0; j < j1; ++j) {
         const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(act + offset[j]));

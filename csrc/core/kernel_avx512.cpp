@@ -19,8 +19,8 @@ namespace xnorconv {
 namespace {
 
 struct Avx512Isa : Avx512Binarize {
-  // Measured best of 2x12, 3x7, 3x8, 4x5, 6x4 and 4x6 on Zen 4 (bench_core, interleaved).
-  // 4 strips x 6 channels = 24 zmm accumulators + 4 activation registers + temporaries, within the 32 zmm.
+  // The best of 2x12, 3x7, 3x8, 4x5, 6x4 and 4x6 in bench_core (interleaved): 4 strips x 6 channels = 24 zmm
+  // accumulators + 4 activation registers + temporaries, within the 32 zmm, and 4 loads per 24 products.
   static constexpr int kStrip = 8, kStrips = 4, kChannels = 6;
 
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
@@ -40,9 +40,9 @@ struct Avx512Isa : Avx512Binarize {
         }
       }
     };
-    // Up to 64 channels a tap is one word: one flat loop, without the per-tap setup of an inner loop that runs once
-    // (measured 0.175 -> 0.148 ms on the 64 -> 64 layer at 64x64, the others unchanged), and the first word peeled
-    // (0.148 -> 0.143 ms; peeled in the nested loop too, the deeper layers lost 5%).
+    // Up to 64 channels a tap is one word: one flat loop, without the per-tap setup of an inner loop that would run
+    // once per tap, and with the first word peeled so that it sets the accumulators. The nested loop is not peeled:
+    // on the deeper layers that made it slower.
     if (words_per_group == 1) {
       word(tap_offset[0], 0, true);
       for (int64_t t = 1; t < taps; ++t) word(tap_offset[t], t, false);
@@ -58,9 +58,9 @@ struct Avx512Isa : Avx512Binarize {
   // The output stage, on pairs of strips: the low dwords of two strips' 64-bit counts are gathered into one zmm
   // (one vpermt2d, where vpmovqd takes 2 uops per strip), so the integer and float steps run once per 16 outputs,
   // and the common case (bs.plain) makes no per-channel decision. Unrolled, so the accumulators stay in registers
-  // (the per-strip loop with its branches spilled all 24 of them). Measured against one strip at a time (bench_core,
-  // 1 thread, interleaved, Sapphire Rapids): 64 -> 64 at 64x64 52% -> 70% of peak, 128 -> 128 at 32x32 67% -> 85%,
-  // 512 -> 256 1x1 at 8x8 54% -> 70%.
+  // (the per-strip loop with its branches spilled all 24 of them). Against one strip at a time it raises the
+  // kernel's fraction of peak most on the layers whose blocks are shallow (few channel words per tap, 1x1), where
+  // the output stage is a large share of the work.
   static void store(const __m512i (&acc)[kStrips][kChannels], const BlockStore<kStrips, kChannels, kStrip>& bs) {
     const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i depth = _mm512_set1_epi32(bs.depth);

@@ -17,8 +17,11 @@
 //   void transpose64(uint64_t a[64])   the same result as the portable transpose64 below, in vector registers
 //                                      (a[] is 64-byte aligned); packing NCHW input spends most of its time there
 //
-// Nothing from the standard library is instantiated here (no std::vector, std::fill, std::min): a template
-// instantiated under the ISA pragma could be emitted as a COMDAT copy that the linker then shares with other TUs.
+// Standard-library templates are instantiated here only over this file's own unnamed-namespace types (the
+// per-thread std::vector<StripBlock> of conv_tasks), so that, like everything else here, they have internal
+// linkage; never over plain types (no std::fill, std::min, std::vector<uint64_t>): such an instantiation, compiled
+// under the ISA pragma, could be emitted as a COMDAT copy that the linker then shares with other TUs. A family's
+// object file therefore defines no weak symbol (`nm --defined-only` shows none).
 #pragma once
 
 #include <cstdint>
@@ -254,8 +257,8 @@ struct BlockStore {
   int32_t depth;
   // pad_value 0 (read for border strips only): lane_class[i][lane] is the padding class of strip i's lane
   // (ZeroPadCorrection; 0 for none), class_value[v][class] what channel v's dot loses in that class. A strip costs
-  // SW class indices to set up, not SW * V corrections; vector families look the values up in registers (measured
-  // with AVX-512, pad_value 0, 1 thread: 256 -> 256 at 16x16 0.155 -> 0.137 ms, 256 -> 512 stride 2 0.078 -> 0.068).
+  // SW class indices to set up, not SW * V corrections; vector families look the values up in registers, which
+  // makes the border strips of pad_value 0 cheaper than a per-lane correction loop.
   alignas(64) int32_t lane_class[P][SW];
   const int32_t* class_value[V];
   int32_t classes;
@@ -358,8 +361,8 @@ void strip_block_setup(const ConvParams& p, const ActivationLayout& l, const Tas
 }
 
 // Strip blocks set up once per call when a task range visits them more than once (it walks all strip blocks of
-// one channel block, then of the next): measured on the 512 -> 256 1x1 layer at 8x8, where a block
-// is only 8 channel words deep, the per-block setup took a fifth of the kernel's time. Above this many strip
+// one channel block, then of the next): on a shallow layer (a 1x1 layer over a few channel words) a block's
+// setup is otherwise a large share of the kernel's time. Above this many strip
 // blocks the table would outgrow L2, and a block is then deep or wide enough for its setup not to matter.
 constexpr int64_t kMaxCachedStripBlocks = 1024;
 

@@ -62,10 +62,10 @@ bool avx512_usable(const CpuFeatures& f) {
   return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vpopcntdq && f.avx2 && f.fma;
 }
 
-// Measured with python -m bench (interleaved, float in and out) on a Sapphire-Rapids-class Xeon: the tile path
-// wins where every output sums a stride-1 window of 2x2 or more (3x3 layers from 16 channels up: 0.105 against
-// 0.152 ms at 16 -> 32 channels, 64x64); on 1x1 and strided layers its 8x wider packed input and transposing output
-// stage cost more than its faster products save.
+// The tile path wins where every output sums a stride-1 window of 2x2 or more (3x3 layers from 16 channels up):
+// there each tile load feeds many products. On 1x1 and strided layers its 8x wider packed input (a byte per sign)
+// and its transposing output stage cost more than its faster products save. `python -m bench` on a CPU with AMX
+// shows the boundary (interleaved, float in and out); revisit it there when either family changes.
 bool amx_suits(const ConvParams& p) {
   return p.stride_h == 1 && p.stride_w == 1 && p.taps() >= 4 && p.channels_per_group() >= 16;
 }

@@ -145,7 +145,7 @@ struct KernelOps {
   void (*conv)(const ConvParams&, const ActivationLayout&, const uint64_t* packed_input,
                const uint64_t* packed_weight, const OutputStage&, int64_t begin, int64_t end);
   // Peak probe: the inner loop's instruction mix (XOR, popcount, accumulate) on registers only, for `iterations`
-  // rounds; returns the binary MACs it performed. Timing it gives this machine's ceiling for this family, against
+  // rounds; returns the binary MACs it performed. Timing it gives this family's ceiling on the running CPU, against
   // which the benchmark reports each kernel's fraction (the ceiling is measured, never assumed).
   uint64_t (*peak_probe)(int64_t iterations);
   // The family's activation layout: activation_layout() (the bit layout above) for the XNOR-popcount families;
@@ -220,7 +220,7 @@ std::vector<std::string> available_backends();
 std::vector<std::string> compiled_backends();
 
 // The one selector. With no override, picks the best available family for p: the first in backends() order whose
-// measured sweet spot includes p (AMX takes stride-1 windows of 2x2 or more over 16+ channels per group). The
+// sweet spot includes p (AMX takes stride-1 windows of 2x2 or more over 16+ channels per group). The
 // override ("" = none) comes from set_backend_override() or, initially, the XNORCONV_BACKEND environment variable.
 const KernelOps& select_kernel(const ConvParams& p);
 // Returns an empty string on success, else an error naming the value and the available backends.

@@ -80,8 +80,8 @@ double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const
     });
   };
   // One untimed pass first: the buffers above are fresh, so a first pass also pays the output's page faults and
-  // the misses on weights that were just packed (measured 30-50% slower than the next passes on the 8x8 and 16x16
-  // layers), which is setup, not the kernel's rate.
+  // the misses on weights that were just packed (a large share of a short pass), which is setup, not the kernel's
+  // rate.
   pass();
   std::vector<double> times;
   for (int64_t r = 0; r < reps; ++r) {
@@ -94,8 +94,8 @@ double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const
 }
 
 // torch.ops.xnorconv.binary_conv2d_packed through the dispatcher, with pybind11's argument conversion instead of
-// torch.ops' generic one (schema matching and an IValue stack: about 5 us more per call from Python, measured
-// interleaved). Every dispatch key still applies (autograd, tracing, fake tensors, Python modes, the profiler);
+// torch.ops' generic one (schema matching and an IValue stack, which cost more per call than a small layer's
+// kernel). Every dispatch key still applies (autograd, tracing, fake tensors, Python modes, the profiler);
 // only the Python-to-C++ step differs. Called through xnorconv.functional.packed_conv_op() in eager mode.
 at::Tensor call_binary_conv2d_packed(
     const at::Tensor& input, const at::Tensor& weight_bits, const at::Tensor& weight_tap_sum, int64_t weight_in_channels,

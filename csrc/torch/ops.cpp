@@ -230,8 +230,10 @@ std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& weight) {
   return {bits, tap_sum};
 }
 
-// Packing splits across threads only when the input is large enough to repay waking them: measured on 2 threads,
-// 256 channels x 16x16 packs faster on one (4.6 vs 5.5 us) and 64 x 64x64 on two (12 vs 26 us).
+// Packing splits across threads only when the input is large enough to repay waking them: a pass over a few
+// thousand words takes microseconds, about what waking a second thread costs. The threshold lies between the
+// DarkNet layers that pack faster on one thread (256 channels x 16x16) and those that pack faster on two
+// (64 x 64x64); python -m bench --scaling shows where a change moves it.
 int64_t pack_grain(const ConvParams& p, int64_t tasks) {
   constexpr int64_t kParallelPackValues = 96 * 1024;
   return p.batch * p.in_channels * p.in_h * p.in_w < kParallelPackValues ? tasks : 1;
@@ -313,10 +315,10 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
 }
 
 // The op has no derivative: training runs BinaryConv2d's straight-through path instead. Registered on the Autograd
-// key, for two reasons. A call that autograd records now fails at backward with a message that says so; PyTorch's
-// fallback for ops without an autograd kernel gave a deprecation warning and no gradient. And the usual call, which
-// records nothing, no longer goes through that fallback, which boxes every argument: 1 us a call (5.5 -> 4.5 us on
-// a one-pixel layer, measured interleaved against inference_mode, which skips the fallback too).
+// key, for two reasons. A call that autograd records fails at backward with a message that says so; PyTorch's
+// fallback for ops without an autograd kernel gives a deprecation warning and no gradient. And the usual call, which
+// records nothing, does not go through that fallback, which boxes every argument: a cost per call that a
+// one-pixel layer notices (inference_mode, which skips the fallback too, is the comparison).
 at::Tensor call_below_autograd(const at::Tensor& input, const at::Tensor& weight_bits,
                                const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
                                const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,

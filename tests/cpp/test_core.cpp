@@ -97,7 +97,7 @@ void test_random_shapes(int count) {
   for (int iter = 0; iter < count; ++iter) {
     ConvParams p;
     p.groups = pick(0, 4) == 0 ? pick(2, 3) : 1;
-    p.batch = pick(0, 6) == 0 ? 0 : pick(1, 2);
+    p.batch = pick(1, 2);  // batch 0 has its own test: it compares no output
     p.in_channels = p.groups * pick(1, 150);
     p.out_channels = p.groups * pick(1, 20);
     p.kernel_h = pick(1, 4);
@@ -367,21 +367,67 @@ void test_zero_pad_cache() {
   for (int t = 0; t < 4; ++t) EXPECT(wrong[t] == 0, "zero-pad cache, thread %d: %d wrong results", t, wrong[t]);
 }
 
+// Each edge value on its own output, at several bit positions: column j of the input holds value j at channel c0 and
+// +1 at every other channel; a 1x1 conv with all-+1 weights gives y[j] = (C - 1) + sign(value j). A sum over the
+// values would let two opposite mistakes cancel.
 void test_sign_edge_cases() {
+  const float values[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1e-30f, -1e-30f, 1.4e-45f, -1.4e-45f};
+  const float signs[] = {1, 1, 1, -1, -1, 1, -1, 1, -1};  // +0, -0, +inf: +1; -inf, NaN (NaN >= 0 is false): -1
+  constexpr int64_t kValues = sizeof values / sizeof values[0], kC = 70;
   ConvParams p;
   p.batch = 1;
-  p.in_channels = 4;
+  p.in_channels = kC;
   p.out_channels = 1;
   p.in_h = 1;
-  p.in_w = 1;
-  // +0, -0, +inf are +1; NaN and -inf are -1 (NaN >= 0 is false).
-  const float x[4] = {0.0f, -0.0f, INFINITY, NAN};
-  const float w[4] = {1.0f, 1.0f, 1.0f, 1.0f};
-  for (const auto& name : available_backends()) {
-    set_backend_override(name);
-    float y = 0;
-    binary_conv2d_serial(select_kernel(p), p, x, {4, 1, 1, 1}, w, nullptr, nullptr, &y);
-    EXPECT(y == 2.0f, "[%s] signs of +0,-0,inf,nan summed to %g, want 2", name.c_str(), y);
+  p.in_w = kValues;
+  const std::vector<float> w(kC, 1.0f);
+  for (const bool channels_last : {false, true}) {
+    const TensorStrides s = channels_last ? TensorStrides{kC * kValues, 1, kC * kValues, kC}
+                                          : TensorStrides{kC * kValues, kValues, kValues, 1};
+    for (const int64_t c0 : {0, 5, 63, 64, 69}) {
+      std::vector<float> x(kC * kValues, 1.0f);
+      for (int64_t j = 0; j < kValues; ++j) x[c0 * s.c + j * s.w] = values[j];
+      for (const auto& name : available_backends()) {
+        set_backend_override(name);
+        std::vector<float> y(kValues, 1e30f);
+        binary_conv2d_serial(select_kernel(p), p, x.data(), s, w.data(), nullptr, nullptr, y.data());
+        for (int64_t j = 0; j < kValues; ++j)
+          EXPECT(y[j] == kC - 1 + signs[j], "[%s] %s, channel %lld: value %g binarized to %g, want %g", name.c_str(),
+                 channels_last ? "channels_last" : "NCHW", (long long)c0, values[j], y[j] - (kC - 1), signs[j]);
+      }
+    }
+  }
+  set_backend_override("");
+}
+
+// Batch 0: every family packs and convolves nothing. The input is a one-element buffer (a read past it is an
+// AddressSanitizer error in the sanitizer build) and the output buffer's sentinels must stay untouched.
+void test_batch_zero() {
+  const PadValue pads[] = {PadValue::Zero, PadValue::PlusOne, PadValue::MinusOne};
+  for (int variant = 0; variant < 6; ++variant) {
+    ConvParams p;
+    p.batch = 0;
+    p.groups = variant % 2 ? 2 : 1;
+    p.in_channels = 70;
+    p.out_channels = 6;
+    p.in_h = 5;
+    p.in_w = 7;
+    p.kernel_h = p.kernel_w = variant == 5 ? 1 : 3;
+    p.stride_h = p.stride_w = variant == 3 ? 2 : 1;
+    p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = variant == 5 ? 0 : 1;
+    p.pad_value = pads[variant % 3];
+    EXPECT(validate(p).empty(), "batch 0, %s: validate: %s", describe(p).c_str(), validate(p).c_str());
+    const std::vector<float> x(1, 1.0f), w(p.out_channels * p.channels_per_group() * p.taps(), 1.0f);
+    const std::vector<float> scale(p.out_channels, 2.0f), bias(p.out_channels, 1.0f), t(p.in_channels, 0.0f);
+    for (const auto& name : available_backends()) {
+      set_backend_override(name);
+      std::vector<float> out(16, 1e30f);
+      binary_conv2d_serial(select_kernel(p), p, x.data(), {p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1},
+                           w.data(), variant == 4 ? scale.data() : nullptr, variant == 4 ? bias.data() : nullptr,
+                           out.data(), variant == 2 ? t.data() : nullptr);
+      EXPECT(std::all_of(out.begin(), out.end(), [](float v) { return v == 1e30f; }),
+             "[%s] batch 0, %s: the output buffer was written", name.c_str(), describe(p).c_str());
+    }
   }
   set_backend_override("");
 }
@@ -564,6 +610,7 @@ int main(int argc, char** argv) {
   test_preferred_backend();
   test_bit_order();
   test_sign_edge_cases();
+  test_batch_zero();
   test_pack_matches_scalar(random_cases / 4 + 8);
   test_zero_pad_cache();
   test_validate_messages();
