@@ -653,8 +653,8 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
         if final and max(r["val_accuracy"] for r in final) <= val_majority:
             print(f"[train] WARNING: validation accuracy never beat the majority-class rate {val_majority:.4f} "
                   f"(best {max(r['val_accuracy'] for r in final):.4f} in {len(final)} epochs): the model predicts "
-                  f"(mostly) one class and has learned nothing usable. Try more epochs, a lower --lr or the "
-                  f"default preset.", flush=True)
+                  f"(mostly) one class and has learned nothing usable. Try more epochs or another learning rate "
+                  f"(--lr){'' if cfg.preset == 'default' else ', or the default preset'}.", flush=True)
         result["metrics"] = _final_report(cfg, run_dir, splits, train_samples, val_samples, test_samples,
                                           history, best_epoch, bad, skipped_total, di, fold)
     if di.distributed:
