@@ -1,25 +1,27 @@
 #!/usr/bin/env python3
-"""Training throughput of `python -m train fit`, today's code against an older revision, in one script.
+"""Training throughput (images/s) of `python -m train`'s training loop, this tree against an older revision, in one
+script.
 
-Each variant is a full `fit` run in its own process (so it gets its own threads and data pipeline), and the variants
-are interleaved round by round so that a busy machine slows them alike. A variant's figure is the median over its
-runs of (training images per epoch) / (epoch seconds), the epoch counted end to end (training, and whatever the
-version does before validating, and validation), from the run's own log.csv; for this revision the training phase
-alone (`images_per_s` of log.csv) is printed too. The old revision runs from `git archive` of its train/, models/
-and xnorconv/ Python sources (with this tree's compiled xnorconv/_C*.so), so it runs its own data pipeline and its
-own straight-through estimator.
+For each variant a fresh process imports that version's own `train` package (and its own `xnorconv` Python layer,
+so its own straight-through estimator), builds its training data loader exactly as `fit` does (`_make_loader`:
+the old one decodes and resizes every image at every access in the main process; this one decodes once per run and
+augments the small image in worker processes), the model, and times training steps (forward, cross-entropy,
+backward, Adam step) over the loader: images/s = images trained / seconds, after one untimed warm-up batch. This
+tree's one-off decoding of the training images (once per run) is timed separately and printed. The variants are
+interleaved round by round, so that a busy machine slows them alike; medians and ratios are printed.
 
-    python tools/train_throughput.py DATA [--old-rev REV] [--rounds 3] [--epochs 3] [--threads 2] [--model M]
+    python tools/train_throughput.py DATA [--old-rev REV] [--rounds 3] [--batches 4] [--threads 2]
+        [--image-size 128] [--model binary_dnet53]
 
-Prints the machine, the command lines, every epoch and the medians and ratios. Run it from the repository root.
+The old revision runs from `git archive` of its train/, models/ and xnorconv/ Python sources (with this tree's
+compiled xnorconv/_C*.so). Run it from the repository root.
 """
 import argparse
-import csv
 import datetime
 import glob
+import json
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -28,11 +30,51 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Runs inside the variant's tree (PYTHONPATH); prints one JSON line.
+CHILD = r'''
+import json, sys, time, dataclasses
+import torch
+import torch.nn.functional as F
+a = json.loads(sys.argv[1])
+from train import config as C, engine as E
+from train.modeling import build_model, split_output
+d = dataclasses.asdict(C.Config())
+d.update(C.PRESETS[a["preset"]])
+d.update(data=a["data"], image_size=a["image_size"], model=a["model"], threads=a["threads"], progress=False,
+         preset=a["preset"])
+cfg = C.config_from_dict(d)
+E.set_threads(cfg.threads)
+E.seed_everything(cfg.seed, cfg.deterministic)
+samples = E.prepare_splits(cfg).train
+t0 = time.perf_counter()
+loader = E._make_loader(samples, cfg, E.DistInfo(), True, cfg.seed)
+setup = time.perf_counter() - t0          # this tree: decoding the images once; the old tree: nothing
+model = build_model(cfg, 2).train()
+opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+images, seconds, it = 0, 0.0, iter(loader)
+for b in range(a["batches"] + 1):
+    t = time.perf_counter()
+    try:
+        x, y, idx, skipped = next(it)
+    except StopIteration:
+        it = iter(loader)
+        x, y, idx, skipped = next(it)
+    logits, _ = split_output(model(x))
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if b:                                 # batch 0: warm-up (first-call allocations, worker start)
+        seconds += time.perf_counter() - t
+        images += len(y)
+print(json.dumps({"images": images, "seconds": seconds, "setup": setup, "batch": loader.batch_size,
+                  "workers": loader.num_workers, "n_train": len(samples)}))
+'''
+
 
 def cpu_name() -> str:
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
             if line.startswith("Model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -45,6 +87,7 @@ def git(*args) -> str:
 
 
 def old_tree(rev: str, dest: str) -> str:
+    os.makedirs(dest, exist_ok=True)
     archive = subprocess.run(["git", "archive", rev, "train", "models", "xnorconv"], cwd=ROOT, capture_output=True,
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
@@ -53,29 +96,14 @@ def old_tree(rev: str, dest: str) -> str:
     return dest
 
 
-def run_fit(tree: str, args, name: str, out: str, extra) -> list:
-    cmd = [sys.executable, "-m", "train", "fit", args.data, "--image-size", str(args.image_size), "--epochs",
-           str(args.epochs), "--threads",
-           str(args.threads), "--no-progress", "--no-latency", "--model", args.model, "--out", out, "--name", name,
-           *extra]
-    env = dict(os.environ, PYTHONPATH=tree)
-    p = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+def measure(tree: str, preset: str, args) -> dict:
+    spec = json.dumps({"data": args.data, "image_size": args.image_size, "model": args.model, "threads": args.threads,
+                       "batches": args.batches, "preset": preset})
+    p = subprocess.run([sys.executable, "-c", CHILD, spec], cwd=tree, env=dict(os.environ, PYTHONPATH=tree),
+                       capture_output=True, text=True)
     if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
-    m = re.search(r"train: (\d+) images", p.stdout)
-    n_train = int(m.group(1))
-    with open(os.path.join(out, name, "log.csv")) as fh:
-        rows = list(csv.DictReader(fh))
-    epochs = []
-    for r in rows:
-        if r.get("train_images"):
-            images = int(r["train_images"])
-        else:   # the old loader: batch 64 (or --batch-size) with drop_last whenever the split exceeds one batch
-            bs = int(extra[extra.index("--batch-size") + 1]) if "--batch-size" in extra else 64
-            images = (n_train // bs) * bs if n_train > bs else n_train
-        epochs.append({"images": images, "seconds": float(r["seconds"]),
-                       "train_only": float(r["images_per_s"]) if r.get("images_per_s") else None})
-    return epochs
+        raise SystemExit(f"variant {tree} {preset} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -83,47 +111,41 @@ def main() -> int:
     ap.add_argument("data")
     ap.add_argument("--old-rev", default="", help="revision of the old path (default: merge-base of HEAD and main)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=4, help="timed batches per variant and round (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", default="binary_dnet53")
     ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--skip-first-epoch", action="store_true", default=True)
+    ap.add_argument("--model", default="binary_dnet53")
     args = ap.parse_args()
     old_rev = args.old_rev or git("merge-base", "HEAD", "main")
     print(f"# train throughput, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"# CPU: {cpu_name()}; {os.cpu_count()} logical CPUs; load average {os.getloadavg()}")
-    print(f"# new: {git('rev-parse', '--short', 'HEAD')} (+ working tree changes: "
-          f"{'yes' if git('status', '--porcelain', 'train', 'models', 'xnorconv') else 'no'}); "
+    print(f"# CPU: {cpu_name()}; {os.cpu_count()} logical CPUs; load average at start "
+          f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    dirty = git("status", "--porcelain", "train", "models", "xnorconv")
+    print(f"# new: {git('rev-parse', '--short', 'HEAD')}{' + uncommitted changes' if dirty else ''}; "
           f"old: {git('rev-parse', '--short', old_rev)}")
-    print(f"# command: {' '.join([sys.executable, *sys.argv])}")
+    print(f"# {args.model} at {args.image_size}x{args.image_size}, {args.threads} threads, {args.batches} timed batches "
+          f"per variant and round")
+    print(f"# command: python {' '.join(sys.argv)}")
     work = tempfile.mkdtemp(prefix="train_throughput_")
-    old = old_tree(old_rev, os.path.join(work, "old"))
-    os.makedirs(old, exist_ok=True)
-    variants = [("old default (paper recipe, decode every epoch)", old, []),
-                ("new --preset paper", ROOT, ["--preset", "paper"]),
-                (f"new default recipe", ROOT, [])]
-    results = {v[0]: [] for v in variants}
-    for r in range(args.rounds):
-        for label, tree, extra in variants:
-            name = f"r{r}-{abs(hash(label)) % 10**6}"
-            eps = run_fit(tree, args, name, os.path.join(work, "runs"), extra)
-            use = eps[1:] if args.skip_first_epoch and len(eps) > 1 else eps
-            results[label].extend(use)
-            print(f"round {r + 1} {label}: " + ", ".join(
-                f"{e['images']} img / {e['seconds']:.1f}s = {e['images'] / e['seconds']:.2f} img/s"
-                + (f" (training phase {e['train_only']:.2f} img/s)" if e["train_only"] else "") for e in eps),
-                flush=True)
-    print(f"# median over rounds of epochs 2..{args.epochs} (epoch 1 is left out: warm-up)")
-    med = {}
-    for label, eps in results.items():
-        med[label] = statistics.median(e["images"] / e["seconds"] for e in eps)
-        train_only = [e["train_only"] for e in eps if e["train_only"]]
-        print(f"{label}: {med[label]:.2f} training images per epoch-second"
-              + (f"; training phase alone {statistics.median(train_only):.2f} img/s" if train_only else ""))
-    base = med[variants[0][0]]
-    for label, _, _ in variants[1:]:
-        print(f"ratio {label} / old: {med[label] / base:.2f}x")
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        old = old_tree(old_rev, os.path.join(work, "old"))
+        variants = [("old default (paper recipe)", old, "paper"),
+                    ("new --preset paper", ROOT, "paper"),
+                    ("new default recipe", ROOT, "default")]
+        rates = {v[0]: [] for v in variants}
+        for r in range(args.rounds):
+            for label, tree, preset in variants:
+                m = measure(tree, preset, args)
+                rates[label].append(m["images"] / m["seconds"])
+                print(f"round {r + 1} {label}: {m['images']} images in {m['seconds']:.1f}s = {rates[label][-1]:.2f} "
+                      f"img/s (batch {m['batch']}, {m['workers']} workers; one-off setup {m['setup']:.1f}s for "
+                      f"{m['n_train']} training images)", flush=True)
+        base = statistics.median(rates[variants[0][0]])
+        for label, _, _ in variants:
+            med = statistics.median(rates[label])
+            print(f"median {label}: {med:.2f} img/s ({med / base:.2f}x old)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
