@@ -130,9 +130,9 @@ class Config:
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {},
-    "paper": dict(image_size=128, normalize="minmax", crop_scale=1.0, rotation=0.0, color_jitter=0.2, hue_jitter=0.0, batch_size=64,
-                  optimizer="adam", lr=0.003, weight_decay=0.003, binary_weight_decay=None, scheduler="step",
-                  lr_step=7, lr_gamma=0.01, warmup_epochs=0.0, loss="wlm", label_smoothing=0.0,
+    "paper": dict(image_size=128, normalize="minmax", crop_scale=1.0, rotation=0.0, color_jitter=0.2, hue_jitter=0.0,
+                  batch_size=64, optimizer="adam", lr=0.003, weight_decay=0.003, binary_weight_decay=None,
+                  scheduler="step", lr_step=7, lr_gamma=0.01, warmup_epochs=0.0, loss="wlm", label_smoothing=0.0,
                   bn_recalibrate=False),
     "bnn": dict(optimizer="adam", lr=1e-3, weight_decay=1e-4, binary_weight_decay=0.0, scheduler="cosine",
                 warmup_epochs=0.0, loss="ce", label_smoothing=0.1, two_step_epochs=10),

@@ -641,7 +641,8 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
                 _atomic_save(state, os.path.join(run_dir, "best.pt"))
             print(f"[train] epoch {epoch + 1}/{total_epochs} {phase} lr={lr:.3g} train_loss={tr_loss:.4f} "
                   f"train_acc={tr_acc:.4f} val_loss={row['val_loss'] if row['val_loss'] is None else round(row['val_loss'], 4)} "
-                  f"val_acc={row['val_accuracy']:.4f} (majority {row['val_majority_rate']:.4f}){' *' if improved else ''} "
+                  f"val_acc={row['val_accuracy']:.4f} (majority {row['val_majority_rate']:.4f})"
+                  f"{' *' if improved else ''} "
                   f"{row['images_per_s']:.1f} train images/s ({row['seconds']:.1f}s)", flush=True)
         if di.distributed:
             dist.barrier()
