@@ -12,6 +12,7 @@ selected on it: the best epoch is chosen on a validation split of train/) or `py
 missing). Run from the repository root.
 """
 import argparse
+import csv
 import json
 import os
 import statistics
@@ -96,8 +97,9 @@ def main() -> int:
                        "--no-latency", "--name", name, *common], os.path.join(out, name),
                       os.path.join(out, name + ".log"))
     print(f"\nCPU: {cpu_name()}; threads per run: {args.threads}; runs in {out}\n")
-    print("| model | seed | test accuracy | majority rate | balanced acc. | ROC AUC | best epoch | minutes |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | seed | test accuracy | majority rate | balanced acc. | ROC AUC | best epoch | train images/s "
+          "(median epoch) | minutes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     means = {}
     for model in args.models:
         accs = []
@@ -105,15 +107,21 @@ def main() -> int:
             name = f"fit-{model}-s{seed}"
             m, w = load(os.path.join(out, name, "metrics.json")), load(os.path.join(out, name, "wall.json"))
             if not m:
-                print(f"| {model} | {seed} | (missing) | | | | | |")
+                print(f"| {model} | {seed} | (missing) | | | | | | |")
                 continue
             accs.append(m["accuracy"])
+            rate = None
+            try:
+                with open(os.path.join(out, name, "log.csv")) as fh:
+                    rate = statistics.median(float(r["images_per_s"]) for r in csv.DictReader(fh))
+            except (FileNotFoundError, KeyError, ValueError, statistics.StatisticsError):
+                pass
             print(f"| {model} | {seed} | {fmt(m['accuracy'])} | {fmt(m.get('majority_rate'))} | "
                   f"{fmt(m.get('balanced_accuracy'))} | {fmt(m.get('roc_auc'))} | {m.get('best_epoch')} | "
-                  f"{fmt(w['seconds'] / 60 if w else None, 1)} |")
+                  f"{fmt(rate, 1)} | {fmt(w['seconds'] / 60 if w else None, 1)} |")
         if accs:
             means[model] = statistics.mean(accs)
-            print(f"| **{model}** | mean of {len(accs)} | **{fmt(means[model])}** | | | | | |")
+            print(f"| **{model}** | mean of {len(accs)} | **{fmt(means[model])}** | | | | | | |")
     fl = [m for m in means if m.endswith("_float")]
     for model in means:
         if fl and model != fl[0]:
@@ -125,7 +133,14 @@ def main() -> int:
         name = f"cv-{model}"
         s, w = load(os.path.join(out, name, "cv_summary.json")), load(os.path.join(out, name, "wall.json"))
         if not s:
-            print(f"| {model} | (missing) | | | | | | | |")
+            done = [load(os.path.join(out, name, f"fold{k}", "metrics.json")) for k in range(1, args.folds + 1)]
+            done = [m for m in done if m]
+            if not done:
+                print(f"| {model} | (missing) | | | | | | | |")
+                continue
+            print(f"| {model} | {len(done)} of {args.folds} finished (run in progress): " + ", ".join(
+                f"fold {m['fold']} {fmt(m['accuracy'])} (majority {fmt(m['majority_rate'])})" for m in done)
+                + " | | | | | | | |")
             continue
         above = sum(1 for f in s["folds"] if f["accuracy"] > f["majority_rate"])
         lo, hi = s["ci95"]["accuracy"]
