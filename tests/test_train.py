@@ -96,6 +96,9 @@ def test_layouts_case_insensitive_and_splits(tmp_path, msld_data):
     os.rename(aug / "Original Images", aug / "Augmented Images")
     for k in (1, 2):
         os.rename(aug / "Augmented Images" / f"Fold{k}", aug / "Augmented Images" / f"fold{k}_AUG")
+    for dirpath, _, files in os.walk(aug / "Augmented Images"):   # names unrelated to the originals' names
+        for f in files:
+            os.rename(os.path.join(dirpath, f), os.path.join(dirpath, "other_" + f))
     e = D.load_splits(msld_data, fold=2, extra_train=str(aug))
     assert len(e.train) == len(s.train) + 4 * 4 and [x.path for x in e.test] == [x.path for x in s.test]
     assert all("fold2_AUG" in x.path for x in e.train[len(s.train):])
@@ -236,7 +239,8 @@ def test_fit_writes_everything(trained, split_data):
         assert os.path.getsize(os.path.join(trained, f)) > 0, f
     assert os.listdir(os.path.join(trained, "tensorboard"))
     cfg = load(os.path.join(trained, "config.json"))
-    assert cfg["preset"] == "paper" and cfg["loss"] == "wlm" and cfg["lr"] == 0.003 and cfg["margin"] == 10
+    assert cfg["preset"] == "default" and cfg["loss"] == "ce" and cfg["scheduler"] == "cosine"
+    assert cfg["binary_weight_decay"] == 0.0 and cfg["bn_recalibrate"] and cfg["cache"]
     m = load(os.path.join(trained, "metrics.json"))
     assert m["split"] == "test" and m["n"] == 4 * 2
     for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "pr_auc", "per_class",
@@ -274,7 +278,10 @@ def test_evaluate_and_predict_frozen(trained, split_data, tmp_path, capsys):
 
 
 def test_resume_matches_uninterrupted(split_data, tmp_path):
-    args = ["--out", tmp_path, "--no-latency", "--seed", "5", *COMMON]
+    # a schedule that does not depend on the total number of epochs, so that `--epochs 1` is an interruption
+    args = ["--out", tmp_path, "--no-latency", "--seed", "5", "--scheduler", "step", "--lr-step", 1, "--lr-gamma", 0.5,
+            "--warmup-epochs", 0,
+            *COMMON]
     run("fit", split_data, "--name", "full", "--epochs", 2, *args)
     run("fit", split_data, "--name", "cut", "--epochs", 1, *args)
     run("fit", split_data, "--name", "cut", "--epochs", 2, "--resume", "auto", *args)
@@ -350,9 +357,162 @@ def test_paper_preset_learns(tmp_path):
     4-class synthetic task: clearly above the 25% chance level."""
     data = tmp_path / "learn"
     make_synthetic(str(data), "split", CLASSES, per_class=40, size=32, seed=0)
-    run("fit", data, "--out", tmp_path, "--name", "paper", "--image-size", 32, "--epochs", 6, "--batch-size", 16,
-        "--threads", 1, "--no-progress", "--no-latency")
+    run("fit", data, "--preset", "paper", "--out", tmp_path, "--name", "paper", "--image-size", 32, "--epochs", 6,
+        "--batch-size", 16, "--threads", 1, "--no-progress", "--no-latency")
     m = load(tmp_path / "paper" / "metrics.json")
     cfg = load(tmp_path / "paper" / "config.json")
     assert cfg["model"] == "binary_dnet53" and cfg["model_kwargs"] == {} and cfg["preset"] == "paper"
+    assert cfg["lr"] == 0.003 and cfg["loss"] == "wlm" and cfg["lr_gamma"] == 0.01 and cfg["normalize"] == "minmax"
     assert m["accuracy"] >= 0.5, m["accuracy"]
+
+
+# ------------------------------------------------------------------------------------------ issue 16: small real data
+
+HYMENOPTERA = os.path.join(os.path.dirname(ROOT), "shared", "data", "hymenoptera")
+
+
+def test_small_split_gets_enough_steps_and_schedule(tmp_path):
+    """A split of 90 training images: the adaptive batch gives 9 steps of 10 images (the old rule, batch 64 with
+    drop_last, gave one step of 64), every image is seen every epoch, and the schedule is in optimizer steps."""
+    from train.config import Config
+    from train.engine import DistInfo, _build_optimizer, _make_loader, train_batch_size
+    cfg = Config()
+    assert [train_batch_size(n, cfg) for n in (90, 184, 300, 5000)] == [10, 23, 30, 32]
+    assert train_batch_size(90, Config(batch_size=64)) == 64
+    data = tmp_path / "d"
+    make_synthetic(str(data), "split", CLASSES[:2], per_class=64, size=16)      # train/: 45 + 45 images
+    samples = D.load_splits(str(data), val_mode="given").train
+    assert len(samples) == 90
+    for c, steps in ((Config(image_size=16, workers=0), 9), (Config(image_size=16, workers=0, batch_size=64), 2)):
+        loader = _make_loader(samples, c, DistInfo(), True, 0)
+        seen = [i for _, _, idx, _ in loader for i in idx.tolist()]
+        assert len(loader) == steps and sorted(seen) == list(range(90))
+    model = torch.nn.Linear(2, 2)
+    opt, sched = _build_optimizer(Config(warmup_epochs=1, lr=1.0), model, epochs=3, steps_per_epoch=9)
+    lrs = []
+    for _ in range(27):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:9] == pytest.approx([(t + 1) / 9 for t in range(9)])          # warm-up over the first epoch
+    assert lrs[9] == pytest.approx(1.0) and lrs[-1] < 0.02 and lrs == sorted(lrs[:10]) + lrs[10:]
+    # paper preset: StepLR every 7 epochs with gamma 0.01, per optimizer step
+    opt, sched = _build_optimizer(Config(scheduler="step", lr_step=7, lr_gamma=0.01, warmup_epochs=0, lr=1.0),
+                                  model, epochs=15, steps_per_epoch=2)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[13] == 1.0 and lrs[14] == pytest.approx(0.01) and lrs[28] == pytest.approx(1e-4)
+
+
+def test_fit_on_90_images_steps_and_majority_report(tmp_path, capsys):
+    data = tmp_path / "d"
+    make_synthetic(str(data), "split", CLASSES[:2], per_class=64, size=16)
+    run("fit", data, "--val-mode", "given", "--out", tmp_path, "--name", "r", "--epochs", 1, "--no-latency",
+        "--image-size", 16, "--threads", 1, "--no-progress", "--model-kwargs", TINY)
+    out = capsys.readouterr().out
+    assert "90 training images, batch 10 per process: 9 optimizer steps per epoch" in out
+    with open(tmp_path / "r" / "log.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert row["train_images"] == "90" and float(row["images_per_s"]) > 0
+    assert float(row["val_majority_rate"]) == pytest.approx(0.5)
+    m = load(tmp_path / "r" / "metrics.json")
+    assert m["majority_rate"] == pytest.approx(0.5) and "beats_majority" in m
+    assert "majority_rate=0.5000" in out
+    ck = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert len(ck["splits"]["train"]) == 90 and len(ck["splits"]["test"]) == 2 * 13
+
+
+def test_majority_warning_and_cv_interval():
+    from scipy import stats
+    from train.crossval import summarize_folds
+    from train.metrics import majority_warning
+    m = classification_metrics([0, 0, 0, 1], np.array([[.9, .1]] * 4), ["a", "b"])
+    assert m["majority_rate"] == 0.75 and not m["beats_majority"]
+    assert "does not beat the majority-class rate 0.7500" in majority_warning(m, "test")
+    folds = [{"fold": i + 1, "accuracy": a, "majority_rate": 0.6} for i, a in enumerate([0.7, 0.8, 0.75, 0.6])]
+    s = summarize_folds(folds)
+    a = np.array([0.7, 0.8, 0.75, 0.6])
+    half = stats.t.ppf(0.975, 3) * a.std(ddof=1) / 2
+    assert s["mean"]["accuracy"] == pytest.approx(a.mean()) and s["std"]["accuracy"] == pytest.approx(a.std(ddof=1))
+    assert s["ci95"]["accuracy"] == pytest.approx([a.mean() - half, a.mean() + half])
+    assert s["folds_not_beating_majority"] == [4]
+
+
+def test_cv_holds_out_every_image_exactly_once(tmp_path):
+    """`cv` on a single <class>/ folder: k folds of ALL images (the old code first set 20% aside for a test split
+    that no fold used); each fold's checkpoint knows the images it was tested on."""
+    data = tmp_path / "single"
+    make_synthetic(str(data), "single", CLASSES[:2], per_class=9, size=16)
+    pool = D.load_pool(str(data))[0]
+    assert len(pool) == 18
+    folds = D.stratified_kfold(pool, 3, seed=0)
+    held = [s.path for _, h in folds for s in h]
+    assert sorted(held) == sorted(s.path for s in pool)                       # each image held out once
+    for tr, h in folds:
+        assert not {s.path for s in tr} & {s.path for s in h} and len(tr) + len(h) == 18
+        assert sorted(s.label for s in h) == [0, 0, 0, 1, 1, 1]               # stratified
+    run("cv", data, "--folds", 3, "--epochs", 1, "--out", tmp_path, "--name", "cv", "--no-latency",
+        "--image-size", 16, "--threads", 1, "--no-progress", "--model-kwargs", TINY)
+    with open(tmp_path / "cv" / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted(r["path"] for r in rows) == sorted(s.path for s in pool)
+    assert sorted(r["path"] for r in rows if r["fold"] == "2") == sorted(s.path for s in folds[1][1])
+    s = load(tmp_path / "cv" / "cv_summary.json")
+    assert set(s["ci95"]) >= {"accuracy", "majority_rate"} and s["k"] == 3
+    for f in (1, 2, 3):   # the fold's inner validation images come from its training part, never its held-out part
+        ck = torch.load(tmp_path / "cv" / f"fold{f}" / "best.pt", weights_only=False)
+        held_f = {p for p, _ in ck["splits"]["test"]}
+        assert held_f == {x.path for x in folds[f - 1][1]}
+        assert not held_f & {p for p, _ in ck["splits"]["val"] + ck["splits"]["train"]}
+    ev = tmp_path / "ev"
+    run("evaluate", "--checkpoint", tmp_path / "cv" / "fold2" / "best.pt", "--eval-out", ev, "--threads", 1,
+        "--no-progress", "--no-latency")
+    assert load(ev / "metrics.json")["n"] == 6
+    assert load(ev / "metrics.json")["accuracy"] == load(tmp_path / "cv" / "fold2" / "metrics.json")["accuracy"]
+
+
+def test_augmented_copies_of_held_out_originals_never_train(tmp_path, msld_data):
+    """MSLD v2.0 names an original DiseaseCode_Patient_Image and its augmented copies after it. The 75:25 resplit
+    moves some training originals into validation: their copies must leave the training split. (The old code kept
+    every copy: this test fails on it.)"""
+    assert D.original_key("MKP_17_01_aug3.jpg") == D.original_key("MKP_17_01.jpg") == "mkp_17_1"
+    assert D.original_key("HFMD_5_10.png") != D.original_key("HFMD_5_1.png")
+    assert D.original_key("mkp_17_1-rot.jpg") == "mkp_17_1"
+    root = tmp_path / "msld"
+    shutil.copytree(msld_data, root)
+    codes = {"mpox": "MKP", "chickenpox": "CHP", "measles": "MSL", "healthy": "HEALTHY"}
+    aug = root / "Augmented Images" / "FOLDS_AUG" / "fold1_AUG" / "Train"
+    patient = 0
+    for split in ("Train", "Validation"):
+        for cdir in sorted((root / "Original Images" / "Fold1" / split).iterdir()):
+            for f in sorted(cdir.iterdir()):       # rename the originals the MSLD way, write two copies of each
+                patient += 1
+                name = f"{codes[cdir.name.lower()]}_{patient:02d}_01"
+                f.rename(cdir / f"{name}.jpg")
+                (aug / cdir.name).mkdir(parents=True, exist_ok=True)
+                for j in (1, 2):
+                    shutil.copy(cdir / f"{name}.jpg", aug / cdir.name / f"{name}_aug{j}.jpg")
+    s = D.load_splits(str(root), fold=1, extra_train=str(root / "Augmented Images"))
+    n_orig = len(s.train) - sum("Augmented" in x.path for x in s.train)
+    held = {D.original_key(x.path) for x in s.val + s.test}
+    extra = [x for x in s.train if "Augmented" in x.path]
+    assert len(s.val) > 0 and extra
+    assert not {D.original_key(x.path) for x in extra} & held
+    assert len(extra) == 2 * n_orig                       # the copies of the training originals all stay
+    assert any("augmented copies of validation/test originals left out" in n for n in s.notes)
+
+
+@pytest.mark.skipif(not os.path.isdir(HYMENOPTERA), reason="../shared/data/hymenoptera is not present")
+def test_hymenoptera_pool_and_folds():
+    """The real-photo development set: all 398 images (with the GIF placeholder and the .jpeg) are pooled for cv,
+    each held out exactly once over 5 folds; --val-mode test scores val/ and selects on a split of train/."""
+    pool = D.load_pool(HYMENOPTERA)[0]
+    assert len(pool) == 398 and any(p.path.endswith(".gif") for p in pool)
+    held = [s.path for _, h in D.stratified_kfold(pool, 5, 0) for s in h]
+    assert len(held) == len(set(held)) == 398
+    s = D.load_splits(HYMENOPTERA, val_mode="test")
+    assert len(s.test) == 153 and len(s.train) + len(s.val) == 245
+    assert all(os.sep + "val" + os.sep in x.path for x in s.test)

@@ -1,11 +1,14 @@
 """`cv`: k-fold cross-validation with mean and std of every metric; `compare`: paper 000 Table 4 statistics.
 
 Folds: on an MSLD v2.0 tree the dataset's own folds (``Fold1``..``Fold5``, each with its Train/Validation/Test
-folders) are used, each fold model being scored on its fold's Test folder. On other layouts the training pool
-(train + val) is split into k stratified parts by ``split_seed``; fold f trains on the other k - 1 parts (with
-``val_fraction`` of them held back to choose the best epoch) and is scored on part f, so every pooled image gets
-exactly one held-out prediction. Each fold is a full `fit` run in ``<run>/fold<f>``; ``cv_summary.json`` holds
-per-fold metrics, their mean and sample std, and ``predictions.csv`` the held-out predictions of every fold (what
+folders) are used, each fold model being scored on its fold's Test folder. On other layouts every image of the
+dataset (a single ``<class>/`` tree, or all of train/, val/ and test/) is split into k stratified parts by
+``split_seed`` (scikit-learn's StratifiedKFold); fold f trains on the other k - 1 parts (with ``val_fraction`` of
+them held back to choose the best epoch) and is scored on part f, so every image gets exactly one held-out
+prediction. Augmented copies given with ``--extra-train`` never train a fold whose validation or held-out part holds
+their original. Each fold is a full `fit` run in ``<run>/fold<f>``; ``cv_summary.json`` holds
+per-fold metrics, their mean, sample std and 95%
+confidence interval, and ``predictions.csv`` the held-out predictions of every fold (what
 `compare` pairs by (fold, image path)).
 """
 from __future__ import annotations
@@ -23,9 +26,9 @@ from .config import Config
 from .engine import _log, cleanup_distributed, fit, setup_distributed, write_json
 from .stats import confusion_chi2_test, mcnemar_test, paired_t_test
 
-__all__ = ["cross_validate", "compare_runs", "SCALAR_METRICS"]
+__all__ = ["cross_validate", "compare_runs", "summarize_folds", "SCALAR_METRICS"]
 
-SCALAR_METRICS = ("accuracy", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
+SCALAR_METRICS = ("accuracy", "majority_rate", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro",
                   "precision_weighted", "recall_weighted", "f1_weighted", "roc_auc", "pr_auc",
                   "precision_positive", "recall_positive", "f1_positive", "specificity")
 
@@ -58,24 +61,23 @@ def _cross_validate(cfg: Config, k: int, di) -> Dict[str, Any]:
             plan.append((f, None, replace(cfg, fold=f, layout="msld", out=root, name=f"fold{f}", resume="")))
         scheme = f"MSLD v2.0 folds {msld_folds[:k]}: each fold's Test folder is held out"
     else:
-        base = D.load_splits(cfg.data, cfg.layout, cfg.fold, cfg.task, cfg.positive_class, cfg.val_mode,
-                             cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-        pool = base.train + base.val
+        # every image of the dataset, whatever folder it is in: each is held out exactly once
+        pool, classes, source_classes, label_of, layout, notes = D.load_pool(cfg.data, cfg.layout, cfg.task,
+                                                                           cfg.positive_class)
         extra: List[D.Sample] = []
         if cfg.extra_train:   # training-only images never enter the held-out parts
-            label_of = {c.lower(): i for i, c in enumerate(base.source_classes)} if cfg.task != "binary" else {
-                c.lower(): int(c.lower() == D.find_positive_class([x.lower() for x in base.source_classes],
-                                                                  cfg.positive_class))
-                for c in base.source_classes}
             extra = D.extra_training_samples(cfg.extra_train, cfg.fold, label_of)
         for f, (train_part, held) in enumerate(D.stratified_kfold(pool, k, cfg.split_seed), start=1):
             tr, va = D._stratified_split(train_part, cfg.val_fraction, cfg.split_seed + f)
-            tr = tr + extra
-            splits = D.Splits(base.classes, base.source_classes, tr, va, held, base.layout, base.root,
-                              base.notes + [f"cv fold {f}/{k}: {len(tr)} train, {len(va)} val, {len(held)} held out"])
+            kept, dropped = D.drop_copies_of(extra, va + held)
+            tr = tr + kept
+            splits = D.Splits(classes, source_classes, tr, va, held, layout, os.path.abspath(cfg.data),
+                              notes + [f"cv fold {f}/{k}: {len(tr)} train, {len(va)} val, {len(held)} held out"
+                                       + (f" ({dropped} augmented copies of held-out images left out)"
+                                          if dropped else "")])
             plan.append((f, splits, replace(cfg, out=root, name=f"fold{f}", resume="")))
-        scheme = (f"stratified {k}-fold split of the train+val pool (seed {cfg.split_seed}); "
-                  f"each fold's part is held out")
+        scheme = (f"stratified {k}-fold split of all {len(pool)} images (seed {cfg.split_seed}); each fold's part is "
+                  f"held out once, its validation split comes from the other {k - 1} parts")
     _log(di, f"[cv] {scheme}; runs in {root}")
     per_fold: List[Dict[str, Any]] = []
     for f, splits, fcfg in plan:
@@ -83,19 +85,14 @@ def _cross_validate(cfg: Config, k: int, di) -> Dict[str, Any]:
         res = fit(fcfg, splits=splits, di=di, fold=f)
         if di.is_main:
             m = res["metrics"]
-            per_fold.append({"fold": f, "run_dir": res["run_dir"],
+            per_fold.append({"fold": f, "run_dir": res["run_dir"], "n": m.get("n"),
                              **{key: m.get(key) for key in SCALAR_METRICS if key in m},
                              "confusion_matrix": m["confusion_matrix"],
                              **({"subgroups": m["subgroups"]} if "subgroups" in m else {})})
     if not di.is_main:
         return {}
     summary: Dict[str, Any] = {"scheme": scheme, "k": len(per_fold), "config": {**cfg.__dict__},
-                               "folds": per_fold, "mean": {}, "std": {}}
-    for key in SCALAR_METRICS:
-        vals = [r[key] for r in per_fold if r.get(key) is not None]
-        if vals:
-            summary["mean"][key] = float(np.mean(vals))
-            summary["std"][key] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+                               "folds": per_fold, **summarize_folds(per_fold)}
     # the held-out predictions of all folds in one file
     out_csv = os.path.join(root, "predictions.csv")
     header_done = False
@@ -114,12 +111,49 @@ def _cross_validate(cfg: Config, k: int, di) -> Dict[str, Any]:
             w.writerow([r["fold"]] + [r.get(k) for k in keys])
         w.writerow(["mean"] + [summary["mean"][k] for k in keys])
         w.writerow(["std"] + [summary["std"][k] for k in keys])
-    print("[cv] " + " ".join(f"{k}={summary['mean'][k]:.4f}±{summary['std'][k]:.4f}"
-                             for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc")
-                             if k in summary["mean"]), flush=True)
+        w.writerow(["ci95_low"] + [summary["ci95"][k][0] for k in keys])
+        w.writerow(["ci95_high"] + [summary["ci95"][k][1] for k in keys])
+    for line in summary_lines(summary):
+        print(f"[cv] {line}", flush=True)
     print(f"[cv] wrote {root}/cv_summary.json, cv.csv, predictions.csv", flush=True)
     summary["run_dir"] = root
     return summary
+
+
+def summarize_folds(per_fold: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """mean, sample std and the 95% confidence interval of the mean (Student's t with k - 1 degrees of freedom,
+    scipy.stats.t.interval: mean +- t_0.975,k-1 * std / sqrt(k)) of every metric over the folds; the folds that do
+    not beat their majority-class rate."""
+    from scipy import stats
+    out: Dict[str, Any] = {"mean": {}, "std": {}, "ci95": {}}
+    for key in SCALAR_METRICS:
+        vals = np.array([r[key] for r in per_fold if r.get(key) is not None], dtype=float)
+        if not len(vals):
+            continue
+        mean = float(vals.mean())
+        std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        out["mean"][key], out["std"][key] = mean, std
+        if len(vals) > 1 and std > 0:
+            lo, hi = stats.t.interval(0.95, len(vals) - 1, loc=mean, scale=std / np.sqrt(len(vals)))
+        else:
+            lo = hi = mean
+        out["ci95"][key] = [float(lo), float(hi)]
+    out["folds_not_beating_majority"] = [r["fold"] for r in per_fold
+                                         if r.get("accuracy") is not None and r.get("majority_rate") is not None
+                                         and r["accuracy"] <= r["majority_rate"]]
+    return out
+
+
+def summary_lines(summary: Dict[str, Any]) -> List[str]:
+    lines = [f"{k}: mean {summary['mean'][k]:.4f}, std {summary['std'][k]:.4f}, 95% interval "
+             f"[{summary['ci95'][k][0]:.4f}, {summary['ci95'][k][1]:.4f}]"
+             for k in ("accuracy", "majority_rate", "balanced_accuracy", "precision_macro", "recall_macro",
+                       "f1_macro", "roc_auc") if k in summary["mean"]]
+    bad = summary.get("folds_not_beating_majority")
+    if bad:
+        lines.append(f"WARNING: fold(s) {bad} of {summary['k']} do not beat their majority-class rate: those models "
+                     f"predict (mostly) one class")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------ compare

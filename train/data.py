@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms as T
+from torchvision.transforms import v2 as T
 
-__all__ = ["DataError", "Sample", "Splits", "IMAGE_EXTENSIONS", "discover", "load_splits", "ImageListDataset",
-           "collate_skip", "build_transform", "MinMaxNormalize", "oversample_gaussian", "read_subgroups",
-           "list_msld_folds", "stratified_kfold", "find_positive_class", "POSITIVE_CLASS_NAMES"]
+__all__ = ["DataError", "Sample", "Splits", "IMAGE_EXTENSIONS", "discover", "load_splits", "load_pool",
+           "ImageListDataset", "CachedImageDataset", "decode_images", "collate_skip", "build_transform",
+           "MinMaxNormalize", "oversample_gaussian", "read_subgroups", "list_msld_folds", "stratified_kfold",
+           "find_positive_class", "original_key", "drop_copies_of", "POSITIVE_CLASS_NAMES"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 POSITIVE_CLASS_NAMES = ("mpox", "monkeypox", "monkey pox", "monkey-pox", "monkey_pox")
@@ -241,23 +242,23 @@ def _stratified_split(samples: List[Sample], fraction: float, seed: int) -> Tupl
 
 
 def stratified_kfold(samples: List[Sample], k: int, seed: int) -> List[Tuple[List[Sample], List[Sample]]]:
-    """k (train, held-out) pairs; every sample is held out exactly once."""
+    """k (train, held-out) pairs from scikit-learn's StratifiedKFold (shuffled by `seed`): every sample is held out
+    exactly once, and every class is spread as evenly as its size allows."""
+    from sklearn.model_selection import StratifiedKFold
     if k < 2:
         raise DataError(f"cross-validation needs k >= 2 folds, got {k}")
-    rng = np.random.default_rng(seed)
-    assignment = np.empty(len(samples), dtype=np.int64)
+    if len(samples) < k:
+        raise DataError(f"{k}-fold cross-validation needs at least {k} images, got {len(samples)}")
     labels = np.array([s.label for s in samples])
-    for lab in np.unique(labels):
-        idx = np.flatnonzero(labels == lab)
-        idx = idx[rng.permutation(len(idx))]
-        assignment[idx] = np.arange(len(idx)) % k
-    folds = []
-    for f in range(k):
-        held = [s for s, a in zip(samples, assignment) if a == f]
-        if not held:
-            raise DataError(f"fold {f + 1} of {k} would be empty: only {len(samples)} images")
-        folds.append(([s for s, a in zip(samples, assignment) if a != f], held))
-    return folds
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min())
+    if smallest < k:
+        warnings.warn(f"the smallest class has {smallest} images, fewer than k={k}: some folds hold none of it")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # said above, in our words
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+        parts = list(splitter.split(np.zeros(len(samples)), labels))
+    return [([samples[i] for i in tr], [samples[i] for i in te]) for tr, te in parts]
 
 
 def find_positive_class(class_keys: Sequence[str], wanted: str = "") -> str:
@@ -273,11 +274,9 @@ def find_positive_class(class_keys: Sequence[str], wanted: str = "") -> str:
     raise DataError(f"no Mpox/Monkeypox class among {keys}; pass --positive-class NAME")
 
 
-def load_splits(data: str, layout: str = "auto", fold: int = 1, task: str = "multiclass",
-                positive_class: str = "", val_mode: str = "resplit", val_fraction: float = 0.25,
-                test_fraction: float = 0.2, split_seed: int = 0, need_test: bool = False,
-                extra_train: str = "") -> Splits:
-    # Class keys are lower-cased folder names; display names keep the first spelling seen.
+def _labelled(data: str, layout: str, fold: int, task: str, positive_class: str):
+    """Discover the layout and the classes; returns (layout, {split: [Sample]}, notes, classes, source_classes,
+    label_of). Class keys are lower-cased folder names; display names keep the first spelling seen."""
     layout, per_split, notes, display = discover(data, layout, fold)
     primary = per_split.get("train", per_split.get("all"))
     empty = sorted(k for k, v in primary.items() if not v)
@@ -298,7 +297,6 @@ def load_splits(data: str, layout: str = "auto", fold: int = 1, task: str = "mul
         if missing and split != "train":
             notes.append(f"{split} split has no images of {missing}")
     source_classes = [display[k] for k in keys]
-
     if task == "binary":
         pos = find_positive_class(keys, positive_class)
         classes = [f"Non-{display[pos]}", display[pos]]
@@ -306,31 +304,86 @@ def load_splits(data: str, layout: str = "auto", fold: int = 1, task: str = "mul
     else:
         classes = source_classes
         label_of = {k: i for i, k in enumerate(keys)}
+    samples = {split: [Sample(p, label_of[k]) for k in keys for p in cmap.get(k, [])]
+               for split, cmap in per_split.items()}
+    return layout, samples, notes, classes, source_classes, label_of
 
-    def samples(cmap):
-        return [Sample(p, label_of[k]) for k in keys for p in cmap.get(k, [])]
 
+def load_splits(data: str, layout: str = "auto", fold: int = 1, task: str = "multiclass",
+                positive_class: str = "", val_mode: str = "resplit", val_fraction: float = 0.25,
+                test_fraction: float = 0.2, split_seed: int = 0, need_test: bool = False,
+                extra_train: str = "") -> Splits:
+    layout, per_split, notes, classes, source_classes, label_of = _labelled(data, layout, fold, task,
+                                                                             positive_class)
     if "all" in per_split:
-        pool = samples(per_split["all"])
-        rest, test = _stratified_split(pool, test_fraction, split_seed)
+        rest, test = _stratified_split(per_split["all"], test_fraction, split_seed)
         train, val = _stratified_split(rest, val_fraction, split_seed + 1)
         notes.append(f"single folder split by seed {split_seed}: test {test_fraction:.0%}, "
                      f"val {val_fraction:.0%} of the rest")
     else:
-        train = samples(per_split["train"])
-        val = samples(per_split.get("val", {}))
-        test = samples(per_split.get("test", {}))
-        if val_mode == "resplit" or not val:
+        train = per_split["train"]
+        val = per_split.get("val", [])
+        test = per_split.get("test", [])
+        if val_mode == "test":
+            if test:
+                raise DataError(f"--val-mode test uses the validation folder as the test split, but {data!r} has a "
+                                f"test folder already; use --val-mode resplit or given")
+            test, val = val, []
+            notes.append("the validation folder is the test split; validation is split off the training folder")
+        if val_mode in ("resplit", "test") or not val:
             train, val = _stratified_split(train + val, val_fraction, split_seed)
             notes.append(f"train+val merged and split {1 - val_fraction:.0%}:{val_fraction:.0%} "
                          f"(seed {split_seed})")
     if extra_train:
         extra = extra_training_samples(extra_train, fold, label_of)
-        train = train + extra
-        notes.append(f"{len(extra)} extra training images from {extra_train}")
+        kept, dropped = drop_copies_of(extra, val + test)
+        train = train + kept
+        notes.append(f"{len(kept)} extra training images from {extra_train}"
+                     + (f" ({dropped} augmented copies of validation/test originals left out)" if dropped else ""))
     if need_test and not test:
         raise DataError(f"no test split in {data!r} (layout {layout})")
     return Splits(classes, source_classes, train, val, test, layout, os.path.abspath(data), notes)
+
+
+def load_pool(data: str, layout: str = "auto", task: str = "multiclass", positive_class: str = ""):
+    """Every image of a non-MSLD dataset in one list, whatever folder it sits in (train/, val/, test/ or a single
+    <class>/ tree): what `cv` splits into k folds. Returns (pool, classes, source_classes, label_of, layout)."""
+    layout, per_split, notes, classes, source_classes, label_of = _labelled(data, layout, 1, task, positive_class)
+    pool = [s for split in ("all", "train", "val", "test") for s in per_split.get(split, [])]
+    return pool, classes, source_classes, label_of, layout, notes
+
+
+# MSLD v2.0 names every original DiseaseCode_PatientNumber_ImageNumber (MKP_17_01: Mpox, patient 17, image 1); its
+# augmented copies (Augmented Images/FOLDS_AUG) carry the original's name followed by a suffix. The key of a file is
+# that leading triple; a name that does not follow the convention is keyed by its whole stem.
+_MSLD_NAME = re.compile(r"^([A-Za-z]+)[_\- ]?(\d+)[_\- ](\d+)(?!\d)")
+
+
+def original_key(path: str) -> str:
+    """The name of the original image a file is (or is a copy of): 'MKP_17_01_aug3.jpg' -> 'mkp_17_1'."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    m = _MSLD_NAME.match(stem)
+    if m:
+        return f"{m.group(1).lower()}_{int(m.group(2))}_{int(m.group(3))}"
+    return stem.lower()
+
+
+def _is_copy_of(path: str, originals: Dict[str, None], stems: Sequence[str]) -> bool:
+    if original_key(path) in originals:
+        return True
+    # names outside the MSLD convention: a copy's name starts with the original's stem and a separator
+    stem = os.path.splitext(os.path.basename(path))[0].lower()
+    return any(stem.startswith(o) and len(stem) > len(o) and not stem[len(o)].isalnum() for o in stems)
+
+
+def drop_copies_of(extra: List[Sample], held_out: List[Sample]) -> Tuple[List[Sample], int]:
+    """`extra` without the augmented copies of any image in `held_out` (validation or test originals), matched by
+    name (original_key). Returns (kept, number dropped)."""
+    originals = {original_key(s.path): None for s in held_out}
+    stems = sorted({os.path.splitext(os.path.basename(s.path))[0].lower() for s in held_out
+                    if not _MSLD_NAME.match(os.path.splitext(os.path.basename(s.path))[0])})
+    kept = [s for s in extra if not _is_copy_of(s.path, originals, stems)]
+    return kept, len(extra) - len(kept)
 
 
 def extra_training_samples(path: str, fold: int, label_of: Dict[str, int]) -> List[Sample]:
@@ -372,15 +425,19 @@ def verify_images(samples: List[Sample], progress: bool = False) -> Tuple[List[S
     return [s for s in samples if s.path not in bad], sorted(bad.items())
 
 
-class ImageListDataset(Dataset):
-    """(image tensor, label, index) per sample; an unreadable file yields None (dropped by `collate_skip`)."""
+def _open_rgb(path: str, size: int = 0) -> Image.Image:
+    """Decode an image file to RGB. With `size`, a JPEG is decoded straight at the smallest 1/2, 1/4 or 1/8 scale
+    that still covers size x size (libjpeg's DCT scaling: a large photo decodes several times faster)."""
+    with Image.open(path) as im:
+        if size:
+            im.draft("RGB", (size, size))
+        return im.convert("RGB")
 
-    def __init__(self, samples: List[Sample], transform, noise_std: float = 0.0, seed: int = 0):
-        self.samples = samples
-        self.transform = transform
-        self.noise_std = noise_std
-        self.seed = seed
-        self.epoch = 0
+
+class _Augmented(Dataset):
+    """Shared item logic: uint8 (3, S, S) image -> augmentation -> [0, 1] float -> optional noise -> normalisation."""
+
+    samples: List[Sample]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -388,20 +445,106 @@ class ImageListDataset(Dataset):
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, index):
+    def _finish(self, img, index):
         s = self.samples[index]
-        try:
-            with Image.open(s.path) as im:
-                img = im.convert("RGB")
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"skipping unreadable image {s.path}: {type(e).__name__}: {e}")
-            return None
-        x = self.transform["pre"](img)
+        x = self.transform["aug"](img)
         if s.noisy and self.noise_std > 0:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 7919 + index)
             x = (x + self.noise_std * torch.randn(x.shape, generator=g)).clamp_(0.0, 1.0)
-        x = self.transform["post"](x)
-        return x, s.label, index
+        return self.transform["post"](x), s.label, index
+
+
+class ImageListDataset(_Augmented):
+    """(image tensor, label, index) per sample, decoding the file at every access; an unreadable file yields None
+    (dropped by `collate_skip`). CachedImageDataset is the same with each image decoded once."""
+
+    def __init__(self, samples: List[Sample], transform, noise_std: float = 0.0, seed: int = 0):
+        self.samples, self.transform, self.noise_std, self.seed, self.epoch = samples, transform, noise_std, seed, 0
+
+    def __getitem__(self, index):
+        s = self.samples[index]
+        try:
+            img = self.transform["resize"](_open_rgb(s.path, self.transform["size"]))
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(f"skipping unreadable image {s.path}: {type(e).__name__}: {e}")
+            return None
+        return self._finish(img, index)
+
+
+class _DecodeDataset(Dataset):
+    def __init__(self, paths: List[str], resize, size: int):
+        self.paths, self.resize, self.size = paths, resize, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, self.resize(_open_rgb(self.paths[i], self.size)), None
+        except Exception as e:  # noqa: BLE001
+            return i, None, f"{type(e).__name__}: {e}"
+
+
+# Decoded images of this process, by (path, size, modification time): `cv` decodes each image once for all folds.
+_DECODED: Dict[Tuple[str, int, int], torch.Tensor] = {}
+
+
+def decode_images(paths: Sequence[str], size: int, workers: int = 0, progress: bool = False
+                  ) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Decode and resize every distinct file once: ({path: uint8 (3, size, size)}, {path: reason} for unreadable
+    files). Results are kept for the life of the process."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    out: Dict[str, torch.Tensor] = {}
+    bad: Dict[str, str] = {}
+    todo, keys = [], {}
+    for p in dict.fromkeys(paths):
+        try:
+            key = (os.path.abspath(p), size, os.stat(p).st_mtime_ns)
+        except OSError as e:
+            bad[p] = f"{type(e).__name__}: {e}"
+            continue
+        keys[p] = key
+        if key in _DECODED:
+            out[p] = _DECODED[key]
+        else:
+            todo.append(p)
+    if todo:
+        resize = T.Compose([T.Resize((size, size), antialias=True), T.PILToTensor()])
+        loader = DataLoader(_DecodeDataset(todo, resize, size), batch_size=None, num_workers=workers)
+        for i, img, err in tqdm(loader, total=len(todo), desc="decode images", disable=not progress, leave=False):
+            p = todo[i]
+            if img is None:
+                bad[p] = err
+            else:
+                out[p] = _DECODED[keys[p]] = img.clone()
+    return out, bad
+
+
+class CachedImageDataset(_Augmented):
+    """ImageListDataset over images decoded and resized once (decode_images): every sample is a uint8 (3, S, S)
+    tensor in one contiguous block (shared copy-on-write with worker processes), and the augmentation runs on it.
+    A file that could not be decoded yields None, like ImageListDataset."""
+
+    def __init__(self, samples: List[Sample], transform, noise_std: float = 0.0, seed: int = 0, workers: int = 0,
+                 progress: bool = False):
+        self.samples, self.transform, self.noise_std, self.seed, self.epoch = samples, transform, noise_std, seed, 0
+        size = transform["size"]
+        decoded, self.bad = decode_images([s.path for s in samples], size, workers, progress)
+        self.images = torch.zeros((len(samples), 3, size, size), dtype=torch.uint8)
+        self.ok = torch.zeros(len(samples), dtype=torch.bool)
+        for i, s in enumerate(samples):
+            img = decoded.get(s.path)
+            if img is not None:
+                self.images[i] = img
+                self.ok[i] = True
+
+    def __getitem__(self, index):
+        if not self.ok[index]:
+            s = self.samples[index]
+            warnings.warn(f"skipping unreadable image {s.path}: {self.bad.get(s.path, 'not decoded')}")
+            return None
+        return self._finish(self.images[index], index)
 
 
 def collate_skip(batch):
@@ -432,15 +575,23 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def build_transform(image_size: int, normalize: str, train: bool, hflip: bool = True, color_jitter: float = 0.0,
-                    hue_jitter: float = 0.0):
-    """{'pre': PIL -> [0, 1] tensor (resize + augmentation), 'post': normalisation}. Noise goes in between."""
-    pre = [T.Resize((image_size, image_size), antialias=True)]
+                    hue_jitter: float = 0.0, crop_scale: float = 1.0, rotation: float = 0.0, vflip: bool = False):
+    """torchvision transforms v2, in three parts: 'resize' (PIL -> uint8 (3, S, S), done once per run when images
+    are cached), 'aug' (augmentation on the small uint8 image, then [0, 1] float; nothing random at evaluation)
+    and 'post' (normalisation). Gaussian-noise oversampling goes between 'aug' and 'post'."""
+    aug: List = []
     if train:
+        if crop_scale < 1.0:
+            aug.append(T.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True))
         if hflip:
-            pre.append(T.RandomHorizontalFlip())
+            aug.append(T.RandomHorizontalFlip())
+        if vflip:
+            aug.append(T.RandomVerticalFlip())
+        if rotation > 0:
+            aug.append(T.RandomRotation(rotation))
         if color_jitter > 0 or hue_jitter > 0:
-            pre.append(T.ColorJitter(color_jitter, color_jitter, color_jitter, hue_jitter))
-    pre.append(T.ToTensor())
+            aug.append(T.ColorJitter(color_jitter, color_jitter, color_jitter, hue_jitter))
+    aug.append(T.ToDtype(torch.float32, scale=True))
     if normalize == "minmax":
         post = MinMaxNormalize()
     elif normalize == "imagenet":
@@ -449,7 +600,9 @@ def build_transform(image_size: int, normalize: str, train: bool, hflip: bool = 
         post = _Identity()
     else:
         raise ValueError(f"normalize must be minmax, imagenet or none, got {normalize!r}")
-    return {"pre": T.Compose(pre), "post": post}
+    return {"size": image_size, "resize": T.Compose([T.Resize((image_size, image_size), antialias=True),
+                                                     T.PILToTensor()]),
+            "aug": T.Compose(aug), "post": post}
 
 
 class _Identity:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import data as D
 from .config import Config
 from .losses import DistillationLoss, build_loss, image_complexity_score
-from .metrics import classification_metrics, fairness_metrics, summary_line
+from .metrics import classification_metrics, fairness_metrics, majority_warning, summary_line
 from .modeling import (binary_parameter_ids, build_model, freeze_model, has_binary_layers, load_checkpoint,
                        measure_latency, model_from_checkpoint, split_output)
 
@@ -145,22 +145,76 @@ def positive_index(splits_or_classes, cfg: Config) -> int:
         return 0
 
 
+def resolve_workers(n: int) -> int:
+    """-1: one data-loading process per core beyond the first (at most 4), none on a single core."""
+    if n >= 0:
+        return n
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
+
+
+def train_batch_size(n: int, cfg: Config, world_size: int = 1) -> int:
+    """The training batch size for `n` images. A fixed --batch-size is kept. The adaptive one (batch_size 0) is
+    the largest size up to max_batch_size that still gives about min_steps_per_epoch optimizer steps per epoch
+    (at least 4 images), evened out over the batches so that no tiny remainder batch is left: 90 images -> 9
+    batches of 10, 184 -> 8 of 23, 300 -> 10 of 30."""
+    per_rank = max(1, math.ceil(n / world_size))
+    if cfg.batch_size:
+        return cfg.batch_size
+    b = min(cfg.max_batch_size, max(4, per_rank // cfg.min_steps_per_epoch))
+    batches = math.ceil(per_rank / b)
+    return math.ceil(per_rank / batches)
+
+
 def _make_loader(samples: List[D.Sample], cfg: Config, di: DistInfo, train: bool, seed: int,
-                 batch_size: Optional[int] = None) -> DataLoader:
-    tf = D.build_transform(cfg.image_size, cfg.normalize, train, cfg.hflip, cfg.color_jitter, cfg.hue_jitter)
-    ds = D.ImageListDataset(samples, tf, noise_std=cfg.noise_std, seed=seed)
-    bs = batch_size or (cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size))
+                 batch_size: Optional[int] = None, augment: Optional[bool] = None) -> DataLoader:
+    augment = train if augment is None else augment
+    tf = D.build_transform(cfg.image_size, cfg.normalize, augment, cfg.hflip, cfg.color_jitter, cfg.hue_jitter,
+                           cfg.crop_scale, cfg.rotation, cfg.vflip)
+    workers = resolve_workers(cfg.workers)
+    if cfg.cache:
+        ds = D.CachedImageDataset(samples, tf, noise_std=cfg.noise_std, seed=seed, workers=workers)
+    else:
+        ds = D.ImageListDataset(samples, tf, noise_std=cfg.noise_std, seed=seed)
+    if train:
+        bs = batch_size or train_batch_size(len(ds), cfg, di.world_size)
+    else:
+        bs = batch_size or cfg.eval_batch_size or cfg.batch_size or 64
     sampler = None
     if train and di.distributed:
         sampler = DistributedSampler(ds, num_replicas=di.world_size, rank=di.rank, shuffle=True, seed=seed,
                                      drop_last=False)
     g = torch.Generator()
     g.manual_seed(seed)
-    per_rank = len(ds) // di.world_size if train else len(ds)
+    per_rank = math.ceil(len(ds) / di.world_size) if train else len(ds)
+    # Never drop a remainder that matters (the old rule, drop_last whenever the split exceeds one batch, left one
+    # optimizer step per epoch on ~100 images); only a single leftover image (a batch of one breaks BatchNorm1d
+    # layers), which changes with the shuffle every epoch.
     return DataLoader(ds, batch_size=bs, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=cfg.workers, collate_fn=D.collate_skip, generator=g,
-                      worker_init_fn=_seed_worker, drop_last=train and per_rank > bs,
+                      num_workers=workers if train else 0, collate_fn=D.collate_skip, generator=g,
+                      worker_init_fn=_seed_worker, drop_last=train and per_rank % bs == 1 and per_rank > 1,
                       pin_memory=di.device.type == "cuda")
+
+
+def majority_rate(labels) -> Optional[float]:
+    """Accuracy of always predicting the most frequent class of `labels` (what a collapsed model scores at best)."""
+    y = np.asarray(labels, dtype=np.int64)
+    return float(np.bincount(y).max() / len(y)) if len(y) else None
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device) -> bool:
+    """Re-estimate every BatchNorm's running statistics on `loader`'s images (torch.optim.swa_utils.update_bn:
+    a cumulative average over the whole pass instead of the training's momentum-0.1 running average). Returns
+    whether the model has BatchNorm layers."""
+    from torch.optim.swa_utils import update_bn
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    update_bn(((x,) for x, _, _, _ in loader if x is not None), model, device)
+    return True
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -233,7 +287,10 @@ def _groups_for(cfg: Config, samples, idx, root) -> Optional[List[Optional[str]]
 
 # ------------------------------------------------------------------------------------------ training
 
-def _build_optimizer(cfg: Config, model: nn.Module, epochs: int):
+def _build_optimizer(cfg: Config, model: nn.Module, epochs: int, steps_per_epoch: int = 1):
+    """Optimizer with a separate weight-decay group for the latent binary weights, and a learning-rate schedule
+    stepped after every optimizer step: linear warm-up over warmup_epochs, then cosine to 0 over the remaining
+    steps, or the step schedule (x lr_gamma every lr_step epochs, as StepLR per epoch), or constant."""
     bin_ids = binary_parameter_ids(model)
     bwd = cfg.weight_decay if cfg.binary_weight_decay is None else cfg.binary_weight_decay
     binary, other = [], []
@@ -249,13 +306,21 @@ def _build_optimizer(cfg: Config, model: nn.Module, epochs: int):
         opt = torch.optim.AdamW(groups, lr=cfg.lr)
     else:
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.scheduler == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    elif cfg.scheduler == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-    else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0)
-    return opt, sched
+    spe = max(1, steps_per_epoch)
+    total = max(1, epochs * spe)
+    warm = min(int(round(cfg.warmup_epochs * spe)), total - 1) if cfg.scheduler != "none" else 0
+    kind, gamma, every = cfg.scheduler, cfg.lr_gamma, cfg.lr_step
+
+    def factor(t: int) -> float:
+        if t < warm:
+            return (t + 1) / warm
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - warm) / max(1, total - warm))))
+        if kind == "step":
+            return gamma ** ((t // spe) // every)
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -299,8 +364,9 @@ def _run_dir(cfg: Config, di: DistInfo) -> str:
 
 
 class _Logger:
-    FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1_macro",
-              "val_select", "skipped_images", "seconds"]
+    FIELDS = ["epoch", "phase", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+              "val_majority_rate", "val_f1_macro", "val_select", "skipped_images", "train_images", "train_seconds",
+              "images_per_s", "seconds"]
 
     def __init__(self, run_dir: str, tensorboard: bool, resume: bool):
         self.csv_path = os.path.join(run_dir, "log.csv")
@@ -332,7 +398,7 @@ class _Logger:
 _warned_no_features: List[bool] = []
 
 
-def _train_epoch(model, loader, opt, loss_fn, cfg: Config, di: DistInfo, teacher, epoch: int, desc: str):
+def _train_epoch(model, loader, opt, sched, loss_fn, cfg: Config, di: DistInfo, teacher, epoch: int, desc: str):
     model.train()
     # Every epoch starts from RNG states derived from (seed, epoch, rank) only: shuffling, augmentation and
     # dropout of epoch e are the same whether or not the run was interrupted and resumed before it.
@@ -376,6 +442,7 @@ def _train_epoch(model, loader, opt, loss_fn, cfg: Config, di: DistInfo, teacher
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        sched.step()
         if scale:
             totals[0] += loss.item() * len(y)
             totals[1] += float((logits.argmax(1) == y).sum())
@@ -386,7 +453,7 @@ def _train_epoch(model, loader, opt, loss_fn, cfg: Config, di: DistInfo, teacher
         dist.all_reduce(t)
         totals = t.cpu()
     n = max(totals[2].item(), 1.0)
-    return totals[0].item() / n, totals[1].item() / n, int(totals[3].item())
+    return totals[0].item() / n, totals[1].item() / n, int(totals[3].item()), int(totals[2].item())
 
 
 def _load_teacher(cfg: Config, classes: List[str], device) -> Optional[nn.Module]:
@@ -433,12 +500,23 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
     bad: List[Tuple[str, str]] = []
     train_samples, val_samples = splits.train, splits.val
     test_samples = splits.test
-    if cfg.verify_images:
-        # every rank checks (cheap: header + decode of each file once), so all ranks agree on the sample list
-        train_samples, b1 = D.verify_images(train_samples, cfg.progress and di.is_main)
-        val_samples, b2 = D.verify_images(val_samples, cfg.progress and di.is_main)
-        test_samples, b3 = D.verify_images(test_samples, cfg.progress and di.is_main)
-        bad = b1 + b2 + b3
+    if cfg.cache or cfg.verify_images:
+        # every rank checks (cached: each file decoded once for the whole run; otherwise header + decode of each
+        # file once), so all ranks agree on the sample list
+        if cfg.cache:
+            t0 = time.time()
+            _, bad_map = D.decode_images([s.path for s in train_samples + val_samples + test_samples],
+                                         cfg.image_size, resolve_workers(cfg.workers), cfg.progress and di.is_main)
+            bad = sorted(bad_map.items())
+            _log(di, f"[train] decoded and resized {len({s.path for s in train_samples + val_samples + test_samples})}"
+                     f" images to {cfg.image_size}x{cfg.image_size} once for the run ({time.time() - t0:.1f}s)")
+        else:
+            bad = [b for part in (train_samples, val_samples, test_samples)
+                   for b in D.verify_images(part, cfg.progress and di.is_main)[1]]
+        bad_paths = {p for p, _ in bad}
+        train_samples = [s for s in train_samples if s.path not in bad_paths]
+        val_samples = [s for s in val_samples if s.path not in bad_paths]
+        test_samples = [s for s in test_samples if s.path not in bad_paths]
         for path, why in bad:
             _log(di, f"[train] warning: skipping unreadable image {path} ({why})")
         if bad:
@@ -458,6 +536,18 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
 
     train_loader = _make_loader(train_samples, cfg, di, True, cfg.seed)
     val_loader = _make_loader(val_samples, cfg, di, False, cfg.seed)
+    steps_per_epoch = len(train_loader)
+    if cfg.max_batches:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_batches)
+    bn_loader = None
+    if cfg.bn_recalibrate:
+        order = np.random.default_rng(cfg.seed).permutation(len(train_samples))[:cfg.bn_recalibrate_images]
+        bn_loader = _make_loader([train_samples[i] for i in sorted(order)], cfg, DistInfo(device=di.device), False,
+                                 cfg.seed)
+    val_majority = majority_rate([s.label for s in val_samples])
+    _log(di, f"[train] {len(train_samples)} training images, batch {train_loader.batch_size} per process: "
+             f"{steps_per_epoch} optimizer steps per epoch; {resolve_workers(cfg.workers)} data-loading worker(s); "
+             f"validation majority-class rate {val_majority:.4f}")
     loss_fn = build_loss(cfg, train_counts).to(di.device)
     eval_loss_fn = loss_fn
     teacher = _load_teacher(cfg, splits.classes, di.device)
@@ -473,7 +563,7 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
     def make(phase):
         m = build_model(cfg, len(splits.classes), binary=False if phase == "float" else None).to(di.device)
         epochs = float_epochs if phase == "float" else cfg.epochs
-        o, s = _build_optimizer(cfg, m, epochs)
+        o, s = _build_optimizer(cfg, m, epochs, steps_per_epoch)
         return m, o, s
 
     start_epoch, best_score, best_epoch, history = 0, -math.inf, -1, []
@@ -498,6 +588,8 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
         if ck.get("rng") is not None and not di.distributed:
             _set_rng_state(ck["rng"])
     model_ddp = _wrap(model, di)
+    split_lists = {name: [(s.path, s.label) for s in part]
+                   for name, part in (("train", train_samples), ("val", val_samples), ("test", test_samples))}
     logger = _Logger(run_dir, cfg.tensorboard, bool(resume_path)) if di.is_main else None
     if di.is_main:
         write_json(os.path.join(run_dir, "config.json"), asdict(cfg))
@@ -513,13 +605,17 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
         t0 = time.time()
         desc = f"epoch {epoch + 1}/{total_epochs}" + (" (float twin)" if phase == "float" else "")
         lr = opt.param_groups[0]["lr"]
-        tr_loss, tr_acc, skipped = _train_epoch(model_ddp, train_loader, opt, loss_fn, cfg, di, teacher, epoch, desc)
-        sched.step()
+        tr_loss, tr_acc, skipped, n_seen = _train_epoch(model_ddp, train_loader, opt, sched, loss_fn, cfg, di,
+                                                        teacher, epoch, desc)
+        train_seconds = time.time() - t0
         skipped_total += skipped
         row: Dict[str, Any] = {"epoch": epoch + 1, "phase": phase, "lr": lr, "train_loss": tr_loss,
-                               "train_accuracy": tr_acc, "skipped_images": skipped}
+                               "train_accuracy": tr_acc, "skipped_images": skipped, "train_images": n_seen,
+                               "train_seconds": train_seconds, "images_per_s": n_seen / max(train_seconds, 1e-9)}
         improved = False
         if di.is_main:
+            if bn_loader is not None:
+                recalibrate_bn(_unwrap(model_ddp), bn_loader, di.device)
             P, Y, I, vsk, vloss = predict_loader(_unwrap(model_ddp), val_loader, di.device, "validate",
                                                  cfg.progress, eval_loss_fn, cfg)
             skipped_total += vsk
@@ -527,7 +623,8 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
             score = vm.get(cfg.select_metric)
             if score is None:
                 raise ValueError(f"select_metric {cfg.select_metric!r} is not available; metrics: {sorted(vm)}")
-            row.update(val_loss=vloss, val_accuracy=vm["accuracy"], val_f1_macro=vm["f1_macro"], val_select=score)
+            row.update(val_loss=vloss, val_accuracy=vm["accuracy"], val_f1_macro=vm["f1_macro"], val_select=score,
+                       val_majority_rate=vm.get("majority_rate"))
             if phase == "final" and score > best_score:
                 best_score, best_epoch, improved = float(score), epoch + 1, True
         row["seconds"] = time.time() - t0
@@ -538,19 +635,27 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
                      "scheduler": sched.state_dict(), "epoch": epoch + 1, "phase": phase, "best_score": best_score,
                      "best_epoch": best_epoch, "history": history, "config": asdict(cfg),
                      "classes": splits.classes, "source_classes": splits.source_classes, "task": cfg.task,
-                     "rng": _rng_state()}
+                     "rng": _rng_state(), "splits": split_lists}
             _atomic_save(state, os.path.join(run_dir, "last.pt"))
             if improved:
                 _atomic_save(state, os.path.join(run_dir, "best.pt"))
             print(f"[train] epoch {epoch + 1}/{total_epochs} {phase} lr={lr:.3g} train_loss={tr_loss:.4f} "
                   f"train_acc={tr_acc:.4f} val_loss={row['val_loss'] if row['val_loss'] is None else round(row['val_loss'], 4)} "
-                  f"val_acc={row['val_accuracy']:.4f}{' *' if improved else ''} ({row['seconds']:.1f}s)", flush=True)
+                  f"val_acc={row['val_accuracy']:.4f} (majority {row['val_majority_rate']:.4f})"
+                  f"{' *' if improved else ''} "
+                  f"{row['images_per_s']:.1f} train images/s ({row['seconds']:.1f}s)", flush=True)
         if di.distributed:
             dist.barrier()
     result: Dict[str, Any] = {"run_dir": run_dir}
     if di.is_main:
         if logger:
             logger.close()
+        final = [r for r in history if r.get("phase") == "final" and r.get("val_accuracy") is not None]
+        if final and max(r["val_accuracy"] for r in final) <= val_majority:
+            print(f"[train] WARNING: validation accuracy never beat the majority-class rate {val_majority:.4f} "
+                  f"(best {max(r['val_accuracy'] for r in final):.4f} in {len(final)} epochs): the model predicts "
+                  f"(mostly) one class and has learned nothing usable. Try more epochs or another learning rate "
+                  f"(--lr){'' if cfg.preset == 'default' else ', or the default preset'}.", flush=True)
         result["metrics"] = _final_report(cfg, run_dir, splits, train_samples, val_samples, test_samples,
                                           history, best_epoch, bad, skipped_total, di, fold)
     if di.distributed:
@@ -606,6 +711,9 @@ def _final_report(cfg, run_dir, splits, train_samples, val_samples, test_samples
         plot_all(run_dir, metrics, Y, P, splits.classes)
     plot_history(history, os.path.join(run_dir, "training_curves.png"))
     print(f"[train] {eval_split}: {summary_line(metrics)}", flush=True)
+    warning = majority_warning(metrics, eval_split)
+    if warning:
+        print(f"[train] {warning}", flush=True)
     if "latency" in metrics:
         print(f"[train] latency per image: {latency_line(metrics['latency'])}", flush=True)
     print(f"[train] wrote {run_dir}/metrics.json, predictions.csv, plots; checkpoints best.pt / last.pt", flush=True)
@@ -658,7 +766,18 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str = "test", out_d
     di = DistInfo(device=_resolve_device(cfg.device, 0))
     set_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
-    splits = prepare_splits(cfg)
+    stored = ck.get("splits")
+    same_data = os.path.abspath(os.path.expanduser(cfg.data)) == os.path.abspath(
+        os.path.expanduser(ck["config"].get("data", ""))) and cfg.layout == ck["config"].get("layout", cfg.layout)
+    if stored and same_data and split in stored:
+        # the images this checkpoint was trained, validated and tested on (a cv fold's held-out part, say)
+        splits = D.Splits(list(ck["classes"]), list(ck.get("source_classes", ck["classes"])),
+                          *[[D.Sample(p, int(y)) for p, y in stored.get(k, [])] for k in ("train", "val", "test")],
+                          layout=ck["config"].get("layout", "auto"), root=os.path.abspath(cfg.data))
+        print(f"[evaluate] the {split} split stored in the checkpoint: {len(getattr(splits, split))} images",
+              flush=True)
+    else:
+        splits = prepare_splits(cfg)
     if list(splits.classes) != list(ck["classes"]):
         raise D.DataError(f"the checkpoint was trained on classes {ck['classes']}, the data has {splits.classes}")
     samples = getattr(splits, split)
@@ -698,6 +817,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, split: str = "test", out_d
     if len(Y):
         plot_all(out_dir, m, Y, P, splits.classes)
     print(f"[evaluate] {split}{' (frozen)' if frozen else ''}: {summary_line(m)}", flush=True)
+    warning = majority_warning(m, split)
+    if warning:
+        print(f"[evaluate] {warning}", flush=True)
     if "latency" in m:
         print(f"[evaluate] latency per image: {latency_line(m['latency'])}", flush=True)
     print(f"[evaluate] wrote {out_dir}/metrics.json, predictions.csv and plots", flush=True)

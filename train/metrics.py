@@ -18,7 +18,7 @@ import numpy as np
 from sklearn import metrics as skm
 from sklearn.preprocessing import label_binarize
 
-__all__ = ["classification_metrics", "fairness_metrics", "summary_line"]
+__all__ = ["classification_metrics", "fairness_metrics", "summary_line", "majority_warning"]
 
 
 def _f(x) -> Optional[float]:
@@ -39,6 +39,9 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, class_names
         out["accuracy"] = None
         return out
     out["accuracy"] = float(skm.accuracy_score(y, pred))
+    # the accuracy of always predicting the most frequent class: a run at or below it has learned nothing usable
+    out["majority_rate"] = float(np.bincount(y, minlength=n_classes).max() / len(y))
+    out["beats_majority"] = bool(out["accuracy"] > out["majority_rate"])
     out["balanced_accuracy"] = _f(skm.balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else None
     for avg in ("macro", "weighted"):
         pr, rc, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, average=avg, zero_division=0)
@@ -115,5 +118,15 @@ def summary_line(m: Dict[str, object]) -> str:
     def fmt(k):
         v = m.get(k)
         return f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-    keys = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "pr_auc"]
+    keys = ["accuracy", "majority_rate", "balanced_accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc",
+            "pr_auc"]
     return " ".join(fmt(k) for k in keys if k in m)
+
+
+def majority_warning(m: Dict[str, object], what: str) -> Optional[str]:
+    """A warning line when accuracy does not beat the majority-class rate (None otherwise)."""
+    acc, maj = m.get("accuracy"), m.get("majority_rate")
+    if isinstance(acc, float) and isinstance(maj, float) and acc <= maj:
+        return (f"WARNING: {what} accuracy {acc:.4f} does not beat the majority-class rate {maj:.4f} (always "
+                f"predicting the largest class): this run has not learned anything usable")
+    return None
