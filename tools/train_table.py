@@ -96,7 +96,8 @@ def main() -> int:
                 timed([py, "-m", "train", "cv", args.data, "--folds", str(args.folds), "--model", model,
                        "--no-latency", "--name", name, *common], os.path.join(out, name),
                       os.path.join(out, name + ".log"))
-    print(f"\nCPU: {cpu_name()}; threads per run: {args.threads}; runs in {out}\n")
+    print(f"\nCPU: {cpu_name()}; threads per run: {args.threads}; runs in {out}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print("| model | seed | test accuracy | majority rate | balanced acc. | ROC AUC | best epoch | train images/s "
           "(median epoch) | minutes |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -122,6 +123,11 @@ def main() -> int:
         if accs:
             means[model] = statistics.mean(accs)
             print(f"| **{model}** | mean of {len(accs)} | **{fmt(means[model])}** | | | | | | |")
+    for model in means:
+        maj = [load(os.path.join(out, f"fit-{model}-s{seed}", "metrics.json")) for seed in args.seeds]
+        maj = [m["majority_rate"] for m in maj if m]
+        print(f"\n{model}: mean test accuracy {means[model]:.3f}, majority-class rate {statistics.mean(maj):.3f}: "
+              f"{100 * (means[model] - statistics.mean(maj)):+.1f} points")
     fl = [m for m in means if m.endswith("_float")]
     for model in means:
         if fl and model != fl[0]:
