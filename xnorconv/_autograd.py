@@ -69,8 +69,8 @@ def _surrogate_grad(x: torch.Tensor, g: torch.Tensor, ste: str) -> torch.Tensor:
 
 class _SignSTE(torch.autograd.Function):
     """ste_sign without an anchor in one forward pass and one or two backward passes over the activation (the
-    composite form, sign(x) + (s(x) - s(x).detach()), makes about ten; measured 1.6x faster training of
-    BinaryDNet53 at 128x128 on a CPU). Same values and the same first and second derivatives as that form."""
+    composite form, sign(x) + (s(x) - s(x).detach()), makes about ten, a large share of a CPU training step). Same
+    values and the same first and second derivatives as that form."""
 
     @staticmethod
     def forward(ctx, x, ste):
