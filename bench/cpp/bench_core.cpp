@@ -157,16 +157,22 @@ int main(int argc, char** argv) {
   std::normal_distribution<float> dist;
   std::vector<std::string> backends = available_backends();
   if (!only_backend.empty()) {
-    if (const std::string err = set_backend_override(only_backend); !err.empty()) {
+    std::string err;
+    if (!find_backend(only_backend, &err)) {
       std::fprintf(stderr, "--backend: %s\n", err.c_str());
       return 2;
     }
     backends = {only_backend};
   }
+  // Like at::parallel_for: a range no longer than the grain runs on the calling thread.
+  const ParallelFor parallel_for = [threads](int64_t tasks, int64_t grain, const TaskBody& body) {
+    if (tasks <= grain)
+      run_serially(tasks, grain, body);
+    else
+      parallel(threads, tasks, body);
+  };
   for (const auto& name : backends) {
-    set_backend_override(name);
-    ConvParams probe_params;
-    const KernelOps& ops = select_kernel(probe_params);
+    const KernelOps& ops = *find_backend(name);
     const double peak = peak_rate(ops, threads);
     std::printf("\n[%s] peak probe: %.1f binary GMAC/s", name.c_str(), peak / 1e9);
     if (fma > 0) std::printf(" = %.1fx the fp32 FMA probe (the ceiling of binary over fp32 here)", peak / threads / fma);
@@ -189,22 +195,26 @@ int main(int argc, char** argv) {
       std::vector<float> x(p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.in_channels * p.taps());
       for (auto& e : x) e = dist(rng);
       for (auto& e : w) e = dist(rng);
-      const ActivationLayout l = ops.layout(p);
-      WordBuffer px(l.total_words), pw(weight_words(p)), formatted;
+      WordBuffer packed(packed_input_words(ops, p)), bits(weight_words(p)), formatted;
       std::vector<int32_t> tap_sum(p.out_channels * p.taps());
-      pack_weights(p, w.data(), pw.data(), tap_sum.data());
-      const uint64_t* w_conv = conv_weight(ops, p, pw.data(), formatted);
+      pack_weights(p, w.data(), bits.data(), tap_sum.data());
       std::vector<float> out(p.out_channels * p.out_h() * p.out_w());
-      OutputStage st;
-      st.out = out.data();
+      ConvCall call;
+      call.params = p;
+      call.input = x.data();
+      call.strides = {p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+      call.weight_bits = bits.data();
+      call.weight_tap_sum = tap_sum.data();
+      call.output.out = out.data();
+      // Kept across calls by the op (the weight format, the border correction), so made once here too.
+      call.formatted_weight = conv_weight(ops, p, bits.data(), formatted);
       const ZeroPadCorrection zero_pad = zero_pad_correction(p, tap_sum.data());
-      if (p.pad_value == PadValue::Zero) st.zero_pad = &zero_pad;
-      const TensorStrides strides{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+      if (p.pad_value == PadValue::Zero) call.output.zero_pad = &zero_pad;
       // Correctness first: this family against the scalar one on this very layer.
       {
         std::vector<float> want(out.size()), got(out.size());
-        binary_conv2d_serial(scalar_kernel(), p, x.data(), strides, w.data(), nullptr, nullptr, want.data());
-        binary_conv2d_serial(ops, p, x.data(), strides, w.data(), nullptr, nullptr, got.data());
+        binary_conv2d_serial(scalar_kernel(), p, x.data(), call.strides, w.data(), nullptr, nullptr, want.data());
+        binary_conv2d_serial(ops, p, x.data(), call.strides, w.data(), nullptr, nullptr, got.data());
         if (want != got) {
           std::fprintf(stderr, "[%s] result differs from scalar on this layer\n", name.c_str());
           return 1;
@@ -213,13 +223,9 @@ int main(int argc, char** argv) {
       std::vector<double> pack_t, conv_t;
       for (int r = 0; r < reps; ++r) {
         auto t0 = Clock::now();
-        parallel(threads, ops.pack_tasks(p, l), [&](int64_t b, int64_t e) {
-          ops.pack(p, l, x.data(), strides, nullptr, px.data(), b, e);
-        });
+        pack_input(ops, call, packed.data(), parallel_for);
         auto t1 = Clock::now();
-        parallel(threads, ops.conv_tasks(p, l), [&](int64_t b, int64_t e) {
-          ops.conv(p, l, px.data(), w_conv, st, b, e);
-        });
+        convolve_packed(ops, call, packed.data(), parallel_for);
         auto t2 = Clock::now();
         pack_t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
         conv_t.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());

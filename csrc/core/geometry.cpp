@@ -221,27 +221,4 @@ std::shared_ptr<const ZeroPadCorrection> cached_zero_pad_correction(const ConvPa
   return result;
 }
 
-void binary_conv2d_serial(const KernelOps& ops, const ConvParams& p, const float* input, TensorStrides strides,
-                          const float* weight, const float* scale, const float* bias, float* out,
-                          const float* threshold) {
-  const ActivationLayout layout = ops.layout(p);
-  std::vector<uint64_t> packed_w(weight_words(p));
-  std::vector<int32_t> tap_sum(p.out_channels * p.taps());
-  pack_weights(p, weight, packed_w.data(), tap_sum.data());
-  WordBuffer packed_x(layout.total_words + 64);
-  ops.pack(p, layout, input, strides, threshold, packed_x.data(), 0, ops.pack_tasks(p, layout));
-  ZeroPadCorrection zero_pad;
-  OutputStage stage;
-  stage.scale = scale;
-  stage.bias = bias;
-  stage.out = out;
-  if (p.pad_value == PadValue::Zero && !ops.exact_zero_padding) {
-    zero_pad = zero_pad_correction(p, tap_sum.data());
-    stage.zero_pad = &zero_pad;
-  }
-  WordBuffer formatted;
-  ops.conv(p, layout, packed_x.data(), conv_weight(ops, p, packed_w.data(), formatted), stage, 0,
-           ops.conv_tasks(p, layout));
-}
-
 }  // namespace xnorconv

@@ -164,19 +164,28 @@ std::vector<std::string> compiled_backends() {
   return names;
 }
 
+const KernelOps* find_backend(const std::string& name, std::string* error) {
+  for (const auto& f : kFamilies) {
+    if (name != f.name) continue;
+    if (f.usable(cpu_features())) return &f.ops();
+    if (error)
+      *error = "backend '" + name + "' is compiled but not supported by this CPU; available: " +
+               join(available_backends());
+    return nullptr;
+  }
+  if (error) *error = "unknown backend '" + name + "'; available: " + join(available_backends());
+  return nullptr;
+}
+
 std::string set_backend_override(const std::string& name) {
   if (name.empty() || name == "auto") {
     override_slot().store(nullptr);
     return {};
   }
-  for (const auto& f : kFamilies) {
-    if (name != f.name) continue;
-    if (!f.usable(cpu_features()))
-      return "backend '" + name + "' is compiled but not supported by this CPU; available: " + join(available_backends());
-    override_slot().store(&f.ops());
-    return {};
-  }
-  return "unknown backend '" + name + "'; available: " + join(available_backends());
+  std::string error;
+  const KernelOps* ops = find_backend(name, &error);
+  if (ops) override_slot().store(ops);
+  return error;
 }
 
 std::string backend_override() {

@@ -24,6 +24,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <new>
 #include <memory>
 #include <string>
@@ -229,8 +230,47 @@ std::string backend_override();
 // Non-empty when XNORCONV_BACKEND names a backend that is unknown or unusable here (then it is ignored).
 std::string backend_environment_error();
 
-// The whole op on one thread with one kernel family: for the C++ tests and benchmarks (no torch there).
-// input is NCHW with the given strides; out is NCHW contiguous.
+// ---- the whole convolution: the one entry the torch binding, the C++ benchmark and the C++ tests call ----
+
+// One call of the op as raw pointers, built once at the schema boundary (csrc/torch/ops.cpp) or by a C++ caller.
+struct ConvCall {
+  ConvParams params;
+  const float* input = nullptr;          // float input, NCHW-indexed through `strides` (any memory format); or
+  const uint8_t* input_signs = nullptr;  // an already binarized input: bytes, nonzero meaning -1
+  TensorStrides strides{};
+  const float* input_threshold = nullptr;  // [in_channels] or nullptr for 0; float input only
+  const uint64_t* weight_bits = nullptr;   // pack_weights's layout
+  const int32_t* weight_tap_sum = nullptr;  // pack_weights's tap sums; read for pad_value 0
+  // The weight in the family's own format when the caller keeps it (the torch layer caches it per weight tensor);
+  // nullptr: made from weight_bits for this call.
+  const uint64_t* formatted_weight = nullptr;
+  // Everything but zero_pad, which the convolution fills in (memoised) unless the caller did.
+  OutputStage output;
+};
+
+// The caller's threading: body(begin, end) over ranges covering tasks [0, tasks), each at least `grain` tasks long
+// (the last may be shorter). The torch layer passes at::parallel_for; run_serially is one call on this thread.
+using TaskBody = std::function<void(int64_t begin, int64_t end)>;
+using ParallelFor = std::function<void(int64_t tasks, int64_t grain, const TaskBody& body)>;
+void run_serially(int64_t tasks, int64_t grain, const TaskBody& body);
+
+// Words of packed input the family needs for these parameters (the buffer binary_conv2d and pack_input fill).
+inline int64_t packed_input_words(const KernelOps& ops, const ConvParams& p) { return ops.layout(p).total_words; }
+
+// The op: binarize and pack the input into `packed_input` (packed_input_words of them, 64-byte aligned for AMX),
+// then the convolution pass with the fused output stage. Nothing is written for batch 0.
+void binary_conv2d(const KernelOps& ops, const ConvCall& call, uint64_t* packed_input, const ParallelFor& parallel_for);
+// Its two passes, for benchmarks that time them apart.
+void pack_input(const KernelOps& ops, const ConvCall& call, uint64_t* packed_input, const ParallelFor& parallel_for);
+void convolve_packed(const KernelOps& ops, const ConvCall& call, const uint64_t* packed_input,
+                     const ParallelFor& parallel_for);
+
+// A usable kernel family by name, leaving the process-wide choice (set_backend_override) alone: for tests and
+// benchmarks that run each family in turn. nullptr, with the reason in *error, for an unknown or unusable name.
+const KernelOps* find_backend(const std::string& name, std::string* error = nullptr);
+
+// The whole op from float weights, on this thread: for the C++ tests and benchmarks (no torch there).
+// input is NCHW-indexed with the given strides; out is NCHW contiguous.
 void binary_conv2d_serial(const KernelOps& ops, const ConvParams& p, const float* input, TensorStrides strides,
                           const float* weight, const float* scale, const float* bias, float* out,
                           const float* threshold = nullptr);

@@ -18,19 +18,17 @@
 
 namespace {
 
-// The kernel family `backend` names, leaving the process-wide choice (use_backend / XNORCONV_BACKEND) as it was.
-const xnorconv::KernelOps& family(const std::string& backend, const xnorconv::ConvParams& p, const char* caller) {
-  const std::string previous = xnorconv::backend_override();
-  const std::string err = xnorconv::set_backend_override(backend);
-  TORCH_CHECK(err.empty(), caller, ": ", err);
-  const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
-  xnorconv::set_backend_override(previous);
-  return ops;
+// The kernel family `backend` names; the process-wide choice (use_backend / XNORCONV_BACKEND) is not touched.
+const xnorconv::KernelOps& family(const std::string& backend, const char* caller) {
+  std::string error;
+  const xnorconv::KernelOps* ops = xnorconv::find_backend(backend, &error);
+  TORCH_CHECK(ops, caller, ": ", error);
+  return *ops;
 }
 
 // Benchmark hooks (used by python -m bench): the kernel's ceiling and the kernel alone on pre-packed input.
 double peak_binary_macs_per_second(const std::string& backend, int64_t iterations) {
-  const xnorconv::KernelOps& ops = family(backend, {}, "peak_binary_macs_per_second");
+  const xnorconv::KernelOps& ops = family(backend, "peak_binary_macs_per_second");
   double best = 0;
   for (int r = 0; r < 5; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
@@ -59,26 +57,33 @@ double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const
   p.pad_value = static_cast<xnorconv::PadValue>(pad_value);
   const std::string bad = xnorconv::validate(p);
   TORCH_CHECK(bad.empty(), "conv_kernel_ms: ", bad);
-  const xnorconv::KernelOps& ops = family(backend, p, "conv_kernel_ms");
+  const xnorconv::KernelOps& ops = family(backend, "conv_kernel_ms");
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
-  const xnorconv::ActivationLayout l = ops.layout(p);
-  xnorconv::WordBuffer px(l.total_words), pw(xnorconv::weight_words(p)), formatted;  // 64-byte aligned, as the op's
+  // 64-byte aligned, as the op's buffers are.
+  xnorconv::WordBuffer packed(xnorconv::packed_input_words(ops, p)), bits(xnorconv::weight_words(p)), formatted;
   std::vector<int32_t> tap_sum(p.out_channels * p.taps());
-  xnorconv::pack_weights(p, w.data_ptr<float>(), pw.data(), tap_sum.data());
-  ops.pack(p, l, x.data_ptr<float>(), {x.stride(0), x.stride(1), x.stride(2), x.stride(3)}, nullptr, px.data(), 0,
-           ops.pack_tasks(p, l));
-  const uint64_t* w_conv = xnorconv::conv_weight(ops, p, pw.data(), formatted);
-  xnorconv::ZeroPadCorrection zp;
-  if (p.pad_value == xnorconv::PadValue::Zero) zp = xnorconv::zero_pad_correction(p, tap_sum.data());
+  xnorconv::pack_weights(p, w.data_ptr<float>(), bits.data(), tap_sum.data());
   at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()}, x.options());
-  xnorconv::OutputStage st;
-  st.out = out.data_ptr<float>();
-  st.zero_pad = &zp;
-  auto pass = [&] {
-    at::parallel_for(0, ops.conv_tasks(p, l), 1, [&](int64_t b, int64_t e) {
-      ops.conv(p, l, px.data(), w_conv, st, b, e);
-    });
+  xnorconv::ConvCall call;
+  call.params = p;
+  call.input = x.data_ptr<float>();
+  call.strides = {x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
+  call.weight_bits = bits.data();
+  call.weight_tap_sum = tap_sum.data();
+  call.output.out = out.data_ptr<float>();
+  // What the op keeps across calls (the weight format, the border correction) is made once here too, so that the
+  // timed passes are the convolution alone.
+  call.formatted_weight = xnorconv::conv_weight(ops, p, bits.data(), formatted);
+  xnorconv::ZeroPadCorrection zero_pad;
+  if (p.pad_value == xnorconv::PadValue::Zero) {
+    zero_pad = xnorconv::zero_pad_correction(p, tap_sum.data());
+    call.output.zero_pad = &zero_pad;
+  }
+  const xnorconv::ParallelFor parallel_for = [](int64_t tasks, int64_t grain, const xnorconv::TaskBody& body) {
+    at::parallel_for(0, tasks, grain, body);
   };
+  xnorconv::pack_input(ops, call, packed.data(), parallel_for);
+  auto pass = [&] { xnorconv::convolve_packed(ops, call, packed.data(), parallel_for); };
   // One untimed pass first: the buffers above are fresh, so a first pass also pays the output's page faults and
   // the misses on weights that were just packed (a large share of a short pass), which is setup, not the kernel's
   // rate.

@@ -230,13 +230,9 @@ std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& weight) {
   return {bits, tap_sum};
 }
 
-// Packing splits across threads only when the input is large enough to repay waking them: a pass over a few
-// thousand words takes microseconds, about what waking a second thread costs. The threshold lies between the
-// DarkNet layers that pack faster on one thread (256 channels x 16x16) and those that pack faster on two
-// (64 x 64x64); python -m bench --scaling shows where a change moves it.
-int64_t pack_grain(const ConvParams& p, int64_t tasks) {
-  constexpr int64_t kParallelPackValues = 96 * 1024;
-  return p.batch * p.in_channels * p.in_h * p.in_w < kParallelPackValues ? tasks : 1;
+// The core's threading hook: torch's pool, so the op follows torch.get_num_threads().
+void torch_parallel_for(int64_t tasks, int64_t grain, const xnorconv::TaskBody& body) {
+  at::parallel_for(0, tasks, grain, body);
 }
 
 at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& weight_bits,
@@ -263,53 +259,48 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
                                  .memory_format(write_nhwc ? at::MemoryFormat::ChannelsLast
                                                            : at::MemoryFormat::Contiguous));
   if (p.batch == 0) return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
-  const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const at::Tensor bits = weight_bits.contiguous();
-  const at::Tensor threshold = input_threshold.has_value() ? input_threshold->contiguous() : at::Tensor();
-  const float* threshold_ptr = threshold.defined() ? threshold.data_ptr<float>() : nullptr;
-
-  const xnorconv::ActivationLayout layout = ops.layout(p);
-  at::Tensor packed = at::empty({layout.total_words}, input.options().dtype(at::kLong));
-  auto* packed_ptr = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
-  const xnorconv::TensorStrides strides{input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
-  const int64_t pack_tasks = ops.pack_tasks(p, layout);
-  at::parallel_for(0, pack_tasks, pack_grain(p, pack_tasks), [&](int64_t begin, int64_t end) {
-    if (sign_input)
-      ops.pack_signs(p, layout, reinterpret_cast<const uint8_t*>(input.data_ptr<bool>()), strides, packed_ptr, begin,
-                     end);
-    else
-      ops.pack(p, layout, input.data_ptr<float>(), strides, threshold_ptr, packed_ptr, begin, end);
-  });
-
-  std::shared_ptr<const xnorconv::ZeroPadCorrection> zero_pad;
-  xnorconv::OutputStage stage;
-  stage.scale = scale_c.defined() ? scale_c.data_ptr<float>() : nullptr;
-  stage.bias = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
-  const at::Tensor out_threshold = output_threshold.has_value() ? output_threshold->contiguous() : at::Tensor();
-  if (output_signs) {
-    stage.out_signs = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
-    stage.out_threshold = out_threshold.defined() ? out_threshold.data_ptr<float>() : nullptr;
-  } else {
-    stage.out = out.data_ptr<float>();
-  }
+  // Contiguous copies (usually the tensors themselves) that the raw pointers below point into; they live to the end
+  // of the call.
+  auto contiguous = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
+  auto data = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  const at::Tensor scale_c = contiguous(scale), bias_c = contiguous(bias), threshold = contiguous(input_threshold);
+  const at::Tensor out_threshold = contiguous(output_threshold);
+  const at::Tensor bits = weight_bits.contiguous(), tap_sum = weight_tap_sum.contiguous();
   const at::Tensor residual_c =
       residual.has_value()
           ? residual->contiguous(write_nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
           : at::Tensor();
-  stage.channels_last = write_nhwc;
+  // A shared slope (1,) is expanded to one per output channel.
   const at::Tensor slope = prelu_weight.has_value() ? prelu_weight->expand({p.out_channels}).contiguous() : at::Tensor();
-  stage.residual = residual_c.defined() ? residual_c.data_ptr<float>() : nullptr;
-  stage.prelu = slope.defined() ? slope.data_ptr<float>() : nullptr;
-  if (p.pad_value == PadValue::Zero && !ops.exact_zero_padding) {
-    zero_pad = xnorconv::cached_zero_pad_correction(p, weight_tap_sum.contiguous().data_ptr<int32_t>());
-    stage.zero_pad = zero_pad.get();
+  const at::Tensor formatted = ops.format_weight ? formatted_weights().get(ops, p, weight_bits) : at::Tensor();
+
+  xnorconv::ConvCall call;
+  call.params = p;
+  if (sign_input)
+    call.input_signs = reinterpret_cast<const uint8_t*>(input.data_ptr<bool>());
+  else
+    call.input = input.data_ptr<float>();
+  call.strides = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+  call.input_threshold = data(threshold);
+  call.weight_bits = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  call.weight_tap_sum = tap_sum.data_ptr<int32_t>();
+  call.formatted_weight = formatted.defined() ? reinterpret_cast<const uint64_t*>(formatted.data_ptr<int64_t>())
+                                              : nullptr;
+  xnorconv::OutputStage& stage = call.output;
+  stage.scale = data(scale_c);
+  stage.bias = data(bias_c);
+  if (output_signs) {
+    stage.out_signs = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
+    stage.out_threshold = data(out_threshold);
+  } else {
+    stage.out = out.data_ptr<float>();
   }
-  const at::Tensor formatted = ops.format_weight ? formatted_weights().get(ops, p, weight_bits) : bits;
-  const auto* w = reinterpret_cast<const uint64_t*>(formatted.data_ptr<int64_t>());
-  at::parallel_for(0, ops.conv_tasks(p, layout), 1, [&](int64_t begin, int64_t end) {
-    ops.conv(p, layout, packed_ptr, w, stage, begin, end);
-  });
+  stage.residual = data(residual_c);
+  stage.prelu = data(slope);
+  stage.channels_last = write_nhwc;
+
+  at::Tensor packed = at::empty({xnorconv::packed_input_words(ops, p)}, input.options().dtype(at::kLong));
+  xnorconv::binary_conv2d(ops, call, reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>()), torch_parallel_for);
   if (channels_last && !write_nhwc) return out.contiguous(at::MemoryFormat::ChannelsLast);
   return out;
 }

@@ -61,9 +61,7 @@ void check_case(const ConvParams& p, Layout layout, bool with_affine, const std:
   const float* th = with_threshold ? thresholds.data() : nullptr;
   const std::vector<double> want = reference(p, x, s, w, sc, bi, th);
   for (const auto& name : available_backends()) {
-    set_backend_override(name);
-    const KernelOps& ops = select_kernel(p);
-    EXPECT(ops.name == name, "selector returned %s for override %s", ops.name, name.c_str());
+    const KernelOps& ops = *find_backend(name);
     std::vector<float> got(want.size(), NAN);
     binary_conv2d_serial(ops, p, x.data(), s, w.data(), sc, bi, got.data(), th);
     int64_t bad = 0, first = -1;
@@ -78,7 +76,6 @@ void check_case(const ConvParams& p, Layout layout, bool with_affine, const std:
            static_cast<long long>(bad), want.size(), static_cast<long long>(first),
            first >= 0 ? got[first] : 0.0, first >= 0 ? want[first] : 0.0);
   }
-  set_backend_override("");
 }
 
 std::string describe(const ConvParams& p) {
@@ -186,8 +183,7 @@ void test_bit_order() {
   const ActivationLayout l = activation_layout(p);
   EXPECT(l.words_per_pixel == 3, "130 channels need 3 words, layout says %lld", (long long)l.words_per_pixel);
   for (const auto& name : available_backends()) {
-    set_backend_override(name);
-    const KernelOps& ops = select_kernel(p);
+    const KernelOps& ops = *find_backend(name);
     const bool bytes = ops.layout != activation_layout;  // AMX: one int8 per value, 64 per (pixel, word)
     const ActivationLayout fl = ops.layout(p);
     for (int64_t hot = 0; hot < p.in_channels; ++hot) {
@@ -216,7 +212,6 @@ void test_bit_order() {
         }
     }
   }
-  set_backend_override("");
   // Weights use the same order.
   std::vector<float> w(p.in_channels, 1.0f);
   w[70] = -1.0f;
@@ -262,8 +257,7 @@ void test_pack_matches_scalar(int cases) {
     std::vector<uint64_t> want(l.total_words, 0x5A5A5A5A5A5A5A5Aull);
     scalar_kernel().pack(p, l, x.data(), s, t, want.data(), 0, scalar_kernel().pack_tasks(p, l));
     for (const auto& name : available_backends()) {
-      set_backend_override(name);
-      const KernelOps& ops = select_kernel(p);
+      const KernelOps& ops = *find_backend(name);
       // Word-for-word comparison needs the bit layout; AMX's int8 packing is checked through its convolutions
       // (and its byte order by test_bit_order).
       if (ops.layout != activation_layout) continue;
@@ -276,7 +270,6 @@ void test_pack_matches_scalar(int cases) {
              channels_last ? " channels_last" : "", name.c_str(), static_cast<long long>(bad), want.size(),
              static_cast<long long>(first));
     }
-    set_backend_override("");
   }
 }
 
@@ -388,16 +381,14 @@ void test_sign_edge_cases() {
       std::vector<float> x(kC * kValues, 1.0f);
       for (int64_t j = 0; j < kValues; ++j) x[c0 * s.c + j * s.w] = values[j];
       for (const auto& name : available_backends()) {
-        set_backend_override(name);
         std::vector<float> y(kValues, 1e30f);
-        binary_conv2d_serial(select_kernel(p), p, x.data(), s, w.data(), nullptr, nullptr, y.data());
+        binary_conv2d_serial(*find_backend(name), p, x.data(), s, w.data(), nullptr, nullptr, y.data());
         for (int64_t j = 0; j < kValues; ++j)
           EXPECT(y[j] == kC - 1 + signs[j], "[%s] %s, channel %lld: value %g binarized to %g, want %g", name.c_str(),
                  channels_last ? "channels_last" : "NCHW", (long long)c0, values[j], y[j] - (kC - 1), signs[j]);
       }
     }
   }
-  set_backend_override("");
 }
 
 // Batch 0: every family packs and convolves nothing. The input is a one-element buffer (a read past it is an
@@ -420,16 +411,14 @@ void test_batch_zero() {
     const std::vector<float> x(1, 1.0f), w(p.out_channels * p.channels_per_group() * p.taps(), 1.0f);
     const std::vector<float> scale(p.out_channels, 2.0f), bias(p.out_channels, 1.0f), t(p.in_channels, 0.0f);
     for (const auto& name : available_backends()) {
-      set_backend_override(name);
       std::vector<float> out(16, 1e30f);
-      binary_conv2d_serial(select_kernel(p), p, x.data(), {p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1},
+      binary_conv2d_serial(*find_backend(name), p, x.data(), {p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1},
                            w.data(), variant == 4 ? scale.data() : nullptr, variant == 4 ? bias.data() : nullptr,
                            out.data(), variant == 2 ? t.data() : nullptr);
       EXPECT(std::all_of(out.begin(), out.end(), [](float v) { return v == 1e30f; }),
              "[%s] batch 0, %s: the output buffer was written", name.c_str(), describe(p).c_str());
     }
   }
-  set_backend_override("");
 }
 
 // Sign output (y < threshold, as bytes) fed back as sign input must equal the float path with that threshold.
@@ -463,8 +452,7 @@ void test_sign_io(int cases) {
     pack_weights(p, w.data(), bits.data(), tap_sum.data());
     const ZeroPadCorrection zp = zero_pad_correction(p, tap_sum.data());
     for (const auto& name : available_backends()) {
-      set_backend_override(name);
-      const KernelOps& ops = select_kernel(p);
+      const KernelOps& ops = *find_backend(name);
       const ActivationLayout l = ops.layout(p);
       std::vector<uint64_t> packed(l.total_words);
       const uint64_t* pw = conv_weight(ops, p, bits.data(), formatted);
@@ -508,7 +496,6 @@ void test_sign_io(int cases) {
         bad += signs[i] != static_cast<uint8_t>(!(y[i] >= out_t[(i / plane) % p.out_channels]));
       EXPECT(bad == 0, "[%s] %lld sign outputs wrong", name.c_str(), static_cast<long long>(bad));
     }
-    set_backend_override("");
   }
 }
 
@@ -538,8 +525,7 @@ void test_task_ranges(int cases) {
     pack_weights(p, w.data(), bits.data(), tap_sum.data());
     const ZeroPadCorrection zp = zero_pad_correction(p, tap_sum.data());
     for (const auto& name : available_backends()) {
-      set_backend_override(name);
-      const KernelOps& ops = select_kernel(p);
+      const KernelOps& ops = *find_backend(name);
       const ActivationLayout l = ops.layout(p);
       WordBuffer packed(l.total_words), formatted;
       const uint64_t* pw = conv_weight(ops, p, bits.data(), formatted);
@@ -559,7 +545,6 @@ void test_task_ranges(int cases) {
       }
       EXPECT(pieces == whole, "[%s] %s: task ranges run apart differ from one call", name.c_str(), describe(p).c_str());
     }
-    set_backend_override("");
   }
 }
 
@@ -576,8 +561,18 @@ void test_validate_messages() {
   p.kernel_h = p.kernel_w = 7;
   EXPECT(validate(p).find("larger than the padded input") != std::string::npos, "got '%s'", validate(p).c_str());
   EXPECT(!set_backend_override("nonsense").empty(), "unknown backend accepted");
+  std::string error;
+  EXPECT(find_backend("nonsense", &error) == nullptr && error.find("unknown backend 'nonsense'") != std::string::npos,
+         "find_backend('nonsense'): got '%s'", error.c_str());
+  // The override is what the selector returns for every layer, and find_backend leaves it alone.
+  const std::string before = backend_override();
   EXPECT(set_backend_override("scalar").empty(), "scalar refused");
-  set_backend_override("");
+  for (const auto& name : available_backends())
+    EXPECT(find_backend(name) && find_backend(name)->name == name, "find_backend('%s') returned another family",
+           name.c_str());
+  EXPECT(std::string(select_kernel(p).name) == "scalar", "selector ignored the override: %s", select_kernel(p).name);
+  EXPECT(backend_override() == "scalar", "find_backend changed the override to '%s'", backend_override().c_str());
+  set_backend_override(before);
 }
 
 // On aarch64 the NEON family must be compiled, usable, and the selector's first choice (never silently scalar).

@@ -207,22 +207,21 @@ bool same_float(float a, float b) {
 void cpu_op(const KernelOps& ops, const ConvParams& c, const std::vector<float>& x, const std::vector<uint8_t>& x_signs,
             TensorStrides s, const float* threshold, const std::vector<uint64_t>& bits,
             const std::vector<int32_t>& tap_sum, OutputStage st, std::vector<float>& y, std::vector<uint8_t>& signs) {
-  const ActivationLayout l = ops.layout(c);
-  std::vector<uint64_t> packed(l.total_words);
+  ConvCall call;
+  call.params = c;
   if (!x_signs.empty())
-    ops.pack_signs(c, l, x_signs.data(), s, packed.data(), 0, ops.pack_tasks(c, l));
+    call.input_signs = x_signs.data();
   else
-    ops.pack(c, l, x.data(), s, threshold, packed.data(), 0, ops.pack_tasks(c, l));
-  WordBuffer formatted;
-  const uint64_t* w = conv_weight(ops, c, bits.data(), formatted);
-  ZeroPadCorrection zp;
-  if (c.pad_value == PadValue::Zero && !ops.exact_zero_padding) {
-    zp = zero_pad_correction(c, tap_sum.data());
-    st.zero_pad = &zp;
-  }
+    call.input = x.data();
+  call.strides = s;
+  call.input_threshold = x_signs.empty() ? threshold : nullptr;
+  call.weight_bits = bits.data();
+  call.weight_tap_sum = tap_sum.data();
   if (st.out_signs) st.out_signs = signs.data();
   else st.out = y.data();
-  ops.conv(c, l, packed.data(), w, st, 0, ops.conv_tasks(c, l));
+  call.output = st;
+  WordBuffer packed(packed_input_words(ops, c));
+  binary_conv2d(ops, call, packed.data(), run_serially);
 }
 
 void check_case(const ConvParams& c, const Options& opt, const std::string& shape_label) {
@@ -321,17 +320,15 @@ void check_case(const ConvParams& c, const Options& opt, const std::string& shap
     st.out_threshold = opt.out_threshold ? out_threshold.data() : nullptr;
   }
   for (const auto& name : available_backends()) {
-    set_backend_override(name);
     std::vector<float> y(outputs, NAN);
     std::vector<uint8_t> signs(outputs, 7);
-    cpu_op(select_kernel(c), c, x, x_signs, s, th, core_bits, core_tap_sum, st, y, signs);
+    cpu_op(*find_backend(name), c, x, x_signs, s, th, core_bits, core_tap_sum, st, y, signs);
     int64_t bad = 0;
     for (int64_t i = 0; i < outputs; ++i)
       bad += opt.out_signs ? signs[i] != want_signs[i] : !same_float(y[i], want[i]);
     EXPECT(bad == 0, "%s: the CPU op [%s] differs from the specification in %lld of %lld outputs", label.c_str(),
            name.c_str(), (long long)bad, (long long)outputs);
   }
-  set_backend_override("");
 
   const std::vector<uint64_t> packed = opt.sign_input ? run_sign_pack(p, x_signs, s) : run_pack(p, x, s, th);
   // Every packed word is a sign word of the documented layout (tail bits zero, even-padding words zero).
