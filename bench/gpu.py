@@ -10,7 +10,6 @@ Also runnable before bench/__main__.py dispatches here: python -m bench.gpu [opt
 """
 import argparse
 import datetime
-import os
 import platform
 import random
 import shlex
@@ -45,26 +44,10 @@ def parse_args(argv):
     return args
 
 
-class KernelEnv:
-    """Selects the xnorconv CUDA kernel for the calls made inside the block (XNORCONV_CUDA_KERNEL is read per call)."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __enter__(self):
-        self.previous = os.environ.get("XNORCONV_CUDA_KERNEL")
-        os.environ["XNORCONV_CUDA_KERNEL"] = self.name
-
-    def __exit__(self, *exc):
-        if self.previous is None:
-            os.environ.pop("XNORCONV_CUDA_KERNEL", None)
-        else:
-            os.environ["XNORCONV_CUDA_KERNEL"] = self.previous
-
-
 def with_kernel(name, fn):
+    """fn with the xnorconv CUDA kernel `name` ('popcount' or 'tensor_core') forced for its calls."""
     def run():
-        with KernelEnv(name):
+        with xnorconv.use_backend("cuda_" + name):
             return fn()
     return run
 

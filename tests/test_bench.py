@@ -342,3 +342,19 @@ def test_from_with_out_rewrites_only_the_markdown(tmp_path, capsys):
     summary = (tmp_path / "summary.md").read_text()
     assert "| 16,16,8,3,1,1 | " in summary and "**command**" in summary
     assert "| layer cin,cout,hw,k,s,p |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible: the script would run the GPU check")
+def test_gpu_check_script_fails_clearly_without_a_gpu():
+    """tools/gpu_check.sh must not pass on a machine where every GPU test would skip."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "VIRTUAL_ENV": sys.prefix,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    out = subprocess.run(["bash", os.path.join(root, "tools", "gpu_check.sh"), "unused-out-dir"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "gpu_check: no CUDA device is visible to torch" in out.stderr, out.stderr
+    assert not os.path.exists(os.path.join(root, "unused-out-dir"))

@@ -25,15 +25,15 @@ def _cc():
     return major * 10 + minor
 
 
-KERNELS = ["auto", "popcount", "tensor_core"]
+KERNELS = ["auto", "cuda_popcount", "cuda_tensor_core"]
 
 
 @pytest.fixture(params=KERNELS)
-def cuda_kernel(request, monkeypatch):
-    if request.param == "tensor_core" and not 75 <= _cc() < 100:
+def cuda_kernel(request):
+    if request.param == "cuda_tensor_core" and not 75 <= _cc() < 100:
         pytest.skip(f"binary tensor cores (mma .b1) are used on sm_75 .. sm_9x; this GPU is sm_{_cc()}")
-    monkeypatch.setenv("XNORCONV_CUDA_KERNEL", request.param)
-    return request.param
+    with xnorconv.use_backend(request.param):
+        yield request.param
 
 
 def _signed(shape, g):
@@ -368,10 +368,40 @@ def test_errors_name_the_argument():
         xnorconv.binary_conv2d_packed(torch.randn(1, 6, 5, 5, device=DEVICE), packed)
 
 
-def test_bad_kernel_override(monkeypatch):
-    monkeypatch.setenv("XNORCONV_CUDA_KERNEL", "nonsense")
-    with pytest.raises(RuntimeError, match="XNORCONV_CUDA_KERNEL"):
-        xnorconv.binary_conv2d(torch.randn(1, 8, 5, 5, device=DEVICE), torch.randn(4, 8, 3, 3, device=DEVICE))
+def test_bad_kernel_environment_variable_is_an_error_at_the_call():
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, xnorconv\n"
+            "try:\n"
+            "    xnorconv.binary_conv2d(torch.randn(1, 8, 5, 5, device='cuda'), torch.randn(4, 8, 3, 3, device='cuda'))\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XNORCONV_CUDA_KERNEL": "nonsense"},
+                         capture_output=True, text=True, check=True)
+    assert "XNORCONV_CUDA_KERNEL" in out.stdout and "'nonsense'" in out.stdout, out.stdout
+
+
+def test_environment_variable_forces_cuda_kernel():
+    import os
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import xnorconv; print(xnorconv.current_backend(device='cuda'))"],
+                         env={**os.environ, "XNORCONV_CUDA_KERNEL": "popcount"}, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "cuda_popcount"
+
+
+def test_cpu_and_cuda_choices_are_independent():
+    with xnorconv.use_backend("cuda_popcount"):
+        assert xnorconv.current_backend(device="cuda") == "cuda_popcount"
+        with xnorconv.use_backend("scalar"):
+            assert xnorconv.current_backend() == "scalar"
+            assert xnorconv.current_backend(device="cuda") == "cuda_popcount"
+        x, w = torch.randn(1, 8, 5, 5), torch.randn(4, 8, 3, 3)
+        got = xnorconv.binary_conv2d(x.to(DEVICE), w.to(DEVICE), padding=1).cpu().double()
+        assert torch.equal(got, reference_binary_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1, None, 0))
+    assert xnorconv.current_backend(device="cuda") == "auto"
 
 
 def test_opcheck():

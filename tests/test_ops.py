@@ -293,6 +293,48 @@ def test_use_backend_rejects_unknown_and_restores():
     with xnorconv.use_backend("scalar"):
         assert xnorconv.current_backend() == "scalar"
     assert xnorconv.current_backend() == before
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda_nonsense'; CPU: .*CUDA: "):
+        with xnorconv.use_backend("cuda_nonsense"):
+            pass
+    with pytest.raises(ValueError, match=r"device must be 'cpu' or 'cuda', got 'tpu'"):
+        xnorconv.backends("tpu")
+
+
+def test_use_backend_names_cuda_kernels_on_every_build():
+    """The CUDA kernel choice is part of use_backend; it leaves the CPU choice alone, and on a build without CUDA
+    naming a CUDA kernel says so."""
+    cpu_before, cuda_before = xnorconv.current_backend(), xnorconv.current_backend(device="cuda")
+    assert cuda_before == "auto"
+    if not xnorconv._C.with_cuda:
+        assert xnorconv.backends("cuda") == []
+        with pytest.raises(ValueError, match="'cuda_popcount' is a CUDA kernel and this build has no CUDA"):
+            with xnorconv.use_backend("cuda_popcount"):
+                pass
+        return
+    assert xnorconv.backends("cuda") == ["cuda_tensor_core", "cuda_popcount"]
+    for name in xnorconv.backends("cuda"):
+        with xnorconv.use_backend(name):
+            assert xnorconv.current_backend(device="cuda") == name
+            assert xnorconv.current_backend() == cpu_before
+            assert xnorconv.build_info()["cuda_backend_override"] == name
+            with xnorconv.use_backend("auto"):
+                assert xnorconv.current_backend(device="cuda") == "auto"
+            assert xnorconv.current_backend(device="cuda") == name
+    assert xnorconv.current_backend(device="cuda") == "auto"
+
+
+def test_cuda_kernel_environment_variable_is_read_once_and_checked():
+    import os
+    import subprocess
+    import sys
+    code = "import xnorconv; i = xnorconv.build_info(); print(i['cuda_backend_override'], i['XNORCONV_CUDA_KERNEL_error'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XNORCONV_CUDA_KERNEL": "popcount"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["cuda_popcount", "None"]
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "XNORCONV_CUDA_KERNEL": "fast"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("auto XNORCONV_CUDA_KERNEL: CUDA kernel must be 'auto', 'popcount' or 'tensor_core', "
+                                 "got 'fast'"), out.stdout
 
 
 def test_backends_best_first_and_scalar_last():

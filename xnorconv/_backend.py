@@ -1,4 +1,4 @@
-"""CPU kernel selection (backends, use_backend) and build information."""
+"""Kernel selection on every device (backends, current_backend, use_backend) and build information."""
 import contextlib
 import os
 import platform
@@ -11,34 +11,79 @@ from . import _C
 _lock = threading.Lock()
 
 
-def backends():
-    """CPU kernel paths usable on this machine, best first; always ends with 'scalar'."""
-    return list(_C.available_backends())
+# The CUDA kernels by their use_backend names, and the name the C++ choice knows each by.
+_CUDA_KERNELS = {"cuda_tensor_core": "tensor_core", "cuda_popcount": "popcount"}
 
 
-def current_backend(channels: int = 64, kernel: int = 3, stride: int = 1) -> str:
-    """The CPU kernel path the selector picks now for a layer with `channels` input channels (per group), a square
-    `kernel` and `stride` (honouring use_backend and XNORCONV_BACKEND). Without an override the choice depends on
-    the layer: on CPUs with AMX, 'amx' takes stride-1 windows of 2x2 or more over 16+ channels, 'avx512' the rest."""
-    return _C.selected_backend(channels, kernel, stride)
+def backends(device: str = "cpu"):
+    """Kernel paths use_backend can name for `device`, best first.
+
+    'cpu': the CPU families usable on this machine; always ends with 'scalar'.
+    'cuda': the CUDA kernels of this build ('cuda_tensor_core': binary tensor cores, on devices that have them,
+    which the call checks; 'cuda_popcount': every GPU); empty for a build without CUDA."""
+    if device == "cpu":
+        return list(_C.available_backends())
+    if device == "cuda":
+        return list(_CUDA_KERNELS) if _C.with_cuda else []
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def current_backend(channels: int = 64, kernel: int = 3, stride: int = 1, device: str = "cpu") -> str:
+    """The kernel path the selector picks now for a layer with `channels` input channels (per group), a square
+    `kernel` and `stride` (honouring use_backend and XNORCONV_BACKEND / XNORCONV_CUDA_KERNEL).
+
+    On the CPU, without an override the choice depends on the layer: on CPUs with AMX, 'amx' takes stride-1
+    windows of 2x2 or more over 16+ channels, 'avx512' the rest. For 'cuda' the automatic choice also depends on
+    the device (binary tensor cores for groups of 128+ channels where it has them), so it is reported as 'auto'
+    unless a kernel is forced."""
+    if device == "cpu":
+        return _C.selected_backend(channels, kernel, stride)
+    if device == "cuda":
+        forced = _C.cuda_kernel_override()
+        return "cuda_" + forced if forced else "auto"
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def _set_override(name: str):
+    """Applies `name`; returns the previous state for _restore, or raises ValueError."""
+    previous = (_C.backend_override(), _C.cuda_kernel_override())
+    if name in ("", "auto"):
+        _C.set_backend_override("")
+        _C.set_cuda_kernel_override("")
+    elif name in _CUDA_KERNELS:
+        if not _C.with_cuda:
+            raise ValueError(f"backend {name!r} is a CUDA kernel and this build has no CUDA; available: "
+                             f"{backends()}")
+        _C.set_cuda_kernel_override(_CUDA_KERNELS[name])
+    elif name in _C.compiled_backends() or not name.startswith("cuda"):
+        error = _C.set_backend_override(name)
+        if error:
+            raise ValueError(f"{error} (CUDA: {backends('cuda')})")
+    else:
+        raise ValueError(f"unknown backend {name!r}; CPU: {backends()}, CUDA: {backends('cuda')}")
+    return previous
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Forces one CPU kernel path inside the block (process-wide, like XNORCONV_BACKEND); restores the previous
-    choice on exit. Raises ValueError naming the available paths if `name` is unknown or unsupported here."""
+    """Forces one kernel path inside the block, process-wide; restores the previous choice on exit.
+
+    A CPU family ('avx512', 'avx2', 'amx', 'neon', 'scalar'; see backends()) replaces XNORCONV_BACKEND's choice for
+    CPU tensors; a CUDA kernel ('cuda_popcount', 'cuda_tensor_core'; see backends('cuda')) replaces
+    XNORCONV_CUDA_KERNEL's for CUDA tensors; 'auto' returns both devices to the automatic choice. The other
+    device's choice is left as it was. Raises ValueError naming the available paths if `name` is unknown or
+    unusable here."""
     if not isinstance(name, str):
-        raise ValueError(f"backend name must be a string, got {name!r}; available: {backends()}")
+        raise ValueError(f"backend name must be a string, got {name!r}; available: CPU {backends()}, "
+                         f"CUDA {backends('cuda')}")
     with _lock:
-        previous = _C.backend_override()
-        error = _C.set_backend_override(name)
-    if error:
-        raise ValueError(error)
+        previous = _set_override(name)
     try:
         yield name
     finally:
         with _lock:
-            _C.set_backend_override(previous)
+            _C.set_backend_override(previous[0])
+            _C.set_cuda_kernel_override(previous[1])
 
 
 def build_info():
@@ -60,6 +105,10 @@ def build_info():
         "cpu_backend_override": _C.backend_override() or None,
         "XNORCONV_BACKEND": os.environ.get("XNORCONV_BACKEND") or None,
         "XNORCONV_BACKEND_error": env_error or None,
+        "cuda_backends": backends("cuda"),
+        "cuda_backend_override": current_backend(device="cuda"),
+        "XNORCONV_CUDA_KERNEL": os.environ.get("XNORCONV_CUDA_KERNEL") or None,
+        "XNORCONV_CUDA_KERNEL_error": _C.cuda_kernel_environment_error() or None,
         "cpu_features": list(_C.cpu_features()),
         "torch_num_threads": torch.get_num_threads(),
         "cuda_compiled": bool(_C.with_cuda),

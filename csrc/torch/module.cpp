@@ -128,6 +128,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("backend_override", &xnorconv::backend_override, "The forced CPU kernel family, or ''");
   m.def("backend_environment_error", &xnorconv::backend_environment_error,
         "Why XNORCONV_BACKEND was ignored, or ''");
+  m.def("set_cuda_kernel_override", &xnorconv_torch::set_cuda_kernel_override,
+        "Force a CUDA kernel ('popcount', 'tensor_core'; '' or 'auto' for automatic); returns an error message or ''");
+  m.def("cuda_kernel_override", &xnorconv_torch::cuda_kernel_override, "The forced CUDA kernel, or ''");
+  m.def("cuda_kernel_environment_error", &xnorconv_torch::cuda_kernel_environment_error,
+        "Why XNORCONV_CUDA_KERNEL was rejected, or ''");
   m.def("selected_backend", [](int64_t channels, int64_t kernel, int64_t stride) {
     xnorconv::ConvParams p;
     p.in_channels = channels;

@@ -6,6 +6,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <list>
 #include <mutex>
 
@@ -368,6 +370,53 @@ at::Tensor binary_conv2d_packed_autograd(
 }
 
 }  // namespace
+
+namespace {
+
+const char* const kCudaKernelNames[] = {"", "popcount", "tensor_core"};
+
+std::atomic<int>& cuda_kernel_slot() {
+  static std::atomic<int> slot{0};
+  return slot;
+}
+
+std::string& cuda_environment_error() {
+  static std::string error;
+  return error;
+}
+
+void apply_cuda_environment_once() {
+  static const bool applied = [] {
+    if (const char* env = std::getenv("XNORCONV_CUDA_KERNEL"); env && *env) {
+      const std::string err = set_cuda_kernel_override(env);
+      if (!err.empty()) cuda_environment_error() = "XNORCONV_CUDA_KERNEL: " + err;
+    }
+    return true;
+  }();
+  (void)applied;
+}
+
+}  // namespace
+
+std::string set_cuda_kernel_override(const std::string& name) {
+  const std::string choice = name == "auto" ? "" : name;
+  for (int i = 0; i < 3; ++i)
+    if (choice == kCudaKernelNames[i]) {
+      cuda_kernel_slot().store(i);
+      return {};
+    }
+  return "CUDA kernel must be 'auto', 'popcount' or 'tensor_core', got '" + name + "'";
+}
+
+std::string cuda_kernel_override() {
+  apply_cuda_environment_once();
+  return kCudaKernelNames[cuda_kernel_slot().load()];
+}
+
+std::string cuda_kernel_environment_error() {
+  apply_cuda_environment_once();
+  return cuda_environment_error();
+}
 
 TORCH_LIBRARY(xnorconv, m) {
   m.def("pack_weight(Tensor weight) -> (Tensor weight_bits, Tensor weight_tap_sum)");

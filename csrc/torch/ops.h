@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+
 #include "xnorconv_core.h"
 
 namespace xnorconv_torch {
@@ -37,5 +39,13 @@ using PackedConvSignature = at::Tensor(
 // residual: None or float32 with the output's shape; prelu_weight: None or float32 (O,) or (1,).
 void check_unit_epilogue(const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight,
                          const xnorconv::ConvParams& p, const at::Tensor& input);
+
+// The CUDA kernel choice, the GPU half of xnorconv.use_backend: "" (automatic), "popcount" or "tensor_core".
+// Starts from XNORCONV_CUDA_KERNEL (read once, at first use), like the CPU's XNORCONV_BACKEND. Compiled into every
+// build, so that a CPU-only build can say why a CUDA kernel name does not apply.
+std::string set_cuda_kernel_override(const std::string& name);  // "" on success, else an error naming the value
+std::string cuda_kernel_override();
+// Why XNORCONV_CUDA_KERNEL's value was rejected, or "": the CUDA op raises it rather than silently run another kernel.
+std::string cuda_kernel_environment_error();
 
 }  // namespace xnorconv_torch

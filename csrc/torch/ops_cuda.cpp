@@ -6,7 +6,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -34,22 +33,18 @@ int device_cc(const at::Tensor& t) {
   return prop->major * 10 + prop->minor;
 }
 
-// XNORCONV_CUDA_KERNEL = auto (default) | popcount | tensor_core: read on every call (cheap), so tests and
-// benchmarks can compare the paths. A forced tensor_core on a device or build without it is an error.
+// The kernel use_backend (or XNORCONV_CUDA_KERNEL) forces, else the automatic choice. A forced tensor_core on a
+// device or build without it is an error, as is an environment value that names no kernel.
 xc::ConvKernel pick_kernel(const xc::GpuConv& p, int cc) {
-  const char* env = std::getenv("XNORCONV_CUDA_KERNEL");
-  const std::string choice = env ? env : "";
-  if (choice.empty() || choice == "auto") return xc::choose_kernel(p, cc);
+  const std::string env_error = cuda_kernel_environment_error();
+  TORCH_CHECK(env_error.empty(), "binary_conv2d: ", env_error);
+  const std::string choice = cuda_kernel_override();
+  if (choice.empty()) return xc::choose_kernel(p, cc);
   if (choice == "popcount") return xc::ConvKernel::Popcount;
-  if (choice == "tensor_core") {
-    const xc::ConvKernel k = cc >= 90 ? xc::ConvKernel::TensorCoreAnd : xc::ConvKernel::TensorCoreXor;
-    TORCH_CHECK(xc::kernel_supported(k, cc), "XNORCONV_CUDA_KERNEL=tensor_core: ", xc::kernel_name(k),
-                " is not available on this device (compute capability ", cc / 10, ".", cc % 10,
-                ") with this build");
-    return k;
-  }
-  TORCH_CHECK(false, "XNORCONV_CUDA_KERNEL must be auto, popcount or tensor_core, got '", choice, "'");
-  return xc::ConvKernel::Popcount;  // not reached
+  const xc::ConvKernel k = cc >= 90 ? xc::ConvKernel::TensorCoreAnd : xc::ConvKernel::TensorCoreXor;
+  TORCH_CHECK(xc::kernel_supported(k, cc), "binary_conv2d: the CUDA kernel tensor_core (", xc::kernel_name(k),
+              ") is not available on this device (compute capability ", cc / 10, ".", cc % 10, ") with this build");
+  return k;
 }
 
 std::tuple<at::Tensor, at::Tensor> pack_weight_cuda(const at::Tensor& weight) {
