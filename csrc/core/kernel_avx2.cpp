@@ -4,7 +4,7 @@
 // widened every 31 words.
 //
 // XOR commutes with the nibble split (lo(a ^ w) = lo(a) ^ lo(w)), so the split is done once per word of each operand
-// instead of once per product: the activations once per call (split_conv), the weights once per channel block
+// instead of once per product: the activations once per task range (prepare), the weights once per channel block
 // (block_weights). The inner loop is then 2 XOR + 2 vpshufb + 2 byte adds per 256 binary MACs instead of 8 ops (the
 // and/shift/and of the split). All of them compete for the same three vector ALU ports, so the peak rises by 8/6;
 // the probe measures it.
@@ -54,15 +54,7 @@ constexpr uint64_t kLowNibbles = 0x0F0F0F0F0F0F0F0Full;
 // kept across calls: the activation nibble planes, the split weights of the current channel block, the word offsets.
 thread_local Scratch t_act_planes, t_weight_block, t_offsets;
 
-// What split_conv prepares for the blocks of one call on this thread. Plain data, read once per block: in a shared
-// library each thread_local access is a __tls_get_addr call, and one with a destructor adds an init-guard check.
-struct CallState {
-  int64_t act_hi = 0;                   // the high activation plane, relative to the low one
-  const int64_t* word_offsets = nullptr;  // word j = tap * words_per_group + channel word, relative to a strip
-  uint64_t* weight_block = nullptr;     // [word][channel][lo, hi] of the current channel block
-  const uint64_t* cached_row = nullptr;  // its first weight row (reset every call: weights may change in place)
-};
-thread_local CallState t_call;
+void split_nibbles(const uint64_t* src, int64_t words, uint64_t* lo, uint64_t* hi);
 
 struct Avx2Isa {
   // A strip is 8 pixels, computed as two 4-pixel halves one after the other; a half keeps its kChannels byte
@@ -72,6 +64,29 @@ struct Avx2Isa {
   // in registers at once needs the activations as memory operands, which unlaminate and leave the loop issue-bound.
   static constexpr int kStrip = 8, kHalf = 4, kStrips = 4, kChannels = 6;
   static constexpr int kFlushWords = 31;
+
+  // What prepare derives from the call for the blocks of one task range, passed to each block.
+  struct Call {
+    const uint64_t* packed;      // the packed input that the blocks' act pointers point into
+    const uint64_t* low;         // its low nibble plane (same word positions); the high plane follows at +hi_offset
+    int64_t hi_offset;
+    const int64_t* word_offsets;  // word j = tap * words_per_group + channel word, relative to a strip
+    uint64_t* weight_block;       // [word][channel][lo, hi] of the current channel block
+    const uint64_t* cached_row;   // its first weight row (reset every range: weights may change in place)
+  };
+
+  // Splits the packed activations into nibble planes and flattens the tap offsets and channel words into one
+  // offset list, once per task range, into this thread's buffers.
+  static Call prepare(const ConvParams& p, const ActivationLayout& l, const uint64_t* packed,
+                      const int64_t* tap_offset) {
+    const int64_t words = l.total_words, taps = p.taps(), wpg = l.words_per_group;
+    uint64_t* planes = t_act_planes.get(2 * words);
+    split_nibbles(packed, words, planes, planes + words);
+    int64_t* offsets = reinterpret_cast<int64_t*>(t_offsets.get(taps * wpg));
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t k = 0; k < wpg; ++k) offsets[t * wpg + k] = tap_offset[t] + k * l.row_words;
+    return {packed, planes, words, offsets, t_weight_block.get(2 * kChannels * taps * wpg), nullptr};
+  }
 
   // One 8-float compare per step; `Threshold` yields the 8 thresholds at offset i.
   template <class Threshold>
@@ -155,7 +170,7 @@ struct Avx2Isa {
   // The split weights of the block whose channel rows conv_tasks points at, [word][channel][lo, hi], so that the
   // strip loop reads them with one pointer. Split when the channel block changes: conv_tasks walks strip blocks
   // innermost, so this runs once per channel block and task range, into a buffer that stays in L1.
-  static const uint64_t* block_weights(const uint64_t* const weight[kChannels], int64_t row, CallState& call) {
+  static const uint64_t* block_weights(const uint64_t* const weight[kChannels], int64_t row, Call& call) {
     if (weight[0] != call.cached_row) {
       uint64_t* dst = call.weight_block;
       for (int64_t j = 0; j < row; ++j)
@@ -176,11 +191,10 @@ struct Avx2Isa {
     return call.weight_block;
   }
 
-  static void block(const uint64_t* const act[kStrips], const int64_t* /*tap_offset: see word_offsets*/,
-                    int64_t taps, int64_t words_per_group, int64_t /*word_stride*/,
-                    const uint64_t* const weight[kChannels],
-                    const BlockStore<kStrips, kChannels, kStrip>& bs) {
-    CallState& call = t_call;
+  // tap_offset and word_stride are read through call.word_offsets, which prepare made from them.
+  static void block(const uint64_t* const act[kStrips], const int64_t* /*tap_offset*/, int64_t taps,
+                    int64_t words_per_group, int64_t /*word_stride*/, const uint64_t* const weight[kChannels],
+                    const BlockStore<kStrips, kChannels, kStrip>& bs, Call& call) {
     const int64_t words = taps * words_per_group;
     const uint64_t* wb = block_weights(weight, words, call);
     const __m256i depth = _mm256_set1_epi32(bs.depth);
@@ -189,8 +203,9 @@ struct Avx2Isa {
     for (int i = 0; i < kStrips; ++i) {
       if (bs.offset[i] < 0) break;  // repeats of the last strip, never stored
       __m256i low[kChannels], high[kChannels];
-      half(act[i], words, wb, call, low);
-      if (bs.lanes[i] > kHalf) half(act[i] + kHalf, words, wb, call, high);
+      const uint64_t* strip = call.low + (act[i] - call.packed);
+      half(strip, words, wb, call, low);
+      if (bs.lanes[i] > kHalf) half(strip + kHalf, words, wb, call, high);
       else
         for (int v = 0; v < kChannels; ++v) high[v] = _mm256_setzero_si256();
       // The common case, decided once per strip: 8 float outputs, scale and bias only (border corrections included).
@@ -266,12 +281,12 @@ struct Avx2Isa {
   }
 
   // Popcounts of one strip half (4 pixels) against kChannels interleaved split weight rows, 64-bit lane per pixel.
-  // Words are read through the flat offset list (tap and channel word in one index, see split_conv), in runs of
+  // Words are read through the flat offset list (tap and channel word in one index, see prepare), in runs of
   // kFlushWords with no other bookkeeping in the loop.
-  static void half(const uint64_t* act, int64_t words, const uint64_t* wb, const CallState& call,
+  static void half(const uint64_t* act, int64_t words, const uint64_t* wb, const Call& call,
                    __m256i total[kChannels]) {
     const __m256i lut = nibble_popcounts();
-    const uint64_t* hi_plane = act + call.act_hi;
+    const uint64_t* hi_plane = act + call.hi_offset;
     const int64_t* offset = call.word_offsets;
     for (int64_t j0 = 0; j0 < words; j0 += kFlushWords) {
       const int64_t j1 = imin(words, j0 + kFlushWords);
@@ -340,36 +355,10 @@ void split_nibbles(const uint64_t* src, int64_t words, uint64_t* lo, uint64_t* h
   }
 }
 
-// The convolution pass: splits the packed activations into nibble planes (per thread), lists the word offsets, then
-// runs the shared skeleton on the low plane; blocks split their weights themselves (block_weights).
-void split_conv(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
-                const OutputStage& st, int64_t begin, int64_t end) {
-  if (begin >= end) return;
-  const int64_t act_words = l.total_words;
-  uint64_t* act = t_act_planes.get(2 * act_words);
-  split_nibbles(x, act_words, act, act + act_words);
-  CallState& call = t_call;
-  call.act_hi = act_words;
-  call.cached_row = nullptr;
-  const int64_t taps = p.taps(), wpg = l.words_per_group;
-  call.weight_block = t_weight_block.get(2 * Avx2Isa::kChannels * taps * wpg);
-  int64_t* offsets = reinterpret_cast<int64_t*>(t_offsets.get(taps * (wpg + 1)));
-  int64_t* tap = offsets + taps * wpg;
-  tap_offsets(p, l, tap);
-  for (int64_t t = 0; t < taps; ++t)
-    for (int64_t k = 0; k < wpg; ++k) offsets[t * wpg + k] = tap[t] + k * l.row_words;
-  call.word_offsets = offsets;
-  conv_tasks<Avx2Isa>(p, l, act, w, st, begin, end);
-}
-
 }  // namespace
 
 const KernelOps& avx2_kernel() {
-  static const KernelOps ops = [] {
-    KernelOps k = make_kernel_ops<Avx2Isa>("avx2");
-    k.conv = split_conv;
-    return k;
-  }();
+  static const KernelOps ops = make_kernel_ops<Avx2Isa>("avx2");
   return ops;
 }
 

@@ -18,14 +18,14 @@
 namespace xnorconv {
 namespace {
 
-struct Avx512Isa : Avx512Binarize {
+struct Avx512Isa : Avx512Binarize, NoPreparation {
   // The best of 2x12, 3x7, 3x8, 4x5, 6x4 and 4x6 in bench_core (interleaved): 4 strips x 6 channels = 24 zmm
   // accumulators + 4 activation registers + temporaries, within the 32 zmm, and 4 loads per 24 products.
   static constexpr int kStrip = 8, kStrips = 4, kChannels = 6;
 
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
-                    const BlockStore<kStrips, kChannels, kStrip>& bs) {
+                    const BlockStore<kStrips, kChannels, kStrip>& bs, Call&) {
     __m512i acc[kStrips][kChannels];
     // One channel word of every strip (at `offset` from its first pixel) against word j of every weight row; the
     // first word sets the accumulators instead of adding to zeros.

@@ -8,10 +8,16 @@
 //   uint64_t below(const float* x, float t, int64_t count)             bit i = !(x[i] >= t), i < count <= 64, contiguous
 //   uint64_t below_each(const float* x, const float* t, int64_t count)  bit i = !(x[i] >= t[i]), likewise
 //   uint64_t nonzero(const uint8_t* x, int64_t count)                  bit i = x[i] != 0, likewise
+//   struct Call; static Call prepare(const ConvParams&, const ActivationLayout&, const uint64_t* packed,
+//                                    const int64_t* tap_offset)
+//        whatever the family derives once per task range from the call (split planes, offset lists): run before the
+//        range's first block, on the thread that runs it; families that need nothing inherit NoPreparation
 //   void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps, int64_t words_per_group,
-//              int64_t word_stride, const uint64_t* const weight[kChannels], const BlockStore<kStrips, kChannels>&)
+//              int64_t word_stride, const uint64_t* const weight[kChannels], const BlockStore<kStrips, kChannels>&,
+//              Call&)
 //        accumulates one block of kStrips strips x kChannels output channels and writes it through the output
-//        stage, keeping the accumulators in registers
+//        stage, keeping the accumulators in registers; act[i] points into `packed`, and everything a block reads
+//        comes from its arguments (no state left behind by other code)
 //   uint64_t peak_probe(int64_t iterations)                   see KernelOps::peak_probe
 // and may provide
 //   void transpose64(uint64_t a[64])   the same result as the portable transpose64 below, in vector registers
@@ -33,6 +39,12 @@ namespace xnorconv {
 namespace {
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// The Isa::prepare of families whose blocks read the packed input and the tap offsets as they are.
+struct NoPreparation {
+  struct Call {};
+  static Call prepare(const ConvParams&, const ActivationLayout&, const uint64_t*, const int64_t*) { return {}; }
+};
 
 // In-place transpose of a 64x64 bit matrix: afterwards bit c of a[i] is what bit i of a[c] was.
 inline void transpose64(uint64_t a[64]) {
@@ -403,6 +415,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
     for (int64_t i = 0; i < ts.strip_blocks; ++i) strip_block_setup<P, SW>(p, l, ts, zp, i, strip_cache[i]);
   }
   StripBlock<P, SW> strip_scratch;
+  typename Isa::Call call = Isa::prepare(p, l, x, offsets);
 
   // Task index = ((n * groups + g) * channel_blocks + cb) * strip_blocks + sb, walked without divisions; the
   // channel side of the block is rebuilt only when cb changes.
@@ -452,7 +465,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
       for (int i = 0; i < P; ++i)
         if (strips->border[i])
           for (int lane = 0; lane < SW; ++lane) bs.lane_class[i][lane] = strips->lane_class[i][lane];
-    Isa::block(act, offsets, taps, wpg, l.row_words, wrow, bs);
+    Isa::block(act, offsets, taps, wpg, l.row_words, wrow, bs, call);
 
     if (++sb == ts.strip_blocks) {
       sb = 0;

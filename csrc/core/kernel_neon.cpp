@@ -30,7 +30,7 @@
 namespace xnorconv {
 namespace {
 
-struct NeonIsa {
+struct NeonIsa : NoPreparation {
   static constexpr int kStrip = 8, kStrips = 2, kChannels = 2;
   static constexpr int kRegs = kStrip / 2;  // q registers per strip
   static constexpr int64_t kFlushWords = 4095;
@@ -103,7 +103,7 @@ struct NeonIsa {
 
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
-                    const BlockStore<kStrips, kChannels, kStrip>& bs) {
+                    const BlockStore<kStrips, kChannels, kStrip>& bs, Call&) {
     Totals totals;
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v)

@@ -9,7 +9,7 @@
 namespace xnorconv {
 namespace {
 
-struct ScalarIsa {
+struct ScalarIsa : NoPreparation {
   static constexpr int kStrip = 8, kStrips = 1, kChannels = 4;
 
   static uint64_t below(const float* x, float t, int64_t count) {
@@ -32,7 +32,7 @@ struct ScalarIsa {
 
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
-                    const BlockStore<kStrips, kChannels, kStrip>& bs) {
+                    const BlockStore<kStrips, kChannels, kStrip>& bs, Call&) {
     uint32_t count[kStrips][kChannels][kStrip] = {};
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t w = 0; w < words_per_group; ++w)
