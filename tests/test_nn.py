@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import xnorconv
+import xnorconv._packed as xpacked
 import xnorconv.nn as xnn
 from xnorconv import BinaryConv2d, FrozenBinaryConv2d, binarize, freeze
 from xnorconv._autograd import binary_conv2d_ste, ste_sign
@@ -333,7 +334,7 @@ def test_devices_without_packed_kernel_use_the_float_path(monkeypatch):
     frozen = freeze(m)
     with torch.no_grad():
         frozen_packed = frozen(x)
-    monkeypatch.setattr(xnn, "_PACKED_DEVICES", frozenset())
+    monkeypatch.setattr(xpacked, "PACKED_DEVICES", frozenset())
     packed_calls = count_calls(monkeypatch, xnn, "_packed_call")
     with torch.no_grad():
         m.invalidate_packed_cache()
@@ -516,7 +517,7 @@ def test_ste_sign_rejects_unknown_ste():
 
 @pytest.fixture
 def pack_calls(monkeypatch):
-    return count_calls(monkeypatch, xnn, "pack_weight")
+    return count_calls(monkeypatch, xpacked, "pack_weight")
 
 
 def check_fresh(m, x):
@@ -721,7 +722,7 @@ def test_freeze_matches_unfrozen_on_random_layers(kwargs):
     assert isinstance(frozen, FrozenBinaryConv2d)
     packed = xnorconv.pack_weight(m.weight)
     assert torch.equal(frozen.weight_bits, packed.bits) and torch.equal(frozen.weight_tap_sum, packed.tap_sum)
-    assert torch.equal(xnn._tap_sum_from_bits(packed.bits, packed.in_channels), packed.tap_sum)
+    assert torch.equal(xpacked.tap_sum_from_bits(packed.bits, packed.in_channels), packed.tap_sum)
     assert torch.equal(xnn.unpack_weight_signs(packed.bits, packed.in_channels), sign(m.weight.detach()))
     with torch.no_grad():
         expected = m(x)
@@ -1279,6 +1280,17 @@ def test_freeze_chains_signs_and_matches(threshold):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-4)
     assert hasattr(chained.conv1, "output_threshold") and not hasattr(chained.conv2, "output_threshold")
+
+
+@pytest.mark.parametrize("fold_bn, chain_signs, traces", [(True, True, 1), (True, False, 1), (False, True, 1),
+                                                          (False, False, 0)])
+def test_freeze_traces_the_model_at_most_once(monkeypatch, fold_bn, chain_signs, traces):
+    """Folding and chaining read one torch.fx graph: a model is traced once per freeze, not once per analysis."""
+    calls = count_calls(monkeypatch, torch.fx.Tracer, "trace")
+    frozen = xnorconv.freeze(_Chain().eval(), fold_bn=fold_bn, chain_signs=chain_signs)
+    assert len(calls) == traces
+    assert isinstance(frozen.bn1, nn.Identity) == fold_bn and isinstance(frozen.bn2, nn.Identity) == fold_bn
+    assert hasattr(frozen.conv1, "output_threshold") == (chain_signs and fold_bn)  # an unfolded BN sits between
 
 
 def test_freeze_does_not_chain_when_the_output_is_used_elsewhere():
