@@ -16,8 +16,8 @@ import xnorconv._packed as xpacked
 import xnorconv.nn as xnn
 from xnorconv import BinaryConv2d, FrozenBinaryConv2d, binarize, freeze
 from xnorconv._autograd import binary_conv2d_ste, ste_sign
-from xnorconv._reference import reference_binary_conv2d, sign
 from xnorconv.functional import normalize_conv_args
+from xnorconv.testing import reference_conv2d, sign
 
 
 
@@ -50,8 +50,7 @@ def reference(layer, x):
         y = F.conv2d(xp, sign(w), None, layer.stride, 0, layer.dilation, layer.groups)
         y = y * alpha.view(1, -1, 1, 1) if alpha is not None else y
         return y + bias.double().view(1, -1, 1, 1) if bias is not None else y
-    return reference_binary_conv2d(x, w, bias, layer.stride, pads, layer.dilation, layer.groups, alpha,
-                                   layer.pad_value)
+    return reference_conv2d(x, w, bias, layer.stride, pads, layer.dilation, layer.groups, alpha, layer.pad_value)
 
 
 def count_calls(monkeypatch, module, name):
@@ -480,7 +479,7 @@ def test_gradcheck_and_gradgradcheck_on_the_differentiable_surrogate(ste, scale)
                                  input_anchor=x0, weight_anchor=w0)
 
     # At the anchor the surrogate is the binary layer.
-    torch.testing.assert_close(f(x, w, b).detach(), reference_binary_conv2d(
+    torch.testing.assert_close(f(x, w, b).detach(), reference_conv2d(
         x0, w0, b.detach(), (1, 2), (1, 0, 2, 1), (1, 1), 2,
         w0.abs().mean((1, 2, 3)) if scale == "channel" else None, -1))
     assert torch.autograd.gradcheck(f, (x, w, b))
@@ -1199,14 +1198,14 @@ def test_torch_export_matches_eager_training_graph_and_packed_graph():
 # ---- learnable_threshold: sign(x - t), fused into the packing pass at inference ----
 
 def test_learnable_threshold_paths_agree_with_reference():
-    from xnorconv._reference import reference_binary_conv2d
+    from xnorconv.testing import reference_conv2d
     layer = xnorconv.BinaryConv2d(70, 12, 3, padding=1, learnable_threshold=True)
     with torch.no_grad():
         layer.input_threshold.uniform_(-0.5, 0.5)
     x = torch.randn(2, 70, 9, 8)
     alpha = layer.weight.abs().mean(dim=(1, 2, 3))
-    want = reference_binary_conv2d(x, layer.weight, layer.bias, (1, 1), (1, 1, 1, 1), (1, 1), 1, alpha, 0,
-                                   input_threshold=layer.input_threshold.detach())
+    want = reference_conv2d(x, layer.weight, layer.bias, (1, 1), (1, 1, 1, 1), (1, 1), 1, alpha, 0,
+                            input_threshold=layer.input_threshold.detach())
     train_out = layer(x)                  # straight-through float path (parameters require grad)
     with torch.no_grad():
         packed_out = layer(x)             # packed kernel, threshold applied while packing

@@ -1,6 +1,6 @@
 """nn.Module layer: BinaryConv2d (training + cached packed inference), FrozenBinaryConv2d, freeze(), binarize().
 
-Semantics (shared with xnorconv._reference): y = alpha[c] * conv(sign(x), sign(W)) + bias[c], sign(x) = +1 if
+Semantics (those of xnorconv.testing.reference_conv2d): y = alpha[c] * conv(sign(x), sign(W)) + bias[c], sign(x) = +1 if
 x >= 0 else -1 (so -0.0 -> +1 and NaN -> -1), alpha[c] = mean |W[c]| (scale='channel') or 1 (scale='none'),
 padded taps worth pad_value (0: nothing, as F.conv2d's zero padding of sign(x); +1 / -1: constants).
 """
