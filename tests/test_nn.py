@@ -1025,7 +1025,8 @@ def test_binarize_replaces_convs_keeps_first_and_last_and_carries_weights():
     assert binary.body[0].pad_value == -1 and binary.body[2].pad_value == 0
     x = torch.randn(2, 3, 6, 6)
     binary(x).sum().backward()
-    assert binary.body[0].weight.grad is not None
+    grad = binary.body[0].weight.grad
+    assert grad is not None and grad.shape == binary.body[0].weight.shape and grad.abs().sum() > 0
 
 
 def test_binarize_skip_rules_exclude_and_inplace():
