@@ -1,8 +1,11 @@
 """nn.Module layer: BinaryConv2d (training + cached packed inference), FrozenBinaryConv2d, freeze(), binarize().
 
-Semantics (those of xnorconv.testing.reference_conv2d): y = alpha[c] * conv(sign(x), sign(W)) + bias[c], sign(x) = +1 if
-x >= 0 else -1 (so -0.0 -> +1 and NaN -> -1), alpha[c] = mean |W[c]| (scale='channel') or 1 (scale='none'),
-padded taps worth pad_value (0: nothing, as F.conv2d's zero padding of sign(x); +1 / -1: constants).
+Semantics (those of xnorconv.testing.reference_conv2d): y = alpha[c] * conv(sign(x), sign(W)) + bias[c],
+sign(x) = +1 if x >= 0 else -1 (so -0.0 -> +1 and NaN -> -1), alpha[c] = mean |W[c]| (scale='channel') or 1
+(scale='none'), padded taps worth pad_value (0: nothing, as F.conv2d's zero padding of sign(x); +1 / -1: constants).
+
+The packed-weight cache and FrozenBinaryConv2d's fast-path bookkeeping live in xnorconv._packed, the graph analysis
+behind freeze() in xnorconv._transforms, the argument checks (shared with xnorconv.functional) in xnorconv._checks.
 """
 import copy
 from typing import Iterable, Optional, Tuple
