@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import xnorconv
-from xnorconv._reference import reference_binary_conv2d
+from xnorconv.testing import reference_conv2d
 
 from .layers import DARKNET53_128, parse_shape  # the same layers and --shape syntax as the CPU suite
 
@@ -104,7 +104,7 @@ def measure_layer(shape, batch, reps, pad_value, kernels, with_triton):
     fns = {f"xnorconv {kn}": with_kernel(kn, binary) for kn in kernels}
     # Correctness first: every binary path against the float64 reference (exact up to float32 rounding of the
     # affine output stage), on the benchmark's own tensors.
-    want = reference_binary_conv2d(x, w, bias, (s, s), pads, (1, 1), 1, scale, pad_value)
+    want = reference_conv2d(x, w, bias, (s, s), pads, (1, 1), 1, scale, pad_value)
     for name, fn in fns.items():
         got = fn()
         torch.cuda.synchronize()

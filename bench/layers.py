@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import xnorconv
-from xnorconv._reference import reference_binary_conv2d
+from xnorconv import profiling
+from xnorconv.testing import reference_conv2d
 
 from .timing import SelfTimed, interleaved, median_ms
 
@@ -48,17 +49,12 @@ def _int8_conv(x, w, stride, pad):
 PROBE_ITERATIONS = 50_000
 
 
-def _in_backend(backend, fn, *args):
-    with xnorconv.use_backend(backend):
-        return fn(*args)
-
-
 def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True, with_openvino=True, progress=None):
     """Measures every shape; returns one dict per shape with medians (ms), ratios and rates.
 
     Besides the float-in/float-out callables, every interleaved round also runs, per backend, the convolution pass
-    alone on pre-packed input (`xnorconv._C.conv_kernel_ms`) and the peak probe (`peak_binary_macs_per_second`), so
-    the probe sees the same machine as the kernel. The fraction of peak is best kernel rate over best probe rate
+    alone on pre-packed input and the peak probe (`xnorconv.profiling`), so the probe sees the same machine as the
+    kernel. The fraction of peak is best kernel rate over best probe rate
     over the whole run (both are estimates of the uncontended rate; a probe taken once can land in contention and
     make the fraction exceed 100%)."""
     from . import peers
@@ -76,7 +72,7 @@ def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True
             return xnorconv.binary_conv2d_packed(x, packed, stride=s, padding=p, pad_value=pad_value)
 
         # Correctness before any timing: every backend, exactly, against the float64 reference.
-        want = reference_binary_conv2d(x, w, None, (s, s), (p,) * 4, (1, 1), 1, None, pad_value)
+        want = reference_conv2d(x, w, None, (s, s), (p,) * 4, (1, 1), 1, None, pad_value)
         for b in backends:
             with xnorconv.use_backend(b):
                 if not torch.equal(binary().double(), want):
@@ -88,7 +84,7 @@ def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True
         notes = []
         if openvino:
             ov = peers.openvino_binary_conv(x, w, s, p, threads)
-            ov_want = reference_binary_conv2d(x, w, None, (s, s), (p,) * 4, (1, 1), 1, None, 1)
+            ov_want = reference_conv2d(x, w, None, (s, s), (p,) * 4, (1, 1), 1, None, 1)
             ov_got = ov().double()
             if torch.equal(ov_got, ov_want):
                 fns["openvino binary"] = ov
@@ -103,12 +99,9 @@ def layer_rows(shapes, batch, threads, reps, pad_value, backends, with_int8=True
 
         times, kernel_samples = {}, {}
         for b in backends:
-            # The _C hooks take the backend by name and clear the process-wide override when they return, so each
-            # call is wrapped in use_backend(b), which puts the override back for the float-in/float-out timing.
-            kernel = SelfTimed(lambda b=b: _in_backend(b, xnorconv._C.conv_kernel_ms, b, x, w, [s, s], [p, p],
-                                                       pad_value, 1) * 1e-3)
-            probe = SelfTimed(lambda b=b: _in_backend(b, xnorconv._C.peak_binary_macs_per_second, b,
-                                                      PROBE_ITERATIONS))
+            # The profiling hooks take the backend by name and leave the override below as it was.
+            kernel = SelfTimed(lambda b=b: profiling.conv_kernel_ms(b, x, w, s, p, pad_value, 1) * 1e-3)
+            probe = SelfTimed(lambda b=b: profiling.peak_binary_macs_per_second(b, PROBE_ITERATIONS))
             # use_backend is process-wide, so each backend is timed in its own interleaved run against the others.
             with xnorconv.use_backend(b):
                 t = interleaved({f"xnorconv {b}": binary, "kernel": kernel, "probe": probe, **fns}, reps)

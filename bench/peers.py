@@ -5,7 +5,7 @@ ordinary float graph in which a ``FakeQuantize`` with ``levels=2`` binarizes the
 ``BinaryConvolution`` (opset1, mode ``xnor-popcount``) consumes them with ``u1`` weights; the CPU plugin fuses the
 FakeQuantize into a bit-packing pass and runs its JIT binary kernel. We build exactly that graph for one layer.
 
-How it binarizes, and how we make it equal to ``xnorconv._reference`` (``sign(0) = +1``, pad taps = +1):
+How it binarizes, and how we make it equal to ``xnorconv.testing.reference_conv2d`` (``sign(0) = +1``, pad taps = +1):
 
 * A FakeQuantize with ``levels=2``, ``input_low == input_high == t`` and outputs 0/1 becomes the CPU plugin's
   "binarization": bit = ``x > t`` (a strict compare; with output_high 0 the bit is inverted). With ``t = 0`` a zero
@@ -89,7 +89,7 @@ def _compile(model, threads, profile=False):
 
 def openvino_binary_conv(x, w, stride, pad, threads):
     """A callable computing OpenVINO's BinaryConvolution of `x` (N, C, H, W float32, bound now) with sign(`w`),
-    +1 padding, float32 in and float32 NCHW out (what `reference_binary_conv2d(..., pad_value=1)` gives)."""
+    +1 padding, float32 in and float32 NCHW out (what `reference_conv2d(..., pad_value=1)` gives)."""
     import openvino as ov
     x = x.detach().contiguous()
     request = _compile(_binary_conv_model(x.shape, w, stride, pad), threads).create_infer_request()

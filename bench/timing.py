@@ -12,6 +12,8 @@ import torch
 
 import xnorconv
 
+from .machine import cpu_model
+
 
 class SelfTimed:
     """A callable that measures itself: `interleaved` records what it returns (seconds, or any other figure such as
@@ -76,17 +78,6 @@ def interleaved(fns, reps, warmup=3, seed=0):
 
 def median_ms(samples):
     return statistics.median(samples) * 1e3
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def configure_allocator(top_pad_mb):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import xnorconv
-from xnorconv._reference import reference_binary_conv2d
+from xnorconv.testing import reference_conv2d
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available (GPU-only test)"),
@@ -61,7 +61,7 @@ def _run_case(n, c, h, w, o, k, stride, padding, dilation, groups, pad_value, af
     got = xnorconv.binary_conv2d(xd, wt.to(DEVICE), dev(bias), stride, padding, dilation, groups, dev(scale),
                                  pad_value)
     pads = (padding[0], padding[0], padding[1], padding[1])
-    want = reference_binary_conv2d(x, wt, bias, stride, pads, dilation, groups, scale, pad_value)
+    want = reference_conv2d(x, wt, bias, stride, pads, dilation, groups, scale, pad_value)
     assert got.device.type == "cuda" and got.dtype == torch.float32 and got.shape == want.shape
     if layout == "channels_last" and c > 1 and o > 1:
         assert got.is_contiguous(memory_format=torch.channels_last)
@@ -127,7 +127,7 @@ def test_input_threshold(cuda_kernel, pad_value):
     w = torch.randn(24, 80, 3, 3, generator=g)
     got = xnorconv.binary_conv2d(x.to(DEVICE), w.to(DEVICE), None, 1, 1, 1, 2, None, pad_value,
                                  input_threshold=t.to(DEVICE))
-    want = reference_binary_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 2, None, pad_value, input_threshold=t)
+    want = reference_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 2, None, pad_value, input_threshold=t)
     assert torch.equal(got.cpu().double(), want)
 
 
@@ -240,8 +240,8 @@ def test_residual_and_prelu_match_cpu(cuda_kernel, shape, slopes, output):
     got, want = _cpu_and_cuda(x, wt, **kwargs)
     _assert_same_as_cpu(got, want)
     if output == "float":  # and the order of the operations is the one documented
-        ref = reference_binary_conv2d(x, wt, bias, (stride, stride), (padding,) * 4, (1, 1), groups, scale, 0,
-                                      residual=residual, prelu_weight=None if a is None else a.expand(o))
+        ref = reference_conv2d(x, wt, bias, (stride, stride), (padding,) * 4, (1, 1), groups, scale, 0,
+                               residual=residual, prelu_weight=None if a is None else a.expand(o))
         torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -353,7 +353,7 @@ def test_second_device_guard():
     w = torch.randn(8, 16, 3, 3, device="cuda:1")
     y = xnorconv.binary_conv2d(x, w, padding=1)
     assert y.device == x.device
-    torch.testing.assert_close(y.cpu().double(), reference_binary_conv2d(x.cpu(), w.cpu(), padding=(1, 1, 1, 1)))
+    torch.testing.assert_close(y.cpu().double(), reference_conv2d(x.cpu(), w.cpu(), padding=(1, 1, 1, 1)))
 
 
 def test_errors_name_the_argument():
@@ -422,7 +422,7 @@ def test_triton_backend_on_gpu():
     g = torch.Generator().manual_seed(3)
     x, w = _signed((2, 70, 11, 13), g), _signed((12, 35, 3, 3), g)
     got = _triton.binary_conv2d(x.to(DEVICE), w.to(DEVICE), stride=2, padding=1, groups=2, pad_value=-1)
-    want = reference_binary_conv2d(x, w, None, (2, 2), (1, 1, 1, 1), (1, 1), 2, None, -1)
+    want = reference_conv2d(x, w, None, (2, 2), (1, 1, 1, 1), (1, 1), 2, None, -1)
     assert torch.equal(got.cpu().double(), want)
 
 

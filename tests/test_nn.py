@@ -12,11 +12,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import xnorconv
+import xnorconv._packed as xpacked
 import xnorconv.nn as xnn
 from xnorconv import BinaryConv2d, FrozenBinaryConv2d, binarize, freeze
 from xnorconv._autograd import binary_conv2d_ste, ste_sign
-from xnorconv._reference import reference_binary_conv2d, sign
 from xnorconv.functional import normalize_conv_args
+from xnorconv.testing import reference_conv2d, sign
 
 
 
@@ -49,8 +50,7 @@ def reference(layer, x):
         y = F.conv2d(xp, sign(w), None, layer.stride, 0, layer.dilation, layer.groups)
         y = y * alpha.view(1, -1, 1, 1) if alpha is not None else y
         return y + bias.double().view(1, -1, 1, 1) if bias is not None else y
-    return reference_binary_conv2d(x, w, bias, layer.stride, pads, layer.dilation, layer.groups, alpha,
-                                   layer.pad_value)
+    return reference_conv2d(x, w, bias, layer.stride, pads, layer.dilation, layer.groups, alpha, layer.pad_value)
 
 
 def count_calls(monkeypatch, module, name):
@@ -333,7 +333,7 @@ def test_devices_without_packed_kernel_use_the_float_path(monkeypatch):
     frozen = freeze(m)
     with torch.no_grad():
         frozen_packed = frozen(x)
-    monkeypatch.setattr(xnn, "_PACKED_DEVICES", frozenset())
+    monkeypatch.setattr(xpacked, "PACKED_DEVICES", frozenset())
     packed_calls = count_calls(monkeypatch, xnn, "_packed_call")
     with torch.no_grad():
         m.invalidate_packed_cache()
@@ -479,7 +479,7 @@ def test_gradcheck_and_gradgradcheck_on_the_differentiable_surrogate(ste, scale)
                                  input_anchor=x0, weight_anchor=w0)
 
     # At the anchor the surrogate is the binary layer.
-    torch.testing.assert_close(f(x, w, b).detach(), reference_binary_conv2d(
+    torch.testing.assert_close(f(x, w, b).detach(), reference_conv2d(
         x0, w0, b.detach(), (1, 2), (1, 0, 2, 1), (1, 1), 2,
         w0.abs().mean((1, 2, 3)) if scale == "channel" else None, -1))
     assert torch.autograd.gradcheck(f, (x, w, b))
@@ -516,7 +516,7 @@ def test_ste_sign_rejects_unknown_ste():
 
 @pytest.fixture
 def pack_calls(monkeypatch):
-    return count_calls(monkeypatch, xnn, "pack_weight")
+    return count_calls(monkeypatch, xpacked, "pack_weight")
 
 
 def check_fresh(m, x):
@@ -721,7 +721,7 @@ def test_freeze_matches_unfrozen_on_random_layers(kwargs):
     assert isinstance(frozen, FrozenBinaryConv2d)
     packed = xnorconv.pack_weight(m.weight)
     assert torch.equal(frozen.weight_bits, packed.bits) and torch.equal(frozen.weight_tap_sum, packed.tap_sum)
-    assert torch.equal(xnn._tap_sum_from_bits(packed.bits, packed.in_channels), packed.tap_sum)
+    assert torch.equal(xpacked.tap_sum_from_bits(packed.bits, packed.in_channels), packed.tap_sum)
     assert torch.equal(xnn.unpack_weight_signs(packed.bits, packed.in_channels), sign(m.weight.detach()))
     with torch.no_grad():
         expected = m(x)
@@ -1025,7 +1025,8 @@ def test_binarize_replaces_convs_keeps_first_and_last_and_carries_weights():
     assert binary.body[0].pad_value == -1 and binary.body[2].pad_value == 0
     x = torch.randn(2, 3, 6, 6)
     binary(x).sum().backward()
-    assert binary.body[0].weight.grad is not None
+    grad = binary.body[0].weight.grad
+    assert grad is not None and grad.shape == binary.body[0].weight.shape and grad.abs().sum() > 0
 
 
 def test_binarize_skip_rules_exclude_and_inplace():
@@ -1198,14 +1199,14 @@ def test_torch_export_matches_eager_training_graph_and_packed_graph():
 # ---- learnable_threshold: sign(x - t), fused into the packing pass at inference ----
 
 def test_learnable_threshold_paths_agree_with_reference():
-    from xnorconv._reference import reference_binary_conv2d
+    from xnorconv.testing import reference_conv2d
     layer = xnorconv.BinaryConv2d(70, 12, 3, padding=1, learnable_threshold=True)
     with torch.no_grad():
         layer.input_threshold.uniform_(-0.5, 0.5)
     x = torch.randn(2, 70, 9, 8)
     alpha = layer.weight.abs().mean(dim=(1, 2, 3))
-    want = reference_binary_conv2d(x, layer.weight, layer.bias, (1, 1), (1, 1, 1, 1), (1, 1), 1, alpha, 0,
-                                   input_threshold=layer.input_threshold.detach())
+    want = reference_conv2d(x, layer.weight, layer.bias, (1, 1), (1, 1, 1, 1), (1, 1), 1, alpha, 0,
+                            input_threshold=layer.input_threshold.detach())
     train_out = layer(x)                  # straight-through float path (parameters require grad)
     with torch.no_grad():
         packed_out = layer(x)             # packed kernel, threshold applied while packing
@@ -1279,6 +1280,17 @@ def test_freeze_chains_signs_and_matches(threshold):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-4)
     assert hasattr(chained.conv1, "output_threshold") and not hasattr(chained.conv2, "output_threshold")
+
+
+@pytest.mark.parametrize("fold_bn, chain_signs, traces", [(True, True, 1), (True, False, 1), (False, True, 1),
+                                                          (False, False, 0)])
+def test_freeze_traces_the_model_at_most_once(monkeypatch, fold_bn, chain_signs, traces):
+    """Folding and chaining read one torch.fx graph: a model is traced once per freeze, not once per analysis."""
+    calls = count_calls(monkeypatch, torch.fx.Tracer, "trace")
+    frozen = xnorconv.freeze(_Chain().eval(), fold_bn=fold_bn, chain_signs=chain_signs)
+    assert len(calls) == traces
+    assert isinstance(frozen.bn1, nn.Identity) == fold_bn and isinstance(frozen.bn2, nn.Identity) == fold_bn
+    assert hasattr(frozen.conv1, "output_threshold") == (chain_signs and fold_bn)  # an unfolded BN sits between
 
 
 def test_freeze_does_not_chain_when_the_output_is_used_elsewhere():

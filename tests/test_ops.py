@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import xnorconv
-from xnorconv._reference import reference_binary_conv2d, sign
+from xnorconv import profiling
 from xnorconv.functional import normalize_conv_args
+from xnorconv.testing import reference_conv2d, sign
 
 BACKENDS = xnorconv.backends()
 
@@ -69,8 +70,8 @@ def test_random_shapes_match_reference(backend, case):
     bias = torch.randn(case["cout"]) if case["affine"] else None
     threshold = torch.rand(case["cin"]) - 0.5 if case["threshold"] else None
     pads = (case["padding"][0],) * 2 + (case["padding"][1],) * 2
-    want = reference_binary_conv2d(x, w, bias, case["stride"], pads, case["dilation"], case["groups"], scale,
-                                   case["pad_value"], input_threshold=threshold)
+    want = reference_conv2d(x, w, bias, case["stride"], pads, case["dilation"], case["groups"], scale,
+                            case["pad_value"], input_threshold=threshold)
     with xnorconv.use_backend(backend):
         got = xnorconv.binary_conv2d(x, w, bias, case["stride"], case["padding"], case["dilation"], case["groups"],
                                      scale, case["pad_value"], input_threshold=threshold)
@@ -92,7 +93,7 @@ def test_benchmark_layers_exact(backend, layer):
     x, w = torch.randn(1, cin, hw, hw), torch.randn(cout, cin, k, k)
     packed = xnorconv.pack_weight(w)
     for pad_value in (0, 1, -1):
-        want = reference_binary_conv2d(x, w, None, (s, s), (p,) * 4, (1, 1), 1, None, pad_value)
+        want = reference_conv2d(x, w, None, (s, s), (p,) * 4, (1, 1), 1, None, pad_value)
         with xnorconv.use_backend(backend):
             got = xnorconv.binary_conv2d_packed(x, packed, stride=s, padding=p, pad_value=pad_value)
         assert torch.equal(got.double(), want)
@@ -143,7 +144,7 @@ def test_reference_is_integer_arithmetic(channels, height, width, pad_value):
     cols = F.unfold(padded, 3).round().long()                       # (1, C*9, L): +-1 and the pad value
     counts = sign(w).round().long().view(4, -1) @ cols[0]            # (4, L) exact integer sums
     want = counts.view(1, 4, height, width).double()
-    assert torch.equal(reference_binary_conv2d(x, w, padding=(1, 1, 1, 1), pad_value=pad_value), want)
+    assert torch.equal(reference_conv2d(x, w, padding=(1, 1, 1, 1), pad_value=pad_value), want)
 
 
 EDGE_VALUES = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-30, -1e-30, 1.4e-45, -1.4e-45]
@@ -368,8 +369,8 @@ def test_packed_weight_rewritten_in_place_is_used(backend):
     x = torch.randn(1, 64, 9, 9)
     w1, w2 = torch.randn(40, 64, 3, 3), torch.randn(40, 64, 3, 3)
     p1, p2 = xnorconv.pack_weight(w1), xnorconv.pack_weight(w2)
-    want1 = reference_binary_conv2d(x, w1, padding=(1, 1, 1, 1)).float()
-    want2 = reference_binary_conv2d(x, w2, padding=(1, 1, 1, 1)).float()
+    want1 = reference_conv2d(x, w1, padding=(1, 1, 1, 1)).float()
+    want2 = reference_conv2d(x, w2, padding=(1, 1, 1, 1)).float()
     with xnorconv.use_backend(backend):
         def run(bits, tap_sum):
             return torch.ops.xnorconv.binary_conv2d_packed(x, bits, tap_sum, 64, None, None, [1, 1], [1, 1, 1, 1],
@@ -495,14 +496,82 @@ def test_torch_compile_and_export():
     assert torch.equal(exported.module()(x), want)
 
 
-def test_benchmark_hooks_keep_the_backend_choice():
+def test_profiling_hooks_keep_the_backend_choice():
     x, w = torch.randn(1, 64, 8, 8), torch.randn(8, 64, 3, 3)
     with xnorconv.use_backend("scalar"):
-        xnorconv._C.conv_kernel_ms(BACKENDS[0], x, w, [1, 1], [1, 1], 0, 3)
-        xnorconv._C.peak_binary_macs_per_second(BACKENDS[0], 1000)
+        assert profiling.conv_kernel_ms(BACKENDS[0], x, w, 1, 1, 0, 3) > 0
+        assert profiling.peak_binary_macs_per_second(BACKENDS[0], 1000) > 0
         assert xnorconv.current_backend() == "scalar"
     with pytest.raises(RuntimeError, match=r"conv_kernel_ms: unknown backend 'nope'"):
-        xnorconv._C.conv_kernel_ms("nope", x, w, [1, 1], [1, 1], 0, 3)
+        profiling.conv_kernel_ms("nope", x, w, 1, 1, 0, 3)
+    with pytest.raises(RuntimeError, match=r"peak_binary_macs_per_second: unknown backend 'nope'"):
+        profiling.peak_binary_macs_per_second("nope", 1000)
+
+
+# The C++ hooks read the tensors' memory as they are told it is laid out: everything they cannot check is checked
+# in Python first, so a wrong argument is an error, not a crash or a figure measured on garbage.
+@pytest.mark.parametrize("call, exc, message", [
+    (lambda x, w: profiling.conv_kernel_ms("scalar", x.double(), w), ValueError,
+     r"input must be a 4-D float32 CPU tensor, got torch.float64 of shape \(1, 16, 8, 8\) on cpu"),
+    (lambda x, w: profiling.conv_kernel_ms("scalar", x[0], w), ValueError,
+     r"input must be a 4-D float32 CPU tensor, got torch.float32 of shape \(16, 8, 8\)"),
+    (lambda x, w: profiling.conv_kernel_ms("scalar", x, w.to("meta")), ValueError,
+     r"weight must be a 4-D float32 CPU tensor, got torch.float32 of shape \(8, 16, 3, 3\) on meta"),
+    (lambda x, w: profiling.conv_kernel_ms("scalar", x, w[:, :8]), ValueError,
+     r"weight has 8 input channels but input has 16"),
+    (lambda x, w: profiling.conv_kernel_ms("scalar", "x", w), TypeError, r"input must be a torch.Tensor, got str"),
+    (lambda x, w: profiling.conv_kernel_ms("scalar", x, w, stride=0), ValueError, r"stride must be >= 1, got \(0, 0\)"),
+    (lambda x, w: profiling.conv_kernel_ms("scalar", x, w, padding=(1, -1)), ValueError,
+     r"padding must be >= 0, got \(1, -1\)"),
+    (lambda x, w: profiling.conv_kernel_ms("scalar", x, w, pad_value=2), ValueError,
+     r"pad_value must be 0, 1 or -1, got 2"),
+    (lambda x, w: profiling.conv_kernel_ms("scalar", x, w, reps=0), ValueError, r"reps must be a positive int, got 0"),
+    (lambda x, w: profiling.conv_kernel_ms(None, x, w), ValueError, r"backend must be .* got None"),
+    (lambda x, w: profiling.conv_kernel_ms("scalar", x[:, :, :2, :2], w), RuntimeError,
+     r"conv_kernel_ms: kernel size \(3, 3\) .* larger than the padded input \(2, 2\)"),
+    (lambda x, w: profiling.peak_binary_macs_per_second("scalar", -5), ValueError,
+     r"iterations must be a positive int, got -5"),
+])
+def test_profiling_errors_name_argument_and_value(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call(torch.randn(1, 16, 8, 8), torch.randn(8, 16, 3, 3))
+
+
+# ---- the public oracle: xnorconv.testing.reference_conv2d ----
+
+def test_reference_takes_binary_conv2d_arguments():
+    """Call for call the arguments of binary_conv2d (ints, pairs, 'same'), including the sign output."""
+    torch.manual_seed(3)
+    x, w = torch.randn(2, 70, 9, 11), torch.randn(12, 35, 3, 3)
+    scale, bias, thr = torch.rand(12) + 0.5, torch.randn(12), torch.randn(12)
+    t = torch.randn(70) * 0.3
+    for kwargs in (dict(stride=2, padding=1, pad_value=-1), dict(padding="same", dilation=(2, 1)),
+                   dict(stride=(1, 2), padding=(0, 2), pad_value=1, input_threshold=t)):
+        want = xnorconv.binary_conv2d(x, w, None, groups=2, **kwargs)
+        assert torch.equal(reference_conv2d(x, w, None, groups=2, **kwargs), want.double())
+    y = reference_conv2d(x, w, bias, padding=1, groups=2, scale=scale)
+    torch.testing.assert_close(y, xnorconv.binary_conv2d(x, w, bias, padding=1, groups=2, scale=scale).double())
+    signs = reference_conv2d(x, w, bias, padding=1, groups=2, scale=scale, output_signs=True, output_threshold=thr)
+    assert signs.dtype == torch.bool and torch.equal(signs, y < thr.view(1, -1, 1, 1))
+    assert torch.equal(reference_conv2d(x, w, bias, padding=1, groups=2, scale=scale, output_signs=True), y < 0)
+    assert torch.equal(reference_conv2d(signs, w[:, :6], padding=1, groups=2),
+                       reference_conv2d(torch.where(signs, -1.0, 1.0), w[:, :6], padding=1, groups=2))
+
+
+@pytest.mark.parametrize("kwargs, exc, message", [
+    (dict(pad_value=2), ValueError, r"pad_value must be 0, 1 or -1, got 2"),
+    (dict(pad_value=1.0), ValueError, r"pad_value must be 0, 1 or -1, got 1.0"),
+    (dict(padding=(1, 1, -1, 1)), ValueError, r"padding \(top, bottom, left, right\) must be 4 ints >= 0, got "
+                                              r"\(1, 1, -1, 1\)"),
+    (dict(padding="full"), ValueError, r"padding must be an int, a pair, 'same' or 'valid', got 'full'"),
+    (dict(stride=0), ValueError, r"stride must be >= 1, got \(0, 0\)"),
+    (dict(groups=0), ValueError, r"groups must be a positive int, got 0"),
+    (dict(output_signs=1), ValueError, r"output_signs must be True or False, got 1"),
+    (dict(output_threshold=torch.zeros(4)), ValueError, r"output_threshold is only used with output_signs=True"),
+])
+def test_reference_errors_name_argument_and_value(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        reference_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), **kwargs)
 
 
 # ---- sign output / sign input: what a frozen conv -> BN -> sign -> binary conv chain passes between layers ----
@@ -556,8 +625,8 @@ def test_residual_and_prelu_match_reference(backend, slopes):
     scale, bias = torch.rand(13) + 0.5, torch.randn(13)
     residual = torch.randn(2, 13, 5, 6)
     a = torch.rand(13) * 0.5 if slopes == "per_channel" else torch.tensor([0.25])
-    want = reference_binary_conv2d(x, w, bias, (2, 2), (1, 1, 1, 1), (1, 1), 1, scale, 0, residual=residual,
-                                   prelu_weight=a.expand(13))
+    want = reference_conv2d(x, w, bias, (2, 2), (1, 1, 1, 1), (1, 1), 1, scale, 0, residual=residual,
+                            prelu_weight=a.expand(13))
     with xnorconv.use_backend(backend):
         got = xnorconv.binary_conv2d(x, w, bias, stride=2, padding=1, scale=scale, residual=residual,
                                      prelu_weight=a)
@@ -609,7 +678,7 @@ def _packed_call(x, packed, stride=1, padding=1, pad_value=0):
 
 
 def _want(x, w, stride=1, padding=1, pad_value=0):
-    return reference_binary_conv2d(x, w, None, (stride, stride), (padding,) * 4, (1, 1), 1, None, pad_value)
+    return reference_conv2d(x, w, None, (stride, stride), (padding,) * 4, (1, 1), 1, None, pad_value)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -233,6 +233,11 @@ def test_statistics():
 
 # ------------------------------------------------------------------------------------------ end to end
 
+def assert_accuracy_is_the_confusion_diagonal(m):
+    cm = np.array(m["confusion_matrix"])
+    assert cm.sum() == m["n"] and m["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+
+
 def test_fit_writes_everything(trained, split_data):
     for f in ("config.json", "best.pt", "last.pt", "log.csv", "metrics.json", "predictions.csv",
               "confusion_matrix.png", "roc.png", "pr.png", "training_curves.png"):
@@ -246,6 +251,7 @@ def test_fit_writes_everything(trained, split_data):
     for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc", "pr_auc", "per_class",
               "confusion_matrix"):
         assert m[k] is not None, k
+    assert_accuracy_is_the_confusion_diagonal(m)
     assert m["data"]["skipped_images"] == 1 and m["data"]["unreadable_files"][0].endswith("corrupt_0.png")
     assert set(m["subgroups"]["groups"]) <= {"light", "medium", "dark"} and "mean_abs_spd" in m["subgroups"]
     lat = m["latency"]
@@ -298,7 +304,10 @@ def test_cv_and_compare_on_msld_layout(msld_data, tmp_path, capsys):
     run("cv", msld_data, "--name", "b", "--model", "binary_dnet53_float", "--loss", "ce", *common)
     s = load(tmp_path / "a" / "cv_summary.json")
     assert s["k"] == 2 and [f["fold"] for f in s["folds"]] == [1, 2] and "MSLD" in s["scheme"]
-    assert set(s["mean"]) >= {"accuracy", "f1_macro", "roc_auc"} and s["std"]["accuracy"] >= 0
+    assert set(s["mean"]) >= {"accuracy", "f1_macro", "roc_auc"}
+    accuracies = np.array([f["accuracy"] for f in s["folds"]])
+    assert s["mean"]["accuracy"] == pytest.approx(accuracies.mean())
+    assert s["std"]["accuracy"] == pytest.approx(accuracies.std(ddof=1))
     capsys.readouterr()
     run("compare", tmp_path / "a", tmp_path / "b", "--names", "binary", "float", "--json", tmp_path / "cmp.json")
     r = load(tmp_path / "cmp.json")
@@ -348,7 +357,9 @@ def test_torchrun_two_processes_cpu(split_data, tmp_path):
     with open(tmp_path / "ddp" / "log.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert load(tmp_path / "ddp" / "metrics.json")["accuracy"] is not None
+    m = load(tmp_path / "ddp" / "metrics.json")
+    assert m["n"] == 4 * 2  # every test image scored once, not once per process
+    assert_accuracy_is_the_confusion_diagonal(m)
     assert p.stdout.count("[train] epoch 1/2") == 1          # only rank 0 reports
 
 

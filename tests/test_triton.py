@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 import xnorconv  # noqa: E402
 from xnorconv import _triton  # noqa: E402
-from xnorconv._reference import reference_binary_conv2d  # noqa: E402
+from xnorconv.testing import reference_conv2d  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -52,7 +52,7 @@ def _check(n, c, h, w, o, k, stride, padding, dilation, groups, pad_value, affin
     dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
     got = _triton.binary_conv2d(dev(xin), dev(wt), dev(bias), stride, padding, dilation, groups, dev(scale), pad_value)
     pads = (padding[0], padding[0], padding[1], padding[1])
-    want = reference_binary_conv2d(x, wt, bias, stride, pads, dilation, groups, scale, pad_value)
+    want = reference_conv2d(x, wt, bias, stride, pads, dilation, groups, scale, pad_value)
     assert got.shape == want.shape
     got = got.cpu().double()
     if affine:
@@ -93,7 +93,7 @@ def test_input_threshold(pad_value):
     w = torch.randn(6, 20, 3, 3, generator=g)
     got = _triton.binary_conv2d(x.to(DEVICE), w.to(DEVICE), None, 1, 1, 1, 2, None, pad_value,
                                 input_threshold=t.to(DEVICE))
-    want = reference_binary_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 2, None, pad_value, input_threshold=t)
+    want = reference_conv2d(x, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 2, None, pad_value, input_threshold=t)
     assert torch.equal(got.cpu().double(), want)
 
 

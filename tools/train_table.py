@@ -21,16 +21,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+sys.path.insert(0, ROOT)  # bench/ is a top-level package of the repository root
+from bench.machine import cpu_model  # noqa: E402
 
 
 def timed(cmd, run_dir, log):
@@ -40,7 +32,7 @@ def timed(cmd, run_dir, log):
     wall = time.perf_counter() - t0
     if p.returncode == 0:
         with open(os.path.join(run_dir, "wall.json"), "w") as fh:
-            json.dump({"seconds": wall, "command": cmd, "cpu": cpu_name(), "finished": time.strftime(
+            json.dump({"seconds": wall, "command": cmd, "cpu": cpu_model(), "finished": time.strftime(
                 "%Y-%m-%d %H:%M UTC", time.gmtime())}, fh, indent=2)
     print(f"{'ok' if p.returncode == 0 else 'FAILED'} {wall / 60:.1f} min: {' '.join(cmd)}", flush=True)
 
@@ -96,7 +88,7 @@ def main() -> int:
                 timed([py, "-m", "train", "cv", args.data, "--folds", str(args.folds), "--model", model,
                        "--no-latency", "--name", name, *common], os.path.join(out, name),
                       os.path.join(out, name + ".log"))
-    print(f"\nCPU: {cpu_name()}; threads per run: {args.threads}; runs in {out}; "
+    print(f"\nCPU: {cpu_model()}; threads per run: {args.threads}; runs in {out}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print("| model | seed | test accuracy | majority rate | balanced acc. | ROC AUC | best epoch | train images/s "
           "(median epoch) | minutes |")

@@ -21,7 +21,6 @@ import datetime
 import glob
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -29,6 +28,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # bench/ is a top-level package of the repository root
+from bench.machine import cpu_model  # noqa: E402
 
 # Runs inside the variant's tree (PYTHONPATH); prints one JSON line.
 CHILD = r'''
@@ -72,16 +73,6 @@ print(json.dumps({"images": images, "seconds": seconds, "setup": setup, "batch":
 '''
 
 
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def git(*args) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
@@ -118,7 +109,7 @@ def main() -> int:
     args = ap.parse_args()
     old_rev = args.old_rev or git("merge-base", "HEAD", "main")
     print(f"# train throughput, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"# CPU: {cpu_name()}; {os.cpu_count()} logical CPUs; load average at start "
+    print(f"# CPU: {cpu_model()}; {os.cpu_count()} logical CPUs; load average at start "
           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     dirty = git("status", "--porcelain", "train", "models", "xnorconv")
     print(f"# new: {git('rev-parse', '--short', 'HEAD')}{' + uncommitted changes' if dirty else ''}; "

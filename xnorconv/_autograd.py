@@ -36,6 +36,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_choice
+
 STE_CHOICES = ("clipped", "identity", "approx")
 SCALE_CHOICES = ("channel", "none")
 
@@ -86,8 +88,7 @@ class _SignSTE(torch.autograd.Function):
 
 def ste_sign(x: torch.Tensor, ste: str = "clipped", anchor: Optional[torch.Tensor] = None) -> torch.Tensor:
     """sign(x) in the forward pass, the `ste` surrogate's derivative in the backward pass (see module docstring)."""
-    if ste not in STE_CHOICES:
-        raise ValueError(f"ste must be one of {STE_CHOICES}, got {ste!r}")
+    check_choice("ste", ste, STE_CHOICES)
     if anchor is None:  # the STE proper: s(x) - s(x) is exactly 0 in the forward pass
         if not (x.requires_grad and torch.is_grad_enabled()):
             return _sign(x)
@@ -122,8 +123,7 @@ def binary_conv2d_ste(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
     padding of the signed input; +1 / -1: constants). binarize_input=False keeps the input real (binary-weight
     network: conv(x, alpha * sign(W))). scale='none' drops alpha. The anchors are for gradcheck only (module doc).
     """
-    if scale not in SCALE_CHOICES:
-        raise ValueError(f"scale must be one of {SCALE_CHOICES}, got {scale!r}")
+    check_choice("scale", scale, SCALE_CHOICES)
     x = ste_sign(input, ste, input_anchor) if binarize_input else input
     w = ste_sign(weight, "identity", weight_anchor)
     y = conv_padded(x, w, stride, padding, dilation, groups, pad_value)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .functional import _per_channel, _check_input, _check_pad_value, normalize_conv_args
+from ._checks import check_bool, check_op_input, check_pad_value, check_positive_int, normalize_conv_args, per_channel
 
 
 @triton.jit
@@ -161,13 +161,11 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     input, output_signs / output_threshold, the fused residual + PReLU, and a channels_last output for a
     channels_last input (the op's rule). The tensors must be on a device Triton can run on (a GPU, or the CPU in
     interpreter mode)."""
-    _check_input(input)
+    check_op_input(input)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"weight must be a 4-D tensor (O, C/groups, kh, kw), got {getattr(weight, 'shape', weight)!r}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    if not isinstance(output_signs, bool):
-        raise ValueError(f"output_signs must be True or False, got {output_signs!r}")
+    check_positive_int("groups", groups)
+    check_bool("output_signs", output_signs)
     out_channels, cg, kh, kw = weight.shape
     if input.shape[1] != cg * groups:
         raise ValueError(f"input has {input.shape[1]} channels but the weight expects {cg * groups} "
@@ -177,12 +175,12 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if weight.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
     (sh, sw), (pt, pb, pl, pr), (dh, dw) = normalize_conv_args((kh, kw), stride, padding, dilation)
-    pv = _check_pad_value(pad_value)
+    pv = check_pad_value(pad_value)
     signs = input.dtype == torch.bool
-    scale, bias = _per_channel(scale, "scale"), _per_channel(bias, "bias")
-    threshold = _per_channel(input_threshold, "input_threshold")
-    out_threshold = _per_channel(output_threshold, "output_threshold")
-    slope = _per_channel(prelu_weight, "prelu_weight")
+    scale, bias = per_channel(scale, "scale"), per_channel(bias, "bias")
+    threshold = per_channel(input_threshold, "input_threshold")
+    out_threshold = per_channel(output_threshold, "output_threshold")
+    slope = per_channel(prelu_weight, "prelu_weight")
     if threshold is not None and signs:
         raise ValueError("input_threshold applies to float input; this input is bool (already binarized)")
     if out_threshold is not None and not output_signs:

@@ -1,9 +1,12 @@
-"""Functional API: argument normalisation (like F.conv2d / nn.Conv2d) in front of torch.ops.xnorconv.*."""
+"""Functional API: argument normalisation (like F.conv2d / nn.Conv2d, with xnorconv._checks' rules) in front of
+torch.ops.xnorconv.*."""
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import _C  # loads the library, which registers torch.ops.xnorconv.*
+from ._checks import (check_bool, check_op_input, check_pad_value, check_positive_int, check_tensor,
+                      normalize_conv_args, per_channel)
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -39,56 +42,9 @@ class PackedWeight(NamedTuple):
         return self.bits.shape[1], self.bits.shape[2]
 
 
-def _pair(value, name: str) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value, value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return int(value[0]), int(value[1])
-    if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], int):
-        return int(value[0]), int(value[0])
-    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-
-
-def normalize_conv_args(kernel_size, stride, padding, dilation):
-    """Returns (stride, (top, bottom, left, right), dilation) with nn.Conv2d's rules, 'same' and 'valid' included."""
-    if type(stride) is int and type(padding) is int and type(dilation) is int and stride > 0 and padding >= 0 \
-            and dilation > 0:
-        # The common call, without the general parsing below (kernel_size only matters for 'same'): that parsing
-        # was a visible share of a small layer's call.
-        return (stride, stride), (padding, padding, padding, padding), (dilation, dilation)
-    kh, kw = _pair(kernel_size, "kernel_size")
-    stride = _pair(stride, "stride")
-    dilation = _pair(dilation, "dilation")
-    for name, value in (("stride", stride), ("dilation", dilation)):
-        if min(value) < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if isinstance(padding, str):
-        if padding == "valid":
-            return stride, (0, 0, 0, 0), dilation
-        if padding != "same":
-            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-        if stride != (1, 1):
-            raise ValueError(f"padding='same' is not supported for strided convolutions (stride={stride}), "
-                             "as in nn.Conv2d")
-        # nn.Conv2d's split: the extra pixel of an even total goes after (bottom/right).
-        total_h, total_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
-        return stride, (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2), dilation
-    ph, pw = _pair(padding, "padding")
-    if min(ph, pw) < 0:
-        raise ValueError(f"padding must be >= 0, got {(ph, pw)}")
-    return stride, (ph, ph, pw, pw), dilation
-
-
-def _check_pad_value(pad_value):
-    if pad_value not in (0, 1, -1) or isinstance(pad_value, bool):
-        raise ValueError(f"pad_value must be 0, 1 or -1, got {pad_value!r}")
-    return int(pad_value)
-
-
 def pack_weight(weight: torch.Tensor) -> PackedWeight:
     """Packs the signs of a float conv weight (O, C/groups, kh, kw) for binary_conv2d_packed."""
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    check_tensor("weight", weight)
     if weight.dim() != 4:
         raise ValueError(f"weight must be 4-D (out_channels, in_channels/groups, kh, kw), got shape "
                          f"{tuple(weight.shape)}")
@@ -113,17 +69,15 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
     where y binarizes to -1 for a following binary layer. Fed to that layer's binary_conv2d as its input, it
     replaces a float tensor (4 bytes a value) by a byte a value and its packing pass by a byte test.
     """
-    _check_input(input)
-    if not isinstance(output_signs, bool):
-        raise ValueError(f"output_signs must be True or False, got {output_signs!r}")
-    if not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    check_op_input(input)
+    check_bool("output_signs", output_signs)
+    check_positive_int("groups", groups)
     stride, pads, dilation = normalize_conv_args(weight.kernel_size, stride, padding, dilation)
     return packed_conv_op()(
-        input, weight.bits, weight.tap_sum, weight.in_channels, _per_channel(scale, "scale"),
-        _per_channel(bias, "bias"), list(stride), list(pads), list(dilation), groups, _check_pad_value(pad_value),
-        _per_channel(input_threshold, "input_threshold"), output_signs,
-        _per_channel(output_threshold, "output_threshold"), residual, _per_channel(prelu_weight, "prelu_weight"))
+        input, weight.bits, weight.tap_sum, weight.in_channels, per_channel(scale, "scale"),
+        per_channel(bias, "bias"), list(stride), list(pads), list(dilation), groups, check_pad_value(pad_value),
+        per_channel(input_threshold, "input_threshold"), output_signs,
+        per_channel(output_threshold, "output_threshold"), residual, per_channel(prelu_weight, "prelu_weight"))
 
 
 def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -143,27 +97,9 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     binary_conv2d_packed (as BinaryConv2d does in eval mode) when it is reused. Not differentiable: BinaryConv2d
     provides the straight-through training path.
     """
-    _check_input(input)
+    check_op_input(input)
     packed = pack_weight(weight)
     if packed.bits.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
     return binary_conv2d_packed(input, packed, bias, stride, padding, dilation, groups, scale, pad_value,
                                 input_threshold, output_signs, output_threshold, residual, prelu_weight)
-
-
-def _check_input(input):
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
-    if input.dtype not in (torch.float32, torch.bool):
-        raise TypeError(f"input must be float32 (or bool: already binarized, True meaning -1), got dtype {input.dtype}")
-
-
-def _per_channel(t, name):
-    if t is None:
-        return None
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
-    # Any float dtype is accepted (converted); the op checks the shape and names the argument.
-    return t.detach().to(torch.float32)

@@ -1,135 +1,31 @@
 """nn.Module layer: BinaryConv2d (training + cached packed inference), FrozenBinaryConv2d, freeze(), binarize().
 
-Semantics (shared with xnorconv._reference): y = alpha[c] * conv(sign(x), sign(W)) + bias[c], sign(x) = +1 if
-x >= 0 else -1 (so -0.0 -> +1 and NaN -> -1), alpha[c] = mean |W[c]| (scale='channel') or 1 (scale='none'),
-padded taps worth pad_value (0: nothing, as F.conv2d's zero padding of sign(x); +1 / -1: constants).
+Semantics (those of xnorconv.testing.reference_conv2d): y = alpha[c] * conv(sign(x), sign(W)) + bias[c],
+sign(x) = +1 if x >= 0 else -1 (so -0.0 -> +1 and NaN -> -1), alpha[c] = mean |W[c]| (scale='channel') or 1
+(scale='none'), padded taps worth pad_value (0: nothing, as F.conv2d's zero padding of sign(x); +1 / -1: constants).
+
+The packed-weight cache and FrozenBinaryConv2d's fast-path bookkeeping live in xnorconv._packed, the graph analysis
+behind freeze() in xnorconv._transforms, the argument checks (shared with xnorconv.functional) in xnorconv._checks.
 """
 import copy
-import weakref
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
+from . import _packed, _transforms
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
+from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_layer_input, check_pad_value,
+                      check_spatial, normalize_conv_args)
 from ._layout import check_memory_format
 from ._layout import install as install_layout_hooks
-from .functional import PackedWeight, normalize_conv_args, pack_weight, packed_conv_op
+from ._packed import packed_kernel_devices, unpack_weight_signs
+from .functional import PackedWeight, packed_conv_op
 
 __all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
            "packed_kernel_devices", "unpack_weight_signs"]
-
-_MAX_TAPS = 1024  # kMaxTaps of the kernel core (csrc/core/xnorconv_core.h)
-# FrozenBinaryConv2d state that its forward fast path holds (see FrozenBinaryConv2d._make_fast_args).
-_FAST_PATH_STATE = frozenset(("weight_bits", "weight_tap_sum", "scale", "bias", "input_threshold", "output_threshold",
-                              "stride", "padding", "dilation", "groups", "pad_value", "padding_mode", "binarize_input",
-                              "kernel_size", "in_channels"))
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def _devices_with_kernel(op: str) -> frozenset:
-    return frozenset(d for d in ("cpu", "cuda")
-                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"xnorconv::{op}", d.upper()))
-
-
-# Device types with a packed-kernel implementation, decided once at import (constants that torch.compile can read
-# without a graph break). CPU always; CUDA once the CUDA kernels are compiled in. Elsewhere the layers run the float
-# path, which computes the same values; weights are packed on the CPU where the device has no pack_weight kernel.
-_PACKED_DEVICES = _devices_with_kernel("binary_conv2d_packed")
-_PACK_DEVICES = _devices_with_kernel("pack_weight")
-
-
-# Bumped after every torch.optim.Optimizer step (any subclass): part of the packed-weight cache key, because fused
-# optimizers (Adam(fused=True), SGD(fused=True), ...) write parameters without bumping their version counter.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs):
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def packed_kernel_devices() -> Tuple[str, ...]:
-    """Device types on which BinaryConv2d / FrozenBinaryConv2d run the packed XNOR-popcount kernel at inference."""
-    return tuple(sorted(_PACKED_DEVICES))
-
-
-def _check_choice(name, value, choices):
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_pad_value(pad_value, padding_mode="zeros"):
-    if isinstance(pad_value, bool) or not isinstance(pad_value, int) or pad_value not in (0, 1, -1):
-        raise ValueError(f"pad_value must be 0, 1 or -1, got {pad_value!r}")
-    if pad_value != 0 and padding_mode != "zeros":
-        raise ValueError(f"pad_value={pad_value} only applies to padding_mode='zeros' (a constant pad); "
-                         f"got padding_mode={padding_mode!r}, whose padded taps are copies of the input")
-
-
-def _check_geometry(name, in_channels, out_channels, kernel_size, stride, padding, dilation, groups):
-    """Construction-time checks that name the argument and show the value (nn.Conv2d's own messages do not)."""
-    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: {arg} must be a positive int, got {value!r}")
-    for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-        if value % groups:
-            raise ValueError(f"{name}: {arg}={value} must be divisible by groups={groups}")
-    try:
-        kh, kw = _pair(kernel_size)
-        if not all(isinstance(k, int) and not isinstance(k, bool) for k in (kh, kw)) or min(kh, kw) < 1:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: kernel_size must be a positive int or a pair of them, got {kernel_size!r}")
-    if kh * kw > _MAX_TAPS:
-        raise ValueError(f"{name}: kernel_size {(kh, kw)} has {kh * kw} taps, more than the packed kernel's "
-                         f"{_MAX_TAPS}")
-    try:  # stride / dilation >= 1, padding >= 0 or 'same' / 'valid' (not with stride > 1), as nn.Conv2d
-        normalize_conv_args((kh, kw), stride, padding, dilation)
-    except ValueError as error:
-        raise ValueError(f"{name}: {error}") from None
-
-
-def _check_input(layer, input: torch.Tensor, weight_dtype, weight_device) -> Tuple[torch.Tensor, bool]:
-    """Validates a forward input like nn.Conv2d (4-D batched or 3-D unbatched); returns (4-D input, unbatched)."""
-    name = type(layer).__name__
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() not in (3, 4):
-        raise ValueError(f"{name}: input must be 4-D (N, C, H, W) or 3-D unbatched (C, H, W), got a {input.dim()}-D "
-                         f"tensor of shape {tuple(input.shape)}")
-    if not input.is_floating_point():
-        expected = f" ({weight_dtype})" if weight_dtype is not None else ""
-        raise TypeError(f"{name}: input must be a floating-point tensor{expected}, got dtype {input.dtype}")
-    if input.device != weight_device:
-        raise ValueError(f"{name}: input is on {input.device} but the layer is on {weight_device}")
-    if (weight_dtype is not None and input.dtype != weight_dtype
-            and not (input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type))):
-        raise TypeError(f"{name}: input dtype {input.dtype} does not match the layer's dtype {weight_dtype} "
-                        f"(convert one of them, e.g. layer.to({input.dtype}))")
-    unbatched = input.dim() == 3
-    if unbatched:
-        input = input.unsqueeze(0)
-    if input.shape[1] != layer.in_channels:
-        raise ValueError(f"{name}: expected input with {layer.in_channels} channels (dim 1), got {input.shape[1]} "
-                         f"(input shape {tuple(input.shape)})")
-    return input, unbatched
-
-
-def _check_spatial(layer, x: torch.Tensor, pads):
-    kh, kw = layer.kernel_size
-    eff_h = (kh - 1) * layer.dilation[0] + 1
-    eff_w = (kw - 1) * layer.dilation[1] + 1
-    if x.shape[2] + pads[0] + pads[1] < eff_h or x.shape[3] + pads[2] + pads[3] < eff_w:
-        raise ValueError(f"{type(layer).__name__}: padded input size ({x.shape[2] + pads[0] + pads[1]}, "
-                         f"{x.shape[3] + pads[2] + pads[3]}) is smaller than the dilated kernel ({eff_h}, {eff_w})")
 
 
 def _pad_mode_input(layer, x):
@@ -193,15 +89,13 @@ class BinaryConv2d(nn.Conv2d):
         if resolved not in (torch.float32, torch.float64):
             raise TypeError(f"BinaryConv2d: dtype must be torch.float32 or torch.float64 (latent float weights), "
                             f"got dtype={dtype}")
-        _check_geometry("BinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
-        _check_choice("scale", scale, SCALE_CHOICES)
-        _check_choice("ste", ste, STE_CHOICES)
-        _check_choice("padding_mode", padding_mode, _PADDING_MODES)
-        if not isinstance(binarize_input, bool):
-            raise ValueError(f"binarize_input must be True or False, got {binarize_input!r}")
-        _check_pad_value(pad_value, padding_mode)
-        if not isinstance(learnable_threshold, bool):
-            raise ValueError(f"learnable_threshold must be True or False, got {learnable_threshold!r}")
+        check_geometry("BinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        check_choice("scale", scale, SCALE_CHOICES)
+        check_choice("ste", ste, STE_CHOICES)
+        check_choice("padding_mode", padding_mode, PADDING_MODES)
+        check_bool("binarize_input", binarize_input)
+        check_pad_value(pad_value, padding_mode)
+        check_bool("learnable_threshold", learnable_threshold)
         if learnable_threshold and not binarize_input:
             raise ValueError("learnable_threshold=True needs binarize_input=True (it shifts the input's sign), "
                              "got binarize_input=False")
@@ -267,27 +161,17 @@ class BinaryConv2d(nn.Conv2d):
     def packed_weight(self) -> Tuple[PackedWeight, Optional[torch.Tensor]]:
         """(PackedWeight, alpha or None) of the current weight: packed on first use, then served from the cache
         until the weight changes."""
-        w = self.weight
-        key = (w._version, _optimizer_steps, w.data_ptr(), w.device, w.dtype, tuple(w.shape), tuple(w.stride()),
-               self.scale)
-        cache = self._packed_cache
-        if cache is not None and cache[0]() is w and cache[1] == key:
-            return cache[2], cache[3]
-        with torch.no_grad():
-            packed = _pack_on_device(w)
-            alpha = channel_scale(w).to(torch.float32).contiguous() if self.scale == "channel" else None
-        self._packed_cache = (weakref.ref(w), key, packed, alpha)
-        return packed, alpha
+        return _packed.cached_packed_weight(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        x, unbatched = _check_input(self, input, self.weight.dtype, self.weight.device)
+        x, unbatched = check_layer_input(self, input, self.weight.dtype, self.weight.device)
         x, pads = _pad_mode_input(self, x)
-        _check_spatial(self, x, pads)
-        _check_choice("scale", self.scale, SCALE_CHOICES)
-        if (self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32
+        check_spatial(self, x, pads)
+        check_choice("scale", self.scale, SCALE_CHOICES)
+        if (self.binarize_input and x.device.type in _packed.PACKED_DEVICES and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not self._needs_grad(x)):
             if torch.compiler.is_compiling():  # traced graphs pack inside the graph: no Python-side cache
-                packed = _pack_on_device(self.weight)
+                packed = _packed.pack_on_device(self.weight)
                 alpha = channel_scale(self.weight.detach()) if self.scale == "channel" else None
             else:
                 packed, alpha = self.packed_weight()
@@ -304,30 +188,7 @@ class BinaryConv2d(nn.Conv2d):
         return y.squeeze(0) if unbatched else y
 
 
-def _pack_on_device(weight: torch.Tensor) -> PackedWeight:
-    w = weight.detach()
-    if w.device.type in _PACK_DEVICES:
-        return pack_weight(w)
-    bits, tap_sum, in_channels = pack_weight(w.cpu())
-    return PackedWeight(bits.to(w.device), tap_sum.to(w.device), in_channels)
-
-
-def unpack_weight_signs(bits: torch.Tensor, in_channels: int, dtype=torch.float32) -> torch.Tensor:
-    """Inverse of pack_weight on the signs: (O, kh, kw, words) int64 -> (O, in_channels, kh, kw) of +-1."""
-    shifts = torch.arange(64, device=bits.device, dtype=torch.int64)
-    bit = (bits.unsqueeze(-1) >> shifts) & 1  # (O, kh, kw, words, 64): bit c % 64 of word c // 64, 1 meaning -1
-    bit = bit.flatten(-2)[..., :in_channels]
-    return (1 - 2 * bit).to(dtype).permute(0, 3, 1, 2).contiguous()
-
-
-def _tap_sum_from_bits(bits: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """sum over channels of sign(w) per tap = in_channels - 2 * popcount (the padding bits of the last word are 0)."""
-    shifts = torch.arange(64, device=bits.device, dtype=torch.int64)
-    ones = ((bits.unsqueeze(-1) >> shifts) & 1).sum(dim=(-1, -2))
-    return (in_channels - 2 * ones).to(torch.int32)
-
-
-class FrozenBinaryConv2d(nn.Module):
+class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
     r"""Inference-only binary convolution holding 1-bit packed weights: y = scale[c] * conv(sign(x), sign(W)) + bias[c].
 
     Made by ``freeze()`` (or ``FrozenBinaryConv2d.from_binary(layer, bn)``); scale / bias carry alpha, the conv
@@ -345,14 +206,13 @@ class FrozenBinaryConv2d(nn.Module):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, *,
                  pad_value: int = 0, binarize_input: bool = True, input_threshold: bool = False):
         super().__init__()
-        _check_geometry("FrozenBinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
-                        groups)
+        check_geometry("FrozenBinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
+                       groups)
         # Reuse nn.Conv2d's argument handling (meta: allocates nothing) for identical geometry attributes.
         geometry = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False,
                              padding_mode, device="meta")
-        _check_pad_value(pad_value, padding_mode)
-        if not isinstance(binarize_input, bool):
-            raise ValueError(f"binarize_input must be True or False, got {binarize_input!r}")
+        check_pad_value(pad_value, padding_mode)
+        check_bool("binarize_input", binarize_input)
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                      "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(self, attr, getattr(geometry, attr))
@@ -380,7 +240,7 @@ class FrozenBinaryConv2d(nn.Module):
         """Freezes one BinaryConv2d, folding `bn` (eval semantics: running statistics) into scale and bias."""
         if not isinstance(layer, BinaryConv2d):
             raise TypeError(f"from_binary expects a BinaryConv2d, got {type(layer).__name__}")
-        if bn is not None and not _foldable_bn(layer, bn):
+        if bn is not None and not _transforms.foldable_bn(layer, bn):
             raise ValueError(f"cannot fold {bn!r} into {layer!r}: need a BatchNorm2d with running statistics and "
                              f"num_features == out_channels ({layer.out_channels})")
         w = layer.weight.detach()
@@ -390,7 +250,7 @@ class FrozenBinaryConv2d(nn.Module):
                      input_threshold=layer.input_threshold is not None)
         if layer.input_threshold is not None:
             frozen.input_threshold.copy_(layer.input_threshold.detach())
-        packed = _pack_on_device(w)
+        packed = _packed.pack_on_device(w)
         frozen.weight_bits.copy_(packed.bits)
         frozen.weight_tap_sum.copy_(packed.tap_sum)
         # Fold in float64, store float32.
@@ -411,7 +271,7 @@ class FrozenBinaryConv2d(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         with torch.no_grad():
-            self.weight_tap_sum.copy_(_tap_sum_from_bits(self.weight_bits, self.weight_in_channels))
+            self.weight_tap_sum.copy_(_packed.tap_sum_from_bits(self.weight_bits, self.weight_in_channels))
 
     @torch.no_grad()
     def emit_signs(self, threshold: Optional[torch.Tensor] = None) -> None:
@@ -422,48 +282,6 @@ class FrozenBinaryConv2d(nn.Module):
             raise ValueError(f"emit_signs: threshold must have {self.out_channels} values, got {t.numel()}")
         self.register_buffer("output_threshold", t.to(self.weight_bits.device, torch.float32).clone())
         self._fast_args = None
-
-    def _apply(self, fn, *args, **kwargs):
-        self._fast_args = None  # .to() / .double(): re-decide the fast path on the next call
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state["_fast_args"] = None  # rebuilt on the next call
-        return state
-
-    def __setattr__(self, name, value):
-        if name in _FAST_PATH_STATE:  # the fast path holds these tensors: re-read them on the next call
-            self.__dict__["_fast_args"] = None
-        super().__setattr__(name, value)
-
-    def __delattr__(self, name):
-        if name in _FAST_PATH_STATE:
-            self.__dict__["_fast_args"] = None
-        super().__delattr__(name)
-
-    def _make_fast_args(self):
-        """What the deployed case's forward needs, computed once (or () when the general path must run):
-        (device, min_h, min_w, op arguments from weight_bits to pad_value, input_threshold, output_signs,
-        output_threshold). Buffers are held by reference, so in-place updates (load_state_dict) need no rebuild;
-        replacing one (setattr, register_buffer, .to()) drops this tuple."""
-        usable = (self.binarize_input and self.padding_mode == "zeros" and self.weight_bits.device.type in
-                  _PACKED_DEVICES and self.scale.dtype == torch.float32
-                  and (self.bias is None or self.bias.dtype == torch.float32)
-                  and (self.input_threshold is None or self.input_threshold.dtype == torch.float32))
-        out_threshold = getattr(self, "output_threshold", None)
-        if not usable or (out_threshold is not None and out_threshold.dtype != torch.float32):
-            return ()
-        _, pads, _ = normalize_conv_args(self.kernel_size, self.stride, self.padding, self.dilation)
-        kh, kw = self.kernel_size
-        # Smallest input size the kernel accepts (_check_spatial's rule); smaller inputs take the general path,
-        # which raises its error.
-        min_h = (kh - 1) * self.dilation[0] + 1 - pads[0] - pads[1]
-        min_w = (kw - 1) * self.dilation[1] + 1 - pads[2] - pads[3]
-        args = (self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
-                list(self.stride), list(pads), list(self.dilation), self.groups, self.pad_value)
-        return (self.weight_bits.device, min_h, min_w, args, self.input_threshold, out_threshold is not None,
-                out_threshold)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
@@ -506,7 +324,7 @@ class FrozenBinaryConv2d(nn.Module):
             if (len(shape) == 4 and shape[1] == self.in_channels and (dtype is torch.float32 or dtype is torch.bool)
                     and (input.is_cpu if device.type == "cpu" else input.device == device)):
                 if shape[2] < min_h or shape[3] < min_w:
-                    _check_spatial(self, input, args[6])  # raises, naming the sizes
+                    check_spatial(self, input, args[6])  # raises, naming the sizes
                 # Bool input: the signs of a chained producer, which already applied this layer's threshold.
                 return packed_conv_op()(input, *args, in_threshold if dtype is torch.float32 else None, output_signs,
                                         out_threshold, residual, prelu)
@@ -515,10 +333,10 @@ class FrozenBinaryConv2d(nn.Module):
             raise ValueError(f"{type(self).__name__}: sign input/output (a freeze() chain) needs a batched float32 "
                              f"or bool input on {self.weight_bits.device}, got {input.dtype} of shape "
                              f"{tuple(input.shape)} on {input.device}")
-        x, unbatched = _check_input(self, input, None, self.weight_bits.device)
+        x, unbatched = check_layer_input(self, input, None, self.weight_bits.device)
         x, pads = _pad_mode_input(self, x)
-        _check_spatial(self, x, pads)
-        if self.binarize_input and x.device.type in _PACKED_DEVICES and x.dtype == torch.float32:
+        check_spatial(self, x, pads)
+        if self.binarize_input and x.device.type in _packed.PACKED_DEVICES and x.dtype == torch.float32:
             bias = self.bias.to(torch.float32) if self.bias is not None else None  # no-op unless model.double()
             threshold = self.input_threshold.to(torch.float32) if self.input_threshold is not None else None
             y = _packed_call(x, self.weight_bits, self.weight_tap_sum, self.weight_in_channels,
@@ -544,106 +362,6 @@ def invalidate_packed_caches(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, BinaryConv2d):
             m.invalidate_packed_cache()
-
-
-def _foldable_bn(conv: BinaryConv2d, bn: nn.Module) -> bool:
-    return (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
-            and bn.running_var is not None and bn.num_features == conv.out_channels)
-
-
-def _module_counts(model: nn.Module):
-    counts = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        counts[id(m)] = counts.get(id(m), 0) + 1
-    return counts
-
-
-def _sequential_pairs(model: nn.Module, counts) -> List[Tuple[str, str]]:
-    pairs = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Sequential):
-            continue
-        children = list(m.named_children())
-        for (cname, c), (bname, b) in zip(children, children[1:]):
-            if isinstance(c, BinaryConv2d) and _foldable_bn(c, b) and counts[id(c)] == 1 and counts[id(b)] == 1:
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + cname, prefix + bname))
-    return pairs
-
-
-class _LeafTracer(torch.fx.Tracer):
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, (BinaryConv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
-
-
-def _traced_pairs(model: nn.Module, counts) -> Optional[List[Tuple[str, str]]]:
-    """conv -> bn pairs in the torch.fx graph: the conv's output feeds only that BatchNorm2d, each called once.
-    None when torch.fx cannot trace the model."""
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception:  # data-dependent control flow, unsupported ops...: the caller falls back to the Sequential rule
-        return None
-    calls = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        src = node.args[0]
-        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
-            continue
-        conv, bn = model.get_submodule(src.target), model.get_submodule(node.target)
-        if (isinstance(conv, BinaryConv2d) and _foldable_bn(conv, bn) and calls[src.target] == 1
-                and calls[node.target] == 1 and counts[id(conv)] == 1 and counts[id(bn)] == 1):
-            pairs.append((src.target, node.target))
-    return pairs
-
-
-def _traced_chains(model: nn.Module, counts, pairs) -> List[Tuple[str, str]]:
-    """(producer, consumer) BinaryConv2d names where the producer's output (through its folded BatchNorm, if any)
-    feeds only the consumer, which binarizes it: the producer can emit the consumer's signs directly."""
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception:  # no graph, no chains (folding still uses its Sequential fallback)
-        return []
-    calls = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    folded_bn = {bn: conv for conv, bn in pairs.items()}
-    chains = []
-    for node in graph.nodes:
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        consumer = model.get_submodule(node.target)
-        if not (isinstance(consumer, BinaryConv2d) and consumer.binarize_input and consumer.padding_mode == "zeros"):
-            continue
-        src = node.args[0]
-        if not isinstance(src, torch.fx.Node) or src.op != "call_module" or len(src.users) != 1:
-            continue
-        producer_name = folded_bn.get(src.target, src.target)
-        if producer_name != src.target:  # through a folded BatchNorm: the conv must feed only that BatchNorm
-            conv_nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == producer_name]
-            if len(conv_nodes) != 1 or len(conv_nodes[0].users) != 1:
-                continue
-        producer = model.get_submodule(producer_name)
-        if not isinstance(producer, BinaryConv2d):
-            continue
-        if any(calls.get(name, 0) != 1 or counts[id(model.get_submodule(name))] != 1
-               for name in (producer_name, node.target)):
-            continue
-        # Sign output exists on the CPU kernels only; float32 layers only.
-        if any(m.weight.device.type != "cpu" or m.weight.dtype != torch.float32 for m in (producer, consumer)):
-            continue
-        chains.append((producer_name, node.target))
-    return chains
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_signs: bool = True,
@@ -680,24 +398,16 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
         model = copy.deepcopy(model)
     if isinstance(model, BinaryConv2d):
         return FrozenBinaryConv2d.from_binary(model).eval()
-    counts = _module_counts(model)
-    pairs = {}
-    if fold_bn:
-        traced = _traced_pairs(model, counts)
-        pairs = dict(traced if traced is not None else _sequential_pairs(model, counts))
-    chains = [(model.get_submodule(a), model.get_submodule(b))
-              for a, b in (_traced_chains(model, counts, pairs) if chain_signs else [])]
-    frozen_of = {}
-    for name, m in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(m, BinaryConv2d):
-            if id(m) not in frozen_of:
-                bn = model.get_submodule(pairs[name]) if name in pairs else None
-                frozen_of[id(m)] = FrozenBinaryConv2d.from_binary(m, bn)
-            _set_submodule(model, name, frozen_of[id(m)])
+    plan = _transforms.plan_freeze(model, BinaryConv2d, fold_bn, chain_signs)
+    chains = [(model.get_submodule(a), model.get_submodule(b)) for a, b in plan.chains]
+    frozen_of = _transforms.replace_modules(
+        model, lambda name, m: isinstance(m, BinaryConv2d),
+        lambda name, m: FrozenBinaryConv2d.from_binary(m, model.get_submodule(plan.bn_of[name])
+                                                       if name in plan.bn_of else None))
     for producer, consumer in chains:
         frozen_of[id(producer)].emit_signs(consumer.input_threshold)
-    for bn_name in pairs.values():
-        _set_submodule(model, bn_name, nn.Identity())
+    for bn_name in plan.bn_of.values():
+        _transforms.set_submodule(model, bn_name, nn.Identity())
     return install_layout_hooks(model, memory_format, skip=(FrozenBinaryConv2d,)).eval()
 
 
@@ -739,11 +449,7 @@ def binarize(model: nn.Module, skip_first: bool = True, skip_last: bool = True, 
         keep.add(id(weight_layers[-1][1]))
     if type(model) is nn.Conv2d:
         return model if id(model) in keep or "" in exclude else _binary_from_conv(model, options)
-    replaced = {}
-    for name, m in list(model.named_modules(remove_duplicate=False)):
-        if type(m) is not nn.Conv2d or id(m) in keep or name in exclude:
-            continue
-        if id(m) not in replaced:
-            replaced[id(m)] = _binary_from_conv(m, options)
-        _set_submodule(model, name, replaced[id(m)])
+    _transforms.replace_modules(
+        model, lambda name, m: type(m) is nn.Conv2d and id(m) not in keep and name not in exclude,
+        lambda name, m: _binary_from_conv(m, options))
     return model
