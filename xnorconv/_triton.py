@@ -1,5 +1,5 @@
 """Triton implementation of the binary convolution forward op: a second GPU backend, independent of the CUDA C++
-kernels, with the same semantics as torch.ops.xnorconv.binary_conv2d_packed (see xnorconv/_reference.py).
+kernels, with the same semantics as torch.ops.xnorconv.binary_conv2d_packed (see xnorconv.testing.reference_conv2d).
 
 Runs wherever Triton runs: on an NVIDIA/AMD GPU, and on the CPU under Triton's interpreter (TRITON_INTERPRET=1,
 which must be set before this module is imported), which is how tests/test_triton.py checks it on a GPU-less machine.
