@@ -298,3 +298,43 @@ def test_inputs_on_a_gpu_that_is_not_the_current_one():
         torch.cuda.synchronize(1)
     assert got.device == torch.device("cuda:1")
     _same_as_cpu_op(got, xnorconv.binary_conv2d(x, w, bias, padding=1, scale=scale))
+
+
+@pytest.mark.parametrize("in_channels,groups", [(70, 1), (70, 2), (130, 1)])
+def test_use_backend_triton_routes_the_layers_calls(monkeypatch, in_channels, groups):
+    """use_backend('triton') sends BinaryConv2d's packed calls (and a frozen model's fused ones) to the Triton
+    kernels on the devices Triton runs on, with the packed weight as it is (int64 words read as int32 pairs)."""
+    calls = []
+    real = _triton.binary_conv2d_packed
+    monkeypatch.setattr(_triton, "binary_conv2d_packed", lambda *a: calls.append(a[0].shape) or real(*a))
+    torch.manual_seed(in_channels + groups)
+    model = torch.nn.Sequential(
+        xnorconv.BinaryConv2d(in_channels, 12, 3, padding=1, groups=groups), torch.nn.BatchNorm2d(12),
+        xnorconv.BinaryConv2d(12, 6, 3, stride=2, padding=1, pad_value=-1)).eval()
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-2, 2)
+            bn.running_var.uniform_(0.5, 2)
+    frozen = xnorconv.freeze(model).to(DEVICE)
+    x = torch.randn(2, in_channels, 7, 9)
+    want = frozen.cpu()(x) if DEVICE == "cpu" else xnorconv.freeze(model)(x)
+    frozen = frozen.to(DEVICE)
+    assert xnorconv.current_backend(device="cuda") != "triton"
+    with xnorconv.use_backend("triton"):
+        assert xnorconv.current_backend(device="cuda") == "triton"
+        assert xnorconv.backends("cuda")[-1] == "triton"
+        got = frozen(x.to(DEVICE))
+    assert len(calls) == 2, calls
+    assert xnorconv.current_backend(device="cuda") != "triton"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_packed_entry_checks_its_weight():
+    x = torch.randn(1, 70, 5, 5, device=DEVICE)
+    bits, tap_sum = torch.ops.xnorconv.pack_weight(torch.randn(4, 70, 3, 3))
+    with pytest.raises(ValueError, match="weight_in_channels \\(140\\) does not match the packed weight's 2 words"):
+        _triton.binary_conv2d_packed(x, bits.to(DEVICE), tap_sum.to(DEVICE), 140, None, None, [1, 1], [1, 1, 1, 1],
+                                     [1, 1], 1, 0)
+    with pytest.raises(ValueError, match="weight_bits must be the int64"):
+        _triton.binary_conv2d_packed(x, bits.int().to(DEVICE), tap_sum.to(DEVICE), 70, None, None, [1, 1],
+                                     [1, 1, 1, 1], [1, 1], 1, 0)

@@ -1,5 +1,6 @@
 """Kernel selection on every device (backends, current_backend, use_backend) and build information."""
 import contextlib
+import importlib.util
 import os
 import platform
 import threading
@@ -13,6 +14,17 @@ _lock = threading.Lock()
 
 # The CUDA kernels by their use_backend names, and the name the C++ choice knows each by.
 _CUDA_KERNELS = {"cuda_tensor_core": "tensor_core", "cuda_popcount": "popcount"}
+# use_backend('triton'): the op's calls on Triton's devices go to xnorconv/_triton.py (read by
+# functional.packed_conv_op on every eager call, hence a one-element list rather than a C++ slot).
+_triton_selected = [False]
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_selected() -> bool:
+    return _triton_selected[0]
 
 
 def backends(device: str = "cpu"):
@@ -20,11 +32,12 @@ def backends(device: str = "cpu"):
 
     'cpu': the CPU families usable on this machine; always ends with 'scalar'.
     'cuda': the CUDA kernels of this build ('cuda_tensor_core': binary tensor cores, on devices that have them,
-    which the call checks; 'cuda_popcount': every GPU); empty for a build without CUDA."""
+    which the call checks; 'cuda_popcount': every GPU), then 'triton' (xnorconv's Triton kernels, independent of
+    the compiled ones) when Triton is installed."""
     if device == "cpu":
         return list(_C.available_backends())
     if device == "cuda":
-        return list(_CUDA_KERNELS) if _C.with_cuda else []
+        return (list(_CUDA_KERNELS) if _C.with_cuda else []) + (["triton"] if _triton_installed() else [])
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
@@ -39,6 +52,8 @@ def current_backend(channels: int = 64, kernel: int = 3, stride: int = 1, device
     if device == "cpu":
         return _C.selected_backend(channels, kernel, stride)
     if device == "cuda":
+        if triton_selected():
+            return "triton"
         forced = _C.cuda_kernel_override()
         return "cuda_" + forced if forced else "auto"
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -46,15 +61,22 @@ def current_backend(channels: int = 64, kernel: int = 3, stride: int = 1, device
 
 def _set_override(name: str):
     """Applies `name`; returns the previous state for _restore, or raises ValueError."""
-    previous = (_C.backend_override(), _C.cuda_kernel_override())
+    previous = (_C.backend_override(), _C.cuda_kernel_override(), triton_selected())
     if name in ("", "auto"):
         _C.set_backend_override("")
         _C.set_cuda_kernel_override("")
+        _triton_selected[0] = False
     elif name in _CUDA_KERNELS:
         if not _C.with_cuda:
             raise ValueError(f"backend {name!r} is a CUDA kernel and this build has no CUDA; available: "
                              f"{backends()}")
         _C.set_cuda_kernel_override(_CUDA_KERNELS[name])
+        _triton_selected[0] = False
+    elif name == "triton":
+        if not _triton_installed():
+            raise ValueError("backend 'triton' needs the triton package, which is not installed "
+                             "(pip install triton)")
+        _triton_selected[0] = True
     elif name in _C.compiled_backends() or not name.startswith("cuda"):
         error = _C.set_backend_override(name)
         if error:
@@ -70,7 +92,9 @@ def use_backend(name: str):
 
     A CPU family ('avx512', 'avx2', 'amx', 'neon', 'scalar'; see backends()) replaces XNORCONV_BACKEND's choice for
     CPU tensors; a CUDA kernel ('cuda_popcount', 'cuda_tensor_core'; see backends('cuda')) replaces
-    XNORCONV_CUDA_KERNEL's for CUDA tensors; 'auto' returns both devices to the automatic choice. The other
+    XNORCONV_CUDA_KERNEL's for CUDA tensors; 'triton' runs the op's eager calls on GPU tensors through xnorconv's
+    Triton kernels instead (and on CPU tensors too under Triton's interpreter, TRITON_INTERPRET=1; torch.compile
+    and exported graphs keep the compiled op); 'auto' returns both devices to the automatic choice. The other
     device's choice is left as it was. Raises ValueError naming the available paths if `name` is unknown or
     unusable here."""
     if not isinstance(name, str):
@@ -84,6 +108,7 @@ def use_backend(name: str):
         with _lock:
             _C.set_backend_override(previous[0])
             _C.set_cuda_kernel_override(previous[1])
+            _triton_selected[0] = previous[2]
 
 
 def build_info():

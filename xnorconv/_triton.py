@@ -14,6 +14,7 @@ A padded tap loads a zero word (sign +1), then the epilogue applies
 the same identity as the CUDA kernels (csrc/cuda/device_logic.h).
 """
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -21,6 +22,10 @@ import triton
 import triton.language as tl
 
 from ._checks import check_bool, check_op_input, check_pad_value, check_positive_int, normalize_conv_args, per_channel
+
+# Where use_backend('triton') sends the op's calls: GPUs, and the CPU when the kernels run in the interpreter.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE_TYPES = ("cuda", "cpu") if INTERPRETED else ("cuda",)
 
 
 @triton.jit
@@ -165,16 +170,53 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         raise ValueError(f"weight must be a 4-D tensor (O, C/groups, kh, kw), got {getattr(weight, 'shape', weight)!r}")
     check_positive_int("groups", groups)
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    _, cg, kh, kw = weight.shape
+    stride, pads, dilation = normalize_conv_args((kh, kw), stride, padding, dilation)
+    bits, tap_sum = pack_weight_words(weight)
+    return _run(input, bits, tap_sum, cg, bias, stride, pads, dilation, groups, scale, pad_value, input_threshold,
+                output_signs, output_threshold, residual, prelu_weight, block_p, block_o)
+
+
+def binary_conv2d_packed(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding,
+                         dilation, groups, pad_value, input_threshold=None, output_signs=False, output_threshold=None,
+                         residual=None, prelu_weight=None) -> torch.Tensor:
+    """torch.ops.xnorconv.binary_conv2d_packed's arguments and result, computed by the Triton kernels: what
+    xnorconv.use_backend('triton') routes the op's calls on Triton's devices to. The int64 words of pack_weight
+    viewed as int32 pairs are the Triton kernels' weight words (little-endian), so the packed weight is used as it is
+    (its one word past ceil(C/32) when C/groups is at most 32 past a multiple of 64 is dropped)."""
+    check_op_input(input)
+    if not (isinstance(weight_bits, torch.Tensor) and weight_bits.dim() == 4 and weight_bits.dtype == torch.int64):
+        raise ValueError("weight_bits must be the int64 (O, kh, kw, words) tensor from pack_weight, got "
+                         f"{getattr(weight_bits, 'dtype', type(weight_bits).__name__)} of shape "
+                         f"{tuple(getattr(weight_bits, 'shape', ()))}")
+    check_positive_int("weight_in_channels", weight_in_channels)
+    if weight_bits.device != input.device or weight_tap_sum.device != input.device:
+        raise ValueError(f"packed weight is on {weight_bits.device} but input is on {input.device}")
+    words32 = (weight_in_channels + 31) // 32
+    if weight_bits.shape[3] != (weight_in_channels + 63) // 64:
+        raise ValueError(f"weight_in_channels ({weight_in_channels}) does not match the packed weight's "
+                         f"{weight_bits.shape[3]} words per tap")
+    bits = weight_bits.contiguous().view(torch.int32)[..., :words32].contiguous()
+    return _run(input, bits, weight_tap_sum.contiguous(), weight_in_channels, bias, tuple(stride), tuple(padding),
+                tuple(dilation), groups, scale, pad_value, input_threshold, output_signs, output_threshold, residual,
+                prelu_weight, 32, 32)
+
+
+def _run(input, bits, tap_sum, cg, bias, stride, pads, dilation, groups, scale, pad_value, input_threshold,
+         output_signs, output_threshold, residual, prelu_weight, block_p, block_o):
+    """The shared checks and launch: bits int32 (O, kh, kw, ceil(cg/32)), tap_sum int32 (O, kh, kw), stride and
+    dilation pairs, pads (top, bottom, left, right)."""
+    check_positive_int("groups", groups)
     check_bool("output_signs", output_signs)
-    out_channels, cg, kh, kw = weight.shape
+    out_channels, kh, kw = bits.shape[0], bits.shape[1], bits.shape[2]
     if input.shape[1] != cg * groups:
         raise ValueError(f"input has {input.shape[1]} channels but the weight expects {cg * groups} "
                          f"({cg} per group x groups={groups})")
     if out_channels % groups:
         raise ValueError(f"weight has {out_channels} output channels, not divisible by groups={groups}")
-    if weight.device != input.device:
-        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
-    (sh, sw), (pt, pb, pl, pr), (dh, dw) = normalize_conv_args((kh, kw), stride, padding, dilation)
+    (sh, sw), (pt, pb, pl, pr), (dh, dw) = stride, pads, dilation
     pv = check_pad_value(pad_value)
     signs = input.dtype == torch.bool
     scale, bias = per_channel(scale, "scale"), per_channel(bias, "bias")
@@ -221,19 +263,18 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     # Triton launches on the current CUDA device: make it the inputs' one (no-op on the CPU interpreter).
     guard = torch.cuda.device(input.device) if input.device.type == "cuda" else contextlib.nullcontext()
     with guard:
-        _launch(input, weight, out, scale, bias, threshold, out_threshold, slope, residual, signs, output_signs,
-                groups, (sh, sw), (pt, pl), (dh, dw), pv, block_p, block_o)
+        _launch(input, bits, tap_sum, cg, out, scale, bias, threshold, out_threshold, slope, residual, signs,
+                output_signs, groups, (sh, sw), (pt, pl), (dh, dw), pv, block_p, block_o)
     return out
 
 
-def _launch(input, weight, out, scale, bias, threshold, out_threshold, slope, residual, signs, output_signs, groups,
-            stride, pads, dilation, pv, block_p, block_o):
+def _launch(input, bits, tap_sum, cg, out, scale, bias, threshold, out_threshold, slope, residual, signs,
+            output_signs, groups, stride, pads, dilation, pv, block_p, block_o):
     (sh, sw), (pt, pl), (dh, dw) = stride, pads, dilation
     n, _, h, w = input.shape
-    out_channels, cg, kh, kw = weight.shape
+    out_channels, kh, kw = bits.shape[0], bits.shape[1], bits.shape[2]
     oh, ow = out.shape[2], out.shape[3]
     words = (cg + 31) // 32
-    bits, tap_sum = pack_weight_words(weight)
     packed = torch.empty((n, h, w, groups, words), device=input.device, dtype=torch.int32)
     total = packed.numel()
     block = 128

@@ -5,6 +5,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _C  # loads the library, which registers torch.ops.xnorconv.*
+from ._backend import triton_selected
 from ._checks import (check_bool, check_op_input, check_pad_value, check_positive_int, check_tensor,
                       normalize_conv_args, per_channel)
 
@@ -19,7 +20,18 @@ def packed_conv_op():
     torch.compile cannot trace into a pybind11 function, so compiled code gets the op overload."""
     if torch.compiler.is_compiling():
         return torch.ops.xnorconv.binary_conv2d_packed.default
+    if triton_selected():
+        return _packed_conv_through_triton
     return _C.call_binary_conv2d_packed
+
+
+def _packed_conv_through_triton(input, *args):
+    """The op's call under use_backend('triton'): the Triton kernels where Triton runs (imported on first use, so
+    that TRITON_INTERPRET can still be set before it), the compiled op elsewhere."""
+    from . import _triton
+    if input.device.type in _triton.DEVICE_TYPES:
+        return _triton.binary_conv2d_packed(input, *args)
+    return _C.call_binary_conv2d_packed(input, *args)
 
 
 class PackedWeight(NamedTuple):
