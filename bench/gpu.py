@@ -45,7 +45,8 @@ def parse_args(argv):
 
 
 def with_kernel(name, fn):
-    """fn with the xnorconv CUDA kernel `name` ('popcount' or 'tensor_core') forced for its calls."""
+    """fn with the xnorconv CUDA kernel `name` ('popcount' or 'tensor_core') forced for its calls (the same packed
+    call as the Triton path's, so the two differ only in the kernels)."""
     def run():
         with xnorconv.use_backend("cuda_" + name):
             return fn()
@@ -110,8 +111,10 @@ def measure_layer(shape, batch, reps, pad_value, kernels, with_triton):
         torch.cuda.synchronize()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name} {shape}: {m}")
     if with_triton:
-        from xnorconv import _triton
-        fns["triton"] = lambda: _triton.binary_conv2d(x, w, bias, s, p, 1, 1, scale, pad_value)
+        def triton_path():
+            with xnorconv.use_backend("triton"):
+                return binary()
+        fns["triton"] = triton_path
         torch.testing.assert_close(fns["triton"]().double(), want, rtol=1e-5, atol=1e-4)
     x16, w16 = x.half(), w.half()
     x_cl = x.contiguous(memory_format=torch.channels_last)
