@@ -26,7 +26,7 @@ for arch in ${ARCHS//[; ,]/ }; do
   for src in "$ROOT"/csrc/cuda/*.cu; do
     name="$(basename "$src" .cu)"
     log="$OUT/$name.$sm.log"
-    if ! "$NVCC" -std=c++17 -O3 -c "$src" -o "$OUT/$name.$sm.o" -I"$ROOT/csrc/cuda" \
+    if ! "$NVCC" -std=c++17 -O3 -c "$src" -o "$OUT/$name.$sm.o" -I"$ROOT/csrc/cuda" -I"$ROOT/csrc/core" \
         -gencode "arch=compute_$sm,code=sm_$sm" -Xptxas -v >"$log" 2>&1; then
       echo "FAIL sm_$sm $name: compile error"; cat "$log"; status=1; continue
     fi
@@ -41,7 +41,7 @@ for arch in ${ARCHS//[; ,]/ }; do
     kernels="$(grep -c "Compiling entry function" "$log" || true)"
     regs="$(grep -oE "Used [0-9]+ registers" "$log" | grep -oE "[0-9]+" | sort -n | tail -1)"
     echo "ok   sm_$sm $name: $kernels kernels, 0 spills, max $regs registers"
-    "$NVCC" -std=c++17 -O3 -ptx "$src" -o "$OUT/$name.$sm.ptx" -I"$ROOT/csrc/cuda" -arch="compute_$sm"
+    "$NVCC" -std=c++17 -O3 -ptx "$src" -o "$OUT/$name.$sm.ptx" -I"$ROOT/csrc/cuda" -I"$ROOT/csrc/core" -arch="compute_$sm"
   done
   ptx="$OUT/kernels.$sm.ptx"
   xor_count="$(grep -c "mma.sync.aligned.m8n8k128.row.col.s32.b1.b1.s32.xor.popc" "$ptx" || true)"

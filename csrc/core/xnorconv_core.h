@@ -30,6 +30,8 @@
 #include <string>
 #include <vector>
 
+#include "epilogue.h"
+
 namespace xnorconv {
 
 enum class PadValue : int { Zero = 0, PlusOne = 1, MinusOne = -1 };
@@ -110,23 +112,11 @@ struct TensorStrides {
   int64_t n, c, h, w;
 };
 
-// Fused output stage: y[n][o][oh][ow] = scale[o] * dot + bias[o], written to an NCHW-contiguous float buffer.
-// Sign output instead (the input of a following binary layer, 4x less traffic than floats, no packing compare):
-// out_signs[n][o][oh][ow] = 1 when y < out_threshold[o] (the value binarizes to -1 there), else 0.
-// Optional epilogue of a Bi-Real / ReActNet unit, applied in this order before the output or the sign test:
-// y += residual[n][o][oh][ow] (a real-valued shortcut, NCHW contiguous, the output's shape), then
-// y = y >= 0 ? y : prelu[o] * y.
-struct OutputStage {
-  const float* scale = nullptr;  // [O] or nullptr for 1
-  const float* bias = nullptr;   // [O] or nullptr for 0
+// The fused output stage of the CPU families: the epilogue (epilogue.h; out, out_signs and residual NCHW
+// contiguous, or NHWC with channels_last, which only families with channels_last_output honour) and the pad_value 0
+// border correction it applies first.
+struct OutputStage : EpilogueParams {
   const ZeroPadCorrection* zero_pad = nullptr;  // required for PadValue::Zero when any tap can be padded
-  float* out = nullptr;                  // float output, NCHW contiguous; or
-  uint8_t* out_signs = nullptr;          // sign output, NCHW contiguous bytes (then `out` is unused)
-  const float* out_threshold = nullptr;  // [O] or nullptr for 0, with out_signs
-  const float* residual = nullptr;       // NCHW contiguous, same shape as the output, or nullptr
-  const float* prelu = nullptr;          // [O] negative slopes, or nullptr for none
-  // out, out_signs and residual are NHWC contiguous instead (only for families with channels_last_output).
-  bool channels_last = false;
 };
 
 // One CPU kernel family. Work is split into independent tasks so the caller owns threading (the torch layer uses

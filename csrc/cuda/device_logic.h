@@ -29,6 +29,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "epilogue.h"
+
 #if defined(__CUDACC__)
 #define XNC_HD __host__ __device__ __forceinline__
 #define XNC_UNROLL _Pragma("unroll")
@@ -298,16 +300,7 @@ XNC_HD int32_t dot_from_xor(const GpuConv& p, int32_t raw_xor, int32_t padded_su
 //   y = y >= 0 ? y : prelu[o] * y                     (when prelu; NaN takes the multiply, as on the CPU)
 //   store y, or the sign byte !(y >= out_threshold[o]) (1 = -1; NaN -> 1, the sign rule) when out_signs.
 // prelu holds one slope per output channel (the binding expands a shared (1,) slope).
-struct Epilogue {
-  const float* scale = nullptr;          // [O] or nullptr (1)
-  const float* bias = nullptr;           // [O] or nullptr (0)
-  const float* residual = nullptr;       // the output's shape and memory format, or nullptr
-  const float* prelu = nullptr;          // [O] negative slopes, or nullptr
-  float* out = nullptr;                  // float output (unused with out_signs)
-  uint8_t* out_signs = nullptr;          // sign output bytes, or nullptr for the float output
-  const float* out_threshold = nullptr;  // [O] or nullptr (0), with out_signs
-  int32_t channels_last = 0;             // out / out_signs / residual are NHWC contiguous instead of NCHW
-};
+using Epilogue = ::xnorconv::EpilogueParams;  // the output stage shared with the CPU families (csrc/core/epilogue.h)
 
 // Rounded float add and multiply that the device compiler never fuses into an FMA with a neighbour (the CPU kernels
 // round each step on its own).

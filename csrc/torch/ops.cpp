@@ -142,6 +142,33 @@ ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, c
   return p;
 }
 
+Epilogue make_epilogue(const at::Tensor& out, bool output_signs, bool nhwc, const c10::optional<at::Tensor>& scale,
+                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& output_threshold,
+                       const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight) {
+  auto contiguous = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
+  auto data = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
+  Epilogue e;
+  e.scale = contiguous(scale);
+  e.bias = contiguous(bias);
+  e.out_threshold = contiguous(output_threshold);
+  if (residual.has_value())
+    e.residual = residual->contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (prelu_weight.has_value()) e.prelu = prelu_weight->expand({out.size(1)}).contiguous();
+  xnorconv::EpilogueParams& p = e.params;
+  p.scale = data(e.scale);
+  p.bias = data(e.bias);
+  p.residual = data(e.residual);
+  p.prelu = data(e.prelu);
+  if (output_signs) {
+    p.out_signs = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
+    p.out_threshold = data(e.out_threshold);
+  } else {
+    p.out = out.data_ptr<float>();
+  }
+  p.channels_last = nhwc ? 1 : 0;
+  return e;
+}
+
 namespace {
 
 // Weights in a family's own format (the AMX tiles), made from a packed weight once and reused while that tensor
@@ -263,18 +290,11 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   if (p.batch == 0) return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
   // Contiguous copies (usually the tensors themselves) that the raw pointers below point into; they live to the end
   // of the call.
-  auto contiguous = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
-  auto data = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
-  const at::Tensor scale_c = contiguous(scale), bias_c = contiguous(bias), threshold = contiguous(input_threshold);
-  const at::Tensor out_threshold = contiguous(output_threshold);
+  const at::Tensor threshold = input_threshold.has_value() ? input_threshold->contiguous() : at::Tensor();
   const at::Tensor bits = weight_bits.contiguous(), tap_sum = weight_tap_sum.contiguous();
-  const at::Tensor residual_c =
-      residual.has_value()
-          ? residual->contiguous(write_nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)
-          : at::Tensor();
-  // A shared slope (1,) is expanded to one per output channel.
-  const at::Tensor slope = prelu_weight.has_value() ? prelu_weight->expand({p.out_channels}).contiguous() : at::Tensor();
   const at::Tensor formatted = ops.format_weight ? formatted_weights().get(ops, p, weight_bits) : at::Tensor();
+  const Epilogue epilogue =
+      make_epilogue(out, output_signs, write_nhwc, scale, bias, output_threshold, residual, prelu_weight);
 
   xnorconv::ConvCall call;
   call.params = p;
@@ -283,23 +303,12 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
   else
     call.input = input.data_ptr<float>();
   call.strides = {input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
-  call.input_threshold = data(threshold);
+  call.input_threshold = threshold.defined() ? threshold.data_ptr<float>() : nullptr;
   call.weight_bits = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   call.weight_tap_sum = tap_sum.data_ptr<int32_t>();
   call.formatted_weight = formatted.defined() ? reinterpret_cast<const uint64_t*>(formatted.data_ptr<int64_t>())
                                               : nullptr;
-  xnorconv::OutputStage& stage = call.output;
-  stage.scale = data(scale_c);
-  stage.bias = data(bias_c);
-  if (output_signs) {
-    stage.out_signs = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
-    stage.out_threshold = data(out_threshold);
-  } else {
-    stage.out = out.data_ptr<float>();
-  }
-  stage.residual = data(residual_c);
-  stage.prelu = data(slope);
-  stage.channels_last = write_nhwc;
+  static_cast<xnorconv::EpilogueParams&>(call.output) = epilogue.params;
 
   at::Tensor packed = at::empty({xnorconv::packed_input_words(ops, p)}, input.options().dtype(at::kLong));
   xnorconv::binary_conv2d(ops, call, reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>()), torch_parallel_for);

@@ -40,6 +40,17 @@ using PackedConvSignature = at::Tensor(
 void check_unit_epilogue(const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight,
                          const xnorconv::ConvParams& p, const at::Tensor& input);
 
+// The output stage of one call, for the CPU and the CUDA kernels alike: `params` points into the output and into
+// contiguous copies (usually the tensors themselves) held here for the call. nhwc: the output is written (and the
+// residual read) in NHWC order; a shared PReLU slope (1,) is expanded to one per output channel.
+struct Epilogue {
+  at::Tensor scale, bias, residual, prelu, out_threshold;
+  xnorconv::EpilogueParams params;
+};
+Epilogue make_epilogue(const at::Tensor& out, bool output_signs, bool nhwc, const c10::optional<at::Tensor>& scale,
+                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& output_threshold,
+                       const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight);
+
 // The CUDA kernel choice, the GPU half of xnorconv.use_backend: "" (automatic), "popcount" or "tensor_core".
 // Starts from XNORCONV_CUDA_KERNEL (read once, at first use), like the CPU's XNORCONV_BACKEND. Compiled into every
 // build, so that a CPU-only build can say why a CUDA kernel name does not apply.

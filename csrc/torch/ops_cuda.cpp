@@ -105,14 +105,9 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor bits = weight_bits.contiguous();
   const at::Tensor tap_sum = weight_tap_sum.contiguous();
-  const at::Tensor scale_c = scale.has_value() ? scale->contiguous() : at::Tensor();
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor threshold = input_threshold.has_value() ? input_threshold->contiguous() : at::Tensor();
-  const at::Tensor out_threshold = output_threshold.has_value() ? output_threshold->contiguous() : at::Tensor();
-  const at::Tensor residual_c = residual.has_value() ? residual->contiguous(format) : at::Tensor();
-  // A shared slope (1,) is expanded to one per output channel, as on the CPU.
-  const at::Tensor slope =
-      prelu_weight.has_value() ? prelu_weight->expand({c.out_channels}).contiguous() : at::Tensor();
+  const Epilogue epilogue =
+      make_epilogue(out, output_signs, channels_last, scale, bias, output_threshold, residual, prelu_weight);
 
   at::Tensor packed = at::empty({xc::packed_activation_words(p)}, input.options().dtype(at::kLong));
   auto* packed_ptr = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
@@ -125,20 +120,8 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
     check_launch(xc::pack_activations(p, input.data_ptr<float>(), strides,
                                       threshold.defined() ? threshold.data_ptr<float>() : nullptr, packed_ptr, stream),
                  "activation pack");
-  xc::Epilogue e;
-  e.scale = scale_c.defined() ? scale_c.data_ptr<float>() : nullptr;
-  e.bias = bias_c.defined() ? bias_c.data_ptr<float>() : nullptr;
-  e.residual = residual_c.defined() ? residual_c.data_ptr<float>() : nullptr;
-  e.prelu = slope.defined() ? slope.data_ptr<float>() : nullptr;
-  if (output_signs) {
-    e.out_signs = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
-    e.out_threshold = out_threshold.defined() ? out_threshold.data_ptr<float>() : nullptr;
-  } else {
-    e.out = out.data_ptr<float>();
-  }
-  e.channels_last = channels_last ? 1 : 0;
   check_launch(xc::conv(kernel, p, packed_ptr, reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()),
-                        tap_sum.data_ptr<int32_t>(), e, stream),
+                        tap_sum.data_ptr<int32_t>(), epilogue.params, stream),
                xc::kernel_name(kernel));
   return out;
 }
