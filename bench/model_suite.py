@@ -4,10 +4,12 @@ For each model: latency per image at batch 1, throughput (images/s) at batch 8, 
 the in-memory size of its weights and the saved state_dict size; all models timed interleaved in one process.
 Frozen binary_dnet53 (xnorconv.freeze: packed 1-bit weights, BatchNorm folded) is compared with its float twin
 (the identical module tree with nn.Conv2d) in fp32 and int8 (PyTorch's FX static quantization, x86 engine), and
-with float DarkNet-53 and CSP-DarkNet-53. A per-layer breakdown says where the frozen model's time goes; the
-frozen model is also timed with its binary convolutions made free (the most any binary kernel could give against
-the twin), and each binary convolution is timed in place against the twin's float convolution and against the
-memory passes its tensors need.
+with float DarkNet-53 and CSP-DarkNet-53. On request (--model): torchvision's resnet18 through xnorconv.binarize +
+freeze beside its float original, and the reference binary networks Bi-Real-Net-18 and ReActNet-A (models/) frozen
+beside their float twins (--size 224 is the papers' input). A per-layer and per-operator breakdown says where the
+first model's time goes; the first model is also timed with its binary convolutions made free (the most any binary
+kernel could give against its twin), and, when its twin is in the run, each binary convolution is timed in place
+against the twin's float convolution and against the memory passes its tensors need.
 
 Correctness before timing: the frozen model must equal the unfrozen binary model computed through its pure-PyTorch
 path (sign + float conv, the STE path) to float rounding; the int8 model's output is compared with fp32's and the
@@ -40,8 +42,17 @@ from .timing import interleaved, median_ms, minor_faults
 
 DEFAULT_MODELS = ("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8", "darknet53", "cspdarknet53")
 # On request (--model): a torchvision network binarized as a user would (xnorconv.binarize, then freeze), beside
-# its float original.
-MODEL_CHOICES = DEFAULT_MODELS + ("resnet18_binary", "resnet18_fp32")
+# its float original; the reference binary networks Bi-Real-Net-18 and ReActNet-A (models/), frozen, beside their
+# float twins.
+MODEL_CHOICES = DEFAULT_MODELS + ("resnet18_binary", "resnet18_fp32", "birealnet18", "birealnet18_fp32", "reactnet_a",
+                                  "reactnet_a_fp32")
+# Each frozen binary model and the float models it is compared with (ratios, the binary convolutions in place).
+TWINS = {"binary_dnet53": ("binary_dnet53_fp32", "binary_dnet53_int8"), "resnet18_binary": ("resnet18_fp32",),
+         "birealnet18": ("birealnet18_fp32",), "reactnet_a": ("reactnet_a_fp32",)}
+# models.create names of the reference binary networks (frozen) and their float twins
+_REFERENCE_BINARY = {"birealnet18": ("birealnet18", "Bi-Real-Net-18"), "reactnet_a": ("reactnet_a", "ReActNet-A")}
+_REFERENCE_FP32 = {"birealnet18_fp32": ("birealnet18_float", "Bi-Real-Net-18's float twin"),
+                   "reactnet_a_fp32": ("reactnet_a_float", "ReActNet-A's float twin")}
 DEPLOY_MODES = ("eager", "torchscript", "aoti", "compile")
 DEFAULT_DEPLOY = ("eager", "torchscript")
 # Modes in which the model with free binary convolutions (free_binary_convs) is timed.
@@ -168,6 +179,15 @@ def build(names, num_classes, size, create=None):
             import torchvision
             entries.append(Entry(name, "torchvision resnet18, fp32",
                                  torchvision.models.resnet18(num_classes=num_classes).eval()))
+        elif name in _REFERENCE_BINARY:
+            model_name, title = _REFERENCE_BINARY[name]
+            binary = create(model_name, num_classes).eval()
+            entries.append(Entry(name, f"{title}, xnorconv.freeze (1-bit packed weights, BN folded)",
+                                 xnorconv.freeze(binary), unfrozen=binary))
+        elif name in _REFERENCE_FP32:
+            model_name, title = _REFERENCE_FP32[name]
+            entries.append(Entry(name, f"{title} (same architecture, float nn.Conv2d), fp32",
+                                 create(model_name, num_classes).eval()))
         else:
             raise ValueError(f"unknown model {name!r}; choose from {MODEL_CHOICES}")
     return entries
@@ -400,7 +420,8 @@ def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batch
     entries = build(names, num_classes, size, create)
     agreement = check(entries, size)
     result = {"size": size, "threads": threads, "num_classes": num_classes, "reps": reps, "deploy": list(deploy),
-              "models": []}
+              "models": [],
+              "twins": {e.name: [t for t in TWINS[e.name] if t in names] for e in entries if e.name in TWINS}}
     per = {e.name: {"name": e.name, "description": e.description, "check": agreement.get(e.name, "finite output"),
                     "state_dict_bytes": state_dict_bytes(e.model), "weight_bytes": weight_bytes(e.model),
                     "params": sum(p.numel() for p in e.model.parameters())} for e in entries}
@@ -464,8 +485,8 @@ def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batch
     first = entries[0]
     result["models"] = [per[e.name] for e in entries]
     result["breakdown"] = {"model": first.name, **layer_breakdown(first.model, x1, breakdown_reps)}
-    twin = next((e for e in entries if e.name == "binary_dnet53_fp32"), None)
-    if twin is not None and first.name == "binary_dnet53":
+    twin = next((e for e in entries if e.name in TWINS.get(first.name, ())[:1]), None)
+    if twin is not None:
         result["binary_convs"] = binary_conv_table(first.model, twin.model, x1, max(reps, 3 * breakdown_reps))
     if progress:
         progress("breakdown")
