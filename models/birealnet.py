@@ -42,7 +42,7 @@ from torch import nn
 import xnorconv
 
 from .binary_dnet53 import RealShortcut
-from .blocks import ClippedConv2d, ConvBN
+from .blocks import ClippedConv2d, ConvBN, MaxPool2d
 from .darknet import _check_num_classes
 
 __all__ = ["BiRealDownsample", "BiRealNet18", "BiRealUnit", "birealnet18"]
@@ -105,7 +105,7 @@ class BiRealNet18(nn.Module):
                              f"widths={widths}, depths={depths}")
         self.binary = binary
         self.stem = ConvBN(3, widths[0], 7, 2, 3)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = MaxPool2d(3, 2, 1)
         stages, cin = [], widths[0]
         for i, (width, depth) in enumerate(zip(widths, depths)):
             units = []

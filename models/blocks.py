@@ -4,13 +4,15 @@ ConvBN         a float nn.Conv2d + nn.BatchNorm2d that, at inference, runs as on
                folded in (the stems and Bi-Real's downsampling shortcuts stay float in a frozen binary network,
                so their cost is what the packed kernels leave)
 ClippedConv2d  nn.Conv2d on clip(x, -1, 1): the float stand-in for a binary conv in Bi-Real's float twin
+MaxPool2d      nn.MaxPool2d that pools in channels_last (PyTorch's CPU max pooling of NCHW tensors is many times
+               slower than of channels_last ones, conversions included)
 RPReLU         ReActNet's RPReLU, PReLU(x - gamma) + zeta per channel
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClippedConv2d", "ConvBN", "RPReLU"]
+__all__ = ["ClippedConv2d", "ConvBN", "MaxPool2d", "RPReLU"]
 
 
 def _tensor_key(tensors):
@@ -65,6 +67,31 @@ class ConvBN(nn.Module):
         state = super().__getstate__()
         state.pop("_folded_cache", None)  # a cache: rebuilt on first use
         return state
+
+
+# A plain function that torch.fx records as one call (its layout test would otherwise stop symbolic tracing, which
+# xnorconv.freeze uses to find the BatchNorms it folds).
+@torch.fx.wrap
+def _max_pool_channels_last(x, kernel_size, stride, padding, dilation, ceil_mode):
+    if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding, dilation,
+                     ceil_mode)
+    return y.contiguous()  # back in the caller's layout
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d (same arguments and function; no return_indices) that pools a 4-D input in channels_last: an
+    NCHW input is converted, pooled and converted back, because PyTorch's CPU max pooling of NCHW tensors is many
+    times slower than of channels_last ones (a max is exact in any order, so the values are the same)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.return_indices:
+            raise ValueError("MaxPool2d: return_indices=True is not supported, got return_indices=True")
+
+    def forward(self, x):
+        return _max_pool_channels_last(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 
 
 class ClippedConv2d(nn.Conv2d):

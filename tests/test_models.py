@@ -826,3 +826,21 @@ def test_reference_binary_nets_profile_as_the_papers_count(name):
     assert p.sign_weight_macs == 0 and p.binary_layers == (16 if name == "birealnet18" else 31)
     twin = models.profile(models.create(name + "_float", 1000), 224)
     assert twin.float_macs == p.float_macs + p.binary_macs and twin.params == p.params
+
+
+def test_max_pool_in_channels_last_is_exact_and_keeps_the_callers_layout():
+    from models.blocks import MaxPool2d
+    torch.manual_seed(15)
+    for shape in ((2, 5, 9, 7), (1, 64, 16, 16), (1, 3, 2, 2)):
+        x = torch.randn(shape)
+        for args in (dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2, stride=2, ceil_mode=True)):
+            want = nn.MaxPool2d(**args)(x)
+            got = MaxPool2d(**args)(x)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert got.is_contiguous()
+            cl = MaxPool2d(**args)(x.contiguous(memory_format=torch.channels_last))
+            torch.testing.assert_close(cl, want, rtol=0, atol=0)
+            assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert MaxPool2d(3, 2, 1)(torch.randn(4, 9, 9)).shape == (4, 5, 5)  # unbatched, as nn.MaxPool2d
+    with pytest.raises(ValueError, match="return_indices=True is not supported"):
+        MaxPool2d(3, return_indices=True)
