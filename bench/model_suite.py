@@ -12,8 +12,11 @@ kernel could give against its twin), and, when its twin is in the run, each bina
 against the twin's float convolution and against the memory passes its tensors need.
 
 Correctness before timing: the frozen model must equal the unfrozen binary model computed through its pure-PyTorch
-path (sign + float conv, the STE path) to float rounding; the int8 model's output is compared with fp32's and the
-agreement (cosine similarity of the logits) is recorded beside its figures, since int8 is not exact by nature.
+path (sign + float conv, the STE path) to float rounding, or, where a pre-sign value within rounding of its threshold
+binarized the other way (rare, but expected on large inputs, and carried on by every later layer), differ only
+because of such ties: the first binary layer whose input signs differ must differ in a few bits, each at a tie. The
+int8 model's output is compared with fp32's and the agreement (cosine similarity of the logits) is recorded beside
+its figures, since int8 is not exact by nature.
 
 Deployment modes (`deploy`): every model is timed as an eager nn.Module and, by default, as TorchScript
 (torch.jit.trace, then torch.jit.freeze: the graph runs without Python, the float models' BatchNorms folded into
@@ -242,10 +245,9 @@ def check(entries, size):
         if e.unfrozen is not None:
             with torch.enable_grad():  # BinaryConv2d's pure-PyTorch (STE) path: sign + F.conv2d
                 want = _logits(e.unfrozen(x.clone().requires_grad_(True))).detach()
-            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max()))):
-                raise AssertionError(f"{e.name}: frozen model differs from the binary model's reference path by "
-                                     f"{(got - want).abs().max():.3g}")
             agreement[e.name] = f"max |frozen - reference| = {(got - want).abs().max():.2g}"
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(want.abs().max()))):
+                agreement[e.name] += _explained_by_tie_flips(e, x, got, want)
         if e.reference is not None:
             with torch.no_grad():
                 want = _logits(e.reference(x))
@@ -254,6 +256,63 @@ def check(entries, size):
             cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
             agreement[e.name] = f"cosine(int8, fp32 logits) = {cos:.3f}"
     return agreement
+
+
+def _binarized_inputs(model: nn.Module, kind, run):
+    """[(layer name, signs, x - t)] of every call of a `kind` layer that binarizes its input, in call order, during
+    run(): signs True where the input binarizes to +1 (x >= t); x - t is None for the bool signs of a chained
+    producer (True meaning -1)."""
+    calls = []
+
+    def record(layer, args, name):
+        inp = args[0].detach()
+        if inp.dtype == torch.bool:
+            calls.append((name, ~inp, None))
+            return
+        t = layer.input_threshold
+        margin = inp - t.detach().view(1, -1, 1, 1).to(inp.dtype) if t is not None else inp
+        calls.append((name, margin >= 0, margin))
+
+    hooks = [m.register_forward_pre_hook(lambda layer, args, name=n: record(layer, args, name))
+             for n, m in model.named_modules() if isinstance(m, kind) and m.binarize_input]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
+def _explained_by_tie_flips(e: Entry, x: torch.Tensor, got: torch.Tensor, want: torch.Tensor) -> str:
+    """A frozen binary network computes its pre-sign values with other roundings than the reference path (BatchNorm
+    folded into the scale, the shortcut add in the kernel's output stage), so a value within rounding of its
+    threshold can binarize the other way; every later layer then sees a few different bits, and the outputs differ
+    by more than rounding. On large inputs that is expected. Accepted only when it is what happened: the first
+    binary layer whose input signs differ from the reference's differs in a few bits, each at a tie (|x - t| at
+    rounding level); otherwise raises. Returns the note for the agreement figure."""
+    with torch.no_grad():
+        frozen = _binarized_inputs(e.model, xnorconv.FrozenBinaryConv2d, lambda: e.model(x))
+    with torch.enable_grad():
+        reference = _binarized_inputs(e.unfrozen, xnorconv.BinaryConv2d,
+                                      lambda: e.unfrozen(x.clone().requires_grad_(True)))
+    differs = f"{e.name}: frozen model differs from the binary model's reference path by {(got - want).abs().max():.3g}"
+    if [n for n, _, _ in frozen] != [n for n, _, _ in reference]:
+        raise AssertionError(f"{differs}, and its binary layers are not called as the reference's are")
+    for (name, signs, _), (_, ref_signs, ref_margin) in zip(frozen, reference):
+        flipped = signs != ref_signs
+        count = int(flipped.sum())
+        if not count:
+            continue
+        tie = 1e-5 * max(1.0, float(ref_margin.abs().max()))
+        worst = float(ref_margin[flipped].abs().max())
+        if worst > tie or count > 1 + 1e-5 * signs.numel():
+            raise AssertionError(f"{differs}; the first binary layer whose input signs differ, {name}, differs in "
+                                 f"{count} of {signs.numel()} bits, up to |x - t| = {worst:.3g} from the threshold "
+                                 f"(ties are within {tie:.1g})")
+        cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+        return (f" after {count} tie flip(s) at {name}'s input (|x - t| <= {worst:.1g}) that later layers carry on; "
+                f"cosine {cos:.5f}")
+    raise AssertionError(f"{differs}, with the same signs into every binary layer")
 
 
 def layer_breakdown(model: nn.Module, x: torch.Tensor, reps: int) -> Dict:

@@ -253,6 +253,31 @@ def test_model_check_is_asserted(monkeypatch):
         model_suite.run(("binary_dnet53",), 4, 16, 1, 3, create=create)
 
 
+@pytest.mark.parametrize("margin", [1e-9, 0.5])
+def test_model_check_accepts_tie_flips_only(margin):
+    """A frozen model may binarize a value within rounding of its threshold the other way (then every later layer
+    differs a little); the check accepts exactly that, and names a real difference."""
+    model = _Tiny(binary=True).eval()
+    entry = model_suite.Entry("binary_dnet53", "stand-in", xnorconv.freeze(model), unfrozen=model)
+
+    def setting(value):
+        def hook(layer, args):
+            x = args[0].clone()
+            x[0, 0, 3, 3] = value
+            return (x,)
+        return hook
+
+    entry.unfrozen.body[0].register_forward_pre_hook(setting(margin))   # binarizes to +1
+    entry.model.body[0].register_forward_pre_hook(setting(-margin))     # to -1
+    if margin < 1e-6:
+        agreement = model_suite.check([entry], 16)["binary_dnet53"]
+        assert "after 1 tie flip(s) at body.0's input" in agreement
+    else:
+        with pytest.raises(AssertionError, match="the first binary layer whose input signs differ, body.0, differs in "
+                                                 "1 of 4096 bits, up to \\|x - t\\| = 0.5"):
+            model_suite.check([entry], 16)
+
+
 def test_layer_correctness_is_asserted(monkeypatch):
     wrong = lambda *a, **k: reference_binary_conv2d(*a, **k) + 2  # noqa: E731
     monkeypatch.setattr(layers, "reference_binary_conv2d", wrong)
