@@ -387,6 +387,20 @@ class _FreeBinaryConv(xnorconv.FrozenBinaryConv2d):
         return input.new_empty(self.free_output_shape, dtype=self.free_output_dtype)
 
 
+def _flushing_denormals(call):
+    """call() with denormal floats flushed to zero, for the model whose binary convolutions are free: their outputs
+    are unwritten memory, whose bytes (an int64 index tensor another model freed, say) can read as denormals, on
+    which x86 computes in slow microcode, so the layers after them would time that instead of their work. The
+    values are meaningless anyway; the mode is restored to PyTorch's default (off) after each call."""
+    def flushed():
+        torch.set_flush_denormal(True)
+        try:
+            call()
+        finally:
+            torch.set_flush_denormal(False)
+    return flushed
+
+
 def module_calls(model: nn.Module, x: torch.Tensor, kind=xnorconv.FrozenBinaryConv2d):
     """(name, module, args, output) of every call of a `kind` module in one forward pass of `model` on `x`."""
     calls = []
@@ -515,7 +529,7 @@ def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batch
             floor = free_binary_convs(entries[0].model, x)
             # Not under AOTInductor: it drops the computation that reads unwritten tensors, leaving nothing to time.
             for mode in (d for d in deploy if d in FLOOR_MODES):
-                calls[(floor_name, mode)] = fn(deployed(floor, mode, x, workdir))
+                calls[(floor_name, mode)] = _flushing_denormals(fn(deployed(floor, mode, x, workdir)))
         t = interleaved(calls, reps, warmup=2)
         for mode in FLOOR_MODES:
             if (floor_name, mode) in t:
