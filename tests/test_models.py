@@ -844,3 +844,20 @@ def test_max_pool_in_channels_last_is_exact_and_keeps_the_callers_layout():
     assert MaxPool2d(3, 2, 1)(torch.randn(4, 9, 9)).shape == (4, 5, 5)  # unbatched, as nn.MaxPool2d
     with pytest.raises(ValueError, match="return_indices=True is not supported"):
         MaxPool2d(3, return_indices=True)
+
+
+@pytest.mark.parametrize("name", REFERENCE_BINARY)
+def test_reference_binary_nets_frozen_export(name):
+    """torch.export of the frozen network keeps every packed convolution in the graph and matches eager."""
+    torch.manual_seed(16)
+    model = models.create(name, 4)
+    _randomize_reference(model)
+    frozen = xnorconv.freeze(model.eval())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = frozen(x)
+        program = torch.export.export(frozen, (x,))
+        got = program.module()(x)
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert sum("binary_conv2d_packed" in t for t in targets) == (16 if name == "birealnet18" else 31)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
