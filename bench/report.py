@@ -163,26 +163,29 @@ def model_table(run):
         summary.append("minor page faults per batch-1 pass (memory the allocator faults in again): "
                        + ", ".join(f"{e['name']} {e['batch1_minor_faults']:.0f}" for e in m["models"]))
     by = {e["name"]: e for e in m["models"]}
-    if "binary_dnet53" in by:
-        for other in ("binary_dnet53_fp32", "binary_dnet53_int8"):
-            if other not in by:
-                continue
+    # Runs saved before the "twins" key compared binary_dnet53 only.
+    twins = m.get("twins", {"binary_dnet53": ["binary_dnet53_fp32", "binary_dnet53_int8"]})
+    for binary_name, others in twins.items():
+        if binary_name not in by:
+            continue
+        binary = by[binary_name]
+        for other in (o for o in others if o in by):
             for d in ["eager"] + modes:
                 suffix = "" if d == "eager" else f"_{d}"
-                ratios = [f"batch {b} {by[other][f'batch{b}_ms{suffix}'] / by['binary_dnet53'][f'batch{b}_ms{suffix}']:.2f}x"
-                          for b in (1, 8) if f"batch{b}_ms{suffix}" in by[other]
-                          and f"batch{b}_ms{suffix}" in by["binary_dnet53"]]
+                ratios = [f"batch {b} {by[other][f'batch{b}_ms{suffix}'] / binary[f'batch{b}_ms{suffix}']:.2f}x"
+                          for b in (1, 8) if f"batch{b}_ms{suffix}" in by[other] and f"batch{b}_ms{suffix}" in binary]
                 if ratios:
-                    summary.append(f"frozen binary_dnet53 vs {other}, both {d}: " + ", ".join(ratios) + " faster")
+                    summary.append(f"frozen {binary_name} vs {other}, both {d}: " + ", ".join(ratios) + " faster")
     free = m.get("binary_convs_free")
-    if free and "binary_dnet53_fp32" in by and free["model"] in by:
+    twin_name = next(iter(twins.get(free["model"], ())), None) if free else None
+    if free and twin_name in by and free["model"] in by:
         for key in (k for k in free if k.startswith("batch1_ms")):  # batch1_ms (eager), batch1_ms_torchscript
             d = key[len("batch1_ms_"):] or "eager"
-            if key in by["binary_dnet53_fp32"]:
-                twin, binary = by["binary_dnet53_fp32"][key], by[free["model"]][key]
+            if key in by[twin_name]:
+                twin, binary = by[twin_name][key], by[free["model"]][key]
                 summary.append(
                     f"{free['model']} with its binary convolutions free ({d}, batch 1): {free[key]:.2f} ms, the rest "
-                    f"of the network; so against binary_dnet53_fp32 no binary kernel can give more than "
+                    f"of the network; so against {twin_name} no binary kernel can give more than "
                     f"{twin / free[key]:.2f}x (now {twin / binary:.2f}x: the binary convolutions take "
                     f"{binary - free[key]:.2f} ms of {binary:.2f})")
     return cols, table, summary

@@ -10,7 +10,7 @@ import torch
 from . import create, format_table, list_models, model_info, profile
 
 DEFAULT_MODELS = ["darknet53", "cspdarknet53", "dnet53_baseline", "binary_dnet53", "binary_dnet53_bwn",
-                  "binary_dnet53_float"]
+                  "binary_dnet53_float", "birealnet18", "birealnet18_float", "reactnet_a", "reactnet_a_float"]
 
 
 def main(argv=None):

@@ -122,8 +122,11 @@ def _avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
         rows = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(n, c, h // 2, w // 2, 2)
         return (rows[..., 0] + rows[..., 1]).mul_(0.25)
     # Odd sizes (partial windows): PyTorch's CPU average pooling runs about twice as fast on channels_last,
-    # conversions included.
-    return F.avg_pool2d(x.contiguous(memory_format=torch.channels_last), 2, 2, ceil_mode=True).contiguous()
+    # conversions included. The result comes back in the input's layout: a channels_last input (a frozen model
+    # running in channels_last) stays channels_last, which the next convolution and the packed kernel's residual
+    # read without a conversion.
+    y = F.avg_pool2d(x.contiguous(memory_format=torch.channels_last), 2, 2, ceil_mode=True)
+    return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
 
 @torch.fx.wrap

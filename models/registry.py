@@ -1,9 +1,10 @@
 """One registry for every model of the paper's tables: `create(name, num_classes, pretrained=False, **kwargs)`.
 
-Our models (darknet53, cspdarknet53, dnet53_baseline, binary_dnet53 and its variants) and the reference float
-models through torchvision: resnet50, densenet121, densenet201 (MonkeyNet, Bala et al.), mobilenet_v2 (Jaradat et
-al.), vit_b_16 (ViT) from paper 000's tables; mobilenet_v3_small/large, efficientnet_b0, swin_v2_t from papers
-001-003.
+Our models (darknet53, cspdarknet53, dnet53_baseline, binary_dnet53 and its variants; the reference binary networks
+birealnet18 (Bi-Real Net, Liu et al. 2018) and reactnet_a (ReActNet, Liu et al. 2020) with their float twins) and the
+reference float models through torchvision: resnet50, densenet121, densenet201 (MonkeyNet, Bala et al.),
+mobilenet_v2 (Jaradat et al.), vit_b_16 (ViT) from paper 000's tables; mobilenet_v3_small/large, efficientnet_b0,
+swin_v2_t from papers 001-003.
 
 Pretrained weights are never downloaded here (training machines are often offline, and a silent download in a
 library call is a surprise). `pretrained` is
@@ -24,7 +25,9 @@ import torchvision
 from torch import nn
 
 from .binary_dnet53 import binary_dnet53
+from .birealnet import birealnet18
 from .darknet import cspdarknet53, darknet53, dnet53_baseline
+from .reactnet import reactnet_a
 
 __all__ = ["ModelInfo", "create", "list_models", "model_info", "torchvision_cache_path"]
 
@@ -49,8 +52,13 @@ def _torchvision_builder(tv_name: str):
 
 
 def _binary_variant(**fixed):
+    return _variant(binary_dnet53, **fixed)
+
+
+def _variant(builder, **fixed):
     def build(num_classes: int, **kwargs):
-        return binary_dnet53(num_classes, **{**fixed, **kwargs})
+        return builder(num_classes, **{**fixed, **kwargs})
+    build.__name__ = builder.__name__
     return build
 
 
@@ -73,6 +81,14 @@ _register(ModelInfo("binary_dnet53_bwn", _binary_variant(binary_activations=Fals
                     "BinaryDNet53 with binary weights only (the paper's literal model)"))
 _register(ModelInfo("binary_dnet53_float", _binary_variant(binary=False), ("classifier.",), "xnorconv",
                     "float twin of binary_dnet53 (same architecture, nn.Conv2d)"))
+_register(ModelInfo("birealnet18", birealnet18, ("fc.",), "xnorconv",
+                    "Bi-Real-Net-18 (Liu et al., ECCV 2018): binary ResNet-18 with a real shortcut per binary conv"))
+_register(ModelInfo("birealnet18_float", _variant(birealnet18, binary=False), ("fc.",), "xnorconv",
+                    "float twin of birealnet18 (same architecture, nn.Conv2d on clip(x, -1, 1))"))
+_register(ModelInfo("reactnet_a", reactnet_a, ("fc.",), "xnorconv",
+                    "ReActNet-A (Liu et al., ECCV 2020): binary MobileNetV1 blocks with RSign and RPReLU"))
+_register(ModelInfo("reactnet_a_float", _variant(reactnet_a, binary=False), ("fc.",), "xnorconv",
+                    "float twin of reactnet_a (same architecture, nn.Conv2d on x - t)"))
 
 _TORCHVISION = {
     "resnet50": (("fc.",), "ResNet-50 (paper 000 Tables 3-6)"),

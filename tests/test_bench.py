@@ -171,6 +171,28 @@ def test_model_suite_binarized_resnet18_is_checked_against_its_reference():
     assert "frozen - reference" in agreement["resnet18_binary"]
 
 
+def test_model_suite_reference_binary_nets_against_their_float_twins(capsys):
+    """Bi-Real-Net-18 and ReActNet-A are frozen (every binary conv packed), checked against their unfrozen models'
+    reference path, and compared with their float twins: ratios, the per-operator breakdown, each binary conv in
+    place against the twin's conv."""
+    entries = model_suite.build(("birealnet18", "birealnet18_fp32", "reactnet_a", "reactnet_a_fp32"), 3, 32)
+    counts = [sum(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in e.model.modules()) for e in entries]
+    assert counts == [16, 0, 31, 0]
+    assert not any(isinstance(m, xnorconv.BinaryConv2d) for e in entries for m in e.model.modules())
+    agreement = model_suite.check(entries, 32)
+    assert "frozen - reference" in agreement["birealnet18"] and "frozen - reference" in agreement["reactnet_a"]
+    run = cli.main(["--models", "--size", "32", "--model-reps", "3", "--model", "reactnet_a", "--model",
+                    "reactnet_a_fp32"])
+    out = capsys.readouterr().out
+    r = run["models"]
+    assert r["twins"] == {"reactnet_a": ["reactnet_a_fp32"]} and r["breakdown"]["model"] == "reactnet_a"
+    assert any(o["op"] == "xnorconv::binary_conv2d_packed" and o["calls"] == 31 for o in r["breakdown"]["ops"])
+    assert len(r["binary_convs"]) == 31 and all(row["residual"] for row in r["binary_convs"])
+    assert "frozen reactnet_a vs reactnet_a_fp32, both eager: batch 1 " in out
+    assert "frozen reactnet_a vs reactnet_a_fp32, both torchscript: batch 1 " in out
+    assert "against reactnet_a_fp32 no binary kernel can give more than" in out
+
+
 def test_free_binary_convs_keep_the_shapes_and_leave_the_model_alone():
     frozen = xnorconv.freeze(_Tiny(binary=True).eval())
     x = torch.randn(1, 3, 16, 16)
@@ -230,6 +252,31 @@ def test_model_check_is_asserted(monkeypatch):
     monkeypatch.setattr(model_suite.xnorconv, "freeze", broken_freeze)
     with pytest.raises(AssertionError, match="frozen model differs"):
         model_suite.run(("binary_dnet53",), 4, 16, 1, 3, create=create)
+
+
+@pytest.mark.parametrize("margin", [1e-9, 0.5])
+def test_model_check_accepts_tie_flips_only(margin):
+    """A frozen model may binarize a value within rounding of its threshold the other way (then every later layer
+    differs a little); the check accepts exactly that, and names a real difference."""
+    model = _Tiny(binary=True).eval()
+    entry = model_suite.Entry("binary_dnet53", "stand-in", xnorconv.freeze(model), unfrozen=model)
+
+    def setting(value):
+        def hook(layer, args):
+            x = args[0].clone()
+            x[0, 0, 3, 3] = value
+            return (x,)
+        return hook
+
+    entry.unfrozen.body[0].register_forward_pre_hook(setting(margin))   # binarizes to +1
+    entry.model.body[0].register_forward_pre_hook(setting(-margin))     # to -1
+    if margin < 1e-6:
+        agreement = model_suite.check([entry], 16)["binary_dnet53"]
+        assert "after 1 tie flip(s) at body.0's input" in agreement
+    else:
+        with pytest.raises(AssertionError, match="the first binary layer whose input signs differ, body.0, differs in "
+                                                 "1 of 4096 bits, up to \\|x - t\\| = 0.5"):
+            model_suite.check([entry], 16)
 
 
 def test_layer_correctness_is_asserted(monkeypatch):

@@ -42,8 +42,13 @@ PARAM_RANGES_M = {
     "mobilenet_v3_large": (4.2, 4.3),
     "efficientnet_b0": (4.0, 4.1),
     "swin_v2_t": (27.5, 27.6),
+    "birealnet18": (11.1, 11.2),        # ResNet-18's 11.69M with 1000 classes
+    "birealnet18_float": (11.1, 11.2),
+    "reactnet_a": (28.3, 28.4),         # 29.34M with 1000 classes
+    "reactnet_a_float": (28.3, 28.4),
 }
 BINARY_VARIANTS = ("binary_dnet53", "binary_dnet53_bwn", "binary_dnet53_float")
+REFERENCE_BINARY = ("birealnet18", "reactnet_a")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,6 +121,8 @@ def test_our_parameter_counts_exact():
     # 1000-class heads give the published backbone figures
     assert n_params(models.darknet53(1000)) == 41_609_928
     assert n_params(models.cspdarknet53(1000)) == 27_642_184
+    for name, count in (("birealnet18", 11_689_512), ("reactnet_a", 29_343_592)):
+        assert n_params(models.create(name, 1000)) == n_params(models.create(name + "_float", 1000)) == count, name
 
 
 @pytest.mark.parametrize("name", BINARY_VARIANTS)
@@ -593,3 +600,264 @@ def test_profile_command_prints_the_table():
     assert lines[2].startswith("| model | params (M) |")
     assert lines[4].startswith("| binary_dnet53 | 0.367 | 0.113 | 0.254 |")
     assert len(lines) == 6
+
+
+# --- Reference binary networks: Bi-Real-Net-18 and ReActNet-A -------------------------------------------------
+# Small inputs keep these fast; every path (eval, frozen, the training-time STE path) is checked against the models'
+# function written plainly from their module trees: unfused conv -> BN, avg_pool2d, RPReLU's formula.
+
+def _randomize_reference(model):
+    """Non-trivial BatchNorms, PReLU slopes, RSign thresholds and RPReLU shifts, so that every fold is exercised."""
+    randomize_batchnorm(model)
+    _randomize_prelu(model)
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("input_threshold", "shift_in", "shift_out")):
+                p.uniform_(-0.3, 0.3, generator=gen)
+
+
+def _pool(x):
+    return F.avg_pool2d(x, 2, 2, ceil_mode=True)
+
+
+def _conv_bn(m, x):
+    return m.bn(m.conv(x))
+
+
+def _rprelu(act, x):
+    y = F.prelu(x - act.shift_in.view(1, -1, 1, 1), act.prelu.weight)
+    return y + act.shift_out.view(1, -1, 1, 1)
+
+
+def reference_birealnet(model, x):
+    x = F.max_pool2d(_conv_bn(model.stem, x), 3, 2, 1)
+    for stage in model.stages:
+        for u in stage:
+            shortcut = x if u.downsample is None else _conv_bn(u.downsample.proj, _pool(x))
+            x = u.bn(u.conv(x)) + shortcut  # a FrozenBinaryConv2d called alone: no fused epilogue
+    return model.fc(x.mean((2, 3)))
+
+
+def reference_reactnet(model, x):
+    x = _conv_bn(model.stem, x)
+    for unit in model.units():
+        shortcut = _pool(x) if unit.shortcut.stride == 2 else x
+        x = _rprelu(unit.act, torch.cat([bn(conv(x)) + shortcut for conv, bn in zip(unit.convs, unit.bns)], 1))
+    return model.fc(x.mean((2, 3)))
+
+
+REFERENCE_FORWARD = {"birealnet18": reference_birealnet, "reactnet_a": reference_reactnet}
+
+
+@pytest.mark.parametrize("name", REFERENCE_BINARY)
+def test_reference_binary_nets_are_binary_where_the_papers_say(name):
+    model, twin = models.create(name, 10), models.create(name + "_float", 10)
+    binary = [(n, m) for n, m in model.named_modules() if isinstance(m, xnorconv.BinaryConv2d)]
+    float_convs = sorted(n for n, m in model.named_modules()
+                         if isinstance(m, nn.Conv2d) and not isinstance(m, xnorconv.BinaryConv2d))
+    if name == "birealnet18":  # every 3x3 conv but the stem; the downsampling shortcuts' 1x1 convs stay float
+        assert len(binary) == 16 and all(m.kernel_size == (3, 3) for _, m in binary)
+        assert float_convs == ["stages.1.0.downsample.proj.conv", "stages.2.0.downsample.proj.conv",
+                               "stages.3.0.downsample.proj.conv", "stem.conv"]
+        assert all(m.input_threshold is None for _, m in binary)
+    else:  # 13 blocks of a 3x3 and a 1x1 unit, and a second 1x1 conv where the channels double (5 blocks)
+        assert len(binary) == 13 + 13 + 5 and float_convs == ["stem.conv"]
+        assert all(m.input_threshold is not None for _, m in binary)  # RSign
+        duplicates = [u for u in model.units() if u.parts == 2]
+        assert [u.channels for u in duplicates] == [32, 64, 128, 256, 512]
+        assert all(u.convs[0].input_threshold is u.convs[1].input_threshold for u in duplicates)  # one RSign
+        assert isinstance(model.units()[0].act, models.blocks.RPReLU)
+    assert all(m.scale == "channel" and m.ste == "approx" and m.binarize_input and m.pad_value == 0
+               for _, m in binary)
+    # the float twin: the same tree and state_dict keys, float convs in place of the binary ones
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+    assert not any(isinstance(m, xnorconv.BinaryConv2d) for m in twin.modules())
+    assert [type(twin.get_submodule(n)).__name__ for n, _ in binary] == \
+        ["ClippedConv2d" if name == "birealnet18" else "ThresholdConv2d"] * len(binary)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.normal_()
+    model.load_state_dict(twin.state_dict())  # a trained twin initialises the binary model
+    torch.testing.assert_close(model.get_submodule(binary[3][0]).weight, twin.get_submodule(binary[3][0]).weight)
+
+
+def test_float_twin_convs_see_real_activations():
+    conv = models.create("birealnet18_float", 2).stages[0][0].conv
+    x = 3 * torch.randn(1, 64, 6, 6)
+    torch.testing.assert_close(conv(x), F.conv2d(x.clamp(-1, 1), conv.weight, padding=1))  # Bi-Real's clip(-1, x, 1)
+    unit = models.create("reactnet_a_float", 2).units()[1]
+    with torch.no_grad():
+        unit.convs[0].input_threshold.normal_()
+    x = torch.randn(1, 32, 6, 6)
+    torch.testing.assert_close(unit.convs[1](x), F.conv2d(x - unit.convs[0].input_threshold.view(1, -1, 1, 1),
+                                                          unit.convs[1].weight))
+
+
+@pytest.mark.parametrize("name", REFERENCE_BINARY)
+@pytest.mark.parametrize("size", [64, 57])  # 57: odd sizes downstream (ceil-mode pools' partial windows)
+def test_reference_binary_nets_frozen_match_and_run_packed_kernels(name, size):
+    torch.manual_seed(12)
+    model = models.create(name, 5)
+    _randomize_reference(model)
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    reference = REFERENCE_FORWARD[name]
+    with torch.no_grad():
+        want = reference(model, x)
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-5)  # eval: packed kernels, unfused
+    with torch.enable_grad():  # the training-time path: STE float convs
+        torch.testing.assert_close(model(x.clone().requires_grad_(True)).detach(), want, rtol=1e-4, atol=1e-5)
+    frozen = xnorconv.freeze(model)
+    n_binary = 16 if name == "birealnet18" else 31
+    assert sum(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in frozen.modules()) == n_binary
+    assert not any(isinstance(m, xnorconv.BinaryConv2d) for m in frozen.modules())
+    # every BatchNorm after a binary conv folded; the float convs keep theirs (folded into them at inference)
+    assert all(n.endswith("proj.bn") or n == "stem.bn" for n, m in frozen.named_modules()
+               if isinstance(m, nn.BatchNorm2d))
+    recorder = OpRecorder()
+    with torch.no_grad():
+        frozen(x)  # the first call picks the layout and folds the float convs' BatchNorms (cached)
+        with recorder:
+            out = frozen(x)
+    assert recorder.ops.count("xnorconv.binary_conv2d_packed") == n_binary
+    assert recorder.ops.count("aten.convolution") == (4 if name == "birealnet18" else 1)  # the float convs
+    assert not [op for op in recorder.ops if "batch_norm" in op or "prelu" in op]
+    # thresholds and RPReLU's shifts are in the packed layers; each unit's shortcut add and PReLU in its kernel pass
+    assert recorder.ops.count("aten.sub") == 0
+    if name == "reactnet_a":
+        assert recorder.ops.count("aten.cat") == 5  # the duplicated halves
+        assert all(not u.act.shift_in.any() and not u.act.shift_out.any() for u in frozen.units())
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(reference(frozen, x), want, rtol=1e-4, atol=1e-5)  # the frozen tree, unfused
+    # a saved frozen state_dict round-trips into a fresh frozen model
+    again = xnorconv.freeze(models.create(name, 5))
+    again.load_state_dict(frozen.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), out)
+
+
+def test_reactnet_shifts_written_after_freezing_are_honoured():
+    """A frozen ReActNet-A takes the fused path only while its shifts are zero: shifts written in place afterwards
+    run unfused, and eval() folds them again."""
+    torch.manual_seed(13)
+    model = models.create("reactnet_a", 3)
+    _randomize_reference(model)
+    model.eval()
+    frozen = xnorconv.freeze(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        for m in (model, frozen):  # the same extra shifts on both
+            m.units()[4].act.shift_out.add_(0.25)
+            m.units()[9].act.shift_in.sub_(0.5)
+        want = reference_reactnet(model, x)
+        torch.testing.assert_close(frozen(x), want, rtol=1e-4, atol=1e-5)
+        frozen.eval()
+        assert not frozen.units()[4].act.shift_out.any()
+        recorder = OpRecorder()
+        with recorder:
+            out = frozen(x)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    assert recorder.ops.count("aten.sub") == 0 and not [op for op in recorder.ops if "prelu" in op]
+    assert model.fold_shifts() is False and model.units()[4].act.shift_out.any()  # an unfrozen model is left alone
+
+
+def test_conv_bn_folds_at_inference_and_follows_changes():
+    import copy
+    import pickle
+    from models.blocks import ConvBN
+    torch.manual_seed(14)
+    m = ConvBN(4, 6, 3, 2, 1)
+    randomize_batchnorm(m)
+    m.eval()
+    x = torch.randn(2, 4, 9, 9)
+
+    def check(module):
+        with torch.no_grad():
+            want = F.batch_norm(F.conv2d(x, module.conv.weight, None, 2, 1), module.bn.running_mean,
+                                module.bn.running_var, module.bn.weight, module.bn.bias, eps=module.bn.eps)
+            torch.testing.assert_close(module(x), want, rtol=1e-5, atol=1e-5)
+
+    recorder = OpRecorder()
+    with torch.no_grad(), recorder:
+        m(x)
+    assert not [op for op in recorder.ops if "batch_norm" in op]  # one convolution
+    check(m)
+    with torch.no_grad():
+        m.conv.weight.mul_(-2)
+        m.bn.running_var.mul_(3)
+    check(m)
+    clone = copy.deepcopy(m)
+    assert "_folded_cache" not in clone.__dict__
+    check(pickle.loads(pickle.dumps(m)))
+    with torch.enable_grad():  # training-time path: autograd reaches the BatchNorm's parameters
+        m(x).sum().backward()
+    assert m.bn.weight.grad is not None
+
+
+def test_reference_binary_nets_bad_arguments():
+    from models.blocks import RPReLU
+    from models.birealnet import BiRealUnit
+    from models.reactnet import ReActBlock
+    with pytest.raises(ValueError, match="out_channels must equal in_channels \\(32\\) or double it, got 48"):
+        ReActBlock(32, 48)
+    with pytest.raises(ValueError, match="RPReLU: channels must be a positive int, got 0"):
+        RPReLU(0)
+    with pytest.raises(ValueError, match="BiRealUnit: stride must be 1 or 2, got 3"):
+        BiRealUnit(8, 8, 3)
+    with pytest.raises(ValueError, match="widths and depths must be equally long"):
+        models.birealnet18(10, widths=(64, 128), depths=(2,))
+    with pytest.raises(ValueError, match="channels must hold at least two positive ints, got \\(32,\\)"):
+        models.reactnet_a(10, channels=(32,))
+    with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+        models.reactnet_a(0)
+
+
+@pytest.mark.parametrize("name", REFERENCE_BINARY)
+def test_reference_binary_nets_profile_as_the_papers_count(name):
+    """The operation counts the ReActNet paper lists at 224x224 (BOPs, FLOPs, OPs = BOPs / 64 + FLOPs): Bi-Real-Net-18
+    1.68e9, 1.39e8, 1.63e8; ReActNet-A 4.82e9, 0.12e8, 0.87e8. Ours agree to within the rounding of the printed
+    figures, which for Bi-Real's FLOPs and OPs is looser than their three digits (1.68e9 / 64 + 1.39e8 = 1.65e8)."""
+    p = models.profile(models.create(name, 1000), 224, name=name)
+    bops, flops, ops = {"birealnet18": (1.68e9, 1.39e8, 1.63e8), "reactnet_a": (4.82e9, 0.12e8, 0.87e8)}[name]
+    assert p.binary_macs == pytest.approx(bops, rel=0.005)
+    assert p.float_macs == pytest.approx(flops, rel=0.015)
+    assert p.mac_equivalent == pytest.approx(ops, rel=0.015)
+    assert p.sign_weight_macs == 0 and p.binary_layers == (16 if name == "birealnet18" else 31)
+    twin = models.profile(models.create(name + "_float", 1000), 224)
+    assert twin.float_macs == p.float_macs + p.binary_macs and twin.params == p.params
+
+
+def test_max_pool_in_channels_last_is_exact_and_keeps_the_callers_layout():
+    from models.blocks import MaxPool2d
+    torch.manual_seed(15)
+    for shape in ((2, 5, 9, 7), (1, 64, 16, 16), (1, 3, 2, 2)):
+        x = torch.randn(shape)
+        for args in (dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2, stride=2, ceil_mode=True)):
+            want = nn.MaxPool2d(**args)(x)
+            got = MaxPool2d(**args)(x)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert got.is_contiguous()
+            cl = MaxPool2d(**args)(x.contiguous(memory_format=torch.channels_last))
+            torch.testing.assert_close(cl, want, rtol=0, atol=0)
+            assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert MaxPool2d(3, 2, 1)(torch.randn(4, 9, 9)).shape == (4, 5, 5)  # unbatched, as nn.MaxPool2d
+    with pytest.raises(ValueError, match="return_indices=True is not supported"):
+        MaxPool2d(3, return_indices=True)
+
+
+@pytest.mark.parametrize("name", REFERENCE_BINARY)
+def test_reference_binary_nets_frozen_export(name):
+    """torch.export of the frozen network keeps every packed convolution in the graph and matches eager."""
+    torch.manual_seed(16)
+    model = models.create(name, 4)
+    _randomize_reference(model)
+    frozen = xnorconv.freeze(model.eval())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = frozen(x)
+        program = torch.export.export(frozen, (x,))
+        got = program.module()(x)
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert sum("binary_conv2d_packed" in t for t in targets) == (16 if name == "birealnet18" else 31)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,147 @@
+"""Building blocks shared by the reference binary networks (Bi-Real-Net-18, ReActNet-A).
+
+ConvBN         a float nn.Conv2d + nn.BatchNorm2d that, at inference, runs as one convolution with the BatchNorm
+               folded in (the stems and Bi-Real's downsampling shortcuts stay float in a frozen binary network,
+               so their cost is what the packed kernels leave)
+ClippedConv2d  nn.Conv2d on clip(x, -1, 1): the float stand-in for a binary conv in Bi-Real's float twin
+MaxPool2d      nn.MaxPool2d that pools in channels_last (PyTorch's CPU max pooling of NCHW tensors is many times
+               slower than of channels_last ones, conversions included)
+RPReLU         ReActNet's RPReLU, PReLU(x - gamma) + zeta per channel
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ClippedConv2d", "ConvBN", "MaxPool2d", "RPReLU"]
+
+
+def _tensor_key(tensors):
+    """Identity, autograd version, storage, dtype and device of each tensor: changes whenever a tensor is replaced
+    or written through autograd-visible ops (optimizer steps, load_state_dict, .to(), in-place edits)."""
+    return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None for t in tensors)
+
+
+class ConvBN(nn.Module):
+    """nn.Conv2d (no bias) followed by nn.BatchNorm2d, with the submodules `conv` and `bn`.
+
+    At inference (eval, no autograd, eager) the BatchNorm is folded into the convolution's weight and bias, computed
+    once and cached until a parameter or statistic changes: one convolution instead of a convolution and a pass
+    over its output. Training, tracing for torch.fx (which xnorconv.freeze uses) and torch.compile / torch.export
+    see the plain conv -> bn, whose function is the same.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x):
+        modules = self._modules
+        conv, bn = modules["conv"], modules["bn"]
+        if (isinstance(x, torch.fx.Proxy) or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.training
+                or bn.running_mean is None or bn.running_var is None or conv.padding_mode != "zeros"):
+            return bn(conv(x))
+        weight, bias = self._folded(conv, bn)
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+        key = _tensor_key((conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)) + (bn.eps,)
+        cached = self.__dict__.get("_folded_cache")
+        if cached is None or cached[0] != key:
+            # Fold in float64, run in the layer's dtype.
+            inv = torch.rsqrt(bn.running_var.double() + bn.eps)
+            if bn.weight is not None:
+                inv = inv * bn.weight.detach().double()
+            bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(inv)
+            bias = (bias - bn.running_mean.double()) * inv
+            if bn.bias is not None:
+                bias = bias + bn.bias.detach().double()
+            dtype = conv.weight.dtype
+            weight = (conv.weight.detach().double() * inv.view(-1, 1, 1, 1)).to(dtype)
+            cached = (key, weight, bias.to(dtype))
+            self.__dict__["_folded_cache"] = cached
+        return cached[1], cached[2]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_folded_cache", None)  # a cache: rebuilt on first use
+        return state
+
+
+# A plain function that torch.fx records as one call (its layout test would otherwise stop symbolic tracing, which
+# xnorconv.freeze uses to find the BatchNorms it folds).
+@torch.fx.wrap
+def _max_pool_channels_last(x, kernel_size, stride, padding, dilation, ceil_mode):
+    if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding, dilation,
+                     ceil_mode)
+    return y.contiguous()  # back in the caller's layout
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """nn.MaxPool2d (same arguments and function; no return_indices) that pools a 4-D input in channels_last: an
+    NCHW input is converted, pooled and converted back, because PyTorch's CPU max pooling of NCHW tensors is many
+    times slower than of channels_last ones (a max is exact in any order, so the values are the same)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.return_indices:
+            raise ValueError("MaxPool2d: return_indices=True is not supported, got return_indices=True")
+
+    def forward(self, x):
+        return _max_pool_channels_last(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+
+class ClippedConv2d(nn.Conv2d):
+    """nn.Conv2d applied to clip(x, -1, 1).
+
+    The float twin of a BinaryConv2d in Bi-Real Net: the Bi-Real paper (section 3.3) initialises the binary network
+    from a real-valued one whose activation is clip(-1, x, 1) rather than ReLU, because a sign follows and a ReLU
+    would leave it nothing but +1. Same parameters and state_dict keys as nn.Conv2d and BinaryConv2d.
+    """
+
+    def forward(self, x):
+        return super().forward(F.hardtanh(x))
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU (Liu et al., ECCV 2020, eq. 3): y = PReLU(x - gamma) + zeta, per channel.
+
+    Parameters: `shift_in` (gamma, moves the input before the PReLU), `prelu` (nn.PReLU, its weight the per-channel
+    negative slope beta, initialised at 0.25 as in ReActNet's code) and `shift_out` (zeta, moves the output). Both
+    shifts start at zero.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"RPReLU: channels must be a positive int, got {channels!r}")
+        self.channels = channels
+        self.shift_in = nn.Parameter(torch.zeros(channels))
+        self.prelu = nn.PReLU(channels)
+        self.shift_out = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return self.prelu(x - self.shift_in.view(1, -1, 1, 1)) + self.shift_out.view(1, -1, 1, 1)
+
+    def shifts_are_zero(self) -> bool:
+        """True when both shifts are zero, so that the unit is exactly PReLU. The answer is cached until a shift
+        changes (an inference pass asks once per unit)."""
+        key = _tensor_key((self.shift_in, self.shift_out))
+        cached = self.__dict__.get("_zero_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                zero = not bool(self.shift_in.any()) and not bool(self.shift_out.any())
+            cached = (key, zero)
+            self.__dict__["_zero_cache"] = cached
+        return cached[1]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_zero_cache", None)
+        return state
+
+    def extra_repr(self):
+        return str(self.channels)
