@@ -123,7 +123,9 @@ def test_minor_faults_per_pass_counts_fresh_memory():
     """A pass that allocates and touches 64 MB (above glibc's largest mmap threshold, so freed back to the kernel
     every time) faults its pages in on every pass; a pass that allocates nothing does not."""
     fresh = model_suite.minor_faults_per_pass(lambda x: torch.ones(16 * 2**20), torch.zeros(1), passes=3)
-    none = model_suite.minor_faults_per_pass(lambda x: x, torch.zeros(1), passes=3)
+    # The count is the process's: another thread's faults (a layout probe of an earlier test, the allocator's
+    # background work) can only add to it, so the quietest of a few readings is the pass's own.
+    none = min(model_suite.minor_faults_per_pass(lambda x: x, torch.zeros(1), passes=3) for _ in range(5))
     assert fresh >= 16 and none < fresh / 4, (fresh, none)  # 16: 64 MB even in 2 MB (huge) pages is 32 faults
     with pytest.raises(SystemExit):
         cli.parse_args(["--malloc-top-pad", "-1"])
