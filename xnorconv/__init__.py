@@ -10,9 +10,10 @@ from ._backend import backends, build_info, current_backend, use_backend
 from .functional import PackedWeight, binary_conv2d, binary_conv2d_packed, pack_weight
 from . import nn
 from .nn import BinaryConv2d, FrozenBinaryConv2d, binarize, freeze
+from ._first_layer import Int8Conv2d
 
 __all__ = [
-    "BinaryConv2d", "FrozenBinaryConv2d", "PackedWeight", "backends", "binarize", "binary_conv2d",
+    "BinaryConv2d", "FrozenBinaryConv2d", "Int8Conv2d", "PackedWeight", "backends", "binarize", "binary_conv2d",
     "binary_conv2d_packed", "build_info", "current_backend", "freeze", "functional", "nn", "pack_weight",
     "use_backend",
 ]
