@@ -170,6 +170,12 @@ def test_model_suite_binarized_resnet18_is_checked_against_its_reference():
     assert "frozen - reference" in agreement["resnet18_binary"]
 
 
+def test_model_suite_int8_stem_entry_is_compared_with_the_float_stem():
+    (entry,) = model_suite.build(("resnet18_binary_int8stem",), 3, 32)
+    assert isinstance(entry.model.conv1, xnorconv.Int8Conv2d) and type(entry.reference.conv1) is nn.Conv2d
+    assert "cosine(int8 stem, float stem logits)" in model_suite.check([entry], 32)[entry.name]
+
+
 def test_free_binary_convs_keep_the_shapes_and_leave_the_model_alone():
     frozen = xnorconv.freeze(_Tiny(binary=True).eval())
     x = torch.randn(1, 3, 16, 16)

@@ -411,11 +411,16 @@ def test_frozen_again_keeps_the_int8_layer():
         freeze(frozen, first_layer="int8", calibration=x)
 
 
-def test_torchscript_trace_as_the_model_suite_deploys_it():
+@pytest.mark.parametrize("called_before", [False, True])
+def test_torchscript_trace_as_the_model_suite_deploys_it(called_before):
+    """Traced on its first call or after calls that packed its weight (the packed object must be found then too)."""
     from bench import model_suite
     net = stem_net()
     x = torch.randn(1, 3, 40, 40)
     frozen = freeze(net, first_layer="int8", calibration=torch.randn(4, 3, 40, 40))
+    if called_before:
+        with torch.no_grad():
+            frozen(x)
     scripted = model_suite.deployed(frozen, "torchscript", x, workdir=None)
     model_suite.check_deployed("stem_net", "torchscript", frozen, scripted, x)
     kinds = {n.kind() for n in scripted.graph.nodes()}

@@ -282,7 +282,7 @@ class Int8Conv2d(nn.Module):
             self._conv_padding, self._input_pad = [top, left], None
         else:
             self._conv_padding, self._input_pad = [0, 0], (left, right, top, bottom)
-        self._packed = None
+        self._drop_packed()
 
     @classmethod
     @torch.no_grad()
@@ -322,23 +322,27 @@ class Int8Conv2d(nn.Module):
         self.input_scale, self.input_zero_point = float(state["input_scale"]), int(state["input_zero_point"])
         self.output_scale, self.output_zero_point = float(state["output_scale"]), int(state["output_zero_point"])
         self.input_quant_max = int(state["input_quant_max"])
-        self._packed = None
+        self._drop_packed()
+
+    # The packed weight is a TorchScript object held as a plain attribute of this module: torch.jit.trace finds
+    # such objects among the traced modules' attributes (held anywhere else, in a tuple say, it refuses them).
+    def _drop_packed(self):
+        self._packed_key, self._packed_params = None, None
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_packed"] = None  # a TorchScript object tied to this process's engine state; cheap to rebuild
+        state["_packed_key"], state["_packed_params"] = None, None  # tied to this process; cheap to rebuild
         return state
 
     def _apply(self, fn, *args, **kwargs):
-        self._packed = None
+        self._drop_packed()
         return super()._apply(fn, *args, **kwargs)
 
     def _packed_weight(self):
         """The oneDNN-prepacked weight, rebuilt when a buffer is replaced or written in place."""
         key = tuple((id(t), t._version) for t in (self.weight, self.weight_scale, self.bias))
-        cached = self._packed
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if self._packed_params is not None and self._packed_key == key:
+            return self._packed_params
         qweight = torch._make_per_channel_quantized_tensor(
             self.weight, self.weight_scale.double(), torch.zeros(self.out_channels, dtype=torch.long), 0)
         previous = torch.backends.quantized.engine
@@ -348,7 +352,7 @@ class Int8Conv2d(nn.Module):
                                                         list(self.dilation), self.groups)
         finally:
             torch.backends.quantized.engine = previous
-        self._packed = (key, packed)
+        self._packed_key, self._packed_params = key, packed
         return packed
 
     def extra_repr(self) -> str:
