@@ -425,6 +425,30 @@ def test_torchscript_trace_as_the_model_suite_deploys_it(called_before):
     model_suite.check_deployed("stem_net", "torchscript", frozen, scripted, x)
     kinds = {n.kind() for n in scripted.graph.nodes()}
     assert "quantized::conv2d_relu" in kinds and "aten::quantize_per_tensor" in kinds
+    with torch.no_grad():  # the weight packing recorded in the trace runs once, not on every call
+        for _ in range(3):
+            scripted(x)
+    assert "quantized::conv2d_prepack" not in {n.kind() for n in torch.jit.last_executed_optimized_graph().nodes()}
+
+
+def test_export_is_refused_with_a_clear_message():
+    net = stem_net()
+    x = torch.randn(1, 3, 32, 32)
+    frozen = freeze(net, first_layer="int8", calibration=x, memory_format=torch.contiguous_format)
+    for called_before in (False, True):
+        if called_before:
+            with torch.no_grad():
+                frozen(x)
+        with pytest.raises(RuntimeError, match=r"does not export.*first_layer='float'"):
+            torch.export.export(frozen, (x,))
+
+
+def test_torch_compile_runs_it():
+    """Dynamo breaks the graph around the quantized ops (they have no fake kernels) and runs them eagerly."""
+    frozen = freeze(stem_net(), first_layer="int8", calibration=torch.randn(2, 3, 32, 32))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(frozen)(x), frozen(x), rtol=1e-5, atol=1e-5)
 
 
 def test_binarized_resnet18_int8_stem():

@@ -250,7 +250,8 @@ class Int8Conv2d(nn.Module):
     (255, or 127 on CPUs without VNNI). Construct with the geometry (and relu / pool) to load a saved state_dict.
 
     The output follows the input's layout: channels_last for a channels_last input, NCHW otherwise (the kernel
-    computes in channels_last). CPU float32 only; no gradients.
+    computes in channels_last). CPU float32 only; no gradients. torch.jit.trace and torch.compile (which breaks
+    the graph around the quantized ops) take it; torch.export does not.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -324,14 +325,12 @@ class Int8Conv2d(nn.Module):
         self.input_quant_max = int(state["input_quant_max"])
         self._drop_packed()
 
-    # The packed weight is a TorchScript object held as a plain attribute of this module: torch.jit.trace finds
-    # such objects among the traced modules' attributes (held anywhere else, in a tuple say, it refuses them).
     def _drop_packed(self):
-        self._packed_key, self._packed_params = None, None
+        self._packed = None
 
     def __getstate__(self):
         state = super().__getstate__()
-        state["_packed_key"], state["_packed_params"] = None, None  # tied to this process; cheap to rebuild
+        state["_packed"] = None  # a TorchScript object tied to this process; cheap to rebuild
         return state
 
     def _apply(self, fn, *args, **kwargs):
@@ -339,10 +338,14 @@ class Int8Conv2d(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _packed_weight(self):
-        """The oneDNN-prepacked weight, rebuilt when a buffer is replaced or written in place."""
+        """The oneDNN-prepacked weight, cached until a buffer is replaced or written in place. Under torch.jit.trace
+        a fresh one: the tracer records an object made during the trace as a constant, but refuses one it finds
+        already made, unless that is an attribute of a traced module, which torch.export in turn cannot hold
+        (kept out of the attributes, it reaches this layer's own message)."""
         key = tuple((id(t), t._version) for t in (self.weight, self.weight_scale, self.bias))
-        if self._packed_params is not None and self._packed_key == key:
-            return self._packed_params
+        tracing = torch.jit.is_tracing()
+        if not tracing and self._packed is not None and self._packed[0] == key:
+            return self._packed[1]
         qweight = torch._make_per_channel_quantized_tensor(
             self.weight, self.weight_scale.double(), torch.zeros(self.out_channels, dtype=torch.long), 0)
         previous = torch.backends.quantized.engine
@@ -352,7 +355,8 @@ class Int8Conv2d(nn.Module):
                                                         list(self.dilation), self.groups)
         finally:
             torch.backends.quantized.engine = previous
-        self._packed_key, self._packed_params = key, packed
+        if not tracing:
+            self._packed = (key, packed)
         return packed
 
     def extra_repr(self) -> str:
@@ -370,6 +374,10 @@ class Int8Conv2d(nn.Module):
         return s + f", input_scale={self.input_scale:.4g}, input_zero_point={self.input_zero_point}"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            raise RuntimeError("Int8Conv2d (freeze(first_layer='int8')) does not export: torch.export cannot hold "
+                               "PyTorch's packed quantized weights. Freeze with first_layer='float' to export or "
+                               "package the model (AOTInductor); torch.compile and torch.jit.trace take it.")
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"Int8Conv2d: input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() not in (3, 4) or input.dtype != torch.float32 or input.device.type != "cpu":
