@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import xnorconv
 import xnorconv._first_layer as first_layer_module
 from xnorconv import BinaryConv2d, FrozenBinaryConv2d, Int8Conv2d, binarize, freeze
 
@@ -143,7 +142,8 @@ def test_default_is_float_and_exact():
     assert torch.equal(default, explicit)
     torch.testing.assert_close(default, reference, rtol=1e-4, atol=1e-4)
     frozen = freeze(model)
-    assert type(frozen.conv1) is nn.Conv2d and type(frozen.bn1) is nn.BatchNorm2d and type(frozen.maxpool) is nn.MaxPool2d
+    assert [type(frozen.get_submodule(n)) for n in ("conv1", "bn1", "maxpool")] == [nn.Conv2d, nn.BatchNorm2d,
+                                                                                nn.MaxPool2d]
     assert not any(isinstance(m, Int8Conv2d) for m in frozen.modules())
 
 

@@ -21,7 +21,7 @@ traced as a constant, copied nor saved), and fbgemm's kernel was several times s
 PyTorch has deprecated quantized tensors; that is the cost of this choice, contained in this file.
 
 On CPUs without VNNI the u8 x s8 products are summed in pairs into 16 bits, which can saturate; there the input
-uses 7 bits (0..127), as PyTorch's own x86 defaults do.
+uses 7 bits (0..127), as PyTorch's x86 default qconfig does (reduce_range).
 """
 import platform
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -29,7 +29,6 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
 
 __all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "check_first_layer", "convert_first_layer"]
 
