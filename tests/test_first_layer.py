@@ -160,8 +160,10 @@ def test_option_errors_name_the_argument_and_value():
         freeze(model, first_layer="int8", calibration=3)
     with pytest.raises(ValueError, match=r"non-empty list of them, got an empty list"):
         freeze(model, first_layer="int8", calibration=[])
-    with pytest.raises(TypeError, match=r"calibration\[1\] must be a floating-point tensor, got dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"calibration\[1\] must be a float32 tensor .*, got dtype torch.int64"):
         freeze(model, first_layer="int8", calibration=[x, torch.zeros(1, 3, 8, 8, dtype=torch.long)])
+    with pytest.raises(TypeError, match=r"calibration must be a float32 tensor .*, got dtype torch.float64"):
+        freeze(model, first_layer="int8", calibration=x.double())
     bad = x.clone()
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"calibration holds NaN or infinite values"):

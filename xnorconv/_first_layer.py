@@ -67,8 +67,8 @@ def _calibration_batches(calibration) -> List[torch.Tensor]:
         where = f"calibration[{i}]" if isinstance(calibration, (list, tuple)) else "calibration"
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"{where} must be a torch.Tensor of model inputs, got {type(b).__name__}")
-        if not b.is_floating_point():
-            raise TypeError(f"{where} must be a floating-point tensor, got dtype {b.dtype}")
+        if b.dtype != torch.float32:
+            raise TypeError(f"{where} must be a float32 tensor (what the int8 layer takes), got dtype {b.dtype}")
         if b.device.type != "cpu":
             raise ValueError(f"{where} must be on the CPU (the int8 layer is a CPU kernel), got device {b.device}")
         if b.numel() == 0:
