@@ -14,10 +14,11 @@ deviation and speed.
 
 Kernel: PyTorch's quantized CPU convolution (quantized::conv2d / conv2d_relu) with weights prepacked for the
 oneDNN engine, which uses VNNI and AMX-INT8 where the CPU has them. Why this one, measured rather than assumed (see
-the document): it was as fast as calling oneDNN's fused-dequantize convolution (torch.ops.onednn.qconv2d_pointwise)
+the document): it was close to calling oneDNN's fused-dequantize convolution (torch.ops.onednn.qconv2d_pointwise)
 directly and faster once a max pool is fused (pooling 8-bit values), it is traced by torch.jit.trace (the oneDNN op
 is not: the tracer rejects its Scalar?[] argument, and its packed weight is an opaque tensor that can be neither
-traced as a constant, copied nor saved), and fbgemm's kernel was several times slower on these 3-channel layers.
+traced as a constant, copied nor saved), and fbgemm's kernel was much slower on these 3-channel layers. It pays
+where the stem is large (resnet18's); on a small stem that a model already folds (BinaryDNet53's) it was slower.
 PyTorch has deprecated quantized tensors; that is the cost of this choice, contained in this file.
 
 On CPUs without VNNI the u8 x s8 products are summed in pairs into 16 bits, which can saturate; there the input
