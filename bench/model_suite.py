@@ -47,11 +47,12 @@ DEFAULT_MODELS = ("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8", "
 # On request (--model): a torchvision network binarized as a user would (xnorconv.binarize, then freeze), beside
 # its float original; the reference binary networks Bi-Real-Net-18 and ReActNet-A (models/), frozen, beside their
 # float twins.
-MODEL_CHOICES = DEFAULT_MODELS + ("resnet18_binary", "resnet18_fp32", "birealnet18", "birealnet18_fp32", "reactnet_a",
-                                  "reactnet_a_fp32")
+MODEL_CHOICES = DEFAULT_MODELS + ("resnet18_binary", "resnet18_binary_int8stem", "resnet18_fp32", "birealnet18",
+                                  "birealnet18_fp32", "reactnet_a", "reactnet_a_fp32")
 # Each frozen binary model and the float models it is compared with (ratios, the binary convolutions in place).
 TWINS = {"binary_dnet53": ("binary_dnet53_fp32", "binary_dnet53_int8"), "resnet18_binary": ("resnet18_fp32",),
-         "birealnet18": ("birealnet18_fp32",), "reactnet_a": ("reactnet_a_fp32",)}
+         "resnet18_binary_int8stem": ("resnet18_fp32",), "birealnet18": ("birealnet18_fp32",),
+         "reactnet_a": ("reactnet_a_fp32",)}
 # models.create names of the reference binary networks (frozen) and their float twins
 _REFERENCE_BINARY = {"birealnet18": ("birealnet18", "Bi-Real-Net-18"), "reactnet_a": ("reactnet_a", "ReActNet-A")}
 _REFERENCE_FP32 = {"birealnet18_fp32": ("birealnet18_float", "Bi-Real-Net-18's float twin"),
@@ -69,6 +70,7 @@ class Entry:
     model: nn.Module
     unfrozen: nn.Module = None   # binary_dnet53 before freeze: its pure-PyTorch path is the reference
     reference: nn.Module = None  # int8: the fp32 model it was quantized from
+    reference_label: str = "int8, fp32"  # (this model, its reference) in the agreement figure
     # A deployment mode that fails is reported (not raised) only for models PyTorch may not deploy every way (its
     # FX int8 modules do not export); for the others a failure is a bug to see.
     may_not_deploy: bool = False
@@ -178,6 +180,15 @@ def build(names, num_classes, size, create=None):
             binary = xnorconv.binarize(torchvision.models.resnet18(num_classes=num_classes)).eval()
             entries.append(Entry(name, "torchvision resnet18, xnorconv.binarize + freeze (first conv and fc float)",
                                  xnorconv.freeze(binary), unfrozen=binary))
+        elif name == "resnet18_binary_int8stem":
+            import torchvision
+            binary = xnorconv.binarize(torchvision.models.resnet18(num_classes=num_classes)).eval()
+            # Random calibration images, as the weights are random: speed does not depend on either.
+            calibration = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
+            entries.append(Entry(name, "torchvision resnet18, xnorconv.binarize + freeze(first_layer='int8'): the "
+                                       "first conv, its BN, ReLU and max pool in int8 (oneDNN), fc float",
+                                 xnorconv.freeze(binary, first_layer="int8", calibration=calibration),
+                                 reference=xnorconv.freeze(binary), reference_label="int8 stem, float stem"))
         elif name == "resnet18_fp32":
             import torchvision
             entries.append(Entry(name, "torchvision resnet18, fp32",
@@ -254,7 +265,7 @@ def check(entries, size):
             if got.shape != want.shape:
                 raise AssertionError(f"{e.name}: output shape {tuple(got.shape)} != fp32 {tuple(want.shape)}")
             cos = torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
-            agreement[e.name] = f"cosine(int8, fp32 logits) = {cos:.3f}"
+            agreement[e.name] = f"cosine({e.reference_label} logits) = {cos:.3f}"
     return agreement
 
 

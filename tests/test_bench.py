@@ -195,6 +195,23 @@ def test_model_suite_reference_binary_nets_against_their_float_twins(capsys):
     assert "against reactnet_a_fp32 no binary kernel can give more than" in out
 
 
+def test_model_suite_int8_stem_entry_is_compared_with_the_float_stem():
+    (entry,) = model_suite.build(("resnet18_binary_int8stem",), 3, 32)
+    assert isinstance(entry.model.conv1, xnorconv.Int8Conv2d) and type(entry.reference.conv1) is nn.Conv2d
+    assert "cosine(int8 stem, float stem logits)" in model_suite.check([entry], 32)[entry.name]
+
+
+def test_first_layer_report_is_written_between_the_markers(tmp_path):
+    from bench import first_layer
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"prose\n{first_layer.BEGIN}\nold figures\n{first_layer.END}\nmore prose\n")
+    first_layer.write_between_markers(str(doc), "new figures")
+    assert doc.read_text() == f"prose\n{first_layer.BEGIN}\nnew figures\n{first_layer.END}\nmore prose\n"
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(SystemExit, match="no .* markers"):
+        first_layer.write_between_markers(str(tmp_path / "plain.md"), "x")
+
+
 def test_free_binary_convs_keep_the_shapes_and_leave_the_model_alone():
     frozen = xnorconv.freeze(_Tiny(binary=True).eval())
     x = torch.randn(1, 3, 16, 16)

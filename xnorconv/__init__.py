@@ -11,9 +11,10 @@ from .functional import PackedWeight, binary_conv2d, binary_conv2d_packed, pack_
 from . import nn
 from .nn import BinaryConv2d, FrozenBinaryConv2d, binarize, freeze
 from . import profiling, testing
+from ._first_layer import Int8Conv2d
 
 __all__ = [
-    "BinaryConv2d", "FrozenBinaryConv2d", "PackedWeight", "backends", "binarize", "binary_conv2d",
+    "BinaryConv2d", "FrozenBinaryConv2d", "Int8Conv2d", "PackedWeight", "backends", "binarize", "binary_conv2d",
     "binary_conv2d_packed", "build_info", "current_backend", "freeze", "functional", "nn", "pack_weight",
     "profiling", "testing", "use_backend",
 ]

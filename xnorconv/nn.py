@@ -19,6 +19,7 @@ from . import _packed, _transforms
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
 from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_layer_input, check_pad_value,
                       check_spatial, normalize_conv_args)
+from ._first_layer import check_first_layer, convert_first_layer
 from ._layout import check_memory_format
 from ._layout import install as install_layout_hooks
 from ._packed import packed_kernel_devices, unpack_weight_signs
@@ -365,7 +366,7 @@ def invalidate_packed_caches(model: nn.Module) -> None:
 
 
 def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_signs: bool = True,
-           memory_format="auto") -> nn.Module:
+           memory_format="auto", first_layer: str = "float", calibration=None) -> nn.Module:
     """Replaces every BinaryConv2d of `model` by a FrozenBinaryConv2d (1-bit packed weights, scale, bias) and
     returns the model in eval() mode (a deep copy unless inplace=True; use the return value, which is the new layer
     when `model` itself is a BinaryConv2d).
@@ -390,10 +391,17 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
     torch.contiguous_format fix it; "auto" (default) lets the first eager call with a CPU float input time the
     model both ways on that input and keep the faster (see xnorconv._layout). Either way the model takes the input
     layout callers have (NCHW) and returns 4-D outputs in the caller's layout; results match to float rounding.
+
+    first_layer: "float" (default: the float first convolution stays as it is, exact) or "int8": the first weight
+    layer the model runs, a float nn.Conv2d, becomes an int8 Int8Conv2d (oneDNN quantized convolution) with the
+    BatchNorm2d / ReLU / MaxPool2d that directly follow it folded in; needs calibration=<a float batch of typical
+    inputs> (or a list of batches), which sets the int8 input and output scales. Not exact: see
+    xnorconv._first_layer and docs/perf/first_layer.md.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze expects an nn.Module, got {type(model).__name__}")
     check_memory_format(memory_format)
+    check_first_layer(model, first_layer, calibration)
     if not inplace:
         model = copy.deepcopy(model)
     if isinstance(model, BinaryConv2d):
@@ -408,6 +416,7 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
         frozen_of[id(producer)].emit_signs(consumer.input_threshold)
     for bn_name in plan.bn_of.values():
         _transforms.set_submodule(model, bn_name, nn.Identity())
+    model = convert_first_layer(model, first_layer, calibration)
     return install_layout_hooks(model, memory_format, skip=(FrozenBinaryConv2d,)).eval()
 
 

@@ -1,0 +1,494 @@
+"""freeze(first_layer="int8"): a network's float first convolution run in int8.
+
+Once its binary convolutions are packed, a binarized network's largest single cost is often its float stem (the
+7x7/2 convolution of resnet18 over the whole 224x224 image). freeze(model, first_layer="int8", calibration=batch)
+replaces the first weight layer the model runs, when it is a float nn.Conv2d, by an Int8Conv2d that folds the
+layers following it: conv [-> BatchNorm2d] [-> ReLU] [-> MaxPool2d], each taken only when it alone consumes the
+previous one's output (torch.fx dataflow; without a graph, consecutive children of an nn.Sequential).
+
+Numerics: per-output-channel symmetric int8 weights (scale = max |w| / 127, BatchNorm folded first, in float64),
+an asymmetric uint8 scale and zero point for the input and one for the output, both from the minimum and maximum
+(widened to hold 0) that the calibration batch produces at the convolution's input and at the end of the fused
+chain. Values outside the calibrated range saturate. Not exact: see docs/perf/first_layer.md for the measured
+deviation and speed.
+
+Kernel: PyTorch's quantized CPU convolution (quantized::conv2d / conv2d_relu) with weights prepacked for the
+oneDNN engine, which uses VNNI and AMX-INT8 where the CPU has them. Why this one, measured rather than assumed (see
+the document): it was close to calling oneDNN's fused-dequantize convolution (torch.ops.onednn.qconv2d_pointwise)
+directly and faster once a max pool is fused (pooling 8-bit values), it is traced by torch.jit.trace (the oneDNN op
+is not: the tracer rejects its Scalar?[] argument, and its packed weight is an opaque tensor that can be neither
+traced as a constant, copied nor saved), and fbgemm's kernel was much slower on these 3-channel layers. It pays
+where the stem is large (resnet18's); on a small stem that a model already folds (BinaryDNet53's) it was slower.
+PyTorch has deprecated quantized tensors; that is the cost of this choice, contained in this file.
+
+On CPUs without VNNI the u8 x s8 products are summed in pairs into 16 bits, which can saturate; there the input
+uses 7 bits (0..127), as PyTorch's x86 default qconfig does (reduce_range).
+"""
+import platform
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "check_first_layer", "convert_first_layer"]
+
+FIRST_LAYER_CHOICES = ("float", "int8")
+_ENGINE = "onednn"
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def _full_range_int8() -> bool:
+    """True where the CPU multiplies u8 x s8 without 16-bit pair sums (VNNI or AMX-INT8)."""
+    try:
+        caps = torch.cpu.get_capabilities()
+    except (AttributeError, RuntimeError):  # older torch: no capability table, so take the safe 7-bit range
+        return False
+    return any(caps.get(k, False) for k in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _check_engine() -> None:
+    machine = platform.machine().lower()
+    if machine not in _X86:
+        raise RuntimeError(f"first_layer='int8' runs PyTorch's oneDNN int8 convolution, which xnorconv uses on x86 "
+                           f"CPUs only; this machine is {platform.machine()!r}. Use first_layer='float'.")
+    engines = torch.backends.quantized.supported_engines
+    if _ENGINE not in engines:
+        raise RuntimeError(f"first_layer='int8' needs PyTorch's {_ENGINE!r} quantized engine, which this PyTorch "
+                           f"build lacks (torch.backends.quantized.supported_engines = {engines}). Use "
+                           f"first_layer='float'.")
+
+
+def _calibration_batches(calibration) -> List[torch.Tensor]:
+    batches = list(calibration) if isinstance(calibration, (list, tuple)) else [calibration]
+    if not batches:
+        raise ValueError("calibration must be a float tensor of typical model inputs or a non-empty list of them, "
+                         f"got an empty {type(calibration).__name__}")
+    for i, b in enumerate(batches):
+        where = f"calibration[{i}]" if isinstance(calibration, (list, tuple)) else "calibration"
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"{where} must be a torch.Tensor of model inputs, got {type(b).__name__}")
+        if b.dtype != torch.float32:
+            raise TypeError(f"{where} must be a float32 tensor (what the int8 layer takes), got dtype {b.dtype}")
+        if b.device.type != "cpu":
+            raise ValueError(f"{where} must be on the CPU (the int8 layer is a CPU kernel), got device {b.device}")
+        if b.numel() == 0:
+            raise ValueError(f"{where} is empty (shape {tuple(b.shape)})")
+        if not torch.isfinite(b).all():
+            raise ValueError(f"{where} holds NaN or infinite values; the input scale needs finite inputs")
+    return batches
+
+
+# ---- finding the first layer and what follows it ----
+
+def _module_counts(model: nn.Module):
+    counts = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    return counts
+
+
+def _weight_layer(m: nn.Module) -> bool:
+    return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, Int8Conv2d))
+            or type(m).__name__ == "FrozenBinaryConv2d")  # by name: xnorconv.nn imports this module
+
+
+class _Tracer(torch.fx.Tracer):
+    """xnorconv's own layers are leaves: the search needs where they are, not what they compute."""
+
+    def is_leaf_module(self, m, qualname):
+        return type(m).__module__.startswith("xnorconv.") or super().is_leaf_module(m, qualname)
+
+
+def _foldable_bn(conv: nn.Conv2d, bn: nn.Module) -> bool:
+    return (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
+            and bn.running_var is not None and bn.num_features == conv.out_channels)
+
+
+def _fusable(kind: str, conv: nn.Conv2d, m: nn.Module) -> bool:
+    if kind == "bn":
+        return _foldable_bn(conv, m)
+    if kind == "relu":
+        return type(m) is nn.ReLU
+    return type(m) is nn.MaxPool2d and not m.return_indices
+
+
+_FUSE_ORDER = ("bn", "relu", "pool")
+
+
+class _Stem(NamedTuple):
+    name: Optional[str]               # the first weight layer the model runs ("" when the model is the conv)
+    fused: Optional[List[Tuple[str, str]]]  # (kind, name) of the modules folded after it; None: it runs twice
+    reads_input: bool = False          # it reads the model's first argument itself (not a transform of it)
+
+
+def _traced_stem(model: nn.Module, counts) -> Optional[_Stem]:
+    """The stem in the torch.fx graph, or None when torch.fx cannot trace the model."""
+    try:
+        # With autograd on, models that fold their stem's BatchNorm at inference (BinaryDNet53) trace their
+        # module calls: the dataflow between modules is what is searched for.
+        with torch.enable_grad():
+            graph = _Tracer().trace(model)
+    except Exception:  # data-dependent control flow, unsupported ops...: the caller uses registration order
+        return None
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    first = next((n for n in graph.nodes if n.op == "call_module" and _weight_layer(model.get_submodule(n.target))),
+                 None)
+    if first is None:
+        return None
+    conv = model.get_submodule(first.target)
+    fused, node, kinds = [], first, list(_FUSE_ORDER)
+    while kinds and len(node.users) == 1:
+        (user,) = node.users
+        if user.op != "call_module" or len(user.args) != 1 or user.kwargs or user.args[0] is not node:
+            break
+        m = model.get_submodule(user.target)
+        kind = next((k for k in kinds if _fusable(k, conv, m)), None)
+        if kind is None or calls[user.target] != 1 or counts[id(m)] != 1:
+            break
+        fused.append((kind, user.target))
+        kinds = kinds[kinds.index(kind) + 1:]
+        node = user
+    if calls[first.target] != 1 or counts[id(conv)] != 1:
+        fused = None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    reads_input = bool(placeholders) and len(first.args) >= 1 and first.args[0] is placeholders[0]
+    return _Stem(first.target, fused, reads_input)
+
+
+def _registered_stem(model: nn.Module, counts) -> _Stem:
+    """Without a graph: the first weight layer in registration order (as binarize's skip_first), fused with the
+    children that follow it in its nn.Sequential."""
+    first = next((n for n, m in model.named_modules() if _weight_layer(m)), None)
+    if first is None:
+        return _Stem(None, [])
+    parent_name, _, child = first.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    conv = model.get_submodule(first)
+    fused = []
+    if isinstance(parent, nn.Sequential) and first:
+        names = [n for n, _ in parent.named_children()]
+        kinds = list(_FUSE_ORDER)
+        for n in names[names.index(child) + 1:]:
+            m = getattr(parent, n)
+            kind = next((k for k in kinds if _fusable(k, conv, m)), None)
+            if kind is None or counts[id(m)] != 1:
+                break
+            fused.append((kind, f"{parent_name}.{n}" if parent_name else n))
+            kinds = kinds[kinds.index(kind) + 1:]
+    return _Stem(first, fused if counts[id(conv)] == 1 else None)
+
+
+def _find_stem(model: nn.Module) -> _Stem:
+    if type(model) is nn.Conv2d:
+        stem = _Stem("", [], True)
+    else:
+        counts = _module_counts(model)
+        stem = _traced_stem(model, counts) or _registered_stem(model, counts)
+    name = stem.name
+    if name is None:
+        raise ValueError(f"first_layer='int8': {type(model).__name__} has no float first convolution to run in int8 "
+                         f"(no weight layer found)")
+    conv = model.get_submodule(name) if name else model
+    if isinstance(conv, Int8Conv2d):
+        raise ValueError(f"first_layer='int8': the first layer {name!r} of {type(model).__name__} is already an "
+                         f"Int8Conv2d (a frozen model frozen again keeps it with first_layer='float')")
+    if type(conv) is not nn.Conv2d:
+        raise ValueError(f"first_layer='int8': the first weight layer of {type(model).__name__} is {name!r} "
+                         f"({type(conv).__name__}), not a float nn.Conv2d; use first_layer='float'")
+    if stem.fused is None:
+        raise ValueError(f"first_layer='int8': the first convolution {name!r} is registered or called more than "
+                         f"once; it cannot be replaced by one int8 layer")
+    if conv.weight.dtype != torch.float32 or conv.weight.device.type != "cpu":
+        raise ValueError(f"first_layer='int8' needs a float32 CPU first convolution; {name!r} is "
+                         f"{conv.weight.dtype} on {conv.weight.device}")
+    return stem
+
+
+def _check_options(first_layer, calibration) -> None:
+    if not isinstance(first_layer, str) or first_layer not in FIRST_LAYER_CHOICES:
+        raise ValueError(f"first_layer must be one of {FIRST_LAYER_CHOICES}, got {first_layer!r}")
+    if first_layer == "float":
+        if calibration is not None:
+            raise ValueError("calibration is only used with first_layer='int8' (it sets the int8 input scale); got "
+                             f"first_layer='float' and a calibration of type {type(calibration).__name__}")
+        return
+    if calibration is None:
+        raise ValueError("first_layer='int8' needs calibration=<a batch of typical model inputs> (a float tensor, "
+                         "or a list of them) to set the int8 input scale; got calibration=None")
+    _calibration_batches(calibration)
+    _check_engine()
+
+
+def check_first_layer(model: nn.Module, first_layer, calibration) -> None:
+    """freeze()'s checks of first_layer / calibration, made before the model is touched."""
+    _check_options(first_layer, calibration)
+    if first_layer == "int8":
+        _find_stem(model)
+
+
+# ---- the int8 layer ----
+
+def _qparams(lo: float, hi: float, quant_max: int) -> Tuple[float, int]:
+    """Asymmetric uint8 scale and zero point of [lo, hi] widened to hold 0 (PyTorch's MinMaxObserver rule)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / quant_max, torch.finfo(torch.float32).eps)
+    zero_point = int(min(max(round(-lo / scale), 0), quant_max))
+    return float(scale), zero_point
+
+
+class Int8Conv2d(nn.Module):
+    r"""Inference-only int8 convolution for a network's first layer (made by freeze(first_layer="int8"), see
+    xnorconv._first_layer): y = dequant(pool(act(conv_int8(quant(x)) + bias))), float32 in, float32 out.
+
+    Buffers (all in the state_dict): ``weight`` int8 (O, I/groups, kh, kw), ``weight_scale`` float32 (O,) with
+    w ~= weight * weight_scale[o], ``bias`` float32 (O,) (conv bias and folded BatchNorm). Extra state (the
+    state_dict's ``_extra_state``): the input and output scales and zero points and the input's largest level
+    (255, or 127 on CPUs without VNNI). Construct with the geometry (and relu / pool) to load a saved state_dict.
+
+    The output follows the input's layout: channels_last for a channels_last input, NCHW otherwise (the kernel
+    computes in channels_last). CPU float32 only; no gradients. torch.jit.trace and torch.compile (which breaks
+    the graph around the quantized ops) take it; torch.export does not.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, padding_mode: str = "zeros", *, relu: bool = False,
+                 pool: Optional[nn.MaxPool2d] = None):
+        super().__init__()
+        # nn.Conv2d's own argument handling and messages (on meta: allocates nothing).
+        geometry = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False,
+                             padding_mode, device="meta")
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, attr, getattr(geometry, attr))
+        if not isinstance(relu, bool):
+            raise ValueError(f"relu must be True or False, got {relu!r}")
+        if pool is not None and (type(pool) is not nn.MaxPool2d or pool.return_indices):
+            raise ValueError(f"pool must be None or an nn.MaxPool2d without return_indices, got {pool!r}")
+        self.relu = relu
+        self.pool = pool
+        kh, kw = self.kernel_size
+        self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups, kh, kw, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_channels))
+        self.register_buffer("bias", torch.zeros(out_channels))
+        self.input_scale, self.input_zero_point = 1.0, 0
+        self.output_scale, self.output_zero_point = 1.0, 0
+        self.input_quant_max = 255
+        # The quantized kernel takes symmetric padding only: other padding is applied to the float input.
+        left, right, top, bottom = self._reversed_padding_repeated_twice
+        if padding_mode == "zeros" and left == right and top == bottom:
+            self._conv_padding, self._input_pad = [top, left], None
+        else:
+            self._conv_padding, self._input_pad = [0, 0], (left, right, top, bottom)
+        self._drop_packed()
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, relu: bool = False,
+                   pool: Optional[nn.MaxPool2d] = None, *, input_range: Tuple[float, float],
+                   output_range: Tuple[float, float], input_quant_max: int = 255) -> "Int8Conv2d":
+        """conv [-> bn (eval semantics: running statistics)] [-> ReLU] [-> pool] with the calibrated ranges of
+        conv's input and of the chain's output."""
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"from_float expects an nn.Conv2d, got {type(conv).__name__}")
+        if bn is not None and not _foldable_bn(conv, bn):
+            raise ValueError(f"cannot fold {bn!r} into {conv!r}: need a BatchNorm2d with running statistics and "
+                             f"num_features == out_channels ({conv.out_channels})")
+        if input_quant_max not in (127, 255):
+            raise ValueError(f"input_quant_max must be 255 or 127, got {input_quant_max!r}")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    conv.groups, conv.padding_mode, relu=relu,
+                    pool=None if pool is None else nn.MaxPool2d(pool.kernel_size, pool.stride, pool.padding,
+                                                                pool.dilation, ceil_mode=pool.ceil_mode))
+        w, b = _folded(conv, bn)
+        amax = w.abs().amax(dim=(1, 2, 3))
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # an all-zero channel: any scale is exact
+        layer.weight.copy_(torch.round(w / scale.view(-1, 1, 1, 1)).clamp_(-127, 127).to(torch.int8))
+        layer.weight_scale.copy_(scale)
+        layer.bias.copy_(b)
+        layer.input_quant_max = input_quant_max
+        layer.input_scale, layer.input_zero_point = _qparams(*input_range, input_quant_max)
+        layer.output_scale, layer.output_zero_point = _qparams(*output_range, 255)
+        return layer
+
+    def get_extra_state(self):
+        return {"input_scale": self.input_scale, "input_zero_point": self.input_zero_point,
+                "output_scale": self.output_scale, "output_zero_point": self.output_zero_point,
+                "input_quant_max": self.input_quant_max}
+
+    def set_extra_state(self, state):
+        self.input_scale, self.input_zero_point = float(state["input_scale"]), int(state["input_zero_point"])
+        self.output_scale, self.output_zero_point = float(state["output_scale"]), int(state["output_zero_point"])
+        self.input_quant_max = int(state["input_quant_max"])
+        self._drop_packed()
+
+    def _drop_packed(self):
+        self._packed = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_packed"] = None  # a TorchScript object tied to this process; cheap to rebuild
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        self._drop_packed()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _packed_weight(self):
+        """The oneDNN-prepacked weight, cached until a buffer is replaced or written in place. Under torch.jit.trace
+        a fresh one: the tracer records an object made during the trace as a constant, but refuses one it finds
+        already made, unless that is an attribute of a traced module, which torch.export in turn cannot hold
+        (kept out of the attributes, it reaches this layer's own message)."""
+        key = tuple((id(t), t._version) for t in (self.weight, self.weight_scale, self.bias))
+        tracing = torch.jit.is_tracing()
+        if not tracing and self._packed is not None and self._packed[0] == key:
+            return self._packed[1]
+        qweight = torch._make_per_channel_quantized_tensor(
+            self.weight, self.weight_scale.double(), torch.zeros(self.out_channels, dtype=torch.long), 0)
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = _ENGINE  # the packed object keeps its engine; running it needs no switch
+        try:
+            packed = torch.ops.quantized.conv2d_prepack(qweight, self.bias, list(self.stride), self._conv_padding,
+                                                        list(self.dilation), self.groups)
+        finally:
+            torch.backends.quantized.engine = previous
+        if not tracing:
+            self._packed = (key, packed)
+        return packed
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        if self.relu:
+            s += ", relu=True"
+        return s + f", input_scale={self.input_scale:.4g}, input_zero_point={self.input_zero_point}"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            raise RuntimeError("Int8Conv2d (freeze(first_layer='int8')) does not export: torch.export cannot hold "
+                               "PyTorch's packed quantized weights. Freeze with first_layer='float' to export or "
+                               "package the model (AOTInductor); torch.compile and torch.jit.trace take it.")
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"Int8Conv2d: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (3, 4) or input.dtype != torch.float32 or input.device.type != "cpu":
+            raise ValueError(f"Int8Conv2d: input must be a 4-D (N, C, H, W) or 3-D float32 CPU tensor, got "
+                             f"{input.dtype} of shape {tuple(input.shape)} on {input.device}")
+        unbatched = input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"Int8Conv2d: expected input with {self.in_channels} channels (dim 1), got "
+                             f"{x.shape[1]} (input shape {tuple(input.shape)})")
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if self._input_pad is not None:
+            x = F.pad(x, self._input_pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
+        if self.input_quant_max != 255:  # 7-bit levels: quint8 itself has no narrower range
+            x = x.clamp(-self.input_zero_point * self.input_scale,
+                        (self.input_quant_max - self.input_zero_point) * self.input_scale)
+        q = torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8)
+        conv = torch.ops.quantized.conv2d_relu if self.relu else torch.ops.quantized.conv2d
+        y = conv(q, self._packed_weight(), self.output_scale, self.output_zero_point)
+        if self.pool is not None:
+            y = self.pool(y)  # max pooling commutes with the increasing dequantization: pool 8-bit values
+        y = y.dequantize()
+        if not channels_last:
+            y = y.contiguous()
+        return y.squeeze(0) if unbatched else y
+
+
+def _folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """conv's weight and bias with bn folded in (float64)."""
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
+    if bn is not None:
+        inv = torch.rsqrt(bn.running_var.double() + bn.eps)
+        gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(inv)
+        beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(inv)
+        w = w * (gamma * inv).view(-1, 1, 1, 1)
+        b = (b - bn.running_mean.double()) * gamma * inv + beta
+    return w, b
+
+
+# ---- calibration and replacement ----
+
+def _float_chain(conv, bn, relu, pool):
+    def run(x):
+        y = conv._conv_forward(x, conv.weight, conv.bias)  # not conv(x): that would run the calibration hook again
+        if bn is not None:
+            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        if relu:
+            y = F.relu(y)
+        return pool(y) if pool is not None else y
+    return run
+
+
+@torch.no_grad()
+def _calibrate(model: nn.Module, stem: _Stem, conv: nn.Conv2d, chain, batches: Sequence[torch.Tensor]):
+    """(min, max) of conv's input and of the fused chain's float output over `batches`: the batches themselves
+    when the conv reads the model's input, else what reaches the conv in forward passes of the model."""
+    seen = {"in": [float("inf"), float("-inf")], "out": [float("inf"), float("-inf")], "calls": 0}
+
+    def record(x):
+        seen["calls"] += 1
+        for key, t in (("in", x), ("out", chain(x))):
+            seen[key][0] = min(seen[key][0], float(t.min()))
+            seen[key][1] = max(seen[key][1], float(t.max()))
+
+    for i, batch in enumerate(batches):
+        try:
+            if stem.reads_input:
+                record(batch)
+                continue
+            handle = conv.register_forward_pre_hook(lambda module, args: record(args[0]))
+            try:
+                model(batch)
+            finally:
+                handle.remove()
+        except Exception as error:
+            raise ValueError(f"calibration: the model failed on calibration batch {i} of shape "
+                             f"{tuple(batch.shape)}: {error}") from error
+    if not seen["calls"]:
+        raise ValueError(f"calibration: the model's forward passes never called its first convolution "
+                         f"{stem.name!r} (it may compute it functionally at inference)")
+    if seen["in"][0] == seen["in"][1]:
+        raise ValueError(f"calibration: every value reaching the first convolution is {seen['in'][0]}; the input "
+                         "scale needs varied, typical inputs")
+    return tuple(seen["in"]), tuple(seen["out"])
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def convert_first_layer(model: nn.Module, first_layer, calibration) -> nn.Module:
+    """freeze()'s first-layer step on the (frozen) model: returns it with its first convolution and the layers
+    fused into it replaced (in place) by an Int8Conv2d and nn.Identity, or as it is for first_layer='float'."""
+    _check_options(first_layer, calibration)
+    if first_layer == "float":
+        return model
+    stem = _find_stem(model)
+    name, fused = stem.name, stem.fused
+    conv = model.get_submodule(name) if name else model
+    modules = {kind: model.get_submodule(n) for kind, n in fused}
+    bn, relu, pool = modules.get("bn"), "relu" in modules, modules.get("pool")
+    model.eval()
+    input_range, output_range = _calibrate(model, stem, conv, _float_chain(conv, bn, relu, pool),
+                                           _calibration_batches(calibration))
+    layer = Int8Conv2d.from_float(conv, bn, relu, pool, input_range=input_range, output_range=output_range,
+                                  input_quant_max=255 if _full_range_int8() else 127).eval()
+    if not name:
+        return layer
+    _set_submodule(model, name, layer)
+    for _, n in fused:
+        _set_submodule(model, n, nn.Identity())
+    return model
