@@ -167,7 +167,7 @@ def _whole_models(size_r18=224, size_dnet=128):
     out = []
     gen = torch.Generator().manual_seed(2)
     r18 = torchvision.models.resnet18(num_classes=1000).eval()
-    binary = xnorconv.binarize(r18).eval()
+    binary = xnorconv.binarize(r18, learnable_threshold=True).eval()  # as bench --models builds it
     cal = torch.randn(8, 3, size_r18, size_r18, generator=gen)
     x = torch.randn(1, 3, size_r18, size_r18, generator=gen)
     out.append(("resnet18", x, r18, xnorconv.freeze(binary),
@@ -353,7 +353,7 @@ def accuracy_section(data, calibration_images, dnet53_checkpoint):
                 torch.manual_seed(0)
                 model = torchvision.models.resnet18(num_classes=2)
                 if "binarized" in spec:
-                    model = xnorconv.binarize(model)
+                    model = xnorconv.binarize(model, learnable_threshold=True)
                 model = _set_bn_statistics(model, train)
                 stem_name, source = "conv1", "random weights, BN statistics from train/"
             elif checkpoint is not None:

@@ -177,12 +177,18 @@ def build(names, num_classes, size, create=None):
             entries.append(Entry(name, f"{name}, fp32", create(name, num_classes).eval()))
         elif name == "resnet18_binary":
             import torchvision
-            binary = xnorconv.binarize(torchvision.models.resnet18(num_classes=num_classes)).eval()
+            # Learned input thresholds (RSign): without them every binary layer reads a ReLU's output, whose signs
+            # are all +1 (binarize warns). The threshold is applied inside packing, so speed is the same either way.
+            binary = xnorconv.binarize(torchvision.models.resnet18(num_classes=num_classes),
+                                       learnable_threshold=True).eval()
             entries.append(Entry(name, "torchvision resnet18, xnorconv.binarize + freeze (first conv and fc float)",
                                  xnorconv.freeze(binary), unfrozen=binary))
         elif name == "resnet18_binary_int8stem":
             import torchvision
-            binary = xnorconv.binarize(torchvision.models.resnet18(num_classes=num_classes)).eval()
+            # Learned input thresholds (RSign): without them every binary layer reads a ReLU's output, whose signs
+            # are all +1 (binarize warns). The threshold is applied inside packing, so speed is the same either way.
+            binary = xnorconv.binarize(torchvision.models.resnet18(num_classes=num_classes),
+                                       learnable_threshold=True).eval()
             # Random calibration images, as the weights are random: speed does not depend on either.
             calibration = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
             entries.append(Entry(name, "torchvision resnet18, xnorconv.binarize + freeze(first_layer='int8'): the "

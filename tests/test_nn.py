@@ -1352,3 +1352,46 @@ def test_frozen_fast_path_sees_replaced_state():
         clone = copy.deepcopy(frozen)
         clone.output_threshold.fill_(1e9)  # the clone's own tensors, not the original's
         assert clone(x).all() and not torch.equal(clone(x), frozen(x))
+
+
+def test_binarize_warns_when_binary_layers_read_never_negative_activations():
+    """A binary layer after a ReLU (also through a max pool) binarizes only +1 signs: binarize says so, names the
+    layers, and is silent when the layers learn a threshold or read a signed input."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.pool = nn.MaxPool2d(2)
+            self.a = nn.Conv2d(8, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.c = nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            x = self.pool(self.relu(self.stem(x)))
+            x = self.bn(self.a(x))        # a reads relu -> max pool
+            x = self.b(torch.sigmoid(x))  # b reads a sigmoid
+            return self.head(self.c(x))   # c reads b's signed output
+
+    with pytest.warns(UserWarning, match=r"binarize: 2 binary layers \(a, b\) read the output of a never-negative"):
+        model = xnorconv.binarize(Net())
+    assert isinstance(model.c, xnorconv.BinaryConv2d)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xnorconv.binarize(Net(), learnable_threshold=True)
+        xnorconv.binarize(Net(), exclude=["a", "b"])
+
+
+def test_from_conv_with_learnable_threshold_has_a_real_threshold():
+    conv = nn.Conv2d(6, 4, 3, padding=1)
+    layer = xnorconv.BinaryConv2d.from_conv(conv, learnable_threshold=True)
+    assert layer.input_threshold.device == conv.weight.device and layer.input_threshold.dtype == conv.weight.dtype
+    assert torch.equal(layer.input_threshold.detach(), torch.zeros(6))
+    x = torch.randn(2, 6, 5, 5)
+    layer.eval()
+    with torch.no_grad():
+        layer.input_threshold.fill_(0.25)
+        torch.testing.assert_close(xnorconv.freeze(layer)(x), layer(x))

@@ -147,6 +147,45 @@ class FreezePlan(NamedTuple):
     chains: List[Tuple[str, str]]       # (producer, consumer) conv names
 
 
+# Activations whose outputs are never negative: a binary layer that reads one sees only +1 signs.
+_NONNEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.Softmax)
+_NONNEGATIVE_FUNCTIONS = (torch.relu, torch.relu_, torch.nn.functional.relu, torch.nn.functional.relu6,
+                          torch.sigmoid, torch.nn.functional.sigmoid, torch.nn.functional.hardsigmoid,
+                          torch.nn.functional.softplus, torch.softmax, torch.nn.functional.softmax)
+_NONNEGATIVE_METHODS = ("relu", "relu_", "sigmoid", "sigmoid_", "softmax")
+# Layers that keep a never-negative input never negative (what a ReLU's output goes through before a conv).
+_SIGN_KEEPING_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Identity,
+                         nn.Dropout, nn.Upsample)
+_SIGN_KEEPING_FUNCTIONS = (torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
+                           torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.interpolate)
+
+
+def _is_nonnegative(node, model: nn.Module) -> bool:
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_module":
+        module = model.get_submodule(node.target)
+        if isinstance(module, _SIGN_KEEPING_MODULES):
+            return bool(node.args) and _is_nonnegative(node.args[0], model)
+        return isinstance(module, _NONNEGATIVE_MODULES)
+    if node.op == "call_function":
+        if node.target in _SIGN_KEEPING_FUNCTIONS:
+            return bool(node.args) and _is_nonnegative(node.args[0], model)
+        return node.target in _NONNEGATIVE_FUNCTIONS
+    return node.op == "call_method" and node.target in _NONNEGATIVE_METHODS
+
+
+def nonnegative_inputs(model: nn.Module, selected) -> List[str]:
+    """Names of the layers `selected(module)` picks whose input, in the model's fx graph, is the output of an
+    activation that is never negative (ReLU, sigmoid, ...). Empty when the model cannot be traced."""
+    graph = trace(model, nn.Conv2d)
+    if graph is None:
+        return []
+    return [node.target for node in graph.nodes
+            if node.op == "call_module" and selected(model.get_submodule(node.target)) and node.args
+            and _is_nonnegative(node.args[0], model)]
+
+
 def plan_freeze(model: nn.Module, conv_type, fold_bn: bool, chain_signs: bool) -> FreezePlan:
     """What freeze() folds and chains in `model`, from at most one trace."""
     if not (fold_bn or chain_signs):

@@ -8,6 +8,7 @@ The packed-weight cache and FrozenBinaryConv2d's fast-path bookkeeping live in x
 behind freeze() in xnorconv._transforms, the argument checks (shared with xnorconv.functional) in xnorconv._checks.
 """
 import copy
+import warnings
 from typing import Iterable, Optional, Tuple
 
 import torch
@@ -122,6 +123,9 @@ class BinaryConv2d(nn.Conv2d):
                     **options)
         layer.weight = conv.weight
         layer.bias = conv.bias
+        if layer.input_threshold is not None:  # made on the meta device above: a real one, beside the weight
+            layer.input_threshold = nn.Parameter(torch.zeros(conv.in_channels, device=conv.weight.device,
+                                                             dtype=conv.weight.dtype))
         layer.train(conv.training)
         return layer
 
@@ -461,4 +465,20 @@ def binarize(model: nn.Module, skip_first: bool = True, skip_last: bool = True, 
     _transforms.replace_modules(
         model, lambda name, m: type(m) is nn.Conv2d and id(m) not in keep and name not in exclude,
         lambda name, m: _binary_from_conv(m, options))
+    _warn_constant_signs(model)
     return model
+
+
+def _warn_constant_signs(model: nn.Module) -> None:
+    """Binary layers that binarize the output of a ReLU (or another never-negative activation) see only +1 signs:
+    their output no longer depends on the input, and a network made of them computes a constant. Said at binarize
+    time, with the way out, because the network would otherwise train and run without an error."""
+    blind = _transforms.nonnegative_inputs(
+        model, lambda m: isinstance(m, BinaryConv2d) and m.binarize_input and m.input_threshold is None)
+    if blind:
+        shown = ", ".join(blind[:4]) + (f" and {len(blind) - 4} more" if len(blind) > 4 else "")
+        warnings.warn(f"binarize: {len(blind)} binary layers ({shown}) read the output of a never-negative "
+                      "activation (ReLU, sigmoid, ...), so every input sign is +1 and their outputs do not depend on "
+                      "the input. Pass learnable_threshold=True (a learned per-channel threshold, ReActNet's RSign), "
+                      "or move the activation after the binary layer (Bi-Real / ReActNet blocks).", UserWarning,
+                      stacklevel=3)
