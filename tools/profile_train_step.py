@@ -123,7 +123,7 @@ def main() -> int:
     ap.add_argument("--layouts", nargs="+", default=["nchw"], choices=["nchw", "channels_last"],
                     help="memory format of the model and the batch")
     ap.add_argument("--old-rev", default="", help="also profile this revision's Python sources")
-    ap.add_argument("--top", type=int, default=12, help="rows per profile table")
+    ap.add_argument("--top", type=int, default=12, help="rows per profile table (0: step times only)")
     args = ap.parse_args()
     print(f"# training-step profile, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"# CPU: {cpu_name()}; {os.cpu_count()} logical CPUs; load average at start "
@@ -156,7 +156,7 @@ def main() -> int:
             cpu = statistics.median(r["cpu"] for r in results[c])
             print(f"| {label} | {model} | {size}x{size} | {layout} | {threads} | {wall * 1e3:.0f} | {cpu * 1e3:.0f} | "
                   f"{args.batch / wall:.1f} |")
-        for c in configs:
+        for c in configs if args.top else ():
             label, _, model, size, threads, layout = c
             r = results[c][-1]
             total = r["profiled_us"]
