@@ -110,29 +110,83 @@ class ThresholdConv2d(nn.Conv2d):
         return super().forward(x - self.input_threshold.view(1, -1, 1, 1))
 
 
+def _is_nhwc(x: torch.Tensor) -> bool:
+    """x is stored channels_last and not also NCHW-contiguous (a tensor with C == 1 or H == W == 1 is both)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    """The (N, H, W, C) contiguous view of a channels_last tensor."""
+    return x.permute(0, 2, 3, 1)
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    """Back from an (N, H, W, C) tensor to the logical (N, C, H, W) order, stored channels_last."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _training(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
+
+
+# The shortcuts' backward passes as autograd derives them from views and strided slices materialise a zero tensor of
+# the input's size per slice and copy into it (or index_add_ into zeros): several passes over the input for every
+# shortcut. The autograd.Functions below compute the same gradients (same values: each input element receives the
+# one product autograd would give it) in one pass.
+
+def _pool_2x2_sum(x: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """((x[2i, 2j] + x[2i+1, 2j]) + (x[2i, 2j+1] + x[2i+1, 2j+1])) * 0.25 through views, in x's layout."""
+    if nhwc:
+        v = _nhwc(x)
+        n, h, w, c = v.shape
+        rows = v.view(n, h // 2, 2, w, c)
+        rows = (rows[:, :, 0] + rows[:, :, 1]).view(n, h // 2, w // 2, 2, c)
+        return _nchw((rows[:, :, :, 0] + rows[:, :, :, 1]).mul_(0.25))
+    n, c, h, w = x.shape
+    rows = x.view(n, c, h // 2, 2, w)
+    rows = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(n, c, h // 2, w // 2, 2)
+    return (rows[..., 0] + rows[..., 1]).mul_(0.25)
+
+
+class _Pool2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, nhwc):
+        ctx.nhwc = nhwc
+        return _pool_2x2_sum(x, nhwc)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q = g * 0.25  # every input of a window gets 0.25 * g (the adds pass the gradient on unchanged)
+        if ctx.nhwc:
+            q = _nhwc(q.contiguous(memory_format=torch.channels_last))
+            n, h, w, c = q.shape
+            return _nchw(q[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)), None
+        q = q.contiguous()
+        n, c, h, w = q.shape
+        return q[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w), None
+
+
 # The shortcut's computations are plain functions that torch.fx records as single calls (torch.fx.wrap): their
 # shape tests would otherwise stop symbolic tracing, which xnorconv.freeze (BatchNorm folding) and PyTorch's FX
-# quantization rely on.
+# quantization rely on. Each keeps its input's memory format (NCHW or channels_last).
 @torch.fx.wrap
 def _avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """avg_pool2d(x, 2, 2, ceil_mode=True)."""
     n, c, h, w = x.shape
-    if h % 2 == 0 and w % 2 == 0 and x.is_contiguous() and x.numel() > 0:
-        rows = x.view(n, c, h // 2, 2, w)
-        rows = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(n, c, h // 2, w // 2, 2)
-        return (rows[..., 0] + rows[..., 1]).mul_(0.25)
+    if h % 2 == 0 and w % 2 == 0 and x.numel() > 0 and (x.is_contiguous() or _is_nhwc(x)):
+        nhwc = not x.is_contiguous()
+        return _Pool2x2.apply(x, nhwc) if _training(x) else _pool_2x2_sum(x, nhwc)
     # Odd sizes (partial windows): PyTorch's CPU average pooling runs about twice as fast on channels_last,
     # conversions included. The result comes back in the input's layout: a channels_last input (a frozen model
     # running in channels_last) stays channels_last, which the next convolution and the packed kernel's residual
     # read without a conversion.
     y = F.avg_pool2d(x.contiguous(memory_format=torch.channels_last), 2, 2, ceil_mode=True)
-    return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+    return y if _is_nhwc(x) else y.contiguous()
 
 
-@torch.fx.wrap
-def _channel_group_mean(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean of each k consecutive channels: x.unflatten(1, (C // k, k)).mean(2)."""
-    if k == 2:  # one pass: a + (b - a) / 2, where (a + b) / 2 takes two
+def _group_sum(x: torch.Tensor, k: int) -> torch.Tensor:
+    if k == 2:  # one pass: b - (b - a) / 2, where (a + b) / 2 takes two
         return torch.lerp(x[:, 0::2], x[:, 1::2], 0.5)
     total = x[:, 0::k] + x[:, 1::k]
     for j in range(2, k):
@@ -140,13 +194,124 @@ def _channel_group_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     return total.mul_(1.0 / k) if k & (k - 1) == 0 else total.div_(k)
 
 
+class _GroupMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k = k
+        return _group_sum(x, k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        k = ctx.k
+        # lerp(a, b, 0.5) gives 0.5 * g to each; the k-channel sum gives g * (1 / k) or g / k, as it was scaled.
+        q = g * 0.5 if k == 2 else (g * (1.0 / k) if k & (k - 1) == 0 else g / k)
+        return _repeat_each_channel(q, k), None
+
+
+def _repeat_each_channel(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Channel c of x at channels c * k ... c * k + k - 1, in x's layout (x.repeat_interleave(k, 1)): k copies into
+    channel-strided views (on channels_last as fast as one copy; an expanded view's reshape is slower there)."""
+    n, c, h, w = x.shape
+    out = torch.empty((n, c * k, h, w), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if _is_nhwc(x) else torch.contiguous_format)
+    for j in range(k):
+        out[:, j::k] = x
+    return out
+
+
+class _RepeatChannels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k = k
+        return _repeat_each_channel(x, k)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        # The k copies' gradients summed in index order, as index_select's backward (index_add_) sums them.
+        k = ctx.k
+        total = g[:, 0::k] + g[:, 1::k]
+        for j in range(2, k):
+            total += g[:, j::k]
+        return total, None
+
+
+@torch.fx.wrap
+def _channel_group_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean of each k consecutive channels: x.unflatten(1, (C // k, k)).mean(2)."""
+    return _GroupMean.apply(x, k) if _training(x) else _group_sum(x, k)
+
+
+@torch.fx.wrap
+def _channel_repeat(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Each channel repeated k times: x.repeat_interleave(k, 1)."""
+    return _RepeatChannels.apply(x, k) if _training(x) else _repeat_each_channel(x, k)
+
+
 @torch.fx.wrap
 def _channel_adaptive_mean(x: torch.Tensor, out_channels: int) -> torch.Tensor:
     """Adaptive average pooling along the channel axis (the definition), run as adaptive_avg_pool1d over the
-    channels of each pixel: a channels-innermost view of x, then back to NCHW."""
+    channels of each pixel: a channels-innermost view of x, then back to x's layout."""
     n, c, h, w = x.shape
+    if _is_nhwc(x):
+        y = F.adaptive_avg_pool1d(_nhwc(x).reshape(n, h * w, c), out_channels)  # (N, H*W, out), no copy
+        return _nchw(y.view(n, h, w, out_channels))
     y = F.adaptive_avg_pool1d(x.flatten(2).transpose(1, 2), out_channels)  # (N, H*W, out)
     return y.transpose(1, 2).reshape(n, out_channels, h, w).contiguous()
+
+
+class _PReLUFunction(torch.autograd.Function):
+    """F.prelu(z, weight) with the same values and gradients, and a backward built from vectorised ops.
+
+    PyTorch's CPU backward of prelu is a scalar loop with two outputs (it was as costly as a binary convolution's
+    backward in a BinaryDNet53 training step). Here, with p = 1{z > 0} as a float, m = p + (1 - p) * w is exactly 1
+    or w (every product and sum in it is exact), so dL/dz = m * g is prelu's g or w * g; dL/dw sums min(z, 0) * g,
+    which is prelu's z * g where z <= 0 and a zero elsewhere, through the same reduction autograd applies to a
+    broadcast weight. The comparison writes a float output (vectorised; a bool output is not).
+    """
+
+    @staticmethod
+    def forward(ctx, z, weight):
+        ctx.save_for_backward(z, weight)
+        return F.prelu(z, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, weight = ctx.saved_tensors
+        need_z, need_w = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: second derivatives through prelu's own formula
+            wanted = [t for t, n in ((z, need_z), (weight, need_w)) if n]
+            with torch.enable_grad():
+                found = list(torch.autograd.grad(F.prelu(z, weight), wanted, g, create_graph=True))
+            return (found.pop(0) if need_z else None), (found.pop(0) if need_w else None)
+        shape = [1] * z.dim()
+        if weight.numel() > 1:
+            shape[1] = weight.numel()
+        w = weight.reshape(shape)
+        grad_z = grad_w = spare = None
+        if need_z:
+            positive = torch.gt(z, 0.0, out=torch.empty_like(z))
+            spare = torch.rsub(positive, 1.0)
+            # 1 where z > 0, else w: positive + (1 - positive) * w, both products exact.
+            grad_z = torch.addcmul(positive, spare, w, out=positive).mul_(g)
+        if need_w:
+            low = torch.clamp(z, max=0.0, out=spare if spare is not None else torch.empty_like(z))
+            grad_w = low.mul_(g).sum_to_size(shape).reshape(weight.shape)
+        return grad_z, grad_w
+
+
+@torch.fx.wrap
+def _prelu(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.prelu(z, weight); in training, with _PReLUFunction's backward."""
+    if (torch.is_grad_enabled() and (z.requires_grad or weight.requires_grad) and z.dim() >= 2
+            and not torch.compiler.is_compiling()):
+        return _PReLUFunction.apply(z, weight)
+    return F.prelu(z, weight)
+
+
+def _activate(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    return _prelu(z, act.weight) if type(act) is nn.PReLU else act(z)
 
 
 class RealShortcut(nn.Module):
@@ -158,15 +323,18 @@ class RealShortcut(nn.Module):
     k consecutive channels when in = k * out); when widening, output channel o copies input channel
     floor(o * in / out) (each channel repeated k times when out = k * in).
 
-    How, on CPU (each chosen against the alternatives at BinaryDNet53's sizes, batch 1, 1 thread):
-      * 2x2 pool of an NCHW tensor with even H and W: rows summed through a view, then column pairs (two adds and
-        a scale, no layout conversion; avg_pool2d is slow on NCHW and needs a channels_last round trip). Odd sizes
-        (ceil mode's partial windows) use nn.AvgPool2d on channels_last.
+    How, on CPU (each chosen against the alternatives at BinaryDNet53's sizes, batch 1, 1 thread), in the input's
+    memory format (NCHW or channels_last, which training uses on the CPU):
+      * 2x2 pool with even H and W: rows summed through a view, then column pairs (two adds and a scale, no layout
+        conversion; avg_pool2d is slow on NCHW and needs a channels_last round trip). Odd sizes (ceil mode's
+        partial windows) use nn.AvgPool2d on channels_last.
       * k-to-1 narrowing: from k channel-strided views, without a reduction kernel: lerp(a, b, 0.5) for k = 2
         (one pass, where reshape + mean takes a reduction), else their sum divided by k.
       * non-divisible narrowing: adaptive_avg_pool1d over the channels of each pixel, from a channels-innermost
         view (cumulative sums and adaptive_avg_pool3d on NCHW were much slower).
-      * widening: index_select of the repeated channel indices (as fast as any view-based repeat).
+      * widening by k: each channel repeated through an expanded view (one copy); index_select of the repeated
+        channel indices when out_channels is not a multiple of in_channels.
+    In training the pool, the k-to-1 mean and the k-fold repeat have one-pass backward functions (see _Pool2x2).
     The results equal the definition above up to float rounding (order of the additions).
     """
 
@@ -188,6 +356,8 @@ class RealShortcut(nn.Module):
             x = _avg_pool_2x2(x)
         cin, cout = self.in_channels, self.out_channels
         if cout > cin:
+            if self.divisible:
+                return _channel_repeat(x, cout // cin)
             return x.index_select(1, self._buffers["index"])
         if cout < cin:
             if self.divisible:
@@ -237,14 +407,14 @@ class BinaryConvUnit(nn.Module):
         modules = self._modules
         conv, bn, act, real = modules["conv"], modules["bn"], modules["act"], modules.get("shortcut")
         if real is None:
-            return act(bn(conv(x)))
+            return _activate(act, bn(conv(x)))
         if shortcut is None:
             shortcut = real(x)
         if type(act) is nn.PReLU and type(bn) is nn.Identity and isinstance(conv, xnorconv.FrozenBinaryConv2d):
             # Frozen, with the BatchNorm folded into the conv: the shortcut add and the PReLU run in the packed
             # kernel's output stage, so the unit is one pass over its output.
             return conv(x, shortcut, act.weight)
-        return act(bn(conv(x)) + shortcut)
+        return _activate(act, bn(conv(x)) + shortcut)
 
 
 class BinaryCSPBlock(CSPBlock):
@@ -310,7 +480,7 @@ class BinaryDNet53(nn.Module):
         if (torch.is_grad_enabled() or type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.training
                 or bn.running_mean is None or bn.running_var is None or conv.padding_mode != "zeros"
                 or torch.compiler.is_compiling()):
-            return self.stem(x)
+            return _activate(act, bn(conv(x)))
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None
                     for t in tensors) + (bn.eps,)

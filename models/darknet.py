@@ -86,6 +86,13 @@ class CSPBlock(nn.Module):
         return self.fuse(torch.cat([self.part1(x), self.transition(self.blocks(self.part2(x)))], dim=1))
 
 
+@torch.fx.wrap  # a memory-format test, which symbolic tracing (xnorconv.freeze's BatchNorm folding) cannot follow
+def _layout_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t in like's memory format: channels_last when like is stored so (and not also NCHW-contiguous), else NCHW."""
+    nhwc = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    return t.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+
 class SPPF(nn.Module):
     """Spatial Pyramid Pooling - Fast: 1x1 (C -> C/2), three chained 5x5 max pools (stride 1), concatenation of
     the four maps, 1x1 (2C -> out). Equivalent to SPP with 5/9/13 pools at a third of the pooling cost."""
@@ -106,11 +113,12 @@ class SPPF(nn.Module):
     def forward(self, x):
         y0 = self.reduce(x)
         # PyTorch's CPU max pooling is much faster on channels_last than on NCHW (the channels_last kernel
-        # vectorises across channels); the maxima are the same in any layout, so pool there and come back.
+        # vectorises across channels); the maxima are the same in any layout, so pool there and come back to
+        # y0's layout.
         y1 = self._pool(y0.contiguous(memory_format=torch.channels_last))
         y2 = self._pool(y1)
         y3 = self._pool(y2)
-        return self.fuse(torch.cat([y0, y1.contiguous(), y2.contiguous(), y3.contiguous()], dim=1))
+        return self.fuse(torch.cat([y0, _layout_like(y1, y0), _layout_like(y2, y0), _layout_like(y3, y0)], dim=1))
 
 
 class _Classifier(nn.Module):

@@ -11,7 +11,9 @@ tree's one-off decoding of the training images (once per run) is timed separatel
 interleaved round by round, so that a busy machine slows them alike; medians and ratios are printed.
 
     python tools/train_throughput.py DATA [--old-rev REV] [--rounds 3] [--batches 4] [--threads 2]
-        [--image-size 128] [--model binary_dnet53]
+        [--image-size 128 64] [--model binary_dnet53]
+
+Each image size is measured in its own interleaved rounds (all variants at that size), old first.
 
 The old revision runs from `git archive` of its train/, models/ and xnorconv/ Python sources (with this tree's
 compiled xnorconv/_C*.so). Run it from the repository root.
@@ -87,8 +89,8 @@ def old_tree(rev: str, dest: str) -> str:
     return dest
 
 
-def measure(tree: str, preset: str, args) -> dict:
-    spec = json.dumps({"data": args.data, "image_size": args.image_size, "model": args.model, "threads": args.threads,
+def measure(tree: str, preset: str, size: int, args) -> dict:
+    spec = json.dumps({"data": args.data, "image_size": size, "model": args.model, "threads": args.threads,
                        "batches": args.batches, "preset": preset})
     p = subprocess.run([sys.executable, "-c", CHILD, spec], cwd=tree, env=dict(os.environ, PYTHONPATH=tree),
                        capture_output=True, text=True)
@@ -104,7 +106,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches", type=int, default=4, help="timed batches per variant and round (after 1 warm-up)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--image-size", type=int, nargs="+", default=[128, 64],
+                    help="input sizes, each measured in its own rounds (128: the paper's; 64: the default recipe's)")
     ap.add_argument("--model", default="binary_dnet53")
     args = ap.parse_args()
     old_rev = args.old_rev or git("merge-base", "HEAD", "main")
@@ -114,8 +117,8 @@ def main() -> int:
     dirty = git("status", "--porcelain", "train", "models", "xnorconv")
     print(f"# new: {git('rev-parse', '--short', 'HEAD')}{' + uncommitted changes' if dirty else ''}; "
           f"old: {git('rev-parse', '--short', old_rev)}")
-    print(f"# {args.model} at {args.image_size}x{args.image_size}, {args.threads} threads, {args.batches} timed batches "
-          f"per variant and round")
+    sizes = ", ".join(f"{s}x{s}" for s in args.image_size)
+    print(f"# {args.model} at {sizes}, {args.threads} threads, {args.batches} timed batches per variant and round")
     print(f"# command: python {' '.join(sys.argv)}")
     work = tempfile.mkdtemp(prefix="train_throughput_")
     try:
@@ -123,18 +126,20 @@ def main() -> int:
         variants = [("old default (paper recipe)", old, "paper"),
                     ("new --preset paper", ROOT, "paper"),
                     ("new default recipe", ROOT, "default")]
-        rates = {v[0]: [] for v in variants}
-        for r in range(args.rounds):
-            for label, tree, preset in variants:
-                m = measure(tree, preset, args)
-                rates[label].append(m["images"] / m["seconds"])
-                print(f"round {r + 1} {label}: {m['images']} images in {m['seconds']:.1f}s = {rates[label][-1]:.2f} "
-                      f"img/s (batch {m['batch']}, {m['workers']} workers; one-off setup {m['setup']:.1f}s for "
-                      f"{m['n_train']} training images)", flush=True)
-        base = statistics.median(rates[variants[0][0]])
-        for label, _, _ in variants:
-            med = statistics.median(rates[label])
-            print(f"median {label}: {med:.2f} img/s ({med / base:.2f}x old)")
+        for size in args.image_size:
+            rates = {v[0]: [] for v in variants}
+            for r in range(args.rounds):
+                for label, tree, preset in variants:
+                    m = measure(tree, preset, size, args)
+                    rates[label].append(m["images"] / m["seconds"])
+                    print(f"{size}x{size} round {r + 1} {label}: {m['images']} images in {m['seconds']:.1f}s = "
+                          f"{rates[label][-1]:.2f} img/s (batch {m['batch']}, {m['workers']} workers; one-off setup "
+                          f"{m['setup']:.1f}s for {m['n_train']} training images; load "
+                          f"{os.getloadavg()[0]:.1f})", flush=True)
+            base = statistics.median(rates[variants[0][0]])
+            for label, _, _ in variants:
+                med = statistics.median(rates[label])
+                print(f"{size}x{size} median {label}: {med:.2f} img/s ({med / base:.2f}x old)", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

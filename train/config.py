@@ -72,7 +72,8 @@ class Config:
     oversample_target: int = 0     # images per class after oversampling; 0 -> size of the largest class
     noise_std: float = 0.03        # std of the Gaussian white noise on [0, 1] pixel values (paper 002 eq. 1)
     verify_images: bool = True     # check every file once before training; bad files are skipped and counted
-    workers: int = -1              # data-loading worker processes; -1: one per core beyond the first (max 4)
+    workers: int = -1              # data-loading worker processes; -1: one per core torch's threads leave free
+                                   # (max 4; decoding: one per core beyond the first)
     cache: bool = True             # decode and resize every image once per run and keep it in memory (uint8)
     # ---------------------------------------------------------------- model
     model: str = "binary_dnet53"

@@ -145,15 +145,18 @@ def positive_index(splits_or_classes, cfg: Config) -> int:
         return 0
 
 
-def resolve_workers(n: int) -> int:
-    """-1: one data-loading process per core beyond the first (at most 4), none on a single core."""
+def resolve_workers(n: int, threads: Optional[int] = None) -> int:
+    """-1: one data-loading process per core that torch's intra-op threads leave free (`threads`, default
+    torch.get_num_threads()), at most 4; none when they use every core. A worker on a core the training step's
+    threads use preempts one of them, and every parallel op then waits for that thread: with 2 threads on 2 cores,
+    augmenting in the main process between steps trained faster than one worker (docs/training.md)."""
     if n >= 0:
         return n
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(0, min(4, cores - 1))
+    return max(0, min(4, cores - (torch.get_num_threads() if threads is None else threads)))
 
 
 def train_batch_size(n: int, cfg: Config, world_size: int = 1) -> int:
@@ -175,8 +178,9 @@ def _make_loader(samples: List[D.Sample], cfg: Config, di: DistInfo, train: bool
     tf = D.build_transform(cfg.image_size, cfg.normalize, augment, cfg.hflip, cfg.color_jitter, cfg.hue_jitter,
                            cfg.crop_scale, cfg.rotation, cfg.vflip)
     workers = resolve_workers(cfg.workers)
-    if cfg.cache:
-        ds = D.CachedImageDataset(samples, tf, noise_std=cfg.noise_std, seed=seed, workers=workers)
+    if cfg.cache:  # decoding (when not done already) runs before any training step: as in _fit
+        ds = D.CachedImageDataset(samples, tf, noise_std=cfg.noise_std, seed=seed,
+                                  workers=resolve_workers(cfg.workers, threads=1))
     else:
         ds = D.ImageListDataset(samples, tf, noise_std=cfg.noise_std, seed=seed)
     if train:
@@ -505,8 +509,10 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
         # file once), so all ranks agree on the sample list
         if cfg.cache:
             t0 = time.time()
+            # Decoding runs before training, with nothing else to share the cores with: one main-process core.
             _, bad_map = D.decode_images([s.path for s in train_samples + val_samples + test_samples],
-                                         cfg.image_size, resolve_workers(cfg.workers), cfg.progress and di.is_main)
+                                         cfg.image_size, resolve_workers(cfg.workers, threads=1),
+                                         cfg.progress and di.is_main)
             bad = sorted(bad_map.items())
             _log(di, f"[train] decoded and resized {len({s.path for s in train_samples + val_samples + test_samples})}"
                      f" images to {cfg.image_size}x{cfg.image_size} once for the run ({time.time() - t0:.1f}s)")

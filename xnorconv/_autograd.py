@@ -1,8 +1,14 @@
-"""Straight-through training path of BinaryConv2d, built only from differentiable aten ops.
+"""Straight-through training path of BinaryConv2d.
 
-The packed ops (torch.ops.xnorconv.*) have no autograd; training runs this float path instead. Its forward is
-bit-for-bit the binary convolution (every activation and weight is exactly +1 or -1, so the float convolution sums
-integers exactly), and its backward is the straight-through estimator.
+The packed ops (torch.ops.xnorconv.*) have no autograd. Training runs one of two forms of the same function:
+  * the composite form (_composite_conv), built only from differentiable aten ops: a float convolution of the
+    +-1 tensors, bit-for-bit the binary convolution (every activation and weight is exactly +1 or -1, so the float
+    convolution sums integers exactly), with the straight-through estimator as its derivative. It serves every
+    dtype and device, torch.compile and export, the gradcheck anchors and second derivatives;
+  * _PackedSTEConv, for float32 binary inputs on a device with the packed kernel: the same values from the packed
+    kernel (or an exact GEMM for pointwise layers on channels_last), and the same derivatives from float products
+    of the signs, computed in fewer passes over memory (see its docstring). Its gradients differ from the
+    composite form's only in the order of floating-point additions.
 
 How the STE is written. For a surrogate function s (below) and an *anchor* a (by default x itself, detached):
 
@@ -31,12 +37,14 @@ Non-finite values: sign(NaN) = -1 and sign(+-inf) = +-1 (the reference rule, wha
 their gradient is 0 for every ste (the surrogate is evaluated on a finite stand-in so that the forward stays exactly
 +-1 instead of turning into NaN).
 """
+import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ._checks import check_choice
+from .functional import packed_conv_op
 
 STE_CHOICES = ("clipped", "identity", "approx")
 SCALE_CHOICES = ("channel", "none")
@@ -112,24 +120,221 @@ def conv_padded(x: torch.Tensor, w: torch.Tensor, stride, padding: Tuple[int, in
     return F.conv2d(x, w, None, tuple(stride), 0, tuple(dilation), groups)
 
 
+def _composite_conv(x: torch.Tensor, threshold: Optional[torch.Tensor], weight: torch.Tensor,
+                    alpha: Optional[torch.Tensor], stride, padding, dilation, groups: int, pad_value: int, ste: str,
+                    binarize_input: bool, input_anchor: Optional[torch.Tensor] = None,
+                    weight_anchor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """alpha * conv(ste_sign(x - t), ste_sign(W)) written with differentiable aten ops only (any dtype and device,
+    torch.compile, export, anchors, second derivatives)."""
+    if threshold is not None:
+        x = x - threshold.view(1, -1, 1, 1)
+    xs = ste_sign(x, ste, input_anchor) if binarize_input else x
+    y = conv_padded(xs, ste_sign(weight, "identity", weight_anchor), stride, padding, dilation, groups, pad_value)
+    # Scale the exact integer dot product once, as the packed kernel does: y = scale * dot + bias.
+    return y * alpha.view(1, -1, 1, 1) if alpha is not None else y
+
+
+def _kernel_devices() -> frozenset:
+    return frozenset(d for d in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(
+        "xnorconv::binary_conv2d_packed", d.upper()))
+
+
+_KERNEL_DEVICES = _kernel_devices()
+
+
+def _ste_factor(x: torch.Tensor, threshold: Optional[torch.Tensor], ste: str) -> torch.Tensor:
+    """s'(x - t) as a float tensor in x's layout: 1{|d| <= 1} (clipped), 1{d finite} (identity),
+    max(2 - 2|d|, 0) with NaN -> 0 (approx), d = x - t computed as the composite form computes it.
+
+    Comparisons are written with float outputs (torch.le(..., out=float)): PyTorch vectorises them only when the
+    output has the input's dtype, and its torch.where is not vectorised on the CPU; a bool mask and torch.where
+    cost several times as much per element as the arithmetic around them."""
+    a = torch.sub(x, threshold.view(1, -1, 1, 1)).abs_() if threshold is not None else x.abs()
+    if ste == "clipped":
+        return torch.le(a, 1.0, out=a)
+    if ste == "identity":
+        return torch.lt(a, math.inf, out=a)
+    # -2|d| is exact, so 2 + (-2|d|) rounds like 2 - 2|d|; fmax maps NaN (and the negative values past |d| = 1,
+    # infinities included) to 0.
+    return torch.fmax(a.mul_(-2.0).add_(2.0), a.new_zeros(()), out=a)
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    """Stored channels_last and not also NCHW-contiguous (C == 1 or H == W == 1 tensors are both)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _signs(x: torch.Tensor, threshold: Optional[torch.Tensor]) -> torch.Tensor:
+    """+1 where x >= t (the packed kernel's rule), else -1, as a float tensor in x's layout. A float comparison
+    output and two in-place passes: torch.where and bool comparison outputs are not vectorised on the CPU."""
+    t = threshold.view(1, -1, 1, 1) if threshold is not None else 0.0
+    return torch.ge(x, t, out=torch.empty_like(x)).mul_(2.0).sub_(1.0)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(N*H*W, C) view of a channels_last tensor."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _from_rows(rows: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of _rows: (N*H*W, C) -> (N, C, H, W) stored channels_last, without a copy."""
+    return rows.view(n, h, w, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+class _PackedSTEConv(torch.autograd.Function):
+    """The binary-input training path: the forward computes the binary convolution exactly without a float
+    convolution over +-1 values, the backward is the STE from float products of the operands' signs.
+
+    forward: y = alpha * conv(sign(x - t), sign(W)), with sign(x - t) taken as x >= t (the packed kernel's rule,
+    which differs from the float path's (x - t) >= 0 only for x = t = +-inf) and alpha * dot rounded once, as the
+    float path rounds it, so y equals the float path's output bit for bit. Two ways, by shape:
+      * a pointwise convolution (1x1, stride 1, no padding, one group) of a channels_last input is a matrix
+        product of the (N*H*W, C) view of sign(x - t) with sign(W): float GEMM over +-1 values sums integers
+        exactly. sign(x - t) is kept for the backward pass, which needs it, so it is made once. (The packed
+        kernel's 1x1 family reads and writes NCHW; on channels_last tensors its conversions cost more than this.)
+      * otherwise binary_conv2d_packed, the XNOR-popcount kernel (threshold applied while packing); only x is
+        saved and sign(x - t) is rebuilt in the backward pass.
+    The float path saved both x - t and sign(x - t) and ran a float convolution in the forward pass.
+
+    backward: the product with the weight alpha[o] * sign(W) (exactly +-alpha[o], so every product g * (+-alpha)
+    equals the float path's (g * alpha) * (+-1)) gives the input gradient, and the product of g with sign(x - t)
+    gives R = conv_weight(sign(x - t), g), from which dL/dsign(W) = alpha * R and dL/dalpha[o] =
+    sum(R[o] * sign(W[o])) (the float path's sum over n, p of g * dot, regrouped by weight tap): no pass over the
+    output for alpha. Pointwise layers use GEMMs (on the (N*H*W, C) views of channels_last tensors, batched over
+    the images of NCHW ones), in either layout without a conversion (oneDNN's convolution backward is as fast on
+    channels_last tensors only, and several times slower on NCHW ones);
+    other layers one aten convolution_backward, on the CPU on channels_last operands (oneDNN computes NHWC
+    natively; for NCHW tensors it reorders to a blocked layout inside every call, which costs more than
+    converting). The input gradient is then multiplied by the surrogate's derivative (_ste_factor). Only the
+    order of floating-point additions differs from the composite form.
+
+    With create_graph=True the backward differentiates the composite form instead (same first derivatives), so
+    second derivatives are those of the composite form.
+    """
+
+    @staticmethod
+    def forward(ctx, x, threshold, weight, scaled, stride, padding, dilation, groups, pad_value, ste):
+        n, c, h, w = x.shape
+        alpha = channel_scale(weight) if scaled else None
+        pointwise = weight.shape[2:] == (1, 1) and tuple(stride) == (1, 1) and not any(padding) and groups == 1
+        signs = None
+        if pointwise and _is_nhwc(x):
+            signs = _signs(x, threshold)
+            dot = torch.mm(_rows(signs), _sign(weight).view(weight.shape[0], c).t())
+            y = _from_rows(dot.mul_(alpha) if alpha is not None else dot, n, h, w)
+        else:
+            bits, tap_sum = torch.ops.xnorconv.pack_weight(weight)
+            y = packed_conv_op()(x, bits, tap_sum, weight.shape[1], alpha, None, list(stride), list(padding),
+                                 list(dilation), groups, pad_value, threshold, False, None, None, None)
+        ctx.save_for_backward(x, threshold, weight, alpha, signs)
+        ctx.scaled = scaled
+        ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), groups, pad_value, ste)
+        ctx.pointwise = pointwise
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, threshold, weight, alpha, signs = ctx.saved_tensors
+        stride, padding, dilation, groups, pad_value, ste = ctx.geometry
+        need_x, need_t, need_w = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True
+            wanted = [(i, v) for i, (v, n) in enumerate(zip((x, threshold, weight), (need_x, need_t, need_w))) if n]
+            with torch.enable_grad():
+                y = _composite_conv(x, threshold, weight, channel_scale(weight) if ctx.scaled else None, stride,
+                                    padding, dilation, groups, pad_value, ste, True)
+                found = torch.autograd.grad(y, [v for _, v in wanted], g, create_graph=True, allow_unused=True)
+            grads = [None] * 3
+            for (i, _), gi in zip(wanted, found):
+                grads[i] = gi
+            return (*grads, None, None, None, None, None, None, None)
+        sw = _sign(weight)
+        w_eff = sw * alpha.view(-1, 1, 1, 1) if alpha is not None else sw
+        need_input_grad = need_x or need_t
+        need_weight_grad = need_w
+        gx = raw = None
+        n, c, h, w = x.shape
+        if signs is not None and _is_nhwc(x):  # pointwise on channels_last: GEMMs on the (N*H*W, channels) views
+            g_rows = _rows(g.contiguous(memory_format=torch.channels_last))
+            if need_input_grad:
+                gx = _from_rows(torch.mm(g_rows, w_eff.view(w_eff.shape[0], c)), n, h, w)
+            if need_weight_grad:
+                raw = torch.mm(g_rows.t(), _rows(signs)).view(weight.shape)
+        elif ctx.pointwise and x.is_contiguous():  # pointwise on NCHW: batched GEMMs
+            g_planes = g.contiguous().view(n, weight.shape[0], h * w)
+            if need_input_grad:
+                gx = torch.matmul(w_eff.view(w_eff.shape[0], c).t(), g_planes).view(n, c, h, w)
+            if need_weight_grad:
+                sx = _signs(x, threshold).view(n, c, h * w)
+                raw = torch.matmul(g_planes, sx.transpose(1, 2)).sum(0).view(weight.shape)
+        else:
+            layout = torch.channels_last if g.device.type == "cpu" else torch.contiguous_format
+            top, bottom, left, right = padding
+            explicit_pad = pad_value != 0 or top != bottom or left != right
+            if need_weight_grad:
+                # Written in x's layout and then converted: elementwise ops that change the layout are not
+                # vectorised, a copy that does has its own transposing kernel.
+                sx = _signs(x, threshold).contiguous(memory_format=layout)
+                if explicit_pad:
+                    sx = F.pad(sx, (left, right, top, bottom), mode="constant", value=float(pad_value))
+            else:  # convolution_backward reads only the input's shape for the input gradient
+                sx = x.new_empty((n, c, h + top + bottom, w + left + right) if explicit_pad else x.shape)
+            gx, raw, _ = torch.ops.aten.convolution_backward(
+                g.contiguous(memory_format=layout), sx, w_eff.contiguous(memory_format=layout), None, list(stride),
+                [0, 0] if explicit_pad else [top, left], list(dilation), False, [0, 0], groups,
+                [need_input_grad, need_weight_grad, False])
+            if need_input_grad and explicit_pad:
+                gx = gx[:, :, top:top + x.shape[2], left:left + x.shape[3]]
+        grad_x = grad_t = grad_w = None
+        if need_input_grad:
+            factor = _ste_factor(x, threshold, ste)
+            layout = torch.channels_last if _is_nhwc(x) else torch.contiguous_format
+            grad_x = torch.mul(gx.contiguous(memory_format=layout), factor, out=factor)
+            if need_t:  # d(x - t)/dt = -1
+                grad_t = grad_x.sum(dim=(0, 2, 3)).neg_()
+        if need_w:  # identity STE through sign(W) (0 where W is not finite, as _SignSTE), plus the path through
+            # alpha = mean |W|, in the order autograd differentiates mean and abs: (dL/dalpha / n) * sgn(W).
+            if alpha is None:
+                grad_w = _surrogate_grad(weight, raw, "identity")
+            else:
+                grad_alpha = (raw * sw).sum(dim=(1, 2, 3)).view(-1, 1, 1, 1)
+                grad_w = _surrogate_grad(weight, raw * alpha.view(-1, 1, 1, 1), "identity") \
+                    + grad_alpha.expand_as(weight) / weight[0].numel() * torch.sign(weight)
+        return grad_x, grad_t, grad_w, None, None, None, None, None, None, None
+
+
 def binary_conv2d_ste(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       stride: Tuple[int, int], padding: Tuple[int, int, int, int], dilation: Tuple[int, int],
                       groups: int, *, scale: str = "channel", ste: str = "clipped", binarize_input: bool = True,
-                      pad_value: int = 0, input_anchor: Optional[torch.Tensor] = None,
+                      pad_value: int = 0, input_threshold: Optional[torch.Tensor] = None,
+                      input_anchor: Optional[torch.Tensor] = None,
                       weight_anchor: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = alpha[c] * conv(sign(x), sign(W)) + bias[c] with straight-through gradients.
+    """y = alpha[c] * conv(sign(x - t), sign(W)) + bias[c] with straight-through gradients.
 
     `padding` is (top, bottom, left, right); padded taps are worth `pad_value` (0: nothing, exactly F.conv2d's zero
-    padding of the signed input; +1 / -1: constants). binarize_input=False keeps the input real (binary-weight
-    network: conv(x, alpha * sign(W))). scale='none' drops alpha. The anchors are for gradcheck only (module doc).
+    padding of the signed input; +1 / -1: constants). `input_threshold` t: (in_channels,), binarize sign(x - t)
+    (the STE sees x - t). binarize_input=False keeps the input real (binary-weight network: conv(x, alpha *
+    sign(W))). scale='none' drops alpha. The anchors are for gradcheck only (module doc).
+
+    Binary float32 input on a device with the packed kernel (and not under torch.compile / export): the forward
+    runs the packed kernel and the backward is _PackedSTEConv's. Otherwise the composite form. Both give the same
+    values; their gradients differ only in the order of floating-point additions.
     """
     check_choice("scale", scale, SCALE_CHOICES)
-    x = ste_sign(input, ste, input_anchor) if binarize_input else input
-    w = ste_sign(weight, "identity", weight_anchor)
-    y = conv_padded(x, w, stride, padding, dilation, groups, pad_value)
-    # Scale the exact integer dot product once, as the packed kernel does: y = scale * dot + bias.
-    if scale == "channel":
-        y = y * channel_scale(weight).view(1, -1, 1, 1)
+    check_choice("ste", ste, STE_CHOICES)
+    if input_threshold is not None and not binarize_input:
+        raise ValueError("input_threshold needs binarize_input=True (it shifts the input's sign), "
+                         "got binarize_input=False")
+    if (binarize_input and input_anchor is None and weight_anchor is None and input.dim() == 4
+            and input.dtype == torch.float32 and weight.dtype == torch.float32
+            and (input_threshold is None or input_threshold.dtype == torch.float32)
+            and input.device.type in _KERNEL_DEVICES and weight.device == input.device
+            and not torch.compiler.is_compiling()):
+        y = _PackedSTEConv.apply(input, input_threshold, weight, scale == "channel", tuple(stride), tuple(padding),
+                                 tuple(dilation), groups, pad_value, ste)
+    else:
+        alpha = channel_scale(weight) if scale == "channel" else None
+        y = _composite_conv(input, input_threshold, weight, alpha, stride, padding, dilation, groups, pad_value, ste,
+                            binarize_input, input_anchor, weight_anchor)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     return y

@@ -185,11 +185,9 @@ class BinaryConv2d(nn.Conv2d):
             y = _packed_call(x, packed.bits, packed.tap_sum, packed.in_channels, alpha, bias, self, pads,
                              self.pad_value, threshold)
         else:
-            if self.input_threshold is not None:
-                x = x - self.input_threshold.view(1, -1, 1, 1)
             y = binary_conv2d_ste(x, self.weight, self.bias, self.stride, pads, self.dilation, self.groups,
                                   scale=self.scale, ste=self.ste, binarize_input=self.binarize_input,
-                                  pad_value=self.pad_value)
+                                  pad_value=self.pad_value, input_threshold=self.input_threshold)
         return y.squeeze(0) if unbatched else y
 
 
