@@ -19,7 +19,7 @@ import models
 import xnorconv
 import xnorconv._autograd as xa
 from xnorconv import BinaryConv2d
-from xnorconv._reference import reference_binary_conv2d, sign
+from xnorconv.testing import reference_conv2d, sign
 
 bdn = sys.modules["models.binary_dnet53"]
 
@@ -146,9 +146,9 @@ def test_forward_equals_the_packed_inference_path_and_the_reference(kernel, stri
     with torch.no_grad():
         y_packed = layer(x)
     pad = kernel // 2
-    want = reference_binary_conv2d(x, layer.weight.detach(), None, (stride, stride), (pad,) * 4, (1, 1), 1,
-                                   layer.weight.detach().abs().mean((1, 2, 3)), -1,
-                                   input_threshold=layer.input_threshold.detach())
+    want = reference_conv2d(x, layer.weight.detach(), None, (stride, stride), (pad,) * 4, (1, 1), 1,
+                            layer.weight.detach().abs().mean((1, 2, 3)), -1,
+                            input_threshold=layer.input_threshold.detach())
     assert torch.equal(y_train.detach(), y_packed)
     torch.testing.assert_close(y_train.double(), want, rtol=1e-6, atol=1e-6)
 
