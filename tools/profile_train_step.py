@@ -19,6 +19,7 @@ machine slows them alike; the step time is the median over rounds.
 
     python tools/profile_train_step.py [--models binary_dnet53 binary_dnet53_bwn binary_dnet53_float]
         [--sizes 64 128] [--batch 32] [--threads 1 2] [--old-rev REV] [--top 12] [--rounds 1]
+        [--layouts nchw channels_last] [--env - OMP_WAIT_POLICY=PASSIVE]
 
 --old-rev REV also measures REV's Python sources (train/, models/, xnorconv/ from `git archive`, with this
 tree's compiled extension), as tools/train_throughput.py does. Run it from the repository root.
@@ -103,9 +104,9 @@ print(json.dumps({"wall": statistics.median(wall), "cpu": statistics.median(cpu)
 '''
 
 
-def run(tree, spec):
+def run(tree, spec, env):
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], cwd=tree,
-                       env=dict(os.environ, PYTHONPATH=tree), capture_output=True, text=True)
+                       env=dict(os.environ, PYTHONPATH=tree, **env), capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"{tree} {spec} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -122,6 +123,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--layouts", nargs="+", default=["nchw"], choices=["nchw", "channels_last"],
                     help="memory format of the model and the batch")
+    ap.add_argument("--env", nargs="+", default=["-"], metavar="VAR=VALUE",
+                    help="environment variants of every configuration ('-': the environment as it is), e.g. "
+                         "OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--old-rev", default="", help="also profile this revision's Python sources")
     ap.add_argument("--top", type=int, default=12, help="rows per profile table (0: step times only)")
     args = ap.parse_args()
@@ -138,26 +142,32 @@ def main() -> int:
         if args.old_rev:
             trees.insert(0, (f"old {git('rev-parse', '--short', args.old_rev)}", old_tree(args.old_rev,
                                                                                        os.path.join(work, "old"))))
-        configs = [(label, tree, model, size, threads, layout) for size in args.sizes for threads in args.threads
-                   for model in args.models for layout in args.layouts for label, tree in trees]
+        configs = [(label + ("" if env == "-" else f", {env}"), tree, model, size, threads, layout, env)
+                   for size in args.sizes for threads in args.threads for model in args.models
+                   for layout in args.layouts for label, tree in trees for env in args.env]
         results = {c: [] for c in configs}
         for _ in range(args.rounds):
             for c in configs:
-                label, tree, model, size, threads, layout = c
+                label, tree, model, size, threads, layout, env = c
                 results[c].append(run(tree, {"model": model, "size": size, "threads": threads, "batch": args.batch,
                                              "steps": args.steps, "profiled": args.profiled,
-                                             "channels_last": layout == "channels_last"}))
+                                             "channels_last": layout == "channels_last"},
+                                      dict([env.split("=", 1)]) if env != "-" else {}))
+                if args.top == 0:  # step times as they come: a long comparison can be followed
+                    r = results[c][-1]
+                    print(f"# {label} {model} {size}x{size} {layout} {threads} thread(s): {r['wall'] * 1e3:.0f} ms "
+                          f"wall, {r['cpu'] * 1e3:.0f} ms CPU per step; load {os.getloadavg()[0]:.1f}", flush=True)
         print(f"\nStep time (median of {args.steps} steps x {args.rounds} rounds; batch {args.batch}):\n")
         print("| code | model | input | layout | threads | wall ms/step | CPU ms/step | images/s (wall) |")
         print("|---|---|---|---|---|---|---|---|")
         for c in configs:
-            label, _, model, size, threads, layout = c
+            label, _, model, size, threads, layout, _ = c
             wall = statistics.median(r["wall"] for r in results[c])
             cpu = statistics.median(r["cpu"] for r in results[c])
             print(f"| {label} | {model} | {size}x{size} | {layout} | {threads} | {wall * 1e3:.0f} | {cpu * 1e3:.0f} | "
                   f"{args.batch / wall:.1f} |")
         for c in configs if args.top else ():
-            label, _, model, size, threads, layout = c
+            label, _, model, size, threads, layout, _ = c
             r = results[c][-1]
             total = r["profiled_us"]
             per_step = total / r["steps_profiled"] / 1e3

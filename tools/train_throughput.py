@@ -11,7 +11,7 @@ tree's one-off decoding of the training images (once per run) is timed separatel
 interleaved round by round, so that a busy machine slows them alike; medians and ratios are printed.
 
     python tools/train_throughput.py DATA [--old-rev REV] [--rounds 3] [--batches 4] [--threads 2]
-        [--image-size 128 64] [--model binary_dnet53]
+        [--image-size 128 64] [--model binary_dnet53] [--workers 0 1]
 
 Each image size is measured in its own interleaved rounds (all variants at that size), old first.
 
@@ -36,15 +36,17 @@ from bench.machine import cpu_model  # noqa: E402
 # Runs inside the variant's tree (PYTHONPATH); prints one JSON line.
 CHILD = r'''
 import json, sys, time, dataclasses
+from train import config as C, engine as E   # first, as `python -m train` does: the package may set up the runtime
 import torch
 import torch.nn.functional as F
 a = json.loads(sys.argv[1])
-from train import config as C, engine as E
 from train.modeling import build_model, split_output
 d = dataclasses.asdict(C.Config())
 d.update(C.PRESETS[a["preset"]])
 d.update(data=a["data"], image_size=a["image_size"], model=a["model"], threads=a["threads"], progress=False,
          preset=a["preset"])
+if a.get("workers") is not None:
+    d.update(workers=a["workers"])
 cfg = C.config_from_dict(d)
 E.set_threads(cfg.threads)
 E.seed_everything(cfg.seed, cfg.deterministic)
@@ -89,9 +91,9 @@ def old_tree(rev: str, dest: str) -> str:
     return dest
 
 
-def measure(tree: str, preset: str, size: int, args) -> dict:
+def measure(tree: str, preset: str, size: int, args, workers=None) -> dict:
     spec = json.dumps({"data": args.data, "image_size": size, "model": args.model, "threads": args.threads,
-                       "batches": args.batches, "preset": preset})
+                       "batches": args.batches, "preset": preset, "workers": workers})
     p = subprocess.run([sys.executable, "-c", CHILD, spec], cwd=tree, env=dict(os.environ, PYTHONPATH=tree),
                        capture_output=True, text=True)
     if p.returncode:
@@ -109,6 +111,8 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, nargs="+", default=[128, 64],
                     help="input sizes, each measured in its own rounds (128: the paper's; 64: the default recipe's)")
     ap.add_argument("--model", default="binary_dnet53")
+    ap.add_argument("--workers", type=int, nargs="*", default=[],
+                    help="also measure the default recipe with these data-loading worker counts")
     args = ap.parse_args()
     old_rev = args.old_rev or git("merge-base", "HEAD", "main")
     print(f"# train throughput, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
@@ -123,21 +127,22 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="train_throughput_")
     try:
         old = old_tree(old_rev, os.path.join(work, "old"))
-        variants = [("old default (paper recipe)", old, "paper"),
-                    ("new --preset paper", ROOT, "paper"),
-                    ("new default recipe", ROOT, "default")]
+        variants = [("old default (paper recipe)", old, "paper", None),
+                    ("new --preset paper", ROOT, "paper", None),
+                    ("new default recipe", ROOT, "default", None)]
+        variants += [(f"new default recipe, --workers {w}", ROOT, "default", w) for w in args.workers]
         for size in args.image_size:
             rates = {v[0]: [] for v in variants}
             for r in range(args.rounds):
-                for label, tree, preset in variants:
-                    m = measure(tree, preset, size, args)
+                for label, tree, preset, workers in variants:
+                    m = measure(tree, preset, size, args, workers)
                     rates[label].append(m["images"] / m["seconds"])
                     print(f"{size}x{size} round {r + 1} {label}: {m['images']} images in {m['seconds']:.1f}s = "
                           f"{rates[label][-1]:.2f} img/s (batch {m['batch']}, {m['workers']} workers; one-off setup "
                           f"{m['setup']:.1f}s for {m['n_train']} training images; load "
                           f"{os.getloadavg()[0]:.1f})", flush=True)
             base = statistics.median(rates[variants[0][0]])
-            for label, _, _ in variants:
+            for label, *_ in variants:
                 med = statistics.median(rates[label])
                 print(f"{size}x{size} median {label}: {med:.2f} img/s ({med / base:.2f}x old)", flush=True)
     finally:
