@@ -36,8 +36,9 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-from train_throughput import cpu_name, git, old_tree  # noqa: E402
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
+from bench.machine import cpu_model  # noqa: E402
+from train_throughput import git, old_tree  # noqa: E402
 
 CHILD = r'''
 import json, sys, time, statistics
@@ -130,7 +131,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=12, help="rows per profile table (0: step times only)")
     args = ap.parse_args()
     print(f"# training-step profile, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"# CPU: {cpu_name()}; {os.cpu_count()} logical CPUs; load average at start "
+    print(f"# CPU: {cpu_model()}; {os.cpu_count()} logical CPUs; load average at start "
           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}")
     dirty = git("status", "--porcelain", "train", "models", "xnorconv")
     print(f"# this tree: {git('rev-parse', '--short', 'HEAD')}{' + uncommitted changes' if dirty else ''}"
