@@ -264,8 +264,8 @@ def _channel_adaptive_mean(x: torch.Tensor, out_channels: int) -> torch.Tensor:
 class _PReLUFunction(torch.autograd.Function):
     """F.prelu(z, weight) with the same values and gradients, and a backward built from vectorised ops.
 
-    PyTorch's CPU backward of prelu is a scalar loop with two outputs (it was as costly as a binary convolution's
-    backward in a BinaryDNet53 training step). Here, with p = 1{z > 0} as a float, m = p + (1 - p) * w is exactly 1
+    PyTorch's CPU backward of prelu is a scalar loop with two outputs (a large share of a BinaryDNet53 training
+    step, docs/training.md). Here, with p = 1{z > 0} as a float, m = p + (1 - p) * w is exactly 1
     or w (every product and sum in it is exact), so dL/dz = m * g is prelu's g or w * g; dL/dw sums min(z, 0) * g,
     which is prelu's z * g where z <= 0 and a zero elsewhere, through the same reduction autograd applies to a
     broadcast weight. The comparison writes a float output (vectorised; a bool output is not).
@@ -324,7 +324,7 @@ class RealShortcut(nn.Module):
     floor(o * in / out) (each channel repeated k times when out = k * in).
 
     How, on CPU (each chosen against the alternatives at BinaryDNet53's sizes, batch 1, 1 thread), in the input's
-    memory format (NCHW or channels_last, which training uses on the CPU):
+    memory format (NCHW, or channels_last when the model runs so):
       * 2x2 pool with even H and W: rows summed through a view, then column pairs (two adds and a scale, no layout
         conversion; avg_pool2d is slow on NCHW and needs a channels_last round trip). Odd sizes (ceil mode's
         partial windows) use nn.AvgPool2d on channels_last.
@@ -332,9 +332,10 @@ class RealShortcut(nn.Module):
         (one pass, where reshape + mean takes a reduction), else their sum divided by k.
       * non-divisible narrowing: adaptive_avg_pool1d over the channels of each pixel, from a channels-innermost
         view (cumulative sums and adaptive_avg_pool3d on NCHW were much slower).
-      * widening by k: each channel repeated through an expanded view (one copy); index_select of the repeated
-        channel indices when out_channels is not a multiple of in_channels.
-    In training the pool, the k-to-1 mean and the k-fold repeat have one-pass backward functions (see _Pool2x2).
+      * widening by k: each channel copied into k channel-strided views of the output; index_select of the
+        repeated channel indices when out_channels is not a multiple of in_channels.
+    In training the pool, the k-to-1 mean and the k-fold repeat have one-pass backward functions (the comment above
+    _pool_2x2_sum says why).
     The results equal the definition above up to float rounding (order of the additions).
     """
 

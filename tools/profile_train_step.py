@@ -19,7 +19,7 @@ machine slows them alike; the step time is the median over rounds.
 
     python tools/profile_train_step.py [--models binary_dnet53 binary_dnet53_bwn binary_dnet53_float]
         [--sizes 64 128] [--batch 32] [--threads 1 2] [--old-rev REV] [--top 12] [--rounds 1]
-        [--layouts nchw channels_last] [--env - OMP_WAIT_POLICY=PASSIVE]
+        [--layouts nchw channels_last] [--env - OMP_WAIT_POLICY=PASSIVE] [--inside _PackedSTEConvBackward]
 
 --old-rev REV also measures REV's Python sources (train/, models/, xnorconv/ from `git archive`, with this
 tree's compiled extension), as tools/train_throughput.py does. Run it from the repository root.
@@ -98,10 +98,17 @@ def walk(event, in_op):
 for event in prof.events():
     if event.cpu_parent is None:
         walk(event, False)
+inside = {}
+for event in prof.events():  # the ops each named node calls directly (inclusive of what they call)
+    if event.name in a["inside"]:
+        for child in event.cpu_children:
+            inside.setdefault(event.name, {})
+            inside[event.name][child.name] = inside[event.name].get(child.name, 0.0) + child.cpu_time_total
 total = sum(groups.values())
 print(json.dumps({"wall": statistics.median(wall), "cpu": statistics.median(cpu), "profiled_us": total,
                   "steps_profiled": a["profiled"],
-                  "groups": [[k[0], k[1], v] for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]}))
+                  "groups": [[k[0], k[1], v] for k, v in sorted(groups.items(), key=lambda kv: -kv[1])],
+                  "inside": {k: sorted(v.items(), key=lambda kv: -kv[1]) for k, v in inside.items()}}))
 '''
 
 
@@ -129,6 +136,8 @@ def main() -> int:
                          "OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--old-rev", default="", help="also profile this revision's Python sources")
     ap.add_argument("--top", type=int, default=12, help="rows per profile table (0: step times only)")
+    ap.add_argument("--inside", nargs="*", default=[], metavar="NODE",
+                    help="also list the ops these autograd.Function nodes call, e.g. _PackedSTEConvBackward")
     args = ap.parse_args()
     print(f"# training-step profile, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"# CPU: {cpu_model()}; {os.cpu_count()} logical CPUs; load average at start "
@@ -152,7 +161,8 @@ def main() -> int:
                 label, tree, model, size, threads, layout, env = c
                 results[c].append(run(tree, {"model": model, "size": size, "threads": threads, "batch": args.batch,
                                              "steps": args.steps, "profiled": args.profiled,
-                                             "channels_last": layout == "channels_last"},
+                                             "channels_last": layout == "channels_last",
+                                             "inside": [f"{n}" for n in args.inside]},
                                       dict([env.split("=", 1)]) if env != "-" else {}))
                 if args.top == 0:  # step times as they come: a long comparison can be followed
                     r = results[c][-1]
@@ -180,6 +190,13 @@ def main() -> int:
                 print(f"| {phase} | {name} | {us / r['steps_profiled'] / 1e3:.1f} | {100 * us / total:.1f}% |")
             rest = sum(us for _, _, us in r["groups"][args.top:])
             print(f"| | everything else | {rest / r['steps_profiled'] / 1e3:.1f} | {100 * rest / total:.1f}% |")
+            for node, ops in r["inside"].items():
+                node_total = sum(us for _, us in ops)
+                print(f"\nInside {node} ({node_total / r['steps_profiled'] / 1e3:.1f} ms/step):\n")
+                print("| op | ms/step | share of the node |")
+                print("|---|---|---|")
+                for op, us in ops[:args.top]:
+                    print(f"| {op} | {us / r['steps_profiled'] / 1e3:.1f} | {100 * us / node_total:.1f}% |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

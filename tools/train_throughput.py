@@ -2,10 +2,11 @@
 """Training throughput (images/s) of `python -m train`'s training loop, this tree against an older revision, in one
 script.
 
-For each variant a fresh process imports that version's own `train` package (and its own `xnorconv` Python layer,
-so its own straight-through estimator), builds its training data loader exactly as `fit` does (`_make_loader`:
-the old one decodes and resizes every image at every access in the main process; this one decodes once per run and
-augments the small image in worker processes), the model, and times training steps (forward, cross-entropy,
+For each variant a fresh process imports that version's own `train` package first, as `python -m train` does (with
+its process setup, and its own `xnorconv` Python layer, so its own straight-through estimator), builds its
+training data loader exactly as `fit` does (`_make_loader`: the old one decodes and resizes every image at every
+access in the main process; this one decodes once per run and augments the small image, in worker processes on the
+cores torch's threads leave free), the model, and times training steps (forward, cross-entropy,
 backward, Adam step) over the loader: images/s = images trained / seconds, after one untimed warm-up batch. This
 tree's one-off decoding of the training images (once per run) is timed separately and printed. The variants are
 interleaved round by round, so that a busy machine slows them alike; medians and ratios are printed.
