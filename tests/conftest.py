@@ -17,3 +17,15 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     random.seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a whole test file, then the previous count back. For files of small ops (intra-op
+    threads only add synchronisation) or large models whose multi-threaded OpenMP workers, spinning, fight other
+    processes for a shared machine's cores. Not autouse: a file opts in with
+    pytestmark = pytest.mark.usefixtures("one_thread")."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -13,16 +13,9 @@ import torch.nn.functional as F
 import xnorconv._first_layer as first_layer_module
 from xnorconv import BinaryConv2d, FrozenBinaryConv2d, Int8Conv2d, binarize, freeze
 
-pytestmark = pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines,
-                                reason="needs PyTorch's oneDNN quantized engine")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = [pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines,
+                                 reason="needs PyTorch's oneDNN quantized engine"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def randomize_bn(model):

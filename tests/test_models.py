@@ -49,14 +49,7 @@ PARAM_RANGES_M = {
 }
 BINARY_VARIANTS = ("binary_dnet53", "binary_dnet53_bwn", "binary_dnet53_float")
 REFERENCE_BINARY = ("birealnet18", "reactnet_a")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see the module docstring
 
 
 def logits_of(output):

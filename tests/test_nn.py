@@ -19,15 +19,7 @@ from xnorconv._autograd import binary_conv2d_ste, ste_sign
 from xnorconv.functional import normalize_conv_args
 from xnorconv.testing import reference_conv2d, sign
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: intra-op threads only add synchronisation (and oversubscribe a shared CI machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see conftest.py
 
 
 def pads_of(layer):

@@ -22,14 +22,7 @@ from xnorconv import BinaryConv2d
 from xnorconv.testing import reference_conv2d, sign
 
 bdn = sys.modules["models.binary_dnet53"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_close_scaled(a, b, tol=1e-5):
