@@ -972,6 +972,36 @@ def test_frozen_layer_survives_dtype_conversions_of_the_model():
     torch.testing.assert_close(frozen(x.double()), expected.double(), rtol=1e-6, atol=1e-6)
 
 
+def test_fold_batchnorm_matches_the_batchnorm_in_eval_semantics():
+    torch.manual_seed(3)
+    for affine in (True, False):
+        bn = nn.BatchNorm2d(6, affine=affine, eps=1e-3).double()
+        with torch.no_grad():
+            bn.running_mean.uniform_(-2, 2)
+            bn.running_var.uniform_(0.2, 3)
+            if affine:
+                bn.weight.uniform_(-2, 2)
+                bn.bias.uniform_(-1, 1)
+        bn.train()  # folds the running statistics all the same
+        scale, bias = torch.rand(6, dtype=torch.float64) + 0.5, torch.randn(6, dtype=torch.float64)
+        t = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+        eval_bn = copy.deepcopy(bn).eval()
+        for s, b in ((scale, bias), (None, None), (scale, None), (None, bias)):
+            folded_scale, folded_bias = xnorconv.fold_batchnorm(bn, s, b)
+            assert folded_scale.dtype == folded_bias.dtype == torch.float64 and folded_scale.shape == (6,)
+            s = torch.ones(6, dtype=torch.float64) if s is None else s
+            b = torch.zeros(6, dtype=torch.float64) if b is None else b
+            want = eval_bn(t * s.view(1, -1, 1, 1) + b.view(1, -1, 1, 1))
+            got = t * folded_scale.view(1, -1, 1, 1) + folded_bias.view(1, -1, 1, 1)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="bn must be a BatchNorm module, got Conv2d"):
+        xnorconv.fold_batchnorm(nn.Conv2d(2, 2, 1))
+    with pytest.raises(ValueError, match="bn must have running statistics"):
+        xnorconv.fold_batchnorm(nn.BatchNorm2d(2, track_running_stats=False))
+    with pytest.raises(ValueError, match=r"bias must have shape \(2,\) \(bn.num_features\), got \(3,\)"):
+        xnorconv.fold_batchnorm(nn.BatchNorm2d(2), bias=torch.zeros(3))
+
+
 def test_freeze_errors():
     with pytest.raises(TypeError, match="freeze expects an nn.Module, got Tensor"):
         freeze(torch.zeros(1))

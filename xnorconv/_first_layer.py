@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._transforms import check_foldable_bn, fold_batchnorm, foldable_bn
+
 __all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "check_first_layer", "convert_first_layer"]
 
 FIRST_LAYER_CHOICES = ("float", "int8")
@@ -100,14 +102,9 @@ class _Tracer(torch.fx.Tracer):
         return type(m).__module__.startswith("xnorconv.") or super().is_leaf_module(m, qualname)
 
 
-def _foldable_bn(conv: nn.Conv2d, bn: nn.Module) -> bool:
-    return (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
-            and bn.running_var is not None and bn.num_features == conv.out_channels)
-
-
 def _fusable(kind: str, conv: nn.Conv2d, m: nn.Module) -> bool:
     if kind == "bn":
-        return _foldable_bn(conv, m)
+        return foldable_bn(conv, m)
     if kind == "relu":
         return type(m) is nn.ReLU
     return type(m) is nn.MaxPool2d and not m.return_indices
@@ -294,9 +291,8 @@ class Int8Conv2d(nn.Module):
         conv's input and of the chain's output."""
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"from_float expects an nn.Conv2d, got {type(conv).__name__}")
-        if bn is not None and not _foldable_bn(conv, bn):
-            raise ValueError(f"cannot fold {bn!r} into {conv!r}: need a BatchNorm2d with running statistics and "
-                             f"num_features == out_channels ({conv.out_channels})")
+        if bn is not None:
+            check_foldable_bn(conv, bn)
         if input_quant_max not in (127, 255):
             raise ValueError(f"input_quant_max must be 255 or 127, got {input_quant_max!r}")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
@@ -410,11 +406,8 @@ def _folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor
     w = conv.weight.detach().double()
     b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
     if bn is not None:
-        inv = torch.rsqrt(bn.running_var.double() + bn.eps)
-        gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(inv)
-        beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(inv)
-        w = w * (gamma * inv).view(-1, 1, 1, 1)
-        b = (b - bn.running_mean.double()) * gamma * inv + beta
+        scale, b = fold_batchnorm(bn, bias=b)
+        w = w * scale.view(-1, 1, 1, 1)
     return w, b
 
 

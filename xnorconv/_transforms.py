@@ -1,5 +1,6 @@
 """Whole-model rewrites behind freeze() and binarize(): where a BatchNorm2d can be folded into the binary conv before
-it, where a binary conv can hand its signs straight to the next one, and swapping modules in place.
+it and the folding itself, where a binary conv can hand its signs straight to the next one, and swapping modules in
+place.
 
 The dataflow comes from one torch.fx trace of the model (with the binary convs and BatchNorm layers as leaves);
 when the model cannot be traced, folding falls back to consecutive [conv, BatchNorm2d] children of an nn.Sequential
@@ -16,6 +17,39 @@ def foldable_bn(conv: nn.Module, bn: nn.Module) -> bool:
     """A BatchNorm2d that folds into `conv` in eval semantics: running statistics, one per output channel."""
     return (type(bn) is nn.BatchNorm2d and bn.track_running_stats and bn.running_mean is not None
             and bn.running_var is not None and bn.num_features == conv.out_channels)
+
+
+def check_foldable_bn(conv: nn.Module, bn: nn.Module) -> None:
+    if not foldable_bn(conv, bn):
+        raise ValueError(f"cannot fold {bn!r} into {conv!r}: need a BatchNorm2d with running statistics and "
+                         f"num_features == out_channels ({conv.out_channels})")
+
+
+def fold_batchnorm(bn: nn.Module, scale: Optional[torch.Tensor] = None,
+                   bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm folding: the per-channel float64 (scale', bias') with scale' * t + bias' == bn(scale * t + bias),
+    bn in eval semantics (its running statistics, whatever bn.training says).
+
+    `scale` and `bias` are (num_features,) tensors, None meaning 1 and 0. After a convolution: scale' multiplies
+    the convolution's weight (one value per output channel) or its output transform (FrozenBinaryConv2d's
+    scale * dot + bias), bias' replaces its bias. Computed in float64, so that float32 values made from it carry
+    little more than their own rounding, and in one order of operations, so that every layer folded here gets the
+    same bits from the same parameters.
+    """
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"fold_batchnorm: bn must be a BatchNorm module, got {type(bn).__name__}")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"fold_batchnorm: bn must have running statistics (track_running_stats=True), got {bn!r}")
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (bn.num_features,):
+            raise ValueError(f"fold_batchnorm: {name} must have shape ({bn.num_features},) (bn.num_features), got "
+                             f"{tuple(t.shape)}")
+    inv = torch.rsqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(inv)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(inv)
+    bias = bias.detach().double() if bias is not None else torch.zeros_like(inv)
+    scale = gamma if scale is None else scale.detach().double() * gamma
+    return scale * inv, (bias - bn.running_mean.double()) * gamma * inv + beta
 
 
 def module_counts(model: nn.Module) -> Dict[int, int]:

@@ -243,9 +243,8 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
         """Freezes one BinaryConv2d, folding `bn` (eval semantics: running statistics) into scale and bias."""
         if not isinstance(layer, BinaryConv2d):
             raise TypeError(f"from_binary expects a BinaryConv2d, got {type(layer).__name__}")
-        if bn is not None and not _transforms.foldable_bn(layer, bn):
-            raise ValueError(f"cannot fold {bn!r} into {layer!r}: need a BatchNorm2d with running statistics and "
-                             f"num_features == out_channels ({layer.out_channels})")
+        if bn is not None:
+            _transforms.check_foldable_bn(layer, bn)
         w = layer.weight.detach()
         frozen = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                      layer.dilation, layer.groups, layer.bias is not None or bn is not None, layer.padding_mode,
@@ -261,11 +260,7 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
                                                                                            dtype=torch.float64)
         bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
         if bn is not None:
-            inv = torch.rsqrt(bn.running_var.double() + bn.eps)
-            gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(inv)
-            beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(inv)
-            scale = scale * gamma * inv
-            bias = (bias - bn.running_mean.double()) * gamma * inv + beta
+            scale, bias = _transforms.fold_batchnorm(bn, scale, bias)
         frozen.scale.copy_(scale)
         if frozen.bias is not None:
             frozen.bias.copy_(bias)
