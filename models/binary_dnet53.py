@@ -60,6 +60,7 @@ from torch import nn
 
 import xnorconv
 
+from .blocks import conv_bn_foldable, folded_conv_bn
 from .darknet import SPPF, CSPBlock, CSPStage, _check_num_classes
 
 __all__ = ["BinaryCSPBlock", "BinaryDNet53", "BinaryDNet53Output", "BinaryConvUnit", "RealShortcut",
@@ -478,27 +479,10 @@ class BinaryDNet53(nn.Module):
         """self.stem(x). At inference (eval, no autograd, eager) the BatchNorm is folded into the conv's weight and
         bias (computed once and cached until a parameter or statistic changes): one conv and the activation."""
         conv, bn, act = self.stem
-        if (torch.is_grad_enabled() or type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.training
-                or bn.running_mean is None or bn.running_var is None or conv.padding_mode != "zeros"
-                or torch.compiler.is_compiling()):
+        if torch.is_grad_enabled() or not conv_bn_foldable(conv, bn) or torch.compiler.is_compiling():
             return _activate(act, bn(conv(x)))
-        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None
-                    for t in tensors) + (bn.eps,)
-        cached = self.__dict__.get("_folded_stem")
-        if cached is None or cached[0] != key:
-            w = conv.weight.detach().double()
-            inv = torch.rsqrt(bn.running_var.double() + bn.eps)
-            if bn.weight is not None:
-                inv = inv * bn.weight.detach().double()
-            bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(inv)
-            bias = (bias - bn.running_mean.double()) * inv
-            if bn.bias is not None:
-                bias = bias + bn.bias.detach().double()
-            dtype = conv.weight.dtype
-            cached = (key, (w * inv.view(-1, 1, 1, 1)).to(dtype), bias.to(dtype))
-            self.__dict__["_folded_stem"] = cached
-        return act(F.conv2d(x, cached[1], cached[2], conv.stride, conv.padding, conv.dilation, conv.groups))
+        weight, bias = folded_conv_bn(self, "_folded_stem", conv, bn)
+        return act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -7,10 +7,14 @@ ClippedConv2d  nn.Conv2d on clip(x, -1, 1): the float stand-in for a binary conv
 MaxPool2d      nn.MaxPool2d that pools in channels_last (PyTorch's CPU max pooling of NCHW tensors is many times
                slower than of channels_last ones, conversions included)
 RPReLU         ReActNet's RPReLU, PReLU(x - gamma) + zeta per channel
+
+conv_bn_foldable and folded_conv_bn are ConvBN's inference fold, also used by BinaryDNet53's stem.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import xnorconv
 
 __all__ = ["ClippedConv2d", "ConvBN", "MaxPool2d", "RPReLU"]
 
@@ -19,6 +23,27 @@ def _tensor_key(tensors):
     """Identity, autograd version, storage, dtype and device of each tensor: changes whenever a tensor is replaced
     or written through autograd-visible ops (optimizer steps, load_state_dict, .to(), in-place edits)."""
     return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None for t in tensors)
+
+
+def conv_bn_foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """conv -> bn can run as one F.conv2d: a plain nn.Conv2d with zeros padding, then a plain nn.BatchNorm2d in
+    eval mode with running statistics."""
+    return (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and not bn.training
+            and bn.running_mean is not None and bn.running_var is not None and conv.padding_mode == "zeros")
+
+
+def folded_conv_bn(owner: nn.Module, cache: str, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    """conv's (weight, bias) with bn folded in (in float64, then the layer's dtype), computed once and kept in
+    owner.__dict__[cache] until a parameter or statistic changes. The owner's __getstate__ drops the cache."""
+    key = _tensor_key((conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)) + (bn.eps,)
+    cached = owner.__dict__.get(cache)
+    if cached is None or cached[0] != key:
+        scale, bias = xnorconv.fold_batchnorm(bn, bias=conv.bias)
+        dtype = conv.weight.dtype
+        weight = (conv.weight.detach().double() * scale.view(-1, 1, 1, 1)).to(dtype)
+        cached = (key, weight, bias.to(dtype))
+        owner.__dict__[cache] = cached
+    return cached[1], cached[2]
 
 
 class ConvBN(nn.Module):
@@ -39,29 +64,10 @@ class ConvBN(nn.Module):
         modules = self._modules
         conv, bn = modules["conv"], modules["bn"]
         if (isinstance(x, torch.fx.Proxy) or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d or bn.training
-                or bn.running_mean is None or bn.running_var is None or conv.padding_mode != "zeros"):
+                or not conv_bn_foldable(conv, bn)):
             return bn(conv(x))
-        weight, bias = self._folded(conv, bn)
+        weight, bias = folded_conv_bn(self, "_folded_cache", conv, bn)
         return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-    def _folded(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
-        key = _tensor_key((conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)) + (bn.eps,)
-        cached = self.__dict__.get("_folded_cache")
-        if cached is None or cached[0] != key:
-            # Fold in float64, run in the layer's dtype.
-            inv = torch.rsqrt(bn.running_var.double() + bn.eps)
-            if bn.weight is not None:
-                inv = inv * bn.weight.detach().double()
-            bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(inv)
-            bias = (bias - bn.running_mean.double()) * inv
-            if bn.bias is not None:
-                bias = bias + bn.bias.detach().double()
-            dtype = conv.weight.dtype
-            weight = (conv.weight.detach().double() * inv.view(-1, 1, 1, 1)).to(dtype)
-            cached = (key, weight, bias.to(dtype))
-            self.__dict__["_folded_cache"] = cached
-        return cached[1], cached[2]
 
     def __getstate__(self):
         state = super().__getstate__()
