@@ -87,6 +87,15 @@ def test_same_constructor_attributes_repr_state_dict_and_init_as_conv2d(kwargs):
     assert binary.weight.abs().max() <= 1 / (binary.weight[0].numel() ** 0.5) + 1e-6
 
 
+@pytest.mark.parametrize("kwargs", CONV_ARGS)
+def test_frozen_layer_geometry_and_repr_as_conv2d(kwargs):
+    conv, frozen = nn.Conv2d(**kwargs), FrozenBinaryConv2d(**kwargs)
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode", "_reversed_padding_repeated_twice"):
+        assert getattr(frozen, attr) == getattr(conv, attr), attr
+    assert frozen.extra_repr() == conv.extra_repr()
+
+
 def test_load_state_dict_from_float_conv_and_back():
     conv = nn.Conv2d(6, 5, 3, padding=1)
     binary = BinaryConv2d(6, 5, 3, padding=1)

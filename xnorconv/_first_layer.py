@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._geometry import conv2d_geometry_repr
 from ._transforms import check_foldable_bn, fold_batchnorm, foldable_bn
 
 __all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "check_first_layer", "convert_first_layer"]
@@ -356,15 +357,7 @@ class Int8Conv2d(nn.Module):
         return packed
 
     def extra_repr(self) -> str:
-        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
+        s = conv2d_geometry_repr(self)  # bias is always a buffer here: no "bias=False"
         if self.relu:
             s += ", relu=True"
         return s + f", input_scale={self.input_scale:.4g}, input_zero_point={self.input_zero_point}"

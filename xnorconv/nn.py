@@ -21,6 +21,7 @@ from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, cha
 from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_layer_input, check_pad_value,
                       check_spatial, normalize_conv_args)
 from ._first_layer import check_first_layer, convert_first_layer
+from ._geometry import conv2d_geometry_repr
 from ._layout import check_memory_format
 from ._layout import install as install_layout_hooks
 from ._packed import packed_kernel_devices, unpack_weight_signs
@@ -282,17 +283,7 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
         self._fast_args = None
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
-        if self.padding != (0, 0):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode}"
+        s = conv2d_geometry_repr(self)
         if self.pad_value != 0:
             s += f", pad_value={self.pad_value}"
         if not self.binarize_input:
