@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._geometry import conv2d_geometry_repr
+from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._transforms import check_foldable_bn, fold_batchnorm, foldable_bn
 
 __all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "check_first_layer", "convert_first_layer"]
@@ -256,12 +256,8 @@ class Int8Conv2d(nn.Module):
                  groups: int = 1, padding_mode: str = "zeros", *, relu: bool = False,
                  pool: Optional[nn.MaxPool2d] = None):
         super().__init__()
-        # nn.Conv2d's own argument handling and messages (on meta: allocates nothing).
-        geometry = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False,
-                             padding_mode, device="meta")
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "_reversed_padding_repeated_twice"):
-            setattr(self, attr, getattr(geometry, attr))
+        set_conv2d_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                            padding_mode)
         if not isinstance(relu, bool):
             raise ValueError(f"relu must be True or False, got {relu!r}")
         if pool is not None and (type(pool) is not nn.MaxPool2d or pool.return_indices):

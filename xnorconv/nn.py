@@ -21,7 +21,7 @@ from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, cha
 from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_layer_input, check_pad_value,
                       check_spatial, normalize_conv_args)
 from ._first_layer import check_first_layer, convert_first_layer
-from ._geometry import conv2d_geometry_repr
+from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._layout import check_memory_format
 from ._layout import install as install_layout_hooks
 from ._packed import packed_kernel_devices, unpack_weight_signs
@@ -212,14 +212,10 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
         super().__init__()
         check_geometry("FrozenBinaryConv2d", in_channels, out_channels, kernel_size, stride, padding, dilation,
                        groups)
-        # Reuse nn.Conv2d's argument handling (meta: allocates nothing) for identical geometry attributes.
-        geometry = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, False,
-                             padding_mode, device="meta")
+        set_conv2d_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                            padding_mode)
         check_pad_value(pad_value, padding_mode)
         check_bool("binarize_input", binarize_input)
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "_reversed_padding_repeated_twice"):
-            setattr(self, attr, getattr(geometry, attr))
         self.pad_value = pad_value
         self.binarize_input = binarize_input
         kh, kw = self.kernel_size
