@@ -13,19 +13,11 @@ import torch.nn.functional as F
 import xnorconv._first_layer as first_layer_module
 from xnorconv import BinaryConv2d, FrozenBinaryConv2d, Int8Conv2d, binarize, freeze
 
+from _helpers import randomize_batchnorm
+
 pytestmark = [pytest.mark.skipif("onednn" not in torch.backends.quantized.supported_engines,
                                  reason="needs PyTorch's oneDNN quantized engine"),
               pytest.mark.usefixtures("one_thread")]
-
-
-def randomize_bn(model):
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
 
 
 class Stem(nn.Module):
@@ -47,7 +39,7 @@ class Stem(nn.Module):
 
 def stem_net(**kwargs):
     model = Stem(**kwargs)
-    randomize_bn(model)
+    randomize_batchnorm(model)
     return model.eval()
 
 
@@ -251,7 +243,7 @@ def test_chain_without_relu_or_pool_and_a_bare_conv():
     assert_int8_close(layer, x, want, conv.weight.detach())
     # Followed by something that is not folded (here a PReLU, as BinaryDNet53's stem): stays after the layer.
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.PReLU(8)).eval()
-    randomize_bn(net)
+    randomize_batchnorm(net)
     frozen = freeze(net, first_layer="int8", calibration=x)
     assert [type(m) for m in frozen] == [Int8Conv2d, nn.Identity, nn.PReLU]
 
@@ -298,7 +290,7 @@ def test_untraceable_models_fuse_sequential_neighbours():
             return self.head(y.mean((2, 3)))
 
     model = Branchy().eval()
-    randomize_bn(model)
+    randomize_batchnorm(model)
     frozen = freeze(model, first_layer="int8", calibration=torch.randn(2, 3, 16, 16))
     assert [type(m) for m in frozen.stem] == [Int8Conv2d, nn.Identity, nn.Identity]
     assert frozen.stem[0].relu
@@ -307,7 +299,7 @@ def test_untraceable_models_fuse_sequential_neighbours():
 def test_binary_dnet53_stem_under_no_grad_too():
     import models
     net = models.create("binary_dnet53", 3).eval()
-    randomize_bn(net)
+    randomize_batchnorm(net)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # BinaryDNet53 computes its stem functionally here; the search must still find it
         frozen = freeze(net, first_layer="int8", calibration=x)
@@ -324,7 +316,7 @@ def feature_net():
     """A 4-D output, whose layout freeze() hands back as the caller's."""
     net = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
                         BinaryConv2d(8, 16, 3, padding=1)).eval()
-    randomize_bn(net)
+    randomize_batchnorm(net)
     return net
 
 
@@ -449,7 +441,7 @@ def test_torch_compile_runs_it():
 def test_binarized_resnet18_int8_stem():
     import torchvision
     model = binarize(torchvision.models.resnet18(num_classes=4)).eval()
-    randomize_bn(model)
+    randomize_batchnorm(model)
     x = torch.randn(2, 3, 64, 64)
     frozen = freeze(model, first_layer="int8", calibration=x)
     assert isinstance(frozen.conv1, Int8Conv2d) and frozen.conv1.relu and frozen.conv1.pool is not None

@@ -21,6 +21,8 @@ import models
 import xnorconv
 from models.binary_dnet53 import BinaryConvUnit, RealShortcut
 
+from _helpers import randomize_batchnorm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Documented parameter ranges (millions) for 2 and 6 classes. Published references: Darknet-53 41.6M and
@@ -58,17 +60,6 @@ def logits_of(output):
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
-
-
-def randomize_batchnorm(model):
-    """Non-trivial BatchNorm statistics and affine parameters, so BN folding is really exercised."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.3, 0.3)
 
 
 def test_registry_lists_every_model():
