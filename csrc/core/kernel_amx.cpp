@@ -32,6 +32,7 @@
 #include "isa_begin.h"
 #include "kernel_common.h"
 #include "avx512_binarize.h"
+#include "avx512_lanes.h"
 
 namespace xnorconv {
 namespace {
@@ -275,33 +276,24 @@ int64_t amx_conv_tasks(const ConvParams& p, const ActivationLayout&) {
   return p.batch * p.groups * g.channel_blocks * g.task_chunks;
 }
 
-// The end of the output stage for up to 16 values y (y = scale * dot + bias) going to out + at / out_signs + at:
-// residual add, PReLU with `slope` (per lane), then the float store or the sign test against `threshold`.
-inline void finish_store(const OutputStage& st, __m512 y, __mmask16 lanes, int64_t at, __m512 slope,
-                         __m512 threshold) {
-  if (st.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(lanes, st.residual + at));
-  if (st.prelu) y = _mm512_mask_mul_ps(y, _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ), y, slope);
-  if (st.out_signs)
-    _mm_mask_storeu_epi8(st.out_signs + at, lanes,
-                         _mm_maskz_set1_epi8(_mm512_mask_cmp_ps_mask(lanes, y, threshold, _CMP_NGE_UQ), 1));
-  else
-    _mm512_mask_storeu_ps(st.out + at, lanes, y);
+// The operands of output channels [first, first + 16) under `real`, one channel per lane, each absent operand as its
+// neutral value.
+ChannelValues<Avx512Lanes> channel_vector(const EpilogueParams& e, int64_t first, __mmask16 real) {
+  return load_channel_values<Avx512Lanes>(e, [&](const float* operand, float neutral) {
+    return operand ? _mm512_maskz_loadu_ps(real, operand + first) : _mm512_set1_ps(neutral);
+  });
 }
 
 // NHWC output: each tile row is 16 channels of one output pixel, stored as they are.
 void store_block_nhwc(const ConvParams& p, const AmxGeometry& g, const OutputStage& st, int64_t n, int64_t grp,
                       int64_t cb, int64_t pb, const int32_t (*c)[kTileRows][kTileRows]) {
   const int64_t og = p.out_channels_per_group(), oh = p.out_h(), ow = p.out_w(), oc = p.out_channels;
-  const __m512 zero = _mm512_setzero_ps();
   for (int h = 0; h < 2; ++h) {
     const int64_t o0 = cb * kBlockChannels + h * kTileRows;
     if (o0 >= og) break;
     const __mmask16 real = static_cast<__mmask16>((1u << imin(kTileRows, og - o0)) - 1);
     const int64_t first = grp * og + o0;
-    const __m512 scale = st.scale ? _mm512_maskz_loadu_ps(real, st.scale + first) : _mm512_set1_ps(1.0f);
-    const __m512 bias = st.bias ? _mm512_maskz_loadu_ps(real, st.bias + first) : zero;
-    const __m512 slope = st.prelu ? _mm512_maskz_loadu_ps(real, st.prelu + first) : zero;
-    const __m512 threshold = st.out_threshold ? _mm512_maskz_loadu_ps(real, st.out_threshold + first) : zero;
+    const ChannelValues<Avx512Lanes> values = channel_vector(st, first, real);
     for (int m = 0; m < 2; ++m) {
       const int64_t q0 = pb * kBlockPositions + m * kTileRows;
       int64_t oy = q0 / g.phase_cols, ox = q0 - oy * g.phase_cols;
@@ -312,8 +304,8 @@ void store_block_nhwc(const ConvParams& p, const AmxGeometry& g, const OutputSta
         }
         if (oy >= oh) break;
         if (ox >= ow) continue;  // a wide position past the row's end
-        const __m512 y = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * m + h][i])), bias);
-        finish_store(st, y, real, ((n * oh + oy) * ow + ox) * oc + first, slope, threshold);
+        const __m512 y = affine<Avx512Lanes>(values, _mm512_load_si512(c[2 * m + h][i]));
+        finish<Avx512Lanes>(st, values, y, {((n * oh + oy) * ow + ox) * oc + first, 0, real, false});
       }
     }
   }
@@ -321,11 +313,12 @@ void store_block_nhwc(const ConvParams& p, const AmxGeometry& g, const OutputSta
 
 // The output stage of one block: c[2 * m + h][position][channel] for position tile m and channel tile h. The
 // affine step runs on the tile's rows (16 channels of one position, with a vector of 16 scales), then the
-// transpose makes each channel's 16 positions a vector to store along its NCHW row.
+// transpose makes each channel's 16 positions a vector to store along its NCHW row, each run of it in place under
+// its lane mask, from where lane 0 would land.
 void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& st, int64_t n, int64_t grp,
                  int64_t cb, int64_t pb, const int32_t (*c)[kTileRows][kTileRows]) {
   const int64_t og = p.out_channels_per_group(), oh = p.out_h(), ow = p.out_w(), plane_size = oh * ow;
-  const __m512 zero = _mm512_setzero_ps();
+  const bool plain = is_plain(st);
   for (int m = 0; m < 2; ++m) {
     const int64_t q0 = pb * kBlockPositions + m * kTileRows;
     if (q0 >= g.out_positions) break;
@@ -336,29 +329,27 @@ void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& s
       const int channels = static_cast<int>(imin(kTileRows, og - o0));
       const __mmask16 real = static_cast<__mmask16>((1u << channels) - 1);
       const int64_t first = grp * og + o0;
-      const __m512 scale = st.scale ? _mm512_maskz_loadu_ps(real, st.scale + first) : _mm512_set1_ps(1.0f);
-      const __m512 bias = st.bias ? _mm512_maskz_loadu_ps(real, st.bias + first) : zero;
+      const ChannelValues<Avx512Lanes> across = channel_vector(st, first, real);
       __m512i y[kTileRows];
       for (int i = 0; i < kTileRows; ++i)
-        y[i] = _mm512_castps_si512(
-            _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(_mm512_load_si512(c[2 * m + h][i])), bias));
+        y[i] = _mm512_castps_si512(affine<Avx512Lanes>(across, _mm512_load_si512(c[2 * m + h][i])));
       transpose16(y);  // y[v] = channel o0 + v over the 16 positions
-      if (!st.residual && !st.prelu && !st.out_signs) {
-        float* row = st.out + (n * p.out_channels + first) * plane_size;
-        for (int v = 0; v < channels; ++v, row += plane_size)
+      // The common case in a loop of its own, without the other cases' code (the thin layers notice it).
+      if (plain) {
+        for (int v = 0; v < channels; ++v) {
+          const int64_t plane = (n * p.out_channels + first + v) * plane_size;
           for (int sgi = 0; sgi < seg.count; ++sgi)
-            _mm512_mask_storeu_ps(row + seg.offset[sgi], seg.mask[sgi], _mm512_castsi512_ps(y[v]));
+            finish<Avx512Lanes, true>(st, across, _mm512_castsi512_ps(y[v]),
+                                      {plane + seg.offset[sgi], 0, seg.mask[sgi], false});
+        }
         continue;
       }
       for (int v = 0; v < channels; ++v) {
-        const int64_t o = first + v;
-        const __m512 yv = _mm512_castsi512_ps(y[v]);
-        const int64_t plane = (n * p.out_channels + o) * plane_size;
-        const __m512 slope = _mm512_set1_ps(st.prelu ? st.prelu[o] : 0.0f);
-        const __m512 threshold = _mm512_set1_ps(st.out_threshold ? st.out_threshold[o] : 0.0f);
-        // Each run is stored in place under its lane mask, from where lane 0 would land.
+        const int64_t plane = (n * p.out_channels + first + v) * plane_size;
+        const ChannelValues<Avx512Lanes> along = channel_values<Avx512Lanes>(st, first + v);
         for (int sgi = 0; sgi < seg.count; ++sgi)
-          finish_store(st, yv, seg.mask[sgi], plane + seg.offset[sgi], slope, threshold);
+          finish<Avx512Lanes>(st, along, _mm512_castsi512_ps(y[v]),
+                              {plane + seg.offset[sgi], 0, seg.mask[sgi], false});
       }
     }
   }

@@ -56,6 +56,40 @@ thread_local Scratch t_act_planes, t_weight_block, t_offsets;
 
 void split_nibbles(const uint64_t* src, int64_t words, uint64_t* lo, uint64_t* hi);
 
+// The output stage's vector (output_stage.h): the 8 pixels of one strip, of which the first `lanes` are real.
+struct Avx2Lanes {
+  static constexpr int kLanes = 8;
+  using F = __m256;
+  using I = __m256i;
+  struct At {
+    int64_t index;
+    int lanes;
+  };
+  static F broadcast(float x) { return _mm256_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F to_float(I x) { return _mm256_cvtepi32_ps(x); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F prelu(F y, F slope) {
+    return _mm256_blendv_ps(y, _mm256_mul_ps(y, slope), _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_NGE_UQ));
+  }
+  static __m256i real(int lanes) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  // Masked loads and stores never touch the lanes past a partial strip (which may lie past the tensor's end).
+  static F load(const float* base, const At& at) {
+    return at.lanes == kLanes ? _mm256_loadu_ps(base + at.index) : _mm256_maskload_ps(base + at.index, real(at.lanes));
+  }
+  static void store(float* base, const At& at, F y) {
+    if (at.lanes == kLanes) _mm256_storeu_ps(base + at.index, y);
+    else _mm256_maskstore_ps(base + at.index, real(at.lanes), y);
+  }
+  static void store_signs(uint8_t* base, const At& at, F y, F threshold) {
+    const int negative = _mm256_movemask_ps(_mm256_cmp_ps(y, threshold, _CMP_NGE_UQ));
+    uint8_t* s = base + at.index;
+    for (int lane = 0; lane < at.lanes; ++lane) s[lane] = static_cast<uint8_t>((negative >> lane) & 1);
+  }
+};
+
 struct Avx2Isa {
   // A strip is 8 pixels, computed as two 4-pixel halves one after the other; a half keeps its kChannels byte
   // counters, its two activation nibble planes, two weight broadcasts, the LUT and two temporaries in the 16 ymm,
@@ -198,6 +232,7 @@ struct Avx2Isa {
     const int64_t words = taps * words_per_group;
     const uint64_t* wb = block_weights(weight, words, call);
     const __m256i depth = _mm256_set1_epi32(bs.depth);
+    const EpilogueParams& e = *bs.epilogue;
     // Each strip of 8 pixels is two ymm halves computed one after the other, each with all kChannels counters in
     // registers (the weights are re-read from L1 per half); the output stage then takes the 8 pixels in one ymm.
     for (int i = 0; i < kStrips; ++i) {
@@ -222,43 +257,20 @@ struct Avx2Isa {
           const __m256i classes = _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.lane_class[i]));
           dot = _mm256_sub_epi32(dot, _mm256_i32gather_epi32(bs.class_value[v], classes, 4));
         }
-        const __m256 y =
-            _mm256_fmadd_ps(_mm256_set1_ps(bs.scale[v]), _mm256_cvtepi32_ps(dot), _mm256_set1_ps(bs.bias[v]));
-        if (plain) _mm256_storeu_ps(bs.plane[v] + bs.offset[i], y);
-        else emit(y, i, v, bs);
+        const ChannelValues<Avx2Lanes> c = bs.values<Avx2Lanes>(v);
+        const __m256 y = affine<Avx2Lanes>(c, dot);
+        if (plain) finish<Avx2Lanes, true>(e, c, y, {bs.at(i, v), kStrip});
+        else finish_rare(e, bs, i, v, y);
       }
     }
   }
 
-  // The rest of the output stage for strip i, channel v (y = scale * dot + bias): partial strips, residual, PReLU,
-  // sign output.
-  static void emit(__m256 y, int i, int v, const BlockStore<kStrips, kChannels, kStrip>& bs) {
-    const int lanes = bs.lanes[i];
-    alignas(32) float tmp[kStrip];
-    if (const float* r = bs.residual(i, v)) {
-      if (lanes == kStrip) {
-        y = _mm256_add_ps(y, _mm256_loadu_ps(r));
-      } else {
-        for (int lane = 0; lane < kStrip; ++lane) tmp[lane] = lane < lanes ? r[lane] : 0.0f;
-        y = _mm256_add_ps(y, _mm256_load_ps(tmp));
-      }
-    }
-    if (bs.prelu) {
-      const __m256 negative = _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_NGE_UQ);
-      y = _mm256_blendv_ps(y, _mm256_mul_ps(y, _mm256_set1_ps(bs.slope[v])), negative);
-    }
-    if (uint8_t* s = bs.signs(i, v)) {
-      const int negative = _mm256_movemask_ps(_mm256_cmp_ps(y, _mm256_set1_ps(bs.threshold[v]), _CMP_NGE_UQ));
-      for (int lane = 0; lane < lanes; ++lane) s[lane] = static_cast<uint8_t>((negative >> lane) & 1);
-      return;
-    }
-    float* o = bs.out(i, v);
-    if (lanes == kStrip) {
-      _mm256_storeu_ps(o, y);
-    } else {
-      _mm256_store_ps(tmp, y);
-      for (int lane = 0; lane < lanes; ++lane) o[lane] = tmp[lane];
-    }
+  // The output stage's other cases (partial strips, residual, PReLU, sign output), out of line: inlined, they made
+  // the common case's loop larger and slower on the thin layers, where the output stage is much of the work.
+  static __attribute__((noinline)) void finish_rare(const EpilogueParams& e,
+                                                    const BlockStore<kStrips, kChannels, kStrip>& bs, int i, int v,
+                                                    __m256 y) {
+    finish<Avx2Lanes>(e, bs.values<Avx2Lanes>(v), y, {bs.at(i, v), bs.lanes[i]});
   }
 
   // Popcount of every nibble value, for vpshufb.

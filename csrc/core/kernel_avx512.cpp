@@ -14,6 +14,7 @@
 #include "isa_begin.h"
 #include "kernel_common.h"
 #include "avx512_binarize.h"
+#include "avx512_lanes.h"
 
 namespace xnorconv {
 namespace {
@@ -64,9 +65,10 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
   static void store(const __m512i (&acc)[kStrips][kChannels], const BlockStore<kStrips, kChannels, kStrip>& bs) {
     const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i depth = _mm512_set1_epi32(bs.depth);
+    const EpilogueParams& e = *bs.epilogue;
     if (bs.dense) {
-      if (bs.plain) dense_store<false>(acc, bs, low_dwords, depth);
-      else dense_store<true>(acc, bs, low_dwords, depth);
+      if (bs.plain) dense_store<true>(acc, bs, e, low_dwords, depth);
+      else dense_store<false>(acc, bs, e, low_dwords, depth);
       return;
     }
 #pragma GCC unroll 4
@@ -83,68 +85,48 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
         // The common case, with no per-channel decisions but the group's end.
 #pragma GCC unroll 8
         for (int v = 0; v < kChannels; ++v) {
-          if (!bs.plane[v]) break;  // past the group's last channel (the block's last channels only)
-          const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, i, v);
-          store_pair(bs.plane[v] + bs.offset[i], split ? bs.plane[v] + bs.offset[i + 1] : nullptr, lanes, split, y);
+          if (!bs.channel_real[v]) break;  // past the group's last channel (the block's last channels only)
+          const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
+          const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, c, i, v);
+          finish<Avx512Lanes, true>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split});
         }
         continue;
       }
 #pragma GCC unroll 8
       for (int v = 0; v < kChannels; ++v) {
         if (!bs.stored(i, v)) continue;
-        __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, i, v);
-        if (bs.residual_plane[v])
-          y = _mm512_add_ps(y, load_pair(bs.residual(i, v), bs.residual(i + 1, v), lanes, split));
-        if (bs.prelu) {
-          const __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ);
-          y = _mm512_mask_mul_ps(y, negative, y, _mm512_set1_ps(bs.slope[v]));
-        }
-        if (uint8_t* signs = bs.signs(i, v)) {
-          const __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_set1_ps(bs.threshold[v]), _CMP_NGE_UQ);
-          const __m128i bytes = _mm_maskz_set1_epi8(negative, 1);
-          if (!split) {
-            _mm_mask_storeu_epi8(signs, lanes, bytes);
-          } else {
-            _mm_mask_storeu_epi8(signs, lanes & 0xFF, bytes);
-            _mm_mask_storeu_epi8(bs.signs(i + 1, v), lanes >> 8, _mm_srli_si128(bytes, 8));
-          }
-        } else {
-          store_pair(bs.out(i, v), bs.out(i + 1, v), lanes, split, y);
-        }
+        const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
+        const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, c, i, v);
+        finish<Avx512Lanes>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split});
       }
     }
   }
 
   // Whole blocks (BlockStore::dense): 16 outputs per vpermt2d + integer step (+ corrections on borders) +
-  // conversion + FMA (+ residual and PReLU: kUnit) + store, with no per-strip or per-channel test.
-  template <bool kUnit>
+  // conversion + FMA (+ residual and PReLU unless kPlain) + store, with no per-strip or per-channel test.
+  template <bool kPlain>
   static void dense_store(const __m512i (&acc)[kStrips][kChannels], const BlockStore<kStrips, kChannels, kStrip>& bs,
-                          __m512i low_dwords, __m512i depth) {
+                          const EpilogueParams& e, __m512i low_dwords, __m512i depth) {
 #pragma GCC unroll 4
     for (int i = 0; i < kStrips; i += 2) {
       const __mmask16 border = static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (bs.border[i + 1] ? 0xFF00 : 0));
 #pragma GCC unroll 8
       for (int v = 0; v < kChannels; ++v) {
-        __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, i, v);
-        if (kUnit) {
-          if (bs.residual_plane[v]) y = _mm512_add_ps(y, _mm512_loadu_ps(bs.residual_plane[v] + bs.offset[i]));
-          if (bs.prelu) {
-            const __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ);
-            y = _mm512_mask_mul_ps(y, negative, y, _mm512_set1_ps(bs.slope[v]));
-          }
-        }
-        _mm512_storeu_ps(bs.plane[v] + bs.offset[i], y);
+        const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
+        const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, c, i, v);
+        finish<Avx512Lanes, kPlain>(e, c, y, {bs.at(i, v), 0, Avx512Lanes::kAll, false});
       }
     }
   }
 
   // y = scale * (depth - 2 * count - correction) + bias for strips i and i + 1 (lanes 0-7 and 8-15) of channel v.
   static __m512 output(__m512i count_lo, __m512i count_hi, __m512i low_dwords, __m512i depth, __mmask16 border,
-                       const BlockStore<kStrips, kChannels, kStrip>& bs, int i, int v) {
+                       const BlockStore<kStrips, kChannels, kStrip>& bs, const ChannelValues<Avx512Lanes>& c, int i,
+                       int v) {
     const __m512i count = _mm512_permutex2var_epi32(count_lo, low_dwords, count_hi);
     __m512i dot = _mm512_sub_epi32(depth, _mm512_add_epi32(count, count));
     if (border) dot = _mm512_sub_epi32(dot, corrections(border, bs, i, v));
-    return _mm512_fmadd_ps(_mm512_set1_ps(bs.scale[v]), _mm512_cvtepi32_ps(dot), _mm512_set1_ps(bs.bias[v]));
+    return affine<Avx512Lanes>(c, dot);
   }
 
   // The zero-padding corrections of strips i and i + 1 of channel v, in the lanes of `border`. Up to 16 classes
@@ -159,25 +141,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
     return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), border, classes, bs.class_value[v], 4);
   }
 
-  // 16 floats to lo (lanes 0-15), or, split, 8 to lo and 8 to hi.
-  static void store_pair(float* lo, float* hi, __mmask16 lanes, bool split, __m512 y) {
-    if (!split) {
-      _mm512_mask_storeu_ps(lo, lanes, y);
-      return;
-    }
-    _mm256_mask_storeu_ps(lo, static_cast<__mmask8>(lanes), _mm512_castps512_ps256(y));
-    _mm256_mask_storeu_ps(hi, static_cast<__mmask8>(lanes >> 8), _mm512_extractf32x8_ps(y, 1));
-  }
-
   static unsigned lane_mask(int lanes) { return (1u << lanes) - 1; }
-
-  // 16 floats: at lo (lanes 0-15), or, split, 8 at lo and 8 at hi.
-  static __m512 load_pair(const float* lo, const float* hi, __mmask16 lanes, bool split) {
-    if (!split) return _mm512_maskz_loadu_ps(lanes, lo);
-    const __m256 low = _mm256_maskz_loadu_ps(static_cast<__mmask8>(lanes), lo);
-    const __m256 high = _mm256_maskz_loadu_ps(static_cast<__mmask8>(lanes >> 8), hi);
-    return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
-  }
 
   static uint64_t peak_probe(int64_t iterations) {
     // kStrips x kProbeChannels products per round, each with its own weight register so that nothing can be

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "output_stage.h"
 #include "xnorconv_core.h"
 
 namespace xnorconv {
@@ -256,16 +257,20 @@ void pack_rows(const ConvParams& p, const typename Source::T* x, TensorStrides s
   }
 }
 
-// Where and how a block writes: for strip i and channel v, lanes [0, lanes[i]) of out(i, v) (nullptr: a tail strip
-// or channel, computed but not stored) get y = scale[v] * (depth - 2 * popcount - correction) + bias[v].
-// Stored per channel (plane) and per strip (offset), so that setting up a block costs P + V entries, not P * V.
+// Where and how a block writes: for strip i and channel v, lanes [0, lanes[i]) of the output at element
+// at(i, v) (of epilogue->out, ->residual and ->out_signs, which share the output's shape) get the output stage
+// (output_stage.h) of y = scale[v] * (depth - 2 * popcount - correction) + bias[v]. Strips past the last one and
+// channels past the group's last are computed but not stored. Stored per channel (channel_offset) and per strip
+// (offset), so that setting up a block costs P + V entries, not P * V.
 template <int P, int V, int SW>
 struct BlockStore {
-  float* plane[V];      // output plane of channel v, or nullptr past the group's last channel
-  int64_t offset[P];    // strip i's offset in a plane, or -1 past the last strip
+  const EpilogueParams* epilogue;  // the call's output stage
+  int64_t channel_offset[V];       // element offset of channel v's plane
+  bool channel_real[V];            // false past the group's last channel
+  int64_t offset[P];               // strip i's offset in a plane, or -1 past the last strip
   int lanes[P];
-  bool border[P];       // strip i reads padding (pad_value 0): correction(i, v, lane) applies
-  float scale[V], bias[V];
+  bool border[P];  // strip i reads padding (pad_value 0): correction(i, v, lane) applies
+  ChannelValues<OneLane> operands[V];  // channel v's scale, bias, PReLU slope and sign threshold
   int32_t depth;
   // pad_value 0 (read for border strips only): lane_class[i][lane] is the padding class of strip i's lane
   // (ZeroPadCorrection; 0 for none), class_value[v][class] what channel v's dot loses in that class. A strip costs
@@ -274,36 +279,22 @@ struct BlockStore {
   alignas(64) int32_t lane_class[P][SW];
   const int32_t* class_value[V];
   int32_t classes;
-  // Sign output (OutputStage::out_signs): plane[v] is then unused and sign_plane[v] / threshold[v] are set.
-  uint8_t* sign_plane[V];
-  float threshold[V];
-  // Optional residual add and PReLU (OutputStage::residual / prelu), before the store or the sign test.
-  const float* residual_plane[V];
-  bool prelu;
-  float slope[V];
   // The common output stage, fixed per call: float output, no residual, no PReLU (y = scale * dot + bias, stored).
   bool plain;
-  // Float output (residual and PReLU allowed), and every strip and channel of this block is real and stored whole,
-  // with each pair of strips (0-1, 2-3) contiguous in its plane: a family may then store without per-strip or
-  // per-channel tests (border strips still get their corrections).
+  // Float output, and every strip and channel of this block is real and stored whole, with each pair of strips
+  // (0-1, 2-3) contiguous in its plane: a family may then store without per-strip or per-channel tests (border
+  // strips still get their corrections).
   bool dense;
 
-  const float* residual(int i, int v) const {
-    return residual_plane[v] && offset[i] >= 0 ? residual_plane[v] + offset[i] : nullptr;
-  }
-  // The scalar form of the residual / PReLU step, for lanes handled one by one.
-  float finish(float y, int i, int v, int lane) const {
-    if (const float* r = residual(i, v)) y += r[lane];
-    return prelu && !(y >= 0.0f) ? slope[v] * y : y;
-  }
-
-  float* out(int i, int v) const { return plane[v] && offset[i] >= 0 ? plane[v] + offset[i] : nullptr; }
-  uint8_t* signs(int i, int v) const {
-    return sign_plane[v] && offset[i] >= 0 ? sign_plane[v] + offset[i] : nullptr;
-  }
-  // Whether strip i, channel v is stored at all (float or signs).
-  bool stored(int i, int v) const { return offset[i] >= 0 && (plane[v] || sign_plane[v]); }
+  bool stored(int i, int v) const { return offset[i] >= 0 && channel_real[v]; }
+  int64_t at(int i, int v) const { return channel_offset[v] + offset[i]; }
   int32_t correction(int i, int v, int lane) const { return class_value[v][lane_class[i][lane]]; }
+  // Channel v's operands broadcast to the lanes of trait L.
+  template <class L>
+  ChannelValues<L> values(int v) const {
+    const ChannelValues<OneLane>& c = operands[v];
+    return {L::broadcast(c.scale), L::broadcast(c.bias), L::broadcast(c.slope), L::broadcast(c.threshold)};
+  }
 };
 
 struct TaskSpace {
@@ -390,19 +381,11 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   const int64_t taps = p.taps(), wpg = l.words_per_group, weight_row = taps * wpg;
   const ZeroPadCorrection* zp = p.pad_value == PadValue::Zero ? st.zero_pad : nullptr;
   BlockStore<P, V, SW> bs;
+  bs.epilogue = &st;
   bs.depth = static_cast<int32_t>(p.depth());
-  bs.prelu = st.prelu != nullptr;
-  bs.plain = !st.out_signs && !st.residual && !st.prelu;
+  bs.plain = is_plain(st);
   bs.classes = zp ? static_cast<int32_t>(zp->classes) : 1;
-  // Fields of the optional output stages keep these values when their stage is off (set once, not per block).
-  for (int v = 0; v < V; ++v) {
-    bs.plane[v] = nullptr;
-    bs.sign_plane[v] = nullptr;
-    bs.threshold[v] = 0.0f;
-    bs.residual_plane[v] = nullptr;
-    bs.slope[v] = 1.0f;
-    bs.class_value[v] = nullptr;
-  }
+  for (int v = 0; v < V; ++v) bs.class_value[v] = nullptr;
 
   // More tasks than strip blocks: consecutive tasks cycle through the strip blocks, so the range visits every one
   // of them, some more than once; each is set up here once.
@@ -432,16 +415,9 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
         const bool real = cb * V + v < og;
         const int64_t channel = g * og + imin(cb * V + v, og - 1);
         wrow[v] = w + channel * weight_row;
-        const int64_t plane_offset = (n * p.out_channels + channel) * oh_count * ow_count;
-        bs.plane[v] = real && !st.out_signs ? st.out + plane_offset : nullptr;
-        bs.scale[v] = st.scale ? st.scale[channel] : 1.0f;
-        bs.bias[v] = st.bias ? st.bias[channel] : 0.0f;
-        if (!bs.plain) {
-          bs.sign_plane[v] = real && st.out_signs ? st.out_signs + plane_offset : nullptr;
-          bs.threshold[v] = st.out_threshold ? st.out_threshold[channel] : 0.0f;
-          bs.residual_plane[v] = real && st.residual ? st.residual + plane_offset : nullptr;
-          bs.slope[v] = st.prelu ? st.prelu[channel] : 1.0f;
-        }
+        bs.channel_offset[v] = (n * p.out_channels + channel) * oh_count * ow_count;
+        bs.channel_real[v] = real;
+        bs.operands[v] = channel_values<OneLane>(st, channel);
         if (zp) bs.class_value[v] = zp->value.data() + channel * zp->classes;
       }
       channels_real = (cb + 1) * V <= og;
@@ -491,11 +467,6 @@ template <class Isa>
 void pack_signs(const ConvParams& p, const ActivationLayout& l, const uint8_t* x, TensorStrides s, uint64_t* packed,
                 int64_t begin, int64_t end) {
   pack_rows(p, x, s, SignSource<Isa>{}, BitSink(p, l, packed), begin, end);
-}
-
-// Sign output of one strip from its float results: byte = 1 where y < threshold (binarizes to -1).
-inline void store_signs(const float* y, int lanes, float threshold, uint8_t* out) {
-  for (int lane = 0; lane < lanes; ++lane) out[lane] = static_cast<uint8_t>(!(y[lane] >= threshold));
 }
 
 template <class Isa>

@@ -30,6 +30,43 @@
 namespace xnorconv {
 namespace {
 
+// The output stage's vector (output_stage.h): 4 consecutive pixels of a strip, of which the first `lanes` are real.
+struct NeonLanes {
+  static constexpr int kLanes = 4;
+  using F = float32x4_t;
+  using I = int32x4_t;
+  struct At {
+    int64_t index;
+    int lanes;
+  };
+  static F broadcast(float x) { return vdupq_n_f32(x); }
+  static F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
+  static F to_float(I x) { return vcvtq_f32_s32(x); }
+  static F add(F a, F b) { return vaddq_f32(a, b); }
+  static F prelu(F y, F slope) { return vbslq_f32(vcgeq_f32(y, vdupq_n_f32(0.0f)), y, vmulq_f32(slope, y)); }
+  // A partial vector goes through a buffer, so that no lane past the strip's end is read or written.
+  static F load(const float* base, const At& at) {
+    if (at.lanes == kLanes) return vld1q_f32(base + at.index);
+    float tmp[kLanes] = {};
+    for (int lane = 0; lane < at.lanes; ++lane) tmp[lane] = base[at.index + lane];
+    return vld1q_f32(tmp);
+  }
+  static void store(float* base, const At& at, F y) {
+    if (at.lanes == kLanes) {
+      vst1q_f32(base + at.index, y);
+      return;
+    }
+    float tmp[kLanes];
+    vst1q_f32(tmp, y);
+    for (int lane = 0; lane < at.lanes; ++lane) base[at.index + lane] = tmp[lane];
+  }
+  static void store_signs(uint8_t* base, const At& at, F y, F threshold) {
+    uint32_t at_least[kLanes];
+    vst1q_u32(at_least, vcgeq_f32(y, threshold));
+    for (int lane = 0; lane < at.lanes; ++lane) base[at.index + lane] = static_cast<uint8_t>(at_least[lane] == 0);
+  }
+};
+
 struct NeonIsa : NoPreparation {
   static constexpr int kStrip = 8, kStrips = 2, kChannels = 2;
   static constexpr int kRegs = kStrip / 2;  // q registers per strip
@@ -135,47 +172,24 @@ struct NeonIsa : NoPreparation {
     }
     flush(acc, totals);
 
-    // Output stage: y = scale * (depth - 2 * count - correction) + bias, fused multiply-add as std::fma in the
-    // scalar family, so every family rounds identically.
+    // Output stage, on each half of a strip (one q register of 4 pixels).
+    const EpilogueParams& e = *bs.epilogue;
     const int32x4_t depth = vdupq_n_s32(bs.depth);
     for (int v = 0; v < kChannels; ++v) {
-      const float32x4_t scale = vdupq_n_f32(bs.scale[v]), bias = vdupq_n_f32(bs.bias[v]);
+      const ChannelValues<NeonLanes> c = bs.values<NeonLanes>(v);
       for (int i = 0; i < kStrips; ++i) {
         if (!bs.stored(i, v)) continue;
-        float* out = bs.out(i, v);
-        float32x4_t y[2];
-        for (int h = 0; h < 2; ++h) {
-          const int32x4_t c = vreinterpretq_s32_u32(vld1q_u32(&totals.count[i][v][4 * h]));
-          int32x4_t dot = vsubq_s32(depth, vshlq_n_s32(c, 1));
+        for (int h = 0; h < 2 && 4 * h < bs.lanes[i]; ++h) {
+          const int32x4_t count = vreinterpretq_s32_u32(vld1q_u32(&totals.count[i][v][4 * h]));
+          int32x4_t dot = vsubq_s32(depth, vshlq_n_s32(count, 1));
           if (bs.border[i]) {
             int32_t correction[4];
             for (int lane = 0; lane < 4; ++lane) correction[lane] = bs.correction(i, v, 4 * h + lane);
             dot = vsubq_s32(dot, vld1q_s32(correction));
           }
-          y[h] = vfmaq_f32(bias, scale, vcvtq_f32_s32(dot));
-        }
-        if (bs.residual(i, v) || bs.prelu) {
-          // Residual add and PReLU lane by lane: rare (a fused Bi-Real unit) next to the popcount loop.
-          float tmp[kStrip];
-          vst1q_f32(tmp, y[0]);
-          vst1q_f32(tmp + 4, y[1]);
-          for (int lane = 0; lane < bs.lanes[i]; ++lane) tmp[lane] = bs.finish(tmp[lane], i, v, lane);
-          y[0] = vld1q_f32(tmp);
-          y[1] = vld1q_f32(tmp + 4);
-        }
-        if (uint8_t* signs = bs.signs(i, v)) {
-          float tmp[kStrip];
-          vst1q_f32(tmp, y[0]);
-          vst1q_f32(tmp + 4, y[1]);
-          store_signs(tmp, bs.lanes[i], bs.threshold[v], signs);
-        } else if (bs.lanes[i] == kStrip) {
-          vst1q_f32(out, y[0]);
-          vst1q_f32(out + 4, y[1]);
-        } else {
-          float tmp[kStrip];
-          vst1q_f32(tmp, y[0]);
-          vst1q_f32(tmp + 4, y[1]);
-          for (int lane = 0; lane < bs.lanes[i]; ++lane) out[lane] = tmp[lane];
+          const NeonLanes::At at{bs.at(i, v) + 4 * h, bs.lanes[i] - 4 * h < 4 ? bs.lanes[i] - 4 * h : 4};
+          if (bs.plain) finish<NeonLanes, true>(e, c, affine<NeonLanes>(c, dot), at);
+          else finish<NeonLanes>(e, c, affine<NeonLanes>(c, dot), at);
         }
       }
     }

@@ -1,6 +1,5 @@
 // Portable kernel family: plain C++, always compiled, always last in the selector. It is also the baseline every
 // vector family is tested against in the C++ tests.
-#include <cmath>
 #include <cstdint>
 
 #include "xnorconv_core.h"
@@ -44,20 +43,16 @@ struct ScalarIsa : NoPreparation {
               count[i][v][lane] += static_cast<uint32_t>(__builtin_popcountll(a[lane] ^ wv));
           }
         }
+    const EpilogueParams& e = *bs.epilogue;
     for (int i = 0; i < kStrips; ++i)
       for (int v = 0; v < kChannels; ++v) {
         if (!bs.stored(i, v)) continue;
-        float y[kStrip];
+        const ChannelValues<OneLane> c = bs.values<OneLane>(v);
         for (int lane = 0; lane < bs.lanes[i]; ++lane) {
           int32_t dot = bs.depth - 2 * static_cast<int32_t>(count[i][v][lane]);
           if (bs.border[i]) dot -= bs.correction(i, v, lane);
-          // fma everywhere: every family then rounds identically.
-          y[lane] = bs.finish(std::fma(bs.scale[v], static_cast<float>(dot), bs.bias[v]), i, v, lane);
-        }
-        if (uint8_t* signs = bs.signs(i, v)) {
-          store_signs(y, bs.lanes[i], bs.threshold[v], signs);
-        } else {
-          for (int lane = 0; lane < bs.lanes[i]; ++lane) bs.out(i, v)[lane] = y[lane];
+          if (bs.plain) finish<OneLane, true>(e, c, affine<OneLane>(c, dot), bs.at(i, v) + lane);
+          else finish<OneLane>(e, c, affine<OneLane>(c, dot), bs.at(i, v) + lane);
         }
       }
   }

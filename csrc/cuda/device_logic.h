@@ -29,7 +29,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "epilogue.h"
+#include "output_stage.h"
 
 #if defined(__CUDACC__)
 #define XNC_HD __host__ __device__ __forceinline__
@@ -293,48 +293,10 @@ XNC_HD int32_t dot_from_xor(const GpuConv& p, int32_t raw_xor, int32_t padded_su
   return p.cg * p.taps - 2 * raw_xor + (p.pad_value - 1) * padded_sum;
 }
 
-// The fused output stage (the CPU core's OutputStage on device pointers), in the CPU kernels' float operations and
-// order, so that every output is bit-identical to the CPU op's:
-//   y = fmaf(scale[o], dot, bias[o])                  (scale 1, bias 0 when absent: then y is the exact dot)
-//   y = y + residual[n][o][oh][ow]                    (when residual)
-//   y = y >= 0 ? y : prelu[o] * y                     (when prelu; NaN takes the multiply, as on the CPU)
-//   store y, or the sign byte !(y >= out_threshold[o]) (1 = -1; NaN -> 1, the sign rule) when out_signs.
-// prelu holds one slope per output channel (the binding expands a shared (1,) slope).
-using Epilogue = ::xnorconv::EpilogueParams;  // the output stage shared with the CPU families (csrc/core/epilogue.h)
-
-// Rounded float add and multiply that the device compiler never fuses into an FMA with a neighbour (the CPU kernels
-// round each step on its own).
-XNC_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-XNC_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-// A load of an operand the kernel only reads (the read-only data cache on the device).
-XNC_HD float load_ro(const float* ptr) {
-#if defined(__CUDA_ARCH__)
-  return __ldg(ptr);
-#else
-  return *ptr;
-#endif
-}
-
-// y of output channel o at element offset `at` of the output, from the exact integer dot.
-XNC_HD float output_value(const Epilogue& e, int64_t o, int32_t dot, int64_t at) {
-  float y = fmaf(e.scale ? load_ro(e.scale + o) : 1.0f, static_cast<float>(dot), e.bias ? load_ro(e.bias + o) : 0.0f);
-  if (e.residual) y = add_rn(y, load_ro(e.residual + at));
-  if (e.prelu && !(y >= 0.0f)) y = mul_rn(load_ro(e.prelu + o), y);
-  return y;
-}
+// The fused output stage: the CPU families' (csrc/core/output_stage.h, over its one-lane trait), so every output
+// is bit-identical to the CPU op's: y = fmaf(scale[o], dot, bias[o]), + residual, PReLU, then the float store or
+// the sign byte. prelu holds one slope per output channel (the binding expands a shared (1,) slope).
+using Epilogue = ::xnorconv::EpilogueParams;
 
 // One output pixel of the epilogue: decoded once, then store_output() for each of the thread's channels.
 struct PixelOut {
@@ -363,12 +325,8 @@ XNC_HD PixelOut pixel_out(const GpuConv& p, const Epilogue& e, int32_t pixel) {
 XNC_HD void store_output(const GpuConv& p, const PixelOut& px, int64_t o, int32_t raw_xor, const int32_t* tap_sum,
                          const Epilogue& e) {
   const int32_t padded = px.interior ? 0 : padded_tap_sum(p, px.q, tap_sum, o);
-  const int64_t at = px.base + o * px.channel_step;
-  const float y = output_value(e, o, dot_from_xor(p, raw_xor, padded), at);
-  if (e.out_signs)
-    e.out_signs[at] = static_cast<uint8_t>(!(y >= (e.out_threshold ? load_ro(e.out_threshold + o) : 0.0f)));
-  else
-    e.out[at] = y;
+  const ChannelValues<OneLane> c = channel_values<OneLane>(e, o);
+  finish<OneLane>(e, c, affine<OneLane>(c, dot_from_xor(p, raw_xor, padded)), px.base + o * px.channel_step);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -102,18 +102,11 @@ double conv_kernel_ms(const std::string& backend, const at::Tensor& input, const
 // torch.ops' generic one (schema matching and an IValue stack, which cost more per call than a small layer's
 // kernel). Every dispatch key still applies (autograd, tracing, fake tensors, Python modes, the profiler);
 // only the Python-to-C++ step differs. Called through xnorconv.functional.packed_conv_op() in eager mode.
-at::Tensor call_binary_conv2d_packed(
-    const at::Tensor& input, const at::Tensor& weight_bits, const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
-    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
-    const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups, int64_t pad_value,
-    const c10::optional<at::Tensor>& input_threshold, bool output_signs,
-    const c10::optional<at::Tensor>& output_threshold, const c10::optional<at::Tensor>& residual,
-    const c10::optional<at::Tensor>& prelu_weight) {
+at::Tensor dispatch_binary_conv2d_packed(const xnorconv_torch::PackedConvArgs& args) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("xnorconv::binary_conv2d_packed", "")
                              .typed<xnorconv_torch::PackedConvSignature>();
-  return op.call(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding, dilation,
-                 groups, pad_value, input_threshold, output_signs, output_threshold, residual, prelu_weight);
+  return args.apply([](const auto&... a) { return op.call(a...); });
 }
 
 }  // namespace
@@ -140,7 +133,8 @@ PYBIND11_MODULE(_C, m) {
     p.stride_h = p.stride_w = stride;
     return std::string(xnorconv::select_kernel(p).name);
   }, "The CPU kernel family the selector picks for a layer (channels, square kernel, stride)");
-  m.def("call_binary_conv2d_packed", &call_binary_conv2d_packed, py::arg("input"), py::arg("weight_bits"),
+  m.def("call_binary_conv2d_packed", xnorconv_torch::packed_conv_kernel<dispatch_binary_conv2d_packed>,
+        py::arg("input"), py::arg("weight_bits"),
         py::arg("weight_tap_sum"), py::arg("weight_in_channels"), py::arg("scale"), py::arg("bias"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("pad_value"),
         py::arg("input_threshold") = py::none(), py::arg("output_signs") = false,

@@ -78,12 +78,10 @@ void check_unit_epilogue(const c10::optional<at::Tensor>& residual, const c10::o
   }
 }
 
-ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, const at::Tensor& weight_tap_sum,
-                       int64_t weight_in_channels, const c10::optional<at::Tensor>& scale,
-                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                       at::IntArrayRef dilation, int64_t groups, int64_t pad_value,
-                       const c10::optional<at::Tensor>& input_threshold, bool output_signs,
-                       const c10::optional<at::Tensor>& output_threshold) {
+ConvParams conv_params(const PackedConvArgs& args) {
+  const at::Tensor &input = args.input, &weight_bits = args.weight_bits, &weight_tap_sum = args.weight_tap_sum;
+  const at::IntArrayRef stride = args.stride, padding = args.padding, dilation = args.dilation;
+  const int64_t groups = args.groups, pad_value = args.pad_value, weight_in_channels = args.weight_in_channels;
   TORCH_CHECK(input.dim() == 4, "binary_conv2d: input must be 4-D (N, C, H, W), got a ", input.dim(),
               "-D tensor of shape ", input.sizes());
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBool,
@@ -114,10 +112,10 @@ ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, c
   const int64_t out_channels = weight_bits.size(0);
   TORCH_CHECK(out_channels % groups == 0, "binary_conv2d: weight has ", out_channels,
               " output channels, not divisible by groups=", groups);
-  check_affine(scale, "scale", out_channels, input);
-  check_affine(bias, "bias", out_channels, input);
-  check_input_threshold(input_threshold, input);
-  check_output_threshold(output_threshold, output_signs, out_channels, input);
+  check_affine(args.scale, "scale", out_channels, input);
+  check_affine(args.bias, "bias", out_channels, input);
+  check_input_threshold(args.input_threshold, input);
+  check_output_threshold(args.output_threshold, args.output_signs, out_channels, input);
 
   ConvParams p;
   p.batch = input.size(0);
@@ -139,27 +137,26 @@ ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits, c
   p.pad_value = static_cast<PadValue>(pad_value);
   const std::string err = xnorconv::validate(p);
   TORCH_CHECK(err.empty(), "binary_conv2d: ", err, " (input shape ", input.sizes(), ")");
+  check_unit_epilogue(args.residual, args.prelu_weight, p, input);
   return p;
 }
 
-Epilogue make_epilogue(const at::Tensor& out, bool output_signs, bool nhwc, const c10::optional<at::Tensor>& scale,
-                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& output_threshold,
-                       const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight) {
+Epilogue make_epilogue(const at::Tensor& out, bool nhwc, const PackedConvArgs& args) {
   auto contiguous = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
   auto data = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   Epilogue e;
-  e.scale = contiguous(scale);
-  e.bias = contiguous(bias);
-  e.out_threshold = contiguous(output_threshold);
-  if (residual.has_value())
-    e.residual = residual->contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  if (prelu_weight.has_value()) e.prelu = prelu_weight->expand({out.size(1)}).contiguous();
+  e.scale = contiguous(args.scale);
+  e.bias = contiguous(args.bias);
+  e.out_threshold = contiguous(args.output_threshold);
+  if (args.residual.has_value())
+    e.residual = args.residual->contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  if (args.prelu_weight.has_value()) e.prelu = args.prelu_weight->expand({out.size(1)}).contiguous();
   xnorconv::EpilogueParams& p = e.params;
   p.scale = data(e.scale);
   p.bias = data(e.bias);
   p.residual = data(e.residual);
   p.prelu = data(e.prelu);
-  if (output_signs) {
+  if (args.output_signs) {
     p.out_signs = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
     p.out_threshold = data(e.out_threshold);
   } else {
@@ -264,37 +261,26 @@ void torch_parallel_for(int64_t tasks, int64_t grain, const xnorconv::TaskBody& 
   at::parallel_for(0, tasks, grain, body);
 }
 
-at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& weight_bits,
-                                    const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
-                                    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
-                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                    int64_t groups, int64_t pad_value,
-                                    const c10::optional<at::Tensor>& input_threshold, bool output_signs,
-                                    const c10::optional<at::Tensor>& output_threshold,
-                                    const c10::optional<at::Tensor>& residual,
-                                    const c10::optional<at::Tensor>& prelu_weight) {
-  const ConvParams p = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride,
-                                   padding, dilation, groups, pad_value,
-                                   input_threshold, output_signs, output_threshold);
+at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
+  const ConvParams p = conv_params(args);
+  const at::Tensor& input = args.input;
   const bool sign_input = input.scalar_type() == at::kBool;
-  check_unit_epilogue(residual, prelu_weight, p, input);
   const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
   // Written as NHWC by families that can, else converted at the end.
   const bool channels_last = wants_channels_last_output(input);
   const bool write_nhwc = channels_last && ops.channels_last_output;
   at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()},
                              input.options()
-                                 .dtype(output_signs ? at::kBool : at::kFloat)
+                                 .dtype(args.output_signs ? at::kBool : at::kFloat)
                                  .memory_format(write_nhwc ? at::MemoryFormat::ChannelsLast
                                                            : at::MemoryFormat::Contiguous));
   if (p.batch == 0) return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
   // Contiguous copies (usually the tensors themselves) that the raw pointers below point into; they live to the end
   // of the call.
-  const at::Tensor threshold = input_threshold.has_value() ? input_threshold->contiguous() : at::Tensor();
-  const at::Tensor bits = weight_bits.contiguous(), tap_sum = weight_tap_sum.contiguous();
-  const at::Tensor formatted = ops.format_weight ? formatted_weights().get(ops, p, weight_bits) : at::Tensor();
-  const Epilogue epilogue =
-      make_epilogue(out, output_signs, write_nhwc, scale, bias, output_threshold, residual, prelu_weight);
+  const at::Tensor threshold = args.input_threshold.has_value() ? args.input_threshold->contiguous() : at::Tensor();
+  const at::Tensor bits = args.weight_bits.contiguous(), tap_sum = args.weight_tap_sum.contiguous();
+  const at::Tensor formatted = ops.format_weight ? formatted_weights().get(ops, p, args.weight_bits) : at::Tensor();
+  const Epilogue epilogue = make_epilogue(out, write_nhwc, args);
 
   xnorconv::ConvCall call;
   call.params = p;
@@ -321,20 +307,12 @@ at::Tensor binary_conv2d_packed_cpu(const at::Tensor& input, const at::Tensor& w
 // fallback for ops without an autograd kernel gives a deprecation warning and no gradient. And the usual call, which
 // records nothing, does not go through that fallback, which boxes every argument: a cost per call that a
 // one-pixel layer notices (inference_mode, which skips the fallback too, is the comparison).
-at::Tensor call_below_autograd(const at::Tensor& input, const at::Tensor& weight_bits,
-                               const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
-                               const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
-                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                               int64_t groups, int64_t pad_value, const c10::optional<at::Tensor>& input_threshold,
-                               bool output_signs, const c10::optional<at::Tensor>& output_threshold,
-                               const c10::optional<at::Tensor>& residual,
-                               const c10::optional<at::Tensor>& prelu_weight) {
+at::Tensor call_below_autograd(const PackedConvArgs& args) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("xnorconv::binary_conv2d_packed", "")
                              .typed<PackedConvSignature>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding, dilation,
-                 groups, pad_value, input_threshold, output_signs, output_threshold, residual, prelu_weight);
+  return args.apply([](const auto&... a) { return op.call(a...); });
 }
 
 struct NoDerivative : torch::autograd::Function<NoDerivative> {
@@ -356,26 +334,16 @@ struct NoDerivative : torch::autograd::Function<NoDerivative> {
   }
 };
 
-at::Tensor binary_conv2d_packed_autograd(
-    const at::Tensor& input, const at::Tensor& weight_bits, const at::Tensor& weight_tap_sum,
-    int64_t weight_in_channels, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t pad_value,
-    const c10::optional<at::Tensor>& input_threshold, bool output_signs,
-    const c10::optional<at::Tensor>& output_threshold, const c10::optional<at::Tensor>& residual,
-    const c10::optional<at::Tensor>& prelu_weight) {
-  auto compute = [&] {
-    return call_below_autograd(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding,
-                               dilation, groups, pad_value, input_threshold, output_signs, output_threshold, residual,
-                               prelu_weight);
-  };
+at::Tensor binary_conv2d_packed_autograd(const PackedConvArgs& args) {
+  auto compute = [&] { return call_below_autograd(args); };
   auto requires_grad = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
   const bool recorded = at::GradMode::is_enabled() &&
-                        (input.requires_grad() || requires_grad(scale) || requires_grad(bias) ||
-                         requires_grad(input_threshold) || requires_grad(output_threshold) ||
-                         requires_grad(residual) || requires_grad(prelu_weight));
+                        (args.input.requires_grad() || requires_grad(args.scale) || requires_grad(args.bias) ||
+                         requires_grad(args.input_threshold) || requires_grad(args.output_threshold) ||
+                         requires_grad(args.residual) || requires_grad(args.prelu_weight));
   if (!recorded) return compute();
-  return NoDerivative::apply(input, scale, bias, input_threshold, output_threshold, residual, prelu_weight,
-                             std::function<at::Tensor()>(compute));
+  return NoDerivative::apply(args.input, args.scale, args.bias, args.input_threshold, args.output_threshold,
+                             args.residual, args.prelu_weight, std::function<at::Tensor()>(compute));
 }
 
 }  // namespace
@@ -438,9 +406,11 @@ TORCH_LIBRARY(xnorconv, m) {
 
 TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {
   m.impl("pack_weight", &pack_weight_cpu);
-  m.impl("binary_conv2d_packed", &binary_conv2d_packed_cpu);
+  m.impl("binary_conv2d_packed", packed_conv_kernel<binary_conv2d_packed_cpu>);
 }
 
-TORCH_LIBRARY_IMPL(xnorconv, Autograd, m) { m.impl("binary_conv2d_packed", &binary_conv2d_packed_autograd); }
+TORCH_LIBRARY_IMPL(xnorconv, Autograd, m) {
+  m.impl("binary_conv2d_packed", packed_conv_kernel<binary_conv2d_packed_autograd>);
+}
 
 }  // namespace xnorconv_torch

@@ -9,36 +9,58 @@
 
 namespace xnorconv_torch {
 
-xnorconv::ConvParams conv_params(const at::Tensor& input, const at::Tensor& weight_bits,
-                                 const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
-                                 const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
-                                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                 int64_t groups, int64_t pad_value,
-                                 const c10::optional<at::Tensor>& input_threshold, bool output_signs,
-                                 const c10::optional<at::Tensor>& output_threshold);
-
-// input_threshold: None, or float32 (C,) on the input's device.
-void check_input_threshold(const c10::optional<at::Tensor>& input_threshold, const at::Tensor& input);
-// output_threshold: None, or float32 (O,) on the input's device, only with output_signs.
-void check_output_threshold(const c10::optional<at::Tensor>& output_threshold, bool output_signs,
-                            int64_t out_channels, const at::Tensor& input);
-
-// The layout rule of the op (and of the fake kernel in xnorconv/_meta.py): a channels_last input gets a
-// channels_last output.
-inline bool wants_channels_last_output(const at::Tensor& input) {
-  return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1;
-}
-
-// The C++ signature of xnorconv::binary_conv2d_packed, for typed dispatcher handles to it.
+// The C++ signature of xnorconv::binary_conv2d_packed: the dispatcher's kernels and typed handles have this type.
 using PackedConvSignature = at::Tensor(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t,
     const c10::optional<at::Tensor>&, bool, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&);
 
-// residual: None or float32 with the output's shape; prelu_weight: None or float32 (O,) or (1,).
-void check_unit_epilogue(const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight,
-                         const xnorconv::ConvParams& p, const at::Tensor& input);
+// The arguments of one call of xnorconv::binary_conv2d_packed, in schema order: the one place C++ names them (a new
+// fused option is a member here, a schema argument in ops.cpp, a field of EpilogueParams and a step of
+// output_stage.h). References into the caller's arguments, valid for the call.
+struct PackedConvArgs {
+  const at::Tensor& input;
+  const at::Tensor& weight_bits;
+  const at::Tensor& weight_tap_sum;
+  int64_t weight_in_channels;
+  const c10::optional<at::Tensor>& scale;
+  const c10::optional<at::Tensor>& bias;
+  at::IntArrayRef stride, padding, dilation;
+  int64_t groups, pad_value;
+  const c10::optional<at::Tensor>& input_threshold;
+  bool output_signs;
+  const c10::optional<at::Tensor>& output_threshold;
+  const c10::optional<at::Tensor>& residual;
+  const c10::optional<at::Tensor>& prelu_weight;
+
+  // f(the arguments in schema order): a call through a typed dispatcher handle.
+  template <class F>
+  decltype(auto) apply(F&& f) const {
+    return f(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding, dilation, groups,
+             pad_value, input_threshold, output_signs, output_threshold, residual, prelu_weight);
+  }
+};
+
+// packed_conv_kernel<Impl>: a function of PackedConvSignature (what the dispatcher registers) that gathers its
+// arguments into PackedConvArgs and calls Impl.
+template <at::Tensor (*Impl)(const PackedConvArgs&), class Signature>
+struct PackedConvKernel;
+template <at::Tensor (*Impl)(const PackedConvArgs&), class... Args>
+struct PackedConvKernel<Impl, at::Tensor(Args...)> {
+  static at::Tensor call(Args... args) { return Impl(PackedConvArgs{args...}); }
+};
+template <at::Tensor (*Impl)(const PackedConvArgs&)>
+constexpr auto packed_conv_kernel = &PackedConvKernel<Impl, PackedConvSignature>::call;
+
+// Every argument check of the op, into ConvParams; messages name the argument and value.
+xnorconv::ConvParams conv_params(const PackedConvArgs& args);
+
+// The layout rule of the op (and of the fake kernel in xnorconv/_meta.py): a channels_last input gets a
+// channels_last output.
+inline bool wants_channels_last_output(const at::Tensor& input) {
+  return input.is_contiguous(at::MemoryFormat::ChannelsLast) && !input.is_contiguous() && input.size(1) > 1;
+}
 
 // The output stage of one call, for the CPU and the CUDA kernels alike: `params` points into the output and into
 // contiguous copies (usually the tensors themselves) held here for the call. nhwc: the output is written (and the
@@ -47,9 +69,7 @@ struct Epilogue {
   at::Tensor scale, bias, residual, prelu, out_threshold;
   xnorconv::EpilogueParams params;
 };
-Epilogue make_epilogue(const at::Tensor& out, bool output_signs, bool nhwc, const c10::optional<at::Tensor>& scale,
-                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& output_threshold,
-                       const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight);
+Epilogue make_epilogue(const at::Tensor& out, bool nhwc, const PackedConvArgs& args);
 
 // The CUDA kernel choice, the GPU half of xnorconv.use_backend: "" (automatic), "popcount" or "tensor_core".
 // Starts from XNORCONV_CUDA_KERNEL (read once, at first use), like the CPU's XNORCONV_BACKEND. Compiled into every

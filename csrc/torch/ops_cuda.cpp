@@ -70,26 +70,16 @@ std::tuple<at::Tensor, at::Tensor> pack_weight_cuda(const at::Tensor& weight) {
   return {bits, tap_sum};
 }
 
-at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& weight_bits,
-                                     const at::Tensor& weight_tap_sum, int64_t weight_in_channels,
-                                     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
-                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                     int64_t groups, int64_t pad_value,
-                                     const c10::optional<at::Tensor>& input_threshold, bool output_signs,
-                                     const c10::optional<at::Tensor>& output_threshold,
-                                     const c10::optional<at::Tensor>& residual,
-                                     const c10::optional<at::Tensor>& prelu_weight) {
-  const xnorconv::ConvParams c = conv_params(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias,
-                                             stride, padding, dilation, groups, pad_value,
-                                             input_threshold, output_signs, output_threshold);
+at::Tensor binary_conv2d_packed_cuda(const PackedConvArgs& args) {
+  const xnorconv::ConvParams c = conv_params(args);
+  const at::Tensor& input = args.input;
   const bool sign_input = input.scalar_type() == at::kBool;
-  check_unit_epilogue(residual, prelu_weight, c, input);
   // The epilogue writes a channels_last output as such (NHWC), reading the residual in the same order.
   const bool channels_last = wants_channels_last_output(input);
   const at::MemoryFormat format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor out = at::empty({c.batch, c.out_channels, c.out_h(), c.out_w()},
-                             input.options().dtype(output_signs ? at::kBool : at::kFloat).memory_format(format));
+                             input.options().dtype(args.output_signs ? at::kBool : at::kFloat).memory_format(format));
   if (c.batch == 0) return out;
   xc::GpuConv p;
   TORCH_CHECK(xc::gpu_conv_from(c, p), "binary_conv2d: input of shape ", input.sizes(), " with ", c.out_channels,
@@ -99,15 +89,15 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
   const xc::ConvKernel kernel = pick_kernel(p, cc);
   TORCH_CHECK(p.groups * static_cast<int64_t>(kernel == xc::ConvKernel::Popcount ? xc::popc::channel_blocks(p)
                                                                                  : xc::tc::channel_blocks(p)) <= 65535,
-              "binary_conv2d: groups=", groups, " with ", c.out_channels_per_group(),
+              "binary_conv2d: groups=", c.groups, " with ", c.out_channels_per_group(),
               " output channels per group exceeds the CUDA grid limit (65535 channel blocks)");
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor bits = weight_bits.contiguous();
-  const at::Tensor tap_sum = weight_tap_sum.contiguous();
-  const at::Tensor threshold = input_threshold.has_value() ? input_threshold->contiguous() : at::Tensor();
-  const Epilogue epilogue =
-      make_epilogue(out, output_signs, channels_last, scale, bias, output_threshold, residual, prelu_weight);
+  const at::Tensor bits = args.weight_bits.contiguous();
+  const at::Tensor tap_sum = args.weight_tap_sum.contiguous();
+  const at::Tensor threshold =
+      args.input_threshold.has_value() ? args.input_threshold->contiguous() : at::Tensor();
+  const Epilogue epilogue = make_epilogue(out, channels_last, args);
 
   at::Tensor packed = at::empty({xc::packed_activation_words(p)}, input.options().dtype(at::kLong));
   auto* packed_ptr = reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>());
@@ -130,7 +120,7 @@ at::Tensor binary_conv2d_packed_cuda(const at::Tensor& input, const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(xnorconv, CUDA, m) {
   m.impl("pack_weight", &pack_weight_cuda);
-  m.impl("binary_conv2d_packed", &binary_conv2d_packed_cuda);
+  m.impl("binary_conv2d_packed", packed_conv_kernel<binary_conv2d_packed_cuda>);
 }
 
 }  // namespace xnorconv_torch

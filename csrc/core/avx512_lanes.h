@@ -1,0 +1,59 @@
+// The output stage's vector (output_stage.h) for the AVX-512 families: 16 floats going to elements
+// [index, index + 16), or, split, 8 to [index, index + 8) and 8 to [second, second + 8) (a pair of strips whose
+// second starts a new row), under a mask of the real lanes. Included after the family's ISA target pragma and
+// kernel_common.h, in an unnamed namespace like avx512_binarize.h, so each TU has its own copy for its ISA.
+#pragma once
+
+namespace xnorconv {
+namespace {
+
+struct Avx512Lanes {
+  static constexpr int kLanes = 16;
+  static constexpr __mmask16 kAll = 0xFFFF;
+  using F = __m512;
+  using I = __m512i;
+  struct At {
+    int64_t index;
+    int64_t second;  // with split only
+    __mmask16 mask;
+    bool split;
+  };
+  static F broadcast(float x) { return _mm512_set1_ps(x); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F to_float(I x) { return _mm512_cvtepi32_ps(x); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F prelu(F y, F slope) {
+    return _mm512_mask_mul_ps(y, _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_NGE_UQ), y, slope);
+  }
+  // A vector known at compile time to be whole (mask kAll, not split), as a dense block stores it, compiles to plain
+  // loads and stores; any other mask to masked ones, without a test per vector.
+  static bool whole(const At& at) { return __builtin_constant_p(at.mask) && at.mask == kAll; }
+  static F load(const float* base, const At& at) {
+    if (!at.split)
+      return whole(at) ? _mm512_loadu_ps(base + at.index) : _mm512_maskz_loadu_ps(at.mask, base + at.index);
+    const __m256 low = _mm256_maskz_loadu_ps(static_cast<__mmask8>(at.mask), base + at.index);
+    const __m256 high = _mm256_maskz_loadu_ps(static_cast<__mmask8>(at.mask >> 8), base + at.second);
+    return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
+  }
+  static void store(float* base, const At& at, F y) {
+    if (!at.split) {
+      if (whole(at)) _mm512_storeu_ps(base + at.index, y);
+      else _mm512_mask_storeu_ps(base + at.index, at.mask, y);
+      return;
+    }
+    _mm256_mask_storeu_ps(base + at.index, static_cast<__mmask8>(at.mask), _mm512_castps512_ps256(y));
+    _mm256_mask_storeu_ps(base + at.second, static_cast<__mmask8>(at.mask >> 8), _mm512_extractf32x8_ps(y, 1));
+  }
+  static void store_signs(uint8_t* base, const At& at, F y, F threshold) {
+    const __m128i bytes = _mm_maskz_set1_epi8(_mm512_cmp_ps_mask(y, threshold, _CMP_NGE_UQ), 1);
+    if (!at.split) {
+      _mm_mask_storeu_epi8(base + at.index, at.mask, bytes);
+      return;
+    }
+    _mm_mask_storeu_epi8(base + at.index, at.mask & 0xFF, bytes);
+    _mm_mask_storeu_epi8(base + at.second, at.mask >> 8, _mm_srli_si128(bytes, 8));
+  }
+};
+
+}  // namespace
+}  // namespace xnorconv

@@ -1,0 +1,128 @@
+// The output stage (epilogue.h's steps after the exact integer dot), written once for every kernel family: the CPU
+// families and the CUDA kernels instantiate it over their own vector trait, so a new fused step is added here and
+// in the traits' few primitives, not in seven hand-written copies.
+//
+// A vector trait V describes one vector of V::kLanes outputs:
+//   F                      kLanes floats
+//   I                      kLanes int32 (the exact dots)
+//   At                     where the lanes go: element indices into out / residual / out_signs (which share the
+//                          output's shape and memory format) and which lanes are real
+//   F    broadcast(float)
+//   F    fma(F a, F b, F c)                       a * b + c, rounded once (every family rounds alike)
+//   F    to_float(I)
+//   F    add(F, F)                                rounded on its own, never fused with a neighbour
+//   F    prelu(F y, F slope)                      y >= 0 ? y : slope * y (NaN takes the multiply)
+//   F    load(const float* base, const At&)       the real lanes (the others are never stored)
+//   void store(float* base, const At&, F)         the real lanes only
+//   void store_signs(uint8_t* base, const At&, F y, F threshold)
+//                                                 byte !(y >= threshold) (1: binarizes to -1; NaN -> 1)
+//
+// Nothing here needs more than <stdint.h>, so device code includes it too. CPU families include it after their ISA
+// target pragma (through kernel_common.h), so that its templates are compiled for that ISA.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "epilogue.h"
+
+#if defined(__CUDACC__)
+#define XNORCONV_STAGE_INLINE __host__ __device__ __forceinline__
+#else
+#define XNORCONV_STAGE_INLINE inline __attribute__((always_inline))
+#endif
+
+namespace xnorconv {
+
+// The per-output-channel operands of one vector's lanes: one channel's values broadcast (a vector along a
+// channel's row) or consecutive channels' values (a vector across the channels of one pixel).
+template <class V>
+struct ChannelValues {
+  typename V::F scale, bias, slope, threshold;
+};
+
+// The per-channel operands, each loaded by `load(operand array or nullptr, its neutral value)`: the one place that
+// names them, for every way a family loads them (one channel broadcast, or a vector of consecutive channels).
+template <class V, class Load>
+XNORCONV_STAGE_INLINE ChannelValues<V> load_channel_values(const EpilogueParams& e, const Load& load) {
+  return {load(e.scale, 1.0f), load(e.bias, 0.0f), load(e.prelu, 1.0f), load(e.out_threshold, 0.0f)};
+}
+
+template <class V>
+struct BroadcastChannel {
+  int64_t o;
+  XNORCONV_STAGE_INLINE typename V::F operator()(const float* operand, float neutral) const {
+    return V::broadcast(operand ? operand[o] : neutral);
+  }
+};
+
+// Output channel o's operands, broadcast to every lane.
+template <class V>
+XNORCONV_STAGE_INLINE ChannelValues<V> channel_values(const EpilogueParams& e, int64_t o) {
+  return load_channel_values<V>(e, BroadcastChannel<V>{o});
+}
+
+// y = scale * dot + bias: scale 1 and bias 0 leave the exact dot (every dot of a layer is far below 2^24).
+template <class V>
+XNORCONV_STAGE_INLINE typename V::F affine(const ChannelValues<V>& c, typename V::I dot) {
+  return V::fma(c.scale, V::to_float(dot), c.bias);
+}
+
+// Whether a call has none of the optional steps after the affine one (float output, no residual, no PReLU).
+XNORCONV_STAGE_INLINE bool is_plain(const EpilogueParams& e) { return !e.residual && !e.prelu && !e.out_signs; }
+
+// The steps after the affine one: residual add, PReLU, then the float store or the sign bytes. kPlain: the caller
+// knows the call is_plain (the common case), so nothing is tested per vector.
+template <class V, bool kPlain = false>
+XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
+                                  const typename V::At& at) {
+  if (!kPlain) {
+    if (e.residual) y = V::add(y, V::load(e.residual, at));
+    if (e.prelu) y = V::prelu(y, c.slope);
+    if (e.out_signs) {
+      V::store_signs(e.out_signs, at, y, c.threshold);
+      return;
+    }
+  }
+  V::store(e.out, at, y);
+}
+
+// The one-lane trait: the portable CPU family and the CUDA kernels (one thread, one output). On the device, adds
+// and multiplies use the intrinsics the compiler never contracts into an FMA (the CPU rounds each step on its own),
+// and operands the kernel only reads go through the read-only data cache.
+struct OneLane {
+  static constexpr int kLanes = 1;
+  using F = float;
+  using I = int32_t;
+  using At = int64_t;
+  static XNORCONV_STAGE_INLINE F broadcast(float x) { return x; }
+  static XNORCONV_STAGE_INLINE F fma(F a, F b, F c) { return fmaf(a, b, c); }
+  static XNORCONV_STAGE_INLINE F to_float(I x) { return static_cast<float>(x); }
+  static XNORCONV_STAGE_INLINE F add(F a, F b) {
+#if defined(__CUDA_ARCH__)
+    return __fadd_rn(a, b);
+#else
+    return a + b;
+#endif
+  }
+  static XNORCONV_STAGE_INLINE F prelu(F y, F slope) {
+#if defined(__CUDA_ARCH__)
+    return y >= 0.0f ? y : __fmul_rn(slope, y);
+#else
+    return y >= 0.0f ? y : slope * y;
+#endif
+  }
+  static XNORCONV_STAGE_INLINE F load(const float* base, At at) {
+#if defined(__CUDA_ARCH__)
+    return __ldg(base + at);
+#else
+    return base[at];
+#endif
+  }
+  static XNORCONV_STAGE_INLINE void store(float* base, At at, F y) { base[at] = y; }
+  static XNORCONV_STAGE_INLINE void store_signs(uint8_t* base, At at, F y, F threshold) {
+    base[at] = static_cast<uint8_t>(!(y >= threshold));
+  }
+};
+
+}  // namespace xnorconv
