@@ -47,12 +47,14 @@ DEFAULT_MODELS = ("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8", "
 # On request (--model): a torchvision network binarized as a user would (xnorconv.binarize, then freeze), beside
 # its float original; the reference binary networks Bi-Real-Net-18 and ReActNet-A (models/), frozen, beside their
 # float twins.
-MODEL_CHOICES = DEFAULT_MODELS + ("resnet18_binary", "resnet18_binary_int8stem", "resnet18_fp32", "birealnet18",
-                                  "birealnet18_fp32", "reactnet_a", "reactnet_a_fp32")
+MODEL_CHOICES = DEFAULT_MODELS + ("resnet18_binary", "resnet18_binary_int8stem", "resnet18_fp32", "resnet18_int8",
+                                  "birealnet18", "birealnet18_fp32", "birealnet18_int8", "reactnet_a",
+                                  "reactnet_a_fp32", "reactnet_a_int8")
 # Each frozen binary model and the float models it is compared with (ratios, the binary convolutions in place).
-TWINS = {"binary_dnet53": ("binary_dnet53_fp32", "binary_dnet53_int8"), "resnet18_binary": ("resnet18_fp32",),
-         "resnet18_binary_int8stem": ("resnet18_fp32",), "birealnet18": ("birealnet18_fp32",),
-         "reactnet_a": ("reactnet_a_fp32",)}
+TWINS = {"binary_dnet53": ("binary_dnet53_fp32", "binary_dnet53_int8"),
+         "resnet18_binary": ("resnet18_fp32", "resnet18_int8"),
+         "resnet18_binary_int8stem": ("resnet18_fp32", "resnet18_int8"),
+         "birealnet18": ("birealnet18_fp32", "birealnet18_int8"), "reactnet_a": ("reactnet_a_fp32", "reactnet_a_int8")}
 # models.create names of the reference binary networks (frozen) and their float twins
 _REFERENCE_BINARY = {"birealnet18": ("birealnet18", "Bi-Real-Net-18"), "reactnet_a": ("reactnet_a", "ReActNet-A")}
 _REFERENCE_FP32 = {"birealnet18_fp32": ("birealnet18_float", "Bi-Real-Net-18's float twin"),
@@ -208,6 +210,17 @@ def build(names, num_classes, size, create=None):
             model_name, title = _REFERENCE_FP32[name]
             entries.append(Entry(name, f"{title} (same architecture, float nn.Conv2d), fp32",
                                  create(model_name, num_classes).eval()))
+        elif name == "resnet18_int8" or name.removesuffix("_int8") + "_fp32" in _REFERENCE_FP32:
+            # The fp32 twin quantized by PyTorch's own int8 flow: the strongest stock CPU peer of a binary network.
+            if name == "resnet18_int8":
+                import torchvision
+                title, float_twin = "torchvision resnet18", torchvision.models.resnet18(num_classes=num_classes)
+            else:
+                model_name, title = _REFERENCE_FP32[name.removesuffix("_int8") + "_fp32"]
+                float_twin = create(model_name, num_classes)
+            float_twin.eval()
+            entries.append(Entry(name, f"{title}, PyTorch int8 (FX static, x86)", _int8(float_twin, example),
+                                 reference=float_twin, may_not_deploy=True))
         else:
             raise ValueError(f"unknown model {name!r}; choose from {MODEL_CHOICES}")
     return entries

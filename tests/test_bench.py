@@ -428,3 +428,13 @@ def test_gpu_check_script_fails_clearly_without_a_gpu():
     assert out.returncode != 0
     assert "gpu_check: no CUDA device is visible to torch" in out.stderr, out.stderr
     assert not os.path.exists(os.path.join(root, "unused-out-dir"))
+
+
+def test_model_suite_int8_twins_of_the_reference_nets():
+    # PyTorch's own int8 flow on each float twin, recorded with its agreement to the float model it came from.
+    entries = model_suite.build(("resnet18_int8", "birealnet18_int8", "reactnet_a_int8"), 3, 32)
+    agreement = model_suite.check(entries, 32)
+    for e in entries:
+        assert e.reference is not None and e.may_not_deploy
+        assert agreement[e.name].startswith("cosine(int8, fp32 logits) = ")
+    assert set(model_suite.TWINS["birealnet18"]) == {"birealnet18_fp32", "birealnet18_int8"}
