@@ -17,8 +17,8 @@
 //   void store_signs(uint8_t* base, const At&, F y, F threshold)
 //                                                 byte !(y >= threshold) (1: binarizes to -1; NaN -> 1)
 //
-// Nothing here needs more than <stdint.h>, so device code includes it too. CPU families include it after their ISA
-// target pragma (through kernel_common.h), so that its templates are compiled for that ISA.
+// Nothing here needs more than <math.h> and <stdint.h>, so device code includes it too. CPU families include it
+// after their ISA target pragma (through kernel_common.h), so that its templates are compiled for that ISA.
 #pragma once
 
 #include <math.h>
