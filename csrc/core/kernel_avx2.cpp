@@ -64,6 +64,7 @@ struct Avx2Lanes {
   struct At {
     int64_t index;
     int lanes;
+    int64_t stride = 1;  // elements between consecutive lanes (the pixels of an NHWC row: out_channels)
   };
   static F broadcast(float x) { return _mm256_set1_ps(x); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
@@ -76,17 +77,31 @@ struct Avx2Lanes {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
   // Masked loads and stores never touch the lanes past a partial strip (which may lie past the tensor's end).
+  static __m256i lane_offsets(const At& at) {
+    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                              _mm256_set1_epi32(static_cast<int32_t>(at.stride)));
+  }
+  // Strided lanes: a gather, and stores lane by lane (AVX2 has no scatter).
   static F load(const float* base, const At& at) {
+    if (at.stride != 1)
+      return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base + at.index, lane_offsets(at),
+                                      _mm256_castsi256_ps(real(at.lanes)), 4);
     return at.lanes == kLanes ? _mm256_loadu_ps(base + at.index) : _mm256_maskload_ps(base + at.index, real(at.lanes));
   }
   static void store(float* base, const At& at, F y) {
+    if (at.stride != 1) {
+      alignas(32) float lanes[kLanes];
+      _mm256_store_ps(lanes, y);
+      for (int lane = 0; lane < at.lanes; ++lane) base[at.index + lane * at.stride] = lanes[lane];
+      return;
+    }
     if (at.lanes == kLanes) _mm256_storeu_ps(base + at.index, y);
     else _mm256_maskstore_ps(base + at.index, real(at.lanes), y);
   }
   static void store_signs(uint8_t* base, const At& at, F y, F threshold) {
     const int negative = _mm256_movemask_ps(_mm256_cmp_ps(y, threshold, _CMP_NGE_UQ));
-    uint8_t* s = base + at.index;
-    for (int lane = 0; lane < at.lanes; ++lane) s[lane] = static_cast<uint8_t>((negative >> lane) & 1);
+    for (int lane = 0; lane < at.lanes; ++lane)
+      base[at.index + lane * at.stride] = static_cast<uint8_t>((negative >> lane) & 1);
   }
 };
 
@@ -243,8 +258,9 @@ struct Avx2Isa {
       if (bs.lanes[i] > kHalf) half(strip + kHalf, words, wb, call, high);
       else
         for (int v = 0; v < kChannels; ++v) high[v] = _mm256_setzero_si256();
-      // The common case, decided once per strip: 8 float outputs, scale and bias only (border corrections included).
-      const bool plain = bs.plain && bs.lanes[i] == kStrip;
+      // The common case, decided once per strip: 8 contiguous float outputs, scale and bias only (border corrections
+      // included).
+      const bool plain = bs.plain && bs.lanes[i] == kStrip && bs.lane_stride == 1;
       for (int v = 0; v < kChannels; ++v) {
         if (!bs.stored(i, v)) continue;
         // The low dword of each 64-bit count (below 2^31), the low half's 4 pixels then the high half's: two
@@ -265,12 +281,12 @@ struct Avx2Isa {
     }
   }
 
-  // The output stage's other cases (partial strips, residual, PReLU, sign output), out of line: inlined, they made
+  // The output stage's other cases (partial strips, NHWC, residual, PReLU, sign output), out of line: inlined, they made
   // the common case's loop larger and slower on the thin layers, where the output stage is much of the work.
   static __attribute__((noinline)) void finish_rare(const EpilogueParams& e,
                                                     const BlockStore<kStrips, kChannels, kStrip>& bs, int i, int v,
                                                     __m256 y) {
-    finish<Avx2Lanes>(e, bs.values<Avx2Lanes>(v), y, {bs.at(i, v), bs.lanes[i]});
+    finish<Avx2Lanes>(e, bs.values<Avx2Lanes>(v), y, {bs.at(i, v), bs.lanes[i], bs.lane_stride});
   }
 
   // Popcount of every nibble value, for vpshufb.

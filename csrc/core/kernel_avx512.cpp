@@ -1,7 +1,7 @@
 // AVX-512 kernel family (F, BW, VL, DQ, VPOPCNTDQ). Vectorised across pixels: one zmm holds the packed words of 8
 // consecutive output pixels for one tap and channel word; the weight word of an output channel is broadcast, so
 // the inner loop is vpxorq + vpopcntq + vpaddq with no horizontal reduction, and each accumulator lane is one
-// output value: the epilogue writes 8 contiguous floats of an NCHW row.
+// output value: the epilogue writes 8 consecutive pixels of a row (contiguous in NCHW, scattered in NHWC).
 #include <cstdint>
 
 #include "xnorconv_core.h"
@@ -80,7 +80,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
       const __mmask16 border =
           static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (second && bs.border[i + 1] ? 0xFF00 : 0));
       // Strip i + 1 elsewhere than right after strip i (a new row when out_w is not a multiple of 8): two accesses.
-      const bool split = second && bs.offset[i + 1] != bs.offset[i] + kStrip;
+      const bool split = second && bs.offset[i + 1] != bs.offset[i] + kStrip * bs.lane_stride;
       if (bs.plain) {
         // The common case, with no per-channel decisions but the group's end.
 #pragma GCC unroll 8
@@ -88,7 +88,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
           if (!bs.channel_real[v]) break;  // past the group's last channel (the block's last channels only)
           const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
           const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, c, i, v);
-          finish<Avx512Lanes, true>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split});
+          finish<Avx512Lanes, true>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split, bs.lane_stride});
         }
         continue;
       }
@@ -97,7 +97,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
         if (!bs.stored(i, v)) continue;
         const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
         const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, c, i, v);
-        finish<Avx512Lanes>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split});
+        finish<Avx512Lanes>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split, bs.lane_stride});
       }
     }
   }

@@ -257,17 +257,19 @@ void pack_rows(const ConvParams& p, const typename Source::T* x, TensorStrides s
   }
 }
 
-// Where and how a block writes: for strip i and channel v, lanes [0, lanes[i]) of the output at element
-// at(i, v) (of epilogue->out, ->residual and ->out_signs, which share the output's shape) get the output stage
-// (output_stage.h) of y = scale[v] * (depth - 2 * popcount - correction) + bias[v]. Strips past the last one and
-// channels past the group's last are computed but not stored. Stored per channel (channel_offset) and per strip
-// (offset), so that setting up a block costs P + V entries, not P * V.
+// Where and how a block writes: for strip i and channel v, lanes [0, lanes[i]) of the output at elements
+// at(i, v) + lane * lane_stride (of epilogue->out, ->residual and ->out_signs, which share the output's shape and
+// memory format) get the output stage (output_stage.h) of y = scale[v] * (depth - 2 * popcount - correction) +
+// bias[v]. A strip's lanes are consecutive pixels of a row: 1 element apart in NCHW, out_channels apart in NHWC.
+// Strips past the last one and channels past the group's last are computed but not stored. Stored per channel
+// (channel_offset) and per strip (offset), so that setting up a block costs P + V entries, not P * V.
 template <int P, int V, int SW>
 struct BlockStore {
   const EpilogueParams* epilogue;  // the call's output stage
   int64_t channel_offset[V];       // element offset of channel v's plane
   bool channel_real[V];            // false past the group's last channel
-  int64_t offset[P];               // strip i's offset in a plane, or -1 past the last strip
+  int64_t offset[P];               // strip i's element offset from its channel's, or -1 past the last strip
+  int64_t lane_stride;             // elements between a strip's consecutive pixels: 1 (NCHW) or out_channels (NHWC)
   int lanes[P];
   bool border[P];  // strip i reads padding (pad_value 0): correction(i, v, lane) applies
   ChannelValues<OneLane> operands[V];  // channel v's scale, bias, PReLU slope and sign threshold
@@ -281,13 +283,14 @@ struct BlockStore {
   int32_t classes;
   // The common output stage, fixed per call: float output, no residual, no PReLU (y = scale * dot + bias, stored).
   bool plain;
-  // Float output, and every strip and channel of this block is real and stored whole, with each pair of strips
+  // Float NCHW output, and every strip and channel of this block is real and stored whole, with each pair of strips
   // (0-1, 2-3) contiguous in its plane: a family may then store without per-strip or per-channel tests (border
   // strips still get their corrections).
   bool dense;
 
   bool stored(int i, int v) const { return offset[i] >= 0 && channel_real[v]; }
   int64_t at(int i, int v) const { return channel_offset[v] + offset[i]; }
+  int64_t at(int i, int v, int lane) const { return at(i, v) + lane * lane_stride; }
   int32_t correction(int i, int v, int lane) const { return class_value[v][lane_class[i][lane]]; }
   // Channel v's operands broadcast to the lanes of trait L.
   template <class L>
@@ -324,7 +327,7 @@ template <int P, int SW>
 struct StripBlock {
   alignas(64) int32_t lane_class[P][SW];  // valid where border[i]
   int64_t act[P];                          // first packed word of strip i, from the image's (group's) first word
-  int64_t offset[P];                       // BlockStore::offset
+  int64_t offset[P];                       // strip i's first pixel in its plane, or -1 past the last strip
   int lanes[P];
   bool border[P];
   bool any_border;
@@ -380,8 +383,12 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   const int64_t oh_count = p.out_h(), ow_count = p.out_w(), og = p.out_channels_per_group();
   const int64_t taps = p.taps(), wpg = l.words_per_group, weight_row = taps * wpg;
   const ZeroPadCorrection* zp = p.pad_value == PadValue::Zero ? st.zero_pad : nullptr;
+  // NHWC output: a pixel's channels are adjacent, so a channel's offset is its index and a pixel's is scaled by the
+  // channel count (the strip side is cached in pixels, the same for both layouts).
+  const bool nhwc = st.channels_last != 0;
   BlockStore<P, V, SW> bs;
   bs.epilogue = &st;
+  bs.lane_stride = nhwc ? p.out_channels : 1;
   bs.depth = static_cast<int32_t>(p.depth());
   bs.plain = is_plain(st);
   bs.classes = zp ? static_cast<int32_t>(zp->classes) : 1;
@@ -415,7 +422,8 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
         const bool real = cb * V + v < og;
         const int64_t channel = g * og + imin(cb * V + v, og - 1);
         wrow[v] = w + channel * weight_row;
-        bs.channel_offset[v] = (n * p.out_channels + channel) * oh_count * ow_count;
+        bs.channel_offset[v] = nhwc ? n * p.out_channels * oh_count * ow_count + channel
+                                    : (n * p.out_channels + channel) * oh_count * ow_count;
         bs.channel_real[v] = real;
         bs.operands[v] = channel_values<OneLane>(st, channel);
         if (zp) bs.class_value[v] = zp->value.data() + channel * zp->classes;
@@ -432,11 +440,11 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
     const uint64_t* image = x + n * l.image_stride + g * wpg * l.row_words;
     for (int i = 0; i < P; ++i) {
       act[i] = image + strips->act[i];
-      bs.offset[i] = strips->offset[i];
+      bs.offset[i] = strips->offset[i] < 0 ? -1 : strips->offset[i] * bs.lane_stride;
       bs.lanes[i] = strips->lanes[i];
       bs.border[i] = strips->border[i];
     }
-    bs.dense = !st.out_signs && channels_real && strips->dense;
+    bs.dense = !st.out_signs && !nhwc && channels_real && strips->dense;
     if (strips->any_border)
       for (int i = 0; i < P; ++i)
         if (strips->border[i])
@@ -474,6 +482,7 @@ KernelOps make_kernel_ops(const char* name) {
   KernelOps ops{name,           pack_task_count, pack_floats<Isa>, pack_signs<Isa>, conv_task_count<Isa>,
                 conv_tasks<Isa>, Isa::peak_probe};
   ops.layout = activation_layout;
+  ops.channels_last_output = true;  // BlockStore addresses NHWC outputs through its lane stride
   return ops;
 }
 

@@ -30,7 +30,8 @@
 namespace xnorconv {
 namespace {
 
-// The output stage's vector (output_stage.h): 4 consecutive pixels of a strip, of which the first `lanes` are real.
+// The output stage's vector (output_stage.h): 4 consecutive pixels of a strip, of which the first `lanes` are real,
+// `stride` elements apart (1 in NCHW, out_channels in NHWC).
 struct NeonLanes {
   static constexpr int kLanes = 4;
   using F = float32x4_t;
@@ -38,32 +39,34 @@ struct NeonLanes {
   struct At {
     int64_t index;
     int lanes;
+    int64_t stride = 1;  // elements between consecutive lanes (the pixels of an NHWC row: out_channels)
   };
   static F broadcast(float x) { return vdupq_n_f32(x); }
   static F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
   static F to_float(I x) { return vcvtq_f32_s32(x); }
   static F add(F a, F b) { return vaddq_f32(a, b); }
   static F prelu(F y, F slope) { return vbslq_f32(vcgeq_f32(y, vdupq_n_f32(0.0f)), y, vmulq_f32(slope, y)); }
-  // A partial vector goes through a buffer, so that no lane past the strip's end is read or written.
+  // A partial or strided vector goes through a buffer, so that no lane past the strip's end is read or written.
   static F load(const float* base, const At& at) {
-    if (at.lanes == kLanes) return vld1q_f32(base + at.index);
+    if (at.lanes == kLanes && at.stride == 1) return vld1q_f32(base + at.index);
     float tmp[kLanes] = {};
-    for (int lane = 0; lane < at.lanes; ++lane) tmp[lane] = base[at.index + lane];
+    for (int lane = 0; lane < at.lanes; ++lane) tmp[lane] = base[at.index + lane * at.stride];
     return vld1q_f32(tmp);
   }
   static void store(float* base, const At& at, F y) {
-    if (at.lanes == kLanes) {
+    if (at.lanes == kLanes && at.stride == 1) {
       vst1q_f32(base + at.index, y);
       return;
     }
     float tmp[kLanes];
     vst1q_f32(tmp, y);
-    for (int lane = 0; lane < at.lanes; ++lane) base[at.index + lane] = tmp[lane];
+    for (int lane = 0; lane < at.lanes; ++lane) base[at.index + lane * at.stride] = tmp[lane];
   }
   static void store_signs(uint8_t* base, const At& at, F y, F threshold) {
     uint32_t at_least[kLanes];
     vst1q_u32(at_least, vcgeq_f32(y, threshold));
-    for (int lane = 0; lane < at.lanes; ++lane) base[at.index + lane] = static_cast<uint8_t>(at_least[lane] == 0);
+    for (int lane = 0; lane < at.lanes; ++lane)
+      base[at.index + lane * at.stride] = static_cast<uint8_t>(at_least[lane] == 0);
   }
 };
 
@@ -187,7 +190,8 @@ struct NeonIsa : NoPreparation {
             for (int lane = 0; lane < 4; ++lane) correction[lane] = bs.correction(i, v, 4 * h + lane);
             dot = vsubq_s32(dot, vld1q_s32(correction));
           }
-          const NeonLanes::At at{bs.at(i, v) + 4 * h, bs.lanes[i] - 4 * h < 4 ? bs.lanes[i] - 4 * h : 4};
+          const NeonLanes::At at{bs.at(i, v, 4 * h), bs.lanes[i] - 4 * h < 4 ? bs.lanes[i] - 4 * h : 4,
+                                 bs.lane_stride};
           if (bs.plain) finish<NeonLanes, true>(e, c, affine<NeonLanes>(c, dot), at);
           else finish<NeonLanes>(e, c, affine<NeonLanes>(c, dot), at);
         }

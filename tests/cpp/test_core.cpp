@@ -422,6 +422,56 @@ void test_batch_zero() {
 }
 
 // Sign output (y < threshold, as bytes) fed back as sign input must equal the float path with that threshold.
+// NHWC output (OutputStage::channels_last): the same values as the NCHW output y, element for element, for the
+// float output (plain, and with residual + PReLU, the residual NHWC too) and the sign bytes.
+void check_nhwc_output(const KernelOps& ops, const ConvParams& p, const ActivationLayout& l, const uint64_t* packed,
+                       const uint64_t* pw, const ZeroPadCorrection& zp, const std::vector<float>& scale,
+                       const std::vector<float>& bias, const std::vector<float>& y, const std::string& name) {
+  const int64_t c = p.out_channels, hw = p.out_h() * p.out_w();
+  auto nhwc = [&](size_t i) {  // NCHW element i's NHWC index
+    const int64_t n = i / (c * hw), o = (i / hw) % c, pixel = i % hw;
+    return (n * hw + pixel) * c + o;
+  };
+  std::vector<float> residual(y.size()), residual_nhwc(y.size()), slope(c), out(y.size(), NAN);
+  fill_signed(residual);
+  for (size_t i = 0; i < y.size(); ++i) residual_nhwc[nhwc(i)] = residual[i];
+  for (auto& e : slope) e = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+  std::vector<float> thresholds(c);
+  for (auto& e : thresholds) e = std::uniform_real_distribution<float>(-4.0f, 4.0f)(rng);
+  for (int variant = 0; variant < 3; ++variant) {
+    OutputStage st;
+    st.scale = scale.data();
+    st.bias = bias.data();
+    st.zero_pad = &zp;
+    st.channels_last = 1;
+    std::vector<uint8_t> signs(y.size(), 7);
+    if (variant == 1) {
+      st.residual = residual_nhwc.data();
+      st.prelu = slope.data();
+    }
+    if (variant == 2) {
+      st.out_signs = signs.data();
+      st.out_threshold = thresholds.data();
+    } else {
+      st.out = out.data();
+    }
+    ops.conv(p, l, packed, pw, st, 0, ops.conv_tasks(p, l));
+    int64_t wrong = 0;
+    for (size_t i = 0; i < y.size(); ++i) {
+      const int64_t o = (i / hw) % c;
+      float e = y[i];
+      if (variant == 1) {
+        e += residual[i];
+        if (!(e >= 0.0f)) e *= slope[o];
+      }
+      wrong += variant == 2 ? signs[nhwc(i)] != static_cast<uint8_t>(!(e >= thresholds[o])) : out[nhwc(i)] != e;
+    }
+    EXPECT(wrong == 0, "[%s] NHWC output (%s) %s: %lld of %zu outputs wrong", name.c_str(),
+           variant == 0 ? "plain" : variant == 1 ? "residual + PReLU" : "signs", describe(p).c_str(),
+           static_cast<long long>(wrong), y.size());
+  }
+}
+
 void test_sign_io(int cases) {
   for (int iter = 0; iter < cases; ++iter) {
     ConvParams p;
@@ -431,7 +481,7 @@ void test_sign_io(int cases) {
     p.out_channels = p.groups * pick(1, 20);
     p.in_h = pick(3, 12);
     p.in_w = pick(3, 20);
-    p.kernel_h = p.kernel_w = 3;
+    p.kernel_h = p.kernel_w = pick(0, 2) == 0 ? 1 : 3;  // 1x1 too: the thin layers take other paths
     p.stride_h = p.stride_w = pick(1, 2);
     p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
     p.pad_value = static_cast<PadValue>(pick(-1, 1));
@@ -495,6 +545,7 @@ void test_sign_io(int cases) {
       for (size_t i = 0; i < y.size(); ++i)
         bad += signs[i] != static_cast<uint8_t>(!(y[i] >= out_t[(i / plane) % p.out_channels]));
       EXPECT(bad == 0, "[%s] %lld sign outputs wrong", name.c_str(), static_cast<long long>(bad));
+      if (ops.channels_last_output) check_nhwc_output(ops, p, l, packed.data(), pw, zp, scale, bias, y, name);
     }
   }
 }
