@@ -48,13 +48,16 @@ DEFAULT_MODELS = ("binary_dnet53", "binary_dnet53_fp32", "binary_dnet53_int8", "
 # its float original; the reference binary networks Bi-Real-Net-18 and ReActNet-A (models/), frozen, beside their
 # float twins.
 MODEL_CHOICES = DEFAULT_MODELS + ("resnet18_binary", "resnet18_binary_int8stem", "resnet18_fp32", "resnet18_int8",
-                                  "birealnet18", "birealnet18_fp32", "birealnet18_int8", "reactnet_a",
-                                  "reactnet_a_fp32", "reactnet_a_int8")
+                                  "birealnet18", "birealnet18_int8stem", "birealnet18_fp32", "birealnet18_int8",
+                                  "reactnet_a", "reactnet_a_int8stem", "reactnet_a_fp32", "reactnet_a_int8")
 # Each frozen binary model and the float models it is compared with (ratios, the binary convolutions in place).
 TWINS = {"binary_dnet53": ("binary_dnet53_fp32", "binary_dnet53_int8"),
          "resnet18_binary": ("resnet18_fp32", "resnet18_int8"),
          "resnet18_binary_int8stem": ("resnet18_fp32", "resnet18_int8"),
-         "birealnet18": ("birealnet18_fp32", "birealnet18_int8"), "reactnet_a": ("reactnet_a_fp32", "reactnet_a_int8")}
+         "birealnet18": ("birealnet18_fp32", "birealnet18_int8"),
+         "birealnet18_int8stem": ("birealnet18_fp32", "birealnet18_int8"),
+         "reactnet_a": ("reactnet_a_fp32", "reactnet_a_int8"),
+         "reactnet_a_int8stem": ("reactnet_a_fp32", "reactnet_a_int8")}
 # models.create names of the reference binary networks (frozen) and their float twins
 _REFERENCE_BINARY = {"birealnet18": ("birealnet18", "Bi-Real-Net-18"), "reactnet_a": ("reactnet_a", "ReActNet-A")}
 _REFERENCE_FP32 = {"birealnet18_fp32": ("birealnet18_float", "Bi-Real-Net-18's float twin"),
@@ -156,6 +159,14 @@ def _int8(float_model: nn.Module, example: torch.Tensor, calibration: int = 4) -
         return convert_fx(prepared)
 
 
+def _int8stem(name: str, description: str, binary: nn.Module, size: int) -> Entry:
+    """`binary` frozen with freeze(first_layer='int8'), against the same model frozen with its float first layer."""
+    # Random calibration images, as the weights are random: speed does not depend on either.
+    calibration = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
+    return Entry(name, description, xnorconv.freeze(binary, first_layer="int8", calibration=calibration),
+                 reference=xnorconv.freeze(binary), reference_label="int8 stem, float stem")
+
+
 def build(names, num_classes, size, create=None):
     """The models to compare, built with random weights (speed does not depend on their values)."""
     if create is None:
@@ -191,12 +202,9 @@ def build(names, num_classes, size, create=None):
             # are all +1 (binarize warns). The threshold is applied inside packing, so speed is the same either way.
             binary = xnorconv.binarize(torchvision.models.resnet18(num_classes=num_classes),
                                        learnable_threshold=True).eval()
-            # Random calibration images, as the weights are random: speed does not depend on either.
-            calibration = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
-            entries.append(Entry(name, "torchvision resnet18, xnorconv.binarize + freeze(first_layer='int8'): the "
-                                       "first conv, its BN, ReLU and max pool in int8 (oneDNN), fc float",
-                                 xnorconv.freeze(binary, first_layer="int8", calibration=calibration),
-                                 reference=xnorconv.freeze(binary), reference_label="int8 stem, float stem"))
+            entries.append(_int8stem(name, "torchvision resnet18, xnorconv.binarize + freeze(first_layer='int8'): "
+                                           "the first conv, its BN, ReLU and max pool in int8 (oneDNN), fc float",
+                                     binary, size))
         elif name == "resnet18_fp32":
             import torchvision
             entries.append(Entry(name, "torchvision resnet18, fp32",
@@ -206,6 +214,10 @@ def build(names, num_classes, size, create=None):
             binary = create(model_name, num_classes).eval()
             entries.append(Entry(name, f"{title}, xnorconv.freeze (1-bit packed weights, BN folded)",
                                  xnorconv.freeze(binary), unfrozen=binary))
+        elif name.removesuffix("_int8stem") in _REFERENCE_BINARY:
+            model_name, title = _REFERENCE_BINARY[name.removesuffix("_int8stem")]
+            entries.append(_int8stem(name, f"{title}, xnorconv.freeze(first_layer='int8'): the float stem conv and "
+                                           "its BN in int8 (oneDNN)", create(model_name, num_classes).eval(), size))
         elif name in _REFERENCE_FP32:
             model_name, title = _REFERENCE_FP32[name]
             entries.append(Entry(name, f"{title} (same architecture, float nn.Conv2d), fp32",

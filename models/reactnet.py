@@ -102,7 +102,9 @@ class ReActUnit(nn.Module):
         modules = self._modules  # straight from the dict: nn.Module.__getattr__ is a slow fallback
         convs, bns, act = modules["convs"], modules["bns"], modules["act"]
         shortcut = modules["shortcut"](x)
-        if not torch.compiler.is_compiling() and self.frozen_fusable() and act.shifts_are_zero():
+        # Symbolic tracing (freeze, first_layer='int8') records the plain dataflow: shifts_are_zero reads values.
+        if (not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling() and self.frozen_fusable()
+                and act.shifts_are_zero()):
             # act is exactly PReLU: the shortcut add and the PReLU run in the packed kernel's output stage.
             slope = act.prelu.weight
             if self.parts == 1:

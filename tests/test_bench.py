@@ -201,6 +201,14 @@ def test_model_suite_int8_stem_entry_is_compared_with_the_float_stem():
     assert "cosine(int8 stem, float stem logits)" in model_suite.check([entry], 32)[entry.name]
 
 
+@pytest.mark.parametrize("name", ["birealnet18_int8stem", "reactnet_a_int8stem"])
+def test_reference_net_int8_stem_entries(name):
+    (entry,) = model_suite.build((name,), 3, 32)
+    assert isinstance(entry.model.stem.conv, xnorconv.Int8Conv2d) and type(entry.reference.stem.conv) is nn.Conv2d
+    assert model_suite.TWINS[name] == model_suite.TWINS[name.removesuffix("_int8stem")]
+    assert "cosine(int8 stem, float stem logits)" in model_suite.check([entry], 32)[entry.name]
+
+
 def test_first_layer_report_is_written_between_the_markers(tmp_path):
     from bench import first_layer
     doc = tmp_path / "doc.md"

@@ -641,7 +641,7 @@ def test_residual_and_prelu_match_reference(backend, slopes):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("residual_layout", ["contiguous", "channels_last"])
 def test_channels_last_unit_epilogue_matches_nchw(backend, residual_layout):
-    """A channels_last input gets a channels_last output (AMX writes it directly, the others convert): the same
+    """A channels_last input gets a channels_last output (every CPU family writes it directly): the same
     values, signs and fused residual/PReLU as the NCHW path, whatever the residual's own layout."""
     x, w = torch.randn(2, 70, 9, 11), torch.randn(37, 70, 3, 3)
     scale, bias, a, t = torch.rand(37) + 0.5, torch.randn(37), torch.rand(37) * 0.5, torch.randn(37)
