@@ -190,8 +190,8 @@ class _PackedSTEConv(torch.autograd.Function):
     float path rounds it, so y equals the float path's output bit for bit. Two ways, by shape:
       * a pointwise convolution (1x1, stride 1, no padding, one group) of a channels_last input is a matrix
         product of the (N*H*W, C) view of sign(x - t) with sign(W): float GEMM over +-1 values sums integers
-        exactly. sign(x - t) is kept for the backward pass, which needs it, so it is made once. (The packed
-        kernel's 1x1 family reads and writes NCHW; on channels_last tensors its conversions cost more than this.)
+        exactly. sign(x - t) is kept for the backward pass, which needs it, so it is made once and the forward
+        adds one matrix product to it.
       * otherwise binary_conv2d_packed, the XNOR-popcount kernel (threshold applied while packing); only x is
         saved and sign(x - t) is rebuilt in the backward pass.
     The float path saved both x - t and sign(x - t) and ran a float convolution in the forward pass.
