@@ -159,12 +159,17 @@ def _int8(float_model: nn.Module, example: torch.Tensor, calibration: int = 4) -
         return convert_fx(prepared)
 
 
-def _int8stem(name: str, description: str, binary: nn.Module, size: int) -> Entry:
-    """`binary` frozen with freeze(first_layer='int8'), against the same model frozen with its float first layer."""
+def _int8stem(name: str, title: str, binary: nn.Module, size: int) -> Entry:
+    """`binary` frozen with freeze(first_layer='int8'), against the same model frozen with its float first layer;
+    the description names the layers the int8 layer took over."""
     # Random calibration images, as the weights are random: speed does not depend on either.
     calibration = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
-    return Entry(name, description, xnorconv.freeze(binary, first_layer="int8", calibration=calibration),
-                 reference=xnorconv.freeze(binary), reference_label="int8 stem, float stem")
+    frozen = xnorconv.freeze(binary, first_layer="int8", calibration=calibration)
+    (layer,) = [m for m in frozen.modules() if isinstance(m, xnorconv.Int8Conv2d)]
+    took = ["the first conv", "its BN"] + ["ReLU"] * bool(layer.relu) + ["max pool"] * (layer.pool is not None)
+    return Entry(name, f"{title}, xnorconv.freeze(first_layer='int8'): {', '.join(took[:-1])} and {took[-1]} in "
+                       "int8 (oneDNN)", frozen, reference=xnorconv.freeze(binary),
+                 reference_label="int8 stem, float stem")
 
 
 def build(names, num_classes, size, create=None):
@@ -202,8 +207,7 @@ def build(names, num_classes, size, create=None):
             # are all +1 (binarize warns). The threshold is applied inside packing, so speed is the same either way.
             binary = xnorconv.binarize(torchvision.models.resnet18(num_classes=num_classes),
                                        learnable_threshold=True).eval()
-            entries.append(_int8stem(name, "torchvision resnet18, xnorconv.binarize + freeze(first_layer='int8'): "
-                                           "the first conv, its BN, ReLU and max pool in int8 (oneDNN), fc float",
+            entries.append(_int8stem(name, "torchvision resnet18, xnorconv.binarize (first conv and fc float)",
                                      binary, size))
         elif name == "resnet18_fp32":
             import torchvision
@@ -216,8 +220,7 @@ def build(names, num_classes, size, create=None):
                                  xnorconv.freeze(binary), unfrozen=binary))
         elif name.removesuffix("_int8stem") in _REFERENCE_BINARY:
             model_name, title = _REFERENCE_BINARY[name.removesuffix("_int8stem")]
-            entries.append(_int8stem(name, f"{title}, xnorconv.freeze(first_layer='int8'): the float stem conv and "
-                                           "its BN in int8 (oneDNN)", create(model_name, num_classes).eval(), size))
+            entries.append(_int8stem(name, title, create(model_name, num_classes).eval(), size))
         elif name in _REFERENCE_FP32:
             model_name, title = _REFERENCE_FP32[name]
             entries.append(Entry(name, f"{title} (same architecture, float nn.Conv2d), fp32",

@@ -205,6 +205,11 @@ def test_model_suite_int8_stem_entry_is_compared_with_the_float_stem():
 def test_reference_net_int8_stem_entries(name):
     (entry,) = model_suite.build((name,), 3, 32)
     assert isinstance(entry.model.stem.conv, xnorconv.Int8Conv2d) and type(entry.reference.stem.conv) is nn.Conv2d
+    # Bi-Real's max pool (a layout-choosing nn.MaxPool2d subclass) runs inside the int8 layer
+    pooled = name == "birealnet18_int8stem"
+    assert (entry.model.stem.conv.pool is not None) == pooled
+    ending = "BN and max pool in int8 (oneDNN)" if pooled else "conv and its BN in int8 (oneDNN)"
+    assert entry.description.endswith(ending)
     assert model_suite.TWINS[name] == model_suite.TWINS[name.removesuffix("_int8stem")]
     assert "cosine(int8 stem, float stem logits)" in model_suite.check([entry], 32)[entry.name]
 

@@ -217,6 +217,39 @@ def test_resnet_like_stem_folds_bn_relu_pool_and_stays_within_the_rounding_bound
     assert_int8_close(layer, x, want, folded_weight(model.conv1, model.bn1))
 
 
+class ChannelsLastMaxPool(nn.MaxPool2d):
+    """A model's own max pool that only pools in another layout (as models.blocks.MaxPool2d): nn.MaxPool2d's
+    function."""
+
+    def forward(self, x):
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
+class ShiftedMaxPool(nn.MaxPool2d):
+    """A subclass that computes something else: must not be replaced by the int8 layer's max pool."""
+
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+def test_max_pool_subclass_is_fused_only_when_it_computes_max_pooling():
+    x = torch.randn(4, 3, 40, 40)
+    model = stem_net()
+    model.maxpool = ChannelsLastMaxPool(3, 2, 1)
+    frozen = freeze(copy.deepcopy(model), first_layer="int8", calibration=x)
+    layer = frozen.conv1
+    assert type(layer.pool) is nn.MaxPool2d and type(frozen.maxpool) is nn.Identity
+    with torch.no_grad():
+        want = float_chain(model, x)
+    assert_int8_close(layer, x, want, folded_weight(model.conv1, model.bn1))
+    model.maxpool = ShiftedMaxPool(3, 2, 1)
+    frozen = freeze(copy.deepcopy(model), first_layer="int8", calibration=x)
+    assert frozen.conv1.pool is None and type(frozen.maxpool) is ShiftedMaxPool
+    with torch.no_grad():
+        got, want = frozen(x), model(x)
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+
+
 @pytest.mark.parametrize("conv", [
     dict(k=3, stride=1, padding=1),
     dict(k=5, stride=2, padding=0, dilation=2),

@@ -4,7 +4,8 @@ Once its binary convolutions are packed, a binarized network's largest single co
 7x7/2 convolution of resnet18 over the whole 224x224 image). freeze(model, first_layer="int8", calibration=batch)
 replaces the first weight layer the model runs, when it is a float nn.Conv2d, by an Int8Conv2d that folds the
 layers following it: conv [-> BatchNorm2d] [-> ReLU] [-> MaxPool2d], each taken only when it alone consumes the
-previous one's output (torch.fx dataflow; without a graph, consecutive children of an nn.Sequential).
+previous one's output (torch.fx dataflow; without a graph, consecutive children of an nn.Sequential). A subclass
+of nn.MaxPool2d is taken when, on every calibration batch, it gives what nn.MaxPool2d gives with its arguments.
 
 Numerics: per-output-channel symmetric int8 weights (scale = max |w| / 127, BatchNorm folded first, in float64),
 an asymmetric uint8 scale and zero point for the input and one for the output, both from the minimum and maximum
@@ -100,7 +101,8 @@ class _Tracer(torch.fx.Tracer):
     """xnorconv's own layers are leaves: the search needs where they are, not what they compute."""
 
     def is_leaf_module(self, m, qualname):
-        return type(m).__module__.startswith("xnorconv.") or super().is_leaf_module(m, qualname)
+        return (type(m).__module__.startswith("xnorconv.") or isinstance(m, nn.MaxPool2d)
+                or super().is_leaf_module(m, qualname))
 
 
 def _fusable(kind: str, conv: nn.Conv2d, m: nn.Module) -> bool:
@@ -108,7 +110,9 @@ def _fusable(kind: str, conv: nn.Conv2d, m: nn.Module) -> bool:
         return foldable_bn(conv, m)
     if kind == "relu":
         return type(m) is nn.ReLU
-    return type(m) is nn.MaxPool2d and not m.return_indices
+    # Subclasses too (a model's own max pool that only chooses a faster layout): calibration checks that each one
+    # computes what nn.MaxPool2d does with its arguments, and leaves it unfused otherwise (_calibrate).
+    return isinstance(m, nn.MaxPool2d) and not m.return_indices
 
 
 _FUSE_ORDER = ("bn", "relu", "pool")
@@ -402,14 +406,26 @@ def _folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor
 
 # ---- calibration and replacement ----
 
-def _float_chain(conv, bn, relu, pool):
+def _plain_max_pool(pool: nn.MaxPool2d, y: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(y, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+
+
+def _float_chain(conv, bn, relu, pool, pool_differs: list):
+    """The float function the int8 layer replaces. A pool that subclasses nn.MaxPool2d runs as itself and is
+    compared with nn.MaxPool2d's function of its arguments (what the int8 layer computes): pool_differs gets True
+    when they disagree."""
     def run(x):
         y = conv._conv_forward(x, conv.weight, conv.bias)  # not conv(x): that would run the calibration hook again
         if bn is not None:
             y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         if relu:
             y = F.relu(y)
-        return pool(y) if pool is not None else y
+        if pool is None:
+            return y
+        pooled = pool(y)
+        if type(pool) is not nn.MaxPool2d and not torch.equal(pooled, _plain_max_pool(pool, y)):
+            pool_differs.append(True)
+        return pooled
     return run
 
 
@@ -464,8 +480,13 @@ def convert_first_layer(model: nn.Module, first_layer, calibration) -> nn.Module
     modules = {kind: model.get_submodule(n) for kind, n in fused}
     bn, relu, pool = modules.get("bn"), "relu" in modules, modules.get("pool")
     model.eval()
-    input_range, output_range = _calibrate(model, stem, conv, _float_chain(conv, bn, relu, pool),
-                                           _calibration_batches(calibration))
+    batches, pool_differs = _calibration_batches(calibration), []
+    input_range, output_range = _calibrate(model, stem, conv, _float_chain(conv, bn, relu, pool, pool_differs),
+                                           batches)
+    if pool_differs:  # a max pool subclass that computes something else stays a float layer of its own
+        fused = [(kind, n) for kind, n in fused if kind != "pool"]
+        pool = None
+        input_range, output_range = _calibrate(model, stem, conv, _float_chain(conv, bn, relu, None, []), batches)
     layer = Int8Conv2d.from_float(conv, bn, relu, pool, input_range=input_range, output_range=output_range,
                                   input_quant_max=255 if _full_range_int8() else 127).eval()
     if not name:
