@@ -2,7 +2,11 @@
 // binarize+pack pass and of the convolution pass on pre-packed input, the binary MAC rate, and its fraction of the
 // family's peak measured by its own probe. Runs natively anywhere the core builds (x86, Raspberry Pi, Jetson).
 //
-//   bench_core [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--shape cin,cout,hw,k,stride,pad]...
+//   bench_core [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--nhwc]
+//              [--shape cin,cout,hw,k,stride,pad]...
+//
+// --nhwc: channels_last input and output (families that cannot write NHWC are skipped), as a frozen model running
+// in channels_last calls them.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -118,12 +122,14 @@ double fp32_fma_peak() { return 0; }
 
 int main(int argc, char** argv) {
   int threads = 1, reps = 50, pad_value = 1;
+  bool nhwc = false;
   std::string only_backend;
   std::vector<std::vector<int64_t>> shapes;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--backend") && i + 1 < argc) only_backend = argv[++i];
+    else if (!std::strcmp(argv[i], "--nhwc")) nhwc = true;
     else if (!std::strcmp(argv[i], "--pad-value") && i + 1 < argc) {
       pad_value = std::atoi(argv[++i]);
       if (pad_value < -1 || pad_value > 1) {
@@ -140,7 +146,7 @@ int main(int argc, char** argv) {
       }
       shapes.push_back(s);
     } else {
-      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] "
+      std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--nhwc] "
                    "[--shape cin,cout,hw,k,stride,pad]...\n",
                    argv[0]);
       return 2;
@@ -149,7 +155,8 @@ int main(int argc, char** argv) {
   if (shapes.empty())
     shapes = {{64, 64, 64, 3, 1, 1}, {128, 128, 32, 3, 1, 1}, {256, 256, 16, 3, 1, 1},
               {512, 512, 8, 3, 1, 1}, {256, 512, 16, 3, 2, 1}, {512, 256, 8, 1, 1, 0}};
-  std::printf("threads %d, reps %d (median), pad_value %+d, batch 1\n", threads, reps, pad_value);
+  std::printf("threads %d, reps %d (median), pad_value %+d, batch 1, %s\n", threads, reps, pad_value,
+              nhwc ? "NHWC (channels_last) input and output" : "NCHW input and output");
   // Measured once, so that every family's ceiling is a ratio to the same fp32 figure.
   const double fma = fp32_fma_peak();
   if (fma > 0) std::printf("fp32 FMA probe (AVX-512, 1 thread, best of 10): %.1f GFMA/s\n", fma / 1e9);
@@ -173,6 +180,10 @@ int main(int argc, char** argv) {
   };
   for (const auto& name : backends) {
     const KernelOps& ops = *find_backend(name);
+    if (nhwc && !ops.channels_last_output) {
+      std::printf("\n[%s] skipped: writes NCHW only\n", name.c_str());
+      continue;
+    }
     const double peak = peak_rate(ops, threads);
     std::printf("\n[%s] peak probe: %.1f binary GMAC/s", name.c_str(), peak / 1e9);
     if (fma > 0) std::printf(" = %.1fx the fp32 FMA probe (the ceiling of binary over fp32 here)", peak / threads / fma);
@@ -202,7 +213,9 @@ int main(int argc, char** argv) {
       ConvCall call;
       call.params = p;
       call.input = x.data();
-      call.strides = {p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+      call.strides = nhwc ? TensorStrides{p.in_channels * p.in_h * p.in_w, 1, p.in_w * p.in_channels, p.in_channels}
+                          : TensorStrides{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+      call.output.channels_last = nhwc;
       call.weight_bits = bits.data();
       call.weight_tap_sum = tap_sum.data();
       call.output.out = out.data();
@@ -210,11 +223,19 @@ int main(int argc, char** argv) {
       call.formatted_weight = conv_weight(ops, p, bits.data(), formatted);
       const ZeroPadCorrection zero_pad = zero_pad_correction(p, tap_sum.data());
       if (p.pad_value == PadValue::Zero) call.output.zero_pad = &zero_pad;
-      // Correctness first: this family against the scalar one on this very layer.
+      // Correctness first: this family against the scalar one on this very layer (NCHW output of both; the NHWC
+      // output of the timed call, transposed, as well).
       {
         std::vector<float> want(out.size()), got(out.size());
         binary_conv2d_serial(scalar_kernel(), p, x.data(), call.strides, w.data(), nullptr, nullptr, want.data());
         binary_conv2d_serial(ops, p, x.data(), call.strides, w.data(), nullptr, nullptr, got.data());
+        if (nhwc) {
+          pack_input(ops, call, packed.data(), parallel_for);
+          convolve_packed(ops, call, packed.data(), parallel_for);
+          const int64_t plane = p.out_h() * p.out_w();
+          for (int64_t o = 0; o < p.out_channels; ++o)
+            for (int64_t q = 0; q < plane; ++q) got[o * plane + q] = out[q * p.out_channels + o];
+        }
         if (want != got) {
           std::fprintf(stderr, "[%s] result differs from scalar on this layer\n", name.c_str());
           return 1;

@@ -1,7 +1,6 @@
 // The output stage's vector (output_stage.h) for the AVX-512 families: 16 floats going to elements
 // [index, index + 16), or, split, 8 to [index, index + 8) and 8 to [second, second + 8) (a pair of strips whose
-// second starts a new row), under a mask of the real lanes. With a stride other than 1 (the pixels of an NHWC
-// row), lane l goes to index + l * stride (second + (l - 8) * stride when split): gathers and scatters. Included after the family's ISA target pragma and
+// second starts a new row), under a mask of the real lanes. Included after the family's ISA target pragma and
 // kernel_common.h, in an unnamed namespace like avx512_binarize.h, so each TU has its own copy for its ISA.
 #pragma once
 
@@ -18,7 +17,6 @@ struct Avx512Lanes {
     int64_t second;  // with split only
     __mmask16 mask;
     bool split;
-    int64_t stride = 1;  // elements between consecutive lanes
   };
   static F broadcast(float x) { return _mm512_set1_ps(x); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
@@ -30,16 +28,7 @@ struct Avx512Lanes {
   // A vector known at compile time to be whole (mask kAll, not split), as a dense block stores it, compiles to plain
   // loads and stores; any other mask to masked ones, without a test per vector.
   static bool whole(const At& at) { return __builtin_constant_p(at.mask) && at.mask == kAll; }
-  // Strided lanes' element offsets from index (below 2^31: two strips of one or two rows).
-  static __m512i lane_offsets(const At& at) {
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-    const int64_t high = at.split ? at.second - at.index : 8 * at.stride;
-    const __m512i along = _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(at.stride)));
-    return _mm512_mask_add_epi32(along, 0xFF00, along, _mm512_set1_epi32(static_cast<int32_t>(high)));
-  }
   static F load(const float* base, const At& at) {
-    if (at.stride != 1)
-      return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), at.mask, lane_offsets(at), base + at.index, 4);
     if (!at.split)
       return whole(at) ? _mm512_loadu_ps(base + at.index) : _mm512_maskz_loadu_ps(at.mask, base + at.index);
     const __m256 low = _mm256_maskz_loadu_ps(static_cast<__mmask8>(at.mask), base + at.index);
@@ -47,10 +36,6 @@ struct Avx512Lanes {
     return _mm512_insertf32x8(_mm512_castps256_ps512(low), high, 1);
   }
   static void store(float* base, const At& at, F y) {
-    if (at.stride != 1) {
-      _mm512_mask_i32scatter_ps(base + at.index, at.mask, lane_offsets(at), y, 4);
-      return;
-    }
     if (!at.split) {
       if (whole(at)) _mm512_storeu_ps(base + at.index, y);
       else _mm512_mask_storeu_ps(base + at.index, at.mask, y);
@@ -60,16 +45,6 @@ struct Avx512Lanes {
     _mm256_mask_storeu_ps(base + at.second, static_cast<__mmask8>(at.mask >> 8), _mm512_extractf32x8_ps(y, 1));
   }
   static void store_signs(uint8_t* base, const At& at, F y, F threshold) {
-    if (at.stride != 1) {
-      const unsigned negative = _mm512_cmp_ps_mask(y, threshold, _CMP_NGE_UQ);
-      alignas(64) int32_t offset[kLanes];
-      _mm512_store_si512(offset, lane_offsets(at));
-      for (unsigned m = at.mask; m; m &= m - 1) {
-        const int lane = __builtin_ctz(m);
-        base[at.index + offset[lane]] = static_cast<uint8_t>(negative >> lane & 1);
-      }
-      return;
-    }
     const __m128i bytes = _mm_maskz_set1_epi8(_mm512_cmp_ps_mask(y, threshold, _CMP_NGE_UQ), 1);
     if (!at.split) {
       _mm_mask_storeu_epi8(base + at.index, at.mask, bytes);

@@ -64,7 +64,6 @@ struct Avx2Lanes {
   struct At {
     int64_t index;
     int lanes;
-    int64_t stride = 1;  // elements between consecutive lanes (the pixels of an NHWC row: out_channels)
   };
   static F broadcast(float x) { return _mm256_set1_ps(x); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
@@ -77,31 +76,17 @@ struct Avx2Lanes {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
   // Masked loads and stores never touch the lanes past a partial strip (which may lie past the tensor's end).
-  static __m256i lane_offsets(const At& at) {
-    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                              _mm256_set1_epi32(static_cast<int32_t>(at.stride)));
-  }
-  // Strided lanes: a gather, and stores lane by lane (AVX2 has no scatter).
   static F load(const float* base, const At& at) {
-    if (at.stride != 1)
-      return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base + at.index, lane_offsets(at),
-                                      _mm256_castsi256_ps(real(at.lanes)), 4);
     return at.lanes == kLanes ? _mm256_loadu_ps(base + at.index) : _mm256_maskload_ps(base + at.index, real(at.lanes));
   }
   static void store(float* base, const At& at, F y) {
-    if (at.stride != 1) {
-      alignas(32) float lanes[kLanes];
-      _mm256_store_ps(lanes, y);
-      for (int lane = 0; lane < at.lanes; ++lane) base[at.index + lane * at.stride] = lanes[lane];
-      return;
-    }
     if (at.lanes == kLanes) _mm256_storeu_ps(base + at.index, y);
     else _mm256_maskstore_ps(base + at.index, real(at.lanes), y);
   }
   static void store_signs(uint8_t* base, const At& at, F y, F threshold) {
     const int negative = _mm256_movemask_ps(_mm256_cmp_ps(y, threshold, _CMP_NGE_UQ));
-    for (int lane = 0; lane < at.lanes; ++lane)
-      base[at.index + lane * at.stride] = static_cast<uint8_t>((negative >> lane) & 1);
+    uint8_t* s = base + at.index;
+    for (int lane = 0; lane < at.lanes; ++lane) s[lane] = static_cast<uint8_t>((negative >> lane) & 1);
   }
 };
 
@@ -258,35 +243,93 @@ struct Avx2Isa {
       if (bs.lanes[i] > kHalf) half(strip + kHalf, words, wb, call, high);
       else
         for (int v = 0; v < kChannels; ++v) high[v] = _mm256_setzero_si256();
-      // The common case, decided once per strip: 8 contiguous float outputs, scale and bias only (border corrections
-      // included).
-      const bool plain = bs.plain && bs.lanes[i] == kStrip && bs.lane_stride == 1;
+      if (bs.lane_stride != 1) {
+        store_nhwc(low, high, i, bs, depth);
+        continue;
+      }
+      // The common case, decided once per strip: 8 float outputs, scale and bias only (border corrections included).
+      const bool plain = bs.plain && bs.lanes[i] == kStrip;
       for (int v = 0; v < kChannels; ++v) {
         if (!bs.stored(i, v)) continue;
-        // The low dword of each 64-bit count (below 2^31), the low half's 4 pixels then the high half's: two
-        // shuffle-port uops (dwords l0 l1 h0 h1 l2 l3 h2 h3, then 64-bit pairs reordered), where shift + blend +
-        // vpermd took three and a constant.
-        const __m256 pairs = _mm256_shuffle_ps(_mm256_castsi256_ps(low[v]), _mm256_castsi256_ps(high[v]), 0x88);
-        const __m256i count = _mm256_permute4x64_epi64(_mm256_castps_si256(pairs), 0xD8);
-        __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
-        if (bs.border[i]) {
-          const __m256i classes = _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.lane_class[i]));
-          dot = _mm256_sub_epi32(dot, _mm256_i32gather_epi32(bs.class_value[v], classes, 4));
-        }
         const ChannelValues<Avx2Lanes> c = bs.values<Avx2Lanes>(v);
-        const __m256 y = affine<Avx2Lanes>(c, dot);
+        const __m256 y = channel_output(low[v], high[v], depth, bs, c, i, v);
         if (plain) finish<Avx2Lanes, true>(e, c, y, {bs.at(i, v), kStrip});
         else finish_rare(e, bs, i, v, y);
       }
     }
   }
 
-  // The output stage's other cases (partial strips, NHWC, residual, PReLU, sign output), out of line: inlined, they made
+  // y = scale * (depth - 2 * count - correction) + bias for the 8 pixels of strip i, channel v.
+  static __m256 channel_output(__m256i low, __m256i high, __m256i depth,
+                               const BlockStore<kStrips, kChannels, kStrip>& bs, const ChannelValues<Avx2Lanes>& c,
+                               int i, int v) {
+    // The low dword of each 64-bit count (below 2^31), the low half's 4 pixels then the high half's: two
+    // shuffle-port uops (dwords l0 l1 h0 h1 l2 l3 h2 h3, then 64-bit pairs reordered), where shift + blend +
+    // vpermd took three and a constant.
+    const __m256 pairs = _mm256_shuffle_ps(_mm256_castsi256_ps(low), _mm256_castsi256_ps(high), 0x88);
+    const __m256i count = _mm256_permute4x64_epi64(_mm256_castps_si256(pairs), 0xD8);
+    __m256i dot = _mm256_sub_epi32(depth, _mm256_add_epi32(count, count));
+    if (bs.border[i]) {
+      const __m256i classes = _mm256_load_si256(reinterpret_cast<const __m256i*>(bs.lane_class[i]));
+      dot = _mm256_sub_epi32(dot, _mm256_i32gather_epi32(bs.class_value[v], classes, 4));
+    }
+    return affine<Avx2Lanes>(c, dot);
+  }
+
+  // NHWC output: a pixel's channels are adjacent in memory, a strip's pixels out_channels apart. The strip's channel
+  // vectors (8 pixels each) are transposed into one vector of channels per pixel, each stored (and its residual
+  // loaded) with one masked access; the steps after the affine one then run across channels, with the per-channel
+  // operands as vectors. Out of line, as finish_rare, to keep the NCHW loop lean.
+  static __attribute__((noinline)) void store_nhwc(const __m256i (&low)[kChannels], const __m256i (&high)[kChannels],
+                                                   int i, const BlockStore<kStrips, kChannels, kStrip>& bs,
+                                                   __m256i depth) {
+    static_assert(kChannels <= 8, "a pixel's channels of a block fill one vector");
+    int channels = 0;  // the block's real channels: a prefix
+    while (channels < kChannels && bs.channel_real[channels]) ++channels;
+    alignas(32) float slope[8] = {}, threshold[8] = {};
+    for (int v = 0; v < kChannels; ++v) {
+      slope[v] = bs.operands[v].slope;
+      threshold[v] = bs.operands[v].threshold;
+    }
+    ChannelValues<Avx2Lanes> across;
+    across.scale = across.bias = _mm256_setzero_ps();  // applied before the transpose
+    across.slope = _mm256_load_ps(slope);
+    across.threshold = _mm256_load_ps(threshold);
+    __m256 y[8];
+    for (int v = 0; v < kChannels; ++v)
+      y[v] = channel_output(low[v], high[v], depth, bs, bs.values<Avx2Lanes>(v), i, v);
+    for (int v = kChannels; v < 8; ++v) y[v] = _mm256_setzero_ps();
+    transpose_8x8(y);
+    for (int j = 0; j < bs.lanes[i]; ++j) finish<Avx2Lanes>(*bs.epilogue, across, y[j], {bs.at(i, 0, j), channels});
+  }
+
+  // y[v] (v < 8) holds channel v of 8 pixels; afterwards y[j] holds pixel j's 8 channels (unpack, shuffle, then
+  // 128-bit lane pairs).
+  static void transpose_8x8(__m256 (&y)[8]) {
+    __m256 t[8], u[8];
+    for (int k = 0; k < 4; ++k) {
+      t[2 * k] = _mm256_unpacklo_ps(y[2 * k], y[2 * k + 1]);
+      t[2 * k + 1] = _mm256_unpackhi_ps(y[2 * k], y[2 * k + 1]);
+    }
+    for (int k = 0; k < 2; ++k) {
+      u[4 * k] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+      u[4 * k + 1] = _mm256_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+      u[4 * k + 2] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+      u[4 * k + 3] = _mm256_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+    }
+    // u[k] (k < 4): channels 0-3 of pixels k and k + 4 (one per 128-bit lane); u[k + 4]: channels 4-7.
+    for (int k = 0; k < 4; ++k) {
+      y[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20);
+      y[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31);
+    }
+  }
+
+  // The output stage's other cases (partial strips, residual, PReLU, sign output), out of line: inlined, they made
   // the common case's loop larger and slower on the thin layers, where the output stage is much of the work.
   static __attribute__((noinline)) void finish_rare(const EpilogueParams& e,
                                                     const BlockStore<kStrips, kChannels, kStrip>& bs, int i, int v,
                                                     __m256 y) {
-    finish<Avx2Lanes>(e, bs.values<Avx2Lanes>(v), y, {bs.at(i, v), bs.lanes[i], bs.lane_stride});
+    finish<Avx2Lanes>(e, bs.values<Avx2Lanes>(v), y, {bs.at(i, v), bs.lanes[i]});
   }
 
   // Popcount of every nibble value, for vpshufb.

@@ -1,7 +1,7 @@
 // AVX-512 kernel family (F, BW, VL, DQ, VPOPCNTDQ). Vectorised across pixels: one zmm holds the packed words of 8
 // consecutive output pixels for one tap and channel word; the weight word of an output channel is broadcast, so
 // the inner loop is vpxorq + vpopcntq + vpaddq with no horizontal reduction, and each accumulator lane is one
-// output value: the epilogue writes 8 consecutive pixels of a row (contiguous in NCHW, scattered in NHWC).
+// output value: the epilogue writes 8 contiguous floats of an NCHW row, or, transposed, a pixel's channels in NHWC.
 #include <cstdint>
 
 #include "xnorconv_core.h"
@@ -66,6 +66,10 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
     const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i depth = _mm512_set1_epi32(bs.depth);
     const EpilogueParams& e = *bs.epilogue;
+    if (bs.lane_stride != 1) {
+      store_nhwc(acc, bs, e, low_dwords, depth);
+      return;
+    }
     if (bs.dense) {
       if (bs.plain) dense_store<true>(acc, bs, e, low_dwords, depth);
       else dense_store<false>(acc, bs, e, low_dwords, depth);
@@ -80,7 +84,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
       const __mmask16 border =
           static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (second && bs.border[i + 1] ? 0xFF00 : 0));
       // Strip i + 1 elsewhere than right after strip i (a new row when out_w is not a multiple of 8): two accesses.
-      const bool split = second && bs.offset[i + 1] != bs.offset[i] + kStrip * bs.lane_stride;
+      const bool split = second && bs.offset[i + 1] != bs.offset[i] + kStrip;
       if (bs.plain) {
         // The common case, with no per-channel decisions but the group's end.
 #pragma GCC unroll 8
@@ -88,7 +92,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
           if (!bs.channel_real[v]) break;  // past the group's last channel (the block's last channels only)
           const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
           const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, c, i, v);
-          finish<Avx512Lanes, true>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split, bs.lane_stride});
+          finish<Avx512Lanes, true>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split});
         }
         continue;
       }
@@ -97,8 +101,71 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
         if (!bs.stored(i, v)) continue;
         const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
         const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, c, i, v);
-        finish<Avx512Lanes>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split, bs.lane_stride});
+        finish<Avx512Lanes>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split});
       }
+    }
+  }
+
+  // NHWC output: a pixel's channels are adjacent in memory, a strip's pixels out_channels apart. The block's 6
+  // channel vectors of a strip pair (16 pixels each) are transposed into 8 vectors of [pixel j's channels | pixel
+  // j + 8's], each stored (and its residual loaded) with two masked 256-bit accesses: 16 accesses per 96 outputs
+  // where scattering the channel vectors took 96. The steps after the affine one then run across channels, with
+  // the per-channel operands as vectors.
+  static void store_nhwc(const __m512i (&acc)[kStrips][kChannels], const BlockStore<kStrips, kChannels, kStrip>& bs,
+                         const EpilogueParams& e, __m512i low_dwords, __m512i depth) {
+    static_assert(kChannels <= 8, "a pixel's channels of a block fill one 256-bit half");
+    unsigned channels = 0;  // the block's real channels
+    for (int v = 0; v < kChannels; ++v) channels |= static_cast<unsigned>(bs.channel_real[v]) << v;
+    // The per-channel operands across the lanes [channel 0..7 | channel 0..7], for the steps after the affine one.
+    alignas(64) float slope[16] = {}, threshold[16] = {};
+    for (int v = 0; v < kChannels; ++v) {
+      slope[v] = slope[v + 8] = bs.operands[v].slope;
+      threshold[v] = threshold[v + 8] = bs.operands[v].threshold;
+    }
+    ChannelValues<Avx512Lanes> across;
+    across.scale = across.bias = _mm512_setzero_ps();  // applied before the transpose
+    across.slope = _mm512_load_ps(slope);
+    across.threshold = _mm512_load_ps(threshold);
+    for (int i = 0; i < kStrips; i += 2) {
+      if (bs.offset[i] < 0) break;  // the block's tail: repeats of the last strip, never stored
+      const bool second = bs.offset[i + 1] >= 0;
+      const __mmask16 border =
+          static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (second && bs.border[i + 1] ? 0xFF00 : 0));
+      __m512 y[8];
+      for (int v = 0; v < kChannels; ++v)
+        y[v] = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, bs.values<Avx512Lanes>(v), i, v);
+      for (int v = kChannels; v < 8; ++v) y[v] = _mm512_setzero_ps();
+      transpose_8x16(y);
+      for (int j = 0; j < kStrip; ++j) {
+        const bool low = j < bs.lanes[i], high = second && j < bs.lanes[i + 1];
+        const __mmask16 mask = static_cast<__mmask16>((low ? channels : 0) | (high ? channels << 8 : 0));
+        if (!mask) continue;
+        const int64_t index = bs.at(i, 0, j), other = high ? bs.at(i + 1, 0, j) : index;
+        finish<Avx512Lanes>(e, across, y[j], {index, other, mask, true});
+      }
+    }
+  }
+
+  // y[v] (v < 8) holds channel v of 16 pixels; afterwards y[j] holds pixel j's 8 channels in its low half and pixel
+  // j + 8's in its high half: the 8x8 transpose of each half (unpack, shuffle, then 128-bit lane pairs).
+  static void transpose_8x16(__m512 (&y)[8]) {
+    __m512 t[8], u[8];
+    for (int k = 0; k < 4; ++k) {
+      t[2 * k] = _mm512_unpacklo_ps(y[2 * k], y[2 * k + 1]);
+      t[2 * k + 1] = _mm512_unpackhi_ps(y[2 * k], y[2 * k + 1]);
+    }
+    for (int k = 0; k < 2; ++k) {
+      u[4 * k] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+      u[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0xEE);
+      u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+      u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xEE);
+    }
+    // u[k] (k < 4): channels 0-3 of pixels k, k + 4, k + 8, k + 12 (one per 128-bit lane); u[k + 4]: channels 4-7.
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    const __m512i later = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int k = 0; k < 4; ++k) {
+      y[k] = _mm512_permutex2var_ps(u[k], first, u[k + 4]);
+      y[k + 4] = _mm512_permutex2var_ps(u[k], later, u[k + 4]);
     }
   }
 
