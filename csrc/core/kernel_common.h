@@ -266,7 +266,7 @@ void pack_rows(const ConvParams& p, const typename Source::T* x, TensorStrides s
 template <int P, int V, int SW>
 struct BlockStore {
   const EpilogueParams* epilogue;  // the call's output stage
-  int64_t channel_offset[V];       // element offset of channel v's plane
+  int64_t channel_offset[V];       // element offset of channel v's first output (its plane in NCHW)
   bool channel_real[V];            // false past the group's last channel
   int64_t offset[P];               // strip i's element offset from its channel's, or -1 past the last strip
   int64_t lane_stride;             // elements between a strip's consecutive pixels: 1 (NCHW) or out_channels (NHWC)
