@@ -158,14 +158,24 @@ class _Pool2x2(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        q = g * 0.25  # every input of a window gets 0.25 * g (the adds pass the gradient on unchanged)
+        # Every input of a window gets 0.25 * g (the adds pass the gradient on unchanged): written into one corner
+        # of each window, then copied to the others. Those copies have a contiguous innermost dimension and are
+        # vectorised; the reshape of an expanded view, which repeats each value along the innermost dimension, is
+        # not, and took several times as long.
         if ctx.nhwc:
-            q = _nhwc(q.contiguous(memory_format=torch.channels_last))
+            q = _nhwc(g.contiguous(memory_format=torch.channels_last))
             n, h, w, c = q.shape
-            return _nchw(q[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)), None
-        q = q.contiguous()
-        n, c, h, w = q.shape
-        return q[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w), None
+            windows = q.new_empty((n, h, 2, w, 2, c))
+            torch.mul(q, 0.25, out=windows[:, :, 0, :, 0])
+            windows[:, :, 0, :, 1] = windows[:, :, 0, :, 0]
+            windows[:, :, 1] = windows[:, :, 0]
+            return _nchw(windows.view(n, 2 * h, 2 * w, c)), None
+        n, c, h, w = g.shape
+        windows = g.new_empty((n, c, h, 2, w, 2))
+        torch.mul(g, 0.25, out=windows[:, :, :, 0, :, 0])
+        windows[:, :, :, 0, :, 1] = windows[:, :, :, 0, :, 0]
+        windows[:, :, :, 1] = windows[:, :, :, 0]
+        return windows.view(n, c, 2 * h, 2 * w), None
 
 
 # The shortcut's computations are plain functions that torch.fx records as single calls (torch.fx.wrap): their
@@ -262,53 +272,9 @@ def _channel_adaptive_mean(x: torch.Tensor, out_channels: int) -> torch.Tensor:
     return y.transpose(1, 2).reshape(n, out_channels, h, w).contiguous()
 
 
-class _PReLUFunction(torch.autograd.Function):
-    """F.prelu(z, weight) with the same values and gradients, and a backward built from vectorised ops.
-
-    PyTorch's CPU backward of prelu is a scalar loop with two outputs (a large share of a BinaryDNet53 training
-    step, docs/training.md). Here, with p = 1{z > 0} as a float, m = p + (1 - p) * w is exactly 1
-    or w (every product and sum in it is exact), so dL/dz = m * g is prelu's g or w * g; dL/dw sums min(z, 0) * g,
-    which is prelu's z * g where z <= 0 and a zero elsewhere, through the same reduction autograd applies to a
-    broadcast weight. The comparison writes a float output (vectorised; a bool output is not).
-    """
-
-    @staticmethod
-    def forward(ctx, z, weight):
-        ctx.save_for_backward(z, weight)
-        return F.prelu(z, weight)
-
-    @staticmethod
-    def backward(ctx, g):
-        z, weight = ctx.saved_tensors
-        need_z, need_w = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: second derivatives through prelu's own formula
-            wanted = [t for t, n in ((z, need_z), (weight, need_w)) if n]
-            with torch.enable_grad():
-                found = list(torch.autograd.grad(F.prelu(z, weight), wanted, g, create_graph=True))
-            return (found.pop(0) if need_z else None), (found.pop(0) if need_w else None)
-        shape = [1] * z.dim()
-        if weight.numel() > 1:
-            shape[1] = weight.numel()
-        w = weight.reshape(shape)
-        grad_z = grad_w = spare = None
-        if need_z:
-            positive = torch.gt(z, 0.0, out=torch.empty_like(z))
-            spare = torch.rsub(positive, 1.0)
-            # 1 where z > 0, else w: positive + (1 - positive) * w, both products exact.
-            grad_z = torch.addcmul(positive, spare, w, out=positive).mul_(g)
-        if need_w:
-            low = torch.clamp(z, max=0.0, out=spare if spare is not None else torch.empty_like(z))
-            grad_w = low.mul_(g).sum_to_size(shape).reshape(weight.shape)
-        return grad_z, grad_w
-
-
 @torch.fx.wrap
 def _prelu(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.prelu(z, weight); in training, with _PReLUFunction's backward."""
-    if (torch.is_grad_enabled() and (z.requires_grad or weight.requires_grad) and z.dim() >= 2
-            and not torch.compiler.is_compiling()):
-        return _PReLUFunction.apply(z, weight)
-    return F.prelu(z, weight)
+    return xnorconv.functional.prelu(z, weight)
 
 
 def _activate(act: nn.Module, z: torch.Tensor) -> torch.Tensor:

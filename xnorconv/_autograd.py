@@ -142,21 +142,31 @@ def _kernel_devices() -> frozenset:
 _KERNEL_DEVICES = _kernel_devices()
 
 
-def _ste_factor(x: torch.Tensor, threshold: Optional[torch.Tensor], ste: str) -> torch.Tensor:
-    """s'(x - t) as a float tensor in x's layout: 1{|d| <= 1} (clipped), 1{d finite} (identity),
-    max(2 - 2|d|, 0) with NaN -> 0 (approx), d = x - t computed as the composite form computes it.
+def _ste_input_grad(gx: torch.Tensor, x: torch.Tensor, threshold: Optional[torch.Tensor], ste: str,
+                    need_t: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(gx * s'(x - t), the threshold's gradient -sum(gx * s'(x - t)) per channel, or None) in x's layout, with
+    s' 1{|d| <= 1} (clipped), 1{d finite} (identity), max(2 - 2|d|, 0) with NaN -> 0 (approx), d = x - t computed
+    as the composite form computes it. One pass on the CPU (xnorconv::ste_input_grad), aten ops elsewhere."""
+    if x.device.type == "cpu":
+        grad_x, grad_t = torch.ops.xnorconv.ste_input_grad(gx, x, threshold, ste)
+        return grad_x, (grad_t if need_t else None)
+    grad_x = _ste_input_grad_aten(gx, x, threshold, ste)
+    return grad_x, (grad_x.sum(dim=(0, 2, 3)).neg_() if need_t else None)
 
-    Comparisons are written with float outputs (torch.le(..., out=float)): PyTorch vectorises them only when the
-    output has the input's dtype, and its torch.where is not vectorised on the CPU; a bool mask and torch.where
-    cost several times as much per element as the arithmetic around them."""
+
+def _ste_input_grad_aten(gx: torch.Tensor, x: torch.Tensor, threshold: Optional[torch.Tensor],
+                         ste: str) -> torch.Tensor:
+    # Comparisons are written with float outputs (torch.le(..., out=float)): PyTorch vectorises them only when the
+    # output has the input's dtype, and its torch.where is not vectorised on the CPU.
     a = torch.sub(x, threshold.view(1, -1, 1, 1)).abs_() if threshold is not None else x.abs()
     if ste == "clipped":
-        return torch.le(a, 1.0, out=a)
-    if ste == "identity":
-        return torch.lt(a, math.inf, out=a)
-    # -2|d| is exact, so 2 + (-2|d|) rounds like 2 - 2|d|; fmax maps NaN (and the negative values past |d| = 1,
-    # infinities included) to 0.
-    return torch.fmax(a.mul_(-2.0).add_(2.0), a.new_zeros(()), out=a)
+        factor = torch.le(a, 1.0, out=a)
+    elif ste == "identity":
+        factor = torch.lt(a, math.inf, out=a)
+    else:  # -2|d| is exact, so 2 + (-2|d|) rounds like 2 - 2|d|; fmax maps NaN and the values past |d| = 1 to 0
+        factor = torch.fmax(a.mul_(-2.0).add_(2.0), a.new_zeros(()), out=a)
+    layout = torch.channels_last if _is_nhwc(x) else torch.contiguous_format
+    return torch.mul(gx.contiguous(memory_format=layout), factor, out=factor)
 
 
 def _is_nhwc(x: torch.Tensor) -> bool:
@@ -165,8 +175,11 @@ def _is_nhwc(x: torch.Tensor) -> bool:
 
 
 def _signs(x: torch.Tensor, threshold: Optional[torch.Tensor]) -> torch.Tensor:
-    """+1 where x >= t (the packed kernel's rule), else -1, as a float tensor in x's layout. A float comparison
-    output and two in-place passes: torch.where and bool comparison outputs are not vectorised on the CPU."""
+    """+1 where x >= t (the packed kernel's rule), else -1, as a float tensor in x's layout. One pass on the CPU
+    (xnorconv::binary_signs); elsewhere a float comparison output and two in-place passes (torch.where and bool
+    comparison outputs are not vectorised)."""
+    if x.device.type == "cpu":
+        return torch.ops.xnorconv.binary_signs(x, threshold)
     t = threshold.view(1, -1, 1, 1) if threshold is not None else 0.0
     return torch.ge(x, t, out=torch.empty_like(x)).mul_(2.0).sub_(1.0)
 
@@ -205,7 +218,7 @@ class _PackedSTEConv(torch.autograd.Function):
     channels_last tensors only, and several times slower on NCHW ones);
     other layers one aten convolution_backward, on the CPU on channels_last operands (oneDNN computes NHWC
     natively; for NCHW tensors it reorders to a blocked layout inside every call, which costs more than
-    converting). The input gradient is then multiplied by the surrogate's derivative (_ste_factor). Only the
+    converting). The input gradient is then multiplied by the surrogate's derivative (_ste_input_grad). Only the
     order of floating-point additions differs from the composite form.
 
     With create_graph=True the backward differentiates the composite form instead (same first derivatives), so
@@ -286,11 +299,7 @@ class _PackedSTEConv(torch.autograd.Function):
                 gx = gx[:, :, top:top + x.shape[2], left:left + x.shape[3]]
         grad_x = grad_t = grad_w = None
         if need_input_grad:
-            factor = _ste_factor(x, threshold, ste)
-            layout = torch.channels_last if _is_nhwc(x) else torch.contiguous_format
-            grad_x = torch.mul(gx.contiguous(memory_format=layout), factor, out=factor)
-            if need_t:  # d(x - t)/dt = -1
-                grad_t = grad_x.sum(dim=(0, 2, 3)).neg_()
+            grad_x, grad_t = _ste_input_grad(gx, x, threshold, ste, need_t)
         if need_w:  # identity STE through sign(W) (0 where W is not finite, as _SignSTE), plus the path through
             # alpha = mean |W|, in the order autograd differentiates mean and abs: (dL/dalpha / n) * sgn(W).
             if alpha is None:
@@ -338,3 +347,54 @@ def binary_conv2d_ste(input: torch.Tensor, weight: torch.Tensor, bias: Optional[
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     return y
+
+
+class _PReLUFunction(torch.autograd.Function):
+    """F.prelu(z, weight) with the same values and gradients, and a backward in one pass over memory on the CPU
+    (xnorconv::prelu_backward). PyTorch's CPU backward of prelu is a scalar loop with two outputs, a large share of
+    a binary network's training step (every Bi-Real / ReActNet / BinaryDNet53 unit ends in one).
+
+    Elsewhere the backward is built from vectorised aten ops: with p = 1{z > 0} as a float, m = p + (1 - p) * w is
+    exactly 1 or w, so dL/dz = m * g is prelu's g or w * g; dL/dw sums min(z, 0) * g, prelu's z * g where z <= 0,
+    through the reduction autograd applies to a broadcast weight.
+    """
+
+    @staticmethod
+    def forward(ctx, z, weight):
+        ctx.save_for_backward(z, weight)
+        return F.prelu(z, weight)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, weight = ctx.saved_tensors
+        need_z, need_w = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: second derivatives through prelu's own formula
+            wanted = [t for t, n in ((z, need_z), (weight, need_w)) if n]
+            with torch.enable_grad():
+                found = list(torch.autograd.grad(F.prelu(z, weight), wanted, g, create_graph=True))
+            return (found.pop(0) if need_z else None), (found.pop(0) if need_w else None)
+        if z.device.type == "cpu" and z.dtype == torch.float32 and weight.dtype == torch.float32 \
+                and weight.dim() == 1:
+            grad_z, grad_w = torch.ops.xnorconv.prelu_backward(g, z, weight)
+            return (grad_z if need_z else None), (grad_w if need_w else None)
+        shape = [1] * z.dim()
+        if weight.numel() > 1:
+            shape[1] = weight.numel()
+        w = weight.reshape(shape)
+        grad_z = grad_w = spare = None
+        if need_z:
+            positive = torch.gt(z, 0.0, out=torch.empty_like(z))
+            spare = torch.rsub(positive, 1.0)
+            grad_z = torch.addcmul(positive, spare, w, out=positive).mul_(g)
+        if need_w:
+            low = torch.clamp(z, max=0.0, out=spare if spare is not None else torch.empty_like(z))
+            grad_w = low.mul_(g).sum_to_size(shape).reshape(weight.shape)
+        return grad_z, grad_w
+
+
+def prelu(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.prelu(input, weight), with a faster backward in training (see _PReLUFunction)."""
+    if (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad) and input.dim() >= 2
+            and not torch.compiler.is_compiling()):
+        return _PReLUFunction.apply(input, weight)
+    return F.prelu(input, weight)

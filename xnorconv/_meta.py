@@ -33,3 +33,35 @@ def _binary_conv2d_packed_fake(input, weight_bits, weight_tap_sum, weight_in_cha
             and input.shape[1] > 1:
         out = out.contiguous(memory_format=torch.channels_last)
     return out
+
+
+def _channel_layout_like(t):
+    """The layout the training ops give their outputs: channels_last for a channels_last 4-D input that is not
+    also NCHW-contiguous, else contiguous."""
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() \
+            and t.shape[1] > 1:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_channel_input(op, input):
+    torch._check(input.dim() >= 2, lambda: f"{op}: input must be (N, C, ...), got {input.dim()}-D")
+
+
+@torch.library.register_fake("xnorconv::binary_signs")
+def _binary_signs_fake(input, threshold=None):
+    _check_channel_input("binary_signs", input)
+    return torch.empty_like(input, memory_format=_channel_layout_like(input))
+
+
+@torch.library.register_fake("xnorconv::ste_input_grad")
+def _ste_input_grad_fake(grad, input, threshold, ste):
+    _check_channel_input("ste_input_grad", input)
+    grad_input = torch.empty_like(input, memory_format=_channel_layout_like(input))
+    return grad_input, input.new_empty((input.shape[1] if threshold is not None else 0,))
+
+
+@torch.library.register_fake("xnorconv::prelu_backward")
+def _prelu_backward_fake(grad, input, weight):
+    _check_channel_input("prelu_backward", input)
+    return torch.empty_like(input, memory_format=_channel_layout_like(input)), torch.empty_like(weight)

@@ -115,3 +115,7 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
     return binary_conv2d_packed(input, packed, bias, stride, padding, dilation, groups, scale, pad_value,
                                 input_threshold, output_signs, output_threshold, residual, prelu_weight)
+
+
+# At the end: _autograd imports packed_conv_op from this module.
+from ._autograd import prelu  # noqa: E402

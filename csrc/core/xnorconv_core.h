@@ -255,6 +255,29 @@ void pack_input(const KernelOps& ops, const ConvCall& call, uint64_t* packed_inp
 void convolve_packed(const KernelOps& ops, const ConvCall& call, const uint64_t* packed_input,
                      const ParallelFor& parallel_for);
 
+// ---- elementwise passes of the straight-through training path (training.cpp) ----
+// A float tensor seen as [outer][channels][inner], contiguous: NCHW is (N, C, H*W), NHWC is (N*H*W, C, 1).
+struct ChannelView {
+  int64_t outer = 0, channels = 0, inner = 0;
+};
+
+// The surrogate whose derivative the input gradient takes (xnorconv/_autograd.py's module docstring).
+enum class SteKind { clipped, identity, approx };
+
+// out = +1 where x >= threshold[c] (threshold nullptr: 0), else -1: the packed kernel's sign rule, as floats.
+void binary_signs(ChannelView v, const float* x, const float* threshold, float* out, const ParallelFor& parallel_for);
+
+// grad_x = grad * s'(d), d = x - threshold[c] (threshold nullptr: d = x), with s' 1{|d| <= 1} (clipped),
+// 1{d finite} (identity) or max(2 - 2|d|, 0) (approx), 0 for NaN d; and, unless threshold_sums is nullptr,
+// threshold_sums[c] = the sum of channel c's grad_x (the threshold's gradient is its negation).
+void ste_input_grad(ChannelView v, SteKind ste, const float* grad, const float* x, const float* threshold,
+                    float* grad_x, float* threshold_sums, const ParallelFor& parallel_for);
+
+// PReLU's backward: grad_z = grad where z > 0, else weight[c] * grad; unless weight_sums is nullptr, weight_sums[c]
+// = the sum of channel c's z * grad where z <= 0 (or NaN). shared_weight: one weight for all channels, and one sum.
+void prelu_backward(ChannelView v, bool shared_weight, const float* grad, const float* z, const float* weight,
+                    float* grad_z, float* weight_sums, const ParallelFor& parallel_for);
+
 // A usable kernel family by name, leaving the process-wide choice (set_backend_override) alone: for tests and
 // benchmarks that run each family in turn. nullptr, with the reason in *error, for an unknown or unusable name.
 const KernelOps* find_backend(const std::string& name, std::string* error = nullptr);

@@ -78,6 +78,10 @@ void check_unit_epilogue(const c10::optional<at::Tensor>& residual, const c10::o
   }
 }
 
+void torch_parallel_for(int64_t tasks, int64_t grain, const xnorconv::TaskBody& body) {
+  at::parallel_for(0, tasks, grain, body);
+}
+
 ConvParams conv_params(const PackedConvArgs& args) {
   const at::Tensor &input = args.input, &weight_bits = args.weight_bits, &weight_tap_sum = args.weight_tap_sum;
   const at::IntArrayRef stride = args.stride, padding = args.padding, dilation = args.dilation;
@@ -254,11 +258,6 @@ std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& weight) {
   xnorconv::pack_weights(p, w.data_ptr<float>(), reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>()),
                          tap_sum.data_ptr<int32_t>());
   return {bits, tap_sum};
-}
-
-// The core's threading hook: torch's pool, so the op follows torch.get_num_threads().
-void torch_parallel_for(int64_t tasks, int64_t grain, const xnorconv::TaskBody& body) {
-  at::parallel_for(0, tasks, grain, body);
 }
 
 at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {

@@ -54,6 +54,9 @@ template <at::Tensor (*Impl)(const PackedConvArgs&)>
 constexpr auto packed_conv_kernel = &PackedConvKernel<Impl, PackedConvSignature>::call;
 
 // Every argument check of the op, into ConvParams; messages name the argument and value.
+// The core's threading hook: torch's pool, so the ops follow torch.get_num_threads().
+void torch_parallel_for(int64_t tasks, int64_t grain, const xnorconv::TaskBody& body);
+
 xnorconv::ConvParams conv_params(const PackedConvArgs& args);
 
 // The layout rule of the op (and of the fake kernel in xnorconv/_meta.py): a channels_last input gets a

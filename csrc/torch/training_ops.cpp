@@ -1,0 +1,136 @@
+// Torch binding of the training path's elementwise passes (csrc/core/training.cpp): the backward of the
+// straight-through estimator and of PReLU, and the signs the weight gradient is computed from. CPU only: on other
+// devices xnorconv/_autograd.py composes the same values from aten ops.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+
+#include "ops.h"
+#include "xnorconv_core.h"
+
+namespace xnorconv_torch {
+
+namespace {
+
+// A tensor of shape (N, C, *) as the core's channel view: NHWC when it is a channels_last 4-D tensor (and not also
+// NCHW-contiguous), else NCHW. `memory_format` is the layout every operand is brought to and the outputs get.
+struct ChannelLayout {
+  xnorconv::ChannelView view;
+  at::MemoryFormat memory_format;
+};
+
+ChannelLayout channel_layout(const at::Tensor& t) {
+  ChannelLayout layout;
+  const int64_t n = t.size(0), c = t.size(1), inner = c == 0 ? 0 : t.numel() / std::max<int64_t>(1, n * c);
+  if (t.dim() == 4 && wants_channels_last_output(t)) {
+    layout.view = {n * inner, c, 1};
+    layout.memory_format = at::MemoryFormat::ChannelsLast;
+  } else {
+    layout.view = {n, c, inner};
+    layout.memory_format = at::MemoryFormat::Contiguous;
+  }
+  return layout;
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but input is on ", like.device());
+}
+
+void check_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(input.dim() >= 2, op, ": input must have a batch and a channel dimension (N, C, ...), got a ",
+              input.dim(), "-D tensor of shape ", input.sizes());
+  check_float(op, "input", input, input);
+}
+
+void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& input) {
+  check_float(op, "grad", grad, input);
+  TORCH_CHECK(grad.sizes() == input.sizes(), op, ": grad must have the input's shape ", input.sizes(), ", got ",
+              grad.sizes());
+}
+
+// The threshold as a contiguous (C,) tensor, or an undefined tensor for none.
+at::Tensor channel_threshold(const char* op, const c10::optional<at::Tensor>& threshold, const at::Tensor& input) {
+  if (!threshold.has_value()) return at::Tensor();
+  check_float(op, "threshold", *threshold, input);
+  TORCH_CHECK(threshold->dim() == 1 && threshold->size(0) == input.size(1), op, ": threshold must have shape (",
+              input.size(1), ",) (one value per input channel), got ", threshold->sizes());
+  return threshold->contiguous();
+}
+
+xnorconv::SteKind ste_kind(c10::string_view ste) {
+  if (ste == "clipped") return xnorconv::SteKind::clipped;
+  if (ste == "identity") return xnorconv::SteKind::identity;
+  TORCH_CHECK(ste == "approx", "ste_input_grad: ste must be 'clipped', 'identity' or 'approx', got '",
+              std::string(ste), "'");
+  return xnorconv::SteKind::approx;
+}
+
+const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+at::Tensor binary_signs_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& threshold) {
+  check_input("binary_signs", input);
+  const at::Tensor t = channel_threshold("binary_signs", threshold, input);
+  const ChannelLayout layout = channel_layout(input);
+  const at::Tensor x = input.contiguous(layout.memory_format);
+  at::Tensor out = at::empty_like(x, x.options(), layout.memory_format);
+  xnorconv::binary_signs(layout.view, x.data_ptr<float>(), data_or_null(t), out.data_ptr<float>(),
+                         torch_parallel_for);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> ste_input_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                       const c10::optional<at::Tensor>& threshold,
+                                                       c10::string_view ste) {
+  const xnorconv::SteKind kind = ste_kind(ste);
+  check_input("ste_input_grad", input);
+  check_grad("ste_input_grad", grad, input);
+  const at::Tensor t = channel_threshold("ste_input_grad", threshold, input);
+  const ChannelLayout layout = channel_layout(input);
+  const at::Tensor x = input.contiguous(layout.memory_format), g = grad.contiguous(layout.memory_format);
+  at::Tensor grad_input = at::empty_like(x, x.options(), layout.memory_format);
+  at::Tensor grad_threshold = at::empty({t.defined() ? input.size(1) : 0}, x.options());
+  xnorconv::ste_input_grad(layout.view, kind, g.data_ptr<float>(), x.data_ptr<float>(), data_or_null(t),
+                           grad_input.data_ptr<float>(), t.defined() ? grad_threshold.data_ptr<float>() : nullptr,
+                           torch_parallel_for);
+  return {grad_input, grad_threshold.neg_()};  // d(x - t)/dt = -1
+}
+
+std::tuple<at::Tensor, at::Tensor> prelu_backward_cpu(const at::Tensor& grad, const at::Tensor& input,
+                                                       const at::Tensor& weight) {
+  check_input("prelu_backward", input);
+  check_grad("prelu_backward", grad, input);
+  check_float("prelu_backward", "weight", weight, input);
+  const int64_t channels = input.size(1);
+  TORCH_CHECK(weight.dim() == 1 && (weight.numel() == 1 || weight.numel() == channels),
+              "prelu_backward: weight must have shape (1,) or (", channels, ",) (one slope per input channel), got ",
+              weight.sizes());
+  const ChannelLayout layout = channel_layout(input);
+  const at::Tensor z = input.contiguous(layout.memory_format), g = grad.contiguous(layout.memory_format);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor grad_input = at::empty_like(z, z.options(), layout.memory_format);
+  at::Tensor grad_weight = at::empty_like(w, at::MemoryFormat::Contiguous);
+  xnorconv::prelu_backward(layout.view, w.numel() == 1, g.data_ptr<float>(), z.data_ptr<float>(), w.data_ptr<float>(),
+                           grad_input.data_ptr<float>(), grad_weight.data_ptr<float>(), torch_parallel_for);
+  return {grad_input, grad_weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(xnorconv, m) {
+  m.def("binary_signs(Tensor input, Tensor? threshold=None) -> Tensor");
+  m.def("ste_input_grad(Tensor grad, Tensor input, Tensor? threshold, str ste) "
+        "-> (Tensor grad_input, Tensor grad_threshold)");
+  m.def("prelu_backward(Tensor grad, Tensor input, Tensor weight) -> (Tensor grad_input, Tensor grad_weight)");
+}
+
+TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {
+  m.impl("binary_signs", &binary_signs_cpu);
+  m.impl("ste_input_grad", &ste_input_grad_cpu);
+  m.impl("prelu_backward", &prelu_backward_cpu);
+}
+
+}  // namespace xnorconv_torch
