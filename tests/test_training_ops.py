@@ -68,12 +68,31 @@ def test_ste_input_grad(shape, layout, ste, with_threshold):
         assert grad_t.shape == (0,)
 
 
-def test_ste_input_grad_gradient_in_another_layout():
-    x = torch.randn(2, 8, 6, 5)
-    g = torch.randn(2, 8, 6, 5).contiguous(memory_format=torch.channels_last)
-    grad_x, _ = torch.ops.xnorconv.ste_input_grad(g, x, None, "clipped")
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("ste", xa.STE_CHOICES)
+def test_ste_input_grad_converts_a_channels_last_gradient(shape, ste):
+    """An NCHW input with a channels_last gradient (a convolution's, computed on channels_last operands): the pass
+    reads the gradient across layouts (4 x 4 tiles, then the leftover channels and pixels one by one)."""
+    x = with_special_values(shape, torch.contiguous_format, 5)
+    g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    threshold = torch.randn(shape[1]) * 0.3
+    grad_x, grad_t = torch.ops.xnorconv.ste_input_grad(g, x, threshold, ste)
+    expected = xa._ste_input_grad_aten(g.contiguous(), x, threshold, ste)
     assert grad_x.is_contiguous()
-    assert torch.equal(grad_x, g * (x.abs() <= 1))
+    torch.testing.assert_close(grad_x, expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(grad_t, expected.double().sum(dim=(0, 2, 3)).neg().float(), rtol=1e-5, atol=1e-5,
+                               equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("from_layout, to_layout", [("nchw", "nhwc"), ("nhwc", "nchw"), ("nchw", "nchw"),
+                                                    ("nhwc", "nhwc")])
+def test_binary_signs_memory_format(shape, from_layout, to_layout):
+    x = with_special_values(shape, LAYOUTS[from_layout], 6)
+    threshold = torch.randn(shape[1]) * 0.5
+    out = torch.ops.xnorconv.binary_signs(x, threshold, LAYOUTS[to_layout])
+    assert out.is_contiguous(memory_format=LAYOUTS[to_layout])
+    assert torch.equal(out, signs_reference(x, threshold))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
@@ -130,9 +149,13 @@ def test_opcheck(layout):
     t, w = torch.randn(6), torch.rand(6)
     torch.library.opcheck(torch.ops.xnorconv.binary_signs.default, (x, t))
     torch.library.opcheck(torch.ops.xnorconv.binary_signs.default, (x, None))
+    torch.library.opcheck(torch.ops.xnorconv.binary_signs.default, (x, t, torch.channels_last))
+    torch.library.opcheck(torch.ops.xnorconv.binary_signs.default, (x, t, torch.contiguous_format))
     for ste in xa.STE_CHOICES:
         torch.library.opcheck(torch.ops.xnorconv.ste_input_grad.default, (g, x, t, ste))
     torch.library.opcheck(torch.ops.xnorconv.ste_input_grad.default, (g, x, None, "clipped"))
+    torch.library.opcheck(torch.ops.xnorconv.ste_input_grad.default,
+                          (g.contiguous(memory_format=torch.channels_last), x.contiguous(), t, "approx"))
     torch.library.opcheck(torch.ops.xnorconv.prelu_backward.default, (g, x, w))
     torch.library.opcheck(torch.ops.xnorconv.prelu_backward.default, (g, x, w[:1]))
 
@@ -144,6 +167,8 @@ def test_opcheck(layout):
      r"binary_signs: input must be float32, got Double"),
     (lambda: torch.ops.xnorconv.binary_signs(torch.randn(1, 2, 3, 3), torch.zeros(3)),
      r"binary_signs: threshold must have shape \(2,\) .* got \[3\]"),
+    (lambda: torch.ops.xnorconv.binary_signs(torch.randn(2, 3), None, torch.channels_last),
+     r"binary_signs: memory_format must be torch.contiguous_format, or torch.channels_last for a 4-D input, got "),
     (lambda: torch.ops.xnorconv.ste_input_grad(torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3), None, "tanh"),
      r"ste_input_grad: ste must be 'clipped', 'identity' or 'approx', got 'tanh'"),
     (lambda: torch.ops.xnorconv.ste_input_grad(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 3), None, "clipped"),

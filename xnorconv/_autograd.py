@@ -174,14 +174,16 @@ def _is_nhwc(x: torch.Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _signs(x: torch.Tensor, threshold: Optional[torch.Tensor]) -> torch.Tensor:
-    """+1 where x >= t (the packed kernel's rule), else -1, as a float tensor in x's layout. One pass on the CPU
-    (xnorconv::binary_signs); elsewhere a float comparison output and two in-place passes (torch.where and bool
-    comparison outputs are not vectorised)."""
+def _signs(x: torch.Tensor, threshold: Optional[torch.Tensor],
+           memory_format: Optional[torch.memory_format] = None) -> torch.Tensor:
+    """+1 where x >= t (the packed kernel's rule), else -1, as a float tensor in `memory_format` (None: x's layout).
+    One pass on the CPU (xnorconv::binary_signs, converting the layout on the way); elsewhere a float comparison
+    output and two in-place passes (torch.where and bool comparison outputs are not vectorised)."""
     if x.device.type == "cpu":
-        return torch.ops.xnorconv.binary_signs(x, threshold)
+        return torch.ops.xnorconv.binary_signs(x, threshold, memory_format)
     t = threshold.view(1, -1, 1, 1) if threshold is not None else 0.0
-    return torch.ge(x, t, out=torch.empty_like(x)).mul_(2.0).sub_(1.0)
+    signs = torch.ge(x, t, out=torch.empty_like(x)).mul_(2.0).sub_(1.0)
+    return signs if memory_format is None else signs.contiguous(memory_format=memory_format)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -284,9 +286,7 @@ class _PackedSTEConv(torch.autograd.Function):
             top, bottom, left, right = padding
             explicit_pad = pad_value != 0 or top != bottom or left != right
             if need_weight_grad:
-                # Written in x's layout and then converted: elementwise ops that change the layout are not
-                # vectorised, a copy that does has its own transposing kernel.
-                sx = _signs(x, threshold).contiguous(memory_format=layout)
+                sx = _signs(x, threshold, layout)
                 if explicit_pad:
                     sx = F.pad(sx, (left, right, top, bottom), mode="constant", value=float(pad_value))
             else:  # convolution_backward reads only the input's shape for the input gradient

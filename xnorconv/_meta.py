@@ -49,9 +49,9 @@ def _check_channel_input(op, input):
 
 
 @torch.library.register_fake("xnorconv::binary_signs")
-def _binary_signs_fake(input, threshold=None):
+def _binary_signs_fake(input, threshold=None, memory_format=None):
     _check_channel_input("binary_signs", input)
-    return torch.empty_like(input, memory_format=_channel_layout_like(input))
+    return torch.empty_like(input, memory_format=memory_format or _channel_layout_like(input))
 
 
 @torch.library.register_fake("xnorconv::ste_input_grad")

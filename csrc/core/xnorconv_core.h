@@ -264,14 +264,19 @@ struct ChannelView {
 // The surrogate whose derivative the input gradient takes (xnorconv/_autograd.py's module docstring).
 enum class SteKind { clipped, identity, approx };
 
+// v describes x; the other operands share its layout, except that, for an NCHW x (v = (N, C, H*W)), out_nhwc and
+// grad_nhwc put that operand in NHWC instead: the pass then converts the layout on the way.
+// Sums are added per fixed block of the tensor and then in block order: the same result on any number of threads.
+
 // out = +1 where x >= threshold[c] (threshold nullptr: 0), else -1: the packed kernel's sign rule, as floats.
-void binary_signs(ChannelView v, const float* x, const float* threshold, float* out, const ParallelFor& parallel_for);
+void binary_signs(ChannelView v, const float* x, const float* threshold, float* out, bool out_nhwc,
+                  const ParallelFor& parallel_for);
 
 // grad_x = grad * s'(d), d = x - threshold[c] (threshold nullptr: d = x), with s' 1{|d| <= 1} (clipped),
 // 1{d finite} (identity) or max(2 - 2|d|, 0) (approx), 0 for NaN d; and, unless threshold_sums is nullptr,
 // threshold_sums[c] = the sum of channel c's grad_x (the threshold's gradient is its negation).
-void ste_input_grad(ChannelView v, SteKind ste, const float* grad, const float* x, const float* threshold,
-                    float* grad_x, float* threshold_sums, const ParallelFor& parallel_for);
+void ste_input_grad(ChannelView v, SteKind ste, const float* grad, bool grad_nhwc, const float* x,
+                    const float* threshold, float* grad_x, float* threshold_sums, const ParallelFor& parallel_for);
 
 // PReLU's backward: grad_z = grad where z > 0, else weight[c] * grad; unless weight_sums is nullptr, weight_sums[c]
 // = the sum of channel c's z * grad where z <= 0 (or NaN). shared_weight: one weight for all channels, and one sum.

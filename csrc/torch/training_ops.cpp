@@ -71,17 +71,29 @@ xnorconv::SteKind ste_kind(c10::string_view ste) {
 
 const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
-at::Tensor binary_signs_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& threshold) {
+// The output's layout: `memory_format` if given (contiguous_format or channels_last), else the input's.
+at::Tensor binary_signs_cpu(const at::Tensor& input, const c10::optional<at::Tensor>& threshold,
+                            c10::optional<at::MemoryFormat> memory_format) {
   check_input("binary_signs", input);
   const at::Tensor t = channel_threshold("binary_signs", threshold, input);
+  TORCH_CHECK(!memory_format.has_value() || *memory_format == at::MemoryFormat::Contiguous ||
+                  (*memory_format == at::MemoryFormat::ChannelsLast && input.dim() == 4),
+              "binary_signs: memory_format must be torch.contiguous_format, or torch.channels_last for a 4-D input, "
+              "got ", *memory_format, " for a ", input.dim(), "-D input");
   const ChannelLayout layout = channel_layout(input);
+  const at::MemoryFormat wanted = memory_format.value_or(layout.memory_format);
+  const bool convert = wanted != layout.memory_format;
+  if (convert && wanted == at::MemoryFormat::Contiguous)  // rare: from NHWC, signs in NHWC, then converted
+    return binary_signs_cpu(input, threshold, c10::nullopt).contiguous();
   const at::Tensor x = input.contiguous(layout.memory_format);
-  at::Tensor out = at::empty_like(x, x.options(), layout.memory_format);
-  xnorconv::binary_signs(layout.view, x.data_ptr<float>(), data_or_null(t), out.data_ptr<float>(),
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(wanted));
+  xnorconv::binary_signs(layout.view, x.data_ptr<float>(), data_or_null(t), out.data_ptr<float>(), convert,
                          torch_parallel_for);
   return out;
 }
 
+// grad_input in the input's layout; grad is read in its own layout when that is channels_last and the input's is
+// NCHW (the gradient of a convolution computed on channels_last operands), else brought to the input's.
 std::tuple<at::Tensor, at::Tensor> ste_input_grad_cpu(const at::Tensor& grad, const at::Tensor& input,
                                                        const c10::optional<at::Tensor>& threshold,
                                                        c10::string_view ste) {
@@ -90,10 +102,13 @@ std::tuple<at::Tensor, at::Tensor> ste_input_grad_cpu(const at::Tensor& grad, co
   check_grad("ste_input_grad", grad, input);
   const at::Tensor t = channel_threshold("ste_input_grad", threshold, input);
   const ChannelLayout layout = channel_layout(input);
-  const at::Tensor x = input.contiguous(layout.memory_format), g = grad.contiguous(layout.memory_format);
-  at::Tensor grad_input = at::empty_like(x, x.options(), layout.memory_format);
+  const bool grad_nhwc = layout.memory_format == at::MemoryFormat::Contiguous && input.dim() == 4 &&
+                         wants_channels_last_output(grad);
+  const at::Tensor x = input.contiguous(layout.memory_format);
+  const at::Tensor g = grad_nhwc ? grad : grad.contiguous(layout.memory_format);
+  at::Tensor grad_input = at::empty(x.sizes(), x.options().memory_format(layout.memory_format));
   at::Tensor grad_threshold = at::empty({t.defined() ? input.size(1) : 0}, x.options());
-  xnorconv::ste_input_grad(layout.view, kind, g.data_ptr<float>(), x.data_ptr<float>(), data_or_null(t),
+  xnorconv::ste_input_grad(layout.view, kind, g.data_ptr<float>(), grad_nhwc, x.data_ptr<float>(), data_or_null(t),
                            grad_input.data_ptr<float>(), t.defined() ? grad_threshold.data_ptr<float>() : nullptr,
                            torch_parallel_for);
   return {grad_input, grad_threshold.neg_()};  // d(x - t)/dt = -1
@@ -121,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> prelu_backward_cpu(const at::Tensor& grad, co
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(xnorconv, m) {
-  m.def("binary_signs(Tensor input, Tensor? threshold=None) -> Tensor");
+  m.def("binary_signs(Tensor input, Tensor? threshold=None, MemoryFormat? memory_format=None) -> Tensor");
   m.def("ste_input_grad(Tensor grad, Tensor input, Tensor? threshold, str ste) "
         "-> (Tensor grad_input, Tensor grad_threshold)");
   m.def("prelu_backward(Tensor grad, Tensor input, Tensor weight) -> (Tensor grad_input, Tensor grad_weight)");
