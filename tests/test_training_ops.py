@@ -93,6 +93,20 @@ def test_binary_signs_memory_format(shape, from_layout, to_layout):
     out = torch.ops.xnorconv.binary_signs(x, threshold, LAYOUTS[to_layout])
     assert out.is_contiguous(memory_format=LAYOUTS[to_layout])
     assert torch.equal(out, signs_reference(x, threshold))
+    # The composition other devices run gives the same.
+    assert torch.equal(xa._signs_aten(x, threshold, LAYOUTS[to_layout]), out)
+
+
+def test_prelu_composition_of_other_devices():
+    """_PReLUFunction's aten backward (devices without the op; float64 takes it on the CPU) against F.prelu."""
+    z = with_special_values((3, 6, 5, 4), torch.contiguous_format, 7).double()
+    g, w = torch.randn(3, 6, 5, 4).double(), (torch.rand(6) - 0.25).double()
+    z1, w1 = z.clone().requires_grad_(), w.clone().requires_grad_()
+    xnorconv.functional.prelu(z1, w1).backward(g)
+    z2, w2 = z.clone().requires_grad_(), w.clone().requires_grad_()
+    F.prelu(z2, w2).backward(g)
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())

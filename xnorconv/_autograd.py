@@ -181,6 +181,11 @@ def _signs(x: torch.Tensor, threshold: Optional[torch.Tensor],
     output and two in-place passes (torch.where and bool comparison outputs are not vectorised)."""
     if x.device.type == "cpu":
         return torch.ops.xnorconv.binary_signs(x, threshold, memory_format)
+    return _signs_aten(x, threshold, memory_format)
+
+
+def _signs_aten(x: torch.Tensor, threshold: Optional[torch.Tensor],
+                memory_format: Optional[torch.memory_format] = None) -> torch.Tensor:
     t = threshold.view(1, -1, 1, 1) if threshold is not None else 0.0
     signs = torch.ge(x, t, out=torch.empty_like(x)).mul_(2.0).sub_(1.0)
     return signs if memory_format is None else signs.contiguous(memory_format=memory_format)
