@@ -599,6 +599,140 @@ void test_task_ranges(int cases) {
   }
 }
 
+// The training path's elementwise passes (training.cpp) against a scalar evaluation of their definitions: every
+// layout (NCHW, NHWC, and NCHW with the other operand in NHWC), the 4 x 4 tiles' channel and pixel tails, NaN,
+// infinities and -0.0; sums against double sums, and the same sums whatever the task ranges.
+float ste_factor_of(SteKind kind, float d) {
+  const float a = std::fabs(d);
+  if (kind == SteKind::clipped) return a <= 1.0f ? 1.0f : 0.0f;
+  if (kind == SteKind::identity) return std::isfinite(d) ? 1.0f : 0.0f;
+  const float slope = 2.0f - 2.0f * a;
+  return slope > 0.0f ? slope : 0.0f;
+}
+
+bool same_float(float a, float b) { return (std::isnan(a) && std::isnan(b)) || a == b; }
+
+bool close_sum(double got, double want, double scale) {
+  return (std::isnan(got) && std::isnan(want)) || got == want || std::fabs(got - want) <= 1e-5 * std::max(1.0, scale);
+}
+
+void test_training_passes(int cases) {
+  // Task ranges of random sizes, in random order: the sums must not depend on how the tasks are split.
+  const ParallelFor pieces = [](int64_t tasks, int64_t, const TaskBody& body) {
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    for (int64_t a = 0; a < tasks;) {
+      const int64_t b = std::min(tasks, a + pick(1, std::max<int64_t>(1, tasks / 3)));
+      ranges.emplace_back(a, b);
+      a = b;
+    }
+    std::shuffle(ranges.begin(), ranges.end(), rng);
+    for (const auto& r : ranges) body(r.first, r.second);
+  };
+  const float specials[] = {0.0f, -0.0f, NAN, INFINITY, -INFINITY, 1.0f, -1.0f, 1e-40f};
+  for (int iter = 0; iter < cases; ++iter) {
+    const int64_t n = pick(1, 3), c = pick(1, 70), hw = pick(0, 3) == 0 ? pick(257, 600) : pick(1, 40);
+    const size_t size = static_cast<size_t>(n * c * hw);
+    std::vector<float> x(size), g(size), t(c), w(c);
+    std::normal_distribution<float> normal(0.0f, 1.5f);
+    for (auto& v : x) v = pick(0, 20) == 0 ? specials[pick(0, 7)] : normal(rng);
+    for (auto& v : g) v = pick(0, 50) == 0 ? specials[pick(0, 4)] : normal(rng);
+    for (auto& v : t) v = normal(rng) * 0.3f;
+    for (auto& v : w) v = normal(rng) * 0.3f;
+    auto nhwc_of = [&](const std::vector<float>& v) {  // NCHW -> NHWC
+      std::vector<float> out(size);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t ch = 0; ch < c; ++ch)
+          for (int64_t p = 0; p < hw; ++p) out[(i * hw + p) * c + ch] = v[(i * c + ch) * hw + p];
+      return out;
+    };
+    const std::vector<float> x_nhwc = nhwc_of(x), g_nhwc = nhwc_of(g);
+    const ChannelView nchw{n, c, hw}, nhwc{n * hw, c, 1};
+    auto at = [&](int64_t i, int64_t ch, int64_t p) { return (i * c + ch) * hw + p; };
+
+    // binary_signs: NCHW, NHWC, NCHW -> NHWC
+    std::vector<float> want_signs(size), out(size);
+    for (size_t i = 0; i < size; ++i) want_signs[i] = x[i] >= t[(i / hw) % c] ? 1.0f : -1.0f;
+    binary_signs(nchw, x.data(), t.data(), out.data(), false, pieces);
+    EXPECT(out == want_signs, "binary_signs NCHW (c %lld, hw %lld)", (long long)c, (long long)hw);
+    binary_signs(nhwc, x_nhwc.data(), t.data(), out.data(), false, pieces);
+    EXPECT(out == nhwc_of(want_signs), "binary_signs NHWC (c %lld, hw %lld)", (long long)c, (long long)hw);
+    binary_signs(nchw, x.data(), t.data(), out.data(), true, pieces);
+    EXPECT(out == nhwc_of(want_signs), "binary_signs NCHW -> NHWC (c %lld, hw %lld)", (long long)c, (long long)hw);
+
+    // ste_input_grad: NCHW, NHWC, NCHW with an NHWC gradient; sums per channel
+    for (SteKind kind : {SteKind::clipped, SteKind::identity, SteKind::approx}) {
+      std::vector<float> want(size);
+      std::vector<double> want_sums(c, 0.0), scale(c, 0.0);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t ch = 0; ch < c; ++ch)
+          for (int64_t p = 0; p < hw; ++p) {
+            const int64_t k = at(i, ch, p);
+            want[k] = g[k] * ste_factor_of(kind, x[k] - t[ch]);
+            want_sums[ch] += want[k];
+            scale[ch] += std::fabs(want[k]);
+          }
+      const int layouts = 3;
+      for (int layout = 0; layout < layouts; ++layout) {
+        std::vector<float> got(size), sums(c);
+        if (layout == 0)
+          ste_input_grad(nchw, kind, g.data(), false, x.data(), t.data(), got.data(), sums.data(), pieces);
+        if (layout == 1)
+          ste_input_grad(nhwc, kind, g_nhwc.data(), false, x_nhwc.data(), t.data(), got.data(), sums.data(), pieces);
+        if (layout == 2)
+          ste_input_grad(nchw, kind, g_nhwc.data(), true, x.data(), t.data(), got.data(), sums.data(), pieces);
+        const std::vector<float>& expected = layout == 1 ? nhwc_of(want) : want;
+        bool equal = true;
+        for (size_t i = 0; i < size; ++i) equal = equal && same_float(got[i], expected[i]);
+        EXPECT(equal, "ste_input_grad kind %d layout %d (c %lld, hw %lld)", (int)kind, layout, (long long)c,
+               (long long)hw);
+        bool sums_ok = true;
+        for (int64_t ch = 0; ch < c; ++ch) sums_ok = sums_ok && close_sum(sums[ch], want_sums[ch], scale[ch]);
+        EXPECT(sums_ok, "ste_input_grad sums kind %d layout %d (c %lld, hw %lld)", (int)kind, layout, (long long)c,
+               (long long)hw);
+        std::vector<float> again(size), sums_again(c);  // another split of the tasks: the same sums, bit for bit
+        if (layout == 0)
+          ste_input_grad(nchw, kind, g.data(), false, x.data(), t.data(), again.data(), sums_again.data(), pieces);
+        if (layout == 2)
+          ste_input_grad(nchw, kind, g_nhwc.data(), true, x.data(), t.data(), again.data(), sums_again.data(), pieces);
+        if (layout != 1)
+          EXPECT(std::equal(sums.begin(), sums.end(), sums_again.begin(), same_float),
+                 "ste_input_grad sums depend on the task split (layout %d)", layout);
+      }
+    }
+
+    // prelu_backward: per channel and shared slope, NCHW and NHWC
+    for (bool shared : {false, true}) {
+      std::vector<float> want(size);
+      std::vector<double> want_sums(c, 0.0), scale(c, 0.0);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t ch = 0; ch < c; ++ch)
+          for (int64_t p = 0; p < hw; ++p) {
+            const int64_t k = at(i, ch, p);
+            const float slope = w[shared ? 0 : ch];
+            want[k] = x[k] > 0.0f ? g[k] : slope * g[k];
+            const double term = x[k] > 0.0f ? 0.0 : static_cast<double>(x[k] * g[k]);
+            want_sums[shared ? 0 : ch] += term;
+            scale[shared ? 0 : ch] += std::fabs(term);
+          }
+      for (int layout = 0; layout < 2; ++layout) {
+        std::vector<float> got(size), sums(c);
+        prelu_backward(layout ? nhwc : nchw, shared, layout ? g_nhwc.data() : g.data(),
+                       layout ? x_nhwc.data() : x.data(), w.data(), got.data(), sums.data(), pieces);
+        const std::vector<float>& expected = layout ? nhwc_of(want) : want;
+        bool equal = true;
+        for (size_t i = 0; i < size; ++i) equal = equal && same_float(got[i], expected[i]);
+        EXPECT(equal, "prelu_backward shared %d layout %d (c %lld, hw %lld)", (int)shared, layout, (long long)c,
+               (long long)hw);
+        bool sums_ok = true;
+        for (int64_t ch = 0; ch < (shared ? 1 : c); ++ch)
+          sums_ok = sums_ok && close_sum(sums[ch], want_sums[ch], scale[ch]);
+        EXPECT(sums_ok, "prelu_backward sums shared %d layout %d (c %lld, hw %lld)", (int)shared, layout, (long long)c,
+               (long long)hw);
+      }
+    }
+  }
+}
+
 void test_validate_messages() {
   ConvParams p;
   p.batch = 1;
@@ -662,6 +796,7 @@ int main(int argc, char** argv) {
   test_validate_messages();
   test_sign_io(random_cases / 10 + 4);
   test_task_ranges(random_cases / 10 + 4);
+  test_training_passes(random_cases / 10 + 8);
   test_darknet_shapes();
   test_deep_accumulation();
   test_many_padding_classes();
