@@ -1,6 +1,6 @@
 // Torch binding of the training path's elementwise passes (csrc/core/training.cpp): the backward of the
 // straight-through estimator and of PReLU, and the signs the weight gradient is computed from. CPU only: on other
-// devices xnorconv/_autograd.py composes the same values from aten ops.
+// devices xnorconv/_autograd.py composes the same values from aten ops, and the CUDA kernels below say so.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -133,6 +133,23 @@ std::tuple<at::Tensor, at::Tensor> prelu_backward_cpu(const at::Tensor& grad, co
   return {grad_input, grad_weight};
 }
 
+// On CUDA the training path composes the same values from aten ops (xnorconv/_autograd.py): a direct call says so.
+[[noreturn]] void cpu_only(const char* op) {
+  TORCH_CHECK(false, "xnorconv::", op, " runs on the CPU only; on CUDA, BinaryConv2d's training path and "
+              "xnorconv.functional.prelu compute it from aten ops");
+}
+
+at::Tensor binary_signs_cuda(const at::Tensor&, const c10::optional<at::Tensor>&, c10::optional<at::MemoryFormat>) {
+  cpu_only("binary_signs");
+}
+std::tuple<at::Tensor, at::Tensor> ste_input_grad_cuda(const at::Tensor&, const at::Tensor&,
+                                                        const c10::optional<at::Tensor>&, c10::string_view) {
+  cpu_only("ste_input_grad");
+}
+std::tuple<at::Tensor, at::Tensor> prelu_backward_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  cpu_only("prelu_backward");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(xnorconv, m) {
@@ -146,6 +163,12 @@ TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {
   m.impl("binary_signs", &binary_signs_cpu);
   m.impl("ste_input_grad", &ste_input_grad_cpu);
   m.impl("prelu_backward", &prelu_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(xnorconv, CUDA, m) {
+  m.impl("binary_signs", &binary_signs_cuda);
+  m.impl("ste_input_grad", &ste_input_grad_cuda);
+  m.impl("prelu_backward", &prelu_backward_cuda);
 }
 
 }  // namespace xnorconv_torch
