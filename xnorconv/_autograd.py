@@ -403,3 +403,78 @@ def prelu(input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             and not torch.compiler.is_compiling()):
         return _PReLUFunction.apply(input, weight)
     return F.prelu(input, weight)
+
+
+def _batch_norm_add_prelu_aten(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
+                               bias: torch.Tensor, prelu_weight: torch.Tensor, mean: torch.Tensor,
+                               invstd: torch.Tensor, batch_stats: bool, eps: float) -> torch.Tensor:
+    """_BatchNormAddPReLUFunction's value from differentiable aten ops (other devices; second derivatives): with
+    batch_stats, BatchNorm's statistics are recomputed from x so that gradients flow through them."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if batch_stats:
+        dims = [0] + list(range(2, x.dim()))
+        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        invstd = (var + eps).rsqrt()
+    z = (x - mean.view(shape)) * (invstd * weight).view(shape) + bias.view(shape)
+    return F.prelu(z if residual is None else z + residual, prelu_weight)
+
+
+class _BatchNormAddPReLUFunction(torch.autograd.Function):
+    """prelu(batch_norm(x) + residual) given BatchNorm's per-channel mean and invstd = 1 / sqrt(var + eps), in two
+    passes over memory each way on the CPU (xnorconv::batch_norm_add_prelu and its _backward). batch_stats:
+    mean and invstd are x's own (training), and the backward includes their dependence on x."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, prelu_weight, mean, invstd, batch_stats, eps):
+        out, z = torch.ops.xnorconv.batch_norm_add_prelu(x, mean, invstd, weight, bias, residual, prelu_weight)
+        ctx.save_for_backward(x, residual, weight, bias, prelu_weight, mean, invstd, z)
+        ctx.batch_stats, ctx.eps = batch_stats, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, residual, weight, bias, prelu_weight, mean, invstd, z = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():  # create_graph=True: second derivatives through the aten composition
+            inputs = (x, residual, weight, bias, prelu_weight)
+            wanted = [t for t, n in zip(inputs, needs) if n]
+            with torch.enable_grad():
+                out = _batch_norm_add_prelu_aten(x, residual, weight, bias, prelu_weight, mean, invstd,
+                                                 ctx.batch_stats, ctx.eps)
+                found = list(torch.autograd.grad(out, wanted, g, create_graph=True))
+            return tuple(found.pop(0) if n else None for n in needs) + (None,) * 4
+        grads = torch.ops.xnorconv.batch_norm_add_prelu_backward(g, z, x, mean, invstd, weight, prelu_weight,
+                                                                 ctx.batch_stats)
+        return tuple(t if n else None for t, n in zip(grads, needs)) + (None,) * 4
+
+
+def batch_norm_add_prelu(input: torch.Tensor, residual: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
+                         running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                         bias: Optional[torch.Tensor], prelu_weight: torch.Tensor, training: bool = False,
+                         momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """F.prelu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps) + residual,
+    prelu_weight): the end of a Bi-Real / ReActNet / BinaryDNet53 unit in training, with the same values (to float
+    rounding), gradients and running-statistics update. residual may be None (no add).
+
+    With BatchNorm in training (batch statistics), on a float32 CPU tensor, it takes two passes over memory forward
+    (the statistics, then normalise + add + PReLU) and two backward, where eager PyTorch makes about eight each way
+    and its BatchNorm is several times slower than a memory pass. Anywhere else, and under torch.compile, it is
+    the composition above.
+    """
+    fast = (training and input.device.type == "cpu" and input.dtype == torch.float32 and input.dim() >= 2
+            and weight is not None and bias is not None and prelu_weight.dim() == 1
+            and not torch.compiler.is_compiling())
+    if not fast:
+        y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.prelu(y if residual is None else y + residual, prelu_weight)
+    per_channel = input.numel() // max(1, input.shape[1])
+    if per_channel <= 1:  # F.batch_norm's own check, in its words
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    with torch.no_grad():
+        mean, var = torch.ops.xnorconv.channel_moments(input.detach())
+        invstd = (var + eps).rsqrt()
+        if running_mean is not None:
+            running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+        if running_var is not None:
+            running_var.mul_(1.0 - momentum).add_(var * (per_channel / (per_channel - 1)), alpha=momentum)
+    return _BatchNormAddPReLUFunction.apply(input, residual, weight, bias, prelu_weight, mean, invstd, True, eps)

@@ -65,3 +65,24 @@ def _ste_input_grad_fake(grad, input, threshold, ste):
 def _prelu_backward_fake(grad, input, weight):
     _check_channel_input("prelu_backward", input)
     return torch.empty_like(input, memory_format=_channel_layout_like(input)), torch.empty_like(weight)
+
+
+@torch.library.register_fake("xnorconv::channel_moments")
+def _channel_moments_fake(input):
+    _check_channel_input("channel_moments", input)
+    return input.new_empty((input.shape[1],)), input.new_empty((input.shape[1],))
+
+
+@torch.library.register_fake("xnorconv::batch_norm_add_prelu")
+def _batch_norm_add_prelu_fake(input, mean, invstd, weight, bias, residual, prelu_weight):
+    _check_channel_input("batch_norm_add_prelu", input)
+    layout = _channel_layout_like(input)
+    return torch.empty_like(input, memory_format=layout), torch.empty_like(input, memory_format=layout)
+
+
+@torch.library.register_fake("xnorconv::batch_norm_add_prelu_backward")
+def _batch_norm_add_prelu_backward_fake(grad, z, input, mean, invstd, weight, prelu_weight, batch_stats):
+    _check_channel_input("batch_norm_add_prelu_backward", input)
+    layout = _channel_layout_like(input)
+    return (torch.empty_like(input, memory_format=layout), torch.empty_like(input, memory_format=layout),
+            torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(prelu_weight))

@@ -118,4 +118,4 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 # At the end: _autograd imports packed_conv_op from this module.
-from ._autograd import prelu  # noqa: E402
+from ._autograd import batch_norm_add_prelu, prelu  # noqa: E402

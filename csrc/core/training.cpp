@@ -17,44 +17,54 @@ namespace {
 constexpr int64_t kElementsPerTask = 16384;
 constexpr float kInfinity = std::numeric_limits<float>::infinity();
 
-// Runs a pass over every element of the view and writes each channel's sum of what the pass adds up (added in
-// double across tasks, in task order, so the result does not depend on the threads) to channel_sums, unless it is
-// nullptr. Pass supplies the two loop shapes, both branch-free so that they vectorise:
-//   float plane(c, first, count): NCHW (inner > 1), `count` consecutive elements of channel c from `first`;
-//     returns their sum;
-//   void row(first, sums): NHWC (inner == 1), one pixel's channels from `first`, adding each to sums[c].
+// Adds per-task partial sums (task-major, `channels` per task) to each channel's total: in double and in task
+// order, so that the totals do not depend on how the tasks were spread over the threads.
+void add_task_sums(const std::vector<float>& partial, int64_t channels, std::vector<double>& sums) {
+  for (size_t i = 0; i < partial.size(); ++i) sums[i % static_cast<size_t>(channels)] += partial[i];
+}
+
+// Runs a pass over every element of the view and writes the per-channel sums of what the pass adds up
+// (Pass::kSums of them: channel_sums[k * channels + c], added in double across tasks, in task order, so the result
+// does not depend on the threads) to channel_sums, unless it is nullptr. Pass supplies the two loop shapes, both
+// branch-free so that they vectorise:
+//   void plane(c, first, count, totals): NCHW (inner > 1), `count` consecutive elements of channel c from `first`;
+//     writes their kSums sums to totals[k];
+//   void row(first, sums): NHWC (inner == 1), one pixel's channels from `first`, adding to sums[k * channels + c].
 // A task is a plane (or a chunk of a long one), or a block of pixels.
 template <class Pass>
 void channel_pass(ChannelView v, const Pass& pass, float* channel_sums, const ParallelFor& parallel_for) {
+  constexpr int64_t kSums = Pass::kSums;
   const int64_t channels = v.channels;
-  std::vector<double> sums(static_cast<size_t>(channels), 0.0);
+  std::vector<double> sums(static_cast<size_t>(kSums * channels), 0.0);
   if (v.outer > 0 && channels > 0 && v.inner > 1) {
     const int64_t chunks_per_plane = (v.inner + kElementsPerTask - 1) / kElementsPerTask;
     const int64_t chunk = (v.inner + chunks_per_plane - 1) / chunks_per_plane;
     const int64_t tasks = v.outer * channels * chunks_per_plane;
-    std::vector<float> partial(static_cast<size_t>(tasks));
+    std::vector<float> partial(static_cast<size_t>(tasks * kSums));
     const int64_t grain = std::max<int64_t>(1, kElementsPerTask / chunk);
     parallel_for(tasks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t plane = task / chunks_per_plane;
         const int64_t first = plane * v.inner + (task % chunks_per_plane) * chunk;
-        partial[task] = pass.plane(plane % channels, first, std::min(chunk, (plane + 1) * v.inner - first));
+        pass.plane(plane % channels, first, std::min(chunk, (plane + 1) * v.inner - first),
+                   partial.data() + task * kSums);
       }
     });
-    for (int64_t task = 0; task < tasks; ++task) sums[(task / chunks_per_plane) % channels] += partial[task];
+    for (int64_t task = 0; task < tasks; ++task)
+      for (int64_t k = 0; k < kSums; ++k)
+        sums[k * channels + (task / chunks_per_plane) % channels] += partial[task * kSums + k];
   } else if (v.outer > 0 && channels > 0 && v.inner == 1) {
     const int64_t rows_per_task = std::max<int64_t>(1, kElementsPerTask / channels);
     const int64_t tasks = (v.outer + rows_per_task - 1) / rows_per_task;
-    std::vector<float> partial(static_cast<size_t>(tasks * channels), 0.0f);
+    std::vector<float> partial(static_cast<size_t>(tasks * kSums * channels), 0.0f);
     parallel_for(tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t last = std::min(v.outer, (task + 1) * rows_per_task);
         for (int64_t row = task * rows_per_task; row < last; ++row)
-          pass.row(row * channels, partial.data() + task * channels);
+          pass.row(row * channels, partial.data() + task * kSums * channels);
       }
     });
-    for (int64_t task = 0; task < tasks; ++task)
-      for (int64_t c = 0; c < channels; ++c) sums[c] += partial[task * channels + c];
+    add_task_sums(partial, kSums * channels, sums);
   }
   if (channel_sums) std::copy(sums.begin(), sums.end(), channel_sums);
 }
@@ -177,8 +187,7 @@ void cross_layout_pass(ChannelView v, const Pass& pass, float* channel_sums, con
         }
       }
     });
-    for (int64_t task = 0; task < tasks; ++task)
-      for (int64_t c = 0; c < channels; ++c) sums[c] += partial[task * channels + c];
+    add_task_sums(partial, channels, sums);
   }
   if (channel_sums) std::copy(sums.begin(), sums.end(), channel_sums);
 }
@@ -193,6 +202,7 @@ struct ChannelValues {
 };
 
 struct SignsPass {
+  static constexpr int64_t kSums = 1;
   const float* x;
   const float* threshold;
   float* out;
@@ -203,8 +213,8 @@ struct SignsPass {
     store(out + i, load<T>(x + i) >= t ? splat<T>(1.0f) : splat<T>(-1.0f));
     return T{};
   }
-  float plane(int64_t c, int64_t first, int64_t count) const {
-    return plane_loop(count, threshold[c], [&](int64_t i, auto t) { return step(first + i, t); });
+  void plane(int64_t c, int64_t first, int64_t count, float* totals) const {
+    totals[0] = plane_loop(count, threshold[c], [&](int64_t i, auto t) { return step(first + i, t); });
   }
   void row(int64_t first, float* sums) const {
     row_loop(channels, threshold, sums, [&](int64_t c, auto t) { return step(first + c, t); });
@@ -237,6 +247,7 @@ inline T ste_factor(T d) {
 // A product, not a select: an infinite or NaN gradient times a zero factor stays NaN, as in the unfused form.
 template <SteKind kind>
 struct SteGradPass {
+  static constexpr int64_t kSums = 1;
   const float* grad;
   const float* x;
   const float* threshold;
@@ -249,8 +260,8 @@ struct SteGradPass {
     store(out + i, v);
     return v;
   }
-  float plane(int64_t c, int64_t first, int64_t count) const {
-    return plane_loop(count, threshold[c], [&](int64_t i, auto t) { return step(first + i, t); });
+  void plane(int64_t c, int64_t first, int64_t count, float* totals) const {
+    totals[0] = plane_loop(count, threshold[c], [&](int64_t i, auto t) { return step(first + i, t); });
   }
   void row(int64_t first, float* sums) const {
     row_loop(channels, threshold, sums, [&](int64_t c, auto t) { return step(first + c, t); });
@@ -290,6 +301,7 @@ void ste_input_grad_as(ChannelView v, const float* grad, bool grad_nhwc, const f
 // PReLU's gradient: grad where z > 0 (NaN takes the other side, as in PyTorch's prelu), else weight * grad; and
 // the weight's: z * grad where z <= 0, else 0.
 struct PreluGradPass {
+  static constexpr int64_t kSums = 1;
   const float* grad;
   const float* z;
   const float* weight;
@@ -303,14 +315,227 @@ struct PreluGradPass {
     store(out + i, positive ? g : w * g);
     return positive ? zero : zi * g;
   }
-  float plane(int64_t c, int64_t first, int64_t count) const {
-    return plane_loop(count, weight[c], [&](int64_t i, auto w) { return step(first + i, w); });
+  void plane(int64_t c, int64_t first, int64_t count, float* totals) const {
+    totals[0] = plane_loop(count, weight[c], [&](int64_t i, auto w) { return step(first + i, w); });
   }
   void row(int64_t first, float* sums) const {
     row_loop(channels, weight, sums, [&](int64_t c, auto w) { return step(first + c, w); });
   }
 };
 
+// ---- BatchNorm, residual add and PReLU ----
+
+// Count, sum, mean and M2 (the sum of squared deviations from the mean) of part of a channel. Tasks take their
+// own mean and M2 in two passes over data in cache, and are merged with Chan et al.'s pairwise update: accurate
+// when the mean is large against the spread, where a sum of squares would cancel. The final mean is the sum over
+// the count, which an infinite value takes to infinity (a running mean would reach inf - inf = NaN).
+struct Moments {
+  double count = 0.0, sum = 0.0, mean = 0.0, m2 = 0.0;
+};
+
+inline void merge(Moments& a, const Moments& b) {
+  if (b.count == 0.0) return;
+  const double n = a.count + b.count, delta = b.mean - a.mean;
+  a.sum += b.sum;
+  a.mean += delta * (b.count / n);
+  a.m2 += b.m2 + delta * delta * (a.count * b.count / n);
+  a.count = n;
+}
+
+// Moments of `count` values whose float sum is `sum`, given their float sum of squares around the float mean m.
+inline Moments moments_of(double count, float sum, float squares_around_m, float m) {
+  const double mean = static_cast<double>(sum) / count, off = mean - m;
+  const double m2 = static_cast<double>(squares_around_m) - count * off * off;
+  return {count, static_cast<double>(sum), mean, m2 < 0.0 ? 0.0 : m2};  // rounding can take it below 0; NaN stays
+}
+
+void moments_pass(ChannelView v, const float* x, float* mean_out, float* var_out, const ParallelFor& parallel_for) {
+  const int64_t channels = v.channels;
+  std::vector<Moments> total(static_cast<size_t>(channels));
+  if (v.outer > 0 && channels > 0 && v.inner > 1) {
+    const int64_t chunks_per_plane = (v.inner + kElementsPerTask - 1) / kElementsPerTask;
+    const int64_t chunk = (v.inner + chunks_per_plane - 1) / chunks_per_plane;
+    const int64_t tasks = v.outer * channels * chunks_per_plane;
+    std::vector<Moments> partial(static_cast<size_t>(tasks));
+    parallel_for(tasks, std::max<int64_t>(1, kElementsPerTask / chunk), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t plane = task / chunks_per_plane;
+        const int64_t first = plane * v.inner + (task % chunks_per_plane) * chunk;
+        const int64_t count = std::min(chunk, (plane + 1) * v.inner - first);
+        const float* p = x + first;
+        const float sum = plane_loop(count, 0.0f, [&](int64_t i, auto zero) {
+          return load<decltype(zero)>(p + i);
+        });
+        const float m = sum / static_cast<float>(count);
+        const float squares = plane_loop(count, m, [&](int64_t i, auto mean) {
+          const auto d = load<decltype(mean)>(p + i) - mean;
+          return d * d;
+        });
+        partial[task] = moments_of(static_cast<double>(count), sum, squares, m);
+      }
+    });
+    for (int64_t task = 0; task < tasks; ++task) merge(total[(task / chunks_per_plane) % channels], partial[task]);
+  } else if (v.outer > 0 && channels > 0 && v.inner == 1) {
+    const int64_t rows_per_task = std::max<int64_t>(1, kElementsPerTask / channels);
+    const int64_t tasks = (v.outer + rows_per_task - 1) / rows_per_task;
+    std::vector<Moments> partial(static_cast<size_t>(tasks * channels));
+    parallel_for(tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> sums(static_cast<size_t>(channels)), means(sums.size()), squares(sums.size());
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t first = task * rows_per_task, rows = std::min(v.outer, first + rows_per_task) - first;
+        std::fill(sums.begin(), sums.end(), 0.0f);
+        std::fill(squares.begin(), squares.end(), 0.0f);
+        for (int64_t row = first; row < first + rows; ++row)
+          row_loop(channels, means.data(), sums.data(), [&](int64_t c, auto like) {  // means: only a type here
+            return load<decltype(like)>(x + row * channels + c);
+          });
+        for (int64_t c = 0; c < channels; ++c) means[c] = sums[c] / static_cast<float>(rows);
+        for (int64_t row = first; row < first + rows; ++row)
+          row_loop(channels, means.data(), squares.data(), [&](int64_t c, auto mean) {
+            const auto d = load<decltype(mean)>(x + row * channels + c) - mean;
+            return d * d;
+          });
+        for (int64_t c = 0; c < channels; ++c)
+          partial[task * channels + c] = moments_of(static_cast<double>(rows), sums[c], squares[c], means[c]);
+      }
+    });
+    for (int64_t task = 0; task < tasks; ++task)
+      for (int64_t c = 0; c < channels; ++c) merge(total[c], partial[task * channels + c]);
+  }
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (int64_t c = 0; c < channels; ++c) {
+    const Moments& m = total[c];
+    mean_out[c] = static_cast<float>(m.count > 0.0 ? m.sum / m.count : nan);
+    var_out[c] = static_cast<float>(m.count > 0.0 ? m.m2 / m.count : nan);
+  }
+}
+
+// z = (x - mean[c]) * scale[c] + shift[c] (+ residual[i]), stored; out = z where z > 0 (NaN takes the other side,
+// as in PyTorch's prelu), else weight[c] * z. Centred first: x - mean is exact for x near the mean, so a mean far
+// from zero costs no precision (x * scale + (shift - mean * scale) would cancel).
+template <bool kResidual>
+struct BatchNormAddPreluPass {
+  static constexpr int64_t kSums = 1;
+  const float* x;
+  const float* mean;
+  const float* scale;
+  const float* shift;
+  const float* residual;
+  const float* weight;
+  float* z;
+  float* out;
+  int64_t channels;
+
+  template <class T>
+  void step(int64_t i, T m, T a, T b, T w) const {
+    T zi = (load<T>(x + i) - m) * a + b;
+    if (kResidual) zi += load<T>(residual + i);
+    store(z + i, zi);
+    store(out + i, zi > splat<T>(0.0f) ? zi : w * zi);
+  }
+  void plane(int64_t c, int64_t first, int64_t count, float*) const {
+    const Vec4 m = splat<Vec4>(mean[c]), a = splat<Vec4>(scale[c]), b = splat<Vec4>(shift[c]),
+               w = splat<Vec4>(weight[c]);
+    int64_t i = 0;
+    for (; i + kVec <= count; i += kVec) step(first + i, m, a, b, w);
+    for (; i < count; ++i) step(first + i, mean[c], scale[c], shift[c], weight[c]);
+  }
+  void row(int64_t first, float*) const {
+    int64_t c = 0;
+    for (; c + kVec <= channels; c += kVec)
+      step(first + c, load<Vec4>(mean + c), load<Vec4>(scale + c), load<Vec4>(shift + c), load<Vec4>(weight + c));
+    for (; c < channels; ++c) step(first + c, mean[c], scale[c], shift[c], weight[c]);
+  }
+};
+
+// The backward's first pass: grad_z = PReLU's input gradient (also the residual's), and per channel the sums
+// [0] of grad_z, [1] of grad_z * (x - mean[c]) and [2] of z * grad where z <= 0 (PReLU's weight gradient).
+struct PreluSumsPass {
+  static constexpr int64_t kSums = 3;
+  const float* grad;
+  const float* z;
+  const float* x;
+  const float* mean;
+  const float* weight;
+  float* grad_z;
+  int64_t channels;
+
+  template <class T>
+  void step(int64_t i, T m, T w, T& sum, T& centered, T& prelu) const {
+    const T g = load<T>(grad + i), zi = load<T>(z + i), zero = splat<T>(0.0f);
+    const auto positive = zi > zero;
+    const T gz = positive ? g : w * g;
+    store(grad_z + i, gz);
+    sum += gz;
+    centered += gz * (load<T>(x + i) - m);
+    prelu += positive ? zero : zi * g;
+  }
+  void plane(int64_t c, int64_t first, int64_t count, float* totals) const {
+    const Vec4 m = splat<Vec4>(mean[c]), w = splat<Vec4>(weight[c]);
+    Vec4 acc[2][kSums] = {};
+    int64_t i = 0;
+    for (; i + 2 * kVec <= count; i += 2 * kVec) {
+      step(first + i, m, w, acc[0][0], acc[0][1], acc[0][2]);
+      step(first + i + kVec, m, w, acc[1][0], acc[1][1], acc[1][2]);
+    }
+    for (; i + kVec <= count; i += kVec) step(first + i, m, w, acc[0][0], acc[0][1], acc[0][2]);
+    float tail[kSums] = {};
+    for (; i < count; ++i) step(first + i, mean[c], weight[c], tail[0], tail[1], tail[2]);
+    for (int64_t k = 0; k < kSums; ++k) {
+      const Vec4 v = acc[0][k] + acc[1][k];
+      totals[k] = ((v[0] + v[1]) + (v[2] + v[3])) + tail[k];
+    }
+  }
+  void row(int64_t first, float* sums) const {
+    float* sum = sums;
+    float* centered = sums + channels;
+    float* prelu = sums + 2 * channels;
+    int64_t c = 0;
+    for (; c + kVec <= channels; c += kVec) {
+      Vec4 s = load<Vec4>(sum + c), q = load<Vec4>(centered + c), p = load<Vec4>(prelu + c);
+      step(first + c, load<Vec4>(mean + c), load<Vec4>(weight + c), s, q, p);
+      store(sum + c, s);
+      store(centered + c, q);
+      store(prelu + c, p);
+    }
+    for (; c < channels; ++c) step(first + c, mean[c], weight[c], sum[c], centered[c], prelu[c]);
+  }
+};
+
+// The backward's second pass: BatchNorm's input gradient from grad_z, per channel
+//   with batch statistics:  (grad_z - grad_mean[c] - (x - mean[c]) * k[c]) * a[c]
+//   with running statistics: grad_z * a[c]
+template <bool kBatchStats>
+struct NormGradPass {
+  static constexpr int64_t kSums = 1;
+  const float* grad_z;
+  const float* x;
+  const float* mean;
+  const float* grad_mean;
+  const float* k;
+  const float* a;
+  float* grad_x;
+  int64_t channels;
+
+  template <class T>
+  void step(int64_t i, T m, T gm, T kk, T aa) const {
+    const T gz = load<T>(grad_z + i);
+    store(grad_x + i, kBatchStats ? ((gz - gm) - (load<T>(x + i) - m) * kk) * aa : gz * aa);
+  }
+  void plane(int64_t c, int64_t first, int64_t count, float*) const {
+    const Vec4 m = splat<Vec4>(mean[c]), gm = splat<Vec4>(grad_mean[c]), kk = splat<Vec4>(k[c]),
+               aa = splat<Vec4>(a[c]);
+    int64_t i = 0;
+    for (; i + kVec <= count; i += kVec) step(first + i, m, gm, kk, aa);
+    for (; i < count; ++i) step(first + i, mean[c], grad_mean[c], k[c], a[c]);
+  }
+  void row(int64_t first, float*) const {
+    int64_t c = 0;
+    for (; c + kVec <= channels; c += kVec)
+      step(first + c, load<Vec4>(mean + c), load<Vec4>(grad_mean + c), load<Vec4>(k + c), load<Vec4>(a + c));
+    for (; c < channels; ++c) step(first + c, mean[c], grad_mean[c], k[c], a[c]);
+  }
+};
 }  // namespace
 
 void binary_signs(ChannelView v, const float* x, const float* threshold, float* out, bool out_nhwc,
@@ -354,5 +579,63 @@ void prelu_backward(ChannelView v, bool shared_weight, const float* grad, const 
   for (float s : per_channel) total += s;
   weight_sums[0] = static_cast<float>(total);
 }
+
+void channel_moments(ChannelView v, const float* x, float* mean, float* var, const ParallelFor& parallel_for) {
+  moments_pass(v, x, mean, var, parallel_for);
+}
+
+void batch_norm_add_prelu(ChannelView v, const float* x, const float* mean, const float* invstd,
+                          const float* bn_weight, const float* bn_bias, const float* residual, bool shared_weight,
+                          const float* prelu_weight, float* z, float* out, const ParallelFor& parallel_for) {
+  const ChannelValues w(shared_weight ? nullptr : prelu_weight, v.channels, prelu_weight[0]);
+  std::vector<float> scale(static_cast<size_t>(v.channels));
+  for (int64_t c = 0; c < v.channels; ++c) scale[c] = bn_weight[c] * invstd[c];
+  if (residual)
+    channel_pass(v, BatchNormAddPreluPass<true>{x, mean, scale.data(), bn_bias, residual, w.values, z, out,
+                                                v.channels},
+                 nullptr, parallel_for);
+  else
+    channel_pass(v, BatchNormAddPreluPass<false>{x, mean, scale.data(), bn_bias, residual, w.values, z, out,
+                                                 v.channels},
+                 nullptr, parallel_for);
+}
+
+void batch_norm_add_prelu_backward(ChannelView v, bool batch_stats, const float* grad, const float* z,
+                                   const float* x, const float* mean, const float* invstd, const float* bn_weight,
+                                   bool shared_weight, const float* prelu_weight, float* grad_x, float* grad_z,
+                                   float* grad_bn_weight, float* grad_bn_bias, float* grad_prelu_weight,
+                                   const ParallelFor& parallel_for) {
+  const int64_t channels = v.channels;
+  const ChannelValues w(shared_weight ? nullptr : prelu_weight, channels, prelu_weight[0]);
+  std::vector<float> sums(static_cast<size_t>(3 * channels));
+  channel_pass(v, PreluSumsPass{grad, z, x, mean, w.values, grad_z, channels}, sums.data(), parallel_for);
+  const float* sum = sums.data();
+  const float* centered = sums.data() + channels;
+  const float* prelu = sums.data() + 2 * channels;
+  const double count = static_cast<double>(v.outer) * static_cast<double>(v.inner);
+  std::vector<float> grad_mean(static_cast<size_t>(channels)), k(grad_mean.size()), a(grad_mean.size());
+  for (int64_t c = 0; c < channels; ++c) {
+    const double s = invstd[c];
+    a[c] = static_cast<float>(s * bn_weight[c]);
+    grad_mean[c] = static_cast<float>(sum[c] / count);
+    k[c] = static_cast<float>(centered[c] * s * s / count);
+    grad_bn_weight[c] = static_cast<float>(centered[c] * s);
+    grad_bn_bias[c] = sum[c];
+  }
+  if (batch_stats)
+    channel_pass(v, NormGradPass<true>{grad_z, x, mean, grad_mean.data(), k.data(), a.data(), grad_x, channels},
+                 nullptr, parallel_for);
+  else
+    channel_pass(v, NormGradPass<false>{grad_z, x, mean, grad_mean.data(), k.data(), a.data(), grad_x, channels},
+                 nullptr, parallel_for);
+  if (!shared_weight) {
+    std::copy(prelu, prelu + channels, grad_prelu_weight);
+    return;
+  }
+  double total = 0.0;
+  for (int64_t c = 0; c < channels; ++c) total += prelu[c];
+  grad_prelu_weight[0] = static_cast<float>(total);
+}
+
 
 }  // namespace xnorconv

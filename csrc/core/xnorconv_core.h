@@ -283,6 +283,27 @@ void ste_input_grad(ChannelView v, SteKind ste, const float* grad, bool grad_nhw
 void prelu_backward(ChannelView v, bool shared_weight, const float* grad, const float* z, const float* weight,
                     float* grad_z, float* weight_sums, const ParallelFor& parallel_for);
 
+// The tail of a Bi-Real / ReActNet / BinaryDNet53 unit in training, out = PReLU(BatchNorm(x) + residual), in two
+// passes over memory each way where eager PyTorch makes about eight:
+// mean[c] and var[c] (biased) of channel c of x; NaN for an empty channel.
+void channel_moments(ChannelView v, const float* x, float* mean, float* var, const ParallelFor& parallel_for);
+
+// z = (x - mean[c]) * bn_weight[c] * invstd[c] + bn_bias[c] (+ residual, unless nullptr): BatchNorm with mean and
+// invstd = 1 / sqrt(var + eps); out = z where z > 0, else prelu_weight[c] * z (shared_weight: prelu_weight[0]).
+void batch_norm_add_prelu(ChannelView v, const float* x, const float* mean, const float* invstd,
+                          const float* bn_weight, const float* bn_bias, const float* residual, bool shared_weight,
+                          const float* prelu_weight, float* z, float* out, const ParallelFor& parallel_for);
+
+// The gradients of out = PReLU(BatchNorm(x) + residual) from grad = dL/dout and the forward's z, mean and invstd
+// (per channel; batch_stats: BatchNorm normalised with these statistics of x itself, so they depend on x, as in
+// training; else they are constants, the running ones): grad_x, grad_z (= dL/dz, the residual's gradient too),
+// grad_bn_weight[c], grad_bn_bias[c], and PReLU's grad_prelu_weight (one value when shared_weight).
+void batch_norm_add_prelu_backward(ChannelView v, bool batch_stats, const float* grad, const float* z,
+                                   const float* x, const float* mean, const float* invstd, const float* bn_weight,
+                                   bool shared_weight, const float* prelu_weight, float* grad_x, float* grad_z,
+                                   float* grad_bn_weight, float* grad_bn_bias, float* grad_prelu_weight,
+                                   const ParallelFor& parallel_for);
+
 // A usable kernel family by name, leaving the process-wide choice (set_backend_override) alone: for tests and
 // benchmarks that run each family in turn. nullptr, with the reason in *error, for an unknown or unusable name.
 const KernelOps* find_backend(const std::string& name, std::string* error = nullptr);

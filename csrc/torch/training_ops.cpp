@@ -133,10 +133,89 @@ std::tuple<at::Tensor, at::Tensor> prelu_backward_cpu(const at::Tensor& grad, co
   return {grad_input, grad_weight};
 }
 
+// A (C,) float32 operand, contiguous.
+at::Tensor channel_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input) {
+  check_float(op, name, t, input);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), op, ": ", name, " must have shape (", input.size(1),
+              ",) (one value per channel), got ", t.sizes());
+  return t.contiguous();
+}
+
+at::Tensor prelu_slopes(const char* op, const at::Tensor& weight, const at::Tensor& input) {
+  check_float(op, "prelu_weight", weight, input);
+  TORCH_CHECK(weight.dim() == 1 && (weight.numel() == 1 || weight.numel() == input.size(1)), op,
+              ": prelu_weight must have shape (1,) or (", input.size(1), ",) (one slope per channel), got ",
+              weight.sizes());
+  return weight.contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_moments_cpu(const at::Tensor& input) {
+  check_input("channel_moments", input);
+  const ChannelLayout layout = channel_layout(input);
+  const at::Tensor x = input.contiguous(layout.memory_format);
+  at::Tensor mean = at::empty({input.size(1)}, x.options()), var = at::empty({input.size(1)}, x.options());
+  xnorconv::channel_moments(layout.view, x.data_ptr<float>(), mean.data_ptr<float>(), var.data_ptr<float>(),
+                            torch_parallel_for);
+  return {mean, var};
+}
+
+// (out, z), both in the input's layout.
+std::tuple<at::Tensor, at::Tensor> batch_norm_add_prelu_cpu(const at::Tensor& input, const at::Tensor& mean,
+                                                             const at::Tensor& invstd, const at::Tensor& weight,
+                                                             const at::Tensor& bias,
+                                                             const c10::optional<at::Tensor>& residual,
+                                                             const at::Tensor& prelu_weight) {
+  const char* op = "batch_norm_add_prelu";
+  check_input(op, input);
+  const at::Tensor m = channel_vector(op, "mean", mean, input), s = channel_vector(op, "invstd", invstd, input);
+  const at::Tensor gamma = channel_vector(op, "weight", weight, input), beta = channel_vector(op, "bias", bias, input);
+  const at::Tensor w = prelu_slopes(op, prelu_weight, input);
+  const ChannelLayout layout = channel_layout(input);
+  const at::Tensor x = input.contiguous(layout.memory_format);
+  at::Tensor r;
+  if (residual.has_value()) {
+    check_float(op, "residual", *residual, input);
+    TORCH_CHECK(residual->sizes() == input.sizes(), op, ": residual must have the input's shape ", input.sizes(),
+                ", got ", residual->sizes());
+    r = residual->contiguous(layout.memory_format);
+  }
+  at::Tensor out = at::empty_like(x, x.options(), layout.memory_format);
+  at::Tensor z = at::empty_like(x, x.options(), layout.memory_format);
+  xnorconv::batch_norm_add_prelu(layout.view, x.data_ptr<float>(), m.data_ptr<float>(), s.data_ptr<float>(),
+                                 gamma.data_ptr<float>(), beta.data_ptr<float>(), data_or_null(r), w.numel() == 1,
+                                 w.data_ptr<float>(), z.data_ptr<float>(), out.data_ptr<float>(), torch_parallel_for);
+  return {out, z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_add_prelu_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& prelu_weight, bool batch_stats) {
+  const char* op = "batch_norm_add_prelu_backward";
+  check_input(op, input);
+  check_grad(op, grad, input);
+  check_float(op, "z", z, input);
+  TORCH_CHECK(z.sizes() == input.sizes(), op, ": z must have the input's shape ", input.sizes(), ", got ", z.sizes());
+  const at::Tensor m = channel_vector(op, "mean", mean, input), s = channel_vector(op, "invstd", invstd, input);
+  const at::Tensor gamma = channel_vector(op, "weight", weight, input);
+  const at::Tensor w = prelu_slopes(op, prelu_weight, input);
+  const ChannelLayout layout = channel_layout(input);
+  const at::Tensor x = input.contiguous(layout.memory_format), g = grad.contiguous(layout.memory_format),
+                   zc = z.contiguous(layout.memory_format);
+  at::Tensor grad_input = at::empty_like(x, x.options(), layout.memory_format);
+  at::Tensor grad_residual = at::empty_like(x, x.options(), layout.memory_format);
+  at::Tensor grad_weight = at::empty_like(gamma), grad_bias = at::empty_like(gamma), grad_prelu = at::empty_like(w);
+  xnorconv::batch_norm_add_prelu_backward(
+      layout.view, batch_stats, g.data_ptr<float>(), zc.data_ptr<float>(), x.data_ptr<float>(), m.data_ptr<float>(),
+      s.data_ptr<float>(), gamma.data_ptr<float>(), w.numel() == 1, w.data_ptr<float>(),
+      grad_input.data_ptr<float>(), grad_residual.data_ptr<float>(), grad_weight.data_ptr<float>(),
+      grad_bias.data_ptr<float>(), grad_prelu.data_ptr<float>(), torch_parallel_for);
+  return {grad_input, grad_residual, grad_weight, grad_bias, grad_prelu};
+}
+
 // On CUDA the training path composes the same values from aten ops (xnorconv/_autograd.py): a direct call says so.
 [[noreturn]] void cpu_only(const char* op) {
-  TORCH_CHECK(false, "xnorconv::", op, " runs on the CPU only; on CUDA, BinaryConv2d's training path and "
-              "xnorconv.functional.prelu compute it from aten ops");
+  TORCH_CHECK(false, "xnorconv::", op, " runs on the CPU only; on CUDA, BinaryConv2d's training path, "
+              "xnorconv.functional.prelu and xnorconv.functional.batch_norm_add_prelu compute it from aten ops");
 }
 
 at::Tensor binary_signs_cuda(const at::Tensor&, const c10::optional<at::Tensor>&, c10::optional<at::MemoryFormat>) {
@@ -149,6 +228,17 @@ std::tuple<at::Tensor, at::Tensor> ste_input_grad_cuda(const at::Tensor&, const 
 std::tuple<at::Tensor, at::Tensor> prelu_backward_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
   cpu_only("prelu_backward");
 }
+std::tuple<at::Tensor, at::Tensor> channel_moments_cuda(const at::Tensor&) { cpu_only("channel_moments"); }
+std::tuple<at::Tensor, at::Tensor> batch_norm_add_prelu_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                              const at::Tensor&, const at::Tensor&,
+                                                              const c10::optional<at::Tensor>&, const at::Tensor&) {
+  cpu_only("batch_norm_add_prelu");
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_add_prelu_backward_cuda(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, bool) {
+  cpu_only("batch_norm_add_prelu_backward");
+}
 
 }  // namespace
 
@@ -157,18 +247,30 @@ TORCH_LIBRARY_FRAGMENT(xnorconv, m) {
   m.def("ste_input_grad(Tensor grad, Tensor input, Tensor? threshold, str ste) "
         "-> (Tensor grad_input, Tensor grad_threshold)");
   m.def("prelu_backward(Tensor grad, Tensor input, Tensor weight) -> (Tensor grad_input, Tensor grad_weight)");
+  m.def("channel_moments(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("batch_norm_add_prelu(Tensor input, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, "
+        "Tensor? residual, Tensor prelu_weight) -> (Tensor out, Tensor z)");
+  m.def("batch_norm_add_prelu_backward(Tensor grad, Tensor z, Tensor input, Tensor mean, Tensor invstd, "
+        "Tensor weight, Tensor prelu_weight, bool batch_stats) -> (Tensor grad_input, Tensor grad_residual, "
+        "Tensor grad_weight, Tensor grad_bias, Tensor grad_prelu_weight)");
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {
   m.impl("binary_signs", &binary_signs_cpu);
   m.impl("ste_input_grad", &ste_input_grad_cpu);
   m.impl("prelu_backward", &prelu_backward_cpu);
+  m.impl("channel_moments", &channel_moments_cpu);
+  m.impl("batch_norm_add_prelu", &batch_norm_add_prelu_cpu);
+  m.impl("batch_norm_add_prelu_backward", &batch_norm_add_prelu_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CUDA, m) {
   m.impl("binary_signs", &binary_signs_cuda);
   m.impl("ste_input_grad", &ste_input_grad_cuda);
   m.impl("prelu_backward", &prelu_backward_cuda);
+  m.impl("channel_moments", &channel_moments_cuda);
+  m.impl("batch_norm_add_prelu", &batch_norm_add_prelu_cuda);
+  m.impl("batch_norm_add_prelu_backward", &batch_norm_add_prelu_backward_cuda);
 }
 
 }  // namespace xnorconv_torch

@@ -616,18 +616,61 @@ bool close_sum(double got, double want, double scale) {
   return (std::isnan(got) && std::isnan(want)) || got == want || std::fabs(got - want) <= 1e-5 * std::max(1.0, scale);
 }
 
+// A pass's scalar evaluation over NCHW data: each element's value, and per channel (channel 0 only when `shared`)
+// the sum of the elements' terms and of their magnitudes (the scale a float sum's rounding is judged against).
+struct Expected {
+  std::vector<float> values;
+  std::vector<double> sums, scale;
+};
+
+template <class Element>  // element(k, ch) -> (value, term)
+Expected evaluate_nchw(int64_t n, int64_t c, int64_t hw, bool shared, const Element& element) {
+  Expected e{std::vector<float>(static_cast<size_t>(n * c * hw)), std::vector<double>(c, 0.0),
+             std::vector<double>(c, 0.0)};
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t p = 0; p < hw; ++p) {
+        const int64_t k = (i * c + ch) * hw + p;
+        const auto [value, term] = element(k, ch);
+        e.values[k] = value;
+        e.sums[shared ? 0 : ch] += term;
+        e.scale[shared ? 0 : ch] += std::fabs(term);
+      }
+  return e;
+}
+
+bool same_floats(const std::vector<float>& got, const std::vector<float>& want) {
+  return got.size() == want.size() && std::equal(got.begin(), got.end(), want.begin(), same_float);
+}
+
+bool close_sums(const std::vector<float>& got, const Expected& want, int64_t count) {
+  for (int64_t ch = 0; ch < count; ++ch)
+    if (!close_sum(got[ch], want.sums[ch], want.scale[ch])) return false;
+  return true;
+}
+
+// Task ranges of random sizes, in random order: the sums must not depend on how the tasks are split.
+void random_pieces(int64_t tasks, int64_t, const TaskBody& body) {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  for (int64_t a = 0; a < tasks;) {
+    const int64_t b = std::min(tasks, a + pick(1, std::max<int64_t>(1, tasks / 3)));
+    ranges.emplace_back(a, b);
+    a = b;
+  }
+  std::shuffle(ranges.begin(), ranges.end(), rng);
+  for (const auto& r : ranges) body(r.first, r.second);
+}
+
+std::vector<float> nhwc_of(const std::vector<float>& v, int64_t n, int64_t c, int64_t hw) {  // NCHW -> NHWC
+  std::vector<float> out(v.size());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t p = 0; p < hw; ++p) out[(i * hw + p) * c + ch] = v[(i * c + ch) * hw + p];
+  return out;
+}
+
 void test_training_passes(int cases) {
-  // Task ranges of random sizes, in random order: the sums must not depend on how the tasks are split.
-  const ParallelFor pieces = [](int64_t tasks, int64_t, const TaskBody& body) {
-    std::vector<std::pair<int64_t, int64_t>> ranges;
-    for (int64_t a = 0; a < tasks;) {
-      const int64_t b = std::min(tasks, a + pick(1, std::max<int64_t>(1, tasks / 3)));
-      ranges.emplace_back(a, b);
-      a = b;
-    }
-    std::shuffle(ranges.begin(), ranges.end(), rng);
-    for (const auto& r : ranges) body(r.first, r.second);
-  };
+  const ParallelFor pieces = random_pieces;
   const float specials[] = {0.0f, -0.0f, NAN, INFINITY, -INFINITY, 1.0f, -1.0f, 1e-40f};
   for (int iter = 0; iter < cases; ++iter) {
     const int64_t n = pick(1, 3), c = pick(1, 70), hw = pick(0, 3) == 0 ? pick(257, 600) : pick(1, 40);
@@ -638,16 +681,9 @@ void test_training_passes(int cases) {
     for (auto& v : g) v = pick(0, 50) == 0 ? specials[pick(0, 4)] : normal(rng);
     for (auto& v : t) v = normal(rng) * 0.3f;
     for (auto& v : w) v = normal(rng) * 0.3f;
-    auto nhwc_of = [&](const std::vector<float>& v) {  // NCHW -> NHWC
-      std::vector<float> out(size);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t ch = 0; ch < c; ++ch)
-          for (int64_t p = 0; p < hw; ++p) out[(i * hw + p) * c + ch] = v[(i * c + ch) * hw + p];
-      return out;
-    };
+    auto nhwc_of = [&](const std::vector<float>& v) { return ::nhwc_of(v, n, c, hw); };
     const std::vector<float> x_nhwc = nhwc_of(x), g_nhwc = nhwc_of(g);
     const ChannelView nchw{n, c, hw}, nhwc{n * hw, c, 1};
-    auto at = [&](int64_t i, int64_t ch, int64_t p) { return (i * c + ch) * hw + p; };
 
     // binary_signs: NCHW, NHWC, NCHW -> NHWC
     std::vector<float> want_signs(size), out(size);
@@ -661,16 +697,10 @@ void test_training_passes(int cases) {
 
     // ste_input_grad: NCHW, NHWC, NCHW with an NHWC gradient; sums per channel
     for (SteKind kind : {SteKind::clipped, SteKind::identity, SteKind::approx}) {
-      std::vector<float> want(size);
-      std::vector<double> want_sums(c, 0.0), scale(c, 0.0);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t ch = 0; ch < c; ++ch)
-          for (int64_t p = 0; p < hw; ++p) {
-            const int64_t k = at(i, ch, p);
-            want[k] = g[k] * ste_factor_of(kind, x[k] - t[ch]);
-            want_sums[ch] += want[k];
-            scale[ch] += std::fabs(want[k]);
-          }
+      const Expected want = evaluate_nchw(n, c, hw, false, [&](int64_t k, int64_t ch) {
+        const float value = g[k] * ste_factor_of(kind, x[k] - t[ch]);
+        return std::make_pair(value, static_cast<double>(value));
+      });
       const int layouts = 3;
       for (int layout = 0; layout < layouts; ++layout) {
         std::vector<float> got(size), sums(c);
@@ -680,15 +710,10 @@ void test_training_passes(int cases) {
           ste_input_grad(nhwc, kind, g_nhwc.data(), false, x_nhwc.data(), t.data(), got.data(), sums.data(), pieces);
         if (layout == 2)
           ste_input_grad(nchw, kind, g_nhwc.data(), true, x.data(), t.data(), got.data(), sums.data(), pieces);
-        const std::vector<float>& expected = layout == 1 ? nhwc_of(want) : want;
-        bool equal = true;
-        for (size_t i = 0; i < size; ++i) equal = equal && same_float(got[i], expected[i]);
-        EXPECT(equal, "ste_input_grad kind %d layout %d (c %lld, hw %lld)", (int)kind, layout, (long long)c,
-               (long long)hw);
-        bool sums_ok = true;
-        for (int64_t ch = 0; ch < c; ++ch) sums_ok = sums_ok && close_sum(sums[ch], want_sums[ch], scale[ch]);
-        EXPECT(sums_ok, "ste_input_grad sums kind %d layout %d (c %lld, hw %lld)", (int)kind, layout, (long long)c,
-               (long long)hw);
+        EXPECT(same_floats(got, layout == 1 ? nhwc_of(want.values) : want.values),
+               "ste_input_grad kind %d layout %d (c %lld, hw %lld)", (int)kind, layout, (long long)c, (long long)hw);
+        EXPECT(close_sums(sums, want, c), "ste_input_grad sums kind %d layout %d (c %lld, hw %lld)", (int)kind,
+               layout, (long long)c, (long long)hw);
         std::vector<float> again(size), sums_again(c);  // another split of the tasks: the same sums, bit for bit
         if (layout == 0)
           ste_input_grad(nchw, kind, g.data(), false, x.data(), t.data(), again.data(), sums_again.data(), pieces);
@@ -702,33 +727,143 @@ void test_training_passes(int cases) {
 
     // prelu_backward: per channel and shared slope, NCHW and NHWC
     for (bool shared : {false, true}) {
-      std::vector<float> want(size);
-      std::vector<double> want_sums(c, 0.0), scale(c, 0.0);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t ch = 0; ch < c; ++ch)
-          for (int64_t p = 0; p < hw; ++p) {
-            const int64_t k = at(i, ch, p);
-            const float slope = w[shared ? 0 : ch];
-            want[k] = x[k] > 0.0f ? g[k] : slope * g[k];
-            const double term = x[k] > 0.0f ? 0.0 : static_cast<double>(x[k] * g[k]);
-            want_sums[shared ? 0 : ch] += term;
-            scale[shared ? 0 : ch] += std::fabs(term);
-          }
+      const Expected want = evaluate_nchw(n, c, hw, shared, [&](int64_t k, int64_t ch) {
+        const float slope = w[shared ? 0 : ch];
+        return x[k] > 0.0f ? std::make_pair(g[k], 0.0) : std::make_pair(slope * g[k], double(x[k] * g[k]));
+      });
       for (int layout = 0; layout < 2; ++layout) {
         std::vector<float> got(size), sums(c);
         prelu_backward(layout ? nhwc : nchw, shared, layout ? g_nhwc.data() : g.data(),
                        layout ? x_nhwc.data() : x.data(), w.data(), got.data(), sums.data(), pieces);
-        const std::vector<float>& expected = layout ? nhwc_of(want) : want;
-        bool equal = true;
-        for (size_t i = 0; i < size; ++i) equal = equal && same_float(got[i], expected[i]);
-        EXPECT(equal, "prelu_backward shared %d layout %d (c %lld, hw %lld)", (int)shared, layout, (long long)c,
+        EXPECT(same_floats(got, layout ? nhwc_of(want.values) : want.values),
+               "prelu_backward shared %d layout %d (c %lld, hw %lld)", (int)shared, layout, (long long)c,
                (long long)hw);
-        bool sums_ok = true;
-        for (int64_t ch = 0; ch < (shared ? 1 : c); ++ch)
-          sums_ok = sums_ok && close_sum(sums[ch], want_sums[ch], scale[ch]);
-        EXPECT(sums_ok, "prelu_backward sums shared %d layout %d (c %lld, hw %lld)", (int)shared, layout, (long long)c,
-               (long long)hw);
+        EXPECT(close_sums(sums, want, shared ? 1 : c), "prelu_backward sums shared %d layout %d (c %lld, hw %lld)",
+               (int)shared, layout, (long long)c, (long long)hw);
       }
+    }
+  }
+}
+
+// BatchNorm + residual + PReLU: the moments against double sums, the forward pass and the backward's gradients
+// and sums against a scalar evaluation of their formulas, in both layouts, with random task splits.
+void test_batch_norm_passes(int cases) {
+  const ParallelFor pieces = random_pieces;
+  for (int iter = 0; iter < cases; ++iter) {
+    const int64_t n = pick(1, 3), c = pick(1, 40), hw = pick(0, 3) == 0 ? pick(257, 2000) : pick(2, 40);
+    const size_t size = static_cast<size_t>(n * c * hw);
+    const double count = static_cast<double>(n * hw);
+    const bool shared = pick(0, 3) == 0, batch_stats = pick(0, 3) != 0;
+    std::normal_distribution<float> normal(0.0f, 1.5f);
+    const float offset = pick(0, 2) == 0 ? 500.0f : 0.0f;  // a mean far from zero: no cancellation allowed
+    std::vector<float> x(size), r(size), g(size), beta(c), gamma(c), slope(c);
+    for (auto& v : x) v = normal(rng) + offset;
+    for (auto& v : r) v = normal(rng);
+    for (auto& v : g) v = normal(rng);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      beta[ch] = normal(rng);
+      gamma[ch] = normal(rng);
+      slope[ch] = normal(rng) * 0.3f;
+    }
+    const ChannelView nchw{n, c, hw}, nhwc{n * hw, c, 1};
+    const std::vector<float> x_nhwc = nhwc_of(x, n, c, hw), r_nhwc = nhwc_of(r, n, c, hw),
+                             g_nhwc = nhwc_of(g, n, c, hw);
+
+    // moments
+    std::vector<double> want_mean(c, 0.0), want_var(c, 0.0);
+    for (size_t k = 0; k < size; ++k) want_mean[(k / hw) % c] += x[k] / count;
+    for (size_t k = 0; k < size; ++k) {
+      const double d = x[k] - want_mean[(k / hw) % c];
+      want_var[(k / hw) % c] += d * d / count;
+    }
+    std::vector<float> mean(c), var(c), invstd(c);
+    for (int layout = 0; layout < 2; ++layout) {
+      channel_moments(layout ? nhwc : nchw, layout ? x_nhwc.data() : x.data(), mean.data(), var.data(), pieces);
+      bool ok = true;
+      for (int64_t ch = 0; ch < c; ++ch)
+        ok = ok && std::fabs(mean[ch] - want_mean[ch]) <= 1e-6 * std::max(1.0, std::fabs(want_mean[ch])) &&
+             std::fabs(var[ch] - want_var[ch]) <= 1e-4 * want_var[ch] + 1e-7;
+      EXPECT(ok, "channel_moments layout %d (n %lld, c %lld, hw %lld, offset %g)", layout, (long long)n,
+             (long long)c, (long long)hw, offset);
+    }
+    for (int64_t ch = 0; ch < c; ++ch) invstd[ch] = 1.0f / std::sqrt(var[ch] + 1e-5f);
+
+    // forward: z = (x - mean) * gamma * invstd + beta + r, out = prelu(z)
+    const float* w = slope.data();
+    auto slope_of = [&](int64_t ch) { return w[shared ? 0 : ch]; };
+    const Expected z_want = evaluate_nchw(n, c, hw, false, [&](int64_t k, int64_t ch) {
+      return std::make_pair((x[k] - mean[ch]) * (gamma[ch] * invstd[ch]) + beta[ch] + r[k], 0.0);
+    });
+    const Expected out_want = evaluate_nchw(n, c, hw, false, [&](int64_t k, int64_t ch) {
+      const float z = z_want.values[k];
+      return std::make_pair(z > 0.0f ? z : slope_of(ch) * z, 0.0);
+    });
+    for (int layout = 0; layout < 2; ++layout) {
+      std::vector<float> z(size), out(size);
+      batch_norm_add_prelu(layout ? nhwc : nchw, layout ? x_nhwc.data() : x.data(), mean.data(), invstd.data(),
+                           gamma.data(), beta.data(), layout ? r_nhwc.data() : r.data(), shared, w, z.data(),
+                           out.data(), pieces);
+      // FMA contraction may round (x - mean) * scale + beta once instead of twice
+      bool ok = true;
+      const std::vector<float> zw = layout ? nhwc_of(z_want.values, n, c, hw) : z_want.values,
+                               ow = layout ? nhwc_of(out_want.values, n, c, hw) : out_want.values;
+      for (size_t k = 0; k < size; ++k)
+        ok = ok && std::fabs(z[k] - zw[k]) <= 1e-5f * (1.0f + std::fabs(zw[k])) &&
+             out[k] == (z[k] > 0.0f ? z[k] : w[shared ? 0 : (layout ? k % c : (k / hw) % c)] * z[k]);
+      EXPECT(ok, "batch_norm_add_prelu layout %d (c %lld, hw %lld)", layout, (long long)c, (long long)hw);
+    }
+
+    // backward, from the z the forward stored (NCHW)
+    std::vector<float> z(size), out(size);
+    batch_norm_add_prelu(nchw, x.data(), mean.data(), invstd.data(), gamma.data(), beta.data(), r.data(), shared, w,
+                         z.data(), out.data(), pieces);
+    const Expected gz_want = evaluate_nchw(n, c, hw, shared, [&](int64_t k, int64_t ch) {
+      return z[k] > 0.0f ? std::make_pair(g[k], 0.0) : std::make_pair(slope_of(ch) * g[k], double(z[k] * g[k]));
+    });
+    const Expected centered = evaluate_nchw(n, c, hw, false, [&](int64_t k, int64_t ch) {
+      const double gz = gz_want.values[k];
+      return std::make_pair(0.0f, gz * (x[k] - mean[ch]));
+    });
+    const Expected gz_sums = evaluate_nchw(n, c, hw, false, [&](int64_t k, int64_t) {
+      return std::make_pair(0.0f, double(gz_want.values[k]));
+    });
+    const Expected gx_want = evaluate_nchw(n, c, hw, false, [&](int64_t k, int64_t ch) {
+      const double s = invstd[ch], a = s * gamma[ch], gz = gz_want.values[k];
+      const double gx = batch_stats ? (gz - gz_sums.sums[ch] / count -
+                                       (x[k] - mean[ch]) * centered.sums[ch] * s * s / count) * a
+                                    : gz * a;
+      return std::make_pair(static_cast<float>(gx), 0.0);
+    });
+    const std::vector<float> z_nhwc = nhwc_of(z, n, c, hw);
+    for (int layout = 0; layout < 2; ++layout) {
+      std::vector<float> gx(size), gz(size), grad_gamma(c), grad_beta(c), grad_slope(c);
+      batch_norm_add_prelu_backward(layout ? nhwc : nchw, batch_stats, layout ? g_nhwc.data() : g.data(),
+                                    layout ? z_nhwc.data() : z.data(), layout ? x_nhwc.data() : x.data(),
+                                    mean.data(), invstd.data(), gamma.data(), shared, w, gx.data(), gz.data(),
+                                    grad_gamma.data(), grad_beta.data(), grad_slope.data(), pieces);
+      EXPECT(same_floats(gz, layout ? nhwc_of(gz_want.values, n, c, hw) : gz_want.values),
+             "batch_norm_add_prelu_backward grad_z layout %d (c %lld, hw %lld)", layout, (long long)c, (long long)hw);
+      const std::vector<float> gxw = layout ? nhwc_of(gx_want.values, n, c, hw) : gx_want.values;
+      const std::vector<double> gx_scale = [&] {  // per element, the size of the terms its rounding is judged on
+        std::vector<double> v(size);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t ch = 0; ch < c; ++ch)
+            for (int64_t p = 0; p < hw; ++p) {
+              const int64_t k = (i * c + ch) * hw + p;
+              v[layout ? (i * hw + p) * c + ch : k] = std::fabs(gx_want.values[k]) + 1.0;
+            }
+        return v;
+      }();
+      bool ok = true;
+      for (size_t k = 0; k < size; ++k) ok = ok && std::fabs(gx[k] - gxw[k]) <= 2e-4 * gx_scale[k];
+      EXPECT(ok, "batch_norm_add_prelu_backward grad_x layout %d batch_stats %d (c %lld, hw %lld)", layout,
+             (int)batch_stats, (long long)c, (long long)hw);
+      bool sums_ok = close_sums(grad_beta, gz_sums, c) && close_sums(grad_slope, gz_want, shared ? 1 : c);
+      for (int64_t ch = 0; ch < c; ++ch)  // x - mean is rounded to float: by up to 1.2e-7 * offset
+        sums_ok = sums_ok && close_sum(grad_gamma[ch], centered.sums[ch] * invstd[ch],
+                                       (centered.scale[ch] + 1e-2 * offset * gz_sums.scale[ch]) * invstd[ch]);
+      EXPECT(sums_ok, "batch_norm_add_prelu_backward sums layout %d (c %lld, hw %lld)", layout, (long long)c,
+             (long long)hw);
     }
   }
 }
@@ -797,6 +932,7 @@ int main(int argc, char** argv) {
   test_sign_io(random_cases / 10 + 4);
   test_task_ranges(random_cases / 10 + 4);
   test_training_passes(random_cases / 10 + 8);
+  test_batch_norm_passes(random_cases / 10 + 8);
   test_darknet_shapes();
   test_deep_accumulation();
   test_many_padding_classes();
