@@ -374,7 +374,9 @@ def test_paper_preset_learns(tmp_path):
     cfg = load(tmp_path / "paper" / "config.json")
     assert cfg["model"] == "binary_dnet53" and cfg["model_kwargs"] == {} and cfg["preset"] == "paper"
     assert cfg["lr"] == 0.003 and cfg["loss"] == "wlm" and cfg["lr_gamma"] == 0.01 and cfg["normalize"] == "minmax"
-    assert m["accuracy"] >= 0.5, m["accuracy"]
+    # Chance is 0.25 (32 test images: 13 or more right by chance has probability 4%). Twelve training seeds gave
+    # 0.44-0.81 here, and a float-rounding change in any op moves a seed within that range.
+    assert m["accuracy"] >= 0.4, m["accuracy"]
 
 
 # ------------------------------------------------------------------------------------------ issue 16: small real data
