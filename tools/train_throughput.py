@@ -9,7 +9,9 @@ access in the main process; this one decodes once per run and augments the small
 cores torch's threads leave free), the model, and times training steps (forward, cross-entropy,
 backward, Adam step) over the loader: images/s = images trained / seconds, after one untimed warm-up batch. This
 tree's one-off decoding of the training images (once per run) is timed separately and printed. The variants are
-interleaved round by round, so that a busy machine slows them alike; medians and ratios are printed.
+interleaved round by round, so that a busy machine slows them alike; medians and ratios are printed, and beside each
+round the share of CPU time the host took for other guests (steal), which slows the 2-thread step more than the
+old single-threaded decoding.
 
     python tools/train_throughput.py DATA [--old-rev REV] [--rounds 3] [--batches 4] [--threads 2]
         [--image-size 128 64] [--model binary_dnet53] [--workers 0 1]
@@ -29,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # bench/ is a top-level package of the repository root
@@ -92,14 +95,30 @@ def old_tree(rev: str, dest: str) -> str:
     return dest
 
 
+def stolen_seconds() -> float:
+    """CPU time the hypervisor gave to other guests (steal, /proc/stat), summed over this machine's CPUs; 0 where
+    the kernel does not report it."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" and len(fields) > 8 else 0.0
+    except (OSError, ValueError):
+        return 0.0
+
+
 def measure(tree: str, preset: str, size: int, args, workers=None) -> dict:
     spec = json.dumps({"data": args.data, "image_size": size, "model": args.model, "threads": args.threads,
                        "batches": args.batches, "preset": preset, "workers": workers})
+    stolen, start = stolen_seconds(), time.monotonic()
     p = subprocess.run([sys.executable, "-c", CHILD, spec], cwd=tree, env=dict(os.environ, PYTHONPATH=tree),
                        capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"variant {tree} {preset} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    # The share of the machine's CPU time taken by other guests while the variant ran: a busy host slows a
+    # 2-thread step (whose threads wait for each other) more than the old single-threaded decoding.
+    result["steal"] = (stolen_seconds() - stolen) / ((time.monotonic() - start) * (os.cpu_count() or 1))
+    return result
 
 
 def main() -> int:
@@ -138,14 +157,19 @@ def main() -> int:
                 for label, tree, preset, workers in variants:
                     m = measure(tree, preset, size, args, workers)
                     rates[label].append(m["images"] / m["seconds"])
+                    ratio = rates[label][-1] / rates[variants[0][0]][-1]
                     print(f"{size}x{size} round {r + 1} {label}: {m['images']} images in {m['seconds']:.1f}s = "
-                          f"{rates[label][-1]:.2f} img/s (batch {m['batch']}, {m['workers']} workers; one-off setup "
-                          f"{m['setup']:.1f}s for {m['n_train']} training images; load "
-                          f"{os.getloadavg()[0]:.1f})", flush=True)
+                          f"{rates[label][-1]:.2f} img/s = {ratio:.2f}x this round's old (batch {m['batch']}, "
+                          f"{m['workers']} workers; one-off setup {m['setup']:.1f}s for {m['n_train']} training "
+                          f"images; load {os.getloadavg()[0]:.1f}; CPU time stolen by the host "
+                          f"{100 * m['steal']:.0f}%)", flush=True)
             base = statistics.median(rates[variants[0][0]])
             for label, *_ in variants:
                 med = statistics.median(rates[label])
-                print(f"{size}x{size} median {label}: {med:.2f} img/s ({med / base:.2f}x old)", flush=True)
+                per_round = [a / b for a, b in zip(rates[label], rates[variants[0][0]])]
+                print(f"{size}x{size} median {label}: {med:.2f} img/s ({med / base:.2f}x old; per round "
+                      f"{min(per_round):.2f}x-{max(per_round):.2f}x, median {statistics.median(per_round):.2f}x)",
+                      flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
