@@ -328,7 +328,7 @@ struct PreluGradPass {
 // Count, sum, mean and M2 (the sum of squared deviations from the mean) of part of a channel. Tasks take their
 // own mean and M2 in two passes over data in cache, and are merged with Chan et al.'s pairwise update: accurate
 // when the mean is large against the spread, where a sum of squares would cancel. The final mean is the sum over
-// the count, which an infinite value takes to infinity (a running mean would reach inf - inf = NaN).
+// the count, which an infinite value takes to infinity (the merged mean would reach inf - inf = NaN).
 struct Moments {
   double count = 0.0, sum = 0.0, mean = 0.0, m2 = 0.0;
 };
@@ -342,16 +342,24 @@ inline void merge(Moments& a, const Moments& b) {
   a.count = n;
 }
 
-// Moments of `count` values whose float sum is `sum`, given their float sum of squares around the float mean m.
-inline Moments moments_of(double count, float sum, float squares_around_m, float m) {
-  const double mean = static_cast<double>(sum) / count, off = mean - m;
-  const double m2 = static_cast<double>(squares_around_m) - count * off * off;
-  return {count, static_cast<double>(sum), mean, m2 < 0.0 ? 0.0 : m2};  // rounding can take it below 0; NaN stays
+// A task's sums are float over short runs (kSumRun elements of a plane, or rows) added up in double, so that they
+// stay accurate over long planes however large the values are.
+constexpr int64_t kSumRun = 256;
+
+// Moments of `count` values given their sum, and their sum of squared differences from m, their float mean.
+inline Moments moments_of(double count, double sum, double squares_around_m, float m) {
+  const double mean = sum / count, off = mean - m;
+  const double m2 = squares_around_m - count * off * off;
+  return {count, sum, mean, m2 < 0.0 ? 0.0 : m2};  // rounding can take it below 0; NaN stays
 }
 
 void moments_pass(ChannelView v, const float* x, float* mean_out, float* var_out, const ParallelFor& parallel_for) {
   const int64_t channels = v.channels;
   std::vector<Moments> total(static_cast<size_t>(channels));
+  auto squared_difference = [](auto value, auto center) {
+    const auto d = value - center;
+    return d * d;
+  };
   if (v.outer > 0 && channels > 0 && v.inner > 1) {
     const int64_t chunks_per_plane = (v.inner + kElementsPerTask - 1) / kElementsPerTask;
     const int64_t chunk = (v.inner + chunks_per_plane - 1) / chunks_per_plane;
@@ -362,15 +370,16 @@ void moments_pass(ChannelView v, const float* x, float* mean_out, float* var_out
         const int64_t plane = task / chunks_per_plane;
         const int64_t first = plane * v.inner + (task % chunks_per_plane) * chunk;
         const int64_t count = std::min(chunk, (plane + 1) * v.inner - first);
-        const float* p = x + first;
-        const float sum = plane_loop(count, 0.0f, [&](int64_t i, auto zero) {
-          return load<decltype(zero)>(p + i);
-        });
-        const float m = sum / static_cast<float>(count);
-        const float squares = plane_loop(count, m, [&](int64_t i, auto mean) {
-          const auto d = load<decltype(mean)>(p + i) - mean;
-          return d * d;
-        });
+        double sum = 0.0, squares = 0.0;
+        for (int64_t run = 0; run < count; run += kSumRun)
+          sum += plane_loop(std::min(kSumRun, count - run), 0.0f, [&](int64_t i, auto zero) {
+            return load<decltype(zero)>(x + first + run + i);
+          });
+        const float m = static_cast<float>(sum / static_cast<double>(count));
+        for (int64_t run = 0; run < count; run += kSumRun)
+          squares += plane_loop(std::min(kSumRun, count - run), m, [&](int64_t i, auto mean) {
+            return squared_difference(load<decltype(mean)>(x + first + run + i), mean);
+          });
         partial[task] = moments_of(static_cast<double>(count), sum, squares, m);
       }
     });
@@ -380,23 +389,32 @@ void moments_pass(ChannelView v, const float* x, float* mean_out, float* var_out
     const int64_t tasks = (v.outer + rows_per_task - 1) / rows_per_task;
     std::vector<Moments> partial(static_cast<size_t>(tasks * channels));
     parallel_for(tasks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> sums(static_cast<size_t>(channels)), means(sums.size()), squares(sums.size());
+      std::vector<float> run_sums(static_cast<size_t>(channels)), means(run_sums.size());
+      std::vector<double> sums(run_sums.size()), squares(run_sums.size());
+      // Adds f(row, c, channel value) over the task's rows to totals[c], per run of kSumRun rows.
+      auto add_rows = [&](int64_t first, int64_t last, const float* values, std::vector<double>& totals,
+                          const auto& f) {
+        std::fill(totals.begin(), totals.end(), 0.0);
+        for (int64_t run = first; run < last; run += kSumRun) {
+          std::fill(run_sums.begin(), run_sums.end(), 0.0f);
+          for (int64_t row = run; row < std::min(last, run + kSumRun); ++row)
+            row_loop(channels, values, run_sums.data(), [&](int64_t c, auto value) { return f(row, c, value); });
+          for (int64_t c = 0; c < channels; ++c) totals[c] += run_sums[c];
+        }
+      };
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t first = task * rows_per_task, rows = std::min(v.outer, first + rows_per_task) - first;
-        std::fill(sums.begin(), sums.end(), 0.0f);
-        std::fill(squares.begin(), squares.end(), 0.0f);
-        for (int64_t row = first; row < first + rows; ++row)
-          row_loop(channels, means.data(), sums.data(), [&](int64_t c, auto like) {  // means: only a type here
-            return load<decltype(like)>(x + row * channels + c);
-          });
-        for (int64_t c = 0; c < channels; ++c) means[c] = sums[c] / static_cast<float>(rows);
-        for (int64_t row = first; row < first + rows; ++row)
-          row_loop(channels, means.data(), squares.data(), [&](int64_t c, auto mean) {
-            const auto d = load<decltype(mean)>(x + row * channels + c) - mean;
-            return d * d;
-          });
+        const int64_t first = task * rows_per_task, last = std::min(v.outer, first + rows_per_task);
+        add_rows(first, last, means.data(), sums, [&](int64_t row, int64_t c, auto like) {  // means: a type here
+          return load<decltype(like)>(x + row * channels + c);
+        });
         for (int64_t c = 0; c < channels; ++c)
-          partial[task * channels + c] = moments_of(static_cast<double>(rows), sums[c], squares[c], means[c]);
+          means[c] = static_cast<float>(sums[c] / static_cast<double>(last - first));
+        add_rows(first, last, means.data(), squares, [&](int64_t row, int64_t c, auto mean) {
+          return squared_difference(load<decltype(mean)>(x + row * channels + c), mean);
+        });
+        for (int64_t c = 0; c < channels; ++c)
+          partial[task * channels + c] =
+              moments_of(static_cast<double>(last - first), sums[c], squares[c], means[c]);
       }
     });
     for (int64_t task = 0; task < tasks; ++task)
