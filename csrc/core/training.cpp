@@ -428,6 +428,26 @@ void moments_pass(ChannelView v, const float* x, float* mean_out, float* var_out
   }
 }
 
+// Runs step(i, four channel values) over `count` elements from `first` of one NCHW plane (v0..v3: the channel's
+// values), or over one NHWC pixel's channels from `first` (p0..p3: per-channel arrays): 4-lane vectors, then
+// scalars for the rest.
+template <class Step>
+inline void plane_each(int64_t first, int64_t count, float v0, float v1, float v2, float v3, const Step& step) {
+  const Vec4 a = splat<Vec4>(v0), b = splat<Vec4>(v1), c = splat<Vec4>(v2), d = splat<Vec4>(v3);
+  int64_t i = 0;
+  for (; i + kVec <= count; i += kVec) step(first + i, a, b, c, d);
+  for (; i < count; ++i) step(first + i, v0, v1, v2, v3);
+}
+
+template <class Step>
+inline void row_each(int64_t first, int64_t channels, const float* p0, const float* p1, const float* p2,
+                     const float* p3, const Step& step) {
+  int64_t c = 0;
+  for (; c + kVec <= channels; c += kVec)
+    step(first + c, load<Vec4>(p0 + c), load<Vec4>(p1 + c), load<Vec4>(p2 + c), load<Vec4>(p3 + c));
+  for (; c < channels; ++c) step(first + c, p0[c], p1[c], p2[c], p3[c]);
+}
+
 // z = (x - mean[c]) * scale[c] + shift[c] (+ residual[i]), stored; out = z where z > 0 (NaN takes the other side,
 // as in PyTorch's prelu), else weight[c] * z. Centred first: x - mean is exact for x near the mean, so a mean far
 // from zero costs no precision (x * scale + (shift - mean * scale) would cancel).
@@ -452,17 +472,10 @@ struct BatchNormAddPreluPass {
     store(out + i, zi > splat<T>(0.0f) ? zi : w * zi);
   }
   void plane(int64_t c, int64_t first, int64_t count, float*) const {
-    const Vec4 m = splat<Vec4>(mean[c]), a = splat<Vec4>(scale[c]), b = splat<Vec4>(shift[c]),
-               w = splat<Vec4>(weight[c]);
-    int64_t i = 0;
-    for (; i + kVec <= count; i += kVec) step(first + i, m, a, b, w);
-    for (; i < count; ++i) step(first + i, mean[c], scale[c], shift[c], weight[c]);
+    plane_each(first, count, mean[c], scale[c], shift[c], weight[c], [&](int64_t i, auto... v) { step(i, v...); });
   }
   void row(int64_t first, float*) const {
-    int64_t c = 0;
-    for (; c + kVec <= channels; c += kVec)
-      step(first + c, load<Vec4>(mean + c), load<Vec4>(scale + c), load<Vec4>(shift + c), load<Vec4>(weight + c));
-    for (; c < channels; ++c) step(first + c, mean[c], scale[c], shift[c], weight[c]);
+    row_each(first, channels, mean, scale, shift, weight, [&](int64_t i, auto... v) { step(i, v...); });
   }
 };
 
@@ -541,17 +554,10 @@ struct NormGradPass {
     store(grad_x + i, kBatchStats ? ((gz - gm) - (load<T>(x + i) - m) * kk) * aa : gz * aa);
   }
   void plane(int64_t c, int64_t first, int64_t count, float*) const {
-    const Vec4 m = splat<Vec4>(mean[c]), gm = splat<Vec4>(grad_mean[c]), kk = splat<Vec4>(k[c]),
-               aa = splat<Vec4>(a[c]);
-    int64_t i = 0;
-    for (; i + kVec <= count; i += kVec) step(first + i, m, gm, kk, aa);
-    for (; i < count; ++i) step(first + i, mean[c], grad_mean[c], k[c], a[c]);
+    plane_each(first, count, mean[c], grad_mean[c], k[c], a[c], [&](int64_t i, auto... v) { step(i, v...); });
   }
   void row(int64_t first, float*) const {
-    int64_t c = 0;
-    for (; c + kVec <= channels; c += kVec)
-      step(first + c, load<Vec4>(mean + c), load<Vec4>(grad_mean + c), load<Vec4>(k + c), load<Vec4>(a + c));
-    for (; c < channels; ++c) step(first + c, mean[c], grad_mean[c], k[c], a[c]);
+    row_each(first, channels, mean, grad_mean, k, a, [&](int64_t i, auto... v) { step(i, v...); });
   }
 };
 }  // namespace
