@@ -126,7 +126,8 @@ def test_second_derivatives():
 
 
 def test_fallbacks_are_the_composition():
-    """Evaluation mode (running statistics), float64 and BatchNorm without affine parameters run the composition."""
+    """Evaluation mode (running statistics), float64, BatchNorm without affine parameters and a residual of another
+    shape (broadcast) run the composition."""
     ops = operands((3, 4, 6, 6), torch.contiguous_format, 5)
     g = torch.randn(3, 4, 6, 6)
     for dtype, training in ((torch.float32, False), (torch.float64, True)):
@@ -135,6 +136,12 @@ def test_fallbacks_are_the_composition():
         assert torch.equal(out, ref_out) and torch.equal(rm, ref_rm) and torch.equal(rv, ref_rv)
         assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
     x = ops["x"]
+    # A residual the composition broadcasts ((C, 1, 1)) takes the composition too.
+    for residual in (ops["residual"][0, :, :1, :1],):
+        y = xnorconv.functional.batch_norm_add_prelu(x, residual, None, None, ops["weight"], ops["bias"],
+                                                     ops["slope"], True)
+        assert torch.equal(y, composition(x, residual, None, None, ops["weight"], ops["bias"], ops["slope"], True,
+                                          0.1, 1e-5))
     y = xnorconv.functional.batch_norm_add_prelu(x, None, None, None, None, None, ops["slope"], True)
     assert torch.equal(y, composition(x, None, None, None, None, None, ops["slope"], True, 0.1, 1e-5))
 

@@ -463,6 +463,7 @@ def batch_norm_add_prelu(input: torch.Tensor, residual: Optional[torch.Tensor], 
     """
     fast = (training and input.device.type == "cpu" and input.dtype == torch.float32 and input.dim() >= 2
             and weight is not None and bias is not None and prelu_weight.dim() == 1
+            and (residual is None or residual.shape == input.shape)
             and not torch.compiler.is_compiling())
     if not fast:
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
