@@ -511,7 +511,10 @@ def decode_images(paths: Sequence[str], size: int, workers: int = 0, progress: b
             todo.append(p)
     if todo:
         resize = T.Compose([T.Resize((size, size), antialias=True), T.PILToTensor()])
-        loader = DataLoader(_DecodeDataset(todo, resize, size), batch_size=None, num_workers=workers)
+        # Its own generator: drawing the workers' seed from the global one would make a run's initial weights
+        # depend on whether its images were already decoded in this process (cv folds, tests).
+        loader = DataLoader(_DecodeDataset(todo, resize, size), batch_size=None, num_workers=workers,
+                            generator=torch.Generator())
         for i, img, err in tqdm(loader, total=len(todo), desc="decode images", disable=not progress, leave=False):
             p = todo[i]
             if img is None:
