@@ -6,7 +6,7 @@ images, for several models, with the default recipe; prints Markdown tables buil
         [--seeds 0 1 2] [--folds 5] [--threads 2] [--skip-cv] [--skip-fit] [--collect] [-- extra fit/cv flags]
 
 Every run is `python -m train fit DATA --val-mode test --seed S ...` (the val/ folder is the test set; nothing is
-selected on it: the best epoch is chosen on a validation split of train/) or `python -m train cv DATA --folds K`
+selected on it: validation, and any choice of epoch, uses a split of train/) or `python -m train cv DATA --folds K`
 (all images, each held out once), timed end to end; the wall time is written beside the run (wall.json). With
 --collect nothing is run: the tables are printed from the run directories that exist (a missing run is shown as
 missing). Run from the repository root.
@@ -90,7 +90,7 @@ def main() -> int:
                       os.path.join(out, name + ".log"))
     print(f"\nCPU: {cpu_model()}; threads per run: {args.threads}; runs in {out}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-    print("| model | seed | test accuracy | majority rate | balanced acc. | ROC AUC | best epoch | train images/s "
+    print("| model | seed | test accuracy | majority rate | balanced acc. | ROC AUC | epoch used | train images/s "
           "(median epoch) | minutes |")
     print("|---|---|---|---|---|---|---|---|---|")
     means = {}

@@ -4,7 +4,7 @@ Folds: on an MSLD v2.0 tree the dataset's own folds (``Fold1``..``Fold5``, each 
 folders) are used, each fold model being scored on its fold's Test folder. On other layouts every image of the
 dataset (a single ``<class>/`` tree, or all of train/, val/ and test/) is split into k stratified parts by
 ``split_seed`` (scikit-learn's StratifiedKFold); fold f trains on the other k - 1 parts (with ``val_fraction`` of
-them held back to choose the best epoch) and is scored on part f, so every image gets exactly one held-out
+them held back for validation, which also chooses the epoch with ``select_epoch=best``) and is scored on part f, so every image gets exactly one held-out
 prediction. Augmented copies given with ``--extra-train`` never train a fold whose validation or held-out part holds
 their original. Each fold is a full `fit` run in ``<run>/fold<f>``; ``cv_summary.json`` holds
 per-fold metrics, their mean, sample std and 95%
@@ -34,7 +34,7 @@ SCALAR_METRICS = ("accuracy", "majority_rate", "balanced_accuracy", "precision_m
 
 
 def cross_validate(cfg: Config, k: int = 5) -> Dict[str, Any]:
-    if cfg.epochs + cfg.two_step_epochs < 1:
+    if cfg.epochs + max(cfg.two_step_epochs, 0) < 1:
         raise ValueError(f"cv needs at least one training epoch, got epochs={cfg.epochs}")
     di = setup_distributed(cfg.device)
     try:

@@ -24,7 +24,7 @@ from .config import Config
 from .losses import DistillationLoss, build_loss, image_complexity_score
 from .metrics import classification_metrics, fairness_metrics, majority_warning, summary_line
 from .modeling import (binary_parameter_ids, build_model, freeze_model, has_binary_layers, load_checkpoint,
-                       measure_latency, model_from_checkpoint, split_output)
+                       measure_latency, model_from_checkpoint, resolve_two_step_epochs, split_output)
 
 __all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "seed_everything", "fit", "evaluate_checkpoint",
            "predict_files", "predict_loader", "prepare_splits", "write_predictions", "write_json"]
@@ -493,6 +493,12 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
     _log(di, f"[train] data: {splits.summary()}")
     for note in splits.notes:
         _log(di, f"[train] note: {note}")
+    if cfg.two_step_epochs < 0:
+        cfg = replace(cfg, two_step_epochs=resolve_two_step_epochs(cfg, len(splits.classes)))
+        if cfg.two_step_epochs:
+            _log(di, f"[train] two-step training (automatic for a binary model with a float twin): the float twin "
+                     f"trains for {cfg.two_step_epochs} epochs, then the binary model for {cfg.epochs} "
+                     f"(--two-step-epochs 0 trains the binary model alone)")
     if cfg.epochs + cfg.two_step_epochs == 0:
         _log(di, "[train] --epochs 0: data checked, nothing to train")
         return {"run_dir": None}
@@ -631,7 +637,7 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
                 raise ValueError(f"select_metric {cfg.select_metric!r} is not available; metrics: {sorted(vm)}")
             row.update(val_loss=vloss, val_accuracy=vm["accuracy"], val_f1_macro=vm["f1_macro"], val_select=score,
                        val_majority_rate=vm.get("majority_rate"))
-            if phase == "final" and score > best_score:
+            if phase == "final" and (score > best_score if cfg.select_epoch == "best" else epoch + 1 == total_epochs):
                 best_score, best_epoch, improved = float(score), epoch + 1, True
         row["seconds"] = time.time() - t0
         history.append(row)
@@ -696,7 +702,7 @@ def _final_report(cfg, run_dir, splits, train_samples, val_samples, test_samples
     P, Y, I, sk, _ = predict_loader(model, loader, di.device, f"evaluate {eval_split}", cfg.progress)
     skipped_total += sk
     metrics: Dict[str, Any] = {"split": eval_split, "checkpoint": best_path, "best_epoch": best_epoch,
-                               "fold": fold}
+                               "select_epoch": cfg.select_epoch, "fold": fold}
     metrics.update(full_metrics(P, Y, I, eval_samples, splits.classes, cfg, splits.root))
     vloader = _make_loader(val_samples, cfg, DistInfo(device=di.device), False, cfg.seed)
     VP, VY, _, _, _ = predict_loader(model, vloader, di.device, "evaluate val", cfg.progress)
