@@ -283,17 +283,18 @@ def _activate(act: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 def _batch_norm_add_prelu(bn: nn.BatchNorm2d, y: torch.Tensor, shortcut: torch.Tensor,
                           prelu_weight: torch.Tensor) -> torch.Tensor:
-    """prelu(bn(y) + shortcut) for a BatchNorm in training, in xnorconv's two-pass form; the running-statistics
-    bookkeeping is nn.BatchNorm2d.forward's."""
+    """prelu(bn(y) + shortcut) in xnorconv's two-pass form (which falls back to the composition where it has no
+    fast path); which statistics and the running-statistics bookkeeping are nn.BatchNorm2d.forward's."""
     factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative moving average
             factor = 1.0 / float(bn.num_batches_tracked)
-    running = bn.track_running_stats
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    running = not bn.training or bn.track_running_stats
     return xnorconv.functional.batch_norm_add_prelu(y, shortcut, bn.running_mean if running else None,
                                                     bn.running_var if running else None, bn.weight, bn.bias,
-                                                    prelu_weight, True, factor, bn.eps)
+                                                    prelu_weight, batch_stats, factor, bn.eps)
 
 
 class RealShortcut(nn.Module):
@@ -397,7 +398,8 @@ class BinaryConvUnit(nn.Module):
             # Frozen, with the BatchNorm folded into the conv: the shortcut add and the PReLU run in the packed
             # kernel's output stage, so the unit is one pass over its output.
             return conv(x, shortcut, act.weight)
-        if bn.training and type(bn) is nn.BatchNorm2d and type(act) is nn.PReLU and not isinstance(x, torch.fx.Proxy):
+        if ((bn.training or torch.is_grad_enabled()) and type(bn) is nn.BatchNorm2d and type(act) is nn.PReLU
+                and not isinstance(x, torch.fx.Proxy)):
             return _batch_norm_add_prelu(bn, conv(x), shortcut, act.weight)
         return _activate(act, bn(conv(x)) + shortcut)
 

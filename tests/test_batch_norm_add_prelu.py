@@ -1,7 +1,8 @@
 """xnorconv.functional.batch_norm_add_prelu (prelu(batch_norm(x) + residual), the end of a Bi-Real / ReActNet /
 BinaryDNet53 unit in training) and its CPU ops (torch.ops.xnorconv.channel_moments, batch_norm_add_prelu,
 batch_norm_add_prelu_backward) against the composition of F.batch_norm, add and F.prelu evaluated in float64:
-values, every gradient, the running statistics, both layouts, odd shapes, a shared slope, no residual, second
+values, every gradient, the running statistics, batch and running statistics (training, and fine-tuning with
+frozen statistics), both layouts, odd shapes, a shared slope, no residual, second
 derivatives, the fallbacks, NaN, a mean far from zero, the same result on any number of threads, opcheck and errors
 that name the argument. BinaryDNet53's units use it in training.
 
@@ -63,11 +64,13 @@ def assert_close_to(got, want, what, atol=1e-5):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("residual", [True, False])
-def test_matches_the_composition(shape, layout, shared, residual):
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+def test_matches_the_composition(shape, layout, shared, residual, training):
     ops = operands(shape, layout, 1, shared, residual)
     g = torch.randn(shape)
-    out, grads, rm, rv = run(xnorconv.functional.batch_norm_add_prelu, ops, g)
-    ref_out, ref_grads, ref_rm, ref_rv = run(composition, ops, g, torch.float64)
+    out, grads, rm, rv = run(xnorconv.functional.batch_norm_add_prelu, ops, g, training=training)
+    ref_out, ref_grads, ref_rm, ref_rv = run(composition, ops, g, torch.float64, training=training)
+    assert type(out.grad_fn).__name__ == "_BatchNormAddPReLUFunctionBackward"
     assert out.dtype == torch.float32
     if len(shape) == 4 and layout == torch.channels_last and shape[1] > 1 and shape[2] * shape[3] > 1:
         assert out.is_contiguous(memory_format=torch.channels_last)
@@ -108,7 +111,8 @@ def test_nan_and_infinity_reach_the_same_places():
         assert torch.equal(a.isinf(), b.isinf())
 
 
-def test_second_derivatives():
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+def test_second_derivatives(training):
     """create_graph=True: the backward is differentiated through the composition."""
     ops = operands((2, 5, 4, 4), torch.contiguous_format, 4)
     g, v = torch.randn(2, 5, 4, 4), torch.randn(2, 5, 4, 4)
@@ -117,7 +121,7 @@ def test_second_derivatives():
         t = {k: val.to(dtype).clone() for k, val in ops.items()}
         leaves = [t[k].requires_grad_() for k in ("x", "residual", "weight", "bias", "slope")]
         out = fn(t["x"], t["residual"], t["running_mean"], t["running_var"], t["weight"], t["bias"], t["slope"],
-                 True, 0.1, 1e-5)
+                 training, 0.1, 1e-5)
         grad_x, = torch.autograd.grad(out, [t["x"]], g.to(dtype), create_graph=True)
         second = torch.autograd.grad((grad_x * v.to(dtype)).sum(), leaves, allow_unused=True)
         found.append([torch.zeros_like(leaf) if d is None else d for leaf, d in zip(leaves, second)])
@@ -126,16 +130,24 @@ def test_second_derivatives():
 
 
 def test_fallbacks_are_the_composition():
-    """Evaluation mode (running statistics), float64, BatchNorm without affine parameters and a residual of another
-    shape (broadcast) run the composition."""
+    """Inference (running statistics, no gradients recorded), float64 (with batch or running statistics), BatchNorm
+    without affine parameters and a residual of another shape (broadcast) run the composition."""
     ops = operands((3, 4, 6, 6), torch.contiguous_format, 5)
     g = torch.randn(3, 4, 6, 6)
-    for dtype, training in ((torch.float32, False), (torch.float64, True)):
-        out, grads, rm, rv = run(xnorconv.functional.batch_norm_add_prelu, ops, g, dtype, training)
-        ref_out, ref_grads, ref_rm, ref_rv = run(composition, ops, g, dtype, training)
-        assert torch.equal(out, ref_out) and torch.equal(rm, ref_rm) and torch.equal(rv, ref_rv)
-        assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    out, grads, rm, rv = run(xnorconv.functional.batch_norm_add_prelu, ops, g, torch.float64)
+    ref_out, ref_grads, ref_rm, ref_rv = run(composition, ops, g, torch.float64)
+    assert torch.equal(out, ref_out) and torch.equal(rm, ref_rm) and torch.equal(rv, ref_rv)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
     x = ops["x"]
+    args = (ops["residual"], ops["running_mean"], ops["running_var"], ops["weight"], ops["bias"], ops["slope"], False)
+    with torch.no_grad():
+        assert torch.equal(xnorconv.functional.batch_norm_add_prelu(x, *args), composition(x, *args, 0.1, 1e-5))
+    x64 = x.double().requires_grad_()
+    args = tuple(ops[k].double() for k in ("residual", "running_mean", "running_var", "weight", "bias", "slope"))
+    args += (False,)
+    y = xnorconv.functional.batch_norm_add_prelu(x64, *args)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ != "_BatchNormAddPReLUFunctionBackward"
+    assert torch.equal(y, composition(x64, *args, 0.1, 1e-5))
     # A residual the composition broadcasts ((C, 1, 1)) takes the composition too.
     for residual in (ops["residual"][0, :, :1, :1],):
         y = xnorconv.functional.batch_norm_add_prelu(x, residual, None, None, ops["weight"], ops["bias"],
@@ -218,18 +230,24 @@ def test_one_value_per_channel_in_training_is_refused_as_batch_norm_does():
                                                  True)
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_binary_dnet53_unit_in_training(momentum):
-    """A BinaryDNet53 unit in training takes the two-pass form: the same output, gradients and BatchNorm state as
-    PReLU(BN(conv(x)) + shortcut(x)) through the modules."""
+@pytest.mark.parametrize("training, momentum", [(True, 0.1), (True, None), (False, 0.1)],
+                         ids=["training", "training-cumulative", "frozen-statistics"])
+def test_binary_dnet53_unit(training, momentum):
+    """A BinaryDNet53 unit takes the two-pass form in training, and in evaluation mode while gradients are recorded
+    (fine-tuning with frozen BatchNorm statistics): the same output, gradients and BatchNorm state as
+    PReLU(BN(conv(x)) + shortcut(x)) through the modules. Without gradients (inference) it is that composition."""
     torch.manual_seed(7)
-    unit = BinaryConvUnit(8, 16, 3, 2).train()
+    unit = BinaryConvUnit(8, 16, 3, 2)
     unit.bn.momentum = momentum
+    unit.bn.running_mean.normal_()
+    unit.bn.running_var.uniform_(0.5, 1.5)
+    unit.train(training)
     twin = copy.deepcopy(unit)
     x = torch.randn(4, 8, 12, 12)
     for _ in range(2):  # twice: the cumulative average (momentum None) depends on num_batches_tracked
         x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
         y1 = unit(x1)
+        assert type(y1.grad_fn).__name__ == "_BatchNormAddPReLUFunctionBackward"
         y2 = F.prelu(twin.bn(twin.conv(x2)) + twin.shortcut(x2), twin.act.weight)
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
         g = torch.randn_like(y1)
@@ -240,5 +258,7 @@ def test_binary_dnet53_unit_in_training(momentum):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=name)
     for (name, a), (_, b) in zip(unit.named_buffers(), twin.named_buffers()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert unit.bn.num_batches_tracked.item() == 2
-    assert type(unit(x).grad_fn).__name__ == "_BatchNormAddPReLUFunctionBackward"
+    assert unit.bn.num_batches_tracked.item() == (2 if training else 0)
+    if not training:
+        with torch.no_grad():
+            assert torch.equal(unit(x), F.prelu(twin.bn(twin.conv(x)) + twin.shortcut(x), twin.act.weight))

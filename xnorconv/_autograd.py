@@ -422,7 +422,8 @@ def _batch_norm_add_prelu_aten(x: torch.Tensor, residual: Optional[torch.Tensor]
 class _BatchNormAddPReLUFunction(torch.autograd.Function):
     """prelu(batch_norm(x) + residual) given BatchNorm's per-channel mean and invstd = 1 / sqrt(var + eps), in two
     passes over memory each way on the CPU (xnorconv::batch_norm_add_prelu and its _backward). batch_stats:
-    mean and invstd are x's own (training), and the backward includes their dependence on x."""
+    mean and invstd are x's own (training), and the backward includes their dependence on x; otherwise they are
+    constants (running statistics)."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, prelu_weight, mean, invstd, batch_stats, eps):
@@ -456,18 +457,27 @@ def batch_norm_add_prelu(input: torch.Tensor, residual: Optional[torch.Tensor], 
     prelu_weight): the end of a Bi-Real / ReActNet / BinaryDNet53 unit in training, with the same values (to float
     rounding), gradients and running-statistics update. residual may be None (no add).
 
-    With BatchNorm in training (batch statistics), on a float32 CPU tensor, it takes two passes over memory forward
-    (the statistics, then normalise + add + PReLU) and two backward, where eager PyTorch makes about eight each way
-    and its BatchNorm is several times slower than a memory pass. Anywhere else, and under torch.compile, it is
-    the composition above.
+    On a float32 CPU tensor it takes two passes over memory forward (the statistics, then normalise + add + PReLU)
+    and two backward, where eager PyTorch makes about eight each way and its BatchNorm is several times slower than
+    a memory pass: with batch statistics (training), and with running statistics while gradients are recorded
+    (fine-tuning with frozen BatchNorm statistics; one pass forward). Anywhere else (inference, other devices and
+    dtypes, BatchNorm without affine parameters, torch.compile) it is the composition above.
     """
-    fast = (training and input.device.type == "cpu" and input.dtype == torch.float32 and input.dim() >= 2
-            and weight is not None and bias is not None and prelu_weight.dim() == 1
+    frozen_stats = (not training and torch.is_grad_enabled() and input.dim() >= 2
+                    and all(t is not None and t.dtype == torch.float32 and t.device == input.device
+                            and t.shape == (input.shape[1],) for t in (running_mean, running_var)))
+    fast = ((training or frozen_stats) and input.device.type == "cpu" and input.dtype == torch.float32
+            and input.dim() >= 2 and weight is not None and bias is not None and prelu_weight.dim() == 1
             and (residual is None or residual.shape == input.shape)
             and not torch.compiler.is_compiling())
     if not fast:
         y = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         return F.prelu(y if residual is None else y + residual, prelu_weight)
+    if frozen_stats:
+        with torch.no_grad():
+            invstd = (running_var + eps).rsqrt()
+        return _BatchNormAddPReLUFunction.apply(input, residual, weight, bias, prelu_weight, running_mean.detach(),
+                                                invstd, False, eps)
     per_channel = input.numel() // max(1, input.shape[1])
     if per_channel <= 1:  # F.batch_norm's own check, in its words
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
