@@ -214,6 +214,17 @@ def test_reference_net_int8_stem_entries(name):
     assert "cosine(int8 stem, float stem logits)" in model_suite.check([entry], 32)[entry.name]
 
 
+def test_training_ops_bench_checks_then_times(monkeypatch):
+    from bench import training_ops
+    text = training_ops.main(["--reps", "3", "--batch", "2", "--threads", "1"])
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == len(training_ops.UNIT_SHAPES) and "python -m bench.training_ops" in text
+    fused = training_ops.XF.batch_norm_add_prelu
+    monkeypatch.setattr(training_ops.XF, "batch_norm_add_prelu", lambda *a, **k: fused(*a, **k) * 1.001)
+    with pytest.raises(AssertionError, match="fused output differs"):
+        training_ops.main(["--reps", "3", "--batch", "2", "--threads", "1"])
+
+
 def test_first_layer_report_is_written_between_the_markers(tmp_path):
     from bench import first_layer
     doc = tmp_path / "doc.md"
