@@ -438,44 +438,30 @@ def test_fit_on_90_images_steps_and_majority_report(tmp_path, capsys):
     assert len(ck["splits"]["train"]) == 90 and len(ck["splits"]["test"]) == 2 * 13
 
 
-def test_default_two_step_and_selected_epoch(tmp_path, capsys):
-    """The default (two_step_epochs=-1) trains the float twin first for a third of the epochs when the model is
-    binary and has a twin; float models, the paper preset and explicit values are left alone, and the automatic
-    run is the explicit one bit for bit (the trial builds must not shift the initial weights, and a second run in
-    the same process, whose images are decoded already, must draw the same ones). best.pt is the last epoch by
-    default and the best-scoring one with --select-epoch best."""
+def test_selected_epoch_and_runs_in_one_process_repeat(tmp_path):
+    """best.pt is the last epoch by default and the first epoch of the highest validation score with
+    --select-epoch best (the paper preset's choice); the epoch choice changes nothing else, and a second run in the
+    same process, whose images are decoded already, draws the same initial weights and batches as the first."""
     from train.config import PRESETS, Config, config_from_dict
-    from train.modeling import resolve_two_step_epochs
-    tiny = json.loads(TINY)
-    assert Config().two_step_epochs == -1 and PRESETS["paper"]["two_step_epochs"] == 0
-    for model, expected in (("binary_dnet53", 10), ("binary_dnet53_bwn", 10), ("binary_dnet53_float", 0),
-                            ("darknet53", 0)):
-        kwargs = tiny if model.startswith("binary_dnet53") else {}
-        assert resolve_two_step_epochs(Config(model=model, model_kwargs=kwargs), 2) == expected, model
-    assert resolve_two_step_epochs(Config(model_kwargs=tiny, epochs=2), 2) == 0
-    assert resolve_two_step_epochs(Config(model_kwargs=tiny, two_step_epochs=4), 2) == 4
-    with pytest.raises(ValueError, match="two_step_epochs must be -1.*got -2"):
-        config_from_dict({"two_step_epochs": -2})
-
+    assert Config().select_epoch == "last" and PRESETS["paper"]["select_epoch"] == "best"
+    with pytest.raises(ValueError, match="two_step_epochs must be positive, got -1"):
+        config_from_dict({"two_step_epochs": -1})
     data = tmp_path / "d"
     make_synthetic(str(data), "split", CLASSES[:2], per_class=24, size=16)
-    common = ["--val-mode", "given", "--out", tmp_path, "--epochs", 3, "--no-latency", "--image-size", 16,
-              "--threads", 1, "--no-progress", "--model-kwargs", TINY]
-    run("fit", data, "--name", "auto", *common)
-    assert "the float twin trains for 1 epochs, then the binary model for 3" in capsys.readouterr().out
-    run("fit", data, "--name", "explicit", "--two-step-epochs", 1, "--select-epoch", "best", *common)
+    common = ["--val-mode", "given", "--out", tmp_path, "--epochs", 3, "--two-step-epochs", 1, "--no-latency",
+              "--image-size", 16, "--threads", 1, "--no-progress", "--model-kwargs", TINY]
+    run("fit", data, "--name", "last", *common)
+    run("fit", data, "--name", "best", "--select-epoch", "best", *common)
     logs = {}
-    for name in ("auto", "explicit"):
-        assert load(tmp_path / name / "config.json")["two_step_epochs"] == 1
+    for name in ("last", "best"):
         with open(tmp_path / name / "log.csv") as fh:
             logs[name] = [(r["phase"], r["train_loss"], r["val_loss"], float(r["val_select"]))
                           for r in csv.DictReader(fh)]
-    assert [row[0] for row in logs["auto"]] == ["float", "final", "final", "final"]
-    assert logs["auto"] == logs["explicit"]
-    # best.pt: the end of the schedule by default; with --select-epoch best the first epoch of the highest score
-    scores = [row[3] for row in logs["auto"]]
-    best = 1 + scores.index(max(scores[1:]), 1)
-    for name, epoch in (("auto", 4), ("explicit", best)):
+    assert [row[0] for row in logs["last"]] == ["float", "final", "final", "final"]
+    assert logs["last"] == logs["best"]
+    scores = [row[3] for row in logs["last"]]
+    best = 1 + scores.index(max(scores[1:]), 1)          # the float twin's epoch is never the result
+    for name, epoch in (("last", 4), ("best", best)):
         assert torch.load(tmp_path / name / "best.pt", weights_only=False)["epoch"] == epoch
         assert load(tmp_path / name / "metrics.json")["best_epoch"] == epoch
 

@@ -14,10 +14,7 @@ Presets
            per epoch, no dropped remainder), AdamW lr 2e-3 with weight decay 0.01 on the real-valued parameters and
            none on the latent binary weights, linear warm-up then cosine decay per optimizer step, cross-entropy
            with label smoothing 0.1, BatchNorm statistics re-estimated on the training images before every
-           evaluation, two-step training for binary networks that have a float twin (the twin trains first for a
-           third of ``epochs``, ``two_step_epochs=-1``, see modeling.resolve_two_step_epochs; then the binary model
-           starts from its weights and trains for ``epochs``), and the model at the end of the schedule as the
-           result (``select_epoch=last``: on a validation split of tens of images the best epoch is mostly the
+           evaluation, and the model at the end of the schedule as the result (``select_epoch=last``: on a validation split of tens of images the best epoch is mostly the
            luckiest one, and a schedule that decays to 0 ends where it is meant to).
 ``paper``  paper 000, sections 4.2-4.3, literally: 128x128 input, min-max normalisation (eq. 1), horizontal flip and
            colour jitter, batch 64, Adam lr 0.003 with weight decay 0.003 on every parameter, StepLR every 7
@@ -98,8 +95,7 @@ class Config:
     warmup_epochs: float = 2.0     # linear warm-up from 0, in epochs (counted in optimizer steps)
     lr_step: int = 7
     lr_gamma: float = 0.01
-    two_step_epochs: int = -1      # >0: first train the float twin (binary=False) this many epochs, then binarise;
-                                   # -1: epochs // 3 for a binary model with a float twin, else 0
+    two_step_epochs: int = 0       # >0: first train the float twin (binary=False) this many epochs, then binarise
     grad_clip: float = 0.0
     bn_recalibrate: bool = True    # re-estimate BatchNorm statistics on the training images before evaluating
     bn_recalibrate_images: int = 1024  # at most this many training images for the re-estimation
@@ -140,7 +136,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": dict(image_size=128, normalize="minmax", crop_scale=1.0, rotation=0.0, color_jitter=0.2, hue_jitter=0.0,
                   batch_size=64, optimizer="adam", lr=0.003, weight_decay=0.003, binary_weight_decay=None,
                   scheduler="step", lr_step=7, lr_gamma=0.01, warmup_epochs=0.0, loss="wlm", label_smoothing=0.0,
-                  bn_recalibrate=False, two_step_epochs=0, select_epoch="best"),
+                  bn_recalibrate=False, select_epoch="best"),
     "bnn": dict(optimizer="adam", lr=1e-3, weight_decay=1e-4, binary_weight_decay=0.0, scheduler="cosine",
                 warmup_epochs=0.0, loss="ce", label_smoothing=0.1, two_step_epochs=10),
     "float": dict(normalize="imagenet", optimizer="adam", lr=1e-3, weight_decay=1e-4, scheduler="cosine",
@@ -174,11 +170,10 @@ def _validate(cfg: Config) -> Config:
             raise ValueError(f"config {name} must be in (0, 1), got {v!r}")
     if cfg.ics_lower > cfg.ics_upper:
         raise ValueError(f"config ics_lower={cfg.ics_lower} must not exceed ics_upper={cfg.ics_upper}")
-    for name in ("epochs", "batch_size", "image_size", "lr_step", "max_batch_size", "min_steps_per_epoch"):
-        if getattr(cfg, name) < (0 if name in ("epochs", "batch_size") else 1):
+    for name in ("epochs", "two_step_epochs", "batch_size", "image_size", "lr_step", "max_batch_size",
+                 "min_steps_per_epoch"):
+        if getattr(cfg, name) < (0 if name in ("epochs", "two_step_epochs", "batch_size") else 1):
             raise ValueError(f"config {name} must be positive, got {getattr(cfg, name)!r}")
-    if cfg.two_step_epochs < -1:
-        raise ValueError(f"config two_step_epochs must be -1 (automatic) or at least 0, got {cfg.two_step_epochs!r}")
     if not 0.0 < cfg.crop_scale <= 1.0:
         raise ValueError(f"config crop_scale must be in (0, 1], got {cfg.crop_scale!r}")
     if cfg.warmup_epochs < 0 or cfg.rotation < 0:

@@ -34,7 +34,7 @@ SCALAR_METRICS = ("accuracy", "majority_rate", "balanced_accuracy", "precision_m
 
 
 def cross_validate(cfg: Config, k: int = 5) -> Dict[str, Any]:
-    if cfg.epochs + max(cfg.two_step_epochs, 0) < 1:
+    if cfg.epochs + cfg.two_step_epochs < 1:
         raise ValueError(f"cv needs at least one training epoch, got epochs={cfg.epochs}")
     di = setup_distributed(cfg.device)
     try:

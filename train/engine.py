@@ -24,7 +24,7 @@ from .config import Config
 from .losses import DistillationLoss, build_loss, image_complexity_score
 from .metrics import classification_metrics, fairness_metrics, majority_warning, summary_line
 from .modeling import (binary_parameter_ids, build_model, freeze_model, has_binary_layers, load_checkpoint,
-                       measure_latency, model_from_checkpoint, resolve_two_step_epochs, split_output)
+                       measure_latency, model_from_checkpoint, split_output)
 
 __all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "seed_everything", "fit", "evaluate_checkpoint",
            "predict_files", "predict_loader", "prepare_splits", "write_predictions", "write_json"]
@@ -493,12 +493,6 @@ def _fit(cfg: Config, splits: Optional[D.Splits], di: DistInfo, fold: Optional[i
     _log(di, f"[train] data: {splits.summary()}")
     for note in splits.notes:
         _log(di, f"[train] note: {note}")
-    if cfg.two_step_epochs < 0:
-        cfg = replace(cfg, two_step_epochs=resolve_two_step_epochs(cfg, len(splits.classes)))
-        if cfg.two_step_epochs:
-            _log(di, f"[train] two-step training (automatic for a binary model with a float twin): the float twin "
-                     f"trains for {cfg.two_step_epochs} epochs, then the binary model for {cfg.epochs} "
-                     f"(--two-step-epochs 0 trains the binary model alone)")
     if cfg.epochs + cfg.two_step_epochs == 0:
         _log(di, "[train] --epochs 0: data checked, nothing to train")
         return {"run_dir": None}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import statistics
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -11,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["build_model", "resolve_two_step_epochs", "split_output", "has_binary_layers", "freeze_model", "measure_latency",
+__all__ = ["build_model", "split_output", "has_binary_layers", "freeze_model", "measure_latency",
            "load_checkpoint", "model_from_checkpoint"]
 
 
@@ -41,27 +40,6 @@ def build_model(cfg, num_classes: int, binary: Optional[bool] = None) -> nn.Modu
             if "dropout" not in str(e):
                 raise
     return create(kwargs)  # the model takes no dropout argument
-
-
-def resolve_two_step_epochs(cfg, num_classes: int) -> int:
-    """The float-twin epochs of two-step training. An explicit ``two_step_epochs`` (>= 0) is kept; -1 (automatic)
-    gives ``epochs // 3`` when cfg.model has BinaryConv2d layers and a float twin without them, else 0.
-
-    Why a third: on real photos (docs/training.md) binary_dnet53 started from a float twin trained for 10 epochs
-    and then trained binary for 30 came within a point of its float twin, where 30 binary epochs from scratch
-    stayed 4-7 points behind. Float models have nothing to gain, and models without a twin cannot do it."""
-    if cfg.two_step_epochs >= 0:
-        return cfg.two_step_epochs
-    quiet = dataclasses.replace(cfg, pretrained="")      # the structure is all that matters here
-    # The trial builds draw initial weights; the run must draw the same ones as with an explicit value.
-    with torch.random.fork_rng(devices=[]):
-        if not has_binary_layers(build_model(quiet, num_classes)):
-            return 0
-        try:
-            twin = build_model(quiet, num_classes, binary=False)
-        except ValueError:                               # no float twin (build_model's message)
-            return 0
-    return 0 if has_binary_layers(twin) else cfg.epochs // 3
 
 
 def split_output(out) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
