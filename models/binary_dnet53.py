@@ -178,10 +178,8 @@ class _Pool2x2(torch.autograd.Function):
         return windows.view(n, c, 2 * h, 2 * w), None
 
 
-# The shortcut's computations are plain functions that torch.fx records as single calls (torch.fx.wrap): their
-# shape tests would otherwise stop symbolic tracing, which xnorconv.freeze (BatchNorm folding) and PyTorch's FX
-# quantization rely on. Each keeps its input's memory format (NCHW or channels_last).
-@torch.fx.wrap
+# The parts of the shortcut's composed path (training, other devices), called from _real_shortcut below. Each keeps
+# its input's memory format (NCHW or channels_last).
 def _avg_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     """avg_pool2d(x, 2, 2, ceil_mode=True)."""
     n, c, h, w = x.shape
@@ -248,19 +246,16 @@ class _RepeatChannels(torch.autograd.Function):
         return total, None
 
 
-@torch.fx.wrap
 def _channel_group_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of each k consecutive channels: x.unflatten(1, (C // k, k)).mean(2)."""
     return _GroupMean.apply(x, k) if _training(x) else _group_sum(x, k)
 
 
-@torch.fx.wrap
 def _channel_repeat(x: torch.Tensor, k: int) -> torch.Tensor:
     """Each channel repeated k times: x.repeat_interleave(k, 1)."""
     return _RepeatChannels.apply(x, k) if _training(x) else _repeat_each_channel(x, k)
 
 
-@torch.fx.wrap
 def _channel_adaptive_mean(x: torch.Tensor, out_channels: int) -> torch.Tensor:
     """Adaptive average pooling along the channel axis (the definition), run as adaptive_avg_pool1d over the
     channels of each pixel: a channels-innermost view of x, then back to x's layout."""
@@ -270,6 +265,26 @@ def _channel_adaptive_mean(x: torch.Tensor, out_channels: int) -> torch.Tensor:
         return _nchw(y.view(n, h, w, out_channels))
     y = F.adaptive_avg_pool1d(x.flatten(2).transpose(1, 2), out_channels)  # (N, H*W, out)
     return y.transpose(1, 2).reshape(n, out_channels, h, w).contiguous()
+
+
+# torch.fx records the whole shortcut as one call: its shape and mode tests would otherwise stop symbolic tracing,
+# which xnorconv.freeze (BatchNorm folding) and PyTorch's FX quantization rely on, and a traced model (FX
+# quantization's) still takes the one-pass path at inference.
+@torch.fx.wrap
+def _real_shortcut(x: torch.Tensor, in_channels: int, out_channels: int, stride: int,
+                   index: Optional[torch.Tensor]) -> torch.Tensor:
+    """RealShortcut(in_channels, out_channels, stride)(x); index: its widening channel index (None if it has none)."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return xnorconv.functional.real_shortcut(x, out_channels, stride)
+    if stride == 2:
+        x = _avg_pool_2x2(x)
+    divisible = max(in_channels, out_channels) % min(in_channels, out_channels) == 0
+    if out_channels > in_channels:
+        return _channel_repeat(x, out_channels // in_channels) if divisible else x.index_select(1, index)
+    if out_channels < in_channels:
+        return _channel_group_mean(x, in_channels // out_channels) if divisible else _channel_adaptive_mean(x, out_channels)
+    return x
 
 
 @torch.fx.wrap
@@ -306,8 +321,10 @@ class RealShortcut(nn.Module):
     k consecutive channels when in = k * out); when widening, output channel o copies input channel
     floor(o * in / out) (each channel repeated k times when out = k * in).
 
-    How, on CPU (each chosen against the alternatives at BinaryDNet53's sizes, batch 1, 1 thread), in the input's
-    memory format (NCHW, or channels_last when the model runs so):
+    At inference on CPU (float32, no gradient to record) it is xnorconv.functional.real_shortcut: one pass over the
+    input and the output. Otherwise (training, other devices and dtypes), on CPU each part chosen against the
+    alternatives at BinaryDNet53's sizes, batch 1, 1 thread, in the input's memory format (NCHW, or channels_last
+    when the model runs so):
       * 2x2 pool with even H and W: rows summed through a view, then column pairs (two adds and a scale, no layout
         conversion; avg_pool2d is slow on NCHW and needs a channels_last round trip). Odd sizes (ceil mode's
         partial windows) use nn.AvgPool2d on channels_last.
@@ -327,27 +344,15 @@ class RealShortcut(nn.Module):
         if stride not in (1, 2):
             raise ValueError(f"stride must be 1 or 2, got {stride}")
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
-        # Kept for the module tree (and state_dict-free): forward pools through _avg_pool_2x2, which computes it.
+        # Kept for the module tree (and state_dict-free): forward pools through _real_shortcut, which computes it.
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
         o = torch.arange(out_channels)
-        self.divisible = max(in_channels, out_channels) % min(in_channels, out_channels) == 0
         if out_channels >= in_channels:
             self.register_buffer("index", torch.div(o * in_channels, out_channels, rounding_mode="floor"),
                                  persistent=False)
 
     def forward(self, x):
-        if self.stride == 2:
-            x = _avg_pool_2x2(x)
-        cin, cout = self.in_channels, self.out_channels
-        if cout > cin:
-            if self.divisible:
-                return _channel_repeat(x, cout // cin)
-            return x.index_select(1, self._buffers["index"])
-        if cout < cin:
-            if self.divisible:
-                return _channel_group_mean(x, cin // cout)
-            return _channel_adaptive_mean(x, cout)
-        return x
+        return _real_shortcut(x, self.in_channels, self.out_channels, self.stride, self._buffers.get("index"))
 
     def extra_repr(self):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"

@@ -86,3 +86,13 @@ def _batch_norm_add_prelu_backward_fake(grad, z, input, mean, invstd, weight, pr
     layout = _channel_layout_like(input)
     return (torch.empty_like(input, memory_format=layout), torch.empty_like(input, memory_format=layout),
             torch.empty_like(weight), torch.empty_like(weight), torch.empty_like(prelu_weight))
+
+
+@torch.library.register_fake("xnorconv::real_shortcut")
+def _real_shortcut_fake(input, out_channels, stride):
+    torch._check(input.dim() == 4, lambda: f"real_shortcut: input must be 4-D (N, C, H, W), got {input.dim()}-D")
+    torch._check(out_channels > 0, lambda: f"real_shortcut: out_channels must be positive, got {out_channels}")
+    torch._check(stride in (1, 2), lambda: f"real_shortcut: stride must be 1 or 2, got {stride}")
+    n, _, h, w = input.shape
+    out = input.new_empty((n, out_channels, (h + stride - 1) // stride, (w + stride - 1) // stride))
+    return out.contiguous(memory_format=_channel_layout_like(input))

@@ -117,5 +117,53 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                                 input_threshold, output_signs, output_threshold, residual, prelu_weight)
 
 
+def real_shortcut(input: torch.Tensor, out_channels: int, stride: int = 1) -> torch.Tensor:
+    """The parameter-free real-valued shortcut of Bi-Real / ReActNet / BinaryDNet53 units, from (N, C, H, W) to
+    (N, out_channels, ceil(H / stride), ceil(W / stride)), in the input's memory format.
+
+    Spatially, average pooling over stride x stride windows without padding in ceil mode (a partial window at an
+    odd edge averages the pixels it has): F.avg_pool2d(x, 2, 2, ceil_mode=True) for stride 2. Along the channels,
+    adaptive average pooling: output channel o is the mean of input channels [floor(o * C / O),
+    ceil((o + 1) * C / O)) when O <= C (the mean of each k consecutive channels when C = k * O), and a copy of
+    input channel floor(o * C / O) when O > C (each channel repeated k times when O = k * C).
+
+    The identity (stride 1, out_channels == C) returns input itself. float32 CPU input with no gradient to record
+    runs one pass (xnorconv::real_shortcut); anything else composes
+    the same values from differentiable aten ops. The two agree up to float rounding (order of the additions).
+    """
+    check_tensor("input", input)
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    check_positive_int("out_channels", out_channels)
+    if isinstance(stride, bool) or stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+    if input.shape[1] < 1:
+        raise ValueError(f"input must have at least one channel, got shape {tuple(input.shape)}")
+    if stride == 1 and out_channels == input.shape[1]:
+        return input
+    if (input.device.type == "cpu" and input.dtype == torch.float32
+            and not (input.requires_grad and torch.is_grad_enabled())):
+        return torch.ops.xnorconv.real_shortcut(input, out_channels, stride)
+    return _real_shortcut_aten(input, out_channels, stride)
+
+
+def _real_shortcut_aten(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
+    channels_last = (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+                     and x.shape[1] > 1)
+    if stride == 2:
+        x = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True)
+    n, c, h, w = x.shape
+    if out_channels > c:
+        index = torch.div(torch.arange(out_channels, device=x.device) * c, out_channels, rounding_mode="floor")
+        y = x.index_select(1, index)
+    elif out_channels < c:
+        pixels = x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        y = torch.nn.functional.adaptive_avg_pool1d(pixels, out_channels).view(n, h, w, out_channels)
+        y = y.permute(0, 3, 1, 2)
+    else:
+        y = x
+    return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 # At the end: _autograd imports packed_conv_op from this module.
 from ._autograd import batch_norm_add_prelu, prelu  # noqa: E402

@@ -304,6 +304,19 @@ void batch_norm_add_prelu_backward(ChannelView v, bool batch_stats, const float*
                                    float* grad_bn_weight, float* grad_bn_bias, float* grad_prelu_weight,
                                    const ParallelFor& parallel_for);
 
+// ---- the real-valued shortcut of Bi-Real / ReActNet / BinaryDNet53 units (shortcut.cpp) ----
+// x is (batch, in_channels, height, width), NCHW or NHWC (nhwc), and out the same layout with out_channels and
+// ceil(height / stride) x ceil(width / stride) pixels. out[o] at pixel (i, j) is the mean of x over the input
+// channels [floor(o * C / O), ceil((o + 1) * C / O)) (C = in_channels, O = out_channels) when O <= C, or channel
+// floor(o * C / O) when O > C, and over the stride x stride window from (i * stride, j * stride), clipped to the
+// image: average pooling without padding in ceil mode, then adaptive average pooling along the channels (a k-to-1
+// mean when C = k * O, each channel repeated k times when O = k * C). stride is 1 or 2. One pass over x and out.
+struct ShortcutShape {
+  int64_t batch = 0, in_channels = 0, height = 0, width = 0, out_channels = 0, stride = 1;
+  bool nhwc = false;
+};
+void real_shortcut(const ShortcutShape& s, const float* x, float* out, const ParallelFor& parallel_for);
+
 // A usable kernel family by name, leaving the process-wide choice (set_backend_override) alone: for tests and
 // benchmarks that run each family in turn. nullptr, with the reason in *error, for an unknown or unusable name.
 const KernelOps* find_backend(const std::string& name, std::string* error = nullptr);

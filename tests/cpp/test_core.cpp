@@ -868,6 +868,56 @@ void test_batch_norm_passes(int cases) {
   }
 }
 
+// The real-valued shortcut (shortcut.cpp) against its definition evaluated in double: random shapes with odd edges
+// (ceil mode's partial windows), every channel mapping (identity, k-to-1 means, k-fold repeats, and the adaptive
+// ranges of non-divisible counts), both strides; NHWC must give NCHW's bits, whatever the task ranges.
+void test_real_shortcut(int cases) {
+  const ParallelFor pieces = random_pieces;
+  const int64_t channel_choices[] = {1, 2, 3, 4, 6, 7, 8, 12, 16, 32, 48, 64};
+  for (int iter = 0; iter < cases; ++iter) {
+    ShortcutShape s;
+    s.batch = pick(1, 3);
+    s.in_channels = channel_choices[pick(0, 11)];
+    s.out_channels = channel_choices[pick(0, 11)];
+    s.stride = pick(1, 2);
+    s.height = pick(1, 13);
+    s.width = pick(1, 13);
+    const int64_t c = s.in_channels, o = s.out_channels, h = s.height, w = s.width;
+    const int64_t oh = (h + s.stride - 1) / s.stride, ow = (w + s.stride - 1) / s.stride;
+    std::vector<float> x(static_cast<size_t>(s.batch * c * h * w));
+    std::normal_distribution<float> normal(0.0f, 2.0f);
+    for (auto& v : x) v = normal(rng);
+    std::vector<float> want(static_cast<size_t>(s.batch * o * oh * ow));
+    for (int64_t n = 0; n < s.batch; ++n)
+      for (int64_t oc = 0; oc < o; ++oc) {
+        const int64_t begin = oc * c / o, end = o > c ? begin + 1 : ((oc + 1) * c + o - 1) / o;
+        for (int64_t i = 0; i < oh; ++i)
+          for (int64_t j = 0; j < ow; ++j) {
+            double total = 0.0;
+            int64_t count = 0;
+            for (int64_t ch = begin; ch < end; ++ch)
+              for (int64_t y = i * s.stride; y < std::min(h, (i + 1) * s.stride); ++y)
+                for (int64_t xx = j * s.stride; xx < std::min(w, (j + 1) * s.stride); ++xx, ++count)
+                  total += x[((n * c + ch) * h + y) * w + xx];
+            // Every window of a channel range has the same pixel count, so this is the mean of the window means.
+            want[((n * o + oc) * oh + i) * ow + j] = static_cast<float>(total / static_cast<double>(count));
+          }
+      }
+    std::vector<float> got(want.size()), got_nhwc(want.size());
+    real_shortcut(s, x.data(), got.data(), pieces);
+    bool ok = true;
+    for (size_t k = 0; k < want.size(); ++k)
+      ok = ok && std::fabs(got[k] - want[k]) <= 1e-5f * std::max(1.0f, std::fabs(want[k]));
+    s.nhwc = true;
+    real_shortcut(s, nhwc_of(x, s.batch, c, h * w).data(), got_nhwc.data(), pieces);
+    EXPECT(ok, "real_shortcut NCHW (n %lld, %lld -> %lld, stride %lld, %lldx%lld)", (long long)s.batch,
+           (long long)c, (long long)o, (long long)s.stride, (long long)h, (long long)w);
+    EXPECT(same_floats(got_nhwc, nhwc_of(got, s.batch, o, oh * ow)),
+           "real_shortcut NHWC differs from NCHW (n %lld, %lld -> %lld, stride %lld, %lldx%lld)", (long long)s.batch,
+           (long long)c, (long long)o, (long long)s.stride, (long long)h, (long long)w);
+  }
+}
+
 void test_validate_messages() {
   ConvParams p;
   p.batch = 1;
@@ -933,6 +983,7 @@ int main(int argc, char** argv) {
   test_task_ranges(random_cases / 10 + 4);
   test_training_passes(random_cases / 10 + 8);
   test_batch_norm_passes(random_cases / 10 + 8);
+  test_real_shortcut(random_cases / 4 + 8);
   test_darknet_shapes();
   test_deep_accumulation();
   test_many_padding_classes();
