@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import xnorconv
+
 __all__ = ["ConvBNAct", "DarkResidual", "CSPBlock", "CSPStage", "SPPF", "DarkNet53", "CSPDarkNet53", "DNet53Baseline",
            "darknet53", "cspdarknet53", "dnet53_baseline"]
 
@@ -110,8 +112,20 @@ class SPPF(nn.Module):
         k, p = self.pool.kernel_size, self.pool.padding
         return F.max_pool2d(F.max_pool2d(y, (1, k), 1, (0, p)), (k, 1), 1, (p, 0))
 
+    def _one_pass(self, y0) -> bool:
+        """Whether xnorconv.functional.chained_max_pools computes the pools and their concatenation: at inference on
+        the CPU in float32, for the standard pool (odd k, stride 1, padding k // 2). Not while torch.fx traces the
+        module (freeze's analysis, FX quantization), which records the aten pools below."""
+        pool = self.pool
+        return (not isinstance(y0, torch.fx.Proxy) and y0.device.type == "cpu" and y0.dtype == torch.float32
+                and not (y0.requires_grad and torch.is_grad_enabled()) and y0.dim() == 4
+                and isinstance(pool.kernel_size, int) and pool.kernel_size % 2 == 1 and pool.stride in (1, (1, 1))
+                and pool.padding == pool.kernel_size // 2 and pool.dilation == 1 and not pool.ceil_mode)
+
     def forward(self, x):
         y0 = self.reduce(x)
+        if self._one_pass(y0):
+            return self.fuse(xnorconv.functional.chained_max_pools(y0, self.pool.kernel_size, 3))
         # PyTorch's CPU max pooling is much faster on channels_last than on NCHW (the channels_last kernel
         # vectorises across channels); the maxima are the same in any layout, so pool there and come back to
         # y0's layout.

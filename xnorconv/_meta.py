@@ -96,3 +96,14 @@ def _real_shortcut_fake(input, out_channels, stride):
     n, _, h, w = input.shape
     out = input.new_empty((n, out_channels, (h + stride - 1) // stride, (w + stride - 1) // stride))
     return out.contiguous(memory_format=_channel_layout_like(input))
+
+
+@torch.library.register_fake("xnorconv::chained_max_pools")
+def _chained_max_pools_fake(input, kernel_size, pools):
+    torch._check(input.dim() == 4, lambda: f"chained_max_pools: input must be 4-D (N, C, H, W), got {input.dim()}-D")
+    torch._check(kernel_size > 0 and kernel_size % 2 == 1,
+                 lambda: f"chained_max_pools: kernel_size must be a positive odd int, got {kernel_size}")
+    torch._check(pools > 0, lambda: f"chained_max_pools: pools must be positive, got {pools}")
+    n, c, h, w = input.shape
+    out = input.new_empty((n, (pools + 1) * c, h, w))
+    return out.contiguous(memory_format=_channel_layout_like(input))

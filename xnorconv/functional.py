@@ -6,7 +6,7 @@ import torch
 
 from . import _C  # loads the library, which registers torch.ops.xnorconv.*
 from ._backend import triton_selected
-from ._checks import (check_bool, check_op_input, check_pad_value, check_positive_int, check_tensor,
+from ._checks import (_is_int, check_bool, check_op_input, check_pad_value, check_positive_int, check_tensor,
                       normalize_conv_args, per_channel)
 
 IntOrPair = Union[int, Sequence[int]]
@@ -141,15 +141,13 @@ def real_shortcut(input: torch.Tensor, out_channels: int, stride: int = 1) -> to
         raise ValueError(f"input must have at least one channel, got shape {tuple(input.shape)}")
     if stride == 1 and out_channels == input.shape[1]:
         return input
-    if (input.device.type == "cpu" and input.dtype == torch.float32
-            and not (input.requires_grad and torch.is_grad_enabled())):
+    if _one_pass_input(input):
         return torch.ops.xnorconv.real_shortcut(input, out_channels, stride)
     return _real_shortcut_aten(input, out_channels, stride)
 
 
 def _real_shortcut_aten(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
-    channels_last = (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-                     and x.shape[1] > 1)
+    channels_last = _channel_last_layout(x)
     if stride == 2:
         x = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True)
     n, c, h, w = x.shape
@@ -163,6 +161,48 @@ def _real_shortcut_aten(x: torch.Tensor, out_channels: int, stride: int) -> torc
     else:
         y = x
     return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def chained_max_pools(input: torch.Tensor, kernel_size: int = 5, pools: int = 3) -> torch.Tensor:
+    """SPPF's pooling (YOLOv5's Spatial Pyramid Pooling - Fast) with its concatenation: torch.cat([x, p1, ..., pN],
+    dim=1), p1 = pool(x) and each next pool of the previous one, pool = F.max_pool2d(., kernel_size, 1,
+    kernel_size // 2) run as a 1 x k then a k x 1 pool (the same maxima; the same bits). (N, C, H, W) to
+    (N, (pools + 1) * C, H, W), in the input's memory format.
+
+    float32 CPU input with no gradient to record runs one C++ pass per pool, writing the concatenation directly;
+    anything else composes the same values from differentiable aten ops.
+    """
+    check_tensor("input", input)
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    if not _is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    check_positive_int("pools", pools)
+    if _one_pass_input(input):
+        return torch.ops.xnorconv.chained_max_pools(input, kernel_size, pools)
+    return _chained_max_pools_aten(input, kernel_size, pools)
+
+
+def _chained_max_pools_aten(x: torch.Tensor, kernel_size: int, pools: int) -> torch.Tensor:
+    channels_last = _channel_last_layout(x)
+    k, r = kernel_size, kernel_size // 2
+    maps = [x]
+    for _ in range(pools):
+        y = maps[-1]
+        maps.append(torch.nn.functional.max_pool2d(torch.nn.functional.max_pool2d(y, (1, k), 1, (0, r)), (k, 1), 1,
+                                                   (r, 0)))
+    return torch.cat(maps, dim=1).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _one_pass_input(x: torch.Tensor) -> bool:
+    """Inputs the one-pass ops take: float32 on the CPU, with no gradient to record (they have no backward)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled())
+
+
+def _channel_last_layout(x: torch.Tensor) -> bool:
+    """The ops' layout rule: a channels_last 4-D tensor (not also NCHW-contiguous, more than one channel)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() and x.shape[1] > 1
 
 
 # At the end: _autograd imports packed_conv_op from this module.

@@ -317,6 +317,18 @@ struct ShortcutShape {
 };
 void real_shortcut(const ShortcutShape& s, const float* x, float* out, const ParallelFor& parallel_for);
 
+// ---- SPPF's chained max pools (sppf.cpp) ----
+// x is (batch, channels, height, width), NCHW or NHWC (nhwc); out is (batch, (pools + 1) * channels, height, width)
+// in the same layout, the concatenation SPPF's last conv reads: channels [0, C) are x, and channels [p * C, (p + 1) *
+// C) the kernel x kernel max pool (stride 1, padding kernel / 2, odd kernel) of channels [(p - 1) * C, p * C). Each
+// pool runs as a 1 x kernel then a kernel x 1 pool, windows scanned in index order with PyTorch's rule (a value
+// replaces the maximum if greater, or if NaN): the same bits as F.max_pool2d through those two separable pools.
+struct ChainedPoolShape {
+  int64_t batch = 0, channels = 0, height = 0, width = 0, kernel = 5, pools = 3;
+  bool nhwc = false;
+};
+void chained_max_pools(const ChainedPoolShape& s, const float* x, float* out, const ParallelFor& parallel_for);
+
 // A usable kernel family by name, leaving the process-wide choice (set_backend_override) alone: for tests and
 // benchmarks that run each family in turn. nullptr, with the reason in *error, for an unknown or unusable name.
 const KernelOps* find_backend(const std::string& name, std::string* error = nullptr);

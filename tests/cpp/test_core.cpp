@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <string>
 #include <thread>
@@ -918,6 +919,77 @@ void test_real_shortcut(int cases) {
   }
 }
 
+// SPPF's chained max pools (sppf.cpp) against a direct k x k window scan of each pool's input with PyTorch's rule
+// (the first of equal values, NaN propagating), signed zeros and NaN included; NHWC must give NCHW's bits.
+void test_chained_max_pools(int cases) {
+  const ParallelFor pieces = random_pieces;
+  const int64_t channel_choices[] = {1, 2, 3, 16, 64, 70};
+  for (int iter = 0; iter < cases; ++iter) {
+    ChainedPoolShape s;
+    s.batch = pick(1, 2);
+    s.channels = channel_choices[pick(0, 5)];
+    s.height = pick(1, 17);
+    s.width = pick(1, 17);
+    s.kernel = 2 * pick(0, 4) + 1;
+    s.pools = pick(1, 3);
+    const int64_t c = s.channels, h = s.height, w = s.width, r = s.kernel / 2, plane = h * w;
+    std::vector<float> x(static_cast<size_t>(s.batch * c * plane));
+    std::normal_distribution<float> normal;
+    for (auto& v : x) {
+      const int64_t kind = pick(0, 40);
+      v = kind == 0 ? std::numeric_limits<float>::quiet_NaN() : kind == 1 ? 0.0f : kind == 2 ? -0.0f : normal(rng);
+    }
+    // want: slot 0 is x; slot p is the window scan of slot p - 1 (NCHW).
+    const int64_t slots = s.pools + 1;
+    std::vector<float> want(static_cast<size_t>(s.batch * slots * c * plane));
+    for (int64_t n = 0; n < s.batch; ++n)
+      for (int64_t ch = 0; ch < c; ++ch) {
+        std::copy(x.begin() + (n * c + ch) * plane, x.begin() + (n * c + ch + 1) * plane,
+                  want.begin() + (n * slots * c + ch) * plane);
+        for (int64_t p = 1; p < slots; ++p) {
+          const float* src = want.data() + ((n * slots + p - 1) * c + ch) * plane;
+          float* dst = want.data() + ((n * slots + p) * c + ch) * plane;
+          std::vector<float> rows(static_cast<size_t>(plane));
+          for (int64_t i = 0; i < h; ++i)  // 1 x k, then k x 1: the composition the op reproduces
+            for (int64_t j = 0; j < w; ++j) {
+              float m = -std::numeric_limits<float>::infinity();
+              for (int64_t t = std::max<int64_t>(0, j - r); t < std::min(w, j + r + 1); ++t) {
+                const float v = src[i * w + t];
+                if (v > m || std::isnan(v)) m = v;
+              }
+              rows[i * w + j] = m;
+            }
+          for (int64_t i = 0; i < h; ++i)
+            for (int64_t j = 0; j < w; ++j) {
+              float m = -std::numeric_limits<float>::infinity();
+              for (int64_t t = std::max<int64_t>(0, i - r); t < std::min(h, i + r + 1); ++t) {
+                const float v = rows[t * w + j];
+                if (v > m || std::isnan(v)) m = v;
+              }
+              dst[i * w + j] = m;
+            }
+        }
+      }
+    auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
+      if (a.size() != b.size()) return false;
+      for (size_t k = 0; k < a.size(); ++k)
+        if (std::isnan(a[k]) ? !std::isnan(b[k]) : (std::isnan(b[k]) || std::signbit(a[k]) != std::signbit(b[k]) ||
+                                                    a[k] != b[k]))
+          return false;
+      return true;
+    };
+    std::vector<float> got(want.size()), got_nhwc(want.size());
+    chained_max_pools(s, x.data(), got.data(), pieces);
+    EXPECT(same_bits(got, want), "chained_max_pools NCHW (n %lld, c %lld, %lldx%lld, k %lld, pools %lld)",
+           (long long)s.batch, (long long)c, (long long)h, (long long)w, (long long)s.kernel, (long long)s.pools);
+    s.nhwc = true;
+    chained_max_pools(s, nhwc_of(x, s.batch, c, plane).data(), got_nhwc.data(), pieces);
+    EXPECT(same_bits(got_nhwc, nhwc_of(want, s.batch, slots * c, plane)),
+           "chained_max_pools NHWC (n %lld, c %lld, %lldx%lld, k %lld, pools %lld)", (long long)s.batch,
+           (long long)c, (long long)h, (long long)w, (long long)s.kernel, (long long)s.pools);
+  }
+}
+
 void test_validate_messages() {
   ConvParams p;
   p.batch = 1;
@@ -984,6 +1056,7 @@ int main(int argc, char** argv) {
   test_training_passes(random_cases / 10 + 8);
   test_batch_norm_passes(random_cases / 10 + 8);
   test_real_shortcut(random_cases / 4 + 8);
+  test_chained_max_pools(random_cases / 8 + 8);
   test_darknet_shapes();
   test_deep_accumulation();
   test_many_padding_classes();
