@@ -288,12 +288,13 @@ ChannelValues<Avx512Lanes> channel_vector(const EpilogueParams& e, int64_t first
 void store_block_nhwc(const ConvParams& p, const AmxGeometry& g, const OutputStage& st, int64_t n, int64_t grp,
                       int64_t cb, int64_t pb, const int32_t (*c)[kTileRows][kTileRows]) {
   const int64_t og = p.out_channels_per_group(), oh = p.out_h(), ow = p.out_w(), oc = p.out_channels;
+  const EpilogueParams e = st;  // a local copy: see store_block
   for (int h = 0; h < 2; ++h) {
     const int64_t o0 = cb * kBlockChannels + h * kTileRows;
     if (o0 >= og) break;
     const __mmask16 real = static_cast<__mmask16>((1u << imin(kTileRows, og - o0)) - 1);
     const int64_t first = grp * og + o0;
-    const ChannelValues<Avx512Lanes> values = channel_vector(st, first, real);
+    const ChannelValues<Avx512Lanes> values = channel_vector(e, first, real);
     for (int m = 0; m < 2; ++m) {
       const int64_t q0 = pb * kBlockPositions + m * kTileRows;
       int64_t oy = q0 / g.phase_cols, ox = q0 - oy * g.phase_cols;
@@ -305,7 +306,7 @@ void store_block_nhwc(const ConvParams& p, const AmxGeometry& g, const OutputSta
         if (oy >= oh) break;
         if (ox >= ow) continue;  // a wide position past the row's end
         const __m512 y = affine<Avx512Lanes>(values, _mm512_load_si512(c[2 * m + h][i]));
-        finish<Avx512Lanes>(st, values, y, {((n * oh + oy) * ow + ox) * oc + first, 0, real, false});
+        finish<Avx512Lanes>(e, values, y, {((n * oh + oy) * ow + ox) * oc + first, 0, real, false});
       }
     }
   }
@@ -344,12 +345,15 @@ void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& s
         }
         continue;
       }
+      // A local copy of the parameters: the masked stores (intrinsics, which may alias anything) could change `st`
+      // as far as the compiler knows, so it reloaded every operand pointer after each store, which made the fused
+      // residual and PReLU cost several times what they cost in the AVX-512 family.
+      const EpilogueParams e = st;
       for (int v = 0; v < channels; ++v) {
         const int64_t plane = (n * p.out_channels + first + v) * plane_size;
-        const ChannelValues<Avx512Lanes> along = channel_values<Avx512Lanes>(st, first + v);
+        const ChannelValues<Avx512Lanes> along = channel_values<Avx512Lanes>(e, first + v);
         for (int sgi = 0; sgi < seg.count; ++sgi)
-          finish<Avx512Lanes>(st, along, _mm512_castsi512_ps(y[v]),
-                              {plane + seg.offset[sgi], 0, seg.mask[sgi], false});
+          finish<Avx512Lanes>(e, along, _mm512_castsi512_ps(y[v]), {plane + seg.offset[sgi], 0, seg.mask[sgi], false});
       }
     }
   }
