@@ -283,7 +283,9 @@ def _real_shortcut(x: torch.Tensor, in_channels: int, out_channels: int, stride:
     if out_channels > in_channels:
         return _channel_repeat(x, out_channels // in_channels) if divisible else x.index_select(1, index)
     if out_channels < in_channels:
-        return _channel_group_mean(x, in_channels // out_channels) if divisible else _channel_adaptive_mean(x, out_channels)
+        if divisible:
+            return _channel_group_mean(x, in_channels // out_channels)
+        return _channel_adaptive_mean(x, out_channels)
     return x
 
 

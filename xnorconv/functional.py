@@ -128,8 +128,8 @@ def real_shortcut(input: torch.Tensor, out_channels: int, stride: int = 1) -> to
     input channel floor(o * C / O) when O > C (each channel repeated k times when O = k * C).
 
     The identity (stride 1, out_channels == C) returns input itself. float32 CPU input with no gradient to record
-    runs one pass (xnorconv::real_shortcut); anything else composes
-    the same values from differentiable aten ops. The two agree up to float rounding (order of the additions).
+    runs one pass (xnorconv::real_shortcut); anything else composes the same values from differentiable aten ops.
+    The two agree up to float rounding (order of the additions).
     """
     check_tensor("input", input)
     if input.dim() != 4:

@@ -111,8 +111,8 @@ void nchw_shortcut(const ShortcutShape& s, const float* x, float* out, const Par
 // the channel mapping then runs over the whole row as one flat array wherever it is uniform: with C = k * O, output
 // value q of the row is the mean of the row's values k * q ... k * q + k - 1 (the channels of one pixel are
 // consecutive, and so are the pixels); with O = k * C, output values k * q ... k * q + k - 1 copy value q.
-void map_channels(const float* means, int64_t pixels, int64_t cin, int64_t cout, const std::vector<ChannelRange>& ranges,
-                  float* dst) {
+void map_channels(const float* means, int64_t pixels, int64_t cin, int64_t cout,
+                  const std::vector<ChannelRange>& ranges, float* dst) {
   if (cin == cout) {
     std::memcpy(dst, means, sizeof(float) * pixels * cin);
   } else if (cin % cout == 0) {
