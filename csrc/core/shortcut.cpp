@@ -19,16 +19,19 @@ namespace {
 // Output elements per task: enough to amortise a task, few enough to split a single image over the threads.
 constexpr int64_t kElementsPerTask = 16384;
 
-// The input channels output channel o averages: [begin, end), one channel when the shortcut widens.
+// The input channels output channel o averages: [begin, end), one channel when the shortcut widens; scale is
+// 1 / (end - begin), computed once per call rather than per output.
 struct ChannelRange {
   int64_t begin, end;
+  float scale;
 };
 
 std::vector<ChannelRange> channel_ranges(int64_t in, int64_t out) {
   std::vector<ChannelRange> ranges(static_cast<size_t>(out));
   for (int64_t o = 0; o < out; ++o) {
     const int64_t begin = o * in / out;
-    ranges[o] = {begin, out > in ? begin + 1 : ((o + 1) * in + out - 1) / out};
+    const int64_t end = out > in ? begin + 1 : ((o + 1) * in + out - 1) / out;
+    ranges[o] = {begin, end, 1.0f / static_cast<float>(end - begin)};
   }
   return ranges;
 }
@@ -38,7 +41,7 @@ int64_t pooled_size(int64_t size, int64_t stride) { return (size + stride - 1) /
 // One output plane (image n, the input channels of `range`) of an NCHW shortcut into dst.
 void nchw_plane(const ShortcutShape& s, const float* image, ChannelRange range, float* dst, float* row_sums) {
   const int64_t h = s.height, w = s.width, plane = h * w;
-  const float channel_scale = 1.0f / static_cast<float>(range.end - range.begin);
+  const float channel_scale = range.scale;
   if (s.stride == 1) {
     const float* first = image + range.begin * plane;
     const int64_t count = range.end - range.begin;
@@ -142,7 +145,7 @@ void map_channels(const float* means, int64_t pixels, int64_t cin, int64_t cout,
         const ChannelRange r = ranges[o];
         float total = means[r.begin];
         for (int64_t c = r.begin + 1; c < r.end; ++c) total += means[c];
-        dst[o] = r.end - r.begin > 1 ? total * (1.0f / static_cast<float>(r.end - r.begin)) : total;
+        dst[o] = r.end - r.begin > 1 ? total * r.scale : total;
       }
     }
   }
