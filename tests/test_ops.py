@@ -357,26 +357,29 @@ def test_automatic_choice_follows_the_layer():
         pytest.skip("no AMX on this CPU: every layer gets the first backend")
     assert xnorconv.current_backend(64, 3, 1) == "amx"
     assert xnorconv.current_backend(512, 3, 1) == "amx"
-    assert xnorconv.current_backend(16, 3, 1) == "amx"
-    for channels, kernel, stride in [(64, 1, 1), (64, 3, 2), (8, 3, 1)]:
+    assert xnorconv.current_backend(32, 3, 1) == "amx"
+    # Thin inputs: folded into a third of the words, a bit family beats the tiles.
+    for channels, kernel, stride in [(64, 1, 1), (64, 3, 2), (8, 3, 1), (16, 3, 1), (21, 3, 1)]:
         assert xnorconv.current_backend(channels, kernel, stride) == "avx512"
     with xnorconv.use_backend("amx"):
         assert xnorconv.current_backend(64, 1, 1) == "amx"
 
 
 @pytest.mark.parametrize("backend", xnorconv.backends())
-def test_packed_weight_rewritten_in_place_is_used(backend):
-    """Families with their own weight format (AMX) cache it per packed-weight tensor: an in-place write to that
+@pytest.mark.parametrize("channels", [64, 16], ids=["wide", "thin"])
+def test_packed_weight_rewritten_in_place_is_used(backend, channels):
+    """The weight as a family's convolution pass reads it, when that is not the packed bits themselves (the AMX
+    format; the folded weight of a thin input), is cached per packed-weight tensor: an in-place write to that
     tensor (load_state_dict, copy_) must reach the next call, and a different tensor must never hit a stale entry."""
-    x = torch.randn(1, 64, 9, 9)
-    w1, w2 = torch.randn(40, 64, 3, 3), torch.randn(40, 64, 3, 3)
+    x = torch.randn(1, channels, 9, 9)
+    w1, w2 = torch.randn(40, channels, 3, 3), torch.randn(40, channels, 3, 3)
     p1, p2 = xnorconv.pack_weight(w1), xnorconv.pack_weight(w2)
     want1 = reference_conv2d(x, w1, padding=(1, 1, 1, 1)).float()
     want2 = reference_conv2d(x, w2, padding=(1, 1, 1, 1)).float()
     with xnorconv.use_backend(backend):
         def run(bits, tap_sum):
-            return torch.ops.xnorconv.binary_conv2d_packed(x, bits, tap_sum, 64, None, None, [1, 1], [1, 1, 1, 1],
-                                                           [1, 1], 1, 0)
+            return torch.ops.xnorconv.binary_conv2d_packed(x, bits, tap_sum, channels, None, None, [1, 1],
+                                                           [1, 1, 1, 1], [1, 1], 1, 0)
         bits, tap_sum = p1.bits.clone(), p1.tap_sum.clone()
         assert torch.equal(run(bits, tap_sum), want1)
         bits.copy_(p2.bits)
@@ -616,6 +619,42 @@ def test_two_layer_chain_through_signs():
     want = xnorconv.binary_conv2d(y1, w2, padding=1, input_threshold=t2)
     signs = xnorconv.binary_conv2d(x, w1, b1, padding=1, scale=s1, output_signs=True, output_threshold=t2)
     assert torch.equal(xnorconv.binary_conv2d(signs, w2, padding=1), want)
+
+
+# ---- thin inputs: kernel columns folded into channels (csrc/core/fold.cpp) ----
+
+# (channels, kernel, stride, dilation, padding): BinaryDNet53's thin 3x3 layers, channel counts whose folded taps
+# straddle words (20, 24, 40, 80), wide and dilated kernels, and no padding.
+THIN_LAYERS = [(16, (3, 3), 1, 1, 1), (16, (3, 3), 2, 1, 1), (32, (3, 3), 2, 1, 1), (20, (3, 3), 1, 1, 1),
+               (24, (3, 5), 1, 1, 2), (40, (1, 3), 3, 1, 1), (80, (3, 3), 1, 2, 2), (3, (2, 7), 2, 1, 3),
+               (1, (3, 3), 1, 1, 0), (10, (3, 4), 1, (1, 2), (1, 0))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layer", THIN_LAYERS, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_thin_inputs_match_reference(backend, layer, layout):
+    """Folded or not, every pad value, the threshold, the fused residual + PReLU and the sign output give the
+    reference's values, in either layout."""
+    channels, kernel, stride, dilation, padding = layer
+    x = _make_input(2, channels, 13, 17, layout)
+    w = torch.randn(24, channels, *kernel)
+    scale, bias, t = torch.rand(24) + 0.5, torch.randn(24), torch.rand(channels) - 0.5
+    stride2, dilation2, padding2 = (v if isinstance(v, tuple) else (v, v) for v in (stride, dilation, padding))
+    pads = (padding2[0],) * 2 + (padding2[1],) * 2
+    out_hw = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+              for s, p, d, k, st in zip((13, 17), padding2, dilation2, kernel, stride2)]
+    residual, slope = torch.randn(2, 24, *out_hw), torch.rand(24) * 0.5
+    for pad_value in (0, 1, -1):
+        want = reference_conv2d(x, w, bias, stride2, pads, dilation2, 1, scale, pad_value, input_threshold=t,
+                                residual=residual, prelu_weight=slope)
+        with xnorconv.use_backend(backend):
+            kwargs = dict(stride=stride, padding=padding, dilation=dilation, scale=scale, pad_value=pad_value,
+                          input_threshold=t, residual=residual, prelu_weight=slope)
+            got = xnorconv.binary_conv2d(x, w, bias, **kwargs)
+            signs = xnorconv.binary_conv2d(x, w, bias, output_signs=True, **kwargs)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(signs, got < 0)
 
 
 # ---- residual + PReLU fused into the output stage (the end of a Bi-Real / ReActNet unit) ----

@@ -46,7 +46,8 @@ def current_backend(channels: int = 64, kernel: int = 3, stride: int = 1, device
     `kernel` and `stride` (honouring use_backend and XNORCONV_BACKEND / XNORCONV_CUDA_KERNEL).
 
     On the CPU, without an override the choice depends on the layer: on CPUs with AMX, 'amx' takes stride-1
-    windows of 2x2 or more over 16+ channels, 'avx512' the rest. For 'cuda' the automatic choice also depends on
+    windows of 2x2 or more over 16+ channels, except thin inputs whose kernel columns fold into half the words or
+    fewer (a 3x3 kernel over 16-21 channels), and 'avx512' the rest. For 'cuda' the automatic choice also depends on
     the device (binary tensor cores for groups of 128+ channels where it has them), so it is reported as 'auto'
     unless a kernel is forced."""
     if device == "cpu":

@@ -26,12 +26,21 @@ void pack_input(const KernelOps& ops, const ConvCall& call, uint64_t* packed_inp
   const ConvParams& p = call.params;
   if (p.batch == 0) return;
   const ActivationLayout layout = ops.layout(p);
+  const bool fold = folds_columns(ops, p);
+  const ActivationLayout folded = fold ? ops.layout(folded_params(p)) : layout;
+  // A folded call packs p's layout behind the folded one, then folds it forward.
+  uint64_t* packed = fold ? packed_input + folded.total_words : packed_input;
   const int64_t tasks = ops.pack_tasks(p, layout);
   parallel_for(tasks, pack_grain(p, tasks), [&](int64_t begin, int64_t end) {
     if (call.input_signs)
-      ops.pack_signs(p, layout, call.input_signs, call.strides, packed_input, begin, end);
+      ops.pack_signs(p, layout, call.input_signs, call.strides, packed, begin, end);
     else
-      ops.pack(p, layout, call.input, call.strides, call.input_threshold, packed_input, begin, end);
+      ops.pack(p, layout, call.input, call.strides, call.input_threshold, packed, begin, end);
+  });
+  if (!fold) return;
+  const int64_t fold_tasks = column_fold_tasks(p, layout);
+  parallel_for(fold_tasks, pack_grain(p, fold_tasks), [&](int64_t begin, int64_t end) {
+    ops.fold_columns(p, layout, packed, folded, packed_input, begin, end);
   });
 }
 
@@ -39,7 +48,6 @@ void convolve_packed(const KernelOps& ops, const ConvCall& call, const uint64_t*
                      const ParallelFor& parallel_for) {
   const ConvParams& p = call.params;
   if (p.batch == 0) return;
-  const ActivationLayout layout = ops.layout(p);
   OutputStage stage = call.output;
   std::shared_ptr<const ZeroPadCorrection> zero_pad;
   if (p.pad_value == PadValue::Zero && !ops.exact_zero_padding && !stage.zero_pad) {
@@ -49,8 +57,11 @@ void convolve_packed(const KernelOps& ops, const ConvCall& call, const uint64_t*
   WordBuffer storage;
   const uint64_t* weight = call.formatted_weight ? call.formatted_weight
                                                  : conv_weight(ops, p, call.weight_bits, storage);
-  parallel_for(ops.conv_tasks(p, layout), 1, [&](int64_t begin, int64_t end) {
-    ops.conv(p, layout, packed_input, weight, stage, begin, end);
+  // The kernel runs the folded convolution; the border correction above is p's, whose sums it computes.
+  const ConvParams kernel_params = folds_columns(ops, p) ? folded_params(p) : p;
+  const ActivationLayout layout = ops.layout(kernel_params);
+  parallel_for(ops.conv_tasks(kernel_params, layout), 1, [&](int64_t begin, int64_t end) {
+    ops.conv(kernel_params, layout, packed_input, weight, stage, begin, end);
   });
 }
 

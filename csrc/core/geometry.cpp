@@ -164,13 +164,6 @@ ZeroPadCorrection zero_pad_correction(const ConvParams& p, const int32_t* tap_su
   return z;
 }
 
-const uint64_t* conv_weight(const KernelOps& ops, const ConvParams& p, const uint64_t* bits, WordBuffer& storage) {
-  if (!ops.format_weight) return bits;
-  storage.assign(ops.weight_format_words(p), 0);
-  ops.format_weight(p, bits, storage.data());
-  return storage.data();
-}
-
 namespace {
 
 // What zero_pad_correction reads besides the tap sums.

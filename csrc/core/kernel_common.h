@@ -483,6 +483,7 @@ KernelOps make_kernel_ops(const char* name) {
                 conv_tasks<Isa>, Isa::peak_probe};
   ops.layout = activation_layout;
   ops.channels_last_output = true;  // BlockStore addresses NHWC outputs through its lane stride
+  ops.fold_columns = fold_bit_columns;
   return ops;
 }
 

@@ -66,8 +66,14 @@ bool avx512_usable(const CpuFeatures& f) {
 // there each tile load feeds many products. On 1x1 and strided layers its 8x wider packed input (a byte per sign)
 // and its transposing output stage cost more than its faster products save. `python -m bench` on a CPU with AMX
 // shows the boundary (interleaved, float in and out); revisit it there when either family changes.
+// Thin inputs are the exception: with its columns folded into channels (fold.cpp), a bit family reads a third of
+// the words of a 3x3 layer over 16 channels and outruns the tiles. Folded tiles gain less than the folding pass
+// costs (a 64-byte row per pixel to move, where a bit family moves a word), so the AMX family does not fold; where
+// folding saves less than half the words (3x3 over 32 channels) the two families measure even.
 bool amx_suits(const ConvParams& p) {
-  return p.stride_h == 1 && p.stride_w == 1 && p.taps() >= 4 && p.channels_per_group() >= 16;
+  const bool thin = p.groups == 1 && 2 * words_for_channels(p.in_channels * p.kernel_w) <=
+                                         p.kernel_w * words_for_channels(p.in_channels);
+  return p.stride_h == 1 && p.stride_w == 1 && p.taps() >= 4 && p.channels_per_group() >= 16 && !thin;
 }
 #endif
 

@@ -151,7 +151,31 @@ struct KernelOps {
   bool exact_zero_padding = false;
   // True when conv honours OutputStage::channels_last (writes NHWC directly).
   bool channels_last_output = false;
+  // Column folding (see folds_columns), nullptr where the family has none: writes tasks [begin, end) of
+  // column_fold_tasks into `folded` (layout `to` of folded_params(p)) from `packed` (layout `from` of p).
+  void (*fold_columns)(const ConvParams& p, const ActivationLayout& from, const uint64_t* packed,
+                       const ActivationLayout& to, uint64_t* folded, int64_t begin, int64_t end) = nullptr;
 };
+
+// ---- column folding for thin inputs (fold.cpp) ----
+// A thin input fills a fraction of each word it is packed into: a 3x3 layer over 16 channels uses 16 of 64 bits per
+// tap, so three quarters of every XOR + popcount (every AMX multiply) is padding. The kernel_w taps of a kernel row
+// read kernel_w columns of one padded input row; stored side by side in one pixel's channels they are one tap:
+//   X'(r, ox)[k * C + c] = X(r, ox * stride_w + k * dilation_w)[c]   (padded row r, output column ox, C channels)
+// and the convolution of X' with kernel kernel_h x 1 and stride (stride_h, 1), against the weight folded the same
+// way, gives the same sums, padded taps included (they hold the pad bit, or AMX's pad byte). The pad_value 0
+// correction stays the unfolded convolution's.
+// True when the family folds and folding saves at least a quarter of the words the kernel reads per output.
+bool folds_columns(const KernelOps& ops, const ConvParams& p);
+// The folded convolution: C * kernel_w channels, kernel (kernel_h, 1), stride (stride_h, 1), out_w input columns,
+// no column padding; rows, output size and depth() are p's.
+ConvParams folded_params(const ConvParams& p);
+inline int64_t column_fold_tasks(const ConvParams& p, const ActivationLayout& from) { return p.batch * from.rows; }
+// fold_columns of the bit-layout families (activation_layout on both sides).
+void fold_bit_columns(const ConvParams& p, const ActivationLayout& from, const uint64_t* packed,
+                      const ActivationLayout& to, uint64_t* folded, int64_t begin, int64_t end);
+// pack_weights's bits of p, folded: bit k * C + c of row kh is bit c of tap (kh, k). weight_words(folded_params(p)).
+void fold_weight_bits(const ConvParams& p, const uint64_t* bits, uint64_t* folded);
 
 // 64-byte aligned storage, as the torch CPU allocator gives the op: AMX tile loads of rows that straddle cache
 // lines run at half speed, so tests and benchmarks use this for packed buffers.
@@ -168,9 +192,8 @@ struct CacheLineAllocator {
 };
 using WordBuffer = std::vector<uint64_t, CacheLineAllocator<uint64_t>>;
 
-// The weight as ops.conv reads it: `bits` itself, or the family's own format made from them into `storage`.
-// (The torch layer keeps the formatted weight cached instead; see csrc/torch/ops.cpp.)
-const uint64_t* conv_weight(const KernelOps& ops, const ConvParams& p, const uint64_t* bits, WordBuffer& storage);
+// The weight as ops.conv reads it for p itself: `bits`, or the family's own format made from them into `storage`.
+const uint64_t* family_weight(const KernelOps& ops, const ConvParams& p, const uint64_t* bits, WordBuffer& storage);
 
 // ---- kernel families (defined only where compiled; see select.cpp) ----
 const KernelOps& scalar_kernel();
@@ -211,8 +234,9 @@ std::vector<std::string> available_backends();
 std::vector<std::string> compiled_backends();
 
 // The one selector. With no override, picks the best available family for p: the first in backends() order whose
-// sweet spot includes p (AMX takes stride-1 windows of 2x2 or more over 16+ channels per group). The
-// override ("" = none) comes from set_backend_override() or, initially, the XNORCONV_BACKEND environment variable.
+// sweet spot includes p (AMX takes stride-1 windows of 2x2 or more over 16+ channels per group, but not the thin
+// inputs that folding shrinks to half the words or less). The override ("" = none) comes from
+// set_backend_override() or, initially, the XNORCONV_BACKEND environment variable.
 const KernelOps& select_kernel(const ConvParams& p);
 // Returns an empty string on success, else an error naming the value and the available backends.
 std::string set_backend_override(const std::string& name);
@@ -244,8 +268,16 @@ using TaskBody = std::function<void(int64_t begin, int64_t end)>;
 using ParallelFor = std::function<void(int64_t tasks, int64_t grain, const TaskBody& body)>;
 void run_serially(int64_t tasks, int64_t grain, const TaskBody& body);
 
-// Words of packed input the family needs for these parameters (the buffer binary_conv2d and pack_input fill).
-inline int64_t packed_input_words(const KernelOps& ops, const ConvParams& p) { return ops.layout(p).total_words; }
+// Words of packed input the family needs for these parameters (the buffer binary_conv2d and pack_input fill; a
+// folded call packs into its second part, then folds into its first).
+int64_t packed_input_words(const KernelOps& ops, const ConvParams& p);
+// The weight as the op's convolution pass reads it (ConvCall::formatted_weight): folded when the call folds, then
+// in the family's own format if it has one. conv_weight_words is 0 when that is pack_weights's bits as they are;
+// conv_weight returns `bits` then, else makes the weight into `storage`. (The torch layer keeps it cached instead;
+// see csrc/torch/ops.cpp.)
+int64_t conv_weight_words(const KernelOps& ops, const ConvParams& p);
+void make_conv_weight(const KernelOps& ops, const ConvParams& p, const uint64_t* bits, uint64_t* out);
+const uint64_t* conv_weight(const KernelOps& ops, const ConvParams& p, const uint64_t* bits, WordBuffer& storage);
 
 // The op: binarize and pack the input into `packed_input` (packed_input_words of them, 64-byte aligned for AMX),
 // then the convolution pass with the fused output stage. Nothing is written for batch 0.

@@ -172,8 +172,9 @@ Epilogue make_epilogue(const at::Tensor& out, bool nhwc, const PackedConvArgs& a
 
 namespace {
 
-// Weights in a family's own format (the AMX tiles), made from a packed weight once and reused while that tensor
-// lives unchanged. The key holds the weight_bits tensor weakly (so its address cannot be reused while the entry
+// Weights as the convolution pass reads them when that is not the packed bits themselves (folded for thin inputs,
+// or in a family's own format: the AMX tiles), made from a packed weight once and reused while that tensor lives
+// unchanged. The key holds the weight_bits tensor weakly (so its address cannot be reused while the entry
 // exists) with its version counter, which every in-place write through torch (copy_, load_state_dict, optimizer
 // steps) bumps, and a fingerprint of 64 words spread over the tensor, which also catches a rewrite behind torch's
 // back (a numpy view); an edit of a few words that way goes unseen, as it does for autograd.
@@ -188,7 +189,7 @@ class FormattedWeightCache {
   }
 
   at::Tensor get(const xnorconv::KernelOps& ops, const ConvParams& p, const at::Tensor& bits_in) {
-    const int64_t words = ops.weight_format_words(p);
+    const int64_t words = xnorconv::conv_weight_words(ops, p);
     const at::Tensor bits = bits_in.contiguous();
     // A tensor made under torch.inference_mode has no version counter (reading it throws): its entries rely on the
     // fingerprint alone, like a rewrite behind torch's back.
@@ -209,8 +210,8 @@ class FormattedWeightCache {
       ++it;
     }
     at::Tensor formatted = at::empty({words}, bits.options());
-    ops.format_weight(p, reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()),
-                      reinterpret_cast<uint64_t*>(formatted.data_ptr<int64_t>()));
+    xnorconv::make_conv_weight(ops, p, reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()),
+                               reinterpret_cast<uint64_t*>(formatted.data_ptr<int64_t>()));
     entries_.push_front({c10::weak_intrusive_ptr<c10::TensorImpl>(bits_in.getIntrusivePtr()), version, print,
                          bits_in.data_ptr(), &ops, p.groups, p.in_channels, formatted});
     if (entries_.size() > kMaxEntries) entries_.pop_back();
@@ -278,7 +279,8 @@ at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
   // of the call.
   const at::Tensor threshold = args.input_threshold.has_value() ? args.input_threshold->contiguous() : at::Tensor();
   const at::Tensor bits = args.weight_bits.contiguous(), tap_sum = args.weight_tap_sum.contiguous();
-  const at::Tensor formatted = ops.format_weight ? formatted_weights().get(ops, p, args.weight_bits) : at::Tensor();
+  const at::Tensor formatted =
+      xnorconv::conv_weight_words(ops, p) ? formatted_weights().get(ops, p, args.weight_bits) : at::Tensor();
   const Epilogue epilogue = make_epilogue(out, write_nhwc, args);
 
   xnorconv::ConvCall call;

@@ -506,7 +506,7 @@ void test_sign_io(int cases) {
       const KernelOps& ops = *find_backend(name);
       const ActivationLayout l = ops.layout(p);
       std::vector<uint64_t> packed(l.total_words);
-      const uint64_t* pw = conv_weight(ops, p, bits.data(), formatted);
+      const uint64_t* pw = family_weight(ops, p, bits.data(), formatted);
       std::vector<float> y(p.batch * p.out_channels * p.out_h() * p.out_w());
       binary_conv2d_serial(ops, p, x.data(), s, w.data(), scale.data(), bias.data(), y.data(), t.data());
       ops.pack_signs(p, l, x_signs.data(), s, packed.data(), 0, ops.pack_tasks(p, l));
@@ -580,7 +580,7 @@ void test_task_ranges(int cases) {
       const KernelOps& ops = *find_backend(name);
       const ActivationLayout l = ops.layout(p);
       WordBuffer packed(l.total_words), formatted;
-      const uint64_t* pw = conv_weight(ops, p, bits.data(), formatted);
+      const uint64_t* pw = family_weight(ops, p, bits.data(), formatted);
       ops.pack(p, l, x.data(), s, nullptr, packed.data(), 0, ops.pack_tasks(p, l));
       OutputStage st;
       st.zero_pad = &zp;
@@ -1018,6 +1018,103 @@ void test_validate_messages() {
 }
 
 // On aarch64 the NEON family must be compiled, usable, and the selector's first choice (never silently scalar).
+// Thin inputs fold their kernel columns into channels (fold.cpp): where that applies, that the folded call gives
+// the reference's sums on every family, with the packing and folding passes split into task ranges of any size,
+// and that the selector leaves thin layers to the bit families.
+void test_column_folding(int cases) {
+  const KernelOps& scalar = *find_backend("scalar");
+  ConvParams p;
+  p.batch = 1;
+  p.in_h = p.in_w = 8;
+  p.out_channels = 8;
+  p.kernel_h = p.kernel_w = 3;
+  p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = 1;
+  for (int64_t c : {1, 16, 21, 32, 48, 64, 80}) {
+    p.in_channels = c;
+    // At least a quarter of the words saved: 3 -> 1 up to 21 channels, 3 -> 2 up to 42, 6 -> 4 at 80.
+    const bool want = c != 48 && c != 64;
+    EXPECT(folds_columns(scalar, p) == want, "%lld channels 3x3: folds_columns %d, want %d", static_cast<long long>(c),
+           folds_columns(scalar, p), want);
+    const ConvParams f = folded_params(p);
+    EXPECT(f.out_h() == p.out_h() && f.out_w() == p.out_w() && f.depth() == p.depth() && validate(f).empty(),
+           "%lld channels: the folded convolution has another shape or depth", static_cast<long long>(c));
+  }
+  p.in_channels = 16;
+  p.kernel_w = 1;
+  EXPECT(!folds_columns(scalar, p), "a kernel one column wide folds");
+  p.kernel_w = 3;
+  p.in_channels = p.out_channels = 32;
+  p.groups = 2;
+  EXPECT(!folds_columns(scalar, p), "a grouped convolution folds");
+
+  for (int iter = 0; iter < cases; ++iter) {
+    ConvParams q;
+    q.batch = pick(1, 2);
+    q.in_channels = pick(1, 90);
+    q.out_channels = pick(1, 40);
+    q.kernel_h = pick(1, 3);
+    q.kernel_w = pick(2, 5);
+    q.stride_h = pick(1, 3);
+    q.stride_w = pick(1, 3);
+    q.dilation_h = pick(1, 2);
+    q.dilation_w = pick(1, 2);
+    q.pad_top = pick(0, 2);
+    q.pad_bottom = pick(0, 2);
+    q.pad_left = pick(0, 2);
+    q.pad_right = pick(0, 2);
+    q.pad_value = static_cast<PadValue>(pick(-1, 1));
+    q.in_h = pick(1, 12);
+    q.in_w = pick(1, 30);
+    if (!validate(q).empty() || !folds_columns(scalar, q)) continue;
+    std::vector<float> x(q.batch * q.in_channels * q.in_h * q.in_w), w(q.out_channels * q.in_channels * q.taps());
+    fill_signed(x);
+    fill_signed(w);
+    const TensorStrides s{q.in_channels * q.in_h * q.in_w, q.in_h * q.in_w, q.in_w, 1};
+    const std::vector<double> want = reference(q, x, s, w, nullptr, nullptr, nullptr);
+    std::vector<uint64_t> bits(weight_words(q));
+    std::vector<int32_t> tap_sum(q.out_channels * q.taps());
+    pack_weights(q, w.data(), bits.data(), tap_sum.data());
+    const int64_t chunk = pick(1, 3);
+    const ParallelFor in_chunks = [chunk](int64_t tasks, int64_t, const TaskBody& body) {
+      for (int64_t b = 0; b < tasks; b += chunk) body(b, std::min(b + chunk, tasks));
+    };
+    for (const auto& name : available_backends()) {
+      const KernelOps& ops = *find_backend(name);
+      std::vector<float> got(want.size(), NAN);
+      ConvCall call;
+      call.params = q;
+      call.input = x.data();
+      call.strides = s;
+      call.weight_bits = bits.data();
+      call.weight_tap_sum = tap_sum.data();
+      call.output.out = got.data();
+      WordBuffer packed(packed_input_words(ops, q));
+      binary_conv2d(ops, call, packed.data(), in_chunks);
+      int64_t bad = 0;
+      for (size_t i = 0; i < want.size(); ++i) bad += got[i] != want[i];
+      EXPECT(bad == 0, "%s [%s] in task ranges of %lld: %lld of %zu outputs wrong", describe(q).c_str(),
+             name.c_str(), static_cast<long long>(chunk), static_cast<long long>(bad), want.size());
+    }
+  }
+
+#if (defined(__x86_64__) || defined(_M_X64)) && XNORCONV_HAVE_AMX
+  const std::vector<std::string> available = available_backends();
+  if (std::find(available.begin(), available.end(), "amx") != available.end()) {
+    backend_override();  // applies XNORCONV_BACKEND (read once), so that clearing the override below is final
+    const std::string before = backend_override();
+    set_backend_override("");
+    p.groups = 1;
+    p.in_channels = 16;
+    EXPECT(std::string(select_kernel(p).name) == "avx512", "16 channels 3x3 stride 1: selector picked '%s', want "
+           "'avx512' (folded)", select_kernel(p).name);
+    p.in_channels = 32;
+    EXPECT(std::string(select_kernel(p).name) == "amx", "32 channels 3x3 stride 1: selector picked '%s', want 'amx'",
+           select_kernel(p).name);
+    set_backend_override(before);
+  }
+#endif
+}
+
 void test_preferred_backend() {
 #if defined(__aarch64__)
   const std::vector<std::string> available = available_backends();
@@ -1057,6 +1154,7 @@ int main(int argc, char** argv) {
   test_batch_norm_passes(random_cases / 10 + 8);
   test_real_shortcut(random_cases / 4 + 8);
   test_chained_max_pools(random_cases / 8 + 8);
+  test_column_folding(random_cases / 4 + 8);
   test_darknet_shapes();
   test_deep_accumulation();
   test_many_padding_classes();
