@@ -655,6 +655,11 @@ def test_thin_inputs_match_reference(backend, layer, layout):
             signs = xnorconv.binary_conv2d(x, w, bias, output_signs=True, **kwargs)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         assert torch.equal(signs, got < 0)
+        # The same layer fed signs (a chained producer's bool output): packed from bytes, then folded alike.
+        x_signs = x < t.view(1, -1, 1, 1)
+        with xnorconv.use_backend(backend):
+            from_signs = xnorconv.binary_conv2d(x_signs, w, bias, **{**kwargs, "input_threshold": None})
+        assert torch.equal(from_signs, got)
 
 
 # ---- residual + PReLU fused into the output stage (the end of a Bi-Real / ReActNet unit) ----
