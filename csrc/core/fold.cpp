@@ -14,9 +14,9 @@ namespace {
 // `channels` 0) into the folded pixel `dst` from channel `at`.
 void or_channels(uint64_t* dst, int64_t at, const uint64_t* src, int64_t channels) {
   for (int64_t w = 0; 64 * w < channels; ++w) {
-    const int64_t bit = at + 64 * w, shift = bit % 64;
+    const int64_t bit = at + 64 * w, shift = bit % 64, bits = std::min<int64_t>(64, channels - 64 * w);
     dst[bit / 64] |= src[w] << shift;
-    if (shift != 0 && shift + std::min<int64_t>(64, channels - 64 * w) > 64) dst[bit / 64 + 1] |= src[w] >> (64 - shift);
+    if (shift != 0 && shift + bits > 64) dst[bit / 64 + 1] |= src[w] >> (64 - shift);
   }
 }
 
