@@ -42,7 +42,13 @@ struct Avx512Lanes {
       return;
     }
     _mm256_mask_storeu_ps(base + at.index, static_cast<__mmask8>(at.mask), _mm512_castps512_ps256(y));
-    _mm256_mask_storeu_ps(base + at.second, static_cast<__mmask8>(at.mask >> 8), _mm512_extractf32x8_ps(y, 1));
+    // The high half is extracted into a register first (the empty asm keeps it there): compilers otherwise fuse
+    // the extract and the masked store into a masked VEXTRACTF32X8 to memory, which has been seen to fault on
+    // masked-off elements lying past the end of the output (an output ending at a page boundary). A masked
+    // VMOVUPS, as here, suppresses those faults.
+    __m256 high = _mm512_extractf32x8_ps(y, 1);
+    __asm__("" : "+v"(high));
+    _mm256_mask_storeu_ps(base + at.second, static_cast<__mmask8>(at.mask >> 8), high);
   }
   static void store_signs(uint8_t* base, const At& at, F y, F threshold) {
     const __m128i bytes = _mm_maskz_set1_epi8(_mm512_cmp_ps_mask(y, threshold, _CMP_NGE_UQ), 1);

@@ -1,7 +1,9 @@
 // Kernel-core tests (no torch): every compiled-and-usable kernel family against a naive float reference of the
 // binary semantics, over random shapes, plus the packed bit order and the layout invariants.
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
@@ -9,6 +11,11 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#if defined(__unix__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 #include "xnorconv_core.h"
 #include "test_support.h"
@@ -1018,6 +1025,84 @@ void test_validate_messages() {
 }
 
 // On aarch64 the NEON family must be compiled, usable, and the selector's first choice (never silently scalar).
+#if defined(__unix__)
+// Buffers that end exactly where an inaccessible page begins: a vector access past the end of a tensor, even by
+// lanes that a mask turns off, faults there instead of touching whatever memory follows.
+template <class T>
+struct PageEndBuffer {
+  size_t bytes = 0, mapped = 0;
+  void* base = nullptr;
+  T* data = nullptr;
+  explicit PageEndBuffer(size_t count) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    bytes = count * sizeof(T);
+    mapped = (bytes + page - 1) / page * page + page;
+    base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) std::abort();
+    char* guard = static_cast<char*>(base) + mapped - page;
+    mprotect(guard, page, PROT_NONE);
+    data = reinterpret_cast<T*>(guard - bytes);
+  }
+  ~PageEndBuffer() { munmap(base, mapped); }
+  PageEndBuffer(const PageEndBuffer&) = delete;
+  PageEndBuffer& operator=(const PageEndBuffer&) = delete;
+};
+
+// Every family's output stage, with the output, the residual and the sign bytes each ending at a page boundary, in
+// both layouts: the vector stores and loads at a tensor's end must touch nothing past it (a 64 -> 32 1x1 layer at
+// 32x32 with an NHWC residual crashed the AVX-512 family's NHWC store this way).
+void test_output_at_page_end() {
+  for (const auto& shape : std::vector<std::array<int64_t, 5>>{{64, 32, 32, 1, 1}, {16, 13, 9, 3, 1}, {70, 37, 11, 3, 2}}) {
+    ConvParams p;
+    p.batch = 1;
+    p.in_channels = shape[0];
+    p.out_channels = shape[1];
+    p.in_h = p.in_w = shape[2];
+    p.kernel_h = p.kernel_w = shape[3];
+    p.stride_h = p.stride_w = shape[4];
+    p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = shape[3] / 2;
+    std::vector<float> x(p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.in_channels * p.taps());
+    fill_signed(x);
+    fill_signed(w);
+    const TensorStrides s{p.in_channels * p.in_h * p.in_w, p.in_h * p.in_w, p.in_w, 1};
+    std::vector<uint64_t> bits(weight_words(p));
+    std::vector<int32_t> tap_sum(p.out_channels * p.taps());
+    pack_weights(p, w.data(), bits.data(), tap_sum.data());
+    const size_t outputs = static_cast<size_t>(p.out_channels * p.out_h() * p.out_w());
+    std::vector<float> slope(p.out_channels, 0.25f);
+    for (const auto& name : available_backends()) {
+      const KernelOps& ops = *find_backend(name);
+      for (int nhwc = 0; nhwc < (ops.channels_last_output ? 2 : 1); ++nhwc)
+        for (int signs = 0; signs < 2; ++signs) {
+          PageEndBuffer<float> out(outputs), residual(outputs);
+          PageEndBuffer<uint8_t> out_signs(outputs);
+          std::fill(residual.data, residual.data + outputs, 0.5f);
+          std::fill(out.data, out.data + outputs, NAN);
+          ConvCall call;
+          call.params = p;
+          call.input = x.data();
+          call.strides = s;
+          call.weight_bits = bits.data();
+          call.weight_tap_sum = tap_sum.data();
+          call.output.residual = residual.data;
+          call.output.prelu = slope.data();
+          call.output.channels_last = nhwc;
+          if (signs) call.output.out_signs = out_signs.data;
+          else call.output.out = out.data;
+          WordBuffer packed(packed_input_words(ops, p));
+          binary_conv2d(ops, call, packed.data(), run_serially);  // a stray access past an end is a crash here
+          if (!signs) {
+            bool finite = true;
+            for (size_t i = 0; i < outputs; ++i) finite &= std::isfinite(out.data[i]);
+            EXPECT(finite, "[%s] %s, %s output at a page end: values not written", name.c_str(),
+                   describe(p).c_str(), nhwc ? "NHWC" : "NCHW");
+          }
+        }
+    }
+  }
+}
+#endif
+
 // Thin inputs fold their kernel columns into channels (fold.cpp): where that applies, that the folded call gives
 // the reference's sums on every family, with the packing and folding passes split into task ranges of any size,
 // and that the selector leaves thin layers to the bit families.
@@ -1155,6 +1240,9 @@ int main(int argc, char** argv) {
   test_real_shortcut(random_cases / 4 + 8);
   test_chained_max_pools(random_cases / 8 + 8);
   test_column_folding(random_cases / 4 + 8);
+#if defined(__unix__)
+  test_output_at_page_end();
+#endif
   test_darknet_shapes();
   test_deep_accumulation();
   test_many_padding_classes();
