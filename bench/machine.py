@@ -8,9 +8,17 @@ def cpu_model() -> str:
     derives the name from the CPU's ID registers; elsewhere, whatever the platform module knows."""
     try:
         with open("/proc/cpuinfo") as f:
+            fields = {}
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+        if "model name" in fields:
+            # A VM often reports a generic name ("Intel(R) Xeon(R) Processor"); family and model tell the generation.
+            if "cpu family" in fields and "model" in fields:
+                return f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+            return fields["model name"]
     except OSError:
         pass
     try:

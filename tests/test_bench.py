@@ -118,6 +118,36 @@ def test_models_cli_allocator_and_page_faults(capsys):
     assert isinstance(faults, float) and f"binary_dnet53 {faults:.0f}" in out
 
 
+def test_allocator_bench_runs_each_setting_in_fresh_processes(tmp_path, capsys):
+    """python -m bench.allocator: every setting the machine has, each model in its own process, the report with
+    the machine, the command, ms and faults per pass, and the ratio to the first model."""
+    from bench import allocator
+    found, missing = allocator.settings()
+    assert "default" in found and set(found) | set(missing) == {"default", "top_pad", "keep_heap", "jemalloc",
+                                                                 "tcmalloc"}
+    out = tmp_path / "allocator.md"
+    allocator.main(["--model", "binary_dnet53", "--model", "binary_dnet53_fp32", "--size", "16", "--rounds", "1",
+                    "--passes", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert out.read_text() == text
+    assert "- machine: " in text and "python -m bench.allocator --model binary_dnet53" in text
+    for setting in found:
+        assert f"{setting} ms | {setting} faults" in text
+    assert "| binary_dnet53 | " in text and "| binary_dnet53_fp32 | " in text
+    assert "Time of each model over binary_dnet53's, per setting" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nonsense"], "--model: unknown model 'nonsense'"),
+    (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+])
+def test_allocator_bench_errors_name_the_argument(argv, message, capsys):
+    from bench import allocator
+    with pytest.raises(SystemExit):
+        allocator.main(argv)
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="getrusage page-fault counts are a Linux measure")
 def test_minor_faults_per_pass_counts_fresh_memory():
     """A pass that allocates and touches 64 MB (above glibc's largest mmap threshold, so freed back to the kernel
