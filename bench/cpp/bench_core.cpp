@@ -190,14 +190,7 @@ int main(int argc, char** argv) {
     std::printf("\n");
     std::printf("%-26s %10s %10s %12s %8s\n", "layer", "pack ms", "conv ms", "conv GMAC/s", "of peak");
     for (const auto& s : shapes) {
-      ConvParams p;
-      p.batch = 1;
-      p.in_channels = s[0];
-      p.out_channels = s[1];
-      p.in_h = p.in_w = s[2];
-      p.kernel_h = p.kernel_w = s[3];
-      p.stride_h = p.stride_w = s[4];
-      p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = s[5];
+      ConvParams p = square_layer(s[0], s[1], s[2], s[3], s[4], s[5]);
       p.pad_value = static_cast<PadValue>(pad_value);
       if (const std::string err = validate(p); !err.empty()) {
         std::fprintf(stderr, "bad shape: %s\n", err.c_str());

@@ -24,8 +24,8 @@ void or_channels(uint64_t* dst, int64_t at, const uint64_t* src, int64_t channel
 
 bool folds_columns(const KernelOps& ops, const ConvParams& p) {
   if (!ops.fold_columns || p.groups != 1 || p.kernel_w < 2) return false;
-  const int64_t unfolded = p.kernel_w * words_for_channels(p.in_channels);
-  return 4 * words_for_channels(p.in_channels * p.kernel_w) <= 3 * unfolded;
+  const ColumnFoldWords words = column_fold_words(p);
+  return 4 * words.folded <= 3 * words.unfolded;
 }
 
 ConvParams folded_params(const ConvParams& p) {

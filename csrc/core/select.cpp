@@ -71,8 +71,8 @@ bool avx512_usable(const CpuFeatures& f) {
 // costs (a 64-byte row per pixel to move, where a bit family moves a word), so the AMX family does not fold; where
 // folding saves less than half the words (3x3 over 32 channels) the two families measure even.
 bool amx_suits(const ConvParams& p) {
-  const bool thin = p.groups == 1 && 2 * words_for_channels(p.in_channels * p.kernel_w) <=
-                                         p.kernel_w * words_for_channels(p.in_channels);
+  const ColumnFoldWords words = column_fold_words(p);
+  const bool thin = p.groups == 1 && 2 * words.folded <= words.unfolded;
   return p.stride_h == 1 && p.stride_w == 1 && p.taps() >= 4 && p.channels_per_group() >= 16 && !thin;
 }
 #endif

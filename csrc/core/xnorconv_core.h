@@ -54,6 +54,21 @@ struct ConvParams {
   int64_t depth() const { return channels_per_group() * taps(); }
 };
 
+// A batch-1 layer with a square input, kernel, stride and padding on every side (pad_value 0), the shape the
+// benchmarks and tests describe layers by: cin,cout,hw,k,stride,pad.
+inline ConvParams square_layer(int64_t in_channels, int64_t out_channels, int64_t size, int64_t kernel,
+                               int64_t stride, int64_t pad) {
+  ConvParams p;
+  p.batch = 1;
+  p.in_channels = in_channels;
+  p.out_channels = out_channels;
+  p.in_h = p.in_w = size;
+  p.kernel_h = p.kernel_w = kernel;
+  p.stride_h = p.stride_w = stride;
+  p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = pad;
+  return p;
+}
+
 // Returns an empty string when the parameters describe a valid convolution, else a message naming the argument.
 std::string validate(const ConvParams& p);
 
@@ -165,6 +180,14 @@ struct KernelOps {
 // and the convolution of X' with kernel kernel_h x 1 and stride (stride_h, 1), against the weight folded the same
 // way, gives the same sums, padded taps included (they hold the pad bit, or AMX's pad byte). The pad_value 0
 // correction stays the unfolded convolution's.
+// Words a bit family reads per output and kernel row: kernel_w taps of ceil(C / 64) words unfolded, ceil(C *
+// kernel_w / 64) folded (one group; the AMX selector weighs them too).
+struct ColumnFoldWords {
+  int64_t unfolded, folded;
+};
+inline ColumnFoldWords column_fold_words(const ConvParams& p) {
+  return {p.kernel_w * words_for_channels(p.in_channels), words_for_channels(p.in_channels * p.kernel_w)};
+}
 // True when the family folds and folding saves at least a quarter of the words the kernel reads per output.
 bool folds_columns(const KernelOps& ops, const ConvParams& p);
 // The folded convolution: C * kernel_w channels, kernel (kernel_h, 1), stride (stride_h, 1), out_w input columns,

@@ -131,14 +131,7 @@ void test_darknet_shapes() {
                                {512, 512, 8, 3, 1, 1}, {256, 512, 16, 3, 2, 1}, {512, 256, 8, 1, 1, 0}};
   for (const auto& s : shapes)
     for (PadValue pv : {PadValue::Zero, PadValue::PlusOne, PadValue::MinusOne}) {
-      ConvParams p;
-      p.batch = 1;
-      p.in_channels = s[0];
-      p.out_channels = s[1];
-      p.in_h = p.in_w = s[2];
-      p.kernel_h = p.kernel_w = s[3];
-      p.stride_h = p.stride_w = s[4];
-      p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = s[5];
+      ConvParams p = square_layer(s[0], s[1], s[2], s[3], s[4], s[5]);
       p.pad_value = pv;
       check_case(p, Layout::Nchw, true, describe(p));
     }
@@ -1053,14 +1046,7 @@ struct PageEndBuffer {
 // 32x32 with an NHWC residual crashed the AVX-512 family's NHWC store this way).
 void test_output_at_page_end() {
   for (const auto& shape : std::vector<std::array<int64_t, 5>>{{64, 32, 32, 1, 1}, {16, 13, 9, 3, 1}, {70, 37, 11, 3, 2}}) {
-    ConvParams p;
-    p.batch = 1;
-    p.in_channels = shape[0];
-    p.out_channels = shape[1];
-    p.in_h = p.in_w = shape[2];
-    p.kernel_h = p.kernel_w = shape[3];
-    p.stride_h = p.stride_w = shape[4];
-    p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = shape[3] / 2;
+    const ConvParams p = square_layer(shape[0], shape[1], shape[2], shape[3], shape[4], shape[3] / 2);
     std::vector<float> x(p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.in_channels * p.taps());
     fill_signed(x);
     fill_signed(w);

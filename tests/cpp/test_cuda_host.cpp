@@ -442,14 +442,7 @@ void test_darknet_shapes() {
                                {512, 512, 8, 3, 1, 1}, {256, 512, 16, 3, 2, 1}, {512, 256, 8, 1, 1, 0}};
   for (const auto& sh : shapes)
     for (PadValue pv : {PadValue::Zero, PadValue::PlusOne, PadValue::MinusOne}) {
-      ConvParams p;
-      p.batch = 1;
-      p.in_channels = sh[0];
-      p.out_channels = sh[1];
-      p.in_h = p.in_w = sh[2];
-      p.kernel_h = p.kernel_w = sh[3];
-      p.stride_h = p.stride_w = sh[4];
-      p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = sh[5];
+      ConvParams p = square_layer(sh[0], sh[1], sh[2], sh[3], sh[4], sh[5]);
       p.pad_value = pv;
       Options o;
       o.affine = true;
