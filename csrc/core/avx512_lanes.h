@@ -18,6 +18,9 @@ struct Avx512Lanes {
     __mmask16 mask;
     bool split;
   };
+  static At run(int64_t index, int lanes) {
+    return {index, 0, lanes >= kLanes ? kAll : static_cast<__mmask16>((1u << lanes) - 1), false};
+  }
   static F broadcast(float x) { return _mm512_set1_ps(x); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F to_float(I x) { return _mm512_cvtepi32_ps(x); }

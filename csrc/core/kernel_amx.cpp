@@ -33,6 +33,7 @@
 #include "kernel_common.h"
 #include "avx512_binarize.h"
 #include "avx512_lanes.h"
+#include "first_layer_kernel.h"
 
 namespace xnorconv {
 namespace {
@@ -508,7 +509,7 @@ const KernelOps& amx_kernel() {
     k.format_weight = amx_format_weight;
     k.exact_zero_padding = true;
     k.channels_last_output = true;
-    return k;
+    return with_first_layer<Avx512Lanes, 16, 1>(k);  // float work is AVX-512's
   }();
   return ops;
 }

@@ -26,6 +26,7 @@
 #define XNORCONV_ISA_TARGET "avx2,fma,popcnt,bmi,bmi2"
 #include "isa_begin.h"
 #include "kernel_common.h"
+#include "first_layer_kernel.h"
 
 namespace xnorconv {
 namespace {
@@ -65,6 +66,7 @@ struct Avx2Lanes {
     int64_t index;
     int lanes;
   };
+  static At run(int64_t index, int lanes) { return {index, lanes}; }
   static F broadcast(float x) { return _mm256_set1_ps(x); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F to_float(I x) { return _mm256_cvtepi32_ps(x); }
@@ -429,7 +431,8 @@ void split_nibbles(const uint64_t* src, int64_t words, uint64_t* lo, uint64_t* h
 }  // namespace
 
 const KernelOps& avx2_kernel() {
-  static const KernelOps ops = make_kernel_ops<Avx2Isa>("avx2");
+  // First layer: 6 channels x 2 vectors, 12 of the 16 ymm; on the 7x7 stems a tenth faster than 8 channels x 1.
+  static const KernelOps ops = with_first_layer<Avx2Lanes, 6, 2>(make_kernel_ops<Avx2Isa>("avx2"));
   return ops;
 }
 

@@ -26,6 +26,7 @@
 
 #include "xnorconv_core.h"
 #include "kernel_common.h"
+#include "first_layer_kernel.h"
 
 namespace xnorconv {
 namespace {
@@ -41,6 +42,7 @@ struct NeonLanes {
     int lanes;
     int64_t stride = 1;  // elements between consecutive lanes (the pixels of an NHWC row: out_channels)
   };
+  static At run(int64_t index, int lanes) { return {index, lanes, 1}; }
   static F broadcast(float x) { return vdupq_n_f32(x); }
   static F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
   static F to_float(I x) { return vcvtq_f32_s32(x); }
@@ -232,7 +234,7 @@ struct NeonIsa : NoPreparation {
 }  // namespace
 
 const KernelOps& neon_kernel() {
-  static const KernelOps ops = make_kernel_ops<NeonIsa>("neon");
+  static const KernelOps ops = with_first_layer<NeonLanes, 16, 1>(make_kernel_ops<NeonIsa>("neon"));
   return ops;
 }
 

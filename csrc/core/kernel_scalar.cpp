@@ -4,6 +4,7 @@
 
 #include "xnorconv_core.h"
 #include "kernel_common.h"
+#include "first_layer_kernel.h"
 
 namespace xnorconv {
 namespace {
@@ -75,7 +76,7 @@ struct ScalarIsa : NoPreparation {
 }  // namespace
 
 const KernelOps& scalar_kernel() {
-  static const KernelOps ops = make_kernel_ops<ScalarIsa>("scalar");
+  static const KernelOps ops = with_first_layer<OneLane, 8, 1>(make_kernel_ops<ScalarIsa>("scalar"));
   return ops;
 }
 

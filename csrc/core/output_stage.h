@@ -7,6 +7,7 @@
 //   I                      kLanes int32 (the exact dots)
 //   At                     where the lanes go: element indices into out / residual / out_signs (which share the
 //                          output's shape and memory format) and which lanes are real
+//   At   run(int64_t index, int lanes)           lanes [0, lanes) at elements [index, index + lanes)
 //   F    broadcast(float)
 //   F    fma(F a, F b, F c)                       a * b + c, rounded once (every family rounds alike)
 //   F    to_float(I)
@@ -95,6 +96,7 @@ struct OneLane {
   using F = float;
   using I = int32_t;
   using At = int64_t;
+  static XNORCONV_STAGE_INLINE At run(int64_t index, int) { return index; }
   static XNORCONV_STAGE_INLINE F broadcast(float x) { return x; }
   static XNORCONV_STAGE_INLINE F fma(F a, F b, F c) { return fmaf(a, b, c); }
   static XNORCONV_STAGE_INLINE F to_float(I x) { return static_cast<float>(x); }

@@ -213,4 +213,12 @@ const KernelOps& select_kernel(const ConvParams& p) {
   return scalar_kernel();  // unreachable: scalar is always usable
 }
 
+const KernelOps& select_float_kernel() {
+  apply_environment_once();
+  if (const KernelOps* ops = override_slot().load()) return *ops;
+  for (const auto& f : kFamilies)
+    if (f.usable(cpu_features())) return f.ops();
+  return scalar_kernel();  // unreachable: scalar is always usable
+}
+
 }  // namespace xnorconv

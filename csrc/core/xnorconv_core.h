@@ -136,6 +136,8 @@ struct OutputStage : EpilogueParams {
 
 // One CPU kernel family. Work is split into independent tasks so the caller owns threading (the torch layer uses
 // at::parallel_for, which follows torch.get_num_threads()); run(begin, end) does tasks [begin, end).
+struct FirstLayerRows;  // the float first layer's operands, below
+
 struct KernelOps {
   const char* name;
   // Binarize + pack; every word of the layout is written (padding included). threshold: one per input channel, or
@@ -170,6 +172,10 @@ struct KernelOps {
   // column_fold_tasks into `folded` (layout `to` of folded_params(p)) from `packed` (layout `from` of p).
   void (*fold_columns)(const ConvParams& p, const ActivationLayout& from, const uint64_t* packed,
                        const ActivationLayout& to, uint64_t* folded, int64_t begin, int64_t end) = nullptr;
+  // The float first layer (first_layer.cpp): output rows [row_begin, row_end) of one image from its prepared input
+  // rows, in blocks of first_layer_channels output channels x first_layer_pixels pixels. Every family has one.
+  int first_layer_channels = 0, first_layer_pixels = 0;
+  void (*first_layer_rows)(const FirstLayerRows& rows, int64_t row_begin, int64_t row_end) = nullptr;
 };
 
 // ---- column folding for thin inputs (fold.cpp) ----
@@ -261,6 +267,8 @@ std::vector<std::string> compiled_backends();
 // inputs that folding shrinks to half the words or less). The override ("" = none) comes from
 // set_backend_override() or, initially, the XNORCONV_BACKEND environment variable.
 const KernelOps& select_kernel(const ConvParams& p);
+// The family that runs float work (the first layer): the override, else the best usable family.
+const KernelOps& select_float_kernel();
 // Returns an empty string on success, else an error naming the value and the available backends.
 std::string set_backend_override(const std::string& name);
 std::string backend_override();
@@ -383,6 +391,45 @@ struct ChainedPoolShape {
   bool nhwc = false;
 };
 void chained_max_pools(const ChainedPoolShape& s, const float* x, float* out, const ParallelFor& parallel_for);
+
+// ---- the float first layer of a binary network (first_layer.cpp) ----
+// Once its binary convolutions are packed, a binary network's float stem (a convolution over the 3 channels of the
+// image, often followed by BatchNorm and PReLU / ReLU) is among its largest costs, and general float convolutions
+// are slow on so few input channels. This one vectorises along the output row: each vector of output pixels of one
+// row is a register-blocked sum of kernel_h x kernel_w x in_channels unaligned loads times broadcast weights, from
+// zero-padded copies of the input rows split by column phase (like the packed activations: for any stride, the
+// inputs of consecutive output pixels are consecutive), with the bias and the activation applied once.
+//   out[n][o][y][x] = act_o(bias[o] + sum_{c, i, j} weight[o][c][i][j] * in[n][c][y*sh - ph + i*dh][x*sw - pw + j*dw])
+//   act_o(v) = v >= 0 ? v : slope[o] * v (PReLU; slope nullptr: the identity), taps outside the image are 0.
+// x and out are NCHW, or NHWC when channels_last; weight is [O][C][kh][kw] contiguous; bias and slope nullptr or O
+// values. Float rounding differs from other convolutions' only in the order of the additions.
+struct FirstLayerShape {
+  int64_t batch = 0, in_channels = 0, height = 0, width = 0, out_channels = 0;
+  int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dilation_h = 1,
+          dilation_w = 1;
+  bool channels_last = false;
+  int64_t out_height() const { return (height + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1; }
+  int64_t out_width() const { return (width + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1; }
+};
+// Empty when s describes a valid first layer, else a message naming the argument and its value.
+std::string validate(const FirstLayerShape& s);
+struct FirstLayerCall {
+  FirstLayerShape shape;
+  const float *input = nullptr, *weight = nullptr, *bias = nullptr, *slope = nullptr;
+  float* out = nullptr;
+};
+// What a family's first_layer_rows reads: the call, its weights, bias and slopes regrouped in blocks of the
+// family's channels (zero past out_channels), and one image's input rows from row_begin * stride_h - pad_h on,
+// zero-padded and split by column phase: rows[((c * row_count + r) * stride_w + phase) * row_width + j] is input
+// column j * stride_w + phase - pad_w of that row (0 outside the image).
+struct FirstLayerRows {
+  const FirstLayerCall* call = nullptr;
+  const float *weight = nullptr, *bias = nullptr, *slope = nullptr;  // [block][c][i][j][channels], [block][channels]
+  const float* rows = nullptr;
+  int64_t image = 0, row_count = 0, row_width = 0;
+};
+// The layer on the given family (select_float_kernel() picks one).
+void first_layer_conv(const KernelOps& ops, const FirstLayerCall& call, const ParallelFor& parallel_for);
 
 // A usable kernel family by name, leaving the process-wide choice (set_backend_override) alone: for tests and
 // benchmarks that run each family in turn. nullptr, with the reason in *error, for an unknown or unusable name.

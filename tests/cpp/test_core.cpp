@@ -1089,6 +1089,130 @@ void test_output_at_page_end() {
 }
 #endif
 
+#if defined(__unix__)
+// The float first layer (first_layer.cpp) on every family against a float64 direct convolution, over random shapes
+// (strides, dilations, paddings, widths that are not whole vectors), with and without bias and PReLU, both layouts,
+// split into task ranges of any size. Every family sums the taps in the same order with fused multiply-adds, so all
+// of them, and both layouts, give the same bits; the outputs end at a page boundary, so a store past the end
+// crashes.
+void test_first_layer(int cases) {
+  const ParallelFor pieces = random_pieces;
+  for (int iter = 0; iter < cases; ++iter) {
+    FirstLayerShape s;
+    s.batch = pick(1, 2);
+    s.in_channels = pick(1, 4);
+    s.out_channels = pick(1, 40);
+    s.kernel_h = pick(1, 7);
+    s.kernel_w = pick(1, 7);
+    s.stride_h = pick(1, 3);
+    s.stride_w = pick(1, 3);
+    s.dilation_h = pick(1, 2);
+    s.dilation_w = pick(1, 2);
+    s.pad_h = pick(0, 3);
+    s.pad_w = pick(0, 3);
+    s.height = pick(1, 24);
+    s.width = pick(1, 45);
+    if (!validate(s).empty()) {
+      --iter;
+      continue;
+    }
+    const int64_t c = s.in_channels, o = s.out_channels, oh = s.out_height(), ow = s.out_width();
+    const int64_t taps = s.kernel_h * s.kernel_w;
+    std::vector<float> x(static_cast<size_t>(s.batch * c * s.height * s.width)), weight(o * c * taps), bias(o),
+        slope(o);
+    fill_signed(x);
+    fill_signed(weight);
+    fill_signed(bias);
+    for (auto& v : slope) v = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
+    const bool with_bias = pick(0, 3) != 0, with_slope = pick(0, 1) == 1;
+    std::vector<double> want(static_cast<size_t>(s.batch * o * oh * ow)), bound(want.size());
+    for (int64_t n = 0; n < s.batch; ++n)
+      for (int64_t oc = 0; oc < o; ++oc)
+        for (int64_t i = 0; i < oh; ++i)
+          for (int64_t j = 0; j < ow; ++j) {
+            double total = with_bias ? bias[oc] : 0.0, magnitude = std::fabs(total);
+            for (int64_t ch = 0; ch < c; ++ch)
+              for (int64_t ki = 0; ki < s.kernel_h; ++ki)
+                for (int64_t kj = 0; kj < s.kernel_w; ++kj) {
+                  const int64_t y = i * s.stride_h - s.pad_h + ki * s.dilation_h;
+                  const int64_t xx = j * s.stride_w - s.pad_w + kj * s.dilation_w;
+                  if (y < 0 || y >= s.height || xx < 0 || xx >= s.width) continue;
+                  const double term = static_cast<double>(weight[(oc * c + ch) * taps + ki * s.kernel_w + kj]) *
+                                      x[((n * c + ch) * s.height + y) * s.width + xx];
+                  total += term;
+                  magnitude += std::fabs(term);
+                }
+            if (with_slope && !(total >= 0.0)) {
+              total *= slope[oc];
+              magnitude *= std::fabs(slope[oc]);
+            }
+            const size_t at = static_cast<size_t>(((n * o + oc) * oh + i) * ow + j);
+            want[at] = total;
+            bound[at] = 1e-6 * (magnitude + 1e-30);
+          }
+    std::vector<float> first_bits;
+    std::string first_family;
+    for (const auto& name : available_backends()) {
+      const KernelOps& ops = *find_backend(name);
+      for (int nhwc = 0; nhwc < 2; ++nhwc) {
+        PageEndBuffer<float> out(want.size());
+        std::fill(out.data, out.data + want.size(), NAN);
+        const std::vector<float> input = nhwc ? nhwc_of(x, s.batch, c, s.height * s.width) : x;
+        FirstLayerCall call;
+        call.shape = s;
+        call.shape.channels_last = nhwc;
+        call.input = input.data();
+        call.weight = weight.data();
+        call.bias = with_bias ? bias.data() : nullptr;
+        call.slope = with_slope ? slope.data() : nullptr;
+        call.out = out.data;
+        first_layer_conv(ops, call, pieces);
+        std::vector<float> got(out.data, out.data + want.size());
+        if (nhwc) {  // back to NCHW
+          std::vector<float> nchw(got.size());
+          for (int64_t n = 0; n < s.batch; ++n)
+            for (int64_t p = 0; p < oh * ow; ++p)
+              for (int64_t oc = 0; oc < o; ++oc) nchw[(n * o + oc) * oh * ow + p] = got[(n * oh * ow + p) * o + oc];
+          got.swap(nchw);
+        }
+        int64_t bad = 0, first = -1;
+        for (size_t k = 0; k < want.size(); ++k)
+          if (!(std::fabs(got[k] - want[k]) <= bound[k])) {
+            if (first < 0) first = static_cast<int64_t>(k);
+            ++bad;
+          }
+        EXPECT(bad == 0,
+               "first layer [%s %s] N%lld C%lld %lldx%lld O%lld k%lldx%lld s%lldx%lld pad %lld,%lld d%lldx%lld "
+               "bias %d prelu %d: %lld of %zu wrong, first at %lld: got %g want %g",
+               name.c_str(), nhwc ? "NHWC" : "NCHW", (long long)s.batch, (long long)c, (long long)s.height,
+               (long long)s.width, (long long)o, (long long)s.kernel_h, (long long)s.kernel_w, (long long)s.stride_h,
+               (long long)s.stride_w, (long long)s.pad_h, (long long)s.pad_w, (long long)s.dilation_h,
+               (long long)s.dilation_w, with_bias, with_slope, (long long)bad, want.size(), (long long)first,
+               first >= 0 ? got[first] : 0.0, first >= 0 ? want[first] : 0.0);
+        if (first_bits.empty()) {
+          first_bits = got;
+          first_family = name;
+        } else {
+          EXPECT(same_floats(got, first_bits), "first layer [%s %s]: other bits than [%s NCHW]", name.c_str(),
+                 nhwc ? "NHWC" : "NCHW", first_family.c_str());
+        }
+      }
+    }
+  }
+  FirstLayerShape bad;
+  bad.batch = 1;
+  bad.in_channels = 3;
+  bad.out_channels = 8;
+  bad.height = bad.width = 4;
+  bad.kernel_h = bad.kernel_w = 7;
+  EXPECT(validate(bad).find("larger than the padded input") != std::string::npos, "first layer: 7x7 over 4x4: '%s'",
+         validate(bad).c_str());
+  bad.kernel_h = bad.kernel_w = 3;
+  bad.stride_w = 0;
+  EXPECT(validate(bad).find("stride_w") != std::string::npos, "first layer: stride_w 0: '%s'", validate(bad).c_str());
+}
+#endif
+
 // Thin inputs fold their kernel columns into channels (fold.cpp): where that applies, that the folded call gives
 // the reference's sums on every family, with the packing and folding passes split into task ranges of any size,
 // and that the selector leaves thin layers to the bit families.
@@ -1228,6 +1352,7 @@ int main(int argc, char** argv) {
   test_column_folding(random_cases / 4 + 8);
 #if defined(__unix__)
   test_output_at_page_end();
+  test_first_layer(random_cases / 4 + 8);
 #endif
   test_darknet_shapes();
   test_deep_accumulation();

@@ -1,0 +1,137 @@
+// The float first layer (xnorconv_core.h says what it computes): what every family shares, which is the checks, the
+// tasks, and the operands in the form the arithmetic wants (weights regrouped in the family's channel blocks, input
+// rows zero-padded and split by column phase). The arithmetic is each family's first_layer_rows
+// (first_layer_kernel.h), so this file has no ISA flags.
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "xnorconv_core.h"
+
+namespace xnorconv {
+
+namespace {
+
+// Outputs per task: enough to amortise the input rows a task prepares (kernel_h - stride_h of them again for the
+// next task), few enough to split one image between the threads.
+constexpr int64_t kOutputsPerTask = 16384;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The weight, bias and slopes in blocks of `channels` output channels: weight[block][c][i][j][channel], zero past
+// out_channels, so a block's inner loop reads consecutive broadcasts and never tests for a partial block.
+struct BlockedOperands {
+  std::vector<float> weight, bias, slope;
+};
+
+BlockedOperands blocked_operands(const FirstLayerCall& call, int channels) {
+  const FirstLayerShape& s = call.shape;
+  const int64_t blocks = (s.out_channels + channels - 1) / channels, taps = s.kernel_h * s.kernel_w;
+  const int64_t per_channel = s.in_channels * taps;
+  BlockedOperands b;
+  b.weight.assign(static_cast<size_t>(blocks * per_channel * channels), 0.0f);
+  b.bias.assign(static_cast<size_t>(blocks * channels), 0.0f);
+  if (call.slope) b.slope.assign(static_cast<size_t>(blocks * channels), 1.0f);
+  for (int64_t o = 0; o < s.out_channels; ++o) {
+    const int64_t block = o / channels, lane = o % channels;
+    for (int64_t t = 0; t < per_channel; ++t)
+      b.weight[static_cast<size_t>((block * per_channel + t) * channels + lane)] = call.weight[o * per_channel + t];
+    if (call.bias) b.bias[static_cast<size_t>(o)] = call.bias[o];
+    if (call.slope) b.slope[static_cast<size_t>(o)] = call.slope[o];
+  }
+  return b;
+}
+
+// The first multiple-of-`step` index at or above `a` (0 for a <= 0), for counting columns.
+int64_t first_at_or_above(int64_t a, int64_t step) { return a <= 0 ? 0 : (a + step - 1) / step; }
+
+// Input rows [first_row, first_row + row_count) of image n (rows counted from -pad_h), zero-padded and split by
+// column phase into `rows` (the FirstLayerRows layout). Each phase row is zeros, a strided copy, zeros.
+void prepare_rows(const FirstLayerCall& call, int64_t n, int64_t first_row, int64_t row_count, int64_t row_width,
+                  float* rows) {
+  const FirstLayerShape& s = call.shape;
+  const int64_t phases = s.stride_w, pixel_stride = s.channels_last ? s.in_channels : 1;
+  for (int64_t c = 0; c < s.in_channels; ++c)
+    for (int64_t r = 0; r < row_count; ++r) {
+      const int64_t y = first_row + r;
+      float* dst = rows + (c * row_count + r) * phases * row_width;
+      if (y < 0 || y >= s.height) {
+        std::fill(dst, dst + phases * row_width, 0.0f);
+        continue;
+      }
+      const float* const src = call.input + (s.channels_last ? (n * s.height + y) * s.width * s.in_channels + c
+                                                             : ((n * s.in_channels + c) * s.height + y) * s.width);
+      for (int64_t phase = 0; phase < phases; ++phase, dst += row_width) {
+        // Position j holds column j * phases + phase - pad_w: the columns inside the image are [begin, end).
+        const int64_t begin = std::min(row_width, first_at_or_above(s.pad_w - phase, phases));
+        const int64_t end = std::max(begin, std::min(row_width, first_at_or_above(s.width + s.pad_w - phase, phases)));
+        std::fill(dst, dst + begin, 0.0f);
+        const float* const from = src + (begin * phases + phase - s.pad_w) * pixel_stride;
+        if (phases == 1 && pixel_stride == 1) {
+          std::memcpy(dst + begin, from, sizeof(float) * static_cast<size_t>(end - begin));
+        } else {
+          const int64_t step = phases * pixel_stride;
+          for (int64_t j = 0; j < end - begin; ++j) dst[begin + j] = from[j * step];
+        }
+        std::fill(dst + end, dst + row_width, 0.0f);
+      }
+    }
+}
+
+}  // namespace
+
+std::string validate(const FirstLayerShape& s) {
+  const auto value = [](const char* name, int64_t v) { return std::string(name) + " = " + std::to_string(v); };
+  if (s.batch < 0) return "batch must be >= 0, got " + value("batch", s.batch);
+  for (const auto& [name, v] : {std::pair<const char*, int64_t>{"in_channels", s.in_channels},
+                                {"height", s.height},
+                                {"width", s.width},
+                                {"out_channels", s.out_channels},
+                                {"kernel_h", s.kernel_h},
+                                {"kernel_w", s.kernel_w},
+                                {"stride_h", s.stride_h},
+                                {"stride_w", s.stride_w},
+                                {"dilation_h", s.dilation_h},
+                                {"dilation_w", s.dilation_w}})
+    if (v < 1) return std::string(name) + " must be positive, got " + value(name, v);
+  if (s.pad_h < 0 || s.pad_w < 0)
+    return "padding must be >= 0, got " + value("pad_h", s.pad_h) + ", " + value("pad_w", s.pad_w);
+  if (s.kernel_h * s.kernel_w > kMaxTaps)
+    return "kernel_h * kernel_w must be at most " + std::to_string(kMaxTaps) + ", got " +
+           std::to_string(s.kernel_h * s.kernel_w);
+  if (s.out_height() < 1 || s.out_width() < 1)
+    return "the kernel (with dilation) is larger than the padded input: output size " +
+           std::to_string(s.out_height()) + " x " + std::to_string(s.out_width());
+  return {};
+}
+
+void first_layer_conv(const KernelOps& ops, const FirstLayerCall& call, const ParallelFor& parallel_for) {
+  const FirstLayerShape& s = call.shape;
+  if (s.batch == 0) return;
+  const int64_t out_h = s.out_height(), out_w = s.out_width();
+  const BlockedOperands blocked = blocked_operands(call, ops.first_layer_channels);
+  // Tap column j*dilation_w of output pixel x is phase (j*dilation_w) % stride_w at x + (j*dilation_w) / stride_w;
+  // a row holds whole blocks of pixels, so no load runs past it.
+  const int64_t row_width = round_up(out_w, ops.first_layer_pixels) + (s.kernel_w - 1) * s.dilation_w / s.stride_w;
+  const int64_t rows_per_task =
+      std::clamp<int64_t>(kOutputsPerTask / std::max<int64_t>(1, out_w * s.out_channels), 1, out_h);
+  const int64_t bands = (out_h + rows_per_task - 1) / rows_per_task;
+  parallel_for(s.batch * bands, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> rows;  // kept between calls: no allocation (and no page faults) per call
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / bands, row_begin = task % bands * rows_per_task;
+      const int64_t row_end = std::min(out_h, row_begin + rows_per_task);
+      const int64_t row_count = (row_end - 1 - row_begin) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
+      rows.resize(static_cast<size_t>(s.in_channels * row_count * s.stride_w * row_width));
+      prepare_rows(call, n, row_begin * s.stride_h - s.pad_h, row_count, row_width, rows.data());
+      const FirstLayerRows operands{&call,        blocked.weight.data(), blocked.bias.data(),
+                                    call.slope ? blocked.slope.data() : nullptr,
+                                    rows.data(),  n,                     row_count,
+                                    row_width};
+      ops.first_layer_rows(operands, row_begin, row_end);
+    }
+  });
+}
+
+}  // namespace xnorconv
