@@ -471,6 +471,8 @@ class BinaryDNet53(nn.Module):
         """self.stem(x). At inference (eval, no autograd, eager) the BatchNorm is folded into the conv's weight and
         bias (computed once and cached until a parameter or statistic changes): one conv and the activation."""
         conv, bn, act = self.stem
+        if isinstance(x, torch.fx.Proxy):  # symbolic tracing records the module calls, which freeze() fuses
+            return act(bn(conv(x)))
         if torch.is_grad_enabled() or not conv_bn_foldable(conv, bn) or torch.compiler.is_compiling():
             return _activate(act, bn(conv(x)))
         weight, bias = folded_conv_bn(self, "_folded_stem", conv, bn)

@@ -146,7 +146,8 @@ def profile(model: nn.Module, input_size: Union[int, Sequence[int]] = 128, name:
             binary_param_ids.add(id(weight))
         binary_params += _binary_weight_numel(layer)
     float_params = sum(p.numel() for p in model.parameters() if id(p) not in binary_param_ids)
-    float_convs = sum(1 for m in model.modules() if isinstance(m, nn.Conv2d) and not isinstance(m, binary_types))
+    float_convs = sum(1 for m in model.modules()
+                      if isinstance(m, (nn.Conv2d, xnorconv.StemConv2d)) and not isinstance(m, binary_types))
 
     training_flags = [(m, m.training) for m in model.modules()]
     model.eval()

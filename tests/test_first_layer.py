@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import xnorconv._first_layer as first_layer_module
-from xnorconv import BinaryConv2d, FrozenBinaryConv2d, Int8Conv2d, binarize, freeze
+from xnorconv import BinaryConv2d, FrozenBinaryConv2d, Int8Conv2d, StemConv2d, binarize, freeze
 
 from _helpers import randomize_batchnorm
 
@@ -130,15 +130,16 @@ def test_default_is_float_and_exact():
     assert torch.equal(default, explicit)
     torch.testing.assert_close(default, reference, rtol=1e-4, atol=1e-4)
     frozen = freeze(model)
-    assert [type(frozen.get_submodule(n)) for n in ("conv1", "bn1", "maxpool")] == [nn.Conv2d, nn.BatchNorm2d,
-                                                                                nn.MaxPool2d]
+    # float32 still: the image convolution with its BatchNorm and ReLU in one StemConv2d (the pool stays).
+    assert [type(frozen.get_submodule(n)) for n in ("conv1", "bn1", "relu", "maxpool")] == [
+        StemConv2d, nn.Identity, nn.Identity, nn.MaxPool2d]
     assert not any(isinstance(m, Int8Conv2d) for m in frozen.modules())
 
 
 def test_option_errors_name_the_argument_and_value():
     model = stem_net()
     x = torch.randn(2, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"first_layer must be one of \('float', 'int8'\), got 'fp16'"):
+    with pytest.raises(ValueError, match=r"first_layer must be one of \('float', 'int8', 'keep'\), got 'fp16'"):
         freeze(model, first_layer="fp16")
     with pytest.raises(ValueError, match=r"first_layer='int8' needs calibration=.*got calibration=None"):
         freeze(model, first_layer="int8")
@@ -170,11 +171,11 @@ def test_models_without_a_float_first_conv_are_refused_before_anything_changes()
     assert isinstance(binary_first.body[0], BinaryConv2d)  # inplace=True, yet untouched: checked first
     with pytest.raises(ValueError, match=r"first weight layer of Sequential is '0' \(Linear\)"):
         freeze(nn.Sequential(nn.Linear(4, 4)), first_layer="int8", calibration=torch.randn(2, 4))
-    with pytest.raises(ValueError, match=r"ReLU has no float first convolution to run in int8"):
+    with pytest.raises(ValueError, match=r"first_layer='int8' needs .*: ReLU has no float first convolution"):
         freeze(nn.ReLU(), first_layer="int8", calibration=torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"BinaryConv2d"):
         freeze(BinaryConv2d(3, 4, 3), first_layer="int8", calibration=torch.randn(1, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"needs a float32 CPU first convolution; 'conv1' is torch.float64"):
+    with pytest.raises(ValueError, match=r"the first convolution 'conv1' is torch.float64 on cpu, not float32 CPU"):
         freeze(stem_net().double(), first_layer="int8", calibration=torch.randn(1, 3, 16, 16))
 
     class Twice(nn.Module):

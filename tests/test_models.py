@@ -266,7 +266,7 @@ def test_folded_stem_follows_changes():
     import copy
     import pickle
     torch.manual_seed(9)
-    frozen = xnorconv.freeze(models.create("binary_dnet53", 6))
+    frozen = xnorconv.freeze(models.create("binary_dnet53", 6), first_layer="keep")  # freeze would fuse the stem
     x = torch.randn(1, 3, 64, 64)
 
     def check(model):
@@ -282,7 +282,7 @@ def test_folded_stem_follows_changes():
     with torch.no_grad():
         frozen.stem[0].weight.mul_(-1.5)
     check(frozen)
-    other = xnorconv.freeze(models.create("binary_dnet53", 6))
+    other = xnorconv.freeze(models.create("binary_dnet53", 6), first_layer="keep")
     randomize_batchnorm(other)
     frozen.load_state_dict(other.state_dict())
     check(frozen)
@@ -340,7 +340,10 @@ def test_state_dict_keys_unchanged():
     assert digest(models.create("binary_dnet53", 6).state_dict()) == (213, "3359a0f17b6f170f")
     assert digest(models.create("binary_dnet53_float", 6).state_dict()) == (213, "3359a0f17b6f170f")
     assert digest(models.create("binary_dnet53_bwn", 6).state_dict()) == (162, "0624eeeaac90ab83")
-    assert digest(xnorconv.freeze(models.create("binary_dnet53", 6)).state_dict()) == (138, "99d635e36ed86c44")
+    # Frozen before StemConv2d, and as they are kept with first_layer="keep"
+    assert digest(xnorconv.freeze(models.create("binary_dnet53", 6), first_layer="keep").state_dict()) == (
+        138, "99d635e36ed86c44")
+    assert digest(xnorconv.freeze(models.create("binary_dnet53", 6)).state_dict()) == (134, "6c22fe5c40c55fc5")
 
 
 class OpRecorder(TorchDispatchMode):
@@ -364,16 +367,17 @@ def test_frozen_binary_dnet53_runs_packed_kernels_and_matches():
     frozen = xnorconv.freeze(model)
     layers = [m for m in frozen.modules() if isinstance(m, xnorconv.FrozenBinaryConv2d)]
     assert len(layers) == 25 and not any(isinstance(m, xnorconv.BinaryConv2d) for m in frozen.modules())
-    # every BatchNorm after a binary conv is folded; only the float stem's remains
-    assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["stem.1"]
+    # every BatchNorm is folded: after a binary conv into it, the float stem's (with its PReLU) into a StemConv2d
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    assert [type(m) for m in frozen.stem] == [xnorconv.StemConv2d, nn.Identity, nn.Identity]
     recorder = OpRecorder()
     with torch.no_grad():
-        frozen(x)  # the first call folds the stem's BatchNorm into its conv (cached)
+        frozen(x)
         with recorder:
             out = frozen(x)
     assert recorder.ops.count("xnorconv.binary_conv2d_packed") == 25
-    assert recorder.ops.count("aten.convolution") == 1  # the float stem only
-    assert not [op for op in recorder.ops if "batch_norm" in op]  # its BatchNorm folded into it
+    assert recorder.ops.count("xnorconv.first_layer_conv") == 1 and recorder.ops.count("aten.convolution") == 0
+    assert not [op for op in recorder.ops if "batch_norm" in op or "prelu" in op]
     # the 25 learnable thresholds are fused into the packing pass: no subtraction is left
     assert recorder.ops.count("aten.sub") == 0
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
@@ -400,7 +404,8 @@ def test_frozen_weight_only_variant_matches():
         frozen = xnorconv.freeze(model)
         out = frozen(x)
     assert sum(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in frozen.modules()) == 25
-    assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["stem.1"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    assert frozen.stem[0].prelu_weight.eq(0.1).all()  # its LeakyReLU(0.1), fused
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-4, atol=1e-5)
 
 
@@ -696,16 +701,18 @@ def test_reference_binary_nets_frozen_match_and_run_packed_kernels(name, size):
     n_binary = 16 if name == "birealnet18" else 31
     assert sum(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in frozen.modules()) == n_binary
     assert not any(isinstance(m, xnorconv.BinaryConv2d) for m in frozen.modules())
-    # every BatchNorm after a binary conv folded; the float convs keep theirs (folded into them at inference)
-    assert all(n.endswith("proj.bn") or n == "stem.bn" for n, m in frozen.named_modules()
-               if isinstance(m, nn.BatchNorm2d))
+    # every BatchNorm after a binary conv folded, and the stem's into its StemConv2d; the other float convs keep
+    # theirs (folded into them at inference)
+    assert all(n.endswith("proj.bn") for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d))
+    assert isinstance(frozen.stem.conv, xnorconv.StemConv2d)
     recorder = OpRecorder()
     with torch.no_grad():
         frozen(x)  # the first call picks the layout and folds the float convs' BatchNorms (cached)
         with recorder:
             out = frozen(x)
     assert recorder.ops.count("xnorconv.binary_conv2d_packed") == n_binary
-    assert recorder.ops.count("aten.convolution") == (4 if name == "birealnet18" else 1)  # the float convs
+    assert recorder.ops.count("xnorconv.first_layer_conv") == 1  # the stem
+    assert recorder.ops.count("aten.convolution") == (3 if name == "birealnet18" else 0)  # the other float convs
     assert not [op for op in recorder.ops if "batch_norm" in op or "prelu" in op]
     # thresholds and RPReLU's shifts are in the packed layers; each unit's shortcut add and PReLU in its kernel pass
     assert recorder.ops.count("aten.sub") == 0

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import xnorconv
 import xnorconv._packed as xpacked
 import xnorconv.nn as xnn
-from xnorconv import BinaryConv2d, FrozenBinaryConv2d, binarize, freeze
+from xnorconv import BinaryConv2d, FrozenBinaryConv2d, StemConv2d, binarize, freeze
 from xnorconv._autograd import binary_conv2d_ste, ste_sign
 from xnorconv.functional import normalize_conv_args
 from xnorconv.testing import reference_conv2d, sign
@@ -765,7 +765,8 @@ def test_freeze_folds_batchnorm_in_sequential_and_round_trips_state_dict():
     assert kinds[3:5] == ["FrozenBinaryConv2d", "Identity"]
     assert [type(m).__name__ for m in frozen[6]] == ["FrozenBinaryConv2d", "Identity"]
     assert kinds[7:9] == ["FrozenBinaryConv2d", "BatchNorm2d"]  # batch statistics: not foldable, kept
-    assert type(frozen[0]) is nn.Conv2d and type(frozen[1]) is nn.BatchNorm2d  # real first layer untouched
+    # The real first layer stays float32, with its BatchNorm folded and its ReLU fused.
+    assert [type(m) for m in frozen[:3]] == [StemConv2d, nn.Identity, nn.Identity]
     assert frozen[3].bias is not None  # the folded BN supplies a bias
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), expected, rtol=1e-4, atol=1e-4)
@@ -802,8 +803,8 @@ def test_freeze_memory_format_runs_float_layers_in_it_and_returns_the_callers_la
     assert chosen in (torch.channels_last, torch.contiguous_format)  # "auto" measured on the first call
     if memory_format != "auto":
         assert chosen is memory_format
-    assert frozen[0].weight.is_contiguous(memory_format=chosen)
-    assert frozen[3].weight_bits.is_contiguous()  # packed bits are not an image: never permuted
+    # Neither is an image, so neither is permuted: StemConv2d reads (O, C, kh, kw), and packed bits.
+    assert frozen[0].weight.is_contiguous() and frozen[3].weight_bits.is_contiguous()
     torch.testing.assert_close(y_nchw, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y_cl, expected, rtol=1e-4, atol=1e-4)
     assert y_nchw.is_contiguous()
@@ -1115,7 +1116,10 @@ def test_binarize_then_freeze_torchvision_resnet18():
         expected = model(x)
     frozen = freeze(model)
     assert sum(isinstance(m, FrozenBinaryConv2d) for m in frozen.modules()) == 19
-    assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["bn1"]  # the real stem's
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    # The float stem: its BatchNorm folded and its ReLU fused into one StemConv2d; the max pool stays.
+    assert [type(m) for m in (frozen.conv1, frozen.bn1, frozen.relu, frozen.maxpool)] == [
+        StemConv2d, nn.Identity, nn.Identity, nn.MaxPool2d]
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), expected, rtol=1e-4, atol=1e-4)
 

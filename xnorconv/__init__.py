@@ -11,11 +11,11 @@ from .functional import PackedWeight, binary_conv2d, binary_conv2d_packed, pack_
 from . import nn
 from .nn import BinaryConv2d, FrozenBinaryConv2d, binarize, freeze
 from . import profiling, testing
-from ._first_layer import Int8Conv2d
+from ._first_layer import Int8Conv2d, StemConv2d
 from ._transforms import fold_batchnorm
 
 __all__ = [
     "BinaryConv2d", "FrozenBinaryConv2d", "Int8Conv2d", "PackedWeight", "backends", "binarize", "binary_conv2d",
     "binary_conv2d_packed", "build_info", "current_backend", "fold_batchnorm", "freeze", "functional", "nn",
-    "pack_weight", "profiling", "testing", "use_backend",
+    "pack_weight", "profiling", "StemConv2d", "testing", "use_backend",
 ]

@@ -35,7 +35,6 @@ def normalize_conv_args(kernel_size, stride, padding, dilation):
         # The common call, without the general parsing below (kernel_size only matters for 'same'): that parsing
         # was a visible share of a small layer's call.
         return (stride, stride), (padding, padding, padding, padding), (dilation, dilation)
-    kh, kw = pair(kernel_size, "kernel_size")
     stride = pair(stride, "stride")
     dilation = pair(dilation, "dilation")
     for name, value in (("stride", stride), ("dilation", dilation)):
@@ -50,6 +49,7 @@ def normalize_conv_args(kernel_size, stride, padding, dilation):
             raise ValueError(f"padding='same' is not supported for strided convolutions (stride={stride}), "
                              "as in nn.Conv2d")
         # nn.Conv2d's split: the extra pixel of an even total goes after (bottom/right).
+        kh, kw = pair(kernel_size, "kernel_size")
         total_h, total_w = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
         return stride, (total_h // 2, total_h - total_h // 2, total_w // 2, total_w - total_w // 2), dilation
     ph, pw = pair(padding, "padding")

@@ -1,7 +1,17 @@
-"""freeze(first_layer="int8"): a network's float first convolution run in int8.
+"""freeze(first_layer=...): a network's float first convolution, fused in float32 or run in int8.
 
 Once its binary convolutions are packed, a binarized network's largest single cost is often its float stem (the
-7x7/2 convolution of resnet18 over the whole 224x224 image). freeze(model, first_layer="int8", calibration=batch)
+7x7/2 convolution of resnet18 over the whole 224x224 image).
+
+first_layer="float" (freeze's default) replaces the first weight layer the model runs, when it is a float nn.Conv2d
+over an image (at most STEM_MAX_IN_CHANNELS channels, groups 1, the same padding on both sides), by a StemConv2d
+that folds conv [-> BatchNorm2d] [-> PReLU / ReLU / LeakyReLU] (found as below) into one pass of
+xnorconv::first_layer_conv (csrc/core/first_layer.cpp): a direct float32 convolution vectorised along the output
+rows, bias and activation applied in registers. It equals the layers it replaces to float rounding. General
+convolutions are slow on 3 input channels; what it gains is measured in docs/perf/first_layer.md. Models whose
+first layer it does not take keep it as it is, as does first_layer="keep".
+
+freeze(model, first_layer="int8", calibration=batch)
 replaces the first weight layer the model runs, when it is a float nn.Conv2d, by an Int8Conv2d that folds the
 layers following it: conv [-> BatchNorm2d] [-> ReLU] [-> MaxPool2d], each taken only when it alone consumes the
 previous one's output (torch.fx dataflow; without a graph, consecutive children of an nn.Sequential). A subclass
@@ -33,11 +43,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
+from ._backend import backends
+from .functional import _first_layer_conv
 from ._transforms import check_foldable_bn, fold_batchnorm, foldable_bn
 
-__all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "check_first_layer", "convert_first_layer"]
+__all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "StemConv2d", "check_first_layer", "convert_first_layer"]
 
-FIRST_LAYER_CHOICES = ("float", "int8")
+FIRST_LAYER_CHOICES = ("float", "int8", "keep")
 _ENGINE = "onednn"
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
@@ -93,7 +105,7 @@ def _module_counts(model: nn.Module):
 
 
 def _weight_layer(m: nn.Module) -> bool:
-    return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, Int8Conv2d))
+    return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, Int8Conv2d, StemConv2d))
             or type(m).__name__ == "FrozenBinaryConv2d")  # by name: xnorconv.nn imports this module
 
 
@@ -110,12 +122,16 @@ def _fusable(kind: str, conv: nn.Conv2d, m: nn.Module) -> bool:
         return foldable_bn(conv, m)
     if kind == "relu":
         return type(m) is nn.ReLU
+    if kind == "act":  # what StemConv2d's PReLU slopes express
+        return type(m) in (nn.ReLU, nn.LeakyReLU) or (type(m) is nn.PReLU
+                                                     and m.num_parameters in (1, conv.out_channels))
     # Subclasses too (a model's own max pool that only chooses a faster layout): calibration checks that each one
     # computes what nn.MaxPool2d does with its arguments, and leaves it unfused otherwise (_calibrate).
     return isinstance(m, nn.MaxPool2d) and not m.return_indices
 
 
-_FUSE_ORDER = ("bn", "relu", "pool")
+# What each first_layer choice folds after the convolution, in order.
+_FUSE_ORDER = {"int8": ("bn", "relu", "pool"), "float": ("bn", "act")}
 
 
 class _Stem(NamedTuple):
@@ -124,15 +140,17 @@ class _Stem(NamedTuple):
     reads_input: bool = False          # it reads the model's first argument itself (not a transform of it)
 
 
-def _traced_stem(model: nn.Module, counts) -> Optional[_Stem]:
-    """The stem in the torch.fx graph, or None when torch.fx cannot trace the model."""
-    try:
-        # With autograd on, models that fold their stem's BatchNorm at inference (BinaryDNet53) trace their
-        # module calls: the dataflow between modules is what is searched for.
-        with torch.enable_grad():
-            graph = _Tracer().trace(model)
-    except Exception:  # data-dependent control flow, unsupported ops...: the caller uses registration order
-        return None
+def _traced_stem(model: nn.Module, counts, order: Tuple[str, ...],
+                 graph: Optional[torch.fx.Graph] = None) -> Optional[_Stem]:
+    """The stem in the model's torch.fx graph (traced here unless given), or None when torch.fx cannot trace it."""
+    if graph is None:
+        try:
+            # With autograd on, models that fold their stem's BatchNorm at inference trace their module calls: the
+            # dataflow between modules is what is searched for.
+            with torch.enable_grad():
+                graph = _Tracer().trace(model)
+        except Exception:  # data-dependent control flow, unsupported ops...: the caller uses registration order
+            return None
     calls = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -142,14 +160,19 @@ def _traced_stem(model: nn.Module, counts) -> Optional[_Stem]:
     if first is None:
         return None
     conv = model.get_submodule(first.target)
-    fused, node, kinds = [], first, list(_FUSE_ORDER)
+    fused, node, kinds = [], first, list(order)
     while kinds and len(node.users) == 1:
         (user,) = node.users
         if user.op != "call_module" or len(user.args) != 1 or user.kwargs or user.args[0] is not node:
             break
         m = model.get_submodule(user.target)
+        if calls[user.target] != 1 or counts[id(m)] != 1:
+            break
+        if type(m) is nn.Identity:  # computes nothing (a BatchNorm folded earlier, say): look past it
+            node = user
+            continue
         kind = next((k for k in kinds if _fusable(k, conv, m)), None)
-        if kind is None or calls[user.target] != 1 or counts[id(m)] != 1:
+        if kind is None:
             break
         fused.append((kind, user.target))
         kinds = kinds[kinds.index(kind) + 1:]
@@ -161,7 +184,7 @@ def _traced_stem(model: nn.Module, counts) -> Optional[_Stem]:
     return _Stem(first.target, fused, reads_input)
 
 
-def _registered_stem(model: nn.Module, counts) -> _Stem:
+def _registered_stem(model: nn.Module, counts, order: Tuple[str, ...]) -> _Stem:
     """Without a graph: the first weight layer in registration order (as binarize's skip_first), fused with the
     children that follow it in its nn.Sequential."""
     first = next((n for n, m in model.named_modules() if _weight_layer(m)), None)
@@ -173,9 +196,11 @@ def _registered_stem(model: nn.Module, counts) -> _Stem:
     fused = []
     if isinstance(parent, nn.Sequential) and first:
         names = [n for n, _ in parent.named_children()]
-        kinds = list(_FUSE_ORDER)
+        kinds = list(order)
         for n in names[names.index(child) + 1:]:
             m = getattr(parent, n)
+            if type(m) is nn.Identity and counts[id(m)] == 1:
+                continue
             kind = next((k for k in kinds if _fusable(k, conv, m)), None)
             if kind is None or counts[id(m)] != 1:
                 break
@@ -184,39 +209,50 @@ def _registered_stem(model: nn.Module, counts) -> _Stem:
     return _Stem(first, fused if counts[id(conv)] == 1 else None)
 
 
-def _find_stem(model: nn.Module) -> _Stem:
+def _locate_stem(model: nn.Module, first_layer: str,
+                 graph: Optional[torch.fx.Graph] = None) -> Tuple[Optional[_Stem], str]:
+    """(the stem first_layer replaces, "") or (None, why there is none to replace). graph: the model's torch.fx
+    graph when the caller has one (module names as in `model`)."""
     if type(model) is nn.Conv2d:
         stem = _Stem("", [], True)
     else:
         counts = _module_counts(model)
-        stem = _traced_stem(model, counts) or _registered_stem(model, counts)
+        order = _FUSE_ORDER[first_layer]
+        stem = _traced_stem(model, counts, order, graph) or _registered_stem(model, counts, order)
     name = stem.name
     if name is None:
-        raise ValueError(f"first_layer='int8': {type(model).__name__} has no float first convolution to run in int8 "
-                         f"(no weight layer found)")
+        return None, f"{type(model).__name__} has no float first convolution (no weight layer found)"
     conv = model.get_submodule(name) if name else model
-    if isinstance(conv, Int8Conv2d):
-        raise ValueError(f"first_layer='int8': the first layer {name!r} of {type(model).__name__} is already an "
-                         f"Int8Conv2d (a frozen model frozen again keeps it with first_layer='float')")
+    if isinstance(conv, (Int8Conv2d, StemConv2d)):
+        return None, (f"the first layer {name!r} of {type(model).__name__} is already an {type(conv).__name__} (a "
+                      f"frozen model frozen again keeps it with first_layer='float')")
     if type(conv) is not nn.Conv2d:
-        raise ValueError(f"first_layer='int8': the first weight layer of {type(model).__name__} is {name!r} "
-                         f"({type(conv).__name__}), not a float nn.Conv2d; use first_layer='float'")
+        return None, (f"the first weight layer of {type(model).__name__} is {name!r} ({type(conv).__name__}), not a "
+                      f"float nn.Conv2d")
     if stem.fused is None:
-        raise ValueError(f"first_layer='int8': the first convolution {name!r} is registered or called more than "
-                         f"once; it cannot be replaced by one int8 layer")
+        return None, (f"the first convolution {name!r} is registered or called more than once; it cannot be replaced "
+                      f"by one layer")
     if conv.weight.dtype != torch.float32 or conv.weight.device.type != "cpu":
-        raise ValueError(f"first_layer='int8' needs a float32 CPU first convolution; {name!r} is "
-                         f"{conv.weight.dtype} on {conv.weight.device}")
+        return None, f"the first convolution {name!r} is {conv.weight.dtype} on {conv.weight.device}, not float32 CPU"
+    return stem, ""
+
+
+def _find_stem(model: nn.Module) -> _Stem:
+    """The stem first_layer='int8' replaces; ValueError when there is none."""
+    stem, reason = _locate_stem(model, "int8")
+    if stem is None:
+        raise ValueError(f"first_layer='int8' needs a float32 CPU first nn.Conv2d to run in int8: {reason}; use "
+                         f"first_layer='float'")
     return stem
 
 
 def _check_options(first_layer, calibration) -> None:
     if not isinstance(first_layer, str) or first_layer not in FIRST_LAYER_CHOICES:
         raise ValueError(f"first_layer must be one of {FIRST_LAYER_CHOICES}, got {first_layer!r}")
-    if first_layer == "float":
+    if first_layer != "int8":
         if calibration is not None:
             raise ValueError("calibration is only used with first_layer='int8' (it sets the int8 input scale); got "
-                             f"first_layer='float' and a calibration of type {type(calibration).__name__}")
+                             f"first_layer={first_layer!r} and a calibration of type {type(calibration).__name__}")
         return
     if calibration is None:
         raise ValueError("first_layer='int8' needs calibration=<a batch of typical model inputs> (a float tensor, "
@@ -394,6 +430,82 @@ class Int8Conv2d(nn.Module):
         return y.squeeze(0) if unbatched else y
 
 
+# The float layer takes images: few input channels, for which xnorconv's direct kernel is faster than a general
+# convolution (docs/perf/first_layer.md); wider first layers stay nn.Conv2d.
+STEM_MAX_IN_CHANNELS = 4
+
+
+class StemConv2d(nn.Module):
+    r"""Inference-only float first convolution with its BatchNorm folded in and its activation fused (made by
+    freeze(first_layer="float"), see xnorconv._first_layer): y = act(conv2d(x, weight) + bias) in one pass of
+    xnorconv.functional.first_layer_conv, act a per-channel PReLU (``prelu_weight``: a PReLU's slopes, zeros for a
+    ReLU, a LeakyReLU's slope) or none.
+
+    Buffers (all in the state_dict): ``weight`` float32 (O, I, kh, kw), ``bias`` float32 (O,), and
+    ``prelu_weight`` float32 (O,) when ``activation=True``. The output follows the input's layout. Float32; on the
+    CPU without gradients it runs xnorconv's kernel, elsewhere F.conv2d and F.prelu.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, *,
+                 activation: bool = False):
+        super().__init__()
+        set_conv2d_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, 1, "zeros")
+        if isinstance(padding, str):
+            raise ValueError(f"padding must be an int or a pair of ints (the same on both sides), got {padding!r}")
+        if not isinstance(activation, bool):
+            raise ValueError(f"activation must be True or False, got {activation!r}")
+        kh, kw = self.kernel_size
+        self.register_buffer("weight", torch.zeros(out_channels, in_channels, kh, kw))
+        self.register_buffer("bias", torch.zeros(out_channels))
+        self.register_buffer("prelu_weight", torch.zeros(out_channels) if activation else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None,
+                   act: Optional[nn.Module] = None) -> "StemConv2d":
+        """conv [-> bn (eval semantics: running statistics)] [-> act: nn.PReLU, nn.ReLU or nn.LeakyReLU]."""
+        if type(conv) is not nn.Conv2d:
+            raise TypeError(f"from_float expects an nn.Conv2d, got {type(conv).__name__}")
+        left, right, top, bottom = conv._reversed_padding_repeated_twice
+        if conv.groups != 1 or conv.padding_mode != "zeros" or left != right or top != bottom:
+            raise ValueError(f"from_float takes a convolution with groups=1 and zeros padding, the same on both sides "
+                             f"of each axis, got {conv!r}")
+        if bn is not None:
+            check_foldable_bn(conv, bn)
+        if act is not None and not _fusable("act", conv, act):
+            raise ValueError(f"act must be None, nn.ReLU, nn.LeakyReLU or an nn.PReLU with 1 or "
+                             f"{conv.out_channels} parameters, got {act!r}")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, (top, left), conv.dilation,
+                    activation=act is not None)
+        w, b = _folded(conv, bn)
+        layer.weight.copy_(w)
+        layer.bias.copy_(b)
+        if isinstance(act, nn.PReLU):
+            layer.prelu_weight.copy_(act.weight.detach().expand(conv.out_channels))
+        elif isinstance(act, nn.LeakyReLU):
+            layer.prelu_weight.fill_(act.negative_slope)
+        return layer.to(conv.weight.device)
+
+    def extra_repr(self) -> str:
+        s = conv2d_geometry_repr(self)  # bias is always a buffer here: no "bias=False"
+        return s + (", prelu=True" if self.prelu_weight is not None else "")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"StemConv2d: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in (3, 4):
+            raise ValueError(f"StemConv2d: input must be 4-D (N, C, H, W) or 3-D, got shape {tuple(input.shape)}")
+        unbatched = input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"StemConv2d: expected input with {self.in_channels} channels (dim 1), got "
+                             f"{x.shape[1]} (input shape {tuple(input.shape)})")
+        (ph, pw) = self.padding
+        y = _first_layer_conv(x, self.weight, self.bias, self.prelu_weight, self.stride, (ph, ph, pw, pw),
+                              self.dilation)
+        return y.squeeze(0) if unbatched else y
+
+
 def _folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
     """conv's weight and bias with bn folded in (float64)."""
     w = conv.weight.detach().double()
@@ -468,12 +580,50 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def convert_first_layer(model: nn.Module, first_layer, calibration) -> nn.Module:
-    """freeze()'s first-layer step on the (frozen) model: returns it with its first convolution and the layers
-    fused into it replaced (in place) by an Int8Conv2d and nn.Identity, or as it is for first_layer='float'."""
-    _check_options(first_layer, calibration)
-    if first_layer == "float":
+def _replace_stem(model: nn.Module, stem: _Stem, layer: nn.Module) -> nn.Module:
+    if not stem.name:
+        return layer
+    _set_submodule(model, stem.name, layer)
+    for _, n in stem.fused:
+        _set_submodule(model, n, nn.Identity())
+    return model
+
+
+def _stem_candidate(conv: nn.Module) -> bool:
+    """A float convolution StemConv2d takes."""
+    if type(conv) is not nn.Conv2d:
+        return False
+    left, right, top, bottom = conv._reversed_padding_repeated_twice
+    return (conv.in_channels <= STEM_MAX_IN_CHANNELS and conv.groups == 1 and conv.padding_mode == "zeros"
+            and left == right and top == bottom)
+
+
+def _convert_float_stem(model: nn.Module, graph: Optional[torch.fx.Graph]) -> nn.Module:
+    """first_layer='float': the stem as a StemConv2d where it is one xnorconv's kernel takes, else as it is."""
+    # Without a vector family (an x86 CPU without AVX2), PyTorch's convolution is the faster one. A model without a
+    # candidate is not traced.
+    if backends() == ["scalar"] or not any(_stem_candidate(m) for m in model.modules()):
         return model
+    stem, _ = _locate_stem(model, "float", graph)
+    if stem is None:
+        return model
+    conv = model.get_submodule(stem.name) if stem.name else model
+    if not _stem_candidate(conv):
+        return model
+    modules = {kind: model.get_submodule(n) for kind, n in stem.fused}
+    return _replace_stem(model, stem, StemConv2d.from_float(conv, modules.get("bn"), modules.get("act")).eval())
+
+
+def convert_first_layer(model: nn.Module, first_layer, calibration, graph: Optional[torch.fx.Graph] = None
+                        ) -> nn.Module:
+    """freeze()'s first-layer step on the (frozen) model: returns it with its first convolution and the layers
+    fused into it replaced (in place) by an Int8Conv2d or a StemConv2d and nn.Identity. graph: freeze's torch.fx
+    graph of the model, if it traced one, which the float layer's search reuses."""
+    _check_options(first_layer, calibration)
+    if first_layer == "keep":
+        return model
+    if first_layer == "float":
+        return _convert_float_stem(model, graph)
     stem = _find_stem(model)
     name, fused = stem.name, stem.fused
     conv = model.get_submodule(name) if name else model
@@ -489,9 +639,4 @@ def convert_first_layer(model: nn.Module, first_layer, calibration) -> nn.Module
         input_range, output_range = _calibrate(model, stem, conv, _float_chain(conv, bn, relu, None, []), batches)
     layer = Int8Conv2d.from_float(conv, bn, relu, pool, input_range=input_range, output_range=output_range,
                                   input_quant_max=255 if _full_range_int8() else 127).eval()
-    if not name:
-        return layer
-    _set_submodule(model, name, layer)
-    for _, n in fused:
-        _set_submodule(model, n, nn.Identity())
-    return model
+    return _replace_stem(model, _Stem(name, fused, stem.reads_input), layer)

@@ -1,5 +1,7 @@
-"""Fake (meta) kernels: shapes and dtypes of every op, for torch.compile and torch.export."""
+"""Fake (meta) kernels: shapes and dtypes of every op, for torch.compile and torch.export; and the FLOP count of the
+float op, for torch.utils.flop_counter."""
 import torch
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 
 def _out_size(size, kernel, stride, pad_lo, pad_hi, dilation):
@@ -96,6 +98,26 @@ def _real_shortcut_fake(input, out_channels, stride):
     n, _, h, w = input.shape
     out = input.new_empty((n, out_channels, (h + stride - 1) // stride, (w + stride - 1) // stride))
     return out.contiguous(memory_format=_channel_layout_like(input))
+
+
+@torch.library.register_fake("xnorconv::first_layer_conv")
+def _first_layer_conv_fake(input, weight, bias, prelu_weight, stride, padding, dilation):
+    torch._check(input.dim() == 4, lambda: f"first_layer_conv: input must be 4-D (N, C, H, W), got {input.dim()}-D")
+    torch._check(weight.dim() == 4 and weight.shape[1] == input.shape[1],
+                 lambda: f"first_layer_conv: weight of shape {tuple(weight.shape)} does not fit input of shape "
+                         f"{tuple(input.shape)}")
+    n, _, h, w = input.shape
+    out_channels, _, kh, kw = weight.shape
+    oh = _out_size(h, kh, stride[0], padding[0], padding[0], dilation[0])
+    ow = _out_size(w, kw, stride[1], padding[1], padding[1], dilation[1])
+    out = input.new_empty((n, out_channels, oh, ow))
+    return out.contiguous(memory_format=_channel_layout_like(input))
+
+
+@register_flop_formula(torch.ops.xnorconv.first_layer_conv)
+def _first_layer_conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """What torch.utils.flop_counter counts for the float convolution it is (a multiply and an add per MAC)."""
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape))
 
 
 @torch.library.register_fake("xnorconv::chained_max_pools")

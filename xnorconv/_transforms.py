@@ -179,6 +179,7 @@ def traced_chains(graph: torch.fx.Graph, model: nn.Module, counts, pairs: Dict[s
 class FreezePlan(NamedTuple):
     bn_of: Dict[str, str]               # conv name -> name of the BatchNorm2d folded into it
     chains: List[Tuple[str, str]]       # (producer, consumer) conv names
+    graph: Optional[torch.fx.Graph] = None  # the trace they come from, if there was one
 
 
 # Activations whose outputs are never negative: a binary layer that reads one sees only +1 signs.
@@ -232,4 +233,4 @@ def plan_freeze(model: nn.Module, conv_type, fold_bn: bool, chain_signs: bool) -
             sequential_pairs(model, counts, conv_type)
         bn_of = dict(pairs)
     chains = traced_chains(graph, model, counts, bn_of, conv_type) if chain_signs and graph is not None else []
-    return FreezePlan(bn_of, chains)
+    return FreezePlan(bn_of, chains, graph)

@@ -195,6 +195,59 @@ def _chained_max_pools_aten(x: torch.Tensor, kernel_size: int, pools: int) -> to
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def first_layer_conv(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1,
+                     prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.prelu(F.conv2d(input, weight, bias, stride, padding, dilation), prelu_weight) in one pass (without
+    prelu_weight, the convolution alone): a binary network's float first layer, with its BatchNorm folded into
+    weight and bias and its activation fused. prelu_weight has one slope per output channel (or one for all): zeros
+    give ReLU (whose negative outputs then come out as -0.0, equal to 0.0), a LeakyReLU's slope everywhere gives
+    that LeakyReLU. Output in the input's memory format.
+
+    float32 CPU tensors with no gradient to record run xnorconv::first_layer_conv, a direct convolution for few input
+    channels (groups 1, the same padding on both sides of each axis); anything else composes F.conv2d and F.prelu.
+    The two agree up to float rounding (order of the additions).
+    """
+    check_tensor("input", input)
+    check_tensor("weight", weight)
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (out_channels, in_channels, kernel_h, kernel_w), got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] != input.shape[1]:
+        raise ValueError(f"weight has {weight.shape[1]} input channels (dim 1) but input has {input.shape[1]} "
+                         f"(input shape {tuple(input.shape)})")
+    stride, (top, bottom, left, right), dilation = normalize_conv_args(tuple(weight.shape[2:]), stride, padding,
+                                                                      dilation)
+    out_channels = weight.shape[0]
+    for name, t in (("bias", bias), ("prelu_weight", prelu_weight)):
+        if t is not None:
+            check_tensor(name, t)
+            if t.dim() != 1 or t.shape[0] not in ((1, out_channels) if name == "prelu_weight" else (out_channels,)):
+                allowed = f"({out_channels},) or (1,)" if name == "prelu_weight" else f"({out_channels},)"
+                raise ValueError(f"{name} must have shape {allowed}, got {tuple(t.shape)}")
+    return _first_layer_conv(input, weight, bias, prelu_weight, stride, (top, bottom, left, right), dilation)
+
+
+def _first_layer_conv(input, weight, bias, prelu_weight, stride, padding, dilation):
+    """first_layer_conv after its checks: stride and dilation pairs, padding (top, bottom, left, right)."""
+    top, bottom, left, right = padding
+    operands = (weight, bias, prelu_weight)
+    if (_one_pass_input(input) and top == bottom and left == right
+            and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in operands)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands))):
+        if prelu_weight is not None and prelu_weight.shape[0] != weight.shape[0]:
+            prelu_weight = prelu_weight.expand(weight.shape[0])
+        return torch.ops.xnorconv.first_layer_conv(input, weight, bias, prelu_weight, stride, (top, left), dilation)
+    if top == bottom and left == right:
+        x, pad = input, (top, left)
+    else:  # F.conv2d pads both sides alike
+        x, pad = torch.nn.functional.pad(input, (left, right, top, bottom)), (0, 0)
+    y = torch.nn.functional.conv2d(x, weight, bias, stride, pad, dilation)
+    return y if prelu_weight is None else torch.nn.functional.prelu(y, prelu_weight.to(y.dtype))
+
+
 def _one_pass_input(x: torch.Tensor) -> bool:
     """Inputs the one-pass ops take: float32 on the CPU, with no gradient to record (they have no backward)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled())

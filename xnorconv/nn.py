@@ -20,7 +20,7 @@ from . import _packed, _transforms
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
 from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_layer_input, check_pad_value,
                       check_spatial, normalize_conv_args)
-from ._first_layer import check_first_layer, convert_first_layer
+from ._first_layer import StemConv2d, check_first_layer, convert_first_layer
 from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._layout import check_memory_format
 from ._layout import install as install_layout_hooks
@@ -376,11 +376,17 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
     model both ways on that input and keep the faster (see xnorconv._layout). Either way the model takes the input
     layout callers have (NCHW) and returns 4-D outputs in the caller's layout; results match to float rounding.
 
-    first_layer: "float" (default: the float first convolution stays as it is, exact) or "int8": the first weight
-    layer the model runs, a float nn.Conv2d, becomes an int8 Int8Conv2d (oneDNN quantized convolution) with the
-    BatchNorm2d / ReLU / MaxPool2d that directly follow it folded in; needs calibration=<a float batch of typical
-    inputs> (or a list of batches), which sets the int8 input and output scales. Not exact: see
-    xnorconv._first_layer and docs/perf/first_layer.md.
+    first_layer: what becomes of the first weight layer the model runs when it is a float nn.Conv2d.
+      "float" (default): over an image (at most 4 input channels, groups 1, the same padding on both sides), a
+        StemConv2d, float32 as before, with the BatchNorm2d and the PReLU / ReLU / LeakyReLU that directly follow it
+        folded in and fused: one pass of xnorconv's direct convolution, equal to the unfrozen layers to float
+        rounding. Other first layers stay as they are.
+      "int8": an Int8Conv2d (oneDNN quantized convolution) with the BatchNorm2d / ReLU / MaxPool2d that directly
+        follow it folded in; needs calibration=<a float batch of typical inputs> (or a list of batches), which sets
+        the int8 input and output scales. Not exact.
+      "keep": the first layers stay as they are (PyTorch's convolution; what freeze() did before StemConv2d, so
+        the state_dicts of models frozen then load into models frozen so).
+    See xnorconv._first_layer and docs/perf/first_layer.md.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze expects an nn.Module, got {type(model).__name__}")
@@ -400,8 +406,9 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
         frozen_of[id(producer)].emit_signs(consumer.input_threshold)
     for bn_name in plan.bn_of.values():
         _transforms.set_submodule(model, bn_name, nn.Identity())
-    model = convert_first_layer(model, first_layer, calibration)
-    return install_layout_hooks(model, memory_format, skip=(FrozenBinaryConv2d,)).eval()
+    model = convert_first_layer(model, first_layer, calibration, plan.graph)
+    # Their 4-D buffers are weights read as (O, C, kh, kw), not images.
+    return install_layout_hooks(model, memory_format, skip=(FrozenBinaryConv2d, StemConv2d)).eval()
 
 
 def _binary_from_conv(conv: nn.Conv2d, options) -> BinaryConv2d:

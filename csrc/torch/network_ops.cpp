@@ -1,6 +1,7 @@
 // Torch binding of the one-pass float ops around the binary convolutions of the reference networks, for inference:
 // xnorconv::real_shortcut (csrc/core/shortcut.cpp), the parameter-free shortcut of Bi-Real / ReActNet / BinaryDNet53
-// units, and xnorconv::chained_max_pools (csrc/core/sppf.cpp), SPPF's pools with their concatenation. CPU only and
+// units, xnorconv::chained_max_pools (csrc/core/sppf.cpp), SPPF's pools with their concatenation, and
+// xnorconv::first_layer_conv (csrc/core/first_layer.cpp), the float stem with its bias and PReLU. CPU only and
 // without a gradient: xnorconv.functional composes the same values from differentiable aten ops for training and
 // other devices, and the CUDA kernels below say so.
 #include <ATen/ATen.h>
@@ -50,6 +51,71 @@ at::Tensor chained_max_pools_cpu(const at::Tensor& input, int64_t kernel_size, i
   return out;
 }
 
+void check_optional_per_channel(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                int64_t out_channels) {
+  if (!t) return;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), op, ": ", name,
+              " must be a float32 CPU tensor, got ", t->scalar_type(), " on ", t->device());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == out_channels, op, ": ", name, " must have shape (", out_channels,
+              ",) (one value per output channel), got ", t->sizes());
+}
+
+int64_t pair_entry(const char* op, const char* name, at::IntArrayRef v, int i) {
+  TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 values (height, width), got ", v);
+  return v[i];
+}
+
+at::Tensor first_layer_conv_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& prelu_weight,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "first_layer_conv";
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got a ", input.dim(), "-D tensor of shape ",
+              input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": input must be float32, got ", input.scalar_type());
+  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(), op,
+              ": weight must be a 4-D (out_channels, in_channels, kernel_h, kernel_w) float32 CPU tensor, got ",
+              weight.scalar_type(), " of shape ", weight.sizes(), " on ", weight.device());
+  TORCH_CHECK(weight.size(1) == input.size(1), op, ": weight has ", weight.size(1),
+              " input channels (dim 1) but the input has ", input.size(1), " (input shape ", input.sizes(), ")");
+  const int64_t out_channels = weight.size(0);
+  check_optional_per_channel(op, "bias", bias, out_channels);
+  check_optional_per_channel(op, "prelu_weight", prelu_weight, out_channels);
+  const bool nhwc = wants_channels_last_output(input);
+  const at::MemoryFormat format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = input.contiguous(format), w = weight.contiguous();
+  xnorconv::FirstLayerShape shape;
+  shape.batch = x.size(0);
+  shape.in_channels = x.size(1);
+  shape.height = x.size(2);
+  shape.width = x.size(3);
+  shape.out_channels = out_channels;
+  shape.kernel_h = w.size(2);
+  shape.kernel_w = w.size(3);
+  shape.stride_h = pair_entry(op, "stride", stride, 0);
+  shape.stride_w = pair_entry(op, "stride", stride, 1);
+  shape.pad_h = pair_entry(op, "padding", padding, 0);
+  shape.pad_w = pair_entry(op, "padding", padding, 1);
+  shape.dilation_h = pair_entry(op, "dilation", dilation, 0);
+  shape.dilation_w = pair_entry(op, "dilation", dilation, 1);
+  shape.channels_last = nhwc;
+  const std::string error = xnorconv::validate(shape);
+  TORCH_CHECK(error.empty(), op, ": ", error, " (input shape ", input.sizes(), ", weight shape ", weight.sizes(),
+              ")");
+  at::Tensor out = at::empty({shape.batch, out_channels, shape.out_height(), shape.out_width()},
+                             x.options().memory_format(format));
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), s = prelu_weight ? prelu_weight->contiguous()
+                                                                                   : at::Tensor();
+  xnorconv::FirstLayerCall call;
+  call.shape = shape;
+  call.input = x.data_ptr<float>();
+  call.weight = w.data_ptr<float>();
+  call.bias = bias ? b.data_ptr<float>() : nullptr;
+  call.slope = prelu_weight ? s.data_ptr<float>() : nullptr;
+  call.out = out.data_ptr<float>();
+  xnorconv::first_layer_conv(xnorconv::select_float_kernel(), call, torch_parallel_for);
+  return out;
+}
+
 // On CUDA, xnorconv.functional composes these from aten ops: a direct call says so.
 at::Tensor real_shortcut_cuda(const at::Tensor&, int64_t, int64_t) {
   TORCH_CHECK(false, "xnorconv::real_shortcut runs on the CPU only; on CUDA, xnorconv.functional.real_shortcut "
@@ -59,22 +125,31 @@ at::Tensor chained_max_pools_cuda(const at::Tensor&, int64_t, int64_t) {
   TORCH_CHECK(false, "xnorconv::chained_max_pools runs on the CPU only; on CUDA, "
               "xnorconv.functional.chained_max_pools computes it from aten ops");
 }
+at::Tensor first_layer_conv_cuda(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                 const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef) {
+  TORCH_CHECK(false, "xnorconv::first_layer_conv runs on the CPU only; on CUDA, xnorconv.functional.first_layer_conv "
+              "computes it from aten ops");
+}
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(xnorconv, m) {
   m.def("real_shortcut(Tensor input, int out_channels, int stride) -> Tensor");
   m.def("chained_max_pools(Tensor input, int kernel_size, int pools) -> Tensor");
+  m.def("first_layer_conv(Tensor input, Tensor weight, Tensor? bias, Tensor? prelu_weight, int[2] stride, "
+        "int[2] padding, int[2] dilation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {
   m.impl("real_shortcut", &real_shortcut_cpu);
   m.impl("chained_max_pools", &chained_max_pools_cpu);
+  m.impl("first_layer_conv", &first_layer_conv_cpu);
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CUDA, m) {
   m.impl("real_shortcut", &real_shortcut_cuda);
   m.impl("chained_max_pools", &chained_max_pools_cuda);
+  m.impl("first_layer_conv", &first_layer_conv_cuda);
 }
 
 }  // namespace xnorconv_torch

@@ -1,0 +1,261 @@
+"""The float first layer: xnorconv.functional.first_layer_conv (op xnorconv::first_layer_conv) and StemConv2d, which
+freeze(first_layer="float") puts in place of a network's image convolution with its BatchNorm and activation.
+
+  * the op against F.conv2d + F.prelu evaluated in float64, on every CPU kernel family, in both layouts (the same
+    bits in each, and on every family), over strides, dilations, paddings, kernel sizes and widths that are not
+    whole vectors, with and without bias and PReLU;
+  * the composed path it falls back to (gradients, asymmetric padding), opcheck, TorchScript and errors;
+  * StemConv2d from each foldable chain, its state_dict, and what freeze() does and does not replace.
+
+Run from the repository root: python -m pytest tests/test_stem.py -q
+"""
+import io
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import xnorconv
+from xnorconv import StemConv2d, binarize, freeze
+from xnorconv.functional import first_layer_conv
+
+from _helpers import randomize_batchnorm
+
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+# (in, out, size, kernel, stride, padding, dilation): the reference networks' stems, then odd ones.
+SHAPES = [(3, 16, (20, 37), 3, 1, 1, 1), (3, 32, (23, 23), 3, 2, 1, 1), (3, 64, (30, 29), 7, 2, 3, 1),
+          (1, 5, (9, 70), 5, (1, 3), (2, 0), 1), (4, 17, (13, 8), (3, 1), 1, (1, 0), (2, 1)),
+          (2, 40, (16, 33), 1, 3, 0, 1), (3, 7, (5, 5), 4, 1, 3, 2), (3, 24, (1, 1), 1, 1, 0, 1)]
+
+
+def reference(x, weight, bias, stride, padding, dilation, slope):
+    y = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride, padding, dilation)
+    return y if slope is None else F.prelu(y, slope.double())
+
+
+def bound(x, weight, stride, padding, dilation, slope):
+    """Float32 rounding of a sum of products: a few ulps of the sum of the terms' magnitudes."""
+    magnitude = F.conv2d(x.double().abs(), weight.double().abs(), None, stride, padding, dilation) + 1
+    return 1e-6 * (magnitude if slope is None else magnitude * torch.maximum(slope.double().abs(), torch.ones(1,
+                                                                         dtype=torch.float64)).view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("backend", xnorconv.backends())
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(i) for i in range(len(SHAPES))])
+def test_matches_conv2d_and_prelu_on_every_family(shape, layout, backend):
+    cin, cout, (h, w), k, stride, padding, dilation = shape
+    g = torch.Generator().manual_seed(hash(shape) % 1000)
+    x = torch.randn(2, cin, h, w, generator=g).contiguous(memory_format=layout)
+    weight = torch.randn(cout, cin, *((k, k) if isinstance(k, int) else k), generator=g)
+    bias = torch.randn(cout, generator=g)
+    slope = torch.rand(cout, generator=g) - 0.5
+    for b, s in itertools.product((None, bias), (None, slope, slope[:1], torch.zeros(cout))):
+        with xnorconv.use_backend(backend):
+            got = first_layer_conv(x, weight, b, stride, padding, dilation, s)
+        s_full = None if s is None else s.expand(cout)
+        want = reference(x, weight, b, stride, padding, dilation, s_full)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        # the ops' layout rule: a one-channel channels_last tensor is NCHW too, and gets NCHW
+        assert got.is_contiguous(memory_format=layout if cin > 1 else torch.contiguous_format)
+        assert ((got.double() - want).abs() <= bound(x, weight, stride, padding, dilation, s_full)).all()
+        if b is bias and s is slope:
+            with xnorconv.use_backend(backend):
+                other = first_layer_conv(x.contiguous(memory_format=torch.channels_last
+                                                      if layout == torch.contiguous_format else torch.contiguous_format),
+                                         weight, b, stride, padding, dilation, s)
+            assert torch.equal(other, got)  # every layout sums in the same order
+            with xnorconv.use_backend("scalar"):
+                assert torch.equal(first_layer_conv(x, weight, b, stride, padding, dilation, s), got)  # and family
+
+
+def test_relu_and_leaky_relu_as_slopes_and_empty_batch():
+    x, weight = torch.randn(1, 3, 12, 12), torch.randn(8, 3, 3, 3)
+    relu = first_layer_conv(x, weight, padding=1, prelu_weight=torch.zeros(8))
+    assert torch.equal(relu, F.relu(relu)) and (relu == F.relu(F.conv2d(x, weight, padding=1))).float().mean() > 0.45
+    torch.testing.assert_close(relu, F.relu(F.conv2d(x, weight, padding=1)), rtol=1e-5, atol=1e-5)
+    leaky = first_layer_conv(x, weight, padding=1, prelu_weight=torch.full((1,), 0.1))
+    torch.testing.assert_close(leaky, F.leaky_relu(F.conv2d(x, weight, padding=1), 0.1), rtol=1e-5, atol=1e-5)
+    empty = first_layer_conv(torch.randn(0, 3, 12, 12), weight, padding=1)
+    assert empty.shape == (0, 8, 12, 12)
+
+
+def test_threads_give_the_same_bits():
+    x, weight, bias = torch.randn(2, 3, 64, 64), torch.randn(16, 3, 3, 3), torch.randn(16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = first_layer_conv(x, weight, bias, 1, 1)
+        torch.set_num_threads(2)
+        assert torch.equal(first_layer_conv(x, weight, bias, 1, 1), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_composed_path_for_gradients_and_asymmetric_padding(monkeypatch):
+    x = torch.randn(2, 3, 10, 11, requires_grad=True)
+    weight = torch.randn(6, 3, 4, 4, requires_grad=True)
+    slope = torch.rand(6, requires_grad=True)
+    y = first_layer_conv(x, weight, None, 1, "same", 1, slope)  # even kernel: one more row and column after
+    want = F.prelu(F.conv2d(x, weight, None, 1, "same"), slope)
+    torch.testing.assert_close(y, want)
+    grads = torch.autograd.grad(y.sum(), (x, weight, slope))
+    torch.testing.assert_close(grads, torch.autograd.grad(want.sum(), (x, weight, slope)))
+    calls = []
+    monkeypatch.setattr(torch.ops.xnorconv, "first_layer_conv", lambda *a: calls.append(1))
+    with torch.no_grad():
+        first_layer_conv(x, weight, None, 1, "same", 1, slope)
+        first_layer_conv(x.double(), weight.double(), None, 1, 1, 1, slope.double())
+    assert not calls  # asymmetric padding and float64 compose aten ops
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_opcheck_and_torchscript(layout):
+    x = torch.randn(2, 3, 9, 13).contiguous(memory_format=layout)
+    weight, bias, slope = torch.randn(5, 3, 3, 3), torch.randn(5), torch.rand(5)
+    op = torch.ops.xnorconv.first_layer_conv.default
+    torch.library.opcheck(op, (x, weight, bias, slope, [2, 1], [1, 0], [1, 2]))
+    torch.library.opcheck(op, (x, weight, None, None, [1, 1], [0, 0], [1, 1]))
+    layer = StemConv2d(3, 5, 3, 2, 1, activation=True).eval()
+    traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(traced(x), layer(x))
+
+
+def test_errors_name_the_argument():
+    x, weight = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"input must be 4-D \(N, C, H, W\), got shape \(3, 8, 8\)"):
+        first_layer_conv(x[0], weight)
+    with pytest.raises(ValueError, match=r"weight must be 4-D .*, got shape \(4, 27\)"):
+        first_layer_conv(x, weight.flatten(1))
+    with pytest.raises(ValueError, match=r"weight has 2 input channels \(dim 1\) but input has 3"):
+        first_layer_conv(x, weight[:, :2])
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\), got \(3,\)"):
+        first_layer_conv(x, weight, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"prelu_weight must have shape \(4,\) or \(1,\), got \(2,\)"):
+        first_layer_conv(x, weight, prelu_weight=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"stride must be >= 1, got \(0, 0\)"):
+        first_layer_conv(x, weight, stride=0)
+    with pytest.raises(TypeError, match=r"weight must be a torch.Tensor, got list"):
+        first_layer_conv(x, [1.0])
+    op = torch.ops.xnorconv.first_layer_conv
+    with pytest.raises(RuntimeError, match=r"the kernel \(with dilation\) is larger than the padded input"):
+        op(x, torch.randn(4, 3, 9, 9), None, None, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"padding must be >= 0, got pad_h = -1"):
+        op(x, weight, None, None, [1, 1], [-1, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"input must be float32, got Double"):
+        op(x.double(), weight, None, None, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"prelu_weight must have shape \(4,\) \(one value per output channel\)"):
+        op(x, weight, None, torch.zeros(1), [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"stride must have 2 values \(height, width\), got \[1\]"):
+        op(x, weight, None, None, [1], [0, 0], [1, 1])
+
+
+# ---- StemConv2d and freeze ----
+
+class Stem(nn.Module):
+    def __init__(self, act: nn.Module, bn: bool = True, in_channels: int = 3, padding=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, 2, padding, bias=not bn)
+        self.bn = nn.BatchNorm2d(8) if bn else nn.Identity()
+        self.act = act
+        self.body = nn.Sequential(xnorconv.BinaryConv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return self.body(self.act(self.bn(self.conv(x))))
+
+
+ACTIVATIONS = {"prelu": lambda: nn.PReLU(8), "prelu1": lambda: nn.PReLU(), "relu": nn.ReLU,
+               "leaky": lambda: nn.LeakyReLU(0.2), "none": nn.Identity}
+
+
+@pytest.mark.parametrize("bn", [True, False])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_freeze_fuses_the_stem_and_matches(act, bn):
+    torch.manual_seed(3)
+    model = Stem(ACTIVATIONS[act](), bn)
+    randomize_batchnorm(model)
+    for p in model.act.parameters():
+        p.data.uniform_(-0.5, 0.5)
+    model.eval()
+    x = torch.randn(2, 3, 17, 20)
+    frozen = freeze(model)
+    stem = frozen.conv
+    assert isinstance(stem, StemConv2d) and (stem.prelu_weight is None) == (act == "none")
+    assert isinstance(frozen.bn, nn.Identity) and isinstance(frozen.act, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
+        stem_out = stem(x)
+        torch.testing.assert_close(stem_out, model.act(model.bn(model.conv(x))), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stem(x[0]), stem_out[0])  # unbatched input
+    again = StemConv2d(3, 8, 3, 2, 1, activation=act != "none")
+    buffer = io.BytesIO()
+    torch.save(stem.state_dict(), buffer)
+    buffer.seek(0)
+    again.load_state_dict(torch.load(buffer))
+    with torch.no_grad():
+        assert torch.equal(again(x), stem_out)
+    assert repr(stem) == f"StemConv2d(3, 8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)" + (
+        ", prelu=True)" if act != "none" else ")")
+    assert freeze(frozen).conv is not stem and isinstance(freeze(frozen).conv, StemConv2d)  # frozen again: kept
+
+
+def test_freeze_leaves_other_first_layers_and_keep_leaves_all():
+    torch.manual_seed(4)
+    wide = Stem(nn.ReLU(), in_channels=16).eval()  # not an image: PyTorch's convolution is the one for it
+    assert type(freeze(wide).conv) is nn.Conv2d and type(freeze(wide).bn) is nn.BatchNorm2d
+    reflect = Stem(nn.ReLU()).eval()
+    reflect.conv.padding_mode = "reflect"
+    assert type(freeze(reflect).conv) is nn.Conv2d
+    same = Stem(nn.ReLU())
+    same.conv = nn.Conv2d(3, 8, 3, 1, "same")
+    assert isinstance(freeze(same.eval()).conv, StemConv2d)  # 'same' with an odd kernel is symmetric
+    same.conv = nn.Conv2d(3, 8, 4, 1, "same")
+    assert type(freeze(same.eval()).conv) is nn.Conv2d  # with an even one it is not
+    kept = freeze(Stem(nn.ReLU()).eval(), first_layer="keep")
+    assert [type(m) for m in (kept.conv, kept.bn, kept.act)] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+
+    class Shared(nn.Module):  # the BatchNorm's output also feeds the head: the activation cannot be fused
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return self.act(y) + y
+
+    model = Shared()
+    randomize_batchnorm(model)
+    model.eval()
+    frozen = freeze(model)
+    assert isinstance(frozen.conv, StemConv2d) and frozen.conv.prelu_weight is None and type(frozen.act) is nn.ReLU
+    x = torch.randn(1, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_from_float_errors():
+    with pytest.raises(TypeError, match=r"from_float expects an nn.Conv2d, got Linear"):
+        StemConv2d.from_float(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match=r"groups=1 and zeros padding"):
+        StemConv2d.from_float(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match=r"act must be None, nn.ReLU, nn.LeakyReLU or an nn.PReLU with 1 or 4"):
+        StemConv2d.from_float(nn.Conv2d(3, 4, 3), act=nn.PReLU(2))
+    with pytest.raises(ValueError, match=r"StemConv2d: expected input with 3 channels \(dim 1\), got 2"):
+        StemConv2d(3, 4, 3)(torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match=r"padding must be an int or a pair of ints"):
+        StemConv2d(3, 4, 3, padding="same")
+
+
+def test_binarized_resnet18_stem():
+    import torchvision
+    torch.manual_seed(5)
+    model = binarize(torchvision.models.resnet18(num_classes=10))
+    randomize_batchnorm(model)
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    frozen = freeze(model)
+    assert isinstance(frozen.conv1, StemConv2d) and frozen.conv1.prelu_weight.eq(0).all()  # its ReLU
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
