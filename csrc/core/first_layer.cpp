@@ -68,11 +68,13 @@ void prepare_rows(const FirstLayerCall& call, int64_t n, int64_t first_row, int6
         const int64_t end = std::max(begin, std::min(row_width, first_at_or_above(s.width + s.pad_w - phase, phases)));
         std::fill(dst, dst + begin, 0.0f);
         const float* const from = src + (begin * phases + phase - s.pad_w) * pixel_stride;
-        if (phases == 1 && pixel_stride == 1) {
-          std::memcpy(dst + begin, from, sizeof(float) * static_cast<size_t>(end - begin));
+        const int64_t step = phases * pixel_stride, count = end - begin;
+        if (step == 1) {
+          std::memcpy(dst + begin, from, sizeof(float) * static_cast<size_t>(count));
+        } else if (step == 2) {  // an NCHW stride-2 stem: a constant step, which the compiler vectorises
+          for (int64_t j = 0; j < count; ++j) dst[begin + j] = from[2 * j];
         } else {
-          const int64_t step = phases * pixel_stride;
-          for (int64_t j = 0; j < end - begin; ++j) dst[begin + j] = from[j * step];
+          for (int64_t j = 0; j < count; ++j) dst[begin + j] = from[j * step];
         }
         std::fill(dst + end, dst + row_width, 0.0f);
       }

@@ -509,7 +509,7 @@ const KernelOps& amx_kernel() {
     k.format_weight = amx_format_weight;
     k.exact_zero_padding = true;
     k.channels_last_output = true;
-    return with_first_layer<Avx512Lanes, 16, 1>(k);  // float work is AVX-512's
+    return with_first_layer<Avx512Lanes, 16, 14>(k);  // float work is AVX-512's
   }();
   return ops;
 }

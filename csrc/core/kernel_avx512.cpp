@@ -241,8 +241,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
 }  // namespace
 
 const KernelOps& avx512_kernel() {
-  // First layer: 16 channels x 16 pixels in 16 accumulators; 2 or 3 vectors of 8 or 12 channels measured slower.
-  static const KernelOps ops = with_first_layer<Avx512Lanes, 16, 1>(make_kernel_ops<Avx512Isa>("avx512"));
+  static const KernelOps ops = with_first_layer<Avx512Lanes, 16, 14>(make_kernel_ops<Avx512Isa>("avx512"));
   return ops;
 }
 

@@ -234,7 +234,7 @@ struct NeonIsa : NoPreparation {
 }  // namespace
 
 const KernelOps& neon_kernel() {
-  static const KernelOps ops = with_first_layer<NeonLanes, 16, 1>(make_kernel_ops<NeonIsa>("neon"));
+  static const KernelOps ops = with_first_layer<NeonLanes, 16, 6>(make_kernel_ops<NeonIsa>("neon"));
   return ops;
 }
 

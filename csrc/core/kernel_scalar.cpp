@@ -76,7 +76,7 @@ struct ScalarIsa : NoPreparation {
 }  // namespace
 
 const KernelOps& scalar_kernel() {
-  static const KernelOps ops = with_first_layer<OneLane, 8, 1>(make_kernel_ops<ScalarIsa>("scalar"));
+  static const KernelOps ops = with_first_layer<OneLane, 8, 2>(make_kernel_ops<ScalarIsa>("scalar"));
   return ops;
 }
 

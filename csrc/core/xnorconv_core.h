@@ -173,7 +173,8 @@ struct KernelOps {
   void (*fold_columns)(const ConvParams& p, const ActivationLayout& from, const uint64_t* packed,
                        const ActivationLayout& to, uint64_t* folded, int64_t begin, int64_t end) = nullptr;
   // The float first layer (first_layer.cpp): output rows [row_begin, row_end) of one image from its prepared input
-  // rows, in blocks of first_layer_channels output channels x first_layer_pixels pixels. Every family has one.
+  // rows, in blocks of first_layer_channels output channels; a block reads up to first_layer_pixels pixels along
+  // the row (past the row's end, into the prepared rows' zeros). Every family has one.
   int first_layer_channels = 0, first_layer_pixels = 0;
   void (*first_layer_rows)(const FirstLayerRows& rows, int64_t row_begin, int64_t row_end) = nullptr;
 };
