@@ -701,18 +701,20 @@ def test_reference_binary_nets_frozen_match_and_run_packed_kernels(name, size):
     n_binary = 16 if name == "birealnet18" else 31
     assert sum(isinstance(m, xnorconv.FrozenBinaryConv2d) for m in frozen.modules()) == n_binary
     assert not any(isinstance(m, xnorconv.BinaryConv2d) for m in frozen.modules())
-    # every BatchNorm after a binary conv folded, and the stem's into its StemConv2d; the other float convs keep
-    # theirs (folded into them at inference)
-    assert all(n.endswith("proj.bn") for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d))
-    assert isinstance(frozen.stem.conv, xnorconv.StemConv2d)
+    # every BatchNorm after a binary conv folded, and ReActNet's stem's into its StemConv2d (Bi-Real's 64-channel
+    # stem is kept); the other float convs keep theirs (folded into them at inference)
+    bi_real = name == "birealnet18"
+    assert all(n.endswith("proj.bn") or (bi_real and n == "stem.bn") for n, m in frozen.named_modules()
+               if isinstance(m, nn.BatchNorm2d))
+    assert isinstance(frozen.stem.conv, nn.Conv2d if bi_real else xnorconv.StemConv2d)
     recorder = OpRecorder()
     with torch.no_grad():
         frozen(x)  # the first call picks the layout and folds the float convs' BatchNorms (cached)
         with recorder:
             out = frozen(x)
     assert recorder.ops.count("xnorconv.binary_conv2d_packed") == n_binary
-    assert recorder.ops.count("xnorconv.first_layer_conv") == 1  # the stem
-    assert recorder.ops.count("aten.convolution") == (3 if name == "birealnet18" else 0)  # the other float convs
+    assert recorder.ops.count("xnorconv.first_layer_conv") == (0 if bi_real else 1)  # ReActNet's stem
+    assert recorder.ops.count("aten.convolution") == (4 if bi_real else 0)  # the other float convs
     assert not [op for op in recorder.ops if "batch_norm" in op or "prelu" in op]
     # thresholds and RPReLU's shifts are in the packed layers; each unit's shortcut add and PReLU in its kernel pass
     assert recorder.ops.count("aten.sub") == 0

@@ -205,6 +205,9 @@ def test_freeze_leaves_other_first_layers_and_keep_leaves_all():
     torch.manual_seed(4)
     wide = Stem(nn.ReLU(), in_channels=16).eval()  # not an image: PyTorch's convolution is the one for it
     assert type(freeze(wide).conv) is nn.Conv2d and type(freeze(wide).bn) is nn.BatchNorm2d
+    many = Stem(nn.ReLU()).eval()
+    many.conv, many.bn = nn.Conv2d(3, 64, 7, 2, 3), nn.BatchNorm2d(64)  # resnet18's stem: oneDNN runs it as fast
+    assert type(freeze(many).conv) is nn.Conv2d
     reflect = Stem(nn.ReLU()).eval()
     reflect.conv.padding_mode = "reflect"
     assert type(freeze(reflect).conv) is nn.Conv2d
@@ -248,14 +251,12 @@ def test_from_float_errors():
         StemConv2d(3, 4, 3, padding="same")
 
 
-def test_binarized_resnet18_stem():
-    import torchvision
+def test_reference_nets_stems():
+    import models
     torch.manual_seed(5)
-    model = binarize(torchvision.models.resnet18(num_classes=10))
-    randomize_batchnorm(model)
-    model.eval()
-    x = torch.randn(1, 3, 64, 64)
-    frozen = freeze(model)
-    assert isinstance(frozen.conv1, StemConv2d) and frozen.conv1.prelu_weight.eq(0).all()  # its ReLU
-    with torch.no_grad():
-        torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
+    frozen = {name: freeze(models.create(name, 4).eval()) for name in ("binary_dnet53", "reactnet_a", "birealnet18")}
+    assert isinstance(frozen["binary_dnet53"].stem[0], StemConv2d) and frozen["binary_dnet53"].stem[0].prelu_weight \
+        is not None
+    assert isinstance(frozen["reactnet_a"].stem.conv, StemConv2d)
+    assert frozen["reactnet_a"].stem.conv.prelu_weight is None  # its stem ends in BatchNorm
+    assert type(frozen["birealnet18"].stem.conv) is nn.Conv2d  # 64 channels: kept

@@ -4,7 +4,8 @@ Once its binary convolutions are packed, a binarized network's largest single co
 7x7/2 convolution of resnet18 over the whole 224x224 image).
 
 first_layer="float" (freeze's default) replaces the first weight layer the model runs, when it is a float nn.Conv2d
-over an image (at most STEM_MAX_IN_CHANNELS channels, groups 1, the same padding on both sides), by a StemConv2d
+from an image to few channels (at most STEM_MAX_IN_CHANNELS in, STEM_MAX_OUT_CHANNELS out, groups 1, the same
+padding on both sides), by a StemConv2d
 that folds conv [-> BatchNorm2d] [-> PReLU / ReLU / LeakyReLU] (found as below) into one pass of
 xnorconv::first_layer_conv (csrc/core/first_layer.cpp): a direct float32 convolution vectorised along the output
 rows, bias and activation applied in registers. It equals the layers it replaces to float rounding. General
@@ -430,9 +431,11 @@ class Int8Conv2d(nn.Module):
         return y.squeeze(0) if unbatched else y
 
 
-# The float layer takes images: few input channels, for which xnorconv's direct kernel is faster than a general
-# convolution (docs/perf/first_layer.md); wider first layers stay nn.Conv2d.
+# The float layer takes images (few input channels) into few output channels: there xnorconv's direct kernel was
+# faster than PyTorch's convolution (16 and 32 channels), where at 64 (resnet18's stem, which oneDNN runs at a good
+# share of the CPU's peak) it was not (docs/perf/first_layer.md, table 1). Other first layers stay nn.Conv2d.
 STEM_MAX_IN_CHANNELS = 4
+STEM_MAX_OUT_CHANNELS = 32
 
 
 class StemConv2d(nn.Module):
@@ -594,8 +597,8 @@ def _stem_candidate(conv: nn.Module) -> bool:
     if type(conv) is not nn.Conv2d:
         return False
     left, right, top, bottom = conv._reversed_padding_repeated_twice
-    return (conv.in_channels <= STEM_MAX_IN_CHANNELS and conv.groups == 1 and conv.padding_mode == "zeros"
-            and left == right and top == bottom)
+    return (conv.in_channels <= STEM_MAX_IN_CHANNELS and conv.out_channels <= STEM_MAX_OUT_CHANNELS
+            and conv.groups == 1 and conv.padding_mode == "zeros" and left == right and top == bottom)
 
 
 def _convert_float_stem(model: nn.Module, graph: Optional[torch.fx.Graph]) -> nn.Module:

@@ -377,8 +377,8 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
     layout callers have (NCHW) and returns 4-D outputs in the caller's layout; results match to float rounding.
 
     first_layer: what becomes of the first weight layer the model runs when it is a float nn.Conv2d.
-      "float" (default): over an image (at most 4 input channels, groups 1, the same padding on both sides), a
-        StemConv2d, float32 as before, with the BatchNorm2d and the PReLU / ReLU / LeakyReLU that directly follow it
+      "float" (default): from an image to a few channels (at most 4 in and 32 out, groups 1, the same padding on
+        both sides), a StemConv2d, float32 as before, with the BatchNorm2d and the PReLU / ReLU / LeakyReLU that directly follow it
         folded in and fused: one pass of xnorconv's direct convolution, equal to the unfrozen layers to float
         rounding. Other first layers stay as they are.
       "int8": an Int8Conv2d (oneDNN quantized convolution) with the BatchNorm2d / ReLU / MaxPool2d that directly
