@@ -1,8 +1,10 @@
-"""python -m bench.first_layer: what freeze(first_layer="int8") gains and costs, every figure from this run.
+"""python -m bench.first_layer: what freeze's first_layer choices gain and cost, every figure from this run.
 
-  1. The stem alone, float against int8 (Int8Conv2d) and against the other kernels considered for it, batch 1.
-  2. Whole frozen models, float stem against int8 stem: binarized torchvision resnet18 at 224 and binary_dnet53 at
-     128, beside their fp32 twins (eager, and TorchScript as the model suite deploys them), batch 1.
+  1. The stem alone: PyTorch's float layers, StemConv2d (first_layer="float"), int8 (Int8Conv2d) and the other
+     kernels considered for it, batch 1.
+  2. Whole frozen models with the stem kept as PyTorch runs it, as a StemConv2d and in int8: binarized torchvision
+     resnet18 at 224 and binary_dnet53 at 128, beside their fp32 twins (eager, and TorchScript as the model suite
+     deploys them), batch 1.
   3. The accuracy effect on real photographs (hymenoptera: calibration on train/, evaluation on val/, ImageNet
      transforms): the stem's output and the logits of the int8-stem model against the float-stem model, and how
      often their top-1 classes agree. Models with random weights whose BatchNorm statistics are set on the train/
@@ -63,8 +65,10 @@ def _stems():
     torch.manual_seed(0)
     r = torchvision.models.resnet18().eval()
     d = models.create("binary_dnet53", 6).eval()
+    a = models.create("reactnet_a", 1000).eval()
     return [("resnet18: conv 7x7/2 3->64, BN, ReLU, max pool 3x3/2", nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool),
              224, True),
+            ("reactnet_a: conv 3x3/2 3->32, BN", nn.Sequential(a.stem.conv, a.stem.bn), 224, False),
             ("binary_dnet53: conv 3x3 3->16, BN, PReLU", nn.Sequential(*d.stem), 128, False)]
 
 
@@ -123,6 +127,11 @@ def stem_section(reps):
                                    memory_format=torch.contiguous_format)[0]
         layer = int8[0]
         rest = nn.Sequential(*[m for m in int8[1:] if not isinstance(m, nn.Identity)])
+        # Built directly, also where freeze() keeps PyTorch's convolution (more than STEM_MAX_OUT_CHANNELS): the
+        # rows show why.
+        act = next((m for m in stem[2:] if isinstance(m, (nn.ReLU, nn.PReLU, nn.LeakyReLU))), None)
+        fused = nn.Sequential(xnorconv.StemConv2d.from_float(stem[0], stem[1], act).eval(),
+                              *[m for m in stem[2:] if m is not act])
         float_cl = copy.deepcopy(stem).to(memory_format=CL)
         bf16 = copy.deepcopy(stem).to(torch.bfloat16, memory_format=CL)
         fbgemm = nn.Sequential(_fbgemm_copy(layer), *rest)
@@ -132,6 +141,8 @@ def stem_section(reps):
             "float (nn.Conv2d, BatchNorm2d, ...), NCHW": (stem, x),
             "float, channels_last": (float_cl, xcl),
             "float, BatchNorm folded into the conv, channels_last": (_folded_float(float_cl), xcl),
+            "**float: StemConv2d (xnorconv's kernel, BN and activation fused), NCHW**": (fused, x),
+            "**float: StemConv2d, channels_last**": (fused, xcl),
             "**int8: Int8Conv2d (oneDNN engine), NCHW input**": (int8, x),
             "**int8: Int8Conv2d (oneDNN engine), channels_last**": (int8, xcl),
             "int8, the same layer packed for fbgemm, channels_last": (fbgemm, xcl),
@@ -170,13 +181,13 @@ def _whole_models(size_r18=224, size_dnet=128):
     binary = xnorconv.binarize(r18, learnable_threshold=True).eval()  # as bench --models builds it
     cal = torch.randn(8, 3, size_r18, size_r18, generator=gen)
     x = torch.randn(1, 3, size_r18, size_r18, generator=gen)
-    out.append(("resnet18", x, r18, xnorconv.freeze(binary),
+    out.append(("resnet18", x, r18, xnorconv.freeze(binary, first_layer="keep"), xnorconv.freeze(binary),
                 xnorconv.freeze(binary, first_layer="int8", calibration=cal)))
     dnet = models.create("binary_dnet53", 6).eval()
     twin = models.create("binary_dnet53_float", 6).eval()
     cal = torch.randn(8, 3, size_dnet, size_dnet, generator=gen)
     x = torch.randn(1, 3, size_dnet, size_dnet, generator=gen)
-    out.append(("binary_dnet53", x, twin, xnorconv.freeze(dnet),
+    out.append(("binary_dnet53", x, twin, xnorconv.freeze(dnet, first_layer="keep"), xnorconv.freeze(dnet),
                 xnorconv.freeze(dnet, first_layer="int8", calibration=cal)))
     return out
 
@@ -186,14 +197,18 @@ def model_section(reps):
              "Random weights (speed does not depend on them); the int8 stems are calibrated on 8 standard normal "
              "images. Frozen models use freeze()'s default memory_format='auto' (measured on their first call). "
              "TorchScript: torch.jit.trace + torch.jit.freeze, as `python -m bench --models` deploys, each checked "
-             "against its eager model first. `fp32 / this`: the fp32 twin's eager latency over this row's.", ""]
+             "against its eager model first. `fp32 / this`: the fp32 twin's eager latency over this row's. `kept "
+             "stem / this`: the same model frozen with first_layer='keep' (its stem as PyTorch runs it) over this "
+             "row, same mode. first_layer='float' makes a StemConv2d of binary_dnet53's stem and keeps resnet18's "
+             "(64 output channels).", ""]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         built = _whole_models()
     calls, labels = {}, {}
-    for name, x, fp32, frozen_float, frozen_int8 in built:
-        variants = {f"{name} fp32 (float twin)": fp32, f"{name} binary, float stem": frozen_float,
-                    f"{name} binary, int8 stem": frozen_int8}
+    for name, x, fp32, frozen_keep, frozen_float, frozen_int8 in built:
+        variants = {f"{name} fp32 (float twin)": fp32, f"{name} binary, first_layer='keep'": frozen_keep,
+                    f"{name} binary, first_layer='float' (default)": frozen_float,
+                    f"{name} binary, first_layer='int8'": frozen_int8}
         with torch.no_grad():
             for label, model in variants.items():
                 model(x)  # the frozen models' layout measurement happens here, before any timing
@@ -210,13 +225,13 @@ def model_section(reps):
     rows = []
     for label, (name, size) in labels.items():
         fp32_eager = median_ms(t[(f"{name} fp32 (float twin)", "eager")])
-        float_stem = {m: median_ms(t[(f"{name} binary, float stem", m)]) for m in ("eager", "torchscript")}
+        kept = {m: median_ms(t[(f"{name} binary, first_layer='keep'", m)]) for m in ("eager", "torchscript")}
         for mode in ("eager", "torchscript"):
             ms = median_ms(t[(label, mode)])
-            gain = f"{float_stem[mode] / ms:.2f}x" if label.endswith("int8 stem") else ""
+            gain = "" if "fp32" in label or "'keep'" in label else f"{kept[mode] / ms:.2f}x"
             rows.append((label, size, mode, f"{ms:.2f}", f"{fp32_eager / ms:.2f}x", gain))
     lines += [f"({reps} rounds; {load_before} before, {load_after} after)", "",
-              _table(("model", "input", "mode", "median ms", "fp32 / this", "float stem / int8 stem"), rows), ""]
+              _table(("model", "input", "mode", "median ms", "fp32 / this", "kept stem / this"), rows), ""]
     return lines
 
 
