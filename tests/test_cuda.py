@@ -306,6 +306,22 @@ def test_frozen_chain_through_signs_matches_cpu():
     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0)
 
 
+def test_stem_conv_on_cuda_matches_cpu():
+    """A frozen model's StemConv2d moved to the GPU runs F.conv2d + F.prelu there (the fused kernel is CPU-only)."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.PReLU(16),
+                                xnorconv.BinaryConv2d(16, 8, 3, padding=1))
+    frozen = xnorconv.freeze(model.eval())
+    assert isinstance(frozen[0], xnorconv.StemConv2d)
+    x = torch.randn(2, 3, 12, 13)
+    with torch.no_grad():
+        want = frozen[0](x)
+        got = frozen.to(DEVICE)[0](x.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match=r"first_layer_conv runs on the CPU only"):
+        torch.ops.xnorconv.first_layer_conv(x.to(DEVICE), frozen[0].weight, None, None, [1, 1], [1, 1], [1, 1])
+
+
 def test_runs_on_current_stream():
     """The op launches on the caller's current stream and does not synchronize the device. The default stream is
     kept busy while the op runs on a side stream and its output is copied on that side stream at once: launched on
