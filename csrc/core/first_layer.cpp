@@ -17,8 +17,6 @@ namespace {
 // next task), few enough to split one image between the threads.
 constexpr int64_t kOutputsPerTask = 16384;
 
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 // The weight, bias and slopes in blocks of `channels` output channels: weight[block][c][i][j][channel], zero past
 // out_channels, so a block's inner loop reads consecutive broadcasts and never tests for a partial block.
 struct BlockedOperands {
@@ -114,8 +112,9 @@ void first_layer_conv(const KernelOps& ops, const FirstLayerCall& call, const Pa
   const int64_t out_h = s.out_height(), out_w = s.out_width();
   const BlockedOperands blocked = blocked_operands(call, ops.first_layer_channels);
   // Tap column j*dilation_w of output pixel x is phase (j*dilation_w) % stride_w at x + (j*dilation_w) / stride_w;
-  // a row holds whole blocks of pixels, so no load runs past it.
-  const int64_t row_width = round_up(out_w, ops.first_layer_pixels) + (s.kernel_w - 1) * s.dilation_w / s.stride_w;
+  // a block starting at any pixel of the row reads at most first_layer_pixels positions from there, so no read
+  // runs past the row.
+  const int64_t row_width = out_w + ops.first_layer_pixels + (s.kernel_w - 1) * s.dilation_w / s.stride_w;
   const int64_t rows_per_task =
       std::clamp<int64_t>(kOutputsPerTask / std::max<int64_t>(1, out_w * s.out_channels), 1, out_h);
   const int64_t bands = (out_h + rows_per_task - 1) / rows_per_task;
