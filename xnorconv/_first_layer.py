@@ -5,18 +5,18 @@ Once its binary convolutions are packed, a binarized network's largest single co
 
 first_layer="float" (freeze's default) replaces the first weight layer the model runs, when it is a float nn.Conv2d
 from an image to few channels (at most STEM_MAX_IN_CHANNELS in, STEM_MAX_OUT_CHANNELS out, groups 1, the same
-padding on both sides), by a StemConv2d
-that folds conv [-> BatchNorm2d] [-> PReLU / ReLU / LeakyReLU] (found as below) into one pass of
-xnorconv::first_layer_conv (csrc/core/first_layer.cpp): a direct float32 convolution vectorised along the output
-rows, bias and activation applied in registers. It equals the layers it replaces to float rounding. General
-convolutions are slow on 3 input channels; what it gains is measured in docs/perf/first_layer.md. Models whose
-first layer it does not take keep it as it is, as does first_layer="keep".
+padding on both sides), by a StemConv2d that folds conv [-> BatchNorm2d] [-> PReLU / ReLU / LeakyReLU] (found as
+below) into one pass of xnorconv::first_layer_conv (csrc/core/first_layer.cpp): a direct float32 convolution
+vectorised along the output rows (NCHW) or across the output channels (NHWC), bias and activation applied in
+registers. It equals the layers it replaces to float rounding. General convolutions are slow on 3 input channels;
+what it gains is measured in docs/perf/first_layer.md. Models whose first layer it does not take keep it as it is,
+as does first_layer="keep".
 
-freeze(model, first_layer="int8", calibration=batch)
-replaces the first weight layer the model runs, when it is a float nn.Conv2d, by an Int8Conv2d that folds the
-layers following it: conv [-> BatchNorm2d] [-> ReLU] [-> MaxPool2d], each taken only when it alone consumes the
-previous one's output (torch.fx dataflow; without a graph, consecutive children of an nn.Sequential). A subclass
-of nn.MaxPool2d is taken when, on every calibration batch, it gives what nn.MaxPool2d gives with its arguments.
+freeze(model, first_layer="int8", calibration=batch) replaces the first weight layer the model runs, when it is a
+float nn.Conv2d, by an Int8Conv2d that folds the layers following it: conv [-> BatchNorm2d] [-> ReLU] [-> MaxPool2d],
+each taken only when it alone consumes the previous one's output (torch.fx dataflow; without a graph, consecutive
+children of an nn.Sequential; an nn.Identity between is looked past). A subclass of nn.MaxPool2d is taken when, on
+every calibration batch, it gives what nn.MaxPool2d gives with its arguments.
 
 Numerics: per-output-channel symmetric int8 weights (scale = max |w| / 127, BatchNorm folded first, in float64),
 an asymmetric uint8 scale and zero point for the input and one for the output, both from the minimum and maximum
@@ -43,10 +43,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._backend import backends
-from .functional import _first_layer_conv
+from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._transforms import check_foldable_bn, fold_batchnorm, foldable_bn
+from .functional import _first_layer_conv
 
 __all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "StemConv2d", "check_first_layer", "convert_first_layer"]
 

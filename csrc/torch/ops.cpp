@@ -261,6 +261,21 @@ std::tuple<at::Tensor, at::Tensor> pack_weight_cpu(const at::Tensor& weight) {
   return {bits, tap_sum};
 }
 
+// The packed input lives for one call. Each calling thread keeps one buffer, grown to the largest call up to
+// kKeptPackedWords and reused, so that a network's layers do not allocate one each (which, above glibc's mmap
+// threshold, the kernel then faults in again on every call); larger calls allocate their own.
+constexpr int64_t kKeptPackedWords = int64_t{1} << 20;  // 8 MiB
+
+uint64_t* packed_input_buffer(int64_t words, at::Tensor& own) {
+  if (words > kKeptPackedWords) {
+    own = at::empty({words}, at::TensorOptions().dtype(at::kLong));
+    return reinterpret_cast<uint64_t*>(own.data_ptr<int64_t>());
+  }
+  thread_local xnorconv::WordBuffer kept;
+  if (static_cast<int64_t>(kept.size()) < words) kept.resize(static_cast<size_t>(words));
+  return kept.data();
+}
+
 at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
   const ConvParams p = conv_params(args);
   const at::Tensor& input = args.input;
@@ -297,8 +312,9 @@ at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
                                               : nullptr;
   static_cast<xnorconv::EpilogueParams&>(call.output) = epilogue.params;
 
-  at::Tensor packed = at::empty({xnorconv::packed_input_words(ops, p)}, input.options().dtype(at::kLong));
-  xnorconv::binary_conv2d(ops, call, reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>()), torch_parallel_for);
+  at::Tensor own_packed;
+  xnorconv::binary_conv2d(ops, call, packed_input_buffer(xnorconv::packed_input_words(ops, p), own_packed),
+                          torch_parallel_for);
   if (channels_last && !write_nhwc) return out.contiguous(at::MemoryFormat::ChannelsLast);
   return out;
 }
