@@ -38,8 +38,9 @@ def reference(x, weight, bias, stride, padding, dilation, slope):
 def bound(x, weight, stride, padding, dilation, slope):
     """Float32 rounding of a sum of products: a few ulps of the sum of the terms' magnitudes."""
     magnitude = F.conv2d(x.double().abs(), weight.double().abs(), None, stride, padding, dilation) + 1
-    return 1e-6 * (magnitude if slope is None else magnitude * torch.maximum(slope.double().abs(), torch.ones(1,
-                                                                         dtype=torch.float64)).view(1, -1, 1, 1))
+    if slope is not None:  # a slope above 1 scales the rounding of negative sums with it
+        magnitude = magnitude * slope.double().abs().clamp(min=1).view(1, -1, 1, 1)
+    return 1e-6 * magnitude
 
 
 @pytest.mark.parametrize("backend", xnorconv.backends())
