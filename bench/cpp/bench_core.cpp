@@ -3,10 +3,12 @@
 // family's peak measured by its own probe. Runs natively anywhere the core builds (x86, Raspberry Pi, Jetson).
 //
 //   bench_core [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--nhwc]
-//              [--shape cin,cout,hw,k,stride,pad]...
+//              [--shape cin,cout,hw,k,stride,pad]... [--stem cin,cout,hw,k,stride,pad]...
 //
 // --nhwc: channels_last input and output (families that cannot write NHWC are skipped), as a frozen model running
 // in channels_last calls them.
+// --stem: the float first layer (first_layer_conv, with bias and PReLU) instead of the binary layers (both when
+// --shape is given too): its time and its fp32 MAC rate as a fraction of the fp32 FMA probe.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -118,13 +120,64 @@ double fp32_fma_peak() {
 double fp32_fma_peak() { return 0; }
 #endif
 
+// The float first layer of each shape on `ops`: checked against the scalar family (the same bits), then timed.
+int time_stems(const KernelOps& ops, const std::vector<std::vector<int64_t>>& stems, bool nhwc, int reps,
+               double fma, const ParallelFor& parallel_for) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> dist;
+  std::printf("%-26s %10s %12s %8s\n", "stem", "ms", "fp32 GMAC/s", "of FMA");
+  for (const auto& v : stems) {
+    FirstLayerShape s;
+    s.batch = 1;
+    s.in_channels = v[0];
+    s.out_channels = v[1];
+    s.height = s.width = v[2];
+    s.kernel_h = s.kernel_w = v[3];
+    s.stride_h = s.stride_w = v[4];
+    s.pad_h = s.pad_w = v[5];
+    s.channels_last = nhwc;
+    if (const std::string err = validate(s); !err.empty()) {
+      std::fprintf(stderr, "bad stem: %s\n", err.c_str());
+      return 2;
+    }
+    std::vector<float> x(s.in_channels * s.height * s.width), w(s.out_channels * s.in_channels * v[3] * v[3]),
+        bias(s.out_channels), slope(s.out_channels, 0.25f);
+    for (auto* t : {&x, &w, &bias})
+      for (auto& e : *t) e = dist(rng);
+    const size_t outputs = static_cast<size_t>(s.out_channels * s.out_height() * s.out_width());
+    std::vector<float> out(outputs), want(outputs);
+    FirstLayerCall call{s, x.data(), w.data(), bias.data(), slope.data(), want.data()};
+    first_layer_conv(scalar_kernel(), call, run_serially);
+    call.out = out.data();
+    first_layer_conv(ops, call, parallel_for);
+    if (out != want) {
+      std::fprintf(stderr, "[%s] first layer differs from scalar on this stem\n", ops.name);
+      return 1;
+    }
+    std::vector<double> t;
+    for (int r = 0; r < reps; ++r) {
+      const auto t0 = Clock::now();
+      first_layer_conv(ops, call, parallel_for);
+      t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    }
+    const double ms = median(t), rate = static_cast<double>(outputs) * s.in_channels * v[3] * v[3] / (ms * 1e-3);
+    char label[64];
+    std::snprintf(label, sizeof label, "%lld,%lld,%lld,%lld,%lld,%lld", (long long)v[0], (long long)v[1],
+                  (long long)v[2], (long long)v[3], (long long)v[4], (long long)v[5]);
+    std::printf("%-26s %10.4f %12.1f", label, ms, rate / 1e9);
+    if (fma > 0) std::printf(" %7.0f%%", 100.0 * rate / fma);
+    std::printf("\n");
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int threads = 1, reps = 50, pad_value = 1;
   bool nhwc = false;
   std::string only_backend;
-  std::vector<std::vector<int64_t>> shapes;
+  std::vector<std::vector<int64_t>> shapes, stems;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
@@ -137,22 +190,23 @@ int main(int argc, char** argv) {
         return 2;
       }
     }
-    else if (!std::strcmp(argv[i], "--shape") && i + 1 < argc) {
+    else if ((!std::strcmp(argv[i], "--shape") || !std::strcmp(argv[i], "--stem")) && i + 1 < argc) {
+      const bool stem = !std::strcmp(argv[i], "--stem");
       std::vector<int64_t> s;
       for (char* tok = std::strtok(argv[++i], ","); tok; tok = std::strtok(nullptr, ",")) s.push_back(std::atoll(tok));
       if (s.size() != 6) {
-        std::fprintf(stderr, "--shape wants cin,cout,hw,k,stride,pad\n");
+        std::fprintf(stderr, "%s wants cin,cout,hw,k,stride,pad\n", stem ? "--stem" : "--shape");
         return 2;
       }
-      shapes.push_back(s);
+      (stem ? stems : shapes).push_back(s);
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--nhwc] "
-                   "[--shape cin,cout,hw,k,stride,pad]...\n",
+                   "[--shape cin,cout,hw,k,stride,pad]... [--stem cin,cout,hw,k,stride,pad]...\n",
                    argv[0]);
       return 2;
     }
   }
-  if (shapes.empty())
+  if (shapes.empty() && stems.empty())
     shapes = {{64, 64, 64, 3, 1, 1}, {128, 128, 32, 3, 1, 1}, {256, 256, 16, 3, 1, 1},
               {512, 512, 8, 3, 1, 1}, {256, 512, 16, 3, 2, 1}, {512, 256, 8, 1, 1, 0}};
   std::printf("threads %d, reps %d (median), pad_value %+d, batch 1, %s\n", threads, reps, pad_value,
@@ -180,6 +234,11 @@ int main(int argc, char** argv) {
   };
   for (const auto& name : backends) {
     const KernelOps& ops = *find_backend(name);
+    if (!stems.empty()) {
+      std::printf("\n[%s] float first layer\n", name.c_str());
+      if (const int rc = time_stems(ops, stems, nhwc, reps, fma, parallel_for)) return rc;
+      if (shapes.empty()) continue;
+    }
     if (nhwc && !ops.channels_last_output) {
       std::printf("\n[%s] skipped: writes NCHW only\n", name.c_str());
       continue;
