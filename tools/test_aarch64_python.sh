@@ -138,7 +138,7 @@ say "build took $(($(date +%s) - t0)) s"
 say "pytest: ops, module and frozen-model tests on every family of this build"
 t0=$(date +%s)
 in_arm "cd /src && python -m pytest -q -p no:cacheprovider -n $(nproc) tests/test_ops.py tests/test_nn.py tests/test_training_ops.py \
-  tests/test_batch_norm_add_prelu.py tests/test_network_ops.py \
+  tests/test_batch_norm_add_prelu.py tests/test_network_ops.py tests/test_stem.py \
   tests/test_models.py -k '(not test_models.py or frozen or fast_forward or folded) and not test_torch_compile_'"
 say "pytest took $(($(date +%s) - t0)) s"
 
