@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ._backend import backends
 from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
-from ._transforms import check_foldable_bn, fold_batchnorm, foldable_bn
+from ._transforms import check_foldable_bn, fold_batchnorm, foldable_bn, module_counts, set_submodule
 from .functional import _first_layer_conv
 
 __all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "StemConv2d", "check_first_layer", "convert_first_layer"]
@@ -97,13 +97,6 @@ def _calibration_batches(calibration) -> List[torch.Tensor]:
 
 
 # ---- finding the first layer and what follows it ----
-
-def _module_counts(model: nn.Module):
-    counts = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        counts[id(m)] = counts.get(id(m), 0) + 1
-    return counts
-
 
 def _weight_layer(m: nn.Module) -> bool:
     return (isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, Int8Conv2d, StemConv2d))
@@ -217,7 +210,7 @@ def _locate_stem(model: nn.Module, first_layer: str,
     if type(model) is nn.Conv2d:
         stem = _Stem("", [], True)
     else:
-        counts = _module_counts(model)
+        counts = module_counts(model)
         order = _FUSE_ORDER[first_layer]
         stem = _traced_stem(model, counts, order, graph) or _registered_stem(model, counts, order)
     name = stem.name
@@ -578,17 +571,12 @@ def _calibrate(model: nn.Module, stem: _Stem, conv: nn.Conv2d, chain, batches: S
     return tuple(seen["in"]), tuple(seen["out"])
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def _replace_stem(model: nn.Module, stem: _Stem, layer: nn.Module) -> nn.Module:
     if not stem.name:
         return layer
-    _set_submodule(model, stem.name, layer)
+    set_submodule(model, stem.name, layer)
     for _, n in stem.fused:
-        _set_submodule(model, n, nn.Identity())
+        set_submodule(model, n, nn.Identity())
     return model
 
 
