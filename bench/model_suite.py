@@ -428,7 +428,7 @@ class _FreeBinaryConv(xnorconv.FrozenBinaryConv2d):
     FrozenBinaryConv2d so that the model takes the same fused paths as with the real layer (BinaryDNet53 hands its
     shortcut add and PReLU to the conv's output stage), whose cost then goes with the convolution."""
 
-    def forward(self, input, residual=None, prelu_weight=None):
+    def forward(self, input, residual=None, prelu_weight=None, input_shortcut=False):
         return input.new_empty(self.free_output_shape, dtype=self.free_output_dtype)
 
 
@@ -491,6 +491,8 @@ def binary_conv_table(frozen: nn.Module, float_twin: nn.Module, x: torch.Tensor,
         fconv, fargs = twin[name]
         inp = args[0]
         residual = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+        # With input_shortcut the op reads its shortcut from the input, which it reads anyway.
+        computes_shortcut = len(args) > 3 and args[3] is True
         out_buffer = torch.empty_like(out)
 
         def binary(conv=conv, args=args):
@@ -511,6 +513,7 @@ def binary_conv_table(frozen: nn.Module, float_twin: nn.Module, x: torch.Tensor,
         rows.append({"name": name, "in_channels": conv.in_channels, "out_channels": conv.out_channels,
                      "kernel": list(conv.kernel_size), "stride": list(conv.stride), "in_hw": list(inp.shape[2:]),
                      "input_dtype": str(inp.dtype).replace("torch.", ""), "residual": residual is not None,
+                     "input_shortcut": computes_shortcut,
                      "binary_ms": median_ms(t["binary"]), "fp32_ms": median_ms(t["fp32"]),
                      "memory_ms": median_ms(t["memory"])})
     return rows

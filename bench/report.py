@@ -191,6 +191,11 @@ def model_table(run):
     return cols, table, summary
 
 
+def _epilogue_mark(row):
+    """What the conv adds in its output stage: a residual tensor, or the shortcut it computes from its input."""
+    return " +res" if row["residual"] else " +shortcut" if row.get("input_shortcut") else ""
+
+
 def binary_conv_rows(run):
     rows = run["models"].get("binary_convs")
     if not rows:
@@ -198,7 +203,7 @@ def binary_conv_rows(run):
     cols = ["binary conv", "cin->cout k/s", "input", "binary ms", "fp32 conv ms", "memory passes ms",
             "x fp32 conv", "binary / memory"]
     table = [[r["name"], f"{r['in_channels']}->{r['out_channels']} {r['kernel'][0]}x{r['kernel'][1]}/{r['stride'][0]}",
-              f"{r['in_hw'][0]}x{r['in_hw'][1]} {r['input_dtype']}" + (" +res" if r["residual"] else ""),
+              f"{r['in_hw'][0]}x{r['in_hw'][1]} {r['input_dtype']}" + _epilogue_mark(r),
               f"{r['binary_ms']:.4f}", f"{r['fp32_ms']:.4f}", f"{r['memory_ms']:.4f}",
               f"{r['fp32_ms'] / r['binary_ms']:.1f}x", f"{r['binary_ms'] / r['memory_ms']:.2f}"] for r in rows]
     totals = {k: sum(r[k] for r in rows) for k in ("binary_ms", "fp32_ms", "memory_ms")}
@@ -282,7 +287,8 @@ def text(run, md=False):
             out += [f"Each binary convolution of {b['model']} in place (batch 1, the tensors it gets in a forward pass, "
                     "interleaved medians): binary = the op with its fused shortcut add and PReLU; fp32 conv = the "
                     "float twin's convolution alone; memory passes = torch reading the input (and the residual) and "
-                    "writing the output, the traffic no convolution of these tensors avoids:", "",
+                    "writing the output, the traffic no convolution of these tensors avoids (+shortcut: the op "
+                    "computes the unit's shortcut from the input it reads anyway):", "",
                     render(*conv_rows, md), ""]
     return "\n".join(out)
 

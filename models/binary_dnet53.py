@@ -391,6 +391,14 @@ class BinaryConvUnit(nn.Module):
             self.shortcut = None
             self.act = nn.LeakyReLU(0.1, inplace=True)
 
+    def frozen_fusable(self) -> bool:
+        """Frozen by xnorconv.freeze with the BatchNorm folded and a real shortcut and PReLU: the unit is one
+        packed-kernel call (the op computes the shortcut too)."""
+        modules = self._modules
+        return (type(modules["act"]) is nn.PReLU and type(modules["bn"]) is nn.Identity
+                and isinstance(modules.get("shortcut"), RealShortcut)
+                and isinstance(modules["conv"], xnorconv.FrozenBinaryConv2d))
+
     def forward(self, x, shortcut: Optional[torch.Tensor] = None):
         """`shortcut`: self.shortcut(x) when the caller has it already (units sharing an input and a shortcut)."""
         # Submodules straight from _modules: nn.Module.__getattr__ is a slow fallback, and this runs 25 times per
@@ -399,12 +407,14 @@ class BinaryConvUnit(nn.Module):
         conv, bn, act, real = modules["conv"], modules["bn"], modules["act"], modules.get("shortcut")
         if real is None:
             return _activate(act, bn(conv(x)))
+        if self.frozen_fusable():
+            # Frozen, with the BatchNorm folded into the conv: the shortcut (which the op computes from x, into
+            # its output, unless the caller has it), its add and the PReLU run in the packed kernel's pass.
+            if shortcut is None:
+                return conv(x, None, act.weight, True)
+            return conv(x, shortcut, act.weight)
         if shortcut is None:
             shortcut = real(x)
-        if type(act) is nn.PReLU and type(bn) is nn.Identity and isinstance(conv, xnorconv.FrozenBinaryConv2d):
-            # Frozen, with the BatchNorm folded into the conv: the shortcut add and the PReLU run in the packed
-            # kernel's output stage, so the unit is one pass over its output.
-            return conv(x, shortcut, act.weight)
         if ((bn.training or torch.is_grad_enabled()) and type(bn) is nn.BatchNorm2d and type(act) is nn.PReLU
                 and not isinstance(x, torch.fx.Proxy)):
             return _batch_norm_add_prelu(bn, conv(x), shortcut, act.weight)
@@ -419,8 +429,11 @@ class BinaryCSPBlock(CSPBlock):
         modules = self._modules
         part1, part2 = modules["part1"], modules["part2"]
         s1, s2 = getattr(part1, "shortcut", None), getattr(part2, "shortcut", None)
+        # Frozen units compute the shortcut inside their kernel call, each from x (which costs less than a
+        # shared shortcut tensor, written once and read twice).
         if (isinstance(s1, RealShortcut) and isinstance(s2, RealShortcut)
-                and (s1.in_channels, s1.out_channels, s1.stride) == (s2.in_channels, s2.out_channels, s2.stride)):
+                and (s1.in_channels, s1.out_channels, s1.stride) == (s2.in_channels, s2.out_channels, s2.stride)
+                and not (part1.frozen_fusable() and part2.frozen_fusable())):
             shortcut = s1(x)
             a, b = part1(x, shortcut), part2(x, shortcut)
         else:

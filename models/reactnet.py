@@ -101,16 +101,17 @@ class ReActUnit(nn.Module):
     def forward(self, x):
         modules = self._modules  # straight from the dict: nn.Module.__getattr__ is a slow fallback
         convs, bns, act = modules["convs"], modules["bns"], modules["act"]
-        shortcut = modules["shortcut"](x)
         # Symbolic tracing (freeze, first_layer='int8') records the plain dataflow: shifts_are_zero reads values.
         if (not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling() and self.frozen_fusable()
                 and act.shifts_are_zero()):
-            # act is exactly PReLU: the shortcut add and the PReLU run in the packed kernel's output stage.
+            # act is exactly PReLU: the shortcut add and the PReLU run in the packed kernel's output stage; a
+            # single conv computes the shortcut too (from x, into its output).
             slope = act.prelu.weight
             if self.parts == 1:
-                return convs[0](x, shortcut, slope)
-            c = self.channels
+                return convs[0](x, None, slope, True)
+            c, shortcut = self.channels, modules["shortcut"](x)
             return torch.cat([conv(x, shortcut, slope[i * c:(i + 1) * c]) for i, conv in enumerate(convs)], 1)
+        shortcut = modules["shortcut"](x)
         if self.parts == 1:
             return act(bns[0](convs[0](x)) + shortcut)
         return act(torch.cat([bn(conv(x)) + shortcut for conv, bn in zip(convs, bns)], 1))

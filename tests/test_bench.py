@@ -219,7 +219,10 @@ def test_model_suite_reference_binary_nets_against_their_float_twins(capsys):
     r = run["models"]
     assert r["twins"] == {"reactnet_a": ["reactnet_a_fp32"]} and r["breakdown"]["model"] == "reactnet_a"
     assert any(o["op"] == "xnorconv::binary_conv2d_packed" and o["calls"] == 31 for o in r["breakdown"]["ops"])
-    assert len(r["binary_convs"]) == 31 and all(row["residual"] for row in r["binary_convs"])
+    # Every unit adds its shortcut in the conv: a residual tensor, or (a single conv) computed by the op from its input.
+    assert len(r["binary_convs"]) == 31
+    assert all(row["residual"] or row["input_shortcut"] for row in r["binary_convs"])
+    assert any(row["input_shortcut"] for row in r["binary_convs"])
     assert "frozen reactnet_a vs reactnet_a_fp32, both eager: batch 1 " in out
     assert "frozen reactnet_a vs reactnet_a_fp32, both torchscript: batch 1 " in out
     assert "against reactnet_a_fp32 no binary kernel can give more than" in out

@@ -245,6 +245,26 @@ def test_residual_and_prelu_match_cpu(cuda_kernel, shape, slopes, output):
         torch.testing.assert_close(got.cpu().double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(16, 32, 3, 2), (70, 13, 1, 1)], ids=["widening-stride2", "narrowing"])
+def test_input_shortcut_matches_cpu(cuda_kernel, shape):
+    """input_shortcut=True on CUDA (the shortcut composed and passed as the residual) against the CPU op, which
+    computes it into its output; the frozen layer takes the same path."""
+    cin, cout, k, s = shape
+    g = torch.Generator().manual_seed(16)
+    x, wt = _signed((2, cin, 9, 11), g), _signed((cout, cin, k, k), g)
+    scale, bias = _affine(cout, g)
+    kwargs = dict(bias=bias, stride=s, padding=k // 2, scale=scale, prelu_weight=torch.rand(cout, generator=g) - 0.5,
+                  input_shortcut=True)
+    got, want = _cpu_and_cuda(x, wt, **kwargs)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)  # the composed shortcut rounds its own way
+    layer = xnorconv.BinaryConv2d(cin, cout, k, s, k // 2)
+    frozen = xnorconv.FrozenBinaryConv2d.from_binary(layer).eval()
+    with torch.no_grad():
+        want = frozen(x, None, None, True)
+        got = frozen.cuda()(x.cuda(), None, None, True)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
+
+
 def test_nan_and_negative_zero_residual_match_cpu(cuda_kernel):
     """NaN in the residual: y is NaN, PReLU keeps it NaN, and its sign is -1 (True), exactly as on the CPU."""
     g = torch.Generator().manual_seed(14)

@@ -1351,6 +1351,26 @@ def test_frozen_layer_fuses_residual_and_prelu():
                                    want.double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(16, 32, 3, 2), (24, 16, 1, 1), (16, 16, 3, 1)],
+                         ids=["widening-stride2", "narrowing", "identity"])
+def test_frozen_layer_computes_its_input_shortcut(shape):
+    """frozen(x, None, slope, True) = prelu(frozen(x) + real_shortcut(x, O, stride)): the fast path (the op), the
+    general path (float64, unbatched) and the errors that name the argument."""
+    cin, cout, k, s = shape
+    layer = xnorconv.BinaryConv2d(cin, cout, k, s, k // 2, learnable_threshold=True)
+    frozen = xnorconv.FrozenBinaryConv2d.from_binary(layer)
+    x, prelu = torch.randn(2, cin, 7, 9), nn.PReLU(cout)
+    with torch.no_grad():
+        prelu.weight.uniform_(-0.5, 0.5)
+        want = prelu(frozen(x) + xnorconv.functional.real_shortcut(x, cout, s))
+        assert torch.equal(frozen(x, None, prelu.weight, True), want)
+        torch.testing.assert_close(frozen(x.double(), None, prelu.weight, True), want.double(), rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close(frozen(x[0], None, prelu.weight, True), want[0], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="residual and input_shortcut=True both add a shortcut"):
+            frozen(x.double(), want.double(), None, True)
+
+
 def test_frozen_fast_path_sees_replaced_state():
     """The frozen layer's forward gathers its op arguments once; replacing any of them (setattr of a buffer or
     geometry attribute, emit_signs, .to()) is seen by the next call, in-place updates without any rebuild."""

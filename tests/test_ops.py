@@ -424,6 +424,10 @@ def test_opcheck():
          torch.randn(6)),
         (x, bits, tap_sum, 35, torch.rand(6), torch.randn(6), [1, 1], [1, 1, 1, 1], [1, 1], 2, 0, None, False, None,
          torch.randn(2, 6, 7, 7), torch.rand(6)),
+        (x, bits, tap_sum, 35, torch.rand(6), torch.randn(6), [2, 2], [1, 1, 1, 0], [1, 1], 2, 0, None, False, None,
+         None, torch.rand(6), True),
+        (x.contiguous(memory_format=torch.channels_last), bits, tap_sum, 35, None, None, [1, 1], [1, 1, 1, 0], [1, 1],
+         2, 0, None, True, None, None, None, True),
     ]:
         torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed, args)
 
@@ -493,12 +497,17 @@ def test_torch_compile_and_export():
         def forward(self, x):
             return xnorconv.binary_conv2d_packed(x, packed, padding=1, pad_value=0)
 
+    class Unit(torch.nn.Module):  # the op computing its shortcut: a widening 3x3 stride-2 unit
+        def forward(self, x):
+            return xnorconv.binary_conv2d_packed(x, packed, stride=2, padding=1, input_shortcut=True)
+
     x = torch.randn(2, 16, 9, 9)
-    want = Layer()(x)
-    compiled = torch.compile(Layer(), fullgraph=True, backend="eager")
-    assert torch.equal(compiled(x), want)
-    exported = torch.export.export(Layer(), (x,))
-    assert torch.equal(exported.module()(x), want)
+    for module in (Layer(), Unit()):
+        want = module(x)
+        compiled = torch.compile(module, fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x), want)
+        exported = torch.export.export(module, (x,))
+        assert torch.equal(exported.module()(x), want)
 
 
 def test_profiling_hooks_keep_the_backend_choice():
@@ -716,6 +725,78 @@ def test_channels_last_unit_epilogue_matches_nchw(backend, residual_layout):
 def test_residual_and_prelu_errors(call, message):
     with pytest.raises(RuntimeError, match=message):
         call()
+
+
+# ---- input_shortcut: the unit's real-valued shortcut computed by the op from its input ----
+
+# (in channels, out channels, input H, W, kernel, stride): every channel mapping (identity, k-fold repeat, k-to-1 mean,
+# non-divisible widening and narrowing), both strides, odd sizes (ceil mode's partial windows), one and several words.
+SHORTCUT_SHAPES = [(16, 16, 9, 11, 3, 1), (16, 32, 10, 12, 3, 2), (32, 16, 7, 9, 1, 1), (70, 13, 9, 11, 3, 2),
+                   (24, 40, 5, 6, 1, 1), (130, 64, 8, 8, 1, 1), (64, 128, 11, 7, 3, 2), (48, 48, 13, 9, 1, 2)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHORTCUT_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_input_shortcut_matches_reference_and_the_residual_it_stands_for(backend, layout, shape):
+    """input_shortcut=True adds real_shortcut(input, O, stride) in the output stage: within float rounding of the
+    reference, and the same bits as passing that shortcut as the residual (float output and sign output)."""
+    cin, cout, h, w_, k, s = shape
+    x, w = torch.randn(2, cin, h, w_), torch.randn(cout, cin, k, k)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale, bias, a, t = torch.rand(cout) + 0.5, torch.randn(cout), torch.rand(cout) * 0.5, torch.randn(cout) * 0.1
+    kwargs = dict(stride=s, padding=k // 2, scale=scale, prelu_weight=a)
+    want = reference_conv2d(x, w, bias, (s, s), (k // 2,) * 4, (1, 1), 1, scale, 0, prelu_weight=a,
+                            input_shortcut=True)
+    with xnorconv.use_backend(backend):
+        residual = xnorconv.functional.real_shortcut(x, cout, s)
+        got = xnorconv.binary_conv2d(x, w, bias, input_shortcut=True, **kwargs)
+        as_residual = xnorconv.binary_conv2d(x, w, bias, residual=residual, **kwargs)
+        signs = xnorconv.binary_conv2d(x, w, bias, input_shortcut=True, output_signs=True, output_threshold=t,
+                                       **kwargs)
+        residual_signs = xnorconv.binary_conv2d(x, w, bias, residual=residual, output_signs=True,
+                                                output_threshold=t, **kwargs)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, as_residual) and torch.equal(signs, residual_signs)
+    assert got.is_contiguous(memory_format=torch.channels_last if layout == "nhwc" and cout > 1
+                             else torch.contiguous_format)
+
+
+def test_input_shortcut_reads_a_strided_input_and_leaves_it_unchanged():
+    x = torch.randn(2, 40, 10, 12)[:, ::2]  # every other channel: a view the op must not write through
+    before = x.clone()
+    w = torch.randn(40, 20, 3, 3)
+    got = xnorconv.binary_conv2d(x, w, stride=2, padding=1, input_shortcut=True)
+    want = reference_conv2d(x, w, None, (2, 2), (1,) * 4, (1, 1), 1, None, 0, input_shortcut=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 8, 6, 6), torch.randn(4, 8, 3, 3), padding=1,
+                                    residual=torch.randn(1, 4, 6, 6), input_shortcut=True),
+     r"residual and input_shortcut=True both add a shortcut; pass one"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 8, 6, 6) < 0, torch.randn(4, 8, 3, 3), padding=1,
+                                    input_shortcut=True),
+     r"input_shortcut=True needs the float32 input it averages, got Bool"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 8, 9, 9), torch.randn(4, 8, 3, 3), stride=3, padding=1,
+                                    input_shortcut=True),
+     r"input_shortcut=True needs stride 1 or 2, the same on both axes \(its window\), got \(3, 3\)"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 8, 9, 9), torch.randn(4, 8, 3, 3), stride=(1, 2), padding=1,
+                                    input_shortcut=True),
+     r"got \(1, 2\)"),
+    (lambda: xnorconv.binary_conv2d(torch.randn(1, 8, 6, 6), torch.randn(4, 8, 3, 3), input_shortcut=True),
+     r"input_shortcut=True needs the output size to be the input's over the stride, rounded up \(6x6\), got 4x4"),
+])
+def test_input_shortcut_errors(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+def test_input_shortcut_must_be_a_bool():
+    with pytest.raises(ValueError, match=r"input_shortcut must be True or False, got 1"):
+        xnorconv.binary_conv2d(torch.randn(1, 8, 6, 6), torch.randn(4, 8, 3, 3), padding=1, input_shortcut=1)
 
 
 def _packed_call(x, packed, stride=1, padding=1, pad_value=0):

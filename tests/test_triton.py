@@ -211,6 +211,22 @@ def test_residual_and_prelu(slopes, output):
     _same_as_cpu_op(got, want)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(16, 32, 3, 2), (70, 13, 1, 1)], ids=["widening-stride2", "narrowing"])
+def test_input_shortcut(layout, shape):
+    """input_shortcut=True: the shortcut composed and added as the residual, the same bits as the CPU op (which
+    computes it into its output)."""
+    cin, cout, k, s = shape
+    g = torch.Generator().manual_seed(25)
+    x, w = torch.randn(2, cin, 9, 11, generator=g), torch.randn(cout, cin, k, k, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale, bias = _scale_bias(cout, g)
+    got, want = _triton_and_cpu(x, w, bias=bias, stride=s, padding=k // 2, scale=scale,
+                                prelu_weight=torch.rand(cout, generator=g) - 0.5, input_shortcut=True)
+    _same_as_cpu_op(got, want)
+
+
 @pytest.mark.parametrize("residual_layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("input_dtype", ["float", "bool"])
 def test_channels_last(residual_layout, input_dtype):

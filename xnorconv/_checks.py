@@ -168,3 +168,25 @@ def per_channel(t, name: str):
         return None
     check_tensor(name, t)
     return t.detach().to(torch.float32)
+
+
+def check_input_shortcut(input_shortcut, residual, input: torch.Tensor, stride, out_hw) -> bool:
+    """The conditions of the op's input_shortcut=True (csrc/torch/ops.cpp checks the same): no residual as well, a
+    real-valued input, stride 1 or 2 on both axes, and an output of the shortcut's size (the input's over the
+    stride, rounded up). Returns input_shortcut."""
+    check_bool("input_shortcut", input_shortcut)
+    if not input_shortcut:
+        return False
+    if residual is not None:
+        raise ValueError("residual and input_shortcut=True both add a shortcut; pass one")
+    if not input.is_floating_point():
+        raise ValueError(f"input_shortcut=True needs the float input it averages, got {input.dtype} (a sign input "
+                         "has no real values)")
+    s = tuple(stride)
+    if s[0] != s[1] or s[0] not in (1, 2):
+        raise ValueError(f"input_shortcut=True needs stride 1 or 2, the same on both axes (its window), got {s}")
+    want = (-(-input.shape[2] // s[0]), -(-input.shape[3] // s[0]))
+    if tuple(out_hw) != want:
+        raise ValueError(f"input_shortcut=True needs the output size to be the input's over the stride, rounded up "
+                         f"{want}, got {tuple(out_hw)} (input shape {tuple(input.shape)})")
+    return True

@@ -21,7 +21,7 @@ def _pack_weight_fake(weight):
 @torch.library.register_fake("xnorconv::binary_conv2d_packed")
 def _binary_conv2d_packed_fake(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding,
                                dilation, groups, pad_value, input_threshold=None, output_signs=False,
-                               output_threshold=None, residual=None, prelu_weight=None):
+                               output_threshold=None, residual=None, prelu_weight=None, input_shortcut=False):
     torch._check(input.dim() == 4, lambda: f"binary_conv2d: input must be 4-D, got {input.dim()}-D")
     torch._check(input.shape[1] == weight_in_channels * groups,
                  lambda: f"binary_conv2d: input has {input.shape[1]} channels but the weight expects "
@@ -30,6 +30,15 @@ def _binary_conv2d_packed_fake(input, weight_bits, weight_tap_sum, weight_in_cha
     out_channels, kh, kw, _ = weight_bits.shape
     oh = _out_size(h, kh, stride[0], padding[0], padding[1], dilation[0])
     ow = _out_size(w, kw, stride[1], padding[2], padding[3], dilation[1])
+    if input_shortcut:
+        torch._check(residual is None, lambda: "binary_conv2d: residual and input_shortcut=True both add a shortcut")
+        torch._check(input.dtype == torch.float32, lambda: f"binary_conv2d: input_shortcut=True needs a float32 input, "
+                                                           f"got {input.dtype}")
+        torch._check(stride[0] == stride[1] and stride[0] in (1, 2),
+                     lambda: f"binary_conv2d: input_shortcut=True needs stride 1 or 2 on both axes, got {stride}")
+        torch._check(oh == (h + stride[0] - 1) // stride[0] and ow == (w + stride[0] - 1) // stride[0],
+                     lambda: "binary_conv2d: input_shortcut=True needs the output size to be the input's over the "
+                             "stride, rounded up")
     out = input.new_empty((n, out_channels, oh, ow), dtype=torch.bool if output_signs else torch.float32)
     if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous() \
             and input.shape[1] > 1:

@@ -21,7 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import check_bool, check_op_input, check_pad_value, check_positive_int, normalize_conv_args, per_channel
+from ._checks import (check_bool, check_input_shortcut, check_op_input, check_pad_value, check_positive_int,
+                      normalize_conv_args, per_channel)
+from .functional import real_shortcut
 
 # Where use_backend('triton') sends the op's calls: GPUs, and the CPU when the kernels run in the interpreter.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -161,7 +163,8 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                   padding=0, dilation=1, groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
                   input_threshold: Optional[torch.Tensor] = None, block_p: int = 32, block_o: int = 32, *,
                   output_signs: bool = False, output_threshold: Optional[torch.Tensor] = None,
-                  residual: Optional[torch.Tensor] = None, prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  residual: Optional[torch.Tensor] = None, prelu_weight: Optional[torch.Tensor] = None,
+                  input_shortcut: bool = False) -> torch.Tensor:
     """Same arguments and result as xnorconv.binary_conv2d, computed by the Triton kernels: float32 or bool (sign)
     input, output_signs / output_threshold, the fused residual + PReLU, and a channels_last output for a
     channels_last input (the op's rule). The tensors must be on a device Triton can run on (a GPU, or the CPU in
@@ -176,12 +179,12 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     stride, pads, dilation = normalize_conv_args((kh, kw), stride, padding, dilation)
     bits, tap_sum = pack_weight_words(weight)
     return _run(input, bits, tap_sum, cg, bias, stride, pads, dilation, groups, scale, pad_value, input_threshold,
-                output_signs, output_threshold, residual, prelu_weight, block_p, block_o)
+                output_signs, output_threshold, residual, prelu_weight, block_p, block_o, input_shortcut)
 
 
 def binary_conv2d_packed(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding,
                          dilation, groups, pad_value, input_threshold=None, output_signs=False, output_threshold=None,
-                         residual=None, prelu_weight=None) -> torch.Tensor:
+                         residual=None, prelu_weight=None, input_shortcut=False) -> torch.Tensor:
     """torch.ops.xnorconv.binary_conv2d_packed's arguments and result, computed by the Triton kernels: what
     xnorconv.use_backend('triton') routes the op's calls on Triton's devices to. The int64 words of pack_weight
     viewed as int32 pairs are the Triton kernels' weight words (little-endian), so the packed weight is used as it is
@@ -201,13 +204,14 @@ def binary_conv2d_packed(input, weight_bits, weight_tap_sum, weight_in_channels,
     bits = weight_bits.contiguous().view(torch.int32)[..., :words32].contiguous()
     return _run(input, bits, weight_tap_sum.contiguous(), weight_in_channels, bias, tuple(stride), tuple(padding),
                 tuple(dilation), groups, scale, pad_value, input_threshold, output_signs, output_threshold, residual,
-                prelu_weight, 32, 32)
+                prelu_weight, 32, 32, input_shortcut)
 
 
 def _run(input, bits, tap_sum, cg, bias, stride, pads, dilation, groups, scale, pad_value, input_threshold,
-         output_signs, output_threshold, residual, prelu_weight, block_p, block_o):
+         output_signs, output_threshold, residual, prelu_weight, block_p, block_o, input_shortcut=False):
     """The shared checks and launch: bits int32 (O, kh, kw, ceil(cg/32)), tap_sum int32 (O, kh, kw), stride and
-    dilation pairs, pads (top, bottom, left, right)."""
+    dilation pairs, pads (top, bottom, left, right). input_shortcut: the shortcut is composed (real_shortcut) and
+    added as the residual."""
     check_positive_int("groups", groups)
     check_bool("output_signs", output_signs)
     out_channels, kh, kw = bits.shape[0], bits.shape[1], bits.shape[2]
@@ -246,6 +250,8 @@ def _run(input, bits, tap_sum, cg, bias, stride, pads, dilation, groups, scale, 
     if oh < 1 or ow < 1:
         raise ValueError(f"kernel size ({kh}, {kw}) with dilation ({dh}, {dw}) is larger than the padded input "
                          f"({h + pt + pb}, {w + pl + pr})")
+    if check_input_shortcut(input_shortcut, residual, input, stride, (oh, ow)):
+        residual = real_shortcut(input, out_channels, sh)
     if residual is not None:
         if not isinstance(residual, torch.Tensor) or residual.shape != (n, out_channels, oh, ow) \
                 or residual.dtype != torch.float32 or residual.device != input.device:

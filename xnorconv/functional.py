@@ -6,8 +6,8 @@ import torch
 
 from . import _C  # loads the library, which registers torch.ops.xnorconv.*
 from ._backend import triton_selected
-from ._checks import (_is_int, check_bool, check_op_input, check_pad_value, check_positive_int, check_tensor,
-                      normalize_conv_args, per_channel)
+from ._checks import (_is_int, check_bool, check_input_shortcut, check_op_input, check_pad_value, check_positive_int,
+                      check_tensor, normalize_conv_args, per_channel)
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -71,11 +71,18 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
                          groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
                          input_threshold: Optional[torch.Tensor] = None, output_signs: bool = False,
                          output_threshold: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                         prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         prelu_weight: Optional[torch.Tensor] = None, input_shortcut: bool = False) -> torch.Tensor:
     """binary_conv2d with a weight packed once by pack_weight (the inference path of BinaryConv2d).
 
     residual (the output's shape) and prelu_weight ((O,) or (1,)) fuse the end of a Bi-Real / ReActNet unit into the
     output stage: y = prelu(scale * conv + bias + residual), applied before output_signs' test.
+
+    input_shortcut=True takes the residual from the input instead: real_shortcut(input, O, stride), the unit's
+    parameter-free shortcut (window mean for stride 2, channel repeat or group mean), computed inside the op (on the
+    CPU into the output, which the output stage then accumulates onto), the same bits as passing it as residual.
+    It needs a float input, stride 1 or 2 on both axes, and an output of ceil(H / stride) x ceil(W / stride) (a 1x1
+    conv without padding, or a 3x3 one with padding 1, for instance). On other devices the shortcut is composed
+    from aten ops (real_shortcut) and passed as the residual.
 
     output_signs=True returns, instead of the float y, the bool tensor y < output_threshold[c] (default 0): True
     where y binarizes to -1 for a following binary layer. Fed to that layer's binary_conv2d as its input, it
@@ -85,11 +92,18 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
     check_bool("output_signs", output_signs)
     check_positive_int("groups", groups)
     stride, pads, dilation = normalize_conv_args(weight.kernel_size, stride, padding, dilation)
+    if check_bool("input_shortcut", input_shortcut) and input.device.type != "cpu":
+        # The CUDA kernels take the shortcut as a residual, composed here.
+        out_hw = [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, d, k, s in
+                  zip(input.shape[2:], pads[0::2], pads[1::2], dilation, weight.kernel_size, stride)]
+        check_input_shortcut(True, residual, input, stride, out_hw)
+        residual, input_shortcut = real_shortcut(input, weight.bits.shape[0], stride[0]), False
     return packed_conv_op()(
         input, weight.bits, weight.tap_sum, weight.in_channels, per_channel(scale, "scale"),
         per_channel(bias, "bias"), list(stride), list(pads), list(dilation), groups, check_pad_value(pad_value),
         per_channel(input_threshold, "input_threshold"), output_signs,
-        per_channel(output_threshold, "output_threshold"), residual, per_channel(prelu_weight, "prelu_weight"))
+        per_channel(output_threshold, "output_threshold"), residual, per_channel(prelu_weight, "prelu_weight"),
+        input_shortcut)
 
 
 def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -97,7 +111,7 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                   groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
                   input_threshold: Optional[torch.Tensor] = None, output_signs: bool = False,
                   output_threshold: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                  prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  prelu_weight: Optional[torch.Tensor] = None, input_shortcut: bool = False) -> torch.Tensor:
     """Binary convolution: F.conv2d(sign(input), sign(weight), None, stride, padding, dilation, groups) * scale[c]
     + bias[c], with sign(x) = +1 if x >= 0 else -1 and padded taps worth `pad_value` (0, +1 or -1).
 
@@ -114,7 +128,8 @@ def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if packed.bits.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
     return binary_conv2d_packed(input, packed, bias, stride, padding, dilation, groups, scale, pad_value,
-                                input_threshold, output_signs, output_threshold, residual, prelu_weight)
+                                input_threshold, output_signs, output_threshold, residual, prelu_weight,
+                                input_shortcut)
 
 
 def real_shortcut(input: torch.Tensor, out_channels: int, stride: int = 1) -> torch.Tensor:

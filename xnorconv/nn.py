@@ -18,14 +18,14 @@ import torch.nn.functional as F
 from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
 from . import _packed, _transforms
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
-from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_layer_input, check_pad_value,
-                      check_spatial, normalize_conv_args)
+from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_input_shortcut, check_layer_input,
+                      check_pad_value, check_spatial, normalize_conv_args)
 from ._first_layer import StemConv2d, check_first_layer, convert_first_layer
 from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._layout import check_memory_format
 from ._layout import install as install_layout_hooks
 from ._packed import packed_kernel_devices, unpack_weight_signs
-from .functional import PackedWeight, packed_conv_op
+from .functional import PackedWeight, packed_conv_op, real_shortcut
 
 __all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
            "packed_kernel_devices", "unpack_weight_signs"]
@@ -289,10 +289,13 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
         return s
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                prelu_weight: Optional[torch.Tensor] = None, input_shortcut: bool = False) -> torch.Tensor:
         """y = scale * conv(sign(x), sign(W)) + bias. Optional fused epilogue of a Bi-Real / ReActNet unit:
         y = prelu(y + residual) with `residual` of the output's shape and `prelu_weight` (out_channels,) or (1,)
-        (nn.PReLU's weight), computed in the packed kernel's output stage."""
+        (nn.PReLU's weight), computed in the packed kernel's output stage. input_shortcut=True adds the input's
+        real-valued shortcut, xnorconv.functional.real_shortcut(input, out_channels, stride), instead of a
+        residual: on the CPU the op computes it into its output, without a tensor of its own (see
+        xnorconv.functional.binary_conv2d_packed for the geometry it needs)."""
         prelu = prelu_weight
         if prelu is not None and prelu.requires_grad and torch.is_grad_enabled():
             prelu = prelu.detach()  # the op has no autograd formula (under no_grad there is nothing to detach from)
@@ -310,15 +313,18 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
                     and (input.is_cpu if device.type == "cpu" else input.device == device)):
                 if shape[2] < min_h or shape[3] < min_w:
                     check_spatial(self, input, args[6])  # raises, naming the sizes
+                if input_shortcut and device.type != "cpu":  # the CUDA kernels take it as a residual
+                    residual, input_shortcut = self._input_shortcut(input, residual, args[6]), False
                 # Bool input: the signs of a chained producer, which already applied this layer's threshold.
                 return packed_conv_op()(input, *args, in_threshold if dtype is torch.float32 else None, output_signs,
-                                        out_threshold, residual, prelu)
+                                        out_threshold, residual, prelu, input_shortcut)
         if isinstance(input, torch.Tensor) and (getattr(self, "output_threshold", None) is not None
                                                 or input.dtype == torch.bool):
             raise ValueError(f"{type(self).__name__}: sign input/output (a freeze() chain) needs a batched float32 "
                              f"or bool input on {self.weight_bits.device}, got {input.dtype} of shape "
                              f"{tuple(input.shape)} on {input.device}")
         x, unbatched = check_layer_input(self, input, None, self.weight_bits.device)
+        unpadded = x
         x, pads = _pad_mode_input(self, x)
         check_spatial(self, x, pads)
         if self.binarize_input and x.device.type in _packed.PACKED_DEVICES and x.dtype == torch.float32:
@@ -337,9 +343,19 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
                 y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
         if residual is not None:
             y = y + (residual.unsqueeze(0) if unbatched else residual).to(y.dtype)
+        if check_input_shortcut(input_shortcut, residual, unpadded, self.stride, y.shape[2:]):
+            y = y + real_shortcut(unpadded, self.out_channels, self.stride[0]).to(y.dtype)
         if prelu is not None:
             y = F.prelu(y, prelu.to(y.dtype))
         return y.squeeze(0) if unbatched else y
+
+    def _input_shortcut(self, input: torch.Tensor, residual: Optional[torch.Tensor], pads) -> torch.Tensor:
+        """input_shortcut=True's residual, composed, for devices whose kernels do not compute it; pads: (top,
+        bottom, left, right)."""
+        out_hw = [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, d, k, s in
+                  zip(input.shape[2:], pads[0::2], pads[1::2], self.dilation, self.kernel_size, self.stride)]
+        check_input_shortcut(True, residual, input, self.stride, out_hw)
+        return real_shortcut(input, self.out_channels, self.stride[0])
 
 
 def invalidate_packed_caches(model: nn.Module) -> None:

@@ -15,7 +15,8 @@ The semantics, as code below:
   ``sign(x - t)``, computed as ``x >= t`` (the two differ only for ``x = t = +-inf``).
 * Padded taps count as ``pad_value``: 0 contributes nothing (exactly ``F.conv2d`` on the signed tensors), +1 or -1
   are constants.
-* Output stage, in this order: ``y = conv * scale[c] + bias[c] + residual``, then PReLU (``y`` where ``y >= 0``, else
+* Output stage, in this order: ``y = conv * scale[c] + bias[c] + residual`` (with ``input_shortcut``, the residual is
+  the input's real-valued shortcut, ``xnorconv.functional.real_shortcut(input, out_channels, stride)``), then PReLU (``y`` where ``y >= 0``, else
   ``prelu_weight[c] * y``), then with ``output_signs`` the bool ``y < output_threshold[c]`` (True meaning -1 for the
   next binary layer).
 
@@ -29,7 +30,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_bool, check_pad_value, check_positive_int, check_tensor, normalize_conv_args
+from ._checks import (check_bool, check_input_shortcut, check_pad_value, check_positive_int, check_tensor,
+                      normalize_conv_args)
 
 __all__ = ["reference_conv2d", "sign"]
 
@@ -56,8 +58,8 @@ def reference_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[t
                      dilation: Union[int, Sequence[int]] = 1, groups: int = 1, scale: Optional[torch.Tensor] = None,
                      pad_value: int = 0, input_threshold: Optional[torch.Tensor] = None, output_signs: bool = False,
                      output_threshold: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                     prelu_weight: Optional[torch.Tensor] = None, *, dtype: torch.dtype = torch.float64
-                     ) -> torch.Tensor:
+                     prelu_weight: Optional[torch.Tensor] = None, input_shortcut: bool = False, *,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """What ``xnorconv.binary_conv2d`` with the same arguments computes, in plain PyTorch (see the module docstring).
 
     Arguments are those of ``xnorconv.binary_conv2d``, in the same order; ``padding`` may also be an explicit
@@ -88,9 +90,23 @@ def reference_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         y = y + bias.to(dtype).view(1, -1, 1, 1)
     if residual is not None:
         y = y + residual.to(dtype)
+    if check_input_shortcut(input_shortcut, residual, input, stride, y.shape[2:]):
+        y = y + _shortcut_definition(input.to(dtype), y.shape[1], stride[0])
     if prelu_weight is not None:
         y = torch.where(y >= 0, y, prelu_weight.to(dtype).view(1, -1, 1, 1) * y)
     if output_signs:
         t = 0 if output_threshold is None else output_threshold.to(dtype).view(1, -1, 1, 1)
         return y < t
     return y
+
+
+def _shortcut_definition(x: torch.Tensor, out_channels: int, stride: int) -> torch.Tensor:
+    """real_shortcut as its docstring defines it: stride x stride window means (ceil mode), then output channel o the
+    mean of input channels [floor(o * C / O), ceil((o + 1) * C / O)), or a copy of channel floor(o * C / O) when
+    O > C."""
+    if stride == 2:
+        x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
+    c = x.shape[1]
+    begins = [o * c // out_channels for o in range(out_channels)]
+    ends = [b + 1 if out_channels > c else -(-(o + 1) * c // out_channels) for o, b in enumerate(begins)]
+    return torch.stack([x[:, b:e].mean(1) for b, e in zip(begins, ends)], 1)

@@ -139,7 +139,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("pad_value"),
         py::arg("input_threshold") = py::none(), py::arg("output_signs") = false,
         py::arg("output_threshold") = py::none(), py::arg("residual") = py::none(),
-        py::arg("prelu_weight") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        py::arg("prelu_weight") = py::none(), py::arg("input_shortcut") = false,
+        py::call_guard<py::gil_scoped_release>(),
         "torch.ops.xnorconv.binary_conv2d_packed with the same arguments, through the dispatcher, called with less "
         "Python overhead");
   m.def("peak_binary_macs_per_second", &peak_binary_macs_per_second, "Peak probe of a CPU kernel family (best of 5)");

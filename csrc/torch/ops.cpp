@@ -55,8 +55,21 @@ void check_output_threshold(const c10::optional<at::Tensor>& t, bool output_sign
               " but input is on ", input.device());
 }
 
-void check_unit_epilogue(const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prelu_weight,
-                         const ConvParams& p, const at::Tensor& input) {
+void check_unit_epilogue(const PackedConvArgs& args, const ConvParams& p) {
+  const at::Tensor& input = args.input;
+  const c10::optional<at::Tensor> &residual = args.residual, &prelu_weight = args.prelu_weight;
+  if (args.input_shortcut) {
+    TORCH_CHECK(!residual.has_value(), "binary_conv2d: residual and input_shortcut=True both add a shortcut; pass one");
+    TORCH_CHECK(input.scalar_type() == at::kFloat, "binary_conv2d: input_shortcut=True needs the float32 input it "
+                "averages, got ", input.scalar_type(), " (a sign input has no real values)");
+    TORCH_CHECK(p.stride_h == p.stride_w && (p.stride_h == 1 || p.stride_h == 2),
+                "binary_conv2d: input_shortcut=True needs stride 1 or 2, the same on both axes (its window), got (",
+                p.stride_h, ", ", p.stride_w, ")");
+    const int64_t s = p.stride_h, sh = (p.in_h + s - 1) / s, sw = (p.in_w + s - 1) / s;
+    TORCH_CHECK(sh == p.out_h() && sw == p.out_w(), "binary_conv2d: input_shortcut=True needs the output size to be "
+                "the input's over the stride, rounded up (", sh, "x", sw, "), got ", p.out_h(), "x", p.out_w(),
+                " (input ", input.sizes(), ")");
+  }
   if (residual.has_value()) {
     const std::vector<int64_t> shape{p.batch, p.out_channels, p.out_h(), p.out_w()};
     TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape), "binary_conv2d: residual must have the output's shape ",
@@ -141,7 +154,7 @@ ConvParams conv_params(const PackedConvArgs& args) {
   p.pad_value = static_cast<PadValue>(pad_value);
   const std::string err = xnorconv::validate(p);
   TORCH_CHECK(err.empty(), "binary_conv2d: ", err, " (input shape ", input.sizes(), ")");
-  check_unit_epilogue(args.residual, args.prelu_weight, p, input);
+  check_unit_epilogue(args, p);
   return p;
 }
 
@@ -276,6 +289,26 @@ uint64_t* packed_input_buffer(int64_t words, at::Tensor& own) {
   return kept.data();
 }
 
+// input_shortcut: real_shortcut(input) written where the output stage reads its residual. For a float output that is
+// the output itself: every family reads an element's residual in the vector that then stores that element, so the
+// output stage accumulates onto the shortcut (GEMM's beta = 1), and the shortcut costs no buffer of its own. A sign
+// output gets a float buffer, held by `holder`. The identity shortcut is the input itself, read where it is.
+const float* write_input_shortcut(const ConvParams& p, const at::Tensor& input, const at::Tensor& out, bool nhwc,
+                                  at::Tensor& holder) {
+  const at::MemoryFormat format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor x = input.contiguous(format);
+  if (p.stride_h == 1 && p.out_channels == p.in_channels) {
+    holder = x;
+    return x.data_ptr<float>();
+  }
+  holder = out.scalar_type() == at::kFloat
+               ? out
+               : at::empty(out.sizes(), out.options().dtype(at::kFloat).memory_format(format));
+  const xnorconv::ShortcutShape shape{p.batch, p.in_channels, p.in_h, p.in_w, p.out_channels, p.stride_h, nhwc};
+  xnorconv::real_shortcut(shape, x.data_ptr<float>(), holder.data_ptr<float>(), torch_parallel_for);
+  return holder.data_ptr<float>();
+}
+
 at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
   const ConvParams p = conv_params(args);
   const at::Tensor& input = args.input;
@@ -296,7 +329,9 @@ at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
   const at::Tensor bits = args.weight_bits.contiguous(), tap_sum = args.weight_tap_sum.contiguous();
   const at::Tensor formatted =
       xnorconv::conv_weight_words(ops, p) ? formatted_weights().get(ops, p, args.weight_bits) : at::Tensor();
-  const Epilogue epilogue = make_epilogue(out, write_nhwc, args);
+  Epilogue epilogue = make_epilogue(out, write_nhwc, args);
+  at::Tensor shortcut;
+  if (args.input_shortcut) epilogue.params.residual = write_input_shortcut(p, input, out, write_nhwc, shortcut);
 
   xnorconv::ConvCall call;
   call.params = p;
@@ -418,7 +453,7 @@ TORCH_LIBRARY(xnorconv, m) {
       "binary_conv2d_packed(Tensor input, Tensor weight_bits, Tensor weight_tap_sum, int weight_in_channels, "
       "Tensor? scale, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, int groups, int pad_value, "
       "Tensor? input_threshold=None, bool output_signs=False, Tensor? output_threshold=None, "
-      "Tensor? residual=None, Tensor? prelu_weight=None) -> Tensor");
+      "Tensor? residual=None, Tensor? prelu_weight=None, bool input_shortcut=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {

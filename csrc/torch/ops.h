@@ -14,7 +14,7 @@ using PackedConvSignature = at::Tensor(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t, int64_t,
     const c10::optional<at::Tensor>&, bool, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&);
+    const c10::optional<at::Tensor>&, bool);
 
 // The arguments of one call of xnorconv::binary_conv2d_packed, in schema order: the one place C++ names them (a new
 // fused option is a member here, a schema argument in ops.cpp, a field of EpilogueParams and a step of
@@ -33,12 +33,13 @@ struct PackedConvArgs {
   const c10::optional<at::Tensor>& output_threshold;
   const c10::optional<at::Tensor>& residual;
   const c10::optional<at::Tensor>& prelu_weight;
+  bool input_shortcut;
 
   // f(the arguments in schema order): a call through a typed dispatcher handle.
   template <class F>
   decltype(auto) apply(F&& f) const {
     return f(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride, padding, dilation, groups,
-             pad_value, input_threshold, output_signs, output_threshold, residual, prelu_weight);
+             pad_value, input_threshold, output_signs, output_threshold, residual, prelu_weight, input_shortcut);
   }
 };
 

@@ -72,6 +72,8 @@ std::tuple<at::Tensor, at::Tensor> pack_weight_cuda(const at::Tensor& weight) {
 
 at::Tensor binary_conv2d_packed_cuda(const PackedConvArgs& args) {
   const xnorconv::ConvParams c = conv_params(args);
+  TORCH_CHECK(!args.input_shortcut, "binary_conv2d: input_shortcut=True runs on the CPU only; on CUDA, pass "
+              "residual=xnorconv.functional.real_shortcut(input, out_channels, stride) (FrozenBinaryConv2d does)");
   const at::Tensor& input = args.input;
   const bool sign_input = input.scalar_type() == at::kBool;
   // The epilogue writes a channels_last output as such (NHWC), reading the residual in the same order.

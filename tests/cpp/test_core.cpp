@@ -439,16 +439,21 @@ void check_nhwc_output(const KernelOps& ops, const ConvParams& p, const Activati
   for (auto& e : slope) e = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
   std::vector<float> thresholds(c);
   for (auto& e : thresholds) e = std::uniform_real_distribution<float>(-4.0f, 4.0f)(rng);
-  for (int variant = 0; variant < 3; ++variant) {
+  // Variant 3: variant 1 with the residual in the output buffer itself (the op's input_shortcut writes it there).
+  for (int variant = 0; variant < 4; ++variant) {
     OutputStage st;
     st.scale = scale.data();
     st.bias = bias.data();
     st.zero_pad = &zp;
     st.channels_last = 1;
     std::vector<uint8_t> signs(y.size(), 7);
-    if (variant == 1) {
+    if (variant == 1 || variant == 3) {
       st.residual = residual_nhwc.data();
       st.prelu = slope.data();
+    }
+    if (variant == 3) {
+      out = residual_nhwc;
+      st.residual = out.data();
     }
     if (variant == 2) {
       st.out_signs = signs.data();
@@ -461,15 +466,15 @@ void check_nhwc_output(const KernelOps& ops, const ConvParams& p, const Activati
     for (size_t i = 0; i < y.size(); ++i) {
       const int64_t o = (i / hw) % c;
       float e = y[i];
-      if (variant == 1) {
+      if (variant == 1 || variant == 3) {
         e += residual[i];
         if (!(e >= 0.0f)) e *= slope[o];
       }
       wrong += variant == 2 ? signs[nhwc(i)] != static_cast<uint8_t>(!(e >= thresholds[o])) : out[nhwc(i)] != e;
     }
-    EXPECT(wrong == 0, "[%s] NHWC output (%s) %s: %lld of %zu outputs wrong", name.c_str(),
-           variant == 0 ? "plain" : variant == 1 ? "residual + PReLU" : "signs", describe(p).c_str(),
-           static_cast<long long>(wrong), y.size());
+    const char* variants[] = {"plain", "residual + PReLU", "signs", "residual in the output + PReLU"};
+    EXPECT(wrong == 0, "[%s] NHWC output (%s) %s: %lld of %zu outputs wrong", name.c_str(), variants[variant],
+           describe(p).c_str(), static_cast<long long>(wrong), y.size());
   }
 }
 
@@ -534,6 +539,14 @@ void test_sign_io(int cases) {
         wrong += fused[i] != e;
       }
       EXPECT(wrong == 0, "[%s] %lld outputs of the residual + PReLU stage wrong", name.c_str(), static_cast<long long>(wrong));
+      // The residual in the output itself (the op's input_shortcut writes it there): each element is read by the
+      // vector that then stores it, so the result is the same.
+      std::vector<float> in_place = residual;
+      st.out = in_place.data();
+      st.residual = in_place.data();
+      ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
+      EXPECT(in_place == fused, "[%s] residual in the output buffer: %s differs from a separate residual",
+             name.c_str(), describe(p).c_str());
       st.residual = nullptr;
       st.prelu = nullptr;
       std::vector<uint8_t> signs(y.size(), 7);
