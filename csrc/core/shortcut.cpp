@@ -39,7 +39,7 @@ std::vector<ChannelRange> channel_ranges(int64_t in, int64_t out) {
 int64_t pooled_size(int64_t size, int64_t stride) { return (size + stride - 1) / stride; }
 
 // One output plane (image n, the input channels of `range`) of an NCHW shortcut into dst.
-void nchw_plane(const ShortcutShape& s, const float* image, ChannelRange range, float* dst, float* row_sums) {
+void nchw_plane(const ShortcutShape& s, const float* image, ChannelRange range, float* dst) {
   const int64_t h = s.height, w = s.width, plane = h * w;
   const float channel_scale = range.scale;
   if (s.stride == 1) {
@@ -60,24 +60,30 @@ void nchw_plane(const ShortcutShape& s, const float* image, ChannelRange range, 
     return;
   }
   const int64_t oh = pooled_size(h, 2), ow = pooled_size(w, 2), full_columns = w / 2;
+  // Each window sum in one expression, straight from the input rows (the vectoriser makes it whole-vector loads
+  // and even/odd shuffles); a later channel of the range adds its means to the first's.
   for (int64_t i = 0; i < oh; ++i) {
     const bool two_rows = 2 * i + 1 < h;
     const float full_scale = two_rows ? 0.25f : 0.5f, edge_scale = two_rows ? 0.5f : 1.0f;
     float* out = dst + i * ow;
     for (int64_t c = range.begin; c < range.end; ++c) {
       const float* top = image + c * plane + 2 * i * w;
-      if (two_rows) {
-        const float* bottom = top + w;
-        for (int64_t k = 0; k < w; ++k) row_sums[k] = top[k] + bottom[k];
+      const float* bottom = top + w;
+      const bool first = c == range.begin;
+      if (two_rows && first) {
+        for (int64_t j = 0; j < full_columns; ++j)
+          out[j] = ((top[2 * j] + bottom[2 * j]) + (top[2 * j + 1] + bottom[2 * j + 1])) * full_scale;
+      } else if (two_rows) {
+        for (int64_t j = 0; j < full_columns; ++j)
+          out[j] += ((top[2 * j] + bottom[2 * j]) + (top[2 * j + 1] + bottom[2 * j + 1])) * full_scale;
+      } else if (first) {
+        for (int64_t j = 0; j < full_columns; ++j) out[j] = (top[2 * j] + top[2 * j + 1]) * full_scale;
       } else {
-        std::memcpy(row_sums, top, sizeof(float) * w);
+        for (int64_t j = 0; j < full_columns; ++j) out[j] += (top[2 * j] + top[2 * j + 1]) * full_scale;
       }
-      if (c == range.begin) {
-        for (int64_t j = 0; j < full_columns; ++j) out[j] = (row_sums[2 * j] + row_sums[2 * j + 1]) * full_scale;
-        if (full_columns < ow) out[ow - 1] = row_sums[w - 1] * edge_scale;
-      } else {
-        for (int64_t j = 0; j < full_columns; ++j) out[j] += (row_sums[2 * j] + row_sums[2 * j + 1]) * full_scale;
-        if (full_columns < ow) out[ow - 1] += row_sums[w - 1] * edge_scale;
+      if (full_columns < ow) {  // odd right edge: one column
+        const float edge = (two_rows ? top[w - 1] + bottom[w - 1] : top[w - 1]) * edge_scale;
+        out[ow - 1] = first ? edge : out[ow - 1] + edge;
       }
     }
     if (range.end - range.begin > 1)
@@ -98,12 +104,11 @@ void nchw_shortcut(const ShortcutShape& s, const float* x, float* out, const Par
   const int64_t run_elements = out_plane * std::max<int64_t>(1, s.out_channels / std::max<int64_t>(1, runs));
   parallel_for(s.batch * runs, std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, run_elements)),
                [&](int64_t begin, int64_t end) {
-                 std::vector<float> row_sums(static_cast<size_t>(s.width));
                  for (int64_t task = begin; task < end; ++task) {
                    const int64_t n = task / runs, run = task % runs;
                    const int64_t first = run_starts[run], last = run_starts[run + 1];
                    float* dst = out + (n * s.out_channels + first) * out_plane;
-                   nchw_plane(s, x + n * in_image, ranges[first], dst, row_sums.data());
+                   nchw_plane(s, x + n * in_image, ranges[first], dst);
                    for (int64_t o = first + 1; o < last; ++o)
                      std::memcpy(dst + (o - first) * out_plane, dst, sizeof(float) * out_plane);
                  }
