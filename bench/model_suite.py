@@ -428,8 +428,8 @@ class _FreeBinaryConv(xnorconv.FrozenBinaryConv2d):
     FrozenBinaryConv2d so that the model takes the same fused paths as with the real layer (BinaryDNet53 hands its
     shortcut add and PReLU to the conv's output stage), whose cost then goes with the convolution."""
 
-    def forward(self, input, residual=None, prelu_weight=None, input_shortcut=False):
-        return input.new_empty(self.free_output_shape, dtype=self.free_output_dtype)
+    def forward(self, input, residual=None, prelu_weight=None, input_shortcut=False, *, out=None):
+        return input.new_empty(self.free_output_shape, dtype=self.free_output_dtype) if out is None else out
 
 
 def _flushing_denormals(call):

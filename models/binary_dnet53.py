@@ -399,20 +399,24 @@ class BinaryConvUnit(nn.Module):
                 and isinstance(modules.get("shortcut"), RealShortcut)
                 and isinstance(modules["conv"], xnorconv.FrozenBinaryConv2d))
 
-    def forward(self, x, shortcut: Optional[torch.Tensor] = None):
-        """`shortcut`: self.shortcut(x) when the caller has it already (units sharing an input and a shortcut)."""
+    def forward(self, x, shortcut: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None):
+        """`shortcut`: self.shortcut(x) when the caller has it already (units sharing an input and a shortcut).
+        `out`: where a frozen_fusable unit writes its result (a slice of the concatenation a CSP block feeds its
+        fuse unit); the unit then returns it."""
         # Submodules straight from _modules: nn.Module.__getattr__ is a slow fallback, and this runs 25 times per
         # image.
         modules = self._modules
         conv, bn, act, real = modules["conv"], modules["bn"], modules["act"], modules.get("shortcut")
+        if out is not None and not self.frozen_fusable():
+            raise ValueError("BinaryConvUnit: out is for a unit frozen with its BatchNorm folded and a real shortcut")
         if real is None:
             return _activate(act, bn(conv(x)))
         if self.frozen_fusable():
             # Frozen, with the BatchNorm folded into the conv: the shortcut (which the op computes from x, into
             # its output, unless the caller has it), its add and the PReLU run in the packed kernel's pass.
             if shortcut is None:
-                return conv(x, None, act.weight, True)
-            return conv(x, shortcut, act.weight)
+                return conv(x, None, act.weight, True, out=out)
+            return conv(x, shortcut, act.weight, out=out)
         if shortcut is None:
             shortcut = real(x)
         if ((bn.training or torch.is_grad_enabled()) and type(bn) is nn.BatchNorm2d and type(act) is nn.PReLU
@@ -421,24 +425,46 @@ class BinaryConvUnit(nn.Module):
         return _activate(act, bn(conv(x)) + shortcut)
 
 
+def _frozen_cpu_call(x) -> bool:
+    """A call that runs the packed CPU op eagerly (or under TorchScript tracing) with nothing for autograd to
+    record: not torch.fx's symbolic tracing (freeze's analysis), not torch.compile or torch.export, which get the
+    plain concatenation."""
+    return (not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and x.dim() == 4 and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _is_nhwc(x) else torch.contiguous_format
+
+
 class BinaryCSPBlock(CSPBlock):
     """CSPBlock of BinaryConvUnits: the two parts read the same input through the same kind of real shortcut,
     which is computed once for both. Same submodules and function as CSPBlock."""
 
     def forward(self, x):
         modules = self._modules
-        part1, part2 = modules["part1"], modules["part2"]
+        part1, part2, transition = modules["part1"], modules["part2"], modules["transition"]
+        fused = _frozen_cpu_call(x) and all(isinstance(u, BinaryConvUnit) and u.frozen_fusable()
+                                            for u in (part1, part2, transition))
+        if fused:
+            # Frozen units compute their shortcuts inside their kernel calls, each from x (which costs less than a
+            # shared shortcut tensor, written once and read twice), and part1 and the transition write their
+            # halves of the concatenation the fuse unit reads: no concatenation pass. part1 and the transition
+            # are 1x1 stride-1 units, so both halves have x's size.
+            n, _, h, w = x.shape
+            hidden = part1.conv.out_channels
+            cat = torch.empty((n, 2 * hidden, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format_of(x))
+            part1(x, out=cat[:, :hidden])
+            transition(modules["blocks"](part2(x)), out=cat[:, hidden:])
+            return modules["fuse"](cat)
         s1, s2 = getattr(part1, "shortcut", None), getattr(part2, "shortcut", None)
-        # Frozen units compute the shortcut inside their kernel call, each from x (which costs less than a
-        # shared shortcut tensor, written once and read twice).
         if (isinstance(s1, RealShortcut) and isinstance(s2, RealShortcut)
-                and (s1.in_channels, s1.out_channels, s1.stride) == (s2.in_channels, s2.out_channels, s2.stride)
-                and not (part1.frozen_fusable() and part2.frozen_fusable())):
+                and (s1.in_channels, s1.out_channels, s1.stride) == (s2.in_channels, s2.out_channels, s2.stride)):
             shortcut = s1(x)
             a, b = part1(x, shortcut), part2(x, shortcut)
         else:
             a, b = part1(x), part2(x)
-        return modules["fuse"](torch.cat([a, modules["transition"](modules["blocks"](b))], dim=1))
+        return modules["fuse"](torch.cat([a, transition(modules["blocks"](b))], dim=1))
 
 
 class BinaryDNet53(nn.Module):

@@ -376,6 +376,9 @@ def test_frozen_binary_dnet53_runs_packed_kernels_and_matches():
         with recorder:
             out = frozen(x)
     assert recorder.ops.count("xnorconv.binary_conv2d_packed") == 25
+    # every unit computes its real shortcut in its conv call, and the CSP blocks' halves are written into the
+    # concatenation their fuse unit reads (the three SPPF pools write theirs too)
+    assert recorder.ops.count("xnorconv.real_shortcut") == 0 and recorder.ops.count("aten.cat") == 0
     assert recorder.ops.count("xnorconv.first_layer_conv") == 1 and recorder.ops.count("aten.convolution") == 0
     assert not [op for op in recorder.ops if "batch_norm" in op or "prelu" in op]
     # the 25 learnable thresholds are fused into the packing pass: no subtraction is left
@@ -854,3 +857,10 @@ def test_reference_binary_nets_frozen_export(name):
     targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
     assert sum("binary_conv2d_packed" in t for t in targets) == (16 if name == "birealnet18" else 31)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_binary_conv_unit_out_needs_a_fused_frozen_unit():
+    from models.binary_dnet53 import BinaryConvUnit
+    unit = BinaryConvUnit(8, 8, 1).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="out is for a unit frozen with its BatchNorm folded"):
+        unit(torch.randn(1, 8, 4, 4), out=torch.empty(1, 8, 4, 4))

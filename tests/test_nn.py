@@ -1369,6 +1369,12 @@ def test_frozen_layer_computes_its_input_shortcut(shape):
         torch.testing.assert_close(frozen(x[0], None, prelu.weight, True), want[0], rtol=1e-5, atol=1e-5)
         with pytest.raises(ValueError, match="residual and input_shortcut=True both add a shortcut"):
             frozen(x.double(), want.double(), None, True)
+        # out=: the fast path writes the slice it is given, the general path copies into it
+        for inp in (x, x.double()):
+            cat = torch.zeros(2, cout + 3, *want.shape[2:], dtype=inp.dtype)
+            assert frozen(inp, None, prelu.weight, True, out=cat[:, 3:]).data_ptr() == cat[:, 3:].data_ptr()
+            torch.testing.assert_close(cat[:, 3:], want.to(inp.dtype), rtol=1e-5, atol=1e-5)
+            assert not cat[:, :3].any()
 
 
 def test_frozen_fast_path_sees_replaced_state():

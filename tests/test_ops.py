@@ -429,7 +429,7 @@ def test_opcheck():
         (x.contiguous(memory_format=torch.channels_last), bits, tap_sum, 35, None, None, [1, 1], [1, 1, 1, 0], [1, 1],
          2, 0, None, True, None, None, None, True),
     ]:
-        torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed, args)
+        torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed.default, args)
 
 
 def test_backward_through_the_packed_op_fails_with_a_clear_error():
@@ -797,6 +797,74 @@ def test_input_shortcut_errors(call, message):
 def test_input_shortcut_must_be_a_bool():
     with pytest.raises(ValueError, match=r"input_shortcut must be True or False, got 1"):
         xnorconv.binary_conv2d(torch.randn(1, 8, 6, 6), torch.randn(4, 8, 3, 3), padding=1, input_shortcut=1)
+
+
+# ---- the .out overload: the result written into a given tensor (a slice of a concatenation) ----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("output", ["float", "signs"])
+def test_out_writes_the_result_into_a_channel_slice(backend, layout, batch, output):
+    """out= gives the same bits as the op's own output, writes only its slice, and returns the tensor it was given:
+    in place where the slice is contiguous in the output's layout (batch 1 NCHW), copied in elsewhere."""
+    x, w = torch.randn(batch, 40, 9, 11), torch.randn(24, 40, 3, 3)
+    memory_format = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = x.contiguous(memory_format=memory_format)
+    packed, bias = xnorconv.pack_weight(w), torch.randn(24)
+    kwargs = dict(padding=1, scale=torch.rand(24) + 0.5, prelu_weight=torch.rand(24) * 0.5, input_shortcut=True)
+    if output == "signs":
+        kwargs.update(output_signs=True, output_threshold=torch.randn(24))
+    dtype = torch.bool if output == "signs" else torch.float32
+    with xnorconv.use_backend(backend), torch.no_grad():
+        want = xnorconv.binary_conv2d_packed(x, packed, bias, **kwargs)
+        cat = torch.zeros(batch, 60, 9, 11, dtype=dtype).contiguous(memory_format=memory_format)
+        got = xnorconv.binary_conv2d_packed(x, packed, bias, out=cat[:, 20:44], **kwargs)
+    assert got.data_ptr() == cat[:, 20:44].data_ptr() and torch.equal(cat[:, 20:44], want)
+    assert not cat[:, :20].any() and not cat[:, 44:].any()
+
+
+def test_out_checks_name_the_problem():
+    x, packed = torch.randn(1, 8, 6, 6), xnorconv.pack_weight(torch.randn(4, 8, 3, 3))
+    with torch.no_grad():
+        for out, message in [(torch.empty(1, 4, 5, 6), r"out must have the output's shape \[1, 4, 6, 6\], got "
+                                                       r"\[1, 4, 5, 6\]"),
+                             (torch.empty(1, 4, 6, 6, dtype=torch.float64), r"out must be Float, got Double"),
+                             (x[:, :4], r"out shares memory with input")]:
+            with pytest.raises(RuntimeError, match=message):
+                xnorconv.binary_conv2d_packed(x, packed, padding=1, out=out)
+        residual = torch.randn(1, 4, 6, 6)
+        with pytest.raises(RuntimeError, match=r"out shares memory with residual"):
+            xnorconv.binary_conv2d_packed(x, packed, padding=1, residual=residual, out=residual)
+    with pytest.raises(RuntimeError, match=r"out= argument cannot be recorded by autograd"):
+        xnorconv.binary_conv2d_packed(x.requires_grad_(), packed, padding=1, out=torch.empty(1, 4, 6, 6))
+    with pytest.raises(TypeError, match=r"out must be a torch.Tensor, got list"):
+        xnorconv.binary_conv2d_packed(x, packed, padding=1, out=[])
+
+
+def test_out_overload_opcheck_compile_export_and_torchscript():
+    """The .out overload (a mutable custom op returning nothing) through opcheck, torch.compile, torch.export and a
+    frozen TorchScript trace, writing two halves of one buffer."""
+    packed = xnorconv.pack_weight(torch.randn(8, 16, 1, 1))
+    x = torch.randn(1, 16, 7, 7)
+    for extra in ({}, {"input_shortcut": True}, {"output_signs": True}):
+        dtype = torch.bool if extra.get("output_signs") else torch.float32
+        torch.library.opcheck(torch.ops.xnorconv.binary_conv2d_packed.out,
+                              (x, packed.bits, packed.tap_sum, 16, None, None, [1, 1], [0] * 4, [1, 1], 1, 0),
+                              {"out": torch.empty(1, 8, 7, 7, dtype=dtype), **extra})
+
+    class Halves(torch.nn.Module):
+        def forward(self, x):
+            buf = torch.empty(1, 16, 7, 7)
+            xnorconv.binary_conv2d_packed(x, packed, out=buf[:, :8])
+            xnorconv.binary_conv2d_packed(x, packed, input_shortcut=True, out=buf[:, 8:])
+            return buf * 2
+
+    with torch.no_grad():
+        want = Halves()(x)
+        assert torch.equal(torch.compile(Halves(), fullgraph=True, backend="eager")(x), want)
+        assert torch.equal(torch.export.export(Halves(), (x,)).module()(x), want)
+        assert torch.equal(torch.jit.freeze(torch.jit.trace(Halves().eval(), (x,)))(x), want)
 
 
 def _packed_call(x, packed, stride=1, padding=1, pad_value=0):

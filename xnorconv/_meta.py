@@ -46,6 +46,19 @@ def _binary_conv2d_packed_fake(input, weight_bits, weight_tap_sum, weight_in_cha
     return out
 
 
+@torch.library.register_fake("xnorconv::binary_conv2d_packed.out")
+def _binary_conv2d_packed_out_fake(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride,
+                                   padding, dilation, groups, pad_value, input_threshold=None, output_signs=False,
+                                   output_threshold=None, residual=None, prelu_weight=None, input_shortcut=False, *,
+                                   out):
+    result = _binary_conv2d_packed_fake(input, weight_bits, weight_tap_sum, weight_in_channels, scale, bias, stride,
+                                        padding, dilation, groups, pad_value, input_threshold, output_signs,
+                                        output_threshold, residual, prelu_weight, input_shortcut)
+    torch._check(out.shape == result.shape and out.dtype == result.dtype,
+                 lambda: f"binary_conv2d: out must be {result.dtype} of shape {tuple(result.shape)}, got {out.dtype} "
+                         f"of shape {tuple(out.shape)}")
+
+
 def _channel_layout_like(t):
     """The layout the training ops give their outputs: channels_last for a channels_last 4-D input that is not
     also NCHW-contiguous, else contiguous."""

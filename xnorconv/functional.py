@@ -25,6 +25,24 @@ def packed_conv_op():
     return _C.call_binary_conv2d_packed
 
 
+def packed_conv_out_op():
+    """The same for the .out overload, called with every argument positional (out last); it returns nothing."""
+    if torch.compiler.is_compiling():
+        return _out_overload_with_keyword
+    if triton_selected():
+        return _packed_conv_out_through_triton
+    return _C.call_binary_conv2d_packed_out
+
+
+def _out_overload_with_keyword(*args):
+    return torch.ops.xnorconv.binary_conv2d_packed.out(*args[:-1], out=args[-1])
+
+
+def _packed_conv_out_through_triton(*args):
+    """Under use_backend('triton'): the result computed as the op's call does, copied into out."""
+    args[-1].copy_(_packed_conv_through_triton(*args[:-1]))
+
+
 def _packed_conv_through_triton(input, *args):
     """The op's call under use_backend('triton'): the Triton kernels where Triton runs (imported on first use, so
     that TRITON_INTERPRET can still be set before it), the compiled op elsewhere."""
@@ -71,7 +89,8 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
                          groups: int = 1, scale: Optional[torch.Tensor] = None, pad_value: int = 0,
                          input_threshold: Optional[torch.Tensor] = None, output_signs: bool = False,
                          output_threshold: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                         prelu_weight: Optional[torch.Tensor] = None, input_shortcut: bool = False) -> torch.Tensor:
+                         prelu_weight: Optional[torch.Tensor] = None, input_shortcut: bool = False, *,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """binary_conv2d with a weight packed once by pack_weight (the inference path of BinaryConv2d).
 
     residual (the output's shape) and prelu_weight ((O,) or (1,)) fuse the end of a Bi-Real / ReActNet unit into the
@@ -87,10 +106,17 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
     output_signs=True returns, instead of the float y, the bool tensor y < output_threshold[c] (default 0): True
     where y binarizes to -1 for a following binary layer. Fed to that layer's binary_conv2d as its input, it
     replaces a float tensor (4 bytes a value) by a byte a value and its packing pass by a byte test.
+
+    out: a tensor of the output's shape and dtype (float32, or bool with output_signs) to write the result into,
+    and return: the op's .out overload, under torch.no_grad(). It may not share memory with input or residual. The
+    kernels write it in place when it is contiguous in the output's memory format (a channel slice of a batch-1
+    NCHW concatenation, so that the concatenation needs no copy); otherwise the result is copied in.
     """
     check_op_input(input)
     check_bool("output_signs", output_signs)
     check_positive_int("groups", groups)
+    if out is not None:
+        check_tensor("out", out)
     stride, pads, dilation = normalize_conv_args(weight.kernel_size, stride, padding, dilation)
     if check_bool("input_shortcut", input_shortcut) and input.device.type != "cpu":
         # The CUDA kernels take the shortcut as a residual, composed here.
@@ -98,12 +124,15 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
                   zip(input.shape[2:], pads[0::2], pads[1::2], dilation, weight.kernel_size, stride)]
         check_input_shortcut(True, residual, input, stride, out_hw)
         residual, input_shortcut = real_shortcut(input, weight.bits.shape[0], stride[0]), False
-    return packed_conv_op()(
-        input, weight.bits, weight.tap_sum, weight.in_channels, per_channel(scale, "scale"),
-        per_channel(bias, "bias"), list(stride), list(pads), list(dilation), groups, check_pad_value(pad_value),
-        per_channel(input_threshold, "input_threshold"), output_signs,
-        per_channel(output_threshold, "output_threshold"), residual, per_channel(prelu_weight, "prelu_weight"),
-        input_shortcut)
+    args = (input, weight.bits, weight.tap_sum, weight.in_channels, per_channel(scale, "scale"),
+            per_channel(bias, "bias"), list(stride), list(pads), list(dilation), groups, check_pad_value(pad_value),
+            per_channel(input_threshold, "input_threshold"), output_signs,
+            per_channel(output_threshold, "output_threshold"), residual, per_channel(prelu_weight, "prelu_weight"),
+            input_shortcut)
+    if out is None:
+        return packed_conv_op()(*args)
+    packed_conv_out_op()(*args, out)
+    return out
 
 
 def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -19,13 +19,13 @@ from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
 from . import _packed, _transforms
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
 from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_input_shortcut, check_layer_input,
-                      check_pad_value, check_spatial, normalize_conv_args)
+                      check_pad_value, check_spatial, check_tensor, normalize_conv_args)
 from ._first_layer import StemConv2d, check_first_layer, convert_first_layer
 from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._layout import check_memory_format
 from ._layout import install as install_layout_hooks
 from ._packed import packed_kernel_devices, unpack_weight_signs
-from .functional import PackedWeight, packed_conv_op, real_shortcut
+from .functional import PackedWeight, packed_conv_op, packed_conv_out_op, real_shortcut
 
 __all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
            "packed_kernel_devices", "unpack_weight_signs"]
@@ -289,13 +289,15 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
         return s
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None,
-                prelu_weight: Optional[torch.Tensor] = None, input_shortcut: bool = False) -> torch.Tensor:
+                prelu_weight: Optional[torch.Tensor] = None, input_shortcut: bool = False, *,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """y = scale * conv(sign(x), sign(W)) + bias. Optional fused epilogue of a Bi-Real / ReActNet unit:
         y = prelu(y + residual) with `residual` of the output's shape and `prelu_weight` (out_channels,) or (1,)
         (nn.PReLU's weight), computed in the packed kernel's output stage. input_shortcut=True adds the input's
         real-valued shortcut, xnorconv.functional.real_shortcut(input, out_channels, stride), instead of a
         residual: on the CPU the op computes it into its output, without a tensor of its own (see
-        xnorconv.functional.binary_conv2d_packed for the geometry it needs)."""
+        xnorconv.functional.binary_conv2d_packed for the geometry it needs). out: write y into this tensor (a
+        channel slice of a concatenation, say) and return it, as binary_conv2d_packed's out."""
         prelu = prelu_weight
         if prelu is not None and prelu.requires_grad and torch.is_grad_enabled():
             prelu = prelu.detach()  # the op has no autograd formula (under no_grad there is nothing to detach from)
@@ -316,8 +318,12 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
                 if input_shortcut and device.type != "cpu":  # the CUDA kernels take it as a residual
                     residual, input_shortcut = self._input_shortcut(input, residual, args[6]), False
                 # Bool input: the signs of a chained producer, which already applied this layer's threshold.
-                return packed_conv_op()(input, *args, in_threshold if dtype is torch.float32 else None, output_signs,
-                                        out_threshold, residual, prelu, input_shortcut)
+                op_args = (input, *args, in_threshold if dtype is torch.float32 else None, output_signs,
+                           out_threshold, residual, prelu, input_shortcut)
+                if out is None:
+                    return packed_conv_op()(*op_args)
+                packed_conv_out_op()(*op_args, out)
+                return out
         if isinstance(input, torch.Tensor) and (getattr(self, "output_threshold", None) is not None
                                                 or input.dtype == torch.bool):
             raise ValueError(f"{type(self).__name__}: sign input/output (a freeze() chain) needs a batched float32 "
@@ -347,7 +353,13 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
             y = y + real_shortcut(unpadded, self.out_channels, self.stride[0]).to(y.dtype)
         if prelu is not None:
             y = F.prelu(y, prelu.to(y.dtype))
-        return y.squeeze(0) if unbatched else y
+        y = y.squeeze(0) if unbatched else y
+        if out is not None:
+            check_tensor("out", out)
+            if out.shape != y.shape:
+                raise ValueError(f"out must have the output's shape {tuple(y.shape)}, got {tuple(out.shape)}")
+            return out.copy_(y)
+        return y
 
     def _input_shortcut(self, input: torch.Tensor, residual: Optional[torch.Tensor], pads) -> torch.Tensor:
         """input_shortcut=True's residual, composed, for devices whose kernels do not compute it; pads: (top,

@@ -109,6 +109,15 @@ at::Tensor dispatch_binary_conv2d_packed(const xnorconv_torch::PackedConvArgs& a
   return args.apply([](const auto&... a) { return op.call(a...); });
 }
 
+// The same for the .out overload.
+at::Tensor dispatch_binary_conv2d_packed_out(const xnorconv_torch::PackedConvArgs& args) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("xnorconv::binary_conv2d_packed", "out")
+                             .typed<xnorconv_torch::PackedConvOutSignature>();
+  args.apply([&](const auto&... a) { op.call(a..., *args.out); });
+  return *args.out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -143,6 +152,13 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>(),
         "torch.ops.xnorconv.binary_conv2d_packed with the same arguments, through the dispatcher, called with less "
         "Python overhead");
+  m.def("call_binary_conv2d_packed_out", xnorconv_torch::packed_conv_out_kernel<dispatch_binary_conv2d_packed_out>,
+        py::arg("input"), py::arg("weight_bits"), py::arg("weight_tap_sum"), py::arg("weight_in_channels"),
+        py::arg("scale"), py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("pad_value"), py::arg("input_threshold"), py::arg("output_signs"),
+        py::arg("output_threshold"), py::arg("residual"), py::arg("prelu_weight"), py::arg("input_shortcut"),
+        py::arg("out"), py::call_guard<py::gil_scoped_release>(),
+        "torch.ops.xnorconv.binary_conv2d_packed.out (every argument positional), as call_binary_conv2d_packed");
   m.def("peak_binary_macs_per_second", &peak_binary_macs_per_second, "Peak probe of a CPU kernel family (best of 5)");
   m.def("conv_kernel_ms", &conv_kernel_ms, "Median ms of the convolution pass alone on pre-packed input");
   m.attr("with_cuda") = static_cast<bool>(XNORCONV_WITH_CUDA);

@@ -1,6 +1,7 @@
 // Torch binding of the kernel core: op schemas, CPU implementations, argument checks with clear messages.
 // The only C++ (with module.cpp and the CUDA glue) that includes torch headers.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/util/intrusive_ptr.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -89,6 +90,25 @@ void check_unit_epilogue(const PackedConvArgs& args, const ConvParams& p) {
     TORCH_CHECK(prelu_weight->device() == input.device(), "binary_conv2d: prelu_weight is on ",
                 prelu_weight->device(), " but input is on ", input.device());
   }
+}
+
+bool check_out_tensor(const PackedConvArgs& args, at::IntArrayRef sizes, at::MemoryFormat format) {
+  const at::Tensor& out = *args.out;
+  const at::ScalarType dtype = args.output_signs ? at::kBool : at::kFloat;
+  TORCH_CHECK(out.sizes() == sizes, "binary_conv2d: out must have the output's shape ", sizes, ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == dtype, "binary_conv2d: out must be ", dtype,
+              args.output_signs ? " (output_signs=True)" : "", ", got ", out.scalar_type());
+  TORCH_CHECK(out.device() == args.input.device(), "binary_conv2d: out is on ", out.device(), " but input is on ",
+              args.input.device());
+  auto shares_memory = [&](const at::Tensor& t) {
+    const at::MemOverlapStatus status = at::get_overlap_status(out, t);
+    return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+  };
+  TORCH_CHECK(!shares_memory(args.input), "binary_conv2d: out shares memory with input, which the op still reads "
+              "while it writes out; pass a separate tensor");
+  TORCH_CHECK(!args.residual.has_value() || !shares_memory(*args.residual), "binary_conv2d: out shares memory with "
+              "residual; pass a separate tensor (input_shortcut=True adds a shortcut without one)");
+  return out.is_contiguous(format);
 }
 
 void torch_parallel_for(int64_t tasks, int64_t grain, const xnorconv::TaskBody& body) {
@@ -317,12 +337,22 @@ at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
   // Written as NHWC by families that can, else converted at the end.
   const bool channels_last = wants_channels_last_output(input);
   const bool write_nhwc = channels_last && ops.channels_last_output;
-  at::Tensor out = at::empty({p.batch, p.out_channels, p.out_h(), p.out_w()},
-                             input.options()
-                                 .dtype(args.output_signs ? at::kBool : at::kFloat)
-                                 .memory_format(write_nhwc ? at::MemoryFormat::ChannelsLast
-                                                           : at::MemoryFormat::Contiguous));
-  if (p.batch == 0) return channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
+  const at::MemoryFormat format = write_nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const std::vector<int64_t> sizes{p.batch, p.out_channels, p.out_h(), p.out_w()};
+  // The .out overload writes its destination directly when the kernels can (a channel slice of a batch-1
+  // concatenation, say); else it computes apart and copies in.
+  const bool into_destination = args.out && check_out_tensor(args, sizes, format);
+  at::Tensor out = into_destination
+                       ? *args.out
+                       : at::empty(sizes, input.options()
+                                              .dtype(args.output_signs ? at::kBool : at::kFloat)
+                                              .memory_format(format));
+  auto finished = [&](const at::Tensor& result) {
+    if (!args.out) return result;
+    if (!into_destination) args.out->copy_(result);
+    return *args.out;
+  };
+  if (p.batch == 0) return finished(channels_last ? out.contiguous(at::MemoryFormat::ChannelsLast) : out);
   // Contiguous copies (usually the tensors themselves) that the raw pointers below point into; they live to the end
   // of the call.
   const at::Tensor threshold = args.input_threshold.has_value() ? args.input_threshold->contiguous() : at::Tensor();
@@ -350,8 +380,7 @@ at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
   at::Tensor own_packed;
   xnorconv::binary_conv2d(ops, call, packed_input_buffer(xnorconv::packed_input_words(ops, p), own_packed),
                           torch_parallel_for);
-  if (channels_last && !write_nhwc) return out.contiguous(at::MemoryFormat::ChannelsLast);
-  return out;
+  return finished(channels_last && !write_nhwc ? out.contiguous(at::MemoryFormat::ChannelsLast) : out);
 }
 
 // The op has no derivative: training runs BinaryConv2d's straight-through path instead. Registered on the Autograd
@@ -396,6 +425,27 @@ at::Tensor binary_conv2d_packed_autograd(const PackedConvArgs& args) {
   if (!recorded) return compute();
   return NoDerivative::apply(args.input, args.scale, args.bias, args.input_threshold, args.output_threshold,
                              args.residual, args.prelu_weight, std::function<at::Tensor()>(compute));
+}
+
+// The .out overload writes a tensor autograd may be tracking, so it refuses a call autograd would record (PyTorch's
+// rule for out= arguments), and bumps out's version as an in-place op does.
+at::Tensor binary_conv2d_packed_out_autograd(const PackedConvArgs& args) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("xnorconv::binary_conv2d_packed", "out")
+                             .typed<PackedConvOutSignature>();
+  auto requires_grad = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !(args.input.requires_grad() || requires_grad(args.scale) || requires_grad(args.bias) ||
+                    requires_grad(args.input_threshold) || requires_grad(args.output_threshold) ||
+                    requires_grad(args.residual) || requires_grad(args.prelu_weight) || args.out->requires_grad()),
+              "xnorconv::binary_conv2d_packed.out has no derivative and its out= argument cannot be recorded by "
+              "autograd: call it under torch.no_grad()");
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    args.apply([&](const auto&... a) { op.call(a..., *args.out); });
+  }
+  torch::autograd::impl::bump_version(*args.out);
+  return *args.out;
 }
 
 }  // namespace
@@ -454,15 +504,22 @@ TORCH_LIBRARY(xnorconv, m) {
       "Tensor? scale, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, int groups, int pad_value, "
       "Tensor? input_threshold=None, bool output_signs=False, Tensor? output_threshold=None, "
       "Tensor? residual=None, Tensor? prelu_weight=None, bool input_shortcut=False) -> Tensor");
+  m.def(
+      "binary_conv2d_packed.out(Tensor input, Tensor weight_bits, Tensor weight_tap_sum, int weight_in_channels, "
+      "Tensor? scale, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, int groups, int pad_value, "
+      "Tensor? input_threshold=None, bool output_signs=False, Tensor? output_threshold=None, "
+      "Tensor? residual=None, Tensor? prelu_weight=None, bool input_shortcut=False, *, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {
   m.impl("pack_weight", &pack_weight_cpu);
   m.impl("binary_conv2d_packed", packed_conv_kernel<binary_conv2d_packed_cpu>);
+  m.impl("binary_conv2d_packed.out", packed_conv_out_kernel<binary_conv2d_packed_cpu>);
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, Autograd, m) {
   m.impl("binary_conv2d_packed", packed_conv_kernel<binary_conv2d_packed_autograd>);
+  m.impl("binary_conv2d_packed.out", packed_conv_out_kernel<binary_conv2d_packed_out_autograd>);
 }
 
 }  // namespace xnorconv_torch

@@ -16,6 +16,16 @@ using PackedConvSignature = at::Tensor(
     const c10::optional<at::Tensor>&, bool, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, bool);
 
+// The .out overload's: the same arguments, then the tensor written. It returns nothing (a custom op that returned
+// its mutated argument could not be functionalized for torch.compile and torch.export).
+template <class Signature>
+struct WithOutTensor;
+template <class... Args>
+struct WithOutTensor<at::Tensor(Args...)> {
+  using type = void(Args..., at::Tensor&);
+};
+using PackedConvOutSignature = WithOutTensor<PackedConvSignature>::type;
+
 // The arguments of one call of xnorconv::binary_conv2d_packed, in schema order: the one place C++ names them (a new
 // fused option is a member here, a schema argument in ops.cpp, a field of EpilogueParams and a step of
 // output_stage.h). References into the caller's arguments, valid for the call.
@@ -34,6 +44,8 @@ struct PackedConvArgs {
   const c10::optional<at::Tensor>& residual;
   const c10::optional<at::Tensor>& prelu_weight;
   bool input_shortcut;
+  // The .out overload's destination (not an argument of the default overload, so not passed by apply).
+  at::Tensor* out = nullptr;
 
   // f(the arguments in schema order): a call through a typed dispatcher handle.
   template <class F>
@@ -53,6 +65,25 @@ struct PackedConvKernel<Impl, at::Tensor(Args...)> {
 };
 template <at::Tensor (*Impl)(const PackedConvArgs&)>
 constexpr auto packed_conv_kernel = &PackedConvKernel<Impl, PackedConvSignature>::call;
+
+// packed_conv_out_kernel<Impl>: the .out overload's function; Impl writes args.out.
+template <at::Tensor (*Impl)(const PackedConvArgs&), class Signature>
+struct PackedConvOutKernel;
+template <at::Tensor (*Impl)(const PackedConvArgs&), class... Args>
+struct PackedConvOutKernel<Impl, at::Tensor(Args...)> {
+  static void call(Args... args, at::Tensor& out) {
+    PackedConvArgs a{args...};
+    a.out = &out;
+    Impl(a);
+  }
+};
+template <at::Tensor (*Impl)(const PackedConvArgs&)>
+constexpr auto packed_conv_out_kernel = &PackedConvOutKernel<Impl, PackedConvSignature>::call;
+
+// The .out overload's rule for its destination: the output's shape, dtype and device, and no memory shared with
+// the tensors the op reads. Returns whether the op can write it directly (contiguous in `format`, the layout the
+// kernels write); otherwise the result is computed apart and copied in.
+bool check_out_tensor(const PackedConvArgs& args, at::IntArrayRef sizes, at::MemoryFormat format);
 
 // Every argument check of the op, into ConvParams; messages name the argument and value.
 // The core's threading hook: torch's pool, so the ops follow torch.get_num_threads().

@@ -118,11 +118,24 @@ at::Tensor binary_conv2d_packed_cuda(const PackedConvArgs& args) {
   return out;
 }
 
+// The .out overload on CUDA: computed apart and copied in (the CUDA kernels allocate their output).
+at::Tensor binary_conv2d_packed_cuda_out(const PackedConvArgs& args) {
+  const xnorconv::ConvParams c = conv_params(args);
+  const at::MemoryFormat format =
+      wants_channels_last_output(args.input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  check_out_tensor(args, {c.batch, c.out_channels, c.out_h(), c.out_w()}, format);
+  PackedConvArgs computed = args;
+  computed.out = nullptr;
+  args.out->copy_(binary_conv2d_packed_cuda(computed));
+  return *args.out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xnorconv, CUDA, m) {
   m.impl("pack_weight", &pack_weight_cuda);
   m.impl("binary_conv2d_packed", packed_conv_kernel<binary_conv2d_packed_cuda>);
+  m.impl("binary_conv2d_packed.out", packed_conv_out_kernel<binary_conv2d_packed_cuda_out>);
 }
 
 }  // namespace xnorconv_torch
