@@ -60,7 +60,7 @@ from torch import nn
 
 import xnorconv
 
-from .blocks import conv_bn_foldable, folded_conv_bn
+from .blocks import conv_bn_foldable, folded_conv_bn, writes_slices
 from .darknet import SPPF, CSPBlock, CSPStage, _check_num_classes
 
 __all__ = ["BinaryCSPBlock", "BinaryDNet53", "BinaryDNet53Output", "BinaryConvUnit", "RealShortcut",
@@ -425,18 +425,6 @@ class BinaryConvUnit(nn.Module):
         return _activate(act, bn(conv(x)) + shortcut)
 
 
-def _frozen_cpu_call(x) -> bool:
-    """A call that runs the packed CPU op eagerly (or under TorchScript tracing) with nothing for autograd to
-    record: not torch.fx's symbolic tracing (freeze's analysis), not torch.compile or torch.export, which get the
-    plain concatenation."""
-    return (not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling() and x.device.type == "cpu"
-            and x.dtype == torch.float32 and x.dim() == 4 and not (x.requires_grad and torch.is_grad_enabled()))
-
-
-def _memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if _is_nhwc(x) else torch.contiguous_format
-
-
 class BinaryCSPBlock(CSPBlock):
     """CSPBlock of BinaryConvUnits: the two parts read the same input through the same kind of real shortcut,
     which is computed once for both. Same submodules and function as CSPBlock."""
@@ -444,7 +432,7 @@ class BinaryCSPBlock(CSPBlock):
     def forward(self, x):
         modules = self._modules
         part1, part2, transition = modules["part1"], modules["part2"], modules["transition"]
-        fused = _frozen_cpu_call(x) and all(isinstance(u, BinaryConvUnit) and u.frozen_fusable()
+        fused = writes_slices(x) and all(isinstance(u, BinaryConvUnit) and u.frozen_fusable()
                                             for u in (part1, part2, transition))
         if fused:
             # Frozen units compute their shortcuts inside their kernel calls, each from x (which costs less than a
@@ -453,7 +441,8 @@ class BinaryCSPBlock(CSPBlock):
             # are 1x1 stride-1 units, so both halves have x's size.
             n, _, h, w = x.shape
             hidden = part1.conv.out_channels
-            cat = torch.empty((n, 2 * hidden, h, w), dtype=x.dtype, device=x.device, memory_format=_memory_format_of(x))
+            cat = torch.empty((n, 2 * hidden, h, w), dtype=x.dtype, device=x.device,
+                              memory_format=torch.channels_last if _is_nhwc(x) else torch.contiguous_format)
             part1(x, out=cat[:, :hidden])
             transition(modules["blocks"](part2(x)), out=cat[:, hidden:])
             return modules["fuse"](cat)

@@ -25,6 +25,14 @@ def _tensor_key(tensors):
     return tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) if t is not None else None for t in tensors)
 
 
+def writes_slices(x) -> bool:
+    """Whether frozen units called on x write their outputs into slices of one concatenation (their op's out=):
+    an eager (or TorchScript-traced) float32 CPU call with nothing for autograd to record. Not under torch.fx's
+    symbolic tracing (freeze's analysis), torch.compile or torch.export, which get the plain concatenation."""
+    return (not isinstance(x, torch.fx.Proxy) and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype == torch.float32 and x.dim() == 4 and not (x.requires_grad and torch.is_grad_enabled()))
+
+
 def conv_bn_foldable(conv: nn.Module, bn: nn.Module) -> bool:
     """conv -> bn can run as one F.conv2d: a plain nn.Conv2d with zeros padding, then a plain nn.BatchNorm2d in
     eval mode with running statistics."""

@@ -49,7 +49,7 @@ from torch import nn
 import xnorconv
 
 from .binary_dnet53 import RealShortcut, ThresholdConv2d
-from .blocks import ConvBN, RPReLU
+from .blocks import ConvBN, RPReLU, writes_slices
 from .darknet import _check_num_classes
 
 __all__ = ["REACTNET_A_CHANNELS", "ReActBlock", "ReActNetA", "ReActUnit", "reactnet_a"]
@@ -110,6 +110,16 @@ class ReActUnit(nn.Module):
             if self.parts == 1:
                 return convs[0](x, None, slope, True)
             c, shortcut = self.channels, modules["shortcut"](x)
+            if writes_slices(x):
+                # Each part writes its channels of the unit's output: no concatenation pass. A part's output is
+                # its input's size over the stride (kernel k, padding k // 2), like the shortcut's.
+                n, _, h, w = shortcut.shape
+                nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()  # the op's rule
+                out = torch.empty((n, self.parts * c, h, w), dtype=x.dtype, device=x.device,
+                                  memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+                for i, conv in enumerate(convs):
+                    conv(x, shortcut, slope[i * c:(i + 1) * c], out=out[:, i * c:(i + 1) * c])
+                return out
             return torch.cat([conv(x, shortcut, slope[i * c:(i + 1) * c]) for i, conv in enumerate(convs)], 1)
         shortcut = modules["shortcut"](x)
         if self.parts == 1:
