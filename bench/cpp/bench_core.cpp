@@ -4,11 +4,14 @@
 //
 //   bench_core [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--nhwc]
 //              [--shape cin,cout,hw,k,stride,pad]... [--stem cin,cout,hw,k,stride,pad]...
+//              [--shortcut cin,cout,hw,stride]...
 //
 // --nhwc: channels_last input and output (families that cannot write NHWC are skipped), as a frozen model running
 // in channels_last calls them.
 // --stem: the float first layer (first_layer_conv, with bias and PReLU) instead of the binary layers (both when
 // --shape is given too): its time and its fp32 MAC rate as a fraction of the fp32 FMA probe.
+// --shortcut: the real-valued shortcut (real_shortcut, NCHW or with --nhwc NHWC) with each family's float loops:
+// its time and the bytes it moves (input read, output written) per second.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -171,13 +174,55 @@ int time_stems(const KernelOps& ops, const std::vector<std::vector<int64_t>>& st
   return 0;
 }
 
+// The real shortcut of each shape on `ops`: checked against the scalar family (the same bits), then timed.
+int time_shortcuts(const KernelOps& ops, const std::vector<std::vector<int64_t>>& shortcuts, bool nhwc, int reps,
+                   const ParallelFor& parallel_for) {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> dist;
+  std::printf("%-26s %10s %10s\n", "shortcut", "ms", "GB/s");
+  for (const auto& v : shortcuts) {
+    ShortcutShape s;
+    s.batch = 1;
+    s.in_channels = v[0];
+    s.out_channels = v[1];
+    s.height = s.width = v[2];
+    s.stride = v[3];
+    s.nhwc = nhwc;
+    if (s.in_channels < 1 || s.out_channels < 1 || s.height < 1 || (s.stride != 1 && s.stride != 2)) {
+      std::fprintf(stderr, "bad shortcut: wants positive cin, cout, hw and stride 1 or 2\n");
+      return 2;
+    }
+    const int64_t side = (s.height + s.stride - 1) / s.stride;
+    std::vector<float> x(s.in_channels * s.height * s.width), out(s.out_channels * side * side), want(out.size());
+    for (auto& e : x) e = dist(rng);
+    real_shortcut(scalar_kernel(), s, x.data(), want.data(), run_serially);
+    real_shortcut(ops, s, x.data(), out.data(), parallel_for);
+    if (out != want) {
+      std::fprintf(stderr, "[%s] real_shortcut differs from scalar on this shape\n", ops.name);
+      return 1;
+    }
+    std::vector<double> t;
+    for (int r = 0; r < reps; ++r) {
+      const auto t0 = Clock::now();
+      real_shortcut(ops, s, x.data(), out.data(), parallel_for);
+      t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    }
+    const double ms = median(t), bytes = sizeof(float) * static_cast<double>(x.size() + out.size());
+    char label[64];
+    std::snprintf(label, sizeof label, "%lld,%lld,%lld,%lld", (long long)v[0], (long long)v[1], (long long)v[2],
+                  (long long)v[3]);
+    std::printf("%-26s %10.4f %10.1f\n", label, ms, bytes / (ms * 1e-3) / 1e9);
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   int threads = 1, reps = 50, pad_value = 1;
   bool nhwc = false;
   std::string only_backend;
-  std::vector<std::vector<int64_t>> shapes, stems;
+  std::vector<std::vector<int64_t>> shapes, stems, shortcuts;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--threads") && i + 1 < argc) threads = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
@@ -199,14 +244,23 @@ int main(int argc, char** argv) {
         return 2;
       }
       (stem ? stems : shapes).push_back(s);
+    } else if (!std::strcmp(argv[i], "--shortcut") && i + 1 < argc) {
+      std::vector<int64_t> s;
+      for (char* tok = std::strtok(argv[++i], ","); tok; tok = std::strtok(nullptr, ",")) s.push_back(std::atoll(tok));
+      if (s.size() != 4) {
+        std::fprintf(stderr, "--shortcut wants cin,cout,hw,stride\n");
+        return 2;
+      }
+      shortcuts.push_back(s);
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--nhwc] "
-                   "[--shape cin,cout,hw,k,stride,pad]... [--stem cin,cout,hw,k,stride,pad]...\n",
+                   "[--shape cin,cout,hw,k,stride,pad]... [--stem cin,cout,hw,k,stride,pad]... "
+                   "[--shortcut cin,cout,hw,stride]...\n",
                    argv[0]);
       return 2;
     }
   }
-  if (shapes.empty() && stems.empty())
+  if (shapes.empty() && stems.empty() && shortcuts.empty())
     shapes = {{64, 64, 64, 3, 1, 1}, {128, 128, 32, 3, 1, 1}, {256, 256, 16, 3, 1, 1},
               {512, 512, 8, 3, 1, 1}, {256, 512, 16, 3, 2, 1}, {512, 256, 8, 1, 1, 0}};
   std::printf("threads %d, reps %d (median), pad_value %+d, batch 1, %s\n", threads, reps, pad_value,
@@ -237,8 +291,12 @@ int main(int argc, char** argv) {
     if (!stems.empty()) {
       std::printf("\n[%s] float first layer\n", name.c_str());
       if (const int rc = time_stems(ops, stems, nhwc, reps, fma, parallel_for)) return rc;
-      if (shapes.empty()) continue;
     }
+    if (!shortcuts.empty()) {
+      std::printf("\n[%s] real shortcut\n", name.c_str());
+      if (const int rc = time_shortcuts(ops, shortcuts, nhwc, reps, parallel_for)) return rc;
+    }
+    if (shapes.empty()) continue;
     if (nhwc && !ops.channels_last_output) {
       std::printf("\n[%s] skipped: writes NCHW only\n", name.c_str());
       continue;

@@ -34,6 +34,7 @@
 #include "avx512_binarize.h"
 #include "avx512_lanes.h"
 #include "first_layer_kernel.h"
+#include "window_means_kernel.h"
 
 namespace xnorconv {
 namespace {
@@ -509,7 +510,7 @@ const KernelOps& amx_kernel() {
     k.format_weight = amx_format_weight;
     k.exact_zero_padding = true;
     k.channels_last_output = true;
-    return with_first_layer<Avx512Lanes, 16, 14>(k);  // float work is AVX-512's
+    return with_window_means<Avx512Lanes>(with_first_layer<Avx512Lanes, 16, 14>(k));  // float work is AVX-512's
   }();
   return ops;
 }

@@ -27,6 +27,7 @@
 #include "isa_begin.h"
 #include "kernel_common.h"
 #include "first_layer_kernel.h"
+#include "window_means_kernel.h"
 
 namespace xnorconv {
 namespace {
@@ -71,6 +72,12 @@ struct Avx2Lanes {
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F to_float(I x) { return _mm256_cvtepi32_ps(x); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F pair_sums(F a, F b) {
+    // [a's pairs 0-1, b's 0-1 | a's 2-3, b's 2-3] per 128-bit half, then the 64-bit quarters put in order.
+    const __m256 sums = _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x88), _mm256_shuffle_ps(a, b, 0xDD));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sums), 0xD8));
+  }
   static F prelu(F y, F slope) {
     return _mm256_blendv_ps(y, _mm256_mul_ps(y, slope), _mm256_cmp_ps(y, _mm256_setzero_ps(), _CMP_NGE_UQ));
   }
@@ -431,7 +438,8 @@ void split_nibbles(const uint64_t* src, int64_t words, uint64_t* lo, uint64_t* h
 }  // namespace
 
 const KernelOps& avx2_kernel() {
-  static const KernelOps ops = with_first_layer<Avx2Lanes, 8, 12>(make_kernel_ops<Avx2Isa>("avx2"));
+  static const KernelOps ops =
+      with_window_means<Avx2Lanes>(with_first_layer<Avx2Lanes, 8, 12>(make_kernel_ops<Avx2Isa>("avx2")));
   return ops;
 }
 

@@ -16,6 +16,7 @@
 #include "avx512_binarize.h"
 #include "avx512_lanes.h"
 #include "first_layer_kernel.h"
+#include "window_means_kernel.h"
 
 namespace xnorconv {
 namespace {
@@ -241,7 +242,8 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
 }  // namespace
 
 const KernelOps& avx512_kernel() {
-  static const KernelOps ops = with_first_layer<Avx512Lanes, 16, 14>(make_kernel_ops<Avx512Isa>("avx512"));
+  static const KernelOps ops =
+      with_window_means<Avx512Lanes>(with_first_layer<Avx512Lanes, 16, 14>(make_kernel_ops<Avx512Isa>("avx512")));
   return ops;
 }
 

@@ -27,6 +27,7 @@
 #include "xnorconv_core.h"
 #include "kernel_common.h"
 #include "first_layer_kernel.h"
+#include "window_means_kernel.h"
 
 namespace xnorconv {
 namespace {
@@ -47,6 +48,8 @@ struct NeonLanes {
   static F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
   static F to_float(I x) { return vcvtq_f32_s32(x); }
   static F add(F a, F b) { return vaddq_f32(a, b); }
+  static F mul(F a, F b) { return vmulq_f32(a, b); }
+  static F pair_sums(F a, F b) { return vpaddq_f32(a, b); }
   static F prelu(F y, F slope) { return vbslq_f32(vcgeq_f32(y, vdupq_n_f32(0.0f)), y, vmulq_f32(slope, y)); }
   // A partial or strided vector goes through a buffer, so that no lane past the strip's end is read or written.
   static F load(const float* base, const At& at) {
@@ -234,7 +237,8 @@ struct NeonIsa : NoPreparation {
 }  // namespace
 
 const KernelOps& neon_kernel() {
-  static const KernelOps ops = with_first_layer<NeonLanes, 16, 6>(make_kernel_ops<NeonIsa>("neon"));
+  static const KernelOps ops =
+      with_window_means<NeonLanes>(with_first_layer<NeonLanes, 16, 6>(make_kernel_ops<NeonIsa>("neon")));
   return ops;
 }
 

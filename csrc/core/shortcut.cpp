@@ -1,7 +1,8 @@
 // The real-valued shortcut (xnorconv_core.h says what it computes): the window mean and the channel mapping in one
 // pass over memory, where eager PyTorch makes two to four (row sums, column sums, the scale, then a channel mean or
-// k copies into strided views). Memory-bound, with contiguous inner loops that the auto-vectoriser handles at the
-// baseline ISA, so this file has no ISA flags.
+// k copies into strided views). Contiguous inner loops that the auto-vectoriser handles at the baseline ISA, so this
+// file has no ISA flags; the stride-2 NCHW windows, whose even/odd pairs it vectorises poorly there, run the selected
+// family's window_means (window_means_kernel.h).
 //
 // Every layout adds in the same order, so NCHW and NHWC give the same bits: each input channel's window sum
 // ((x[r][c] + x[r + 1][c]) + (x[r][c + 1] + x[r + 1][c + 1])) times 1 / (pixels in the window), then those of the
@@ -38,8 +39,21 @@ std::vector<ChannelRange> channel_ranges(int64_t in, int64_t out) {
 
 int64_t pooled_size(int64_t size, int64_t stride) { return (size + stride - 1) / stride; }
 
+// The full windows of one output row from input rows top and bottom: the family's vector loop, or the portable one.
+void full_windows(const KernelOps& ops, const float* top, const float* bottom, float scale, bool accumulate,
+                  float* out, int64_t count) {
+  if (ops.window_means) {
+    ops.window_means(top, bottom, scale, accumulate, out, count);
+    return;
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    const float y = ((top[2 * j] + bottom[2 * j]) + (top[2 * j + 1] + bottom[2 * j + 1])) * scale;
+    out[j] = accumulate ? out[j] + y : y;
+  }
+}
+
 // One output plane (image n, the input channels of `range`) of an NCHW shortcut into dst.
-void nchw_plane(const ShortcutShape& s, const float* image, ChannelRange range, float* dst) {
+void nchw_plane(const KernelOps& ops, const ShortcutShape& s, const float* image, ChannelRange range, float* dst) {
   const int64_t h = s.height, w = s.width, plane = h * w;
   const float channel_scale = range.scale;
   if (s.stride == 1) {
@@ -60,8 +74,7 @@ void nchw_plane(const ShortcutShape& s, const float* image, ChannelRange range, 
     return;
   }
   const int64_t oh = pooled_size(h, 2), ow = pooled_size(w, 2), full_columns = w / 2;
-  // Each window sum in one expression, straight from the input rows (the vectoriser makes it whole-vector loads
-  // and even/odd shuffles); a later channel of the range adds its means to the first's.
+  // Each window sum straight from the input rows; a later channel of the range adds its means to the first's.
   for (int64_t i = 0; i < oh; ++i) {
     const bool two_rows = 2 * i + 1 < h;
     const float full_scale = two_rows ? 0.25f : 0.5f, edge_scale = two_rows ? 0.5f : 1.0f;
@@ -70,12 +83,8 @@ void nchw_plane(const ShortcutShape& s, const float* image, ChannelRange range, 
       const float* top = image + c * plane + 2 * i * w;
       const float* bottom = top + w;
       const bool first = c == range.begin;
-      if (two_rows && first) {
-        for (int64_t j = 0; j < full_columns; ++j)
-          out[j] = ((top[2 * j] + bottom[2 * j]) + (top[2 * j + 1] + bottom[2 * j + 1])) * full_scale;
-      } else if (two_rows) {
-        for (int64_t j = 0; j < full_columns; ++j)
-          out[j] += ((top[2 * j] + bottom[2 * j]) + (top[2 * j + 1] + bottom[2 * j + 1])) * full_scale;
+      if (two_rows) {
+        full_windows(ops, top, bottom, full_scale, !first, out, full_columns);
       } else if (first) {
         for (int64_t j = 0; j < full_columns; ++j) out[j] = (top[2 * j] + top[2 * j + 1]) * full_scale;
       } else {
@@ -91,7 +100,8 @@ void nchw_plane(const ShortcutShape& s, const float* image, ChannelRange range, 
   }
 }
 
-void nchw_shortcut(const ShortcutShape& s, const float* x, float* out, const ParallelFor& parallel_for) {
+void nchw_shortcut(const KernelOps& ops, const ShortcutShape& s, const float* x, float* out,
+                   const ParallelFor& parallel_for) {
   const std::vector<ChannelRange> ranges = channel_ranges(s.in_channels, s.out_channels);
   // Output channels that copy the same input channel (a widening shortcut) form one run: computed once, copied.
   std::vector<int64_t> run_starts;
@@ -108,7 +118,7 @@ void nchw_shortcut(const ShortcutShape& s, const float* x, float* out, const Par
                    const int64_t n = task / runs, run = task % runs;
                    const int64_t first = run_starts[run], last = run_starts[run + 1];
                    float* dst = out + (n * s.out_channels + first) * out_plane;
-                   nchw_plane(s, x + n * in_image, ranges[first], dst);
+                   nchw_plane(ops, s, x + n * in_image, ranges[first], dst);
                    for (int64_t o = first + 1; o < last; ++o)
                      std::memcpy(dst + (o - first) * out_plane, dst, sizeof(float) * out_plane);
                  }
@@ -199,12 +209,17 @@ void nhwc_shortcut(const ShortcutShape& s, const float* x, float* out, const Par
 
 }  // namespace
 
-void real_shortcut(const ShortcutShape& s, const float* x, float* out, const ParallelFor& parallel_for) {
+void real_shortcut(const KernelOps& ops, const ShortcutShape& s, const float* x, float* out,
+                   const ParallelFor& parallel_for) {
   if (s.batch <= 0 || s.in_channels <= 0 || s.out_channels <= 0 || s.height <= 0 || s.width <= 0) return;
   if (s.nhwc)
     nhwc_shortcut(s, x, out, parallel_for);
   else
-    nchw_shortcut(s, x, out, parallel_for);
+    nchw_shortcut(ops, s, x, out, parallel_for);
+}
+
+void real_shortcut(const ShortcutShape& s, const float* x, float* out, const ParallelFor& parallel_for) {
+  real_shortcut(select_float_kernel(), s, x, out, parallel_for);
 }
 
 }  // namespace xnorconv

@@ -177,6 +177,11 @@ struct KernelOps {
   // the row (past the row's end, into the prepared rows' zeros). Every family has one.
   int first_layer_channels = 0, first_layer_pixels = 0;
   void (*first_layer_rows)(const FirstLayerRows& rows, int64_t row_begin, int64_t row_end) = nullptr;
+  // The full 2x2 windows of one output row of real_shortcut's stride-2 NCHW pool (shortcut.cpp): for j < count,
+  // y = ((top[2j] + bottom[2j]) + (top[2j + 1] + bottom[2j + 1])) * scale, stored to out[j], or added to it with
+  // accumulate. nullptr: shortcut.cpp's portable loop (the same bits).
+  void (*window_means)(const float* top, const float* bottom, float scale, bool accumulate, float* out,
+                       int64_t count) = nullptr;
 };
 
 // ---- column folding for thin inputs (fold.cpp) ----
@@ -380,6 +385,10 @@ struct ShortcutShape {
   bool nhwc = false;
 };
 void real_shortcut(const ShortcutShape& s, const float* x, float* out, const ParallelFor& parallel_for);
+// The same with a given family's window_means (real_shortcut uses select_float_kernel()'s); every family gives the
+// same bits.
+void real_shortcut(const KernelOps& ops, const ShortcutShape& s, const float* x, float* out,
+                   const ParallelFor& parallel_for);
 
 // ---- SPPF's chained max pools (sppf.cpp) ----
 // x is (batch, channels, height, width), NCHW or NHWC (nhwc); out is (batch, (pools + 1) * channels, height, width)

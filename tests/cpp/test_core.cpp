@@ -884,7 +884,8 @@ void test_batch_norm_passes(int cases) {
 
 // The real-valued shortcut (shortcut.cpp) against its definition evaluated in double: random shapes with odd edges
 // (ceil mode's partial windows), every channel mapping (identity, k-to-1 means, k-fold repeats, and the adaptive
-// ranges of non-divisible counts), both strides; NHWC must give NCHW's bits, whatever the task ranges.
+// ranges of non-divisible counts), both strides; NHWC must give NCHW's bits, whatever the task ranges, and every
+// family's window_means the portable loop's (rows past a vector of outputs included).
 void test_real_shortcut(int cases) {
   const ParallelFor pieces = random_pieces;
   const int64_t channel_choices[] = {1, 2, 3, 4, 6, 7, 8, 12, 16, 32, 48, 64};
@@ -895,7 +896,7 @@ void test_real_shortcut(int cases) {
     s.out_channels = channel_choices[pick(0, 11)];
     s.stride = pick(1, 2);
     s.height = pick(1, 13);
-    s.width = pick(1, 13);
+    s.width = pick(0, 3) == 0 ? pick(30, 70) : pick(1, 13);
     const int64_t c = s.in_channels, o = s.out_channels, h = s.height, w = s.width;
     const int64_t oh = (h + s.stride - 1) / s.stride, ow = (w + s.stride - 1) / s.stride;
     std::vector<float> x(static_cast<size_t>(s.batch * c * h * w));
@@ -929,6 +930,14 @@ void test_real_shortcut(int cases) {
     EXPECT(same_floats(got_nhwc, nhwc_of(got, s.batch, o, oh * ow)),
            "real_shortcut NHWC differs from NCHW (n %lld, %lld -> %lld, stride %lld, %lldx%lld)", (long long)s.batch,
            (long long)c, (long long)o, (long long)s.stride, (long long)h, (long long)w);
+    s.nhwc = false;
+    for (const auto& name : available_backends()) {
+      std::vector<float> family(want.size());
+      real_shortcut(*find_backend(name), s, x.data(), family.data(), pieces);
+      EXPECT(same_floats(family, got), "[%s] real_shortcut NCHW differs from the selected family's (%lld -> %lld, "
+             "stride %lld, %lldx%lld)", name.c_str(), (long long)c, (long long)o, (long long)s.stride, (long long)h,
+             (long long)w);
+    }
   }
 }
 
