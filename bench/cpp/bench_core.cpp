@@ -123,6 +123,21 @@ double fp32_fma_peak() {
 double fp32_fma_peak() { return 0; }
 #endif
 
+// run() once, its result `out` checked against `want` (the scalar family's: the same bits), then the median ms of
+// `reps` runs; -1 if the results differ.
+template <class Run>
+double checked_median_ms(const Run& run, const std::vector<float>& out, const std::vector<float>& want, int reps) {
+  run();
+  if (out != want) return -1;
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    run();
+    t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  return median(t);
+}
+
 // The float first layer of each shape on `ops`: checked against the scalar family (the same bits), then timed.
 int time_stems(const KernelOps& ops, const std::vector<std::vector<int64_t>>& stems, bool nhwc, int reps,
                double fma, const ParallelFor& parallel_for) {
@@ -152,18 +167,12 @@ int time_stems(const KernelOps& ops, const std::vector<std::vector<int64_t>>& st
     FirstLayerCall call{s, x.data(), w.data(), bias.data(), slope.data(), want.data()};
     first_layer_conv(scalar_kernel(), call, run_serially);
     call.out = out.data();
-    first_layer_conv(ops, call, parallel_for);
-    if (out != want) {
+    const double ms = checked_median_ms([&] { first_layer_conv(ops, call, parallel_for); }, out, want, reps);
+    if (ms < 0) {
       std::fprintf(stderr, "[%s] first layer differs from scalar on this stem\n", ops.name);
       return 1;
     }
-    std::vector<double> t;
-    for (int r = 0; r < reps; ++r) {
-      const auto t0 = Clock::now();
-      first_layer_conv(ops, call, parallel_for);
-      t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
-    }
-    const double ms = median(t), rate = static_cast<double>(outputs) * s.in_channels * v[3] * v[3] / (ms * 1e-3);
+    const double rate = static_cast<double>(outputs) * s.in_channels * v[3] * v[3] / (ms * 1e-3);
     char label[64];
     std::snprintf(label, sizeof label, "%lld,%lld,%lld,%lld,%lld,%lld", (long long)v[0], (long long)v[1],
                   (long long)v[2], (long long)v[3], (long long)v[4], (long long)v[5]);
@@ -196,18 +205,13 @@ int time_shortcuts(const KernelOps& ops, const std::vector<std::vector<int64_t>>
     std::vector<float> x(s.in_channels * s.height * s.width), out(s.out_channels * side * side), want(out.size());
     for (auto& e : x) e = dist(rng);
     real_shortcut(scalar_kernel(), s, x.data(), want.data(), run_serially);
-    real_shortcut(ops, s, x.data(), out.data(), parallel_for);
-    if (out != want) {
+    const double ms =
+        checked_median_ms([&] { real_shortcut(ops, s, x.data(), out.data(), parallel_for); }, out, want, reps);
+    if (ms < 0) {
       std::fprintf(stderr, "[%s] real_shortcut differs from scalar on this shape\n", ops.name);
       return 1;
     }
-    std::vector<double> t;
-    for (int r = 0; r < reps; ++r) {
-      const auto t0 = Clock::now();
-      real_shortcut(ops, s, x.data(), out.data(), parallel_for);
-      t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
-    }
-    const double ms = median(t), bytes = sizeof(float) * static_cast<double>(x.size() + out.size());
+    const double bytes = sizeof(float) * static_cast<double>(x.size() + out.size());
     char label[64];
     std::snprintf(label, sizeof label, "%lld,%lld,%lld,%lld", (long long)v[0], (long long)v[1], (long long)v[2],
                   (long long)v[3]);
