@@ -70,5 +70,22 @@ struct Avx512Lanes {
   }
 };
 
+// SPPF's window maxima (KernelOps::window_max) on 16 lanes. vmaxps(v, m) is v > m ? v : m, the portable loop's
+// maximum (ties and signed zeros keep m); a NaN in any tap makes the lane the quiet NaN, as there.
+inline void avx512_window_max(const float* in, float* out, int64_t count, int64_t step, int64_t k) {
+  const __m512 quiet_nan = _mm512_set1_ps(__builtin_nanf(""));
+  for (int64_t e = 0; e < count; e += 16) {
+    const __mmask16 real = count - e >= 16 ? Avx512Lanes::kAll : static_cast<__mmask16>((1u << (count - e)) - 1);
+    __m512 m = _mm512_maskz_loadu_ps(real, in + e);
+    __mmask16 nan = _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
+    for (int64_t t = 1; t < k; ++t) {
+      const __m512 v = _mm512_maskz_loadu_ps(real, in + e + t * step);
+      m = _mm512_max_ps(v, m);
+      nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
+    }
+    _mm512_mask_storeu_ps(out + e, real, _mm512_mask_mov_ps(m, nan, quiet_nan));
+  }
+}
+
 }  // namespace
 }  // namespace xnorconv

@@ -510,7 +510,8 @@ const KernelOps& amx_kernel() {
     k.format_weight = amx_format_weight;
     k.exact_zero_padding = true;
     k.channels_last_output = true;
-    return with_window_means<Avx512Lanes>(with_first_layer<Avx512Lanes, 16, 14>(k));  // float work is AVX-512's
+    k.window_max = avx512_window_max;  // float work is AVX-512's
+    return with_window_means<Avx512Lanes>(with_first_layer<Avx512Lanes, 16, 14>(k));
   }();
   return ops;
 }

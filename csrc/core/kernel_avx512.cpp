@@ -242,8 +242,12 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
 }  // namespace
 
 const KernelOps& avx512_kernel() {
-  static const KernelOps ops =
-      with_window_means<Avx512Lanes>(with_first_layer<Avx512Lanes, 16, 14>(make_kernel_ops<Avx512Isa>("avx512")));
+  static const KernelOps ops = [] {
+    KernelOps k =
+        with_window_means<Avx512Lanes>(with_first_layer<Avx512Lanes, 16, 14>(make_kernel_ops<Avx512Isa>("avx512")));
+    k.window_max = avx512_window_max;
+    return k;
+  }();
   return ops;
 }
 

@@ -2,7 +2,7 @@
 // one pass over memory per pool, where eager PyTorch converts to channels_last and back (its NCHW max pooling is
 // many times slower), pools twice per pool through max_pool2d_with_indices, and concatenates. Memory-bound loops
 // over contiguous rows (NCHW) or channels (NHWC), which the auto-vectoriser handles at the baseline ISA, so this
-// file has no ISA flags.
+// file has no ISA flags; the window maxima run the selected family's window_max where it has one (AVX-512).
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -51,7 +51,12 @@ void window_max_of(const float* __restrict in, float* __restrict out, int64_t co
   }
 }
 
-void window_max(const float* __restrict in, float* __restrict out, int64_t count, int64_t step, int64_t k) {
+void window_max(const KernelOps& ops, const float* __restrict in, float* __restrict out, int64_t count,
+                int64_t step, int64_t k) {
+  if (ops.window_max) {
+    ops.window_max(in, out, count, step, k);
+    return;
+  }
   switch (k) {
     case 3: return window_max_of<3>(in, out, count, step);
     case 5: return window_max_of<5>(in, out, count, step);
@@ -63,18 +68,21 @@ void window_max(const float* __restrict in, float* __restrict out, int64_t count
     const float* __restrict tap = in + t * step;
     for (int64_t e = 0; e < count; ++e) out[e] = take_max(out[e], tap[e]);
   }
+  // A NaN window gives the quiet NaN, as window_max_of and every family's window_max do: the same bits.
+  for (int64_t e = 0; e < count; ++e)
+    if (out[e] != out[e]) out[e] = std::numeric_limits<float>::quiet_NaN();
 }
 
 // One pool of `padded` (interior filled, padding -inf): a 1 x k pool along the rows into `rows`, then a k x 1 pool
 // down the columns into `cols`, where pixel (i, j) is at cols[i * row + j * pixel].
-void pool_padded(const PaddedImage& g, const float* padded, float* rows, float* cols) {
+void pool_padded(const KernelOps& ops, const PaddedImage& g, const float* padded, float* rows, float* cols) {
   const int64_t k = 2 * g.radius + 1;
   // rows[e] is the 1 x k pool of the window starting at e (so centred at e + r pixels); the last (k - 1) pixels'
   // windows would run past the buffer: they lie in the right padding of the last row and are never read.
   const int64_t row_count = g.size() - (k - 1) * g.pixel();
-  window_max(padded, rows, row_count, g.pixel(), k);
+  window_max(ops, padded, rows, row_count, g.pixel(), k);
   std::fill(rows + row_count, rows + g.size(), -std::numeric_limits<float>::infinity());
-  window_max(rows, cols, g.h * g.row(), g.row(), k);
+  window_max(ops, rows, cols, g.h * g.row(), g.row(), k);
 }
 
 // `count` pixels of `depth` floats each, from src (pixels src_pixel floats apart) to dst (dst_pixel apart).
@@ -96,8 +104,8 @@ void copy_pooled(const PaddedImage& g, const float* cols, float* dst, int64_t ds
 
 // The chain of pools of one image's plane (NCHW) or channel block (NHWC): `image` is x's first float of it (pixels
 // src_pixel apart), `out` the concatenation's first float of slot 0 (pixels out_pixel apart, slots slot apart).
-void chain(const ChainedPoolShape& s, const PaddedImage& g, const float* image, int64_t src_pixel, float* out,
-           int64_t out_pixel, int64_t slot, std::vector<float>& buffers) {
+void chain(const KernelOps& ops, const ChainedPoolShape& s, const PaddedImage& g, const float* image,
+           int64_t src_pixel, float* out, int64_t out_pixel, int64_t slot, std::vector<float>& buffers) {
   const size_t size = static_cast<size_t>(g.size());
   if (buffers.size() < 3 * size) buffers.assign(3 * size, -std::numeric_limits<float>::infinity());
   float *padded = buffers.data(), *rows = padded + size, *cols = rows + size;
@@ -108,13 +116,14 @@ void chain(const ChainedPoolShape& s, const PaddedImage& g, const float* image, 
     copy_pixels(src, src_pixel, out + i * g.w * out_pixel, out_pixel, g.w, g.depth);
   }
   for (int64_t p = 1; p <= s.pools; ++p) {
-    pool_padded(g, padded, rows, cols);
+    pool_padded(ops, g, padded, rows, cols);
     copy_pooled(g, cols, out + p * slot, out_pixel, g.w * out_pixel);
     if (p < s.pools) copy_pooled(g, cols, padded + g.interior(0, 0), g.pixel(), g.row());
   }
 }
 
-void nchw_pools(const ChainedPoolShape& s, const float* x, float* out, const ParallelFor& parallel_for) {
+void nchw_pools(const KernelOps& ops, const ChainedPoolShape& s, const float* x, float* out,
+                const ParallelFor& parallel_for) {
   const int64_t plane = s.height * s.width;
   const PaddedImage g{s.height, s.width, 1, s.kernel / 2};
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, plane * (s.pools + 1)));
@@ -122,13 +131,14 @@ void nchw_pools(const ChainedPoolShape& s, const float* x, float* out, const Par
     std::vector<float> buffers;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / s.channels, c = task % s.channels;
-      chain(s, g, x + task * plane, 1, out + (n * (s.pools + 1) * s.channels + c) * plane, 1, s.channels * plane,
-            buffers);
+      chain(ops, s, g, x + task * plane, 1, out + (n * (s.pools + 1) * s.channels + c) * plane, 1,
+            s.channels * plane, buffers);
     }
   });
 }
 
-void nhwc_pools(const ChainedPoolShape& s, const float* x, float* out, const ParallelFor& parallel_for) {
+void nhwc_pools(const KernelOps& ops, const ChainedPoolShape& s, const float* x, float* out,
+                const ParallelFor& parallel_for) {
   const int64_t pixels = s.height * s.width, out_pixel = (s.pools + 1) * s.channels;
   const int64_t blocks = (s.channels + kChannelBlock - 1) / kChannelBlock;
   parallel_for(s.batch * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -136,7 +146,7 @@ void nhwc_pools(const ChainedPoolShape& s, const float* x, float* out, const Par
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * kChannelBlock;
       const PaddedImage g{s.height, s.width, std::min(kChannelBlock, s.channels - c0), s.kernel / 2};
-      chain(s, g, x + n * pixels * s.channels + c0, s.channels, out + n * pixels * out_pixel + c0, out_pixel,
+      chain(ops, s, g, x + n * pixels * s.channels + c0, s.channels, out + n * pixels * out_pixel + c0, out_pixel,
             s.channels, buffers);
     }
   });
@@ -144,12 +154,17 @@ void nhwc_pools(const ChainedPoolShape& s, const float* x, float* out, const Par
 
 }  // namespace
 
-void chained_max_pools(const ChainedPoolShape& s, const float* x, float* out, const ParallelFor& parallel_for) {
+void chained_max_pools(const KernelOps& ops, const ChainedPoolShape& s, const float* x, float* out,
+                       const ParallelFor& parallel_for) {
   if (s.batch <= 0 || s.channels <= 0 || s.height <= 0 || s.width <= 0) return;
   if (s.nhwc)
-    nhwc_pools(s, x, out, parallel_for);
+    nhwc_pools(ops, s, x, out, parallel_for);
   else
-    nchw_pools(s, x, out, parallel_for);
+    nchw_pools(ops, s, x, out, parallel_for);
+}
+
+void chained_max_pools(const ChainedPoolShape& s, const float* x, float* out, const ParallelFor& parallel_for) {
+  chained_max_pools(select_float_kernel(), s, x, out, parallel_for);
 }
 
 }  // namespace xnorconv

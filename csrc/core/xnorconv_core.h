@@ -182,6 +182,10 @@ struct KernelOps {
   // accumulate. nullptr: shortcut.cpp's portable loop (the same bits).
   void (*window_means)(const float* top, const float* bottom, float scale, bool accumulate, float* out,
                        int64_t count) = nullptr;
+  // SPPF's window maxima (sppf.cpp): for e < count, out[e] = the maximum of in[e + t * step] over taps t < k with
+  // PyTorch's rule (NaN propagates, as the quiet NaN), the same bits as sppf.cpp's portable loop, which a nullptr
+  // leaves in use.
+  void (*window_max)(const float* in, float* out, int64_t count, int64_t step, int64_t k) = nullptr;
 };
 
 // ---- column folding for thin inputs (fold.cpp) ----
@@ -401,6 +405,9 @@ struct ChainedPoolShape {
   bool nhwc = false;
 };
 void chained_max_pools(const ChainedPoolShape& s, const float* x, float* out, const ParallelFor& parallel_for);
+// The same with a given family's window_max (chained_max_pools uses select_float_kernel()'s); the same bits.
+void chained_max_pools(const KernelOps& ops, const ChainedPoolShape& s, const float* x, float* out,
+                       const ParallelFor& parallel_for);
 
 // ---- the float first layer of a binary network (first_layer.cpp) ----
 // Once its binary convolutions are packed, a binary network's float stem (a convolution over the 3 channels of the

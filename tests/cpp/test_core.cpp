@@ -1009,6 +1009,18 @@ void test_chained_max_pools(int cases) {
     EXPECT(same_bits(got_nhwc, nhwc_of(want, s.batch, slots * c, plane)),
            "chained_max_pools NHWC (n %lld, c %lld, %lldx%lld, k %lld, pools %lld)", (long long)s.batch,
            (long long)c, (long long)h, (long long)w, (long long)s.kernel, (long long)s.pools);
+    // Every family's window_max gives the selected one's bits (the quiet NaN included), in both layouts.
+    for (const auto& name : available_backends()) {
+      std::vector<float> family(want.size());
+      s.nhwc = false;
+      chained_max_pools(*find_backend(name), s, x.data(), family.data(), pieces);
+      EXPECT(same_bits(family, got), "[%s] chained_max_pools NCHW differs from the selected family's (c %lld, "
+             "%lldx%lld, k %lld)", name.c_str(), (long long)c, (long long)h, (long long)w, (long long)s.kernel);
+      s.nhwc = true;
+      chained_max_pools(*find_backend(name), s, nhwc_of(x, s.batch, c, plane).data(), family.data(), pieces);
+      EXPECT(same_bits(family, got_nhwc), "[%s] chained_max_pools NHWC differs from the selected family's (c "
+             "%lld, %lldx%lld, k %lld)", name.c_str(), (long long)c, (long long)h, (long long)w, (long long)s.kernel);
+    }
   }
 }
 
