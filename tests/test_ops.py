@@ -794,6 +794,18 @@ def test_input_shortcut_errors(call, message):
         call()
 
 
+def test_composed_input_shortcut_for_the_gpu_paths():
+    """What functional.binary_conv2d_packed and FrozenBinaryConv2d pass as the residual where the kernels do not
+    compute the shortcut (CUDA): real_shortcut after the op's checks, here on CPU tensors."""
+    from xnorconv.functional import composed_input_shortcut
+    x = torch.randn(2, 16, 9, 11)
+    got = composed_input_shortcut(x, 32, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), None)
+    assert torch.equal(got, xnorconv.functional.real_shortcut(x, 32, 2))
+    with pytest.raises(ValueError, match=r"output size to be the input's over the stride, rounded up \(9, 11\), "
+                                         r"got \(7, 9\)"):
+        composed_input_shortcut(x, 32, (3, 3), (1, 1), (0, 0, 0, 0), (1, 1), None)
+
+
 def test_input_shortcut_must_be_a_bool():
     with pytest.raises(ValueError, match=r"input_shortcut must be True or False, got 1"):
         xnorconv.binary_conv2d(torch.randn(1, 8, 6, 6), torch.randn(4, 8, 3, 3), padding=1, input_shortcut=1)

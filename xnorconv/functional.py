@@ -8,6 +8,7 @@ from . import _C  # loads the library, which registers torch.ops.xnorconv.*
 from ._backend import triton_selected
 from ._checks import (_is_int, check_bool, check_input_shortcut, check_op_input, check_pad_value, check_positive_int,
                       check_tensor, normalize_conv_args, per_channel)
+from ._meta import _out_size
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -119,11 +120,9 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
         check_tensor("out", out)
     stride, pads, dilation = normalize_conv_args(weight.kernel_size, stride, padding, dilation)
     if check_bool("input_shortcut", input_shortcut) and input.device.type != "cpu":
-        # The CUDA kernels take the shortcut as a residual, composed here.
-        out_hw = [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, d, k, s in
-                  zip(input.shape[2:], pads[0::2], pads[1::2], dilation, weight.kernel_size, stride)]
-        check_input_shortcut(True, residual, input, stride, out_hw)
-        residual, input_shortcut = real_shortcut(input, weight.bits.shape[0], stride[0]), False
+        residual = composed_input_shortcut(input, weight.bits.shape[0], weight.kernel_size, stride, pads, dilation,
+                                           residual)
+        input_shortcut = False
     args = (input, weight.bits, weight.tap_sum, weight.in_channels, per_channel(scale, "scale"),
             per_channel(bias, "bias"), list(stride), list(pads), list(dilation), groups, check_pad_value(pad_value),
             per_channel(input_threshold, "input_threshold"), output_signs,
@@ -133,6 +132,16 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
         return packed_conv_op()(*args)
     packed_conv_out_op()(*args, out)
     return out
+
+
+def composed_input_shortcut(input: torch.Tensor, out_channels: int, kernel_size, stride, pads, dilation,
+                            residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """input_shortcut=True's residual composed from aten ops, for the devices whose kernels take the shortcut as a
+    residual (CUDA), after the op's checks; pads: (top, bottom, left, right)."""
+    out_hw = [_out_size(size, k, s, lo, hi, d) for size, k, s, lo, hi, d in
+              zip(input.shape[2:], kernel_size, stride, pads[0::2], pads[1::2], dilation)]
+    check_input_shortcut(True, residual, input, stride, out_hw)
+    return real_shortcut(input, out_channels, stride[0])
 
 
 def binary_conv2d(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

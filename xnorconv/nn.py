@@ -25,7 +25,8 @@ from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._layout import check_memory_format
 from ._layout import install as install_layout_hooks
 from ._packed import packed_kernel_devices, unpack_weight_signs
-from .functional import PackedWeight, packed_conv_op, packed_conv_out_op, real_shortcut
+from .functional import (PackedWeight, composed_input_shortcut, packed_conv_op, packed_conv_out_op,
+                         real_shortcut)
 
 __all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
            "packed_kernel_devices", "unpack_weight_signs"]
@@ -316,7 +317,9 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
                 if shape[2] < min_h or shape[3] < min_w:
                     check_spatial(self, input, args[6])  # raises, naming the sizes
                 if input_shortcut and device.type != "cpu":  # the CUDA kernels take it as a residual
-                    residual, input_shortcut = self._input_shortcut(input, residual, args[6]), False
+                    residual = composed_input_shortcut(input, self.out_channels, self.kernel_size, self.stride,
+                                                       args[6], self.dilation, residual)
+                    input_shortcut = False
                 # Bool input: the signs of a chained producer, which already applied this layer's threshold.
                 op_args = (input, *args, in_threshold if dtype is torch.float32 else None, output_signs,
                            out_threshold, residual, prelu, input_shortcut)
@@ -360,14 +363,6 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
                 raise ValueError(f"out must have the output's shape {tuple(y.shape)}, got {tuple(out.shape)}")
             return out.copy_(y)
         return y
-
-    def _input_shortcut(self, input: torch.Tensor, residual: Optional[torch.Tensor], pads) -> torch.Tensor:
-        """input_shortcut=True's residual, composed, for devices whose kernels do not compute it; pads: (top,
-        bottom, left, right)."""
-        out_hw = [(size + lo + hi - d * (k - 1) - 1) // s + 1 for size, lo, hi, d, k, s in
-                  zip(input.shape[2:], pads[0::2], pads[1::2], self.dilation, self.kernel_size, self.stride)]
-        check_input_shortcut(True, residual, input, self.stride, out_hw)
-        return real_shortcut(input, self.out_channels, self.stride[0])
 
 
 def invalidate_packed_caches(model: nn.Module) -> None:
