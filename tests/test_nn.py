@@ -2,6 +2,7 @@
 closed form, packed-weight cache invalidation, freezing / BN folding, compile and export."""
 import copy
 import io
+import io
 import itertools
 import os
 import pickle
@@ -810,8 +811,12 @@ def test_freeze_memory_format_runs_float_layers_in_it_and_returns_the_callers_la
     assert y_nchw.is_contiguous()
     if chosen is torch.channels_last:
         assert y_cl.is_contiguous(memory_format=torch.channels_last) and not y_cl.is_contiguous()
-    # copies keep the chosen layout and their own hooks
-    for copied in (copy.deepcopy(frozen), pickle.loads(pickle.dumps(frozen))):
+    # copies keep the chosen layout and their own hooks (torch.save too: its pickler cannot save a memory format)
+    buffer = io.BytesIO()
+    torch.save(frozen, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    for copied in (copy.deepcopy(frozen), pickle.loads(pickle.dumps(frozen)), saved):
         assert [h.__self__.choice for h in copied._forward_pre_hooks.values()] == [chosen]
         with torch.no_grad():
             torch.testing.assert_close(copied(x), y_nchw)

@@ -78,11 +78,17 @@ class LayoutHooks:
         self._local = threading.local()
         self._lock = threading.Lock()
 
-    # Thread-local state is not copyable; a copy (deepcopy, pickle) starts with empty stacks.
+    # Thread-local state is not copyable; a copy (deepcopy, pickle) starts with empty stacks. The layout is kept by
+    # name: torch.save's pickler cannot save a torch.memory_format.
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_lock")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_local", "_lock")}
+        state["choice"] = None if self.choice is None else str(self.choice).removeprefix("torch.")
+        return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        if isinstance(state.get("choice"), str):
+            state["choice"] = getattr(torch, state["choice"])
         self.__dict__.update(state)
         self._local = threading.local()
         self._lock = threading.Lock()
