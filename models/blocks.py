@@ -4,8 +4,8 @@ ConvBN         a float nn.Conv2d + nn.BatchNorm2d that, at inference, runs as on
                folded in (the stems and Bi-Real's downsampling shortcuts stay float in a frozen binary network,
                so their cost is what the packed kernels leave)
 ClippedConv2d  nn.Conv2d on clip(x, -1, 1): the float stand-in for a binary conv in Bi-Real's float twin
-MaxPool2d      nn.MaxPool2d that pools in channels_last (PyTorch's CPU max pooling of NCHW tensors is many times
-               slower than of channels_last ones, conversions included)
+MaxPool2d      nn.MaxPool2d through xnorconv.functional.max_pool2d (one pass of xnorconv's pool at inference;
+               PyTorch's CPU max pooling of NCHW tensors is many times slower, even of channels_last ones slower)
 RPReLU         ReActNet's RPReLU, PReLU(x - gamma) + zeta per channel
 
 conv_bn_foldable and folded_conv_bn are ConvBN's inference fold, also used by BinaryDNet53's stem.
@@ -83,21 +83,19 @@ class ConvBN(nn.Module):
         return state
 
 
-# A plain function that torch.fx records as one call (its layout test would otherwise stop symbolic tracing, which
-# xnorconv.freeze uses to find the BatchNorms it folds).
+# A plain function that torch.fx records as one call (the functional's argument checks would otherwise stop symbolic
+# tracing, which xnorconv.freeze uses to find the BatchNorms it folds).
 @torch.fx.wrap
-def _max_pool_channels_last(x, kernel_size, stride, padding, dilation, ceil_mode):
-    if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+def _max_pool(x, kernel_size, stride, padding, dilation, ceil_mode):
+    if dilation not in (1, (1, 1)) or x.dim() != 4:
         return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size, stride, padding, dilation,
-                     ceil_mode)
-    return y.contiguous()  # back in the caller's layout
+    return xnorconv.functional.max_pool2d(x, kernel_size, stride, padding, ceil_mode)
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d (same arguments and function; no return_indices) that pools a 4-D input in channels_last: an
-    NCHW input is converted, pooled and converted back, because PyTorch's CPU max pooling of NCHW tensors is many
-    times slower than of channels_last ones (a max is exact in any order, so the values are the same)."""
+    """nn.MaxPool2d (same arguments and function; no return_indices) that pools a 4-D input with
+    xnorconv.functional.max_pool2d: one pass of xnorconv's pool at inference, and in channels_last in training
+    (PyTorch's CPU max pooling of NCHW tensors is many times slower than of channels_last ones)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -105,7 +103,7 @@ class MaxPool2d(nn.MaxPool2d):
             raise ValueError("MaxPool2d: return_indices=True is not supported, got return_indices=True")
 
     def forward(self, x):
-        return _max_pool_channels_last(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        return _max_pool(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 
 
 class ClippedConv2d(nn.Conv2d):

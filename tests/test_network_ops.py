@@ -5,6 +5,8 @@ inference on the CPU:
     channel mapping, both strides, odd sizes;
   * xnorconv.functional.chained_max_pools (op xnorconv::chained_max_pools; models.darknet.SPPF) against F.max_pool2d
     bit for bit, NaN and signed zeros included;
+  * xnorconv.functional.max_pool2d (op xnorconv::max_pool2d; models.blocks.MaxPool2d, freeze's fused stem pool)
+    against F.max_pool2d (and F.relu) on every CPU backend: kernel sizes, strides, paddings, ceil_mode, NaN and -inf;
 each in both layouts (the same bits in each), with the composed path it falls back to, gradients, opcheck,
 TorchScript and errors that name the argument.
 
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import xnorconv
-from xnorconv.functional import chained_max_pools, real_shortcut
+from xnorconv.functional import chained_max_pools, max_pool2d, real_shortcut
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 CHANNELS = [(8, 8), (16, 32), (8, 24), (32, 16), (12, 4), (64, 48), (7, 3), (3, 7), (1, 4), (5, 1)]
@@ -95,6 +97,7 @@ def test_empty_and_threads():
 @pytest.mark.parametrize("name, function, arguments", [
     ("real_shortcut", real_shortcut, list(itertools.product((4, 8, 16, 5), (1, 2)))),
     ("chained_max_pools", chained_max_pools, [(5, 3), (3, 1)]),
+    ("max_pool2d", max_pool2d, [((3, 3), (2, 2), (1, 1), False, True), ((2, 3), (1, 2), (0, 1), True, False)]),
 ])
 def test_opcheck_and_torchscript(name, function, arguments, layout):
     x = torch.randn(2, 8, 7, 6).contiguous(memory_format=layout)
@@ -202,3 +205,98 @@ def test_chained_max_pools_errors_name_the_argument():
         torch.ops.xnorconv.chained_max_pools(x.double(), 5, 1)
     with pytest.raises(RuntimeError, match="chained_max_pools: pools must be positive, got 0"):
         torch.ops.xnorconv.chained_max_pools(x, 5, 0)
+
+
+# --- max_pool2d ---------------------------------------------------------------------------------------------------
+
+POOLS = [  # kernel, stride, padding, ceil_mode
+    ((3, 3), (2, 2), (1, 1), False),  # the ResNet stem pool
+    ((3, 3), (2, 2), (1, 1), True),
+    ((2, 2), (2, 2), (0, 0), True),
+    ((3, 5), (1, 3), (1, 2), False),
+    ((5, 2), (3, 1), (2, 0), True),
+    ((1, 1), (1, 1), (0, 0), False),
+    ((4, 3), (4, 2), (2, 1), True),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("kernel, stride, padding, ceil_mode", POOLS)
+def test_max_pool2d_matches_pytorch_on_every_backend(kernel, stride, padding, ceil_mode, layout):
+    torch.manual_seed(sum(kernel) * 7 + sum(stride))
+    for shape in ((1, 64, 17, 16), (2, 3, 9, 7), (1, 70, 5, 11), (2, 1, 6, 5), (1, 8, 4, 4)):
+        x = with_specials(torch.randn(shape)).contiguous(memory_format=layout)
+        want = F.max_pool2d(x, kernel, stride, padding, 1, ceil_mode)
+        outputs = []
+        for backend in xnorconv.backends():
+            with xnorconv.use_backend(backend):
+                for relu in (False, True):
+                    got = max_pool2d(x, kernel, stride, padding, ceil_mode, relu)
+                    expected = F.relu(want) if relu else want
+                    # Values and NaN positions; a max may keep either zero where +0 and -0 tie.
+                    assert got.shape == expected.shape and torch.equal(got.isnan(), expected.isnan())
+                    assert torch.equal(got.nan_to_num(0.0), expected.nan_to_num(0.0)), (backend, relu, shape)
+                    outputs.append(got)
+        assert all(same_bits(o, outputs[i % 2]) for i, o in enumerate(outputs))  # every family: the same bits
+        other_layout = max_pool2d(x.contiguous(), kernel, stride, padding, ceil_mode)  # the same values
+        assert torch.equal(outputs[0].nan_to_num(0.0), other_layout.nan_to_num(0.0))
+        channels_last = layout == torch.channels_last and shape[1] > 1 and shape[2] * shape[3] > 1
+        assert outputs[0].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_max_pool2d_paths_gradient_strided_and_empty():
+    x = torch.randn(2, 5, 9, 8)
+    strided = torch.randn(2, 10, 9, 16)[:, ::2, :, ::2]
+    torch.testing.assert_close(max_pool2d(strided, 3, 2, 1), F.max_pool2d(strided, 3, 2, 1), rtol=0, atol=0)
+    assert max_pool2d(torch.randn(0, 4, 6, 6), 3, 2, 1).shape == (0, 4, 3, 3)
+    assert max_pool2d(x, 2).shape == (2, 5, 4, 4)  # stride defaults to the kernel size, as in F.max_pool2d
+    # float64 and inputs with a gradient to record run F.max_pool2d: differentiable, in the input's layout
+    xd = torch.randn(1, 3, 7, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: max_pool2d(t, 3, 2, 1, relu=True), (xd,))
+    y = max_pool2d(x.clone().requires_grad_(), 3, 2, 1, True, True)
+    assert y.is_contiguous() and y.requires_grad
+    torch.testing.assert_close(y, F.relu(F.max_pool2d(x, 3, 2, 1, ceil_mode=True)), rtol=0, atol=0)
+    big = torch.randn(4, 32, 64, 64)  # large enough to split over threads
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [max_pool2d(t, 3, 2, 1) for t in (big, big.contiguous(memory_format=torch.channels_last))]
+        torch.set_num_threads(2)
+        assert all(torch.equal(max_pool2d(t, 3, 2, 1), o) for t, o in zip(
+            (big, big.contiguous(memory_format=torch.channels_last)), one))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_max_pool2d_errors_name_the_argument():
+    x = torch.randn(1, 4, 6, 6)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got NoneType"):
+        max_pool2d(None, 3)
+    with pytest.raises(ValueError, match=r"input must be 4-D \(N, C, H, W\), got shape \(4, 6, 6\)"):
+        max_pool2d(x[0], 3)
+    with pytest.raises(ValueError, match="kernel_size must be an int or a pair of ints, got 2.0"):
+        max_pool2d(x, 2.0)
+    with pytest.raises(ValueError, match="kernel_size must be positive, got 0"):
+        max_pool2d(x, 0)
+    with pytest.raises(ValueError, match=r"stride must be positive, got \(1, 0\)"):
+        max_pool2d(x, 3, (1, 0))
+    with pytest.raises(ValueError, match=r"padding must be >= 0 and at most half the kernel size \(3, 3\), got \(2, 2\)"):
+        max_pool2d(x, 3, 1, 2)
+    with pytest.raises(ValueError, match="ceil_mode must be True or False, got 1"):
+        max_pool2d(x, 3, ceil_mode=1)
+    with pytest.raises(ValueError, match="relu must be True or False, got None"):
+        max_pool2d(x, 3, relu=None)
+    # The op itself, called directly.
+    op = torch.ops.xnorconv.max_pool2d
+    with pytest.raises(RuntimeError, match="max_pool2d: input must be float32, got Double"):
+        op(x.double(), [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="max_pool2d: padding must be >= 0 and at most half the kernel size, got "
+                                           "pad_h = 2, pad_w = 0 for kernel_h = 3, kernel_w = 3"):
+        op(x, [3, 3], [1, 1], [2, 0])
+    with pytest.raises(RuntimeError, match="max_pool2d: stride_w must be positive, got stride_w = 0"):
+        op(x, [3, 3], [1, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"max_pool2d: the kernel is larger than the padded input \(height = 6, "
+                                           r"width = 6\): output size -2 x -2"):
+        op(x, [9, 9], [1, 1], [0, 0])
+    with pytest.raises(RuntimeError, match=r"max_pool2d: kernel_size must have 2 values \(height, width\), got \[3\]"):
+        op(x, [3], [1, 1], [0, 0])

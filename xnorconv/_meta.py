@@ -142,6 +142,29 @@ def _first_layer_conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -
     return conv_flop_count(list(x_shape), list(w_shape), list(out_shape))
 
 
+def pooled_size(size, kernel, pad, stride, ceil_mode):
+    """PyTorch's max-pool output size (dilation 1): with ceil_mode, a last window starting in the padding is dropped."""
+    out = (size + 2 * pad - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    return out - 1 if ceil_mode and (out - 1) * stride >= size + pad else out
+
+
+@torch.library.register_fake("xnorconv::max_pool2d")
+def _max_pool2d_fake(input, kernel_size, stride, padding, ceil_mode=False, relu=False):
+    torch._check(input.dim() == 4, lambda: f"max_pool2d: input must be 4-D (N, C, H, W), got {input.dim()}-D")
+    torch._check(len(kernel_size) == 2 and len(stride) == 2 and len(padding) == 2,
+                 lambda: f"max_pool2d: kernel_size, stride and padding must have 2 values, got {kernel_size}, "
+                         f"{stride}, {padding}")
+    torch._check(min(kernel_size) > 0 and min(stride) > 0,
+                 lambda: f"max_pool2d: kernel_size and stride must be positive, got {kernel_size}, {stride}")
+    torch._check(min(padding) >= 0 and all(2 * p <= k for p, k in zip(padding, kernel_size)),
+                 lambda: f"max_pool2d: padding must be >= 0 and at most half the kernel size, got {padding}")
+    n, c, h, w = input.shape
+    oh, ow = (pooled_size(s, k, p, st, ceil_mode) for s, k, p, st in zip((h, w), kernel_size, padding, stride))
+    torch._check(oh >= 1 and ow >= 1, lambda: f"max_pool2d: the kernel is larger than the padded input: output size "
+                                               f"{oh} x {ow}")
+    return input.new_empty((n, c, oh, ow)).contiguous(memory_format=_channel_layout_like(input))
+
+
 @torch.library.register_fake("xnorconv::chained_max_pools")
 def _chained_max_pools_fake(input, kernel_size, pools):
     torch._check(input.dim() == 4, lambda: f"chained_max_pools: input must be 4-D (N, C, H, W), got {input.dim()}-D")

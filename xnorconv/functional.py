@@ -7,7 +7,7 @@ import torch
 from . import _C  # loads the library, which registers torch.ops.xnorconv.*
 from ._backend import triton_selected
 from ._checks import (_is_int, check_bool, check_input_shortcut, check_op_input, check_pad_value, check_positive_int,
-                      check_tensor, normalize_conv_args, per_channel)
+                      check_tensor, normalize_conv_args, pair, per_channel)
 from ._meta import _out_size
 
 IntOrPair = Union[int, Sequence[int]]
@@ -246,6 +246,40 @@ def _chained_max_pools_aten(x: torch.Tensor, kernel_size: int, pools: int) -> to
                                                    (r, 0)))
     return torch.cat(maps, dim=1).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def max_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[IntOrPair] = None,
+               padding: IntOrPair = 0, ceil_mode: bool = False, relu: bool = False) -> torch.Tensor:
+    """F.max_pool2d(input, kernel_size, stride, padding, ceil_mode=ceil_mode) (stride defaults to kernel_size), and
+    with relu=True that pool of relu(input), which is relu of the pool: a max commutes with a ReLU, so a stem's
+    conv -> ReLU -> max pool needs no pass for the ReLU. (N, C, H, W) in, the input's memory format out.
+
+    float32 CPU input with no gradient to record runs xnorconv::max_pool2d: one pass per output row, with no index
+    per output as PyTorch's kernel keeps (many times faster on NCHW maps, and faster on channels_last ones). The same values as F.max_pool2d, NaN included (a NaN window gives the quiet NaN;
+    signed zeros may differ, which compare equal). Anything else runs F.max_pool2d (and F.relu).
+    """
+    check_tensor("input", input)
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    kernel = pair(kernel_size, "kernel_size")
+    stride = kernel if stride is None else pair(stride, "stride")
+    padding = pair(padding, "padding")
+    if min(kernel) < 1:
+        raise ValueError(f"kernel_size must be positive, got {kernel_size!r}")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be positive, got {stride!r}")
+    if min(padding) < 0 or any(2 * p > k for p, k in zip(padding, kernel)):
+        raise ValueError(f"padding must be >= 0 and at most half the kernel size {kernel}, got {padding!r}")
+    check_bool("ceil_mode", ceil_mode)
+    check_bool("relu", relu)
+    if _one_pass_input(input):
+        return torch.ops.xnorconv.max_pool2d(input, kernel, stride, padding, ceil_mode, relu)
+    # PyTorch's CPU max pooling of NCHW maps is many times slower than of channels_last ones (in training too).
+    nchw_on_cpu = input.device.type == "cpu" and not _channel_last_layout(input)
+    x = input.contiguous(memory_format=torch.channels_last) if nchw_on_cpu else input
+    y = torch.nn.functional.max_pool2d(x, kernel, stride, padding, 1, ceil_mode)
+    y = torch.nn.functional.relu(y) if relu else y
+    return y.contiguous() if nchw_on_cpu else y
 
 
 def first_layer_conv(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -182,9 +182,9 @@ struct KernelOps {
   // accumulate. nullptr: shortcut.cpp's portable loop (the same bits).
   void (*window_means)(const float* top, const float* bottom, float scale, bool accumulate, float* out,
                        int64_t count) = nullptr;
-  // SPPF's window maxima (sppf.cpp): for e < count, out[e] = the maximum of in[e + t * step] over taps t < k with
-  // PyTorch's rule (NaN propagates, as the quiet NaN), the same bits as sppf.cpp's portable loop, which a nullptr
-  // leaves in use.
+  // Window maxima (max_pools.cpp: SPPF's pools and max_pool2d): for e < count, out[e] = the maximum of
+  // in[e + t * step] over taps t < k with PyTorch's rule (NaN propagates, as the quiet NaN), the same bits as
+  // max_pools.cpp's portable loop, which a nullptr leaves in use.
   void (*window_max)(const float* in, float* out, int64_t count, int64_t step, int64_t k) = nullptr;
 };
 
@@ -394,7 +394,7 @@ void real_shortcut(const ShortcutShape& s, const float* x, float* out, const Par
 void real_shortcut(const KernelOps& ops, const ShortcutShape& s, const float* x, float* out,
                    const ParallelFor& parallel_for);
 
-// ---- SPPF's chained max pools (sppf.cpp) ----
+// ---- SPPF's chained max pools (max_pools.cpp) ----
 // x is (batch, channels, height, width), NCHW or NHWC (nhwc); out is (batch, (pools + 1) * channels, height, width)
 // in the same layout, the concatenation SPPF's last conv reads: channels [0, C) are x, and channels [p * C, (p + 1) *
 // C) the kernel x kernel max pool (stride 1, padding kernel / 2, odd kernel) of channels [(p - 1) * C, p * C). Each
@@ -408,6 +408,28 @@ void chained_max_pools(const ChainedPoolShape& s, const float* x, float* out, co
 // The same with a given family's window_max (chained_max_pools uses select_float_kernel()'s); the same bits.
 void chained_max_pools(const KernelOps& ops, const ChainedPoolShape& s, const float* x, float* out,
                        const ParallelFor& parallel_for);
+
+// ---- max pooling (max_pools.cpp): F.max_pool2d with dilation 1, and relu(F.max_pool2d(x)) in the same pass ----
+// The stem pool of ResNet-style networks (3x3, stride 2, padding 1 over the stem's output): PyTorch's CPU kernel
+// keeps an index per output and is many times slower on NCHW maps. Windows ignore the padding and follow PyTorch's
+// output size (ceil_mode included: a last window that starts in the right padding is dropped). A window's maximum
+// is taken as v > m ? v : m and is the quiet NaN when any tap is NaN: the same values as F.max_pool2d, NaN
+// included (signed zeros aside, which compare equal). relu floors the result at 0 (NaN stays NaN): a max
+// commutes with a ReLU, so this is relu(max_pool2d(x)) = max_pool2d(relu(x)) without a pass of its own.
+// x and out are NCHW, or NHWC when nhwc.
+struct MaxPoolShape {
+  int64_t batch = 0, channels = 0, height = 0, width = 0;
+  int64_t kernel_h = 1, kernel_w = 1, stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0;
+  bool ceil_mode = false, relu = false, nhwc = false;
+  int64_t out_height() const;
+  int64_t out_width() const;
+};
+// Empty when s describes a valid pool, else a message naming the argument and its value.
+std::string validate(const MaxPoolShape& s);
+void max_pool2d(const MaxPoolShape& s, const float* x, float* out, const ParallelFor& parallel_for);
+// The same with a given family's window_max (max_pool2d uses select_float_kernel()'s); the same bits.
+void max_pool2d(const KernelOps& ops, const MaxPoolShape& s, const float* x, float* out,
+                const ParallelFor& parallel_for);
 
 // ---- the float first layer of a binary network (first_layer.cpp) ----
 // Once its binary convolutions are packed, a binary network's float stem (a convolution over the 3 channels of the

@@ -1,9 +1,10 @@
 // Torch binding of the one-pass float ops around the binary convolutions of the reference networks, for inference:
 // xnorconv::real_shortcut (csrc/core/shortcut.cpp), the parameter-free shortcut of Bi-Real / ReActNet / BinaryDNet53
-// units, xnorconv::chained_max_pools (csrc/core/sppf.cpp), SPPF's pools with their concatenation, and
-// xnorconv::first_layer_conv (csrc/core/first_layer.cpp), the float stem with its bias and PReLU. CPU only and
-// without a gradient: xnorconv.functional composes the same values from differentiable aten ops for training and
-// other devices, and the CUDA kernels below say so.
+// units; xnorconv::chained_max_pools (csrc/core/max_pools.cpp), SPPF's pools with their concatenation;
+// xnorconv::max_pool2d (the same file), a stem's strided max pool with its ReLU; and xnorconv::first_layer_conv
+// (csrc/core/first_layer.cpp), the float stem with its bias and PReLU. CPU only and without a gradient:
+// xnorconv.functional composes the same values from differentiable aten ops for training and other devices, and the
+// CUDA kernels below say so.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -51,6 +52,42 @@ at::Tensor chained_max_pools_cpu(const at::Tensor& input, int64_t kernel_size, i
   return out;
 }
 
+int64_t pair_entry(const char* op, const char* name, at::IntArrayRef v, int i) {
+  TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 values (height, width), got ", v);
+  return v[i];
+}
+
+at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, bool ceil_mode, bool relu) {
+  const char* op = "max_pool2d";
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got a ", input.dim(), "-D tensor of shape ",
+              input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": input must be float32, got ", input.scalar_type());
+  const bool nhwc = wants_channels_last_output(input);
+  const at::MemoryFormat format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  xnorconv::MaxPoolShape shape;
+  shape.batch = input.size(0);
+  shape.channels = input.size(1);
+  shape.height = input.size(2);
+  shape.width = input.size(3);
+  shape.kernel_h = pair_entry(op, "kernel_size", kernel_size, 0);
+  shape.kernel_w = pair_entry(op, "kernel_size", kernel_size, 1);
+  shape.stride_h = pair_entry(op, "stride", stride, 0);
+  shape.stride_w = pair_entry(op, "stride", stride, 1);
+  shape.pad_h = pair_entry(op, "padding", padding, 0);
+  shape.pad_w = pair_entry(op, "padding", padding, 1);
+  shape.ceil_mode = ceil_mode;
+  shape.relu = relu;
+  shape.nhwc = nhwc;
+  const std::string error = xnorconv::validate(shape);
+  TORCH_CHECK(error.empty(), op, ": ", error, " (input shape ", input.sizes(), ")");
+  const at::Tensor x = input.contiguous(format);
+  at::Tensor out = at::empty({shape.batch, shape.channels, shape.out_height(), shape.out_width()},
+                             x.options().memory_format(format));
+  xnorconv::max_pool2d(shape, x.data_ptr<float>(), out.data_ptr<float>(), torch_parallel_for);
+  return out;
+}
+
 void check_optional_per_channel(const char* op, const char* name, const std::optional<at::Tensor>& t,
                                 int64_t out_channels) {
   if (!t) return;
@@ -58,11 +95,6 @@ void check_optional_per_channel(const char* op, const char* name, const std::opt
               " must be a float32 CPU tensor, got ", t->scalar_type(), " on ", t->device());
   TORCH_CHECK(t->dim() == 1 && t->size(0) == out_channels, op, ": ", name, " must have shape (", out_channels,
               ",) (one value per output channel), got ", t->sizes());
-}
-
-int64_t pair_entry(const char* op, const char* name, at::IntArrayRef v, int i) {
-  TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 values (height, width), got ", v);
-  return v[i];
 }
 
 at::Tensor first_layer_conv_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -125,6 +157,10 @@ at::Tensor chained_max_pools_cuda(const at::Tensor&, int64_t, int64_t) {
   TORCH_CHECK(false, "xnorconv::chained_max_pools runs on the CPU only; on CUDA, "
               "xnorconv.functional.chained_max_pools computes it from aten ops");
 }
+at::Tensor max_pool2d_cuda(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool, bool) {
+  TORCH_CHECK(false, "xnorconv::max_pool2d runs on the CPU only; on CUDA, xnorconv.functional.max_pool2d composes "
+              "F.max_pool2d and F.relu");
+}
 at::Tensor first_layer_conv_cuda(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                  const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef) {
   TORCH_CHECK(false, "xnorconv::first_layer_conv runs on the CPU only; on CUDA, xnorconv.functional.first_layer_conv "
@@ -136,6 +172,8 @@ at::Tensor first_layer_conv_cuda(const at::Tensor&, const at::Tensor&, const std
 TORCH_LIBRARY_FRAGMENT(xnorconv, m) {
   m.def("real_shortcut(Tensor input, int out_channels, int stride) -> Tensor");
   m.def("chained_max_pools(Tensor input, int kernel_size, int pools) -> Tensor");
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode=False, "
+        "bool relu=False) -> Tensor");
   m.def("first_layer_conv(Tensor input, Tensor weight, Tensor? bias, Tensor? prelu_weight, int[2] stride, "
         "int[2] padding, int[2] dilation) -> Tensor");
 }
@@ -143,12 +181,14 @@ TORCH_LIBRARY_FRAGMENT(xnorconv, m) {
 TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {
   m.impl("real_shortcut", &real_shortcut_cpu);
   m.impl("chained_max_pools", &chained_max_pools_cpu);
+  m.impl("max_pool2d", &max_pool2d_cpu);
   m.impl("first_layer_conv", &first_layer_conv_cpu);
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CUDA, m) {
   m.impl("real_shortcut", &real_shortcut_cuda);
   m.impl("chained_max_pools", &chained_max_pools_cuda);
+  m.impl("max_pool2d", &max_pool2d_cuda);
   m.impl("first_layer_conv", &first_layer_conv_cuda);
 }
 

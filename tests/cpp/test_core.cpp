@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <cstdint>
 #include <cstdio>
@@ -941,7 +942,7 @@ void test_real_shortcut(int cases) {
   }
 }
 
-// SPPF's chained max pools (sppf.cpp) against a direct k x k window scan of each pool's input with PyTorch's rule
+// SPPF's chained max pools (max_pools.cpp) against a direct k x k window scan of each pool's input with PyTorch's rule
 // (the first of equal values, NaN propagating), signed zeros and NaN included; NHWC must give NCHW's bits.
 void test_chained_max_pools(int cases) {
   const ParallelFor pieces = random_pieces;
@@ -1022,6 +1023,88 @@ void test_chained_max_pools(int cases) {
              "%lld, %lldx%lld, k %lld)", name.c_str(), (long long)c, (long long)h, (long long)w, (long long)s.kernel);
     }
   }
+}
+
+// max_pool2d (max_pools.cpp) against a direct scan of each window inside the image (the padding ignored, NaN
+// propagating): random kernels, strides, paddings up to half the kernel, ceil_mode and relu, both layouts. Values and
+// NaN positions must match (a tie of +0 and -0 may keep either); every family must give the selected one's bits.
+void test_max_pool2d(int cases) {
+  const ParallelFor pieces = random_pieces;
+  const int64_t channel_choices[] = {1, 2, 3, 16, 64, 70};
+  auto same_values = [](const std::vector<float>& a, const std::vector<float>& b) {
+    if (a.size() != b.size()) return false;
+    for (size_t k = 0; k < a.size(); ++k)
+      if (std::isnan(a[k]) != std::isnan(b[k]) || (!std::isnan(a[k]) && a[k] != b[k])) return false;
+    return true;
+  };
+  auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
+  };
+  for (int iter = 0; iter < cases; ++iter) {
+    MaxPoolShape s;
+    s.batch = pick(1, 2);
+    s.channels = channel_choices[pick(0, 5)];
+    s.kernel_h = pick(1, 5);
+    s.kernel_w = pick(1, 5);
+    s.stride_h = pick(1, 3);
+    s.stride_w = pick(1, 3);
+    s.pad_h = pick(0, static_cast<int>(s.kernel_h / 2));
+    s.pad_w = pick(0, static_cast<int>(s.kernel_w / 2));
+    s.height = pick(static_cast<int>(s.kernel_h), 17);
+    s.width = pick(static_cast<int>(s.kernel_w), 17);
+    s.ceil_mode = pick(0, 1) == 1;
+    s.relu = pick(0, 1) == 1;
+    EXPECT(validate(s).empty(), "max_pool2d shape rejected: %s", validate(s).c_str());
+    const int64_t c = s.channels, h = s.height, w = s.width, plane = h * w;
+    const int64_t oh = s.out_height(), ow = s.out_width(), out_plane = oh * ow;
+    std::vector<float> x(static_cast<size_t>(s.batch * c * plane));
+    std::normal_distribution<float> normal;
+    for (auto& v : x) {
+      const int64_t kind = pick(0, 40);
+      v = kind == 0 ? std::numeric_limits<float>::quiet_NaN() : kind == 1 ? 0.0f : kind == 2 ? -0.0f
+          : kind == 3 ? -std::numeric_limits<float>::infinity() : normal(rng);
+    }
+    std::vector<float> want(static_cast<size_t>(s.batch * c * out_plane));
+    for (int64_t q = 0; q < s.batch * c; ++q)
+      for (int64_t i = 0; i < oh; ++i)
+        for (int64_t j = 0; j < ow; ++j) {
+          float m = -std::numeric_limits<float>::infinity();
+          for (int64_t a = i * s.stride_h - s.pad_h; a < i * s.stride_h - s.pad_h + s.kernel_h; ++a)
+            for (int64_t b = j * s.stride_w - s.pad_w; b < j * s.stride_w - s.pad_w + s.kernel_w; ++b) {
+              if (a < 0 || a >= h || b < 0 || b >= w) continue;
+              const float v = x[q * plane + a * w + b];
+              if (v > m || std::isnan(v)) m = v;
+            }
+          want[q * out_plane + i * ow + j] = s.relu && m < 0.0f ? 0.0f : m;
+        }
+    std::vector<float> got(want.size()), got_nhwc(want.size());
+    s.nhwc = false;
+    max_pool2d(s, x.data(), got.data(), pieces);
+    EXPECT(same_values(got, want), "max_pool2d NCHW (c %lld, %lldx%lld, k %lldx%lld, s %lldx%lld, p %lldx%lld, ceil "
+           "%d, relu %d)", (long long)c, (long long)h, (long long)w, (long long)s.kernel_h, (long long)s.kernel_w,
+           (long long)s.stride_h, (long long)s.stride_w, (long long)s.pad_h, (long long)s.pad_w, s.ceil_mode, s.relu);
+    s.nhwc = true;
+    max_pool2d(s, nhwc_of(x, s.batch, c, plane).data(), got_nhwc.data(), pieces);
+    EXPECT(same_values(got_nhwc, nhwc_of(want, s.batch, c, out_plane)), "max_pool2d NHWC (c %lld, %lldx%lld, k "
+           "%lldx%lld, s %lldx%lld, p %lldx%lld, ceil %d, relu %d)", (long long)c, (long long)h, (long long)w,
+           (long long)s.kernel_h, (long long)s.kernel_w, (long long)s.stride_h, (long long)s.stride_w,
+           (long long)s.pad_h, (long long)s.pad_w, s.ceil_mode, s.relu);
+    for (const auto& name : available_backends()) {
+      std::vector<float> family(want.size());
+      s.nhwc = false;
+      max_pool2d(*find_backend(name), s, x.data(), family.data(), pieces);
+      EXPECT(same_bits(family, got), "[%s] max_pool2d NCHW differs from the selected family's", name.c_str());
+      s.nhwc = true;
+      max_pool2d(*find_backend(name), s, nhwc_of(x, s.batch, c, plane).data(), family.data(), pieces);
+      EXPECT(same_bits(family, got_nhwc), "[%s] max_pool2d NHWC differs from the selected family's", name.c_str());
+    }
+  }
+  MaxPoolShape bad;
+  bad.batch = bad.channels = bad.height = bad.width = 4;
+  bad.kernel_h = bad.kernel_w = 3;
+  bad.pad_h = 2;
+  EXPECT(validate(bad).find("padding must be >= 0 and at most half the kernel size") != std::string::npos,
+         "max_pool2d validate: %s", validate(bad).c_str());
 }
 
 void test_validate_messages() {
@@ -1383,6 +1466,7 @@ int main(int argc, char** argv) {
   test_batch_norm_passes(random_cases / 10 + 8);
   test_real_shortcut(random_cases / 4 + 8);
   test_chained_max_pools(random_cases / 8 + 8);
+  test_max_pool2d(random_cases / 4 + 8);
   test_column_folding(random_cases / 4 + 8);
 #if defined(__unix__)
   test_output_at_page_end();
