@@ -230,7 +230,7 @@ def test_model_suite_reference_binary_nets_against_their_float_twins(capsys):
 
 def test_model_suite_int8_stem_entry_is_compared_with_the_float_stem():
     (entry,) = model_suite.build(("resnet18_binary_int8stem",), 3, 32)
-    assert isinstance(entry.model.conv1, xnorconv.Int8Conv2d) and type(entry.reference.conv1) is nn.Conv2d
+    assert isinstance(entry.model.conv1, xnorconv.Int8Conv2d) and type(entry.reference.conv1) is xnorconv.StemConv2d
     assert "cosine(int8 stem, float stem logits)" in model_suite.check([entry], 32)[entry.name]
 
 
@@ -238,8 +238,9 @@ def test_model_suite_int8_stem_entry_is_compared_with_the_float_stem():
 def test_reference_net_int8_stem_entries(name):
     (entry,) = model_suite.build((name,), 3, 32)
     assert isinstance(entry.model.stem.conv, xnorconv.Int8Conv2d)
-    # the float reference: the stem kept (Bi-Real's 64 channels) or a StemConv2d (ReActNet's 32)
-    assert isinstance(entry.reference.stem.conv, nn.Conv2d if name == "birealnet18_int8stem" else xnorconv.StemConv2d)
+    # the float reference: a StemConv2d (PyTorch's convolution for Bi-Real's 64 channels, xnorconv's for ReActNet's 32)
+    assert isinstance(entry.reference.stem.conv, xnorconv.StemConv2d)
+    assert entry.reference.stem.conv.direct == (name == "reactnet_a_int8stem")
     # Bi-Real's max pool (a layout-choosing nn.MaxPool2d subclass) runs inside the int8 layer
     pooled = name == "birealnet18_int8stem"
     assert (entry.model.stem.conv.pool is not None) == pooled

@@ -2,7 +2,6 @@
 closed form, packed-weight cache invalidation, freezing / BN folding, compile and export."""
 import copy
 import io
-import io
 import itertools
 import os
 import pickle
@@ -1121,9 +1120,9 @@ def test_binarize_then_freeze_torchvision_resnet18():
         expected = model(x)
     frozen = freeze(model)
     assert sum(isinstance(m, FrozenBinaryConv2d) for m in frozen.modules()) == 19
-    # the real stem's, whose 64 channels PyTorch's convolution runs as fast as StemConv2d: kept
-    assert [n for n, m in frozen.named_modules() if isinstance(m, nn.BatchNorm2d)] == ["bn1"]
-    assert type(frozen.conv1) is nn.Conv2d
+    # the real stem's too: its 64 channels run PyTorch's convolution inside a StemConv2d, with the ReLU and max pool
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    assert isinstance(frozen.conv1, StemConv2d) and not frozen.conv1.direct and frozen.conv1.pool is not None
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), expected, rtol=1e-4, atol=1e-4)
 

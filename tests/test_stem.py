@@ -198,17 +198,18 @@ def test_freeze_fuses_the_stem_and_matches(act, bn):
     with torch.no_grad():
         assert torch.equal(again(x), stem_out)
     assert repr(stem) == f"StemConv2d(3, 8, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)" + (
-        ", prelu=True)" if act != "none" else ")")
+        ")" if act == "none" else ", relu=True)" if act == "relu" else ", prelu=True)")
     assert freeze(frozen).conv is not stem and isinstance(freeze(frozen).conv, StemConv2d)  # frozen again: kept
 
 
 def test_freeze_leaves_other_first_layers_and_keep_leaves_all():
     torch.manual_seed(4)
-    wide = Stem(nn.ReLU(), in_channels=16).eval()  # not an image: PyTorch's convolution is the one for it
-    assert type(freeze(wide).conv) is nn.Conv2d and type(freeze(wide).bn) is nn.BatchNorm2d
+    # Not an image, or resnet18's 64 channels: PyTorch's convolution runs them, with the BatchNorm folded in.
+    wide = Stem(nn.ReLU(), in_channels=16).eval()
+    assert not freeze(wide).conv.direct and type(freeze(wide).bn) is nn.Identity
     many = Stem(nn.ReLU()).eval()
-    many.conv, many.bn = nn.Conv2d(3, 64, 7, 2, 3), nn.BatchNorm2d(64)  # resnet18's stem: oneDNN runs it as fast
-    assert type(freeze(many).conv) is nn.Conv2d
+    many.conv, many.bn = nn.Conv2d(3, 64, 7, 2, 3), nn.BatchNorm2d(64)
+    assert not freeze(many).conv.direct and isinstance(freeze(many).conv, StemConv2d)
     reflect = Stem(nn.ReLU()).eval()
     reflect.conv.padding_mode = "reflect"
     assert type(freeze(reflect).conv) is nn.Conv2d
@@ -260,4 +261,76 @@ def test_reference_nets_stems():
         is not None
     assert isinstance(frozen["reactnet_a"].stem.conv, StemConv2d)
     assert frozen["reactnet_a"].stem.conv.prelu_weight is None  # its stem ends in BatchNorm
-    assert type(frozen["birealnet18"].stem.conv) is nn.Conv2d  # 64 channels: kept
+    # 64 channels: PyTorch's convolution with the BatchNorm folded in; its max pool (models.blocks.MaxPool2d) stays,
+    # and already runs xnorconv's pool
+    bi_real = frozen["birealnet18"]
+    assert isinstance(bi_real.stem.conv, StemConv2d) and not bi_real.stem.conv.direct and bi_real.stem.conv.pool is None
+    assert type(bi_real.maxpool) is models.blocks.MaxPool2d
+
+
+# ---- wide first layers and the stem pool ----
+
+class PooledStem(nn.Module):
+    """resnet18's stem (conv -> BN -> act -> max pool) before a binary layer."""
+
+    def __init__(self, out_channels: int, act: nn.Module, pool: nn.Module, kernel: int = 7):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, out_channels, kernel, 2, kernel // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = act
+        self.maxpool = pool
+        self.body = nn.Sequential(xnorconv.BinaryConv2d(out_channels, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return self.body(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("out_channels, act, pool", [
+    (64, "relu", (3, 2, 1, False)), (64, "relu", (2, 2, 0, True)), (64, "prelu", (3, 2, 1, False)),
+    (64, "none", (3, 2, 1, True)), (8, "relu", (3, 2, 1, False)), (8, "leaky", (3, 1, 1, False)),
+])
+def test_freeze_folds_a_wide_stem_with_its_activation_and_pool(out_channels, act, pool, layout):
+    torch.manual_seed(out_channels)
+    kernel, stride, padding, ceil_mode = pool
+    activation = {"relu": nn.ReLU(inplace=True), "prelu": nn.PReLU(out_channels), "none": nn.Identity(),
+                  "leaky": nn.LeakyReLU(0.1)}[act]
+    model = PooledStem(out_channels, activation, nn.MaxPool2d(kernel, stride, padding, ceil_mode=ceil_mode))
+    randomize_batchnorm(model)
+    for p in model.relu.parameters():
+        p.data.uniform_(-0.5, 0.5)
+    model.eval()
+    x = torch.randn(2, 3, 33, 30)
+    frozen = freeze(model, memory_format=layout)
+    stem = frozen.conv1
+    assert isinstance(stem, StemConv2d) and stem.direct == (out_channels <= 32)
+    assert [type(m) for m in (frozen.bn1, frozen.relu, frozen.maxpool)] == [nn.Identity] * 3
+    assert stem.pool == ((kernel, kernel), (stride, stride), (padding, padding), ceil_mode)
+    assert stem.activation == {"relu": "relu", "none": False}.get(act, True)
+    with torch.no_grad():
+        want = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        torch.testing.assert_close(stem(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
+        again = StemConv2d(3, out_channels, 7, 2, 3, activation=stem.activation, pool=stem.pool)
+        again.load_state_dict(stem.state_dict())
+        assert torch.equal(again(x), stem(x))
+    assert repr(stem).endswith(f"pool={stem.pool})")
+
+
+def test_stem_pool_is_fused_only_when_it_computes_nn_max_pool():
+    import models.blocks
+    for pool in (nn.MaxPool2d(3, 2, 1, dilation=2), nn.MaxPool2d(3, 2, 1, return_indices=False),
+                 models.blocks.MaxPool2d(3, 2, 1)):
+        model = PooledStem(64, nn.ReLU(), pool).eval()
+        frozen = freeze(model)
+        fused = type(pool) is nn.MaxPool2d and pool.dilation == 1
+        assert (frozen.conv1.pool is not None) == fused and type(frozen.maxpool) is (nn.Identity if fused else type(pool))
+        with torch.no_grad():
+            x = torch.randn(1, 3, 24, 24)
+            torch.testing.assert_close(frozen(x), model(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="activation must be False, True \\(PReLU\\) or 'relu', got 'gelu'"):
+        StemConv2d(3, 8, 3, activation="gelu")
+    with pytest.raises(ValueError, match=r"pool must be None or \(kernel_size, stride, padding, ceil_mode\)"):
+        StemConv2d(3, 8, 3, pool=(3, 2, 1, False))
+    with pytest.raises(ValueError, match="pool must be None or an nn.MaxPool2d with dilation 1"):
+        StemConv2d.from_float(nn.Conv2d(3, 8, 3), pool=nn.MaxPool2d(3, dilation=2))

@@ -4,13 +4,17 @@ Once its binary convolutions are packed, a binarized network's largest single co
 7x7/2 convolution of resnet18 over the whole 224x224 image).
 
 first_layer="float" (freeze's default) replaces the first weight layer the model runs, when it is a float nn.Conv2d
-from an image to few channels (at most STEM_MAX_IN_CHANNELS in, STEM_MAX_OUT_CHANNELS out, groups 1, the same
-padding on both sides), by a StemConv2d that folds conv [-> BatchNorm2d] [-> PReLU / ReLU / LeakyReLU] (found as
-below) into one pass of xnorconv::first_layer_conv (csrc/core/first_layer.cpp): a direct float32 convolution
-vectorised along the output rows (NCHW) or across the output channels (NHWC), bias and activation applied in
-registers. It equals the layers it replaces to float rounding. General convolutions are slow on 3 input channels;
-what it gains is measured in docs/perf/first_layer.md. Models whose first layer it does not take keep it as it is,
-as does first_layer="keep".
+(groups 1, the same padding on both sides), by a StemConv2d that folds conv [-> BatchNorm2d] [-> PReLU / ReLU /
+LeakyReLU] [-> nn.MaxPool2d] (found as below) into one layer, equal to the layers it replaces to float rounding:
+  * from an image to few channels (at most STEM_MAX_IN_CHANNELS in, STEM_MAX_OUT_CHANNELS out), the convolution is
+    one pass of xnorconv::first_layer_conv (csrc/core/first_layer.cpp): a direct float32 convolution vectorised along
+    the output rows (NCHW) or across the output channels (NHWC), bias and activation applied in registers. General
+    convolutions are slow on 3 input channels; what it gains is measured in docs/perf/first_layer.md.
+  * wider first layers (resnet18's 3 -> 64) run PyTorch's convolution, as fast there, with the BatchNorm folded into
+    its weight and bias: no pass over the output for the BatchNorm.
+  * a max pool after it (dilation 1; the stem pool of ResNets) runs as xnorconv::max_pool2d, with a ReLU before it
+    applied inside the pool (a max commutes with a ReLU) rather than in a pass of its own.
+Models whose first layer it does not take keep it as it is, as does first_layer="keep".
 
 freeze(model, first_layer="int8", calibration=batch) replaces the first weight layer the model runs, when it is a
 float nn.Conv2d, by an Int8Conv2d that folds the layers following it: conv [-> BatchNorm2d] [-> ReLU] [-> MaxPool2d],
@@ -46,7 +50,8 @@ import torch.nn.functional as F
 from ._backend import backends
 from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._transforms import check_foldable_bn, fold_batchnorm, foldable_bn, module_counts, set_submodule
-from .functional import _first_layer_conv
+from ._checks import _is_int, pair
+from .functional import _first_layer_conv, max_pool2d
 
 __all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "StemConv2d", "check_first_layer", "convert_first_layer"]
 
@@ -119,13 +124,15 @@ def _fusable(kind: str, conv: nn.Conv2d, m: nn.Module) -> bool:
     if kind == "act":  # what StemConv2d's PReLU slopes express
         return type(m) in (nn.ReLU, nn.LeakyReLU) or (type(m) is nn.PReLU
                                                      and m.num_parameters in (1, conv.out_channels))
+    if kind == "float_pool":  # what max_pool2d computes; only nn.MaxPool2d itself, with no calibration to check
+        return type(m) is nn.MaxPool2d and not m.return_indices and pair(m.dilation, "dilation") == (1, 1)
     # Subclasses too (a model's own max pool that only chooses a faster layout): calibration checks that each one
     # computes what nn.MaxPool2d does with its arguments, and leaves it unfused otherwise (_calibrate).
     return isinstance(m, nn.MaxPool2d) and not m.return_indices
 
 
 # What each first_layer choice folds after the convolution, in order.
-_FUSE_ORDER = {"int8": ("bn", "relu", "pool"), "float": ("bn", "act")}
+_FUSE_ORDER = {"int8": ("bn", "relu", "pool"), "float": ("bn", "act", "float_pool")}
 
 
 class _Stem(NamedTuple):
@@ -427,39 +434,51 @@ class Int8Conv2d(nn.Module):
 # The float layer takes images (few input channels) into few output channels: there xnorconv's direct kernel was
 # faster than PyTorch's convolution (16 and 32 channels), where at 64 (resnet18's stem, which oneDNN runs at a good
 # share of the CPU's peak) it was not (docs/perf/first_layer.md, table 1). Other first layers stay nn.Conv2d.
+# The first layers xnorconv::first_layer_conv runs; PyTorch's convolution runs the others (as fast or faster on more
+# output channels, docs/perf/first_layer.md).
 STEM_MAX_IN_CHANNELS = 4
 STEM_MAX_OUT_CHANNELS = 32
 
 
 class StemConv2d(nn.Module):
-    r"""Inference-only float first convolution with its BatchNorm folded in and its activation fused (made by
-    freeze(first_layer="float"), see xnorconv._first_layer): y = act(conv2d(x, weight) + bias) in one pass of
-    xnorconv.functional.first_layer_conv, act a per-channel PReLU (``prelu_weight``: a PReLU's slopes, zeros for a
-    ReLU, a LeakyReLU's slope) or none.
+    r"""Inference-only float first convolution with its BatchNorm folded in, its activation fused and, optionally,
+    the max pool that follows it (made by freeze(first_layer="float"), see xnorconv._first_layer):
+    y = pool(act(conv2d(x, weight) + bias)).
+
+    The convolution: from an image to few channels (at most STEM_MAX_IN_CHANNELS in and STEM_MAX_OUT_CHANNELS out),
+    one pass of xnorconv.functional.first_layer_conv with the bias and activation applied in registers; otherwise
+    PyTorch's convolution with the folded bias. ``activation``: False (none), True (a per-channel PReLU, the
+    ``prelu_weight`` buffer: a PReLU's slopes or a LeakyReLU's) or "relu" (a ReLU, ``prelu_weight`` zeros). ``pool``:
+    None or (kernel_size, stride, padding, ceil_mode) of a max pool (dilation 1), run by
+    xnorconv.functional.max_pool2d, with a ReLU inside the pool where PyTorch's convolution ran.
 
     Buffers (all in the state_dict): ``weight`` float32 (O, I, kh, kw), ``bias`` float32 (O,), and
-    ``prelu_weight`` float32 (O,) when ``activation=True``. The output follows the input's layout. Float32; on the
-    CPU without gradients it runs xnorconv's kernel, elsewhere F.conv2d and F.prelu.
+    ``prelu_weight`` float32 (O,) with an activation. The output follows the input's layout. Float32; on the
+    CPU without gradients it runs xnorconv's kernels, elsewhere F.conv2d, F.prelu and F.max_pool2d.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, *,
-                 activation: bool = False):
+                 activation=False, pool: Optional[Tuple] = None):
         super().__init__()
         set_conv2d_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, 1, "zeros")
         if isinstance(padding, str):
             raise ValueError(f"padding must be an int or a pair of ints (the same on both sides), got {padding!r}")
-        if not isinstance(activation, bool):
-            raise ValueError(f"activation must be True or False, got {activation!r}")
+        if not (activation is False or activation is True or activation == "relu"):
+            raise ValueError(f"activation must be False, True (PReLU) or 'relu', got {activation!r}")
+        self.activation = activation
+        self.pool = _check_pool(pool)
+        self.direct = in_channels <= STEM_MAX_IN_CHANNELS and out_channels <= STEM_MAX_OUT_CHANNELS
         kh, kw = self.kernel_size
         self.register_buffer("weight", torch.zeros(out_channels, in_channels, kh, kw))
         self.register_buffer("bias", torch.zeros(out_channels))
-        self.register_buffer("prelu_weight", torch.zeros(out_channels) if activation else None)
+        self.register_buffer("prelu_weight", torch.zeros(out_channels) if activation is not False else None)
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None,
-                   act: Optional[nn.Module] = None) -> "StemConv2d":
-        """conv [-> bn (eval semantics: running statistics)] [-> act: nn.PReLU, nn.ReLU or nn.LeakyReLU]."""
+    def from_float(cls, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, act: Optional[nn.Module] = None,
+                   pool: Optional[nn.MaxPool2d] = None) -> "StemConv2d":
+        """conv [-> bn (eval semantics: running statistics)] [-> act: nn.PReLU, nn.ReLU or nn.LeakyReLU]
+        [-> pool: an nn.MaxPool2d with dilation 1]."""
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"from_float expects an nn.Conv2d, got {type(conv).__name__}")
         left, right, top, bottom = conv._reversed_padding_repeated_twice
@@ -471,8 +490,11 @@ class StemConv2d(nn.Module):
         if act is not None and not _fusable("act", conv, act):
             raise ValueError(f"act must be None, nn.ReLU, nn.LeakyReLU or an nn.PReLU with 1 or "
                              f"{conv.out_channels} parameters, got {act!r}")
+        if pool is not None and not _fusable("float_pool", conv, pool):
+            raise ValueError(f"pool must be None or an nn.MaxPool2d with dilation 1 and no return_indices, got {pool!r}")
+        activation = False if act is None else "relu" if type(act) is nn.ReLU else True
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, (top, left), conv.dilation,
-                    activation=act is not None)
+                    activation=activation, pool=None if pool is None else _pool_args(pool))
         w, b = _folded(conv, bn)
         layer.weight.copy_(w)
         layer.bias.copy_(b)
@@ -484,7 +506,8 @@ class StemConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         s = conv2d_geometry_repr(self)  # bias is always a buffer here: no "bias=False"
-        return s + (", prelu=True" if self.prelu_weight is not None else "")
+        s += {False: "", True: ", prelu=True", "relu": ", relu=True"}[self.activation]
+        return s + (f", pool={self.pool}" if self.pool is not None else "")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not isinstance(input, torch.Tensor):
@@ -497,9 +520,38 @@ class StemConv2d(nn.Module):
             raise ValueError(f"StemConv2d: expected input with {self.in_channels} channels (dim 1), got "
                              f"{x.shape[1]} (input shape {tuple(input.shape)})")
         (ph, pw) = self.padding
-        y = _first_layer_conv(x, self.weight, self.bias, self.prelu_weight, self.stride, (ph, ph, pw, pw),
-                              self.dilation)
+        pool_relu = False
+        if self.direct:
+            y = _first_layer_conv(x, self.weight, self.bias, self.prelu_weight, self.stride, (ph, ph, pw, pw),
+                                  self.dilation)
+        else:
+            y = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding, self.dilation)
+            if self.activation == "relu" and self.pool is not None:
+                pool_relu = True  # a max commutes with a ReLU: the pool applies it
+            elif self.activation == "relu":
+                y = y.relu_()  # y is the convolution's own output
+            elif self.activation is True:
+                y = F.prelu(y, self.prelu_weight.to(y.dtype))
+        if self.pool is not None:
+            kernel, stride, padding, ceil_mode = self.pool
+            y = max_pool2d(y, kernel, stride, padding, ceil_mode, pool_relu)
         return y.squeeze(0) if unbatched else y
+
+
+def _pool_args(pool: nn.MaxPool2d) -> Tuple:
+    return tuple(pair(v, n) for v, n in ((pool.kernel_size, "kernel_size"), (pool.stride, "stride"),
+                                         (pool.padding, "padding"))) + (bool(pool.ceil_mode),)
+
+
+def _check_pool(pool) -> Optional[Tuple]:
+    if pool is None:
+        return None
+    if (not isinstance(pool, (tuple, list)) or len(pool) != 4 or not isinstance(pool[3], bool)
+            or any(not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_int(i) for i in v))
+                   for v in pool[:3])):
+        raise ValueError(f"pool must be None or (kernel_size, stride, padding, ceil_mode) with pairs of ints and a "
+                         f"bool, got {pool!r}")
+    return tuple(tuple(int(i) for i in v) for v in pool[:3]) + (pool[3],)
 
 
 def _folded(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -585,24 +637,28 @@ def _stem_candidate(conv: nn.Module) -> bool:
     if type(conv) is not nn.Conv2d:
         return False
     left, right, top, bottom = conv._reversed_padding_repeated_twice
-    return (conv.in_channels <= STEM_MAX_IN_CHANNELS and conv.out_channels <= STEM_MAX_OUT_CHANNELS
-            and conv.groups == 1 and conv.padding_mode == "zeros" and left == right and top == bottom)
+    return conv.groups == 1 and conv.padding_mode == "zeros" and left == right and top == bottom
+
+
+def _direct(conv: nn.Conv2d) -> bool:
+    """A first layer StemConv2d runs through xnorconv's kernel (see StemConv2d)."""
+    return conv.in_channels <= STEM_MAX_IN_CHANNELS and conv.out_channels <= STEM_MAX_OUT_CHANNELS
 
 
 def _convert_float_stem(model: nn.Module, graph: Optional[torch.fx.Graph]) -> nn.Module:
-    """first_layer='float': the stem as a StemConv2d where it is one xnorconv's kernel takes, else as it is."""
-    # Without a vector family (an x86 CPU without AVX2), PyTorch's convolution is the faster one. A model without a
-    # candidate is not traced.
-    if backends() == ["scalar"] or not any(_stem_candidate(m) for m in model.modules()):
+    """first_layer='float': the stem as a StemConv2d where it is one StemConv2d takes, else as it is."""
+    if not any(_stem_candidate(m) for m in model.modules()):  # a model without a candidate is not traced
         return model
     stem, _ = _locate_stem(model, "float", graph)
     if stem is None:
         return model
     conv = model.get_submodule(stem.name) if stem.name else model
-    if not _stem_candidate(conv):
+    # Without a vector family (an x86 CPU without AVX2), PyTorch's convolution is the faster one.
+    if not _stem_candidate(conv) or (_direct(conv) and backends() == ["scalar"]):
         return model
     modules = {kind: model.get_submodule(n) for kind, n in stem.fused}
-    return _replace_stem(model, stem, StemConv2d.from_float(conv, modules.get("bn"), modules.get("act")).eval())
+    layer = StemConv2d.from_float(conv, modules.get("bn"), modules.get("act"), modules.get("float_pool"))
+    return _replace_stem(model, stem, layer.eval())
 
 
 def convert_first_layer(model: nn.Module, first_layer, calibration, graph: Optional[torch.fx.Graph] = None
