@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
-from . import _packed, _transforms
+from . import _epilogues, _packed, _transforms
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
 from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_input_shortcut, check_layer_input,
                       check_pad_value, check_spatial, check_tensor, normalize_conv_args)
@@ -394,6 +394,11 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
     second one's input signs (bool, y < the second layer's input threshold) instead of floats, and the second
     consumes them without a packing compare: a byte instead of 4 per value between the two, same results.
 
+    Then, in each block of the model whose forward writes `act(conv(x) + r)` in plain PyTorch (torchvision's
+    BasicBlock, say), a frozen binary conv's ReLU / PReLU and residual add that follow it run in the packed kernel's
+    output stage: the block becomes a torch.fx.GraphModule with the same submodules and state_dict (see
+    xnorconv._epilogues for the patterns and what stays as written).
+
     memory_format: the layout the frozen model runs its float layers in. torch.channels_last or
     torch.contiguous_format fix it; "auto" (default) lets the first eager call with a CPU float input time the
     model both ways on that input and keep the faster (see xnorconv._layout). Either way the model takes the input
@@ -430,6 +435,7 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
     for bn_name in plan.bn_of.values():
         _transforms.set_submodule(model, bn_name, nn.Identity())
     model = convert_first_layer(model, first_layer, calibration, plan.graph)
+    model = _epilogues.fuse_epilogues(model, FrozenBinaryConv2d)
     # Their 4-D buffers are weights read as (O, C, kh, kw), not images.
     return install_layout_hooks(model, memory_format, skip=(FrozenBinaryConv2d, StemConv2d)).eval()
 
