@@ -73,20 +73,27 @@ def test_resnet18_blocks_run_their_relus_and_adds_in_the_kernels(resnet18, layou
         own = [call for call in fused_convs(block) if not call[0].startswith("downsample.")]
         assert own == [("conv1", False, True), ("conv2", True, True)]
         assert not {"ReLU", "add", "iadd", "relu", "Identity"} & set(graph_ops(block))
+        # conv1 (with its ReLU) feeds only conv2: it emits conv2's input signs
+        assert torch.equal(block.conv1.output_threshold, block.conv2.input_threshold)
+        assert getattr(block.conv2, "output_threshold", None) is None
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), resnet18(x), rtol=1e-4, atol=1e-4)
 
 
 def test_resnet18_state_dict_save_copy_and_torchscript(resnet18, monkeypatch):
     x = torch.randn(1, 3, 48, 48)
-    frozen = freeze(resnet18)
+    frozen = freeze(resnet18, chain_signs=False)
     with monkeypatch.context() as m:
         m.setattr(xnorconv._epilogues, "fuse_epilogues", lambda model, *a, **k: model)
         unfused = freeze(resnet18)
     assert not isinstance(unfused.layer1[0], torch.fx.GraphModule)
+    assert getattr(frozen.layer1[0].conv1, "output_threshold", None) is None
     state, unfused_state = frozen.state_dict(), unfused.state_dict()
     assert list(state) == list(unfused_state)
     assert all(torch.equal(state[k], unfused_state[k]) for k in state)
+    # chained (the default), each block's conv1 adds the threshold of the signs it emits
+    chained = freeze(resnet18).state_dict()
+    assert set(chained) - set(state) == {f"layer{i}.{j}.conv1.output_threshold" for i in range(1, 5) for j in (0, 1)}
     with torch.no_grad():
         want = frozen(x)  # the first call also picks the layout
         torch.testing.assert_close(want, unfused(x), rtol=1e-5, atol=1e-5)
@@ -95,7 +102,7 @@ def test_resnet18_state_dict_save_copy_and_torchscript(resnet18, monkeypatch):
         buffer.seek(0)
         loaded = torch.load(buffer, weights_only=False)
         assert torch.equal(loaded(x), want) and torch.equal(copy.deepcopy(frozen)(x), want)
-        again = freeze(resnet18)
+        again = freeze(resnet18, chain_signs=False)
         again.load_state_dict(unfused_state)
         assert torch.equal(again(x), want)
         traced = torch.jit.trace(frozen, x, check_trace=False)

@@ -18,6 +18,9 @@ folded BatchNorms, are dropped from its graph), where
     alone, and the only user of what it reads;
   * every node of the pattern is the block's own code (torch.fx's module stack), so the block's own forward is what
     is rewritten.
+With freeze's chain_signs, a fused conv whose output feeds only the input of another (a BasicBlock's conv1, with its
+ReLU, into conv2) then emits the second one's input signs, as freeze's conv -> BN -> conv chains do: a byte per value
+between the two instead of a float, and no compare when the second packs them.
 
 The block is traced with torch.fx (xnorconv's layers and the model's leaf modules as leaves) and replaced by the
 rewritten torch.fx.GraphModule, with the same submodules, parameters and buffers (state_dict keys unchanged; the
@@ -49,7 +52,7 @@ _RELU_METHODS = ("relu", "relu_")
 def conv_add(conv: nn.Module, x: torch.Tensor, other, slopes: Optional[torch.Tensor]) -> torch.Tensor:
     """prelu(conv(x) + other, slopes) (without slopes, conv(x) + other): one kernel pass when `other` is a float32
     tensor of the output's shape on its device, else the add as written (broadcasting, type promotion)."""
-    if (isinstance(other, torch.Tensor) and other.dtype == torch.float32 and x.dtype == torch.float32
+    if (isinstance(other, torch.Tensor) and other.dtype == torch.float32 and x.dtype in (torch.float32, torch.bool)
             and other.device == x.device and other.dim() == 4 and x.dim() == 4
             and tuple(other.shape) == _output_shape(conv, x)):
         return conv(x, other, slopes)
@@ -123,7 +126,33 @@ def _addend(node: torch.fx.Node, source: torch.fx.Node):
     return other if isinstance(other, torch.fx.Node) and other is not source else None
 
 
-def _rewrite(gm: torch.fx.GraphModule, conv_type) -> int:
+def _fused_conv(gm: nn.Module, node: torch.fx.Node):
+    """(conv module, input node) of a fused call made here, else None."""
+    if node.op == "call_function" and node.target is conv_add:
+        return gm.get_submodule(node.args[0].target), node.args[1]
+    if node.op == "call_module" and len(node.args) == 3 and node.meta.get("xnorconv_fused"):
+        return gm.get_submodule(node.target), node.args[0]
+    return None
+
+
+def _chain_signs(gm: torch.fx.GraphModule, conv_type) -> None:
+    """Where a fused conv's output feeds only the input of another fused conv (a BasicBlock's conv1 -> conv2), the
+    first emits the second's input signs (bool, 1 byte per value) instead of floats, as freeze's chains do."""
+    for node in gm.graph.nodes:
+        producer, user = _fused_conv(gm, node), _only_user(node)
+        if producer is None or user is None:
+            continue
+        consumer = _fused_conv(gm, user)
+        if consumer is None or consumer[1] is not node or user.args.count(node) + len(user.kwargs) != 1:
+            continue
+        a, b = producer[0], consumer[0]
+        if (isinstance(b, conv_type) and b.binarize_input and b.padding_mode == "zeros"
+                and getattr(a, "output_threshold", None) is None
+                and all(m.weight_bits.device.type == "cpu" and m.scale.dtype == torch.float32 for m in (a, b))):
+            a.emit_signs(b.input_threshold)
+
+
+def _rewrite(gm: torch.fx.GraphModule, conv_type, chain_signs: bool = False) -> int:
     """Fuses every pattern of the module docstring in gm's graph; returns how many."""
     graph, calls, fused = gm.graph, {}, 0
     for node in graph.nodes:
@@ -156,6 +185,7 @@ def _rewrite(gm: torch.fx.GraphModule, conv_type) -> int:
                 slopes = graph.get_attr(act[1] if act[0] == "prelu" else _relu_slopes(gm, node.target, conv))
             if other is None:
                 new = graph.call_module(node.target, (node.args[0], None, slopes))
+                new.meta["xnorconv_fused"] = True
             else:
                 new = graph.call_function(conv_add, (graph.get_attr(node.target), node.args[0], other, slopes))
         last.replace_all_uses_with(new)
@@ -167,6 +197,8 @@ def _rewrite(gm: torch.fx.GraphModule, conv_type) -> int:
             if type(_module(gm, node)) is nn.Identity and len(node.args) == 1 and not node.kwargs:
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
+        if chain_signs:
+            _chain_signs(gm, conv_type)
     return fused
 
 
@@ -180,9 +212,9 @@ def _relu_slopes(gm: nn.Module, conv_name: str, conv: nn.Module) -> str:
 _PLAIN = (bool, int, float, str, tuple, type(None))
 
 
-def fuse_epilogues(model: nn.Module, conv_type, leaf_types=()) -> nn.Module:
+def fuse_epilogues(model: nn.Module, conv_type, chain_signs: bool = True, leaf_types=()) -> nn.Module:
     """Rewrites, in place, every block of `model` (not the model itself) whose forward has the module docstring's
-    pattern; returns the model."""
+    pattern (and, with chain_signs, chains the fused convs that feed one another); returns the model."""
     counts: Dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         counts[id(m)] = counts.get(id(m), 0) + 1
@@ -198,7 +230,7 @@ def fuse_epilogues(model: nn.Module, conv_type, leaf_types=()) -> nn.Module:
         except Exception:  # data-dependent control flow, unsupported ops...: the block stays as it is
             continue
         gm = torch.fx.GraphModule(block, graph, class_name=type(block).__name__)
-        if _rewrite(gm, conv_type):
+        if _rewrite(gm, conv_type, chain_signs):
             for key, value in vars(block).items():  # plain settings (torchvision's BasicBlock.stride, say) stay
                 if not key.startswith("_") and key not in vars(gm) and isinstance(value, _PLAIN):
                     setattr(gm, key, value)

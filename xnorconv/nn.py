@@ -435,7 +435,7 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
     for bn_name in plan.bn_of.values():
         _transforms.set_submodule(model, bn_name, nn.Identity())
     model = convert_first_layer(model, first_layer, calibration, plan.graph)
-    model = _epilogues.fuse_epilogues(model, FrozenBinaryConv2d)
+    model = _epilogues.fuse_epilogues(model, FrozenBinaryConv2d, chain_signs)
     # Their 4-D buffers are weights read as (O, C, kh, kw), not images.
     return install_layout_hooks(model, memory_format, skip=(FrozenBinaryConv2d, StemConv2d)).eval()
 
