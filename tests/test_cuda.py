@@ -342,6 +342,25 @@ def test_stem_conv_on_cuda_matches_cpu():
         torch.ops.xnorconv.first_layer_conv(x.to(DEVICE), frozen[0].weight, None, None, [1, 1], [1, 1], [1, 1])
 
 
+def test_fused_resnet_stem_pool_and_blocks_on_cuda_match_cpu():
+    """binarize(resnet18) frozen on the CPU (wide StemConv2d with its pool, BasicBlocks rewritten with their ReLUs
+    and adds in the conv calls) and moved to the GPU: the stem pool composes F.max_pool2d there, the blocks' convs
+    take the residual and slopes in the CUDA op. chain_signs=False: sign chains are a CPU kernel feature."""
+    import torchvision
+    torch.manual_seed(5)
+    model = xnorconv.binarize(torchvision.models.resnet18(num_classes=10)).eval()
+    frozen = xnorconv.freeze(model, chain_signs=False, memory_format=torch.contiguous_format)
+    assert isinstance(frozen.conv1, xnorconv.StemConv2d) and frozen.conv1.pool is not None
+    assert isinstance(frozen.layer1[0], torch.fx.GraphModule)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = frozen(x)
+        got = frozen.to(DEVICE)(x.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match=r"max_pool2d runs on the CPU only"):
+        torch.ops.xnorconv.max_pool2d(x.to(DEVICE), [3, 3], [2, 2], [1, 1])
+
+
 def test_runs_on_current_stream():
     """The op launches on the caller's current stream and does not synchronize the device. The default stream is
     kept busy while the op runs on a side stream and its output is copied on that side stream at once: launched on

@@ -204,6 +204,18 @@ def test_conv_add_fuses_only_a_float32_residual_of_the_output_shape(monkeypatch)
             torch.testing.assert_close(got, F.prelu(y + other, slopes.to((y + other).dtype)), rtol=1e-6, atol=1e-6)
 
 
+def test_a_rewritten_block_keeps_its_hooks():
+    model = Net("plus_f_relu")
+    seen = []
+    model.unit.register_forward_hook(lambda module, args, out: seen.append(type(module).__name__))  # traceable
+    frozen = freeze(model.eval(), memory_format=torch.contiguous_format)
+    assert isinstance(frozen.unit, torch.fx.GraphModule)
+    seen.clear()  # freeze's traces call it too
+    with torch.no_grad():
+        frozen(torch.randn(1, 16, 5, 6))
+    assert seen == ["Unit"]
+
+
 def test_models_containers_and_untraceable_blocks_stay():
     unit = Unit("plus_f_relu").eval()
     assert type(freeze(unit)) is Unit  # the model itself

@@ -25,7 +25,7 @@ between the two instead of a float, and no compare when the second packs them.
 The block is traced with torch.fx (xnorconv's layers and the model's leaf modules as leaves) and replaced by the
 rewritten torch.fx.GraphModule, with the same submodules, parameters and buffers (state_dict keys unchanged; the
 modules its graph no longer calls stay as attributes), named after the block's class but no longer an instance of
-it; its plain attributes (ints, strings, tuples...) are copied over. Blocks that cannot be traced, or whose rewrite
+it; its plain attributes (ints, strings, tuples...) and hooks are carried over. Blocks that cannot be traced, or whose rewrite
 finds nothing, stay as they are, as do the model itself (freeze returns the model the caller gave) and containers
 (nn.Sequential, nn.ModuleList, nn.ModuleDict, which callers index). The residual is fused where, at run time, it is a float32 tensor
 of the conv output's shape and device (conv_add); otherwise the add runs as written, so broadcasting adds keep
@@ -210,6 +210,9 @@ def _relu_slopes(gm: nn.Module, conv_name: str, conv: nn.Module) -> str:
 
 
 _PLAIN = (bool, int, float, str, tuple, type(None))
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_state_dict_pre_hooks",
+          "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def fuse_epilogues(model: nn.Module, conv_type, chain_signs: bool = True, leaf_types=()) -> nn.Module:
@@ -234,6 +237,8 @@ def fuse_epilogues(model: nn.Module, conv_type, chain_signs: bool = True, leaf_t
             for key, value in vars(block).items():  # plain settings (torchvision's BasicBlock.stride, say) stay
                 if not key.startswith("_") and key not in vars(gm) and isinstance(value, _PLAIN):
                     setattr(gm, key, value)
+            for key in _HOOKS:  # and so do the hooks a caller put on the block
+                getattr(gm, key).update(getattr(block, key))
             gm.graph.lint()
             gm.recompile()
             gm.train(block.training)
