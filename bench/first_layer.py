@@ -127,11 +127,12 @@ def stem_section(reps):
                                    memory_format=torch.contiguous_format)[0]
         layer = int8[0]
         rest = nn.Sequential(*[m for m in int8[1:] if not isinstance(m, nn.Identity)])
-        # Built directly, also where freeze() keeps PyTorch's convolution (more than STEM_MAX_OUT_CHANNELS): the
-        # rows show why.
+        # As freeze() builds it: xnorconv's kernel up to STEM_MAX_OUT_CHANNELS, PyTorch's convolution with the
+        # BatchNorm folded above, the max pool (and a ReLU before it) in xnorconv's pool.
         act = next((m for m in stem[2:] if isinstance(m, (nn.ReLU, nn.PReLU, nn.LeakyReLU))), None)
-        fused = nn.Sequential(xnorconv.StemConv2d.from_float(stem[0], stem[1], act).eval(),
-                              *[m for m in stem[2:] if m is not act])
+        pool_layer = stem[3] if pool else None
+        fused = nn.Sequential(xnorconv.StemConv2d.from_float(stem[0], stem[1], act, pool_layer).eval(),
+                              *[m for m in stem[2:] if m is not act and m is not pool_layer])
         float_cl = copy.deepcopy(stem).to(memory_format=CL)
         bf16 = copy.deepcopy(stem).to(torch.bfloat16, memory_format=CL)
         fbgemm = nn.Sequential(_fbgemm_copy(layer), *rest)
@@ -141,7 +142,7 @@ def stem_section(reps):
             "float (nn.Conv2d, BatchNorm2d, ...), NCHW": (stem, x),
             "float, channels_last": (float_cl, xcl),
             "float, BatchNorm folded into the conv, channels_last": (_folded_float(float_cl), xcl),
-            "**float: StemConv2d (xnorconv's kernel, BN and activation fused), NCHW**": (fused, x),
+            "**float: StemConv2d (BN, activation and max pool fused), NCHW**": (fused, x),
             "**float: StemConv2d, channels_last**": (fused, xcl),
             "**int8: Int8Conv2d (oneDNN engine), NCHW input**": (int8, x),
             "**int8: Int8Conv2d (oneDNN engine), channels_last**": (int8, xcl),
@@ -199,8 +200,9 @@ def model_section(reps):
              "TorchScript: torch.jit.trace + torch.jit.freeze, as `python -m bench --models` deploys, each checked "
              "against its eager model first. `fp32 / this`: the fp32 twin's eager latency over this row's. `kept "
              "stem / this`: the same model frozen with first_layer='keep' (its stem as PyTorch runs it) over this "
-             "row, same mode. first_layer='float' makes a StemConv2d of binary_dnet53's stem and keeps resnet18's "
-             "(64 output channels).", ""]
+             "row, same mode. first_layer='float' makes a StemConv2d of both stems: xnorconv's kernel for binary_dnet53's, "
+             "PyTorch's convolution with the BatchNorm folded and xnorconv's max pool (with the ReLU) for "
+             "resnet18's (64 output channels).", ""]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         built = _whole_models()

@@ -255,7 +255,7 @@ def max_pool2d(input: torch.Tensor, kernel_size: IntOrPair, stride: Optional[Int
     conv -> ReLU -> max pool needs no pass for the ReLU. (N, C, H, W) in, the input's memory format out.
 
     float32 CPU input with no gradient to record runs xnorconv::max_pool2d: one pass per output row, with no index
-    per output as PyTorch's kernel keeps (many times faster on NCHW maps, and faster on channels_last ones). The same values as F.max_pool2d, NaN included (a NaN window gives the quiet NaN;
+    per output as PyTorch's kernel keeps (docs/perf/resnet-blocks measures it in resnet18's stem). The same values as F.max_pool2d, NaN included (a NaN window gives the quiet NaN;
     signed zeros may differ, which compare equal). Anything else runs F.max_pool2d (and F.relu).
     """
     check_tensor("input", input)

@@ -57,6 +57,15 @@ int64_t pair_entry(const char* op, const char* name, at::IntArrayRef v, int i) {
   return v[i];
 }
 
+// The (height, width) pairs every window op of this file takes.
+template <typename Shape>
+void set_stride_and_padding(Shape& shape, const char* op, at::IntArrayRef stride, at::IntArrayRef padding) {
+  shape.stride_h = pair_entry(op, "stride", stride, 0);
+  shape.stride_w = pair_entry(op, "stride", stride, 1);
+  shape.pad_h = pair_entry(op, "padding", padding, 0);
+  shape.pad_w = pair_entry(op, "padding", padding, 1);
+}
+
 at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                           at::IntArrayRef padding, bool ceil_mode, bool relu) {
   const char* op = "max_pool2d";
@@ -72,10 +81,7 @@ at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, 
   shape.width = input.size(3);
   shape.kernel_h = pair_entry(op, "kernel_size", kernel_size, 0);
   shape.kernel_w = pair_entry(op, "kernel_size", kernel_size, 1);
-  shape.stride_h = pair_entry(op, "stride", stride, 0);
-  shape.stride_w = pair_entry(op, "stride", stride, 1);
-  shape.pad_h = pair_entry(op, "padding", padding, 0);
-  shape.pad_w = pair_entry(op, "padding", padding, 1);
+  set_stride_and_padding(shape, op, stride, padding);
   shape.ceil_mode = ceil_mode;
   shape.relu = relu;
   shape.nhwc = nhwc;
@@ -123,10 +129,7 @@ at::Tensor first_layer_conv_cpu(const at::Tensor& input, const at::Tensor& weigh
   shape.out_channels = out_channels;
   shape.kernel_h = w.size(2);
   shape.kernel_w = w.size(3);
-  shape.stride_h = pair_entry(op, "stride", stride, 0);
-  shape.stride_w = pair_entry(op, "stride", stride, 1);
-  shape.pad_h = pair_entry(op, "padding", padding, 0);
-  shape.pad_w = pair_entry(op, "padding", padding, 1);
+  set_stride_and_padding(shape, op, stride, padding);
   shape.dilation_h = pair_entry(op, "dilation", dilation, 0);
   shape.dilation_w = pair_entry(op, "dilation", dilation, 1);
   shape.channels_last = nhwc;
