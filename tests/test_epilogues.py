@@ -109,6 +109,19 @@ def test_resnet18_state_dict_save_copy_and_torchscript(resnet18, monkeypatch):
         torch.testing.assert_close(traced(x), want, rtol=1e-6, atol=1e-6)
 
 
+def test_torch_compile_and_export_of_the_fused_resnet18(resnet18):
+    x = torch.randn(1, 3, 48, 48)
+    frozen = freeze(resnet18)
+    with torch.no_grad():
+        want = frozen(x)
+        exported = torch.export.export(frozen, (x,))
+        ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+        assert "xnorconv.max_pool2d.default" in ops and "xnorconv.binary_conv2d_packed.default" in ops
+        assert not any("relu" in op or "add" in op or "batch_norm" in op for op in ops)
+        torch.testing.assert_close(exported.module()(x), want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.compile(frozen)(x), want, rtol=1e-6, atol=1e-6)
+
+
 class Unit(nn.Module):
     """A Bi-Real-style unit written in plain PyTorch: act(BN(binary conv(x)) + x), in one of several spellings."""
 
