@@ -358,7 +358,14 @@ def test_automatic_choice_follows_the_layer():
     assert xnorconv.current_backend(64, 3, 1) == "amx"
     assert xnorconv.current_backend(512, 3, 1) == "amx"
     assert xnorconv.current_backend(32, 3, 1) == "amx"
-    # Thin inputs: folded into a third of the words, a bit family beats the tiles.
+    # Strided 3x3 layers from 64 channels with channels_last output (no transposing output stage).
+    assert xnorconv.current_backend(64, 3, 2, channels_last=True) == "amx"
+    assert xnorconv.current_backend(512, 3, 2, channels_last=True) == "amx"
+    assert xnorconv.current_backend(32, 3, 2, channels_last=True) == "avx512"
+    assert xnorconv.current_backend(64, 1, 2, channels_last=True) == "avx512"
+    with pytest.raises(ValueError, match="channels_last must be True or False, got 1"):
+        xnorconv.current_backend(64, 3, 2, channels_last=1)
+    # 1x1, strided NCHW and thin inputs (folded into a third of the words): a bit family beats the tiles.
     for channels, kernel, stride in [(64, 1, 1), (64, 3, 2), (8, 3, 1), (16, 3, 1), (21, 3, 1)]:
         assert xnorconv.current_backend(channels, kernel, stride) == "avx512"
     with xnorconv.use_backend("amx"):

@@ -8,6 +8,7 @@ import threading
 import torch
 
 from . import _C
+from ._checks import check_bool
 
 _lock = threading.Lock()
 
@@ -41,17 +42,20 @@ def backends(device: str = "cpu"):
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
-def current_backend(channels: int = 64, kernel: int = 3, stride: int = 1, device: str = "cpu") -> str:
+def current_backend(channels: int = 64, kernel: int = 3, stride: int = 1, device: str = "cpu",
+                    channels_last: bool = False) -> str:
     """The kernel path the selector picks now for a layer with `channels` input channels (per group), a square
-    `kernel` and `stride` (honouring use_backend and XNORCONV_BACKEND / XNORCONV_CUDA_KERNEL).
+    `kernel` and `stride`, writing a channels_last output or not (honouring use_backend and XNORCONV_BACKEND /
+    XNORCONV_CUDA_KERNEL).
 
-    On the CPU, without an override the choice depends on the layer: on CPUs with AMX, 'amx' takes stride-1
-    windows of 2x2 or more over 16+ channels, except thin inputs whose kernel columns fold into half the words or
-    fewer (a 3x3 kernel over 16-21 channels), and 'avx512' the rest. For 'cuda' the automatic choice also depends on
+    On the CPU, without an override the choice depends on the layer: on CPUs with AMX, 'amx' takes windows of 2x2
+    or more over 16+ channels (strided ones over 64+ channels with channels_last output only), except thin inputs
+    whose kernel columns fold into half the words or fewer (a 3x3 kernel over 16-21 channels), and 'avx512' the
+    rest. For 'cuda' the automatic choice also depends on
     the device (binary tensor cores for groups of 128+ channels where it has them), so it is reported as 'auto'
     unless a kernel is forced."""
     if device == "cpu":
-        return _C.selected_backend(channels, kernel, stride)
+        return _C.selected_backend(channels, kernel, stride, check_bool("channels_last", channels_last))
     if device == "cuda":
         if triton_selected():
             return "triton"
@@ -127,6 +131,7 @@ def build_info():
         "cpu_backends_available": backends(),
         # The automatic choice depends on the layer: shown for three typical 64-channel ones.
         "cpu_backend_selected": {"3x3 stride 1": current_backend(64, 3, 1), "3x3 stride 2": current_backend(64, 3, 2),
+                                 "3x3 stride 2, channels_last": current_backend(64, 3, 2, channels_last=True),
                                  "1x1": current_backend(64, 1, 1)},
         "cpu_backend_override": _C.backend_override() or None,
         "XNORCONV_BACKEND": os.environ.get("XNORCONV_BACKEND") or None,

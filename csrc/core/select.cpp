@@ -53,8 +53,9 @@ struct Family {
   const char* name;
   const KernelOps& (*ops)();
   bool (*usable)(const CpuFeatures&);
-  // Layers the automatic choice gives this family (nullptr: all); a forced backend takes every layer.
-  bool (*suits)(const ConvParams&) = nullptr;
+  // Layers (and output layouts) the automatic choice gives this family (nullptr: all); a forced backend takes every
+  // layer.
+  bool (*suits)(const ConvParams&, bool nhwc_output) = nullptr;
 };
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -62,18 +63,23 @@ bool avx512_usable(const CpuFeatures& f) {
   return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vpopcntdq && f.avx2 && f.fma;
 }
 
-// The tile path wins where every output sums a stride-1 window of 2x2 or more (3x3 layers from 16 channels up):
-// there each tile load feeds many products. On 1x1 and strided layers its 8x wider packed input (a byte per sign)
-// and its transposing output stage cost more than its faster products save. `python -m bench` on a CPU with AMX
-// shows the boundary (interleaved, float in and out); revisit it there when either family changes.
+// The tile path wins where every output sums a window of 2x2 or more (3x3 layers from 16 channels up): there each
+// tile load feeds many products. On 1x1 layers its 8x wider packed input (a byte per sign) and its transposing
+// output stage cost more than its faster products save. Strided 3x3 layers from 64 channels go to the tiles when
+// the output is NHWC (no transposes: they then pack and convolve in about 0.6x the bit families' time), not when it
+// is NCHW, where a layer that also computes its shortcut in the output stage measured slower.
+// docs/perf/resnet-blocks (amx-strided/) has the runs; `bench_core --backend amx` against `--backend avx512`, with
+// and without --nhwc, shows the boundary on a CPU with AMX: revisit it there when either family changes.
 // Thin inputs are the exception: with its columns folded into channels (fold.cpp), a bit family reads a third of
 // the words of a 3x3 layer over 16 channels and outruns the tiles. Folded tiles gain less than the folding pass
 // costs (a 64-byte row per pixel to move, where a bit family moves a word), so the AMX family does not fold; where
 // folding saves less than half the words (3x3 over 32 channels) the two families measure even.
-bool amx_suits(const ConvParams& p) {
+bool amx_suits(const ConvParams& p, bool nhwc_output) {
   const ColumnFoldWords words = column_fold_words(p);
   const bool thin = p.groups == 1 && 2 * words.folded <= words.unfolded;
-  return p.stride_h == 1 && p.stride_w == 1 && p.taps() >= 4 && p.channels_per_group() >= 16 && !thin;
+  const bool strided = p.stride_h != 1 || p.stride_w != 1;
+  if (p.taps() < 4 || thin) return false;
+  return strided ? nhwc_output && p.channels_per_group() >= 64 : p.channels_per_group() >= 16;
 }
 #endif
 
@@ -205,11 +211,11 @@ std::string backend_environment_error() {
   return env_error();
 }
 
-const KernelOps& select_kernel(const ConvParams& p) {
+const KernelOps& select_kernel(const ConvParams& p, bool nhwc_output) {
   apply_environment_once();
   if (const KernelOps* ops = override_slot().load()) return *ops;
   for (const auto& f : kFamilies)
-    if (f.usable(cpu_features()) && (!f.suits || f.suits(p))) return f.ops();
+    if (f.usable(cpu_features()) && (!f.suits || f.suits(p, nhwc_output))) return f.ops();
   return scalar_kernel();  // unreachable: scalar is always usable
 }
 

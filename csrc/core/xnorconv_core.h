@@ -273,10 +273,11 @@ std::vector<std::string> available_backends();
 std::vector<std::string> compiled_backends();
 
 // The one selector. With no override, picks the best available family for p: the first in backends() order whose
-// sweet spot includes p (AMX takes stride-1 windows of 2x2 or more over 16+ channels per group, but not the thin
-// inputs that folding shrinks to half the words or less). The override ("" = none) comes from
-// set_backend_override() or, initially, the XNORCONV_BACKEND environment variable.
-const KernelOps& select_kernel(const ConvParams& p);
+// sweet spot includes p and the output layout (AMX takes windows of 2x2 or more over 16+ channels per group,
+// strided ones from 64 channels and with NHWC output only, but not the thin inputs that folding shrinks to half the
+// words or less). The override ("" = none) comes from set_backend_override() or, initially, the XNORCONV_BACKEND
+// environment variable.
+const KernelOps& select_kernel(const ConvParams& p, bool nhwc_output = false);
 // The family that runs float work (the first layer): the override, else the best usable family.
 const KernelOps& select_float_kernel();
 // Returns an empty string on success, else an error naming the value and the available backends.

@@ -333,9 +333,9 @@ at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
   const ConvParams p = conv_params(args);
   const at::Tensor& input = args.input;
   const bool sign_input = input.scalar_type() == at::kBool;
-  const xnorconv::KernelOps& ops = xnorconv::select_kernel(p);
   // Written as NHWC by families that can, else converted at the end.
   const bool channels_last = wants_channels_last_output(input);
+  const xnorconv::KernelOps& ops = xnorconv::select_kernel(p, channels_last);
   const bool write_nhwc = channels_last && ops.channels_last_output;
   const at::MemoryFormat format = write_nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const std::vector<int64_t> sizes{p.batch, p.out_channels, p.out_h(), p.out_w()};

@@ -1422,6 +1422,16 @@ void test_column_folding(int cases) {
     p.in_channels = 32;
     EXPECT(std::string(select_kernel(p).name) == "amx", "32 channels 3x3 stride 1: selector picked '%s', want 'amx'",
            select_kernel(p).name);
+    // Strided 3x3 from 64 channels: the tiles with NHWC output only.
+    ConvParams q = p;
+    q.in_channels = 64;
+    q.stride_h = q.stride_w = 2;
+    EXPECT(std::string(select_kernel(q, true).name) == "amx" && std::string(select_kernel(q, false).name) == "avx512",
+           "64 channels 3x3 stride 2: selector picked '%s' (NHWC) and '%s' (NCHW), want 'amx' and 'avx512'",
+           select_kernel(q, true).name, select_kernel(q, false).name);
+    q.in_channels = 32;
+    EXPECT(std::string(select_kernel(q, true).name) == "avx512", "32 channels 3x3 stride 2 NHWC: selector picked "
+           "'%s', want 'avx512'", select_kernel(q, true).name);
     set_backend_override(before);
   }
 #endif
