@@ -32,13 +32,14 @@ of the conv output's shape and device (conv_add); otherwise the add runs as writ
 their meaning. Results equal the unfused graph's to float rounding.
 """
 import operator
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ._meta import _out_size
+from ._transforms import LeafTracer, module_counts, set_submodule
 
 __all__ = ["conv_add", "fuse_epilogues"]
 
@@ -64,16 +65,6 @@ def _output_shape(conv: nn.Module, x: torch.Tensor):
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     n, _, h, w = x.shape
     return n, conv.out_channels, _out_size(h, kh, sh, ph, ph, dh), _out_size(w, kw, sw, pw, pw, dw)
-
-
-class _Tracer(torch.fx.Tracer):
-    def __init__(self, leaf_types=()):  # a GraphModule copy makes one without arguments
-        super().__init__()
-        self.leaf_types = leaf_types
-
-    def is_leaf_module(self, m, qualname):
-        return (isinstance(m, self.leaf_types) or type(m).__module__.startswith("xnorconv.")
-                or super().is_leaf_module(m, qualname))
 
 
 def _own_code(node: torch.fx.Node) -> bool:
@@ -218,9 +209,7 @@ _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hook
 def fuse_epilogues(model: nn.Module, conv_type, chain_signs: bool = True, leaf_types=()) -> nn.Module:
     """Rewrites, in place, every block of `model` (not the model itself) whose forward has the module docstring's
     pattern (and, with chain_signs, chains the fused convs that feed one another); returns the model."""
-    counts: Dict[int, int] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        counts[id(m)] = counts.get(id(m), 0) + 1
+    counts = module_counts(model)
     # Deepest first: a block rewritten inside another is traced there as the code it now is.
     owners = [name for name, m in reversed(list(model.named_modules()))
               if name and counts[id(m)] == 1 and not isinstance(m, _KEEP)
@@ -229,7 +218,7 @@ def fuse_epilogues(model: nn.Module, conv_type, chain_signs: bool = True, leaf_t
     for name in owners:
         block = model.get_submodule(name)
         try:
-            graph = _Tracer((conv_type,) + tuple(leaf_types)).trace(block)
+            graph = LeafTracer((conv_type,) + tuple(leaf_types)).trace(block)
         except Exception:  # data-dependent control flow, unsupported ops...: the block stays as it is
             continue
         gm = torch.fx.GraphModule(block, graph, class_name=type(block).__name__)
@@ -242,6 +231,5 @@ def fuse_epilogues(model: nn.Module, conv_type, chain_signs: bool = True, leaf_t
             gm.graph.lint()
             gm.recompile()
             gm.train(block.training)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, gm)
+            set_submodule(model, name, gm)
     return model

@@ -49,7 +49,8 @@ import torch.nn.functional as F
 
 from ._backend import backends
 from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
-from ._transforms import check_foldable_bn, fold_batchnorm, foldable_bn, module_counts, set_submodule
+from ._transforms import (LeafTracer, check_foldable_bn, fold_batchnorm, foldable_bn, module_counts,
+                          set_submodule)
 from ._checks import _is_int, pair
 from .functional import _first_layer_conv, max_pool2d
 
@@ -108,14 +109,6 @@ def _weight_layer(m: nn.Module) -> bool:
             or type(m).__name__ == "FrozenBinaryConv2d")  # by name: xnorconv.nn imports this module
 
 
-class _Tracer(torch.fx.Tracer):
-    """xnorconv's own layers are leaves: the search needs where they are, not what they compute."""
-
-    def is_leaf_module(self, m, qualname):
-        return (type(m).__module__.startswith("xnorconv.") or isinstance(m, nn.MaxPool2d)
-                or super().is_leaf_module(m, qualname))
-
-
 def _fusable(kind: str, conv: nn.Conv2d, m: nn.Module) -> bool:
     if kind == "bn":
         return foldable_bn(conv, m)
@@ -149,7 +142,7 @@ def _traced_stem(model: nn.Module, counts, order: Tuple[str, ...],
             # With autograd on, models that fold their stem's BatchNorm at inference trace their module calls: the
             # dataflow between modules is what is searched for.
             with torch.enable_grad():
-                graph = _Tracer().trace(model)
+                graph = LeafTracer((nn.MaxPool2d,)).trace(model)  # max pools of the model's own too
         except Exception:  # data-dependent control flow, unsupported ops...: the caller uses registration order
             return None
     calls = {}
@@ -467,7 +460,7 @@ class StemConv2d(nn.Module):
             raise ValueError(f"activation must be False, True (PReLU) or 'relu', got {activation!r}")
         self.activation = activation
         self.pool = _check_pool(pool)
-        self.direct = in_channels <= STEM_MAX_IN_CHANNELS and out_channels <= STEM_MAX_OUT_CHANNELS
+        self.direct = _direct(in_channels, out_channels)
         kh, kw = self.kernel_size
         self.register_buffer("weight", torch.zeros(out_channels, in_channels, kh, kw))
         self.register_buffer("bias", torch.zeros(out_channels))
@@ -640,9 +633,9 @@ def _stem_candidate(conv: nn.Module) -> bool:
     return conv.groups == 1 and conv.padding_mode == "zeros" and left == right and top == bottom
 
 
-def _direct(conv: nn.Conv2d) -> bool:
-    """A first layer StemConv2d runs through xnorconv's kernel (see StemConv2d)."""
-    return conv.in_channels <= STEM_MAX_IN_CHANNELS and conv.out_channels <= STEM_MAX_OUT_CHANNELS
+def _direct(in_channels: int, out_channels: int) -> bool:
+    """Whether StemConv2d runs a first layer of these widths through xnorconv's kernel (see StemConv2d)."""
+    return in_channels <= STEM_MAX_IN_CHANNELS and out_channels <= STEM_MAX_OUT_CHANNELS
 
 
 def _convert_float_stem(model: nn.Module, graph: Optional[torch.fx.Graph]) -> nn.Module:
@@ -654,7 +647,7 @@ def _convert_float_stem(model: nn.Module, graph: Optional[torch.fx.Graph]) -> nn
         return model
     conv = model.get_submodule(stem.name) if stem.name else model
     # Without a vector family (an x86 CPU without AVX2), PyTorch's convolution is the faster one.
-    if not _stem_candidate(conv) or (_direct(conv) and backends() == ["scalar"]):
+    if not _stem_candidate(conv) or (_direct(conv.in_channels, conv.out_channels) and backends() == ["scalar"]):
         return model
     modules = {kind: model.get_submodule(n) for kind, n in stem.fused}
     layer = StemConv2d.from_float(conv, modules.get("bn"), modules.get("act"), modules.get("float_pool"))

@@ -79,20 +79,24 @@ def replace_modules(model: nn.Module, select: Callable[[str, nn.Module], bool],
     return made
 
 
-class _LeafTracer(torch.fx.Tracer):
-    def __init__(self, leaf_types: Tuple[type, ...]):
+class LeafTracer(torch.fx.Tracer):
+    """A torch.fx tracer whose leaves are torch.nn's layers, xnorconv's own layers and instances of `leaf_types`:
+    the rewrites need where those are called, not what they compute."""
+
+    def __init__(self, leaf_types: Tuple[type, ...] = ()):  # a GraphModule copy makes one without arguments
         super().__init__()
-        self.leaf_types = leaf_types
+        self.leaf_types = tuple(leaf_types)
 
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, self.leaf_types) or type(m).__module__.startswith("xnorconv.")
+                or super().is_leaf_module(m, qualname))
 
 
 def trace(model: nn.Module, conv_type: Type[nn.Module]) -> Optional[torch.fx.Graph]:
     """The model's torch.fx graph with `conv_type` and BatchNorm2d layers as leaves, or None when it cannot be
     traced (data-dependent control flow, unsupported ops...)."""
     try:
-        return _LeafTracer((conv_type, nn.BatchNorm2d)).trace(model)
+        return LeafTracer((conv_type, nn.BatchNorm2d)).trace(model)
     except Exception:  # any tracing failure means "no graph": the callers have fallbacks
         return None
 
