@@ -362,7 +362,10 @@ def test_automatic_choice_follows_the_layer():
     assert xnorconv.current_backend(64, 3, 2, channels_last=True) == "amx"
     assert xnorconv.current_backend(512, 3, 2, channels_last=True) == "amx"
     assert xnorconv.current_backend(32, 3, 2, channels_last=True) == "avx512"
-    assert xnorconv.current_backend(64, 1, 2, channels_last=True) == "avx512"
+    # 1x1 layers with channels_last output below 1024 channels (the bit family's NHWC output stage is slower).
+    assert xnorconv.current_backend(64, 1, 2, channels_last=True) == "amx"
+    assert xnorconv.current_backend(512, 1, 1, channels_last=True) == "amx"
+    assert xnorconv.current_backend(1024, 1, 1, channels_last=True) == "avx512"
     with pytest.raises(ValueError, match="channels_last must be True or False, got 1"):
         xnorconv.current_backend(64, 3, 2, channels_last=1)
     # 1x1, strided NCHW and thin inputs (folded into a third of the words): a bit family beats the tiles.

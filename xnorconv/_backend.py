@@ -44,14 +44,14 @@ def backends(device: str = "cpu"):
 
 def current_backend(channels: int = 64, kernel: int = 3, stride: int = 1, device: str = "cpu",
                     channels_last: bool = False) -> str:
-    """The kernel path the selector picks now for a layer with `channels` input channels (per group), a square
-    `kernel` and `stride`, writing a channels_last output or not (honouring use_backend and XNORCONV_BACKEND /
-    XNORCONV_CUDA_KERNEL).
+    """The kernel path the selector picks now for a layer with `channels` input and output channels (per group), a
+    square `kernel` and `stride`, writing a channels_last output or not (honouring use_backend and XNORCONV_BACKEND
+    / XNORCONV_CUDA_KERNEL).
 
     On the CPU, without an override the choice depends on the layer: on CPUs with AMX, 'amx' takes windows of 2x2
     or more over 16+ channels (strided ones over 64+ channels with channels_last output only), except thin inputs
-    whose kernel columns fold into half the words or fewer (a 3x3 kernel over 16-21 channels), and 'avx512' the
-    rest. For 'cuda' the automatic choice also depends on
+    whose kernel columns fold into half the words or fewer (a 3x3 kernel over 16-21 channels), and 1x1 layers below
+    1024 channels with channels_last output; 'avx512' the rest. For 'cuda' the automatic choice also depends on
     the device (binary tensor cores for groups of 128+ channels where it has them), so it is reported as 'auto'
     unless a kernel is forced."""
     if device == "cpu":

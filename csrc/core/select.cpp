@@ -64,12 +64,16 @@ bool avx512_usable(const CpuFeatures& f) {
 }
 
 // The tile path wins where every output sums a window of 2x2 or more (3x3 layers from 16 channels up): there each
-// tile load feeds many products. On 1x1 layers its 8x wider packed input (a byte per sign) and its transposing
-// output stage cost more than its faster products save. Strided 3x3 layers from 64 channels go to the tiles when
-// the output is NHWC (no transposes: they then pack and convolve in about 0.6x the bit families' time), not when it
-// is NCHW, where a layer that also computes its shortcut in the output stage measured slower.
-// docs/perf/resnet-blocks (amx-strided/) has the runs; `bench_core --backend amx` against `--backend avx512`, with
-// and without --nhwc, shows the boundary on a CPU with AMX: revisit it there when either family changes.
+// tile load feeds many products. With NCHW output, 1x1 layers stay with the bit families: the tiles' 8x wider
+// packed input (a byte per sign) and transposing output stage cost more than their faster products save. With NHWC
+// output (no transposes) the tiles take 1x1 layers below 1024 channels in and out, where they measured up to twice
+// as fast as the AVX-512 family's NHWC output stage; from 1024 channels the bit family's products win again.
+// Strided 3x3 layers from 64 channels go to the tiles when the output is NHWC (they then pack and convolve in
+// about 0.6x the bit families' time), not when it is NCHW, where a layer that also computes its shortcut in the
+// output stage measured slower.
+// docs/perf/resnet-blocks (amx-strided/, amx-pointwise/) has the runs; `bench_core --backend amx` against
+// `--backend avx512`, with and without --nhwc, shows the boundary on a CPU with AMX: revisit it there when either
+// family changes.
 // Thin inputs are the exception: with its columns folded into channels (fold.cpp), a bit family reads a third of
 // the words of a 3x3 layer over 16 channels and outruns the tiles. Folded tiles gain less than the folding pass
 // costs (a 64-byte row per pixel to move, where a bit family moves a word), so the AMX family does not fold; where
@@ -78,7 +82,10 @@ bool amx_suits(const ConvParams& p, bool nhwc_output) {
   const ColumnFoldWords words = column_fold_words(p);
   const bool thin = p.groups == 1 && 2 * words.folded <= words.unfolded;
   const bool strided = p.stride_h != 1 || p.stride_w != 1;
-  if (p.taps() < 4 || thin) return false;
+  if (thin) return false;
+  if (p.kernel_h == 1 && p.kernel_w == 1)
+    return nhwc_output && p.channels_per_group() < 1024 && p.out_channels_per_group() < 1024;
+  if (p.taps() < 4) return false;
   return strided ? nhwc_output && p.channels_per_group() >= 64 : p.channels_per_group() >= 16;
 }
 #endif

@@ -137,12 +137,12 @@ PYBIND11_MODULE(_C, m) {
         "Why XNORCONV_CUDA_KERNEL was rejected, or ''");
   m.def("selected_backend", [](int64_t channels, int64_t kernel, int64_t stride, bool channels_last) {
     xnorconv::ConvParams p;
-    p.in_channels = channels;
+    p.in_channels = p.out_channels = channels;
     p.kernel_h = p.kernel_w = kernel;
     p.stride_h = p.stride_w = stride;
     return std::string(xnorconv::select_kernel(p, channels_last).name);
   }, py::arg("channels"), py::arg("kernel"), py::arg("stride"), py::arg("channels_last") = false,
-  "The CPU kernel family the selector picks for a layer (channels, square kernel, stride, output layout)");
+  "The CPU kernel family the selector picks for a layer (channels in and out, square kernel, stride, output layout)");
   m.def("call_binary_conv2d_packed", xnorconv_torch::packed_conv_kernel<dispatch_binary_conv2d_packed>,
         py::arg("input"), py::arg("weight_bits"),
         py::arg("weight_tap_sum"), py::arg("weight_in_channels"), py::arg("scale"), py::arg("bias"), py::arg("stride"),

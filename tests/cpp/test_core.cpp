@@ -1432,6 +1432,16 @@ void test_column_folding(int cases) {
     q.in_channels = 32;
     EXPECT(std::string(select_kernel(q, true).name) == "avx512", "32 channels 3x3 stride 2 NHWC: selector picked "
            "'%s', want 'avx512'", select_kernel(q, true).name);
+    // 1x1 layers: the tiles with NHWC output below 1024 channels in and out.
+    ConvParams pointwise = square_layer(64, 128, 56, 1, 2, 0);
+    EXPECT(std::string(select_kernel(pointwise, true).name) == "amx"
+               && std::string(select_kernel(pointwise, false).name) == "avx512",
+           "64 -> 128 1x1 stride 2: selector picked '%s' (NHWC) and '%s' (NCHW), want 'amx' and 'avx512'",
+           select_kernel(pointwise, true).name, select_kernel(pointwise, false).name);
+    for (const ConvParams& wide : {square_layer(1024, 512, 7, 1, 1, 0), square_layer(512, 1024, 14, 1, 2, 0)}) {
+      EXPECT(std::string(select_kernel(wide, true).name) == "avx512", "%s NHWC: selector picked '%s', want "
+             "'avx512'", describe(wide).c_str(), select_kernel(wide, true).name);
+    }
     set_backend_override(before);
   }
 #endif
