@@ -304,6 +304,8 @@ def test_freeze_folds_a_wide_stem_with_its_activation_and_pool(out_channels, act
     frozen = freeze(model, memory_format=layout)
     stem = frozen.conv1
     assert isinstance(stem, StemConv2d) and stem.direct == (out_channels <= 32)
+    # PyTorch's convolution gets its weight in the model's layout (no reorder per call); the direct kernel, NCHW.
+    assert stem.weight.is_contiguous(memory_format=torch.contiguous_format if stem.direct else layout)
     assert [type(m) for m in (frozen.bn1, frozen.relu, frozen.maxpool)] == [nn.Identity] * 3
     assert stem.pool == ((kernel, kernel), (stride, stride), (padding, padding), ceil_mode)
     assert stem.activation == {"relu": "relu", "none": False}.get(act, True)

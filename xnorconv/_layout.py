@@ -29,12 +29,13 @@ def _image_tensor(t) -> bool:
 
 
 def set_float_layout(model: nn.Module, memory_format: torch.memory_format, skip=()) -> None:
-    """Moves the 4-D floating parameters and buffers of `model`'s modules (not those of the `skip` types, whose
-    4-D tensors are not images: packed bits) to `memory_format`, in place."""
+    """Moves the 4-D floating parameters and buffers of `model`'s modules to `memory_format`, in place, except
+    those of the modules `skip` picks (a tuple of types, or a predicate of the module): their 4-D tensors are not
+    images but weights a kernel reads as they are (packed bits, say)."""
     def convert(t):
         return t.contiguous(memory_format=memory_format) if _image_tensor(t) else t
     for module in model.modules():
-        if not isinstance(module, skip):
+        if not (skip(module) if callable(skip) else isinstance(module, skip)):
             module._apply(convert, recurse=False)
 
 

@@ -436,8 +436,15 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
         _transforms.set_submodule(model, bn_name, nn.Identity())
     model = convert_first_layer(model, first_layer, calibration, plan.graph)
     model = _epilogues.fuse_epilogues(model, FrozenBinaryConv2d, chain_signs)
-    # Their 4-D buffers are weights read as (O, C, kh, kw), not images.
-    return install_layout_hooks(model, memory_format, skip=(FrozenBinaryConv2d, StemConv2d)).eval()
+    return install_layout_hooks(model, memory_format, skip=_kernel_weights).eval()
+
+
+def _kernel_weights(module: nn.Module) -> bool:
+    """Whether the module's 4-D buffers are weights that xnorconv's kernels read as (O, C, kh, kw), which keep their
+    layout when the model's changes. A StemConv2d that runs PyTorch's convolution takes the model's layout, so that
+    the convolution does not reorder its weight on every call. (A function of the module's, so that the layout
+    hooks that hold it pickle.)"""
+    return isinstance(module, FrozenBinaryConv2d) or (isinstance(module, StemConv2d) and module.direct)
 
 
 def _binary_from_conv(conv: nn.Conv2d, options) -> BinaryConv2d:
