@@ -513,10 +513,11 @@ class BinaryDNet53(nn.Module):
 
     def forward(self, x) -> BinaryDNet53Output:
         x = self._stem_forward(x)
-        for stage in self.stages[:-1]:
+        *stages, last = self.stages  # a slice of the ModuleList would build a new ModuleList on every call
+        for stage in stages:
             x = stage(x)
         low = x
-        high = self.sppf(self.stages[-1](x))
+        high = self.sppf(last(x))
         f_low = self.fc_low(torch.flatten(self.pool(self.branch_low(low)), 1))
         f_high = self.fc_high(torch.flatten(self.pool(self.branch_high(high)), 1))
         features = f_low * f_high
