@@ -6,6 +6,8 @@ import itertools
 import os
 import pickle
 
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -842,6 +844,37 @@ def test_freeze_auto_layout_measures_out_of_the_callers_sight():
     assert calls == [1, 1] and first.get_total_flops() == second.get_total_flops() > 0
     assert not any(t.is_inference() for t in frozen.parameters())
     frozen(x.requires_grad_())
+
+
+class _LayoutCosts(nn.Module):
+    """Steady passes cost `steady[layout]` seconds; the first pass after the layout of its 4-D buffer changed (a
+    cache rebuilt, say) costs `switch` more, in NCHW only."""
+
+    def __init__(self, steady, switch):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(1, 2, 3, 3))
+        self.steady, self.switch, self.seen = steady, switch, None
+
+    def forward(self, x):
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        cost = self.steady[channels_last]
+        if not channels_last and self.seen is not self.table:
+            cost += self.switch
+        self.seen = self.table
+        time.sleep(cost)
+        return x
+
+
+def test_freeze_auto_layout_charges_a_switch_to_neither_layout():
+    """The first pass after a change of layout is not timed: a cost of the switch, not of the layout."""
+    import xnorconv._layout as layout
+    model = _LayoutCosts({False: 0.0, True: 0.004}, switch=0.03)
+    hooks = layout.LayoutHooks(None)
+    hooks._measure(model, (torch.randn(1, 2, 8, 8),))
+    assert hooks.choice is torch.contiguous_format
+    hooks = layout.LayoutHooks(None)
+    hooks._measure(_LayoutCosts({False: 0.004, True: 0.0}, switch=0.0), (torch.randn(1, 2, 8, 8),))
+    assert hooks.choice is torch.channels_last
 
 
 def test_freeze_auto_layout_is_not_measured_while_tracing():

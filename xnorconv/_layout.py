@@ -100,11 +100,17 @@ class LayoutHooks:
         return self._local.caller_nchw
 
     def _measure(self, model: nn.Module, args) -> None:
-        """Times `reps` interleaved passes in each layout (after one untimed pass each) and keeps the faster.
+        """Times `reps` passes in each layout, alternating, and keeps the layout of the fastest pass.
+
+        After each switch of layout an untimed pass runs first: the first pass in a layout rebuilds what the
+        switch invalidated (caches of the model's own, folded weights of the new tensors), a cost of the switch,
+        not of the layout. The fastest pass decides, not the median: on a shared machine other work only ever
+        slows a pass, and with a median of three passes the slower layout (by a fifth, BinaryDNet53 at batch 2)
+        was chosen about every other time.
 
         The passes run in a thread of their own, on a copy without hooks: grad and inference modes, dispatch modes
         (a FLOP counter, a profiler) and hooks that the caller put on the model's modules are per thread or per
-        module, so they see one call, not nine; and the layout change makes ordinary parameters whatever mode the
+        module, so they see one call, not many; and the layout change makes ordinary parameters whatever mode the
         first call came in."""
         def one_pass(probe, memory_format):
             start = time.perf_counter()
@@ -118,13 +124,12 @@ class LayoutHooks:
                     module._forward_pre_hooks.clear()
                     module._forward_hooks.clear()
                 seconds = {torch.contiguous_format: [], torch.channels_last: []}
-                for rep in range(self.reps + 1):
+                for _ in range(self.reps):
                     for memory_format in seconds:
                         set_float_layout(probe, memory_format, self.skip)
-                        elapsed = one_pass(probe, memory_format)
-                        if rep:
-                            seconds[memory_format].append(elapsed)
-                choice = min(seconds, key=lambda f: sorted(seconds[f])[len(seconds[f]) // 2])
+                        one_pass(probe, memory_format)  # untimed: see above
+                        seconds[memory_format].append(one_pass(probe, memory_format))
+                choice = min(seconds, key=lambda f: min(seconds[f]))
                 set_float_layout(model, choice, self.skip)
                 self.choice = choice
 
