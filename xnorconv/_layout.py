@@ -102,9 +102,8 @@ class LayoutHooks:
     def _measure(self, model: nn.Module, args) -> None:
         """Times `reps` passes in each layout, alternating, and keeps the layout of the fastest pass.
 
-        After each switch of layout an untimed pass runs first: the first pass in a layout rebuilds what the
-        switch invalidated (caches of the model's own, folded weights of the new tensors), a cost of the switch,
-        not of the layout. The fastest pass decides, not the median: on a shared machine other work only ever
+        After each switch of layout an untimed pass runs first: the first pass in a layout can rebuild what the
+        switch invalidated (a model's own cache of a weight it derives), a cost of the switch, not of the layout. The fastest pass decides, not the median: on a shared machine other work only ever
         slows a pass, and with a median of three passes the slower layout (by a fifth, BinaryDNet53 at batch 2)
         was chosen about every other time.
 
