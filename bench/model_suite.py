@@ -273,6 +273,16 @@ def check_deployed(name: str, mode: str, model: nn.Module, deployed_model, examp
         raise AssertionError(f"{name} as {mode} differs from the eager model by {(got - want).abs().max():.3g}")
 
 
+def _memory_format(model: nn.Module) -> str:
+    """The layout a frozen model's float layers run in (freeze's choice, made by the check's first call), or
+    'n/a' for a model freeze did not make."""
+    try:
+        chosen = xnorconv.frozen_memory_format(model)
+    except ValueError:
+        return "n/a"
+    return "not chosen yet" if chosen is None else str(chosen).removeprefix("torch.")
+
+
 def latency_key(mode: str, batch: int) -> str:
     """The result key of a latency: batch1_ms for eager (as before deployment modes existed), batch1_ms_torchscript."""
     return f"batch{batch}_ms" if mode == "eager" else f"batch{batch}_ms_{mode}"
@@ -544,6 +554,7 @@ def run(names=DEFAULT_MODELS, num_classes=6, size=128, threads=1, reps=15, batch
               "models": [],
               "twins": {e.name: [t for t in TWINS[e.name] if t in names] for e in entries if e.name in TWINS}}
     per = {e.name: {"name": e.name, "description": e.description, "check": agreement.get(e.name, "finite output"),
+                    "memory_format": _memory_format(e.model),
                     "state_dict_bytes": state_dict_bytes(e.model), "weight_bytes": weight_bytes(e.model),
                     "params": sum(p.numel() for p in e.model.parameters())} for e in entries}
     files = tempfile.TemporaryDirectory(prefix="xnorconv-bench-")  # AOTInductor packages

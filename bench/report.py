@@ -149,7 +149,9 @@ def model_table(run):
              + [f"{e['batch8_images_per_s']:.1f}", f"{e['peak_forward_bytes_batch1'] / 2**20:.2f}",
                 f"{e['weight_bytes'] / 2**20:.3f}", f"{e['state_dict_bytes'] / 2**20:.3f}",
                 f"{e['batch1_ms'] / first:.2f}"] for e in m["models"]]
-    summary = [f"{e['name']}: {e['description']}; check: {e['check']}" for e in m["models"]]
+    summary = [f"{e['name']}: {e['description']}; check: {e['check']}"
+               + (f"; runs {e['memory_format']} (freeze's choice)" if e.get("memory_format", "n/a") != "n/a" else "")
+               for e in m["models"]]
     if modes:
         summary.append("deployment modes: eager (nn.Module), " + ", ".join(
             {"torchscript": "torchscript (torch.jit.trace + torch.jit.freeze, no Python in the graph)",

@@ -102,6 +102,10 @@ def test_models_cli_tiny(tmp_path, capsys):
     assert "batch 1 ms/image (torchscript)" in out and "both torchscript" in out
     assert "with its binary convolutions free (torchscript, batch 1)" in out and "no binary kernel can give" in out
     assert "memory passes ms" in out and len(run["models"]["binary_convs"]) == 25
+    # freeze's layout, chosen at the check's first call, for the frozen model only
+    assert ms["binary_dnet53"]["memory_format"] in ("channels_last", "contiguous_format")
+    assert ms["binary_dnet53_fp32"]["memory_format"] == "n/a"
+    assert f"runs {ms['binary_dnet53']['memory_format']} (freeze's choice)" in out
     assert (tmp_path / "models_latency.png").stat().st_size > 0
     json.loads((tmp_path / "bench.json").read_text())
 

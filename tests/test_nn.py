@@ -877,6 +877,21 @@ def test_freeze_auto_layout_charges_a_switch_to_neither_layout():
     assert hooks.choice is torch.channels_last
 
 
+def test_frozen_memory_format_reports_the_layout():
+    torch.manual_seed(24)
+    frozen = freeze(feature_net().eval())
+    assert xnorconv.frozen_memory_format(frozen) is None  # "auto": measured at the first eager call
+    with torch.no_grad():
+        frozen(torch.randn(1, 3, 12, 12))
+    assert xnorconv.frozen_memory_format(frozen) in (torch.channels_last, torch.contiguous_format)
+    for fixed in (torch.channels_last, torch.contiguous_format):
+        assert xnorconv.frozen_memory_format(freeze(feature_net().eval(), memory_format=fixed)) is fixed
+    for other in (feature_net(), freeze(BinaryConv2d(4, 4, 3).eval())):
+        with pytest.raises(ValueError, match=f"model must be a model returned by xnorconv.freeze .*got a "
+                                             f"{type(other).__name__} without them"):
+            xnorconv.frozen_memory_format(other)
+
+
 def test_freeze_auto_layout_is_not_measured_while_tracing():
     torch.manual_seed(22)
     frozen = freeze(feature_net().eval())

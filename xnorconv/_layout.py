@@ -160,6 +160,16 @@ class LayoutHooks:
         return None
 
 
+def chosen(model: nn.Module) -> Optional[torch.memory_format]:
+    """The layout the frozen `model`'s float layers run in (None: "auto", not measured yet)."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, LayoutHooks):
+            return owner.choice
+    raise ValueError(f"model must be a model returned by xnorconv.freeze (it has freeze's layout hooks), got a "
+                     f"{type(model).__name__} without them")
+
+
 def install(model: nn.Module, memory_format, skip=()) -> nn.Module:
     """Gives `model` (a frozen model) the layout hooks, with the layout already applied when it is fixed."""
     choice = None if isinstance(memory_format, str) else memory_format

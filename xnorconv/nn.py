@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
-from . import _epilogues, _packed, _transforms
+from . import _epilogues, _layout, _packed, _transforms
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
 from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_input_shortcut, check_layer_input,
                       check_pad_value, check_spatial, check_tensor, normalize_conv_args)
@@ -28,8 +28,8 @@ from ._packed import packed_kernel_devices, unpack_weight_signs
 from .functional import (PackedWeight, composed_input_shortcut, packed_conv_op, packed_conv_out_op,
                          real_shortcut)
 
-__all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "invalidate_packed_caches",
-           "packed_kernel_devices", "unpack_weight_signs"]
+__all__ = ["BinaryConv2d", "FrozenBinaryConv2d", "binarize", "freeze", "frozen_memory_format",
+           "invalidate_packed_caches", "packed_kernel_devices", "unpack_weight_signs"]
 
 
 def _pad_mode_input(layer, x):
@@ -401,8 +401,9 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
 
     memory_format: the layout the frozen model runs its float layers in. torch.channels_last or
     torch.contiguous_format fix it; "auto" (default) lets the first eager call with a CPU float input time the
-    model both ways on that input and keep the faster (see xnorconv._layout). Either way the model takes the input
-    layout callers have (NCHW) and returns 4-D outputs in the caller's layout; results match to float rounding.
+    model both ways on that input and keep the faster (see xnorconv._layout); xnorconv.frozen_memory_format(model)
+    tells which. Either way the model takes the input layout callers have (NCHW) and returns 4-D outputs in the
+    caller's layout; results match to float rounding.
 
     first_layer: what becomes of the first weight layer the model runs when it is a float nn.Conv2d.
       "float" (default): from an image to a few channels (at most 4 in and 32 out, groups 1, the same padding on
@@ -437,6 +438,14 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
     model = convert_first_layer(model, first_layer, calibration, plan.graph)
     model = _epilogues.fuse_epilogues(model, FrozenBinaryConv2d, chain_signs)
     return install_layout_hooks(model, memory_format, skip=_kernel_weights).eval()
+
+
+def frozen_memory_format(model: nn.Module) -> Optional[torch.memory_format]:
+    """The layout a model returned by freeze() runs its float layers in: torch.channels_last or
+    torch.contiguous_format, or None while memory_format="auto" has not measured it (before the first eager call
+    with a CPU float input). Raises ValueError for any other model (freeze() of a single BinaryConv2d returns the
+    layer itself, without a layout of its own)."""
+    return _layout.chosen(model)
 
 
 def _kernel_weights(module: nn.Module) -> bool:
