@@ -295,15 +295,15 @@ struct Avx2Isa {
     static_assert(kChannels <= 8, "a pixel's channels of a block fill one vector");
     int channels = 0;  // the block's real channels: a prefix
     while (channels < kChannels && bs.channel_real[channels]) ++channels;
-    alignas(32) float slope[8] = {}, threshold[8] = {};
-    for (int v = 0; v < kChannels; ++v) {
-      slope[v] = bs.operands[v].slope;
-      threshold[v] = bs.operands[v].threshold;
-    }
+    // The per-channel operands across the lanes (lanes 6 and 7 are never stored), gathered in registers: written
+    // lane by lane into an array, the vector load that read them back waited on store forwarding on every strip.
+    static_assert(kChannels == 6, "one operand per channel of the block below");
+    const ChannelValues<OneLane>* c = bs.operands;
     ChannelValues<Avx2Lanes> across;
     across.scale = across.bias = _mm256_setzero_ps();  // applied before the transpose
-    across.slope = _mm256_load_ps(slope);
-    across.threshold = _mm256_load_ps(threshold);
+    across.slope = _mm256_setr_ps(c[0].slope, c[1].slope, c[2].slope, c[3].slope, c[4].slope, c[5].slope, 0, 0);
+    across.threshold = _mm256_setr_ps(c[0].threshold, c[1].threshold, c[2].threshold, c[3].threshold,
+                                      c[4].threshold, c[5].threshold, 0, 0);
     __m256 y[8];
     for (int v = 0; v < kChannels; ++v)
       y[v] = channel_output(low[v], high[v], depth, bs, bs.values<Avx2Lanes>(v), i, v);

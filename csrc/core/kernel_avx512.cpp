@@ -118,16 +118,21 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
     static_assert(kChannels <= 8, "a pixel's channels of a block fill one 256-bit half");
     unsigned channels = 0;  // the block's real channels
     for (int v = 0; v < kChannels; ++v) channels |= static_cast<unsigned>(bs.channel_real[v]) << v;
-    // The per-channel operands across the lanes [channel 0..7 | channel 0..7], for the steps after the affine one.
-    alignas(64) float slope[16] = {}, threshold[16] = {};
-    for (int v = 0; v < kChannels; ++v) {
-      slope[v] = slope[v + 8] = bs.operands[v].slope;
-      threshold[v] = threshold[v + 8] = bs.operands[v].threshold;
-    }
+    // The per-channel operands across the lanes [channel 0..5 | channel 0..5], for the steps after the affine one,
+    // picked out of the block's operands (4 floats per channel) by one permute each; lanes 6, 7, 14 and 15 are never
+    // stored. Written lane by lane into an array instead, the vector load that read them back waited on store
+    // forwarding once per block, which made the NHWC output stage of a 1x1 layer cost more than its products.
+    static_assert(kChannels == 6 && sizeof(ChannelValues<OneLane>) == 4 * sizeof(float),
+                  "the permutes below pick channel v's operand k at float 4v + k of bs.operands");
+    const float* operands = &bs.operands[0].scale;
+    const __m512 channels_0_3 = _mm512_loadu_ps(operands);
+    const __m512 channels_4_5 = _mm512_maskz_loadu_ps(0x00FF, operands + 16);
+    const __m512i slopes = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 0, 0, 2, 6, 10, 14, 18, 22, 0, 0);
+    const __m512i thresholds = _mm512_setr_epi32(3, 7, 11, 15, 19, 23, 0, 0, 3, 7, 11, 15, 19, 23, 0, 0);
     ChannelValues<Avx512Lanes> across;
     across.scale = across.bias = _mm512_setzero_ps();  // applied before the transpose
-    across.slope = _mm512_load_ps(slope);
-    across.threshold = _mm512_load_ps(threshold);
+    across.slope = _mm512_permutex2var_ps(channels_0_3, slopes, channels_4_5);
+    across.threshold = _mm512_permutex2var_ps(channels_0_3, thresholds, channels_4_5);
     for (int i = 0; i < kStrips; i += 2) {
       if (bs.offset[i] < 0) break;  // the block's tail: repeats of the last strip, never stored
       const bool second = bs.offset[i + 1] >= 0;
