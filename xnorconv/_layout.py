@@ -103,9 +103,10 @@ class LayoutHooks:
         """Times `reps` passes in each layout, alternating, and keeps the layout of the fastest pass.
 
         After each switch of layout an untimed pass runs first: the first pass in a layout can rebuild what the
-        switch invalidated (a model's own cache of a weight it derives), a cost of the switch, not of the layout. The fastest pass decides, not the median: on a shared machine other work only ever
-        slows a pass, and with a median of three passes the slower layout (by a fifth, BinaryDNet53 at batch 2)
-        was chosen about every other time.
+        switch invalidated (a model's own cache of a weight it derives), a cost of the switch, not of the layout.
+        The fastest pass decides, not the median: on a shared machine other work only ever slows a pass, and a
+        median of three passes chose the slower of two layouts a fifth apart about every other time
+        (docs/perf/resnet-blocks, "freeze's layout measurement").
 
         The passes run in a thread of their own, on a copy without hooks: grad and inference modes, dispatch modes
         (a FLOP counter, a profiler) and hooks that the caller put on the model's modules are per thread or per

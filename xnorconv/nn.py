@@ -451,8 +451,8 @@ def frozen_memory_format(model: nn.Module) -> Optional[torch.memory_format]:
 def _kernel_weights(module: nn.Module) -> bool:
     """Whether the module's 4-D buffers are weights that xnorconv's kernels read as (O, C, kh, kw), which keep their
     layout when the model's changes. A StemConv2d that runs PyTorch's convolution takes the model's layout, so that
-    the convolution does not reorder its weight on every call. (A function of the module's, so that the layout
-    hooks that hold it pickle.)"""
+    the convolution does not reorder its weight on every call. (A module-level function, not a lambda, so that the
+    layout hooks holding it pickle.)"""
     return isinstance(module, FrozenBinaryConv2d) or (isinstance(module, StemConv2d) and module.direct)
 
 

@@ -66,8 +66,8 @@ bool avx512_usable(const CpuFeatures& f) {
 // The tile path wins where every output sums a window of 2x2 or more (3x3 layers from 16 channels up): there each
 // tile load feeds many products. With NCHW output, 1x1 layers stay with the bit families: the tiles' 8x wider
 // packed input (a byte per sign) and transposing output stage cost more than their faster products save. With NHWC
-// output (no transposes) the tiles take 1x1 layers below 1024 channels in and out, where they measured up to twice
-// as fast as the AVX-512 family's NHWC output stage; from 1024 channels the bit family's products win again.
+// output (no transposes) the tiles take 1x1 layers below 1024 channels in and out, where they measured faster than
+// the AVX-512 family with its NHWC output stage; from 1024 channels the bit family's products win again.
 // Strided 3x3 layers from 64 channels go to the tiles when the output is NHWC (they then pack and convolve in
 // about 0.6x the bit families' time), not when it is NCHW, where a layer that also computes its shortcut in the
 // output stage measured slower.
