@@ -129,10 +129,11 @@ def build_info():
         "compiler": _C.compiler,
         "cpu_backends_compiled": list(_C.compiled_backends()),
         "cpu_backends_available": backends(),
-        # The automatic choice depends on the layer: shown for three typical 64-channel ones.
+        # The automatic choice depends on the layer and its output layout: shown for typical 64-channel ones.
         "cpu_backend_selected": {"3x3 stride 1": current_backend(64, 3, 1), "3x3 stride 2": current_backend(64, 3, 2),
                                  "3x3 stride 2, channels_last": current_backend(64, 3, 2, channels_last=True),
-                                 "1x1": current_backend(64, 1, 1)},
+                                 "1x1": current_backend(64, 1, 1),
+                                 "1x1, channels_last": current_backend(64, 1, 1, channels_last=True)},
         "cpu_backend_override": _C.backend_override() or None,
         "XNORCONV_BACKEND": os.environ.get("XNORCONV_BACKEND") or None,
         "XNORCONV_BACKEND_error": env_error or None,

@@ -275,8 +275,9 @@ std::vector<std::string> compiled_backends();
 // The one selector. With no override, picks the best available family for p: the first in backends() order whose
 // sweet spot includes p and the output layout (AMX takes windows of 2x2 or more over 16+ channels per group,
 // strided ones from 64 channels and with NHWC output only, but not the thin inputs that folding shrinks to half the
-// words or less). The override ("" = none) comes from set_backend_override() or, initially, the XNORCONV_BACKEND
-// environment variable.
+// words or less; and, with NHWC output only, 1x1 layers below 1024 channels in and out: amx_suits in select.cpp).
+// The override ("" = none) comes from set_backend_override() or, initially, the XNORCONV_BACKEND environment
+// variable.
 const KernelOps& select_kernel(const ConvParams& p, bool nhwc_output = false);
 // The family that runs float work (the first layer): the override, else the best usable family.
 const KernelOps& select_float_kernel();
