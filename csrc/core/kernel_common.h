@@ -95,6 +95,29 @@ inline int64_t pack_task_count(const ConvParams& p, const ActivationLayout& l) {
   return p.batch * (l.rows + flat_blocks(p));
 }
 
+// block[i] = the packed word of pixel i (i < count <= 64) of `channels` (<= 64) channels from c0, channel c's
+// pixels consecutive at x + c * channel_stride: one run of pixels per channel, then the 64x64 bit transpose; or
+// Isa::pixel_words, for the channel counts where the family builds the words directly for less.
+template <class Isa, class Source>
+void transposed_words(const Source& source, const typename Source::T* x, int64_t channel_stride, int64_t c0,
+                      int64_t channels, int64_t count, uint64_t block[64]) {
+  for (int64_t c = 0; c < channels; ++c) block[c] = source.run(x + c * channel_stride, c0 + c, count);
+  for (int64_t c = channels; c < 64; ++c) block[c] = 0;
+  Source::transpose(block);
+}
+template <class Isa, class Source>
+auto pixel_words(const Source& source, const float* x, int64_t channel_stride, int64_t c0, int64_t channels,
+                 int64_t count, uint64_t block[64], int)
+    -> decltype(void(Isa::pixel_words(x, channel_stride, x, channels, count, block))) {
+  if (!Isa::pixel_words(x, channel_stride, source.threshold ? source.threshold + c0 : nullptr, channels, count, block))
+    transposed_words<Isa>(source, x, channel_stride, c0, channels, count, block);
+}
+template <class Isa, class Source>
+void pixel_words(const Source& source, const typename Source::T* x, int64_t channel_stride, int64_t c0,
+                 int64_t channels, int64_t count, uint64_t block[64], long) {
+  transposed_words<Isa>(source, x, channel_stride, c0, channels, count, block);
+}
+
 template <class Isa>
 uint64_t below_strided(const float* x, int64_t stride, float t, int64_t count) {
   if (stride == 1) return Isa::below(x, t, count);
@@ -117,6 +140,10 @@ struct FloatSource {
     return below_strided<Isa>(x, stride, t(c), count);
   }
   static void transpose(uint64_t a[64]) { transpose_block<Isa>(a, 0); }
+  void words(const float* x, int64_t channel_stride, int64_t c0, int64_t channels, int64_t count,
+             uint64_t block[64]) const {
+    pixel_words<Isa>(*this, x, channel_stride, c0, channels, count, block, 0);
+  }
 };
 
 template <class Isa>
@@ -131,6 +158,10 @@ struct SignSource {
     return bits;
   }
   static void transpose(uint64_t a[64]) { transpose_block<Isa>(a, 0); }
+  void words(const uint8_t* x, int64_t channel_stride, int64_t c0, int64_t channels, int64_t count,
+             uint64_t block[64]) const {
+    pixel_words<Isa>(*this, x, channel_stride, c0, channels, count, block, 0);
+  }
 };
 
 // Positions [lo, hi) of phase `ph` that hold real input columns, of `positions` per phase; the others hold
@@ -171,6 +202,15 @@ struct BitSink {
     const int64_t end = imin(j + count, phases * l.row_words);
     if (phases == 1) {
       for (; j < end; ++j) row[j] = *bits++;
+      return;
+    }
+    if (phases == 2) {
+      // Stride 2: even and odd columns alternate between the phases; two plain loops, not a step per pixel.
+      const int64_t count_here = end - j, ph = j % 2, pos = j / 2;
+      uint64_t* same = row + ph * phase_stride + pos;                // columns j, j + 2, ...
+      uint64_t* other = row + (1 - ph) * phase_stride + pos + ph;  // columns j + 1, j + 3, ...
+      for (int64_t k = 0; 2 * k < count_here; ++k) same[k] = bits[2 * k];
+      for (int64_t k = 0; 2 * k + 1 < count_here; ++k) other[k] = bits[2 * k + 1];
       return;
     }
     for (int64_t ph = j % phases, pos = j / phases; j < end; ++j, ++bits) {
@@ -218,10 +258,7 @@ void pack_rows(const ConvParams& p, const typename Source::T* x, TensorStrides s
       for (int64_t g = 0; g < p.groups; ++g)
         for (int64_t w = 0; w < wpg; ++w) {
           const int64_t c0 = g * cg + 64 * w, channels = imin(64, cg - 64 * w);
-          const auto* src = x + n * s.n + c0 * s.c + f0;
-          for (int64_t c = 0; c < channels; ++c) block[c] = source.run(src + c * s.c, c0 + c, count);
-          for (int64_t c = channels; c < 64; ++c) block[c] = 0;
-          Source::transpose(block);
+          source.words(x + n * s.n + c0 * s.c + f0, s.c, c0, channels, count, block);
           // Scattered one image row at a time: a run of consecutive columns steps through phases and positions.
           for (int64_t i = 0, ih = ih0, iw = iw0; i < count; ++ih, iw = 0) {
             const int64_t run = imin(count - i, p.in_w - iw);
@@ -247,10 +284,14 @@ void pack_rows(const ConvParams& p, const typename Source::T* x, TensorStrides s
         }
         for (int64_t iw0 = 0; iw0 < p.in_w; iw0 += 64) {
           const int64_t count = imin(64, p.in_w - iw0);
-          for (int64_t c = 0; c < channels; ++c)
-            block[c] = source.strided(src + c * s.c + iw0 * s.w, s.w, c0 + c, count);
-          for (int64_t c = channels; c < 64; ++c) block[c] = 0;
-          Source::transpose(block);
+          if (s.w == 1) {
+            source.words(src + iw0, s.c, c0, channels, count, block);
+          } else {
+            for (int64_t c = 0; c < channels; ++c)
+              block[c] = source.strided(src + c * s.c + iw0 * s.w, s.w, c0 + c, count);
+            for (int64_t c = channels; c < 64; ++c) block[c] = 0;
+            Source::transpose(block);
+          }
           sink.put_run(n, r, word, w, iw0 + p.pad_left, block, count);
         }
       }
