@@ -43,6 +43,16 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
         }
       }
     };
+    if (words_per_group == 1 && taps == 1) {
+      // One word per product (a 1x1 layer over up to 64 channels): each count is formed where the output stage
+      // takes it, from 4 activation and 6 weight registers, instead of 24 accumulators that, with the output
+      // stage's operands, spilled to the stack.
+      __m512i x[kStrips], wv[kChannels];
+      for (int i = 0; i < kStrips; ++i) x[i] = _mm512_loadu_si512(act[i] + tap_offset[0]);
+      for (int v = 0; v < kChannels; ++v) wv[v] = _mm512_set1_epi64(static_cast<long long>(weight[v][0]));
+      store([&](int i, int v) { return _mm512_popcnt_epi64(_mm512_xor_si512(x[i], wv[v])); }, bs);
+      return;
+    }
     // Up to 64 channels a tap is one word: one flat loop, without the per-tap setup of an inner loop that would run
     // once per tap, and with the first word peeled so that it sets the accumulators. The nested loop is not peeled:
     // on the deeper layers that made it slower.
@@ -55,16 +65,17 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
       for (int64_t t = 0, j = 0; t < taps; ++t)
         for (int64_t k = 0; k < words_per_group; ++k, ++j) word(tap_offset[t] + k * word_stride, j, false);
     }
-    store(acc, bs);
+    store([&](int i, int v) { return acc[i][v]; }, bs);
   }
 
-  // The output stage, on pairs of strips: the low dwords of two strips' 64-bit counts are gathered into one zmm
-  // (one vpermt2d, where vpmovqd takes 2 uops per strip), so the integer and float steps run once per 16 outputs,
-  // and the common case (bs.plain) makes no per-channel decision. Unrolled, so the accumulators stay in registers
-  // (the per-strip loop with its branches spilled all 24 of them). Against one strip at a time it raises the
-  // kernel's fraction of peak most on the layers whose blocks are shallow (few channel words per tap, 1x1), where
-  // the output stage is a large share of the work.
-  static void store(const __m512i (&acc)[kStrips][kChannels], const BlockStore<kStrips, kChannels, kStrip>& bs) {
+  // The output stage, on pairs of strips; acc(i, v) gives strip i's counts for channel v (8 in 64-bit lanes). The
+  // low dwords of two strips' counts are gathered into one zmm (one vpermt2d, where vpmovqd takes 2 uops per strip),
+  // so the integer and float steps run once per 16 outputs, and the common case (bs.plain) makes no per-channel
+  // decision. Unrolled, so the accumulators stay in registers (the per-strip loop with its branches spilled all 24
+  // of them). Against one strip at a time it raises the kernel's fraction of peak most on the layers whose blocks
+  // are shallow (few channel words per tap, 1x1), where the output stage is a large share of the work.
+  template <class Acc>
+  static void store(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs) {
     const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i depth = _mm512_set1_epi32(bs.depth);
     const EpilogueParams& e = *bs.epilogue;
@@ -93,7 +104,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
         for (int v = 0; v < kChannels; ++v) {
           if (!bs.channel_real[v]) break;  // past the group's last channel (the block's last channels only)
           const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
-          const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, c, i, v);
+          const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
           finish<Avx512Lanes, true>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split});
         }
         continue;
@@ -102,7 +113,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
       for (int v = 0; v < kChannels; ++v) {
         if (!bs.stored(i, v)) continue;
         const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
-        const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, c, i, v);
+        const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
         finish<Avx512Lanes>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split});
       }
     }
@@ -113,7 +124,8 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
   // j + 8's], each stored (and its residual loaded) with two masked 256-bit accesses: 16 accesses per 96 outputs
   // where scattering the channel vectors took 96. The steps after the affine one then run across channels, with
   // the per-channel operands as vectors.
-  static void store_nhwc(const __m512i (&acc)[kStrips][kChannels], const BlockStore<kStrips, kChannels, kStrip>& bs,
+  template <class Acc>
+  static void store_nhwc(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs,
                          const EpilogueParams& e, __m512i low_dwords, __m512i depth) {
     static_assert(kChannels <= 8, "a pixel's channels of a block fill one 256-bit half");
     unsigned channels = 0;  // the block's real channels
@@ -140,7 +152,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
           static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (second && bs.border[i + 1] ? 0xFF00 : 0));
       __m512 y[8];
       for (int v = 0; v < kChannels; ++v)
-        y[v] = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, bs.values<Avx512Lanes>(v), i, v);
+        y[v] = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, bs.values<Avx512Lanes>(v), i, v);
       for (int v = kChannels; v < 8; ++v) y[v] = _mm512_setzero_ps();
       transpose_8x16(y);
       for (int j = 0; j < kStrip; ++j) {
@@ -178,8 +190,8 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
 
   // Whole blocks (BlockStore::dense): 16 outputs per vpermt2d + integer step (+ corrections on borders) +
   // conversion + FMA (+ residual and PReLU unless kPlain) + store, with no per-strip or per-channel test.
-  template <bool kPlain>
-  static void dense_store(const __m512i (&acc)[kStrips][kChannels], const BlockStore<kStrips, kChannels, kStrip>& bs,
+  template <bool kPlain, class Acc>
+  static void dense_store(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs,
                           const EpilogueParams& e, __m512i low_dwords, __m512i depth) {
 #pragma GCC unroll 4
     for (int i = 0; i < kStrips; i += 2) {
@@ -187,7 +199,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
 #pragma GCC unroll 8
       for (int v = 0; v < kChannels; ++v) {
         const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
-        const __m512 y = output(acc[i][v], acc[i + 1][v], low_dwords, depth, border, bs, c, i, v);
+        const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
         finish<Avx512Lanes, kPlain>(e, c, y, {bs.at(i, v), 0, Avx512Lanes::kAll, false});
       }
     }
