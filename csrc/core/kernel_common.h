@@ -204,15 +204,6 @@ struct BitSink {
       for (; j < end; ++j) row[j] = *bits++;
       return;
     }
-    if (phases == 2) {
-      // Stride 2: even and odd columns alternate between the phases; two plain loops, not a step per pixel.
-      const int64_t count_here = end - j, ph = j % 2, pos = j / 2;
-      uint64_t* same = row + ph * phase_stride + pos;                // columns j, j + 2, ...
-      uint64_t* other = row + (1 - ph) * phase_stride + pos + ph;  // columns j + 1, j + 3, ...
-      for (int64_t k = 0; 2 * k < count_here; ++k) same[k] = bits[2 * k];
-      for (int64_t k = 0; 2 * k + 1 < count_here; ++k) other[k] = bits[2 * k + 1];
-      return;
-    }
     for (int64_t ph = j % phases, pos = j / phases; j < end; ++j, ++bits) {
       row[ph * phase_stride + pos] = *bits;
       if (++ph == phases) {
