@@ -187,7 +187,12 @@ Epilogue make_epilogue(const at::Tensor& out, bool nhwc, const PackedConvArgs& a
   e.out_threshold = contiguous(args.output_threshold);
   if (args.residual.has_value())
     e.residual = args.residual->contiguous(nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  if (args.prelu_weight.has_value()) e.prelu = args.prelu_weight->expand({out.size(1)}).contiguous();
+  if (args.prelu_weight.has_value()) {
+    // A per-channel weight is read where it is (an expand would make a new view on every call); one shared slope
+    // is spread over the channels.
+    const at::Tensor& slopes = *args.prelu_weight;
+    e.prelu = slopes.numel() == out.size(1) ? slopes.contiguous() : slopes.expand({out.size(1)}).contiguous();
+  }
   xnorconv::EpilogueParams& p = e.params;
   p.scale = data(e.scale);
   p.bias = data(e.bias);
