@@ -229,11 +229,15 @@ void test_bit_order() {
 // per-ISA transposes and the stepped scatter of the plane path on planes of many 64-pixel blocks.
 void test_pack_matches_scalar(int cases) {
   const PadValue pads[] = {PadValue::Zero, PadValue::PlusOne, PadValue::MinusOne};
-  for (int iter = 0; iter < cases; ++iter) {
+  // The first cases pin the channel counts around the AVX-512 packer's switch of method (words built directly up to
+  // 32 channels, the 64x64 transpose above) and a full word; the rest are random.
+  const int64_t edge_channels[] = {1, 17, 32, 33, 64};
+  const int edges = static_cast<int>(sizeof edge_channels / sizeof edge_channels[0]);
+  for (int iter = 0; iter < cases + edges; ++iter) {
     ConvParams p;
     p.batch = pick(1, 2);
     p.groups = pick(0, 3) == 0 ? 2 : 1;
-    p.in_channels = p.groups * pick(1, 140);
+    p.in_channels = p.groups * (iter < edges ? edge_channels[iter] : pick(1, 140));
     p.out_channels = p.groups;
     p.kernel_h = p.kernel_w = pick(1, 3);
     p.stride_h = pick(1, 2);
