@@ -401,8 +401,9 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
 
     memory_format: the layout the frozen model runs its float layers in. torch.channels_last or
     torch.contiguous_format fix it; "auto" (default) lets the first eager call with a CPU float input time the
-    model both ways on that input and keep the faster (see xnorconv._layout); xnorconv.frozen_memory_format(model)
-    tells which. Either way the model takes the input layout callers have (NCHW) and returns 4-D outputs in the
+    model both ways on that input and keep the faster (see xnorconv._layout), so make that call at the batch size
+    you deploy (the faster layout can differ between batch sizes); xnorconv.frozen_memory_format(model) tells
+    which. Either way the model takes the input layout callers have (NCHW) and returns 4-D outputs in the
     caller's layout; results match to float rounding.
 
     first_layer: what becomes of the first weight layer the model runs when it is a float nn.Conv2d.
