@@ -95,29 +95,6 @@ inline int64_t pack_task_count(const ConvParams& p, const ActivationLayout& l) {
   return p.batch * (l.rows + flat_blocks(p));
 }
 
-// block[i] = the packed word of pixel i (i < count <= 64) of `channels` (<= 64) channels from c0, channel c's
-// pixels consecutive at x + c * channel_stride: one run of pixels per channel, then the 64x64 bit transpose; or
-// Isa::pixel_words, for the channel counts where the family builds the words directly for less.
-template <class Isa, class Source>
-void transposed_words(const Source& source, const typename Source::T* x, int64_t channel_stride, int64_t c0,
-                      int64_t channels, int64_t count, uint64_t block[64]) {
-  for (int64_t c = 0; c < channels; ++c) block[c] = source.run(x + c * channel_stride, c0 + c, count);
-  for (int64_t c = channels; c < 64; ++c) block[c] = 0;
-  Source::transpose(block);
-}
-template <class Isa, class Source>
-auto pixel_words(const Source& source, const float* x, int64_t channel_stride, int64_t c0, int64_t channels,
-                 int64_t count, uint64_t block[64], int)
-    -> decltype(void(Isa::pixel_words(x, channel_stride, x, channels, count, block))) {
-  if (!Isa::pixel_words(x, channel_stride, source.threshold ? source.threshold + c0 : nullptr, channels, count, block))
-    transposed_words<Isa>(source, x, channel_stride, c0, channels, count, block);
-}
-template <class Isa, class Source>
-void pixel_words(const Source& source, const typename Source::T* x, int64_t channel_stride, int64_t c0,
-                 int64_t channels, int64_t count, uint64_t block[64], long) {
-  transposed_words<Isa>(source, x, channel_stride, c0, channels, count, block);
-}
-
 template <class Isa>
 uint64_t below_strided(const float* x, int64_t stride, float t, int64_t count) {
   if (stride == 1) return Isa::below(x, t, count);
@@ -126,41 +103,66 @@ uint64_t below_strided(const float* x, int64_t stride, float t, int64_t count) {
   return bits;
 }
 
-// What packing reads: floats compared with a per-channel threshold, or bytes that are already signs.
+// block[i] = the packed word of pixel i (i < count <= 64) of `channels` (<= 64) channels from c0, channel c's
+// pixels at x + c * channel_stride + i * pixel_stride: one run of pixels per channel, then the 64x64 bit transpose.
+template <class Source>
+void transposed_words(const Source& source, const typename Source::T* x, int64_t channel_stride,
+                      int64_t pixel_stride, int64_t c0, int64_t channels, int64_t count, uint64_t block[64]) {
+  for (int64_t c = 0; c < channels; ++c) block[c] = source.run(x + c * channel_stride, pixel_stride, c0 + c, count);
+  for (int64_t c = channels; c < 64; ++c) block[c] = 0;
+  Source::transpose(block);
+}
+// The same words from unit-stride pixels through Isa::pixel_words, where the family has it: it builds the words
+// directly for the channel counts where that costs less, and returns false for the others.
+template <class Isa, class Source>
+auto pixel_words(const Source& source, const float* x, int64_t channel_stride, int64_t c0, int64_t channels,
+                 int64_t count, uint64_t block[64], int)
+    -> decltype(void(Isa::pixel_words(x, channel_stride, x, channels, count, block))) {
+  if (!Isa::pixel_words(x, channel_stride, source.threshold ? source.threshold + c0 : nullptr, channels, count, block))
+    transposed_words(source, x, channel_stride, 1, c0, channels, count, block);
+}
+template <class Isa, class Source>
+void pixel_words(const Source& source, const float* x, int64_t channel_stride, int64_t c0, int64_t channels,
+                 int64_t count, uint64_t block[64], long) {
+  transposed_words(source, x, channel_stride, 1, c0, channels, count, block);
+}
+
+// What packing reads: floats compared with a per-channel threshold, or bytes that are already signs. run() packs
+// `count` pixels of channel c, `stride` elements apart; words() fills a block as transposed_words does.
 template <class Isa>
 struct FloatSource {
   using T = float;
   const float* threshold;  // per input channel, or nullptr for 0
-  float t(int64_t c) const { return threshold ? threshold[c] : 0.0f; }
-  uint64_t run(const float* x, int64_t c, int64_t count) const { return Isa::below(x, t(c), count); }
+  uint64_t run(const float* x, int64_t stride, int64_t c, int64_t count) const {
+    return below_strided<Isa>(x, stride, threshold ? threshold[c] : 0.0f, count);
+  }
   uint64_t across_channels(const float* x, int64_t c0, int64_t count) const {
     return threshold ? Isa::below_each(x, threshold + c0, count) : Isa::below(x, 0.0f, count);
   }
-  uint64_t strided(const float* x, int64_t stride, int64_t c, int64_t count) const {
-    return below_strided<Isa>(x, stride, t(c), count);
-  }
   static void transpose(uint64_t a[64]) { transpose_block<Isa>(a, 0); }
-  void words(const float* x, int64_t channel_stride, int64_t c0, int64_t channels, int64_t count,
-             uint64_t block[64]) const {
-    pixel_words<Isa>(*this, x, channel_stride, c0, channels, count, block, 0);
+  void words(const float* x, int64_t channel_stride, int64_t pixel_stride, int64_t c0, int64_t channels,
+             int64_t count, uint64_t block[64]) const {
+    if (pixel_stride == 1)
+      pixel_words<Isa>(*this, x, channel_stride, c0, channels, count, block, 0);
+    else
+      transposed_words(*this, x, channel_stride, pixel_stride, c0, channels, count, block);
   }
 };
 
 template <class Isa>
 struct SignSource {
   using T = uint8_t;
-  uint64_t run(const uint8_t* x, int64_t, int64_t count) const { return Isa::nonzero(x, count); }
-  uint64_t across_channels(const uint8_t* x, int64_t, int64_t count) const { return Isa::nonzero(x, count); }
-  uint64_t strided(const uint8_t* x, int64_t stride, int64_t, int64_t count) const {
+  uint64_t run(const uint8_t* x, int64_t stride, int64_t, int64_t count) const {
     if (stride == 1) return Isa::nonzero(x, count);
     uint64_t bits = 0;
     for (int64_t i = 0; i < count; ++i) bits |= static_cast<uint64_t>(x[i * stride] != 0) << i;
     return bits;
   }
+  uint64_t across_channels(const uint8_t* x, int64_t, int64_t count) const { return Isa::nonzero(x, count); }
   static void transpose(uint64_t a[64]) { transpose_block<Isa>(a, 0); }
-  void words(const uint8_t* x, int64_t channel_stride, int64_t c0, int64_t channels, int64_t count,
-             uint64_t block[64]) const {
-    pixel_words<Isa>(*this, x, channel_stride, c0, channels, count, block, 0);
+  void words(const uint8_t* x, int64_t channel_stride, int64_t pixel_stride, int64_t c0, int64_t channels,
+             int64_t count, uint64_t block[64]) const {
+    transposed_words(*this, x, channel_stride, pixel_stride, c0, channels, count, block);
   }
 };
 
@@ -249,7 +251,7 @@ void pack_rows(const ConvParams& p, const typename Source::T* x, TensorStrides s
       for (int64_t g = 0; g < p.groups; ++g)
         for (int64_t w = 0; w < wpg; ++w) {
           const int64_t c0 = g * cg + 64 * w, channels = imin(64, cg - 64 * w);
-          source.words(x + n * s.n + c0 * s.c + f0, s.c, c0, channels, count, block);
+          source.words(x + n * s.n + c0 * s.c + f0, s.c, 1, c0, channels, count, block);
           // Scattered one image row at a time: a run of consecutive columns steps through phases and positions.
           for (int64_t i = 0, ih = ih0, iw = iw0; i < count; ++ih, iw = 0) {
             const int64_t run = imin(count - i, p.in_w - iw);
@@ -275,14 +277,7 @@ void pack_rows(const ConvParams& p, const typename Source::T* x, TensorStrides s
         }
         for (int64_t iw0 = 0; iw0 < p.in_w; iw0 += 64) {
           const int64_t count = imin(64, p.in_w - iw0);
-          if (s.w == 1) {
-            source.words(src + iw0, s.c, c0, channels, count, block);
-          } else {
-            for (int64_t c = 0; c < channels; ++c)
-              block[c] = source.strided(src + c * s.c + iw0 * s.w, s.w, c0 + c, count);
-            for (int64_t c = channels; c < 64; ++c) block[c] = 0;
-            Source::transpose(block);
-          }
+          source.words(src + iw0 * s.w, s.c, s.w, c0, channels, count, block);
           sink.put_run(n, r, word, w, iw0 + p.pad_left, block, count);
         }
       }

@@ -40,7 +40,7 @@ void fill_signed(std::vector<float>& v) {
   }
 }
 
-enum class Layout { Nchw, ChannelsLast, RowPadded };
+enum class Layout { Nchw, ChannelsLast, RowPadded, ColumnStrided };
 
 // x_shift / w_shift move the normal samples (e.g. -3 / +3: almost every XOR bit set, the worst case for narrow
 // accumulators).
@@ -50,7 +50,9 @@ void check_case(const ConvParams& p, Layout layout, bool with_affine, const std:
   EXPECT(err.empty(), "%s: validate: %s", label.c_str(), err.c_str());
   if (!err.empty()) return;
   // RowPadded: rows 3 floats apart more than their width (a sliced tensor), which takes the packer's row path.
-  const int64_t row = layout == Layout::RowPadded ? p.in_w + 3 : p.in_w;
+  // ColumnStrided: every other column of a twice-as-wide tensor (x[..., ::2]), the row path with a pixel stride.
+  const int64_t column = layout == Layout::ColumnStrided ? 2 : 1;
+  const int64_t row = layout == Layout::RowPadded ? p.in_w + 3 : p.in_w * column;
   std::vector<float> x(p.batch * p.in_channels * p.in_h * row), w(p.out_channels * p.channels_per_group() * p.taps());
   fill_signed(x);
   fill_signed(w);
@@ -58,7 +60,7 @@ void check_case(const ConvParams& p, Layout layout, bool with_affine, const std:
   for (auto& e : w) e += w_shift;
   TensorStrides s = layout == Layout::ChannelsLast
                         ? TensorStrides{p.in_h * p.in_w * p.in_channels, 1, p.in_w * p.in_channels, p.in_channels}
-                        : TensorStrides{p.in_channels * p.in_h * row, p.in_h * row, row, 1};
+                        : TensorStrides{p.in_channels * p.in_h * row, p.in_h * row, row, column};
   std::vector<float> scale(p.out_channels), bias(p.out_channels);
   for (auto& e : scale) e = std::uniform_real_distribution<float>(0.1f, 2.0f)(rng);
   for (auto& e : bias) e = std::uniform_real_distribution<float>(-3.0f, 3.0f)(rng);
@@ -120,9 +122,10 @@ void test_random_shapes(int count) {
     p.in_h = pick(1, 19);
     p.in_w = pick(1, 40);
     if (!validate(p).empty()) continue;  // kernel larger than the padded input
-    const Layout layouts[] = {Layout::Nchw, Layout::Nchw, Layout::ChannelsLast, Layout::RowPadded};
+    const Layout layouts[] = {Layout::Nchw, Layout::Nchw, Layout::ChannelsLast, Layout::RowPadded,
+                              Layout::ColumnStrided};
     const bool threshold = pick(0, 2) == 0;
-    check_case(p, layouts[pick(0, 3)], pick(0, 1) == 1, describe(p) + (threshold ? " threshold" : ""), threshold);
+    check_case(p, layouts[pick(0, 4)], pick(0, 1) == 1, describe(p) + (threshold ? " threshold" : ""), threshold);
   }
 }
 
