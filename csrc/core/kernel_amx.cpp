@@ -354,8 +354,10 @@ void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& s
       for (int v = 0; v < channels; ++v) {
         const int64_t plane = (n * p.out_channels + first + v) * plane_size;
         const ChannelValues<Avx512Lanes> along = channel_values<Avx512Lanes>(e, first + v);
+        const ResidualSource residual = residual_source(e, n, first + v, p.out_channels, plane_size);
         for (int sgi = 0; sgi < seg.count; ++sgi)
-          finish<Avx512Lanes>(e, along, _mm512_castsi512_ps(y[v]), {plane + seg.offset[sgi], 0, seg.mask[sgi], false});
+          finish<Avx512Lanes>(e, along, _mm512_castsi512_ps(y[v]), {plane + seg.offset[sgi], 0, seg.mask[sgi], false},
+                              residual);
       }
     }
   }

@@ -262,7 +262,7 @@ struct Avx2Isa {
         if (!bs.stored(i, v)) continue;
         const ChannelValues<Avx2Lanes> c = bs.values<Avx2Lanes>(v);
         const __m256 y = channel_output(low[v], high[v], depth, bs, c, i, v);
-        if (plain) finish<Avx2Lanes, true>(e, c, y, {bs.at(i, v), kStrip});
+        if (plain) finish<Avx2Lanes, true>(e, c, y, {bs.at(i, v), kStrip}, bs.residual[v]);
         else finish_rare(e, bs, i, v, y);
       }
     }
@@ -338,7 +338,7 @@ struct Avx2Isa {
   static __attribute__((noinline)) void finish_rare(const EpilogueParams& e,
                                                     const BlockStore<kStrips, kChannels, kStrip>& bs, int i, int v,
                                                     __m256 y) {
-    finish<Avx2Lanes>(e, bs.values<Avx2Lanes>(v), y, {bs.at(i, v), bs.lanes[i]});
+    finish<Avx2Lanes>(e, bs.values<Avx2Lanes>(v), y, {bs.at(i, v), bs.lanes[i]}, bs.residual[v]);
   }
 
   // Popcount of every nibble value, for vpshufb.

@@ -105,7 +105,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
           if (!bs.channel_real[v]) break;  // past the group's last channel (the block's last channels only)
           const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
           const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
-          finish<Avx512Lanes, true>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split});
+          finish<Avx512Lanes, true>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split}, bs.residual[v]);
         }
         continue;
       }
@@ -114,7 +114,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
         if (!bs.stored(i, v)) continue;
         const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
         const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
-        finish<Avx512Lanes>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split});
+        finish<Avx512Lanes>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split}, bs.residual[v]);
       }
     }
   }
@@ -200,7 +200,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
       for (int v = 0; v < kChannels; ++v) {
         const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
         const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
-        finish<Avx512Lanes, kPlain>(e, c, y, {bs.at(i, v), 0, Avx512Lanes::kAll, false});
+        finish<Avx512Lanes, kPlain>(e, c, y, {bs.at(i, v), 0, Avx512Lanes::kAll, false}, bs.residual[v]);
       }
     }
   }

@@ -300,6 +300,7 @@ struct BlockStore {
   int lanes[P];
   bool border[P];  // strip i reads padding (pad_value 0): correction(i, v, lane) applies
   ChannelValues<OneLane> operands[V];  // channel v's scale, bias, PReLU slope and sign threshold
+  ResidualSource residual[V];          // where channel v's residual comes from (NCHW; see residual_source)
   int32_t depth;
   // pad_value 0 (read for border strips only): lane_class[i][lane] is the padding class of strip i's lane
   // (ZeroPadCorrection; 0 for none), class_value[v][class] what channel v's dot loses in that class. A strip costs
@@ -453,6 +454,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
                                     : (n * p.out_channels + channel) * oh_count * ow_count;
         bs.channel_real[v] = real;
         bs.operands[v] = channel_values<OneLane>(st, channel);
+        bs.residual[v] = residual_source(st, n, channel, p.out_channels, oh_count * ow_count);
         if (zp) bs.class_value[v] = zp->value.data() + channel * zp->classes;
       }
       channels_real = (cb + 1) * V <= og;

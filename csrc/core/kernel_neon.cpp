@@ -197,8 +197,8 @@ struct NeonIsa : NoPreparation {
           }
           const NeonLanes::At at{bs.at(i, v, 4 * h), bs.lanes[i] - 4 * h < 4 ? bs.lanes[i] - 4 * h : 4,
                                  bs.lane_stride};
-          if (bs.plain) finish<NeonLanes, true>(e, c, affine<NeonLanes>(c, dot), at);
-          else finish<NeonLanes>(e, c, affine<NeonLanes>(c, dot), at);
+          if (bs.plain) finish<NeonLanes, true>(e, c, affine<NeonLanes>(c, dot), at, bs.residual[v]);
+          else finish<NeonLanes>(e, c, affine<NeonLanes>(c, dot), at, bs.residual[v]);
         }
       }
     }

@@ -52,8 +52,8 @@ struct ScalarIsa : NoPreparation {
         for (int lane = 0; lane < bs.lanes[i]; ++lane) {
           int32_t dot = bs.depth - 2 * static_cast<int32_t>(count[i][v][lane]);
           if (bs.border[i]) dot -= bs.correction(i, v, lane);
-          if (bs.plain) finish<OneLane, true>(e, c, affine<OneLane>(c, dot), bs.at(i, v, lane));
-          else finish<OneLane>(e, c, affine<OneLane>(c, dot), bs.at(i, v, lane));
+          if (bs.plain) finish<OneLane, true>(e, c, affine<OneLane>(c, dot), bs.at(i, v, lane), bs.residual[v]);
+          else finish<OneLane>(e, c, affine<OneLane>(c, dot), bs.at(i, v, lane), bs.residual[v]);
         }
       }
   }

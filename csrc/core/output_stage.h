@@ -12,6 +12,7 @@
 //   F    fma(F a, F b, F c)                       a * b + c, rounded once (every family rounds alike)
 //   F    to_float(I)
 //   F    add(F, F)                                rounded on its own, never fused with a neighbour
+//   F    mul(F, F)                                the same for a product
 //   F    prelu(F y, F slope)                      y >= 0 ? y : slope * y (NaN takes the multiply)
 //   F    load(const float* base, const At&)       the real lanes (the others are never stored)
 //   void store(float* base, const At&, F)         the real lanes only
@@ -72,13 +73,49 @@ XNORCONV_STAGE_INLINE typename V::F affine(const ChannelValues<V>& c, typename V
 // Whether a call has none of the optional steps after the affine one (float output, no residual, no PReLU).
 XNORCONV_STAGE_INLINE bool is_plain(const EpilogueParams& e) { return !e.residual && !e.prelu && !e.out_signs; }
 
+// Where one output channel's residual comes from: `count` channels, channel_step elements apart, whose values at an
+// output element's At are loaded from base (base is shifted from the residual tensor so that the output's element
+// indices address the residual's), added in channel order and, for more than one, multiplied by `scale`.
+struct ResidualSource {
+  const float* base;
+  int64_t channel_step;
+  int32_t count;
+  float scale;
+};
+
+// The residual of output channel o of image n, for an output of out_channels planes of `plane` elements: the
+// residual at the output's own elements, or (residual_channels set) the channels real_shortcut maps onto o.
+XNORCONV_STAGE_INLINE ResidualSource residual_source(const EpilogueParams& e, int64_t n, int64_t o,
+                                                     int64_t out_channels, int64_t plane) {
+  const int64_t in = e.residual_channels;
+  if (in == 0 || !e.residual) return {e.residual, 0, 1, 1.0f};
+  const int64_t begin = o * in / out_channels;
+  const int64_t end = out_channels > in ? begin + 1 : ((o + 1) * in + out_channels - 1) / out_channels;
+  // Integer arithmetic on the address: the shifted base may lie outside the tensor, the addresses it forms do not.
+  const int64_t shift_bytes = ((n * in + begin) - (n * out_channels + o)) * plane * int64_t{sizeof(float)};
+  const uintptr_t base = reinterpret_cast<uintptr_t>(e.residual) + static_cast<uintptr_t>(shift_bytes);
+  return {reinterpret_cast<const float*>(base), plane, static_cast<int32_t>(end - begin),
+          1.0f / static_cast<float>(end - begin)};
+}
+
+// The residual's value at `at`: real_shortcut's channel mean, added in its order ((r0 + r1) + r2 ...) * scale.
+template <class V>
+XNORCONV_STAGE_INLINE typename V::F residual_value(const ResidualSource& r, const typename V::At& at) {
+  typename V::F sum = V::load(r.base, at);
+  if (r.count == 1) return sum;
+  for (int32_t j = 1; j < r.count; ++j) sum = V::add(sum, V::load(r.base + j * r.channel_step, at));
+  return V::mul(sum, V::broadcast(r.scale));
+}
+
 // The steps after the affine one: residual add, PReLU, then the float store or the sign bytes. kPlain: the caller
-// knows the call is_plain (the common case), so nothing is tested per vector.
+// knows the call is_plain (the common case), so nothing is tested per vector. `residual`: where this vector's
+// channel reads its residual (residual_source), for callers whose vector holds one channel of an NCHW output; the
+// others read the residual at the output's own elements.
 template <class V, bool kPlain = false>
 XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
-                                  const typename V::At& at) {
+                                  const typename V::At& at, const ResidualSource& residual) {
   if (!kPlain) {
-    if (e.residual) y = V::add(y, V::load(e.residual, at));
+    if (e.residual) y = V::add(y, residual_value<V>(residual, at));
     if (e.prelu) y = V::prelu(y, c.slope);
     if (e.out_signs) {
       V::store_signs(e.out_signs, at, y, c.threshold);
@@ -86,6 +123,11 @@ XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V
     }
   }
   V::store(e.out, at, y);
+}
+template <class V, bool kPlain = false>
+XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
+                                  const typename V::At& at) {
+  finish<V, kPlain>(e, c, y, at, ResidualSource{e.residual, 0, 1, 1.0f});
 }
 
 // The one-lane trait: the portable CPU family and the CUDA kernels (one thread, one output). On the device, adds
@@ -105,6 +147,13 @@ struct OneLane {
     return __fadd_rn(a, b);
 #else
     return a + b;
+#endif
+  }
+  static XNORCONV_STAGE_INLINE F mul(F a, F b) {
+#if defined(__CUDA_ARCH__)
+    return __fmul_rn(a, b);
+#else
+    return a * b;
 #endif
   }
   static XNORCONV_STAGE_INLINE F prelu(F y, F slope) {

@@ -1,6 +1,5 @@
 // The full 2x2 windows of real_shortcut's stride-2 NCHW pool (shortcut.cpp), written once over a family's vector
-// trait V (output_stage.h's broadcast, add, load, store and run), which adds two primitives:
-//   F mul(F a, F b)         a * b, rounded once
+// trait V (output_stage.h's broadcast, add, mul, load, store and run), which adds one primitive:
 //   F pair_sums(F a, F b)   [a0 + a1, a2 + a3, ..., b0 + b1, b2 + b3, ...]: the sums of the consecutive pairs of
 //                           the 2 * kLanes floats of a then b
 // Each output is ((top[2j] + bottom[2j]) + (top[2j + 1] + bottom[2j + 1])) * scale: the row sums first, then the

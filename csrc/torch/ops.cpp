@@ -314,24 +314,30 @@ uint64_t* packed_input_buffer(int64_t words, at::Tensor& own) {
   return kept.data();
 }
 
-// input_shortcut: real_shortcut(input) written where the output stage reads its residual. For a float output that is
-// the output itself: every family reads an element's residual in the vector that then stores that element, so the
-// output stage accumulates onto the shortcut (GEMM's beta = 1), and the shortcut costs no buffer of its own. A sign
-// output gets a float buffer, held by `holder`. The identity shortcut is the input itself, read where it is.
-const float* write_input_shortcut(const ConvParams& p, const at::Tensor& input, const at::Tensor& out, bool nhwc,
-                                  at::Tensor& holder) {
+// input_shortcut: the output stage adds real_shortcut(input). A stride-1 shortcut reads the input where it is: the
+// identity at the output's own elements, and with NCHW output any other channel mapping too, which the output stage
+// then computes from the input's channels (EpilogueParams::residual_channels). The others (stride 2, or NHWC output
+// with other channels) run real_shortcut into the output itself, for a float output: every family reads an
+// element's residual in the vector that then stores that element, so the output stage accumulates onto the
+// shortcut (GEMM's beta = 1) with no buffer of its own. A sign output gets a float buffer, held by `holder`.
+// (A widening stride-2 shortcut's window means over the input's C channels, in a buffer of their own and mapped in
+// the output stage, measured slower than this pass over the output's O channels.)
+void add_input_shortcut(const ConvParams& p, const at::Tensor& input, const at::Tensor& out, bool nhwc,
+                        xnorconv::EpilogueParams& epilogue, at::Tensor& holder) {
   const at::MemoryFormat format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = input.contiguous(format);
-  if (p.stride_h == 1 && p.out_channels == p.in_channels) {
+  if (p.stride_h == 1 && (p.out_channels == p.in_channels || !nhwc)) {
     holder = x;
-    return x.data_ptr<float>();
+    epilogue.residual = x.data_ptr<float>();
+    epilogue.residual_channels = p.out_channels == p.in_channels ? 0 : p.in_channels;
+    return;
   }
   holder = out.scalar_type() == at::kFloat
                ? out
                : at::empty(out.sizes(), out.options().dtype(at::kFloat).memory_format(format));
   const xnorconv::ShortcutShape shape{p.batch, p.in_channels, p.in_h, p.in_w, p.out_channels, p.stride_h, nhwc};
   xnorconv::real_shortcut(shape, x.data_ptr<float>(), holder.data_ptr<float>(), torch_parallel_for);
-  return holder.data_ptr<float>();
+  epilogue.residual = holder.data_ptr<float>();
 }
 
 at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
@@ -366,7 +372,7 @@ at::Tensor binary_conv2d_packed_cpu(const PackedConvArgs& args) {
       xnorconv::conv_weight_words(ops, p) ? formatted_weights().get(ops, p, args.weight_bits) : at::Tensor();
   Epilogue epilogue = make_epilogue(out, write_nhwc, args);
   at::Tensor shortcut;
-  if (args.input_shortcut) epilogue.params.residual = write_input_shortcut(p, input, out, write_nhwc, shortcut);
+  if (args.input_shortcut) add_input_shortcut(p, input, out, write_nhwc, epilogue.params, shortcut);
 
   xnorconv::ConvCall call;
   call.params = p;

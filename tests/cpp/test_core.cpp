@@ -555,6 +555,25 @@ void test_sign_io(int cases) {
       ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
       EXPECT(in_place == fused, "[%s] residual in the output buffer: %s differs from a separate residual",
              name.c_str(), describe(p).c_str());
+      // A residual of another channel count, mapped onto the output's channels by the output stage
+      // (residual_channels): the same bits as real_shortcut's mapping applied first. Narrowing to a mean of 2 or
+      // of uneven ranges, widening by copies.
+      for (const int64_t channels : {2 * p.out_channels, 2 * p.out_channels + 1, (p.out_channels + 1) / 2}) {
+        std::vector<float> source(p.batch * channels * plane_size), mapped(y.size()), got(y.size()), want(y.size());
+        fill_signed(source);
+        const ShortcutShape shape{p.batch, channels, p.out_h(), p.out_w(), p.out_channels, 1, false};
+        real_shortcut(scalar_kernel(), shape, source.data(), mapped.data(), run_serially);
+        st.residual = mapped.data();
+        st.out = want.data();
+        ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
+        st.residual = source.data();
+        st.residual_channels = channels;
+        st.out = got.data();
+        ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
+        st.residual_channels = 0;
+        EXPECT(got == want, "[%s] residual of %lld channels mapped in the output stage: %s differs from the mapped "
+               "residual", name.c_str(), static_cast<long long>(channels), describe(p).c_str());
+      }
       st.residual = nullptr;
       st.prelu = nullptr;
       std::vector<uint8_t> signs(y.size(), 7);
