@@ -98,8 +98,10 @@ def binary_conv2d_packed(input: torch.Tensor, weight: PackedWeight, bias: Option
     output stage: y = prelu(scale * conv + bias + residual), applied before output_signs' test.
 
     input_shortcut=True takes the residual from the input instead: real_shortcut(input, O, stride), the unit's
-    parameter-free shortcut (window mean for stride 2, channel repeat or group mean), computed inside the op (on the
-    CPU into the output, which the output stage then accumulates onto), the same bits as passing it as residual.
+    parameter-free shortcut (window mean for stride 2, channel repeat or group mean), computed inside the op, the
+    same bits as passing it as residual. On the CPU the output stage reads a stride-1 shortcut from the input
+    itself (with NCHW output, its channel repeat or group mean too); a stride-2 one is written into the output
+    first, and the output stage accumulates onto it.
     It needs a float input, stride 1 or 2 on both axes, and an output of ceil(H / stride) x ceil(W / stride) (a 1x1
     conv without padding, or a 3x3 one with padding 1, for instance). On other devices the shortcut is composed
     from aten ops (real_shortcut) and passed as the residual.
