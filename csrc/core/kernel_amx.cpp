@@ -317,7 +317,9 @@ void store_block_nhwc(const ConvParams& p, const AmxGeometry& g, const OutputSta
 // The output stage of one block: c[2 * m + h][position][channel] for position tile m and channel tile h. The
 // affine step runs on the tile's rows (16 channels of one position, with a vector of 16 scales), then the
 // transpose makes each channel's 16 positions a vector to store along its NCHW row, each run of it in place under
-// its lane mask, from where lane 0 would land.
+// its lane mask, from where lane 0 would land. kMappedResidual: the call's residual_channels is set (a separate
+// instance, so that the usual stage's code is not compiled around it: that made it slower).
+template <bool kMappedResidual>
 void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& st, int64_t n, int64_t grp,
                  int64_t cb, int64_t pb, const int32_t (*c)[kTileRows][kTileRows]) {
   const int64_t og = p.out_channels_per_group(), oh = p.out_h(), ow = p.out_w(), plane_size = oh * ow;
@@ -354,10 +356,15 @@ void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& s
       for (int v = 0; v < channels; ++v) {
         const int64_t plane = (n * p.out_channels + first + v) * plane_size;
         const ChannelValues<Avx512Lanes> along = channel_values<Avx512Lanes>(e, first + v);
-        const ResidualSource residual = residual_source(e, n, first + v, p.out_channels, plane_size);
+        if (kMappedResidual) {
+          const ResidualSource residual = residual_source(e, n, first + v, p.out_channels, plane_size);
+          for (int sgi = 0; sgi < seg.count; ++sgi)
+            finish<Avx512Lanes>(e, along, _mm512_castsi512_ps(y[v]),
+                                {plane + seg.offset[sgi], 0, seg.mask[sgi], false}, residual);
+          continue;
+        }
         for (int sgi = 0; sgi < seg.count; ++sgi)
-          finish<Avx512Lanes>(e, along, _mm512_castsi512_ps(y[v]), {plane + seg.offset[sgi], 0, seg.mask[sgi], false},
-                              residual);
+          finish<Avx512Lanes>(e, along, _mm512_castsi512_ps(y[v]), {plane + seg.offset[sgi], 0, seg.mask[sgi], false});
       }
     }
   }
@@ -386,7 +393,8 @@ void amx_conv(const ConvParams& p, const ActivationLayout&, const uint64_t* pack
   // vector units store one block while the tile unit computes the next.
   alignas(64) int32_t c[2][4][kTileRows][kTileRows];
   const __m512i plus = _mm512_set1_epi8(1), minus = _mm512_set1_epi8(-1);
-  const auto store = st.channels_last ? store_block_nhwc : store_block;
+  const auto store =
+      st.channels_last ? store_block_nhwc : st.residual_channels ? store_block<true> : store_block<false>;
   const TileConfig config;
   _tile_loadconfig(&config);
   for (int64_t task = begin; task < end; ++task) {

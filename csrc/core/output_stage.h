@@ -108,14 +108,13 @@ XNORCONV_STAGE_INLINE typename V::F residual_value(const ResidualSource& r, cons
 }
 
 // The steps after the affine one: residual add, PReLU, then the float store or the sign bytes. kPlain: the caller
-// knows the call is_plain (the common case), so nothing is tested per vector. `residual`: where this vector's
-// channel reads its residual (residual_source), for callers whose vector holds one channel of an NCHW output; the
-// others read the residual at the output's own elements.
-template <class V, bool kPlain = false>
-XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
-                                  const typename V::At& at, const ResidualSource& residual) {
+// knows the call is_plain (the common case), so nothing is tested per vector. residual() gives this vector's residual
+// (called only when the call has one).
+template <class V, bool kPlain, class Residual>
+XNORCONV_STAGE_INLINE void finish_with(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
+                                       const typename V::At& at, const Residual& residual) {
   if (!kPlain) {
-    if (e.residual) y = V::add(y, residual_value<V>(residual, at));
+    if (e.residual) y = V::add(y, residual());
     if (e.prelu) y = V::prelu(y, c.slope);
     if (e.out_signs) {
       V::store_signs(e.out_signs, at, y, c.threshold);
@@ -124,10 +123,19 @@ XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V
   }
   V::store(e.out, at, y);
 }
+
+// The residual read at the output's own elements.
 template <class V, bool kPlain = false>
 XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
                                   const typename V::At& at) {
-  finish<V, kPlain>(e, c, y, at, ResidualSource{e.residual, 0, 1, 1.0f});
+  finish_with<V, kPlain>(e, c, y, at, [&] { return V::load(e.residual, at); });
+}
+
+// The residual from `residual` (residual_source): for callers whose vector holds one channel of an NCHW output.
+template <class V, bool kPlain = false>
+XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
+                                  const typename V::At& at, const ResidualSource& residual) {
+  finish_with<V, kPlain>(e, c, y, at, [&] { return residual_value<V>(residual, at); });
 }
 
 // The one-lane trait: the portable CPU family and the CUDA kernels (one thread, one output). On the device, adds
