@@ -502,3 +502,29 @@ def test_model_suite_int8_twins_of_the_reference_nets():
         assert e.reference is not None and e.may_not_deploy
         assert agreement[e.name].startswith("cosine(int8, fp32 logits) = ")
     assert set(model_suite.TWINS["birealnet18"]) == {"birealnet18_fp32", "birealnet18_int8"}
+
+
+def test_compare_conv_tables_reads_the_model_suites_per_convolution_table(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run_dir(name, ms):
+        rows = [{"name": f"c{i}", "in_channels": 32, "out_channels": 16, "kernel": [1, 1], "stride": [1, 1],
+                 "in_hw": [8, 8], "input_shortcut": True, "residual": False, "binary_ms": v} for i, v in enumerate(ms)]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bench.json").write_text(json.dumps(
+            {"models": {"breakdown": {"model": "binary_dnet53"}, "binary_convs": rows}}))
+
+    run_dir("before-1", [0.2, 0.1])
+    run_dir("before-2", [0.4, 0.1])
+    run_dir("before-3", [0.3, 0.1])
+    run_dir("after-1", [0.15, 0.1])
+    tool = os.path.join(root, "tools", "compare_conv_tables.py")
+    out = subprocess.run([sys.executable, tool, str(tmp_path / "before-*"), str(tmp_path / "after-*")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| c0 | 32->16 1x1/1 | 8x8 +shortcut | 0.3000 | 0.1500 | 0.50x |" in out
+    assert "| total (2) |  |  | 0.400 | 0.250 | 0.62x |" in out
+    wrong = subprocess.run([sys.executable, tool, str(tmp_path / "before-*"), str(tmp_path / "after-*"),
+                            "--model", "reactnet_a"], capture_output=True, text=True)
+    assert wrong.returncode != 0 and "has the convolutions of binary_dnet53, not reactnet_a" in wrong.stderr
