@@ -83,19 +83,28 @@ struct ResidualSource {
   float scale;
 };
 
+// real_shortcut's channel mapping (xnorconv_core.h): output channel o of `out` takes the mean of input channels
+// [begin, end) of `in`, a single channel when the shortcut widens (out > in).
+struct ShortcutChannels {
+  int64_t begin, end;
+};
+XNORCONV_STAGE_INLINE ShortcutChannels shortcut_channels(int64_t in, int64_t out, int64_t o) {
+  const int64_t begin = o * in / out;
+  return {begin, out > in ? begin + 1 : ((o + 1) * in + out - 1) / out};
+}
+
 // The residual of output channel o of image n, for an output of out_channels planes of `plane` elements: the
 // residual at the output's own elements, or (residual_channels set) the channels real_shortcut maps onto o.
 XNORCONV_STAGE_INLINE ResidualSource residual_source(const EpilogueParams& e, int64_t n, int64_t o,
                                                      int64_t out_channels, int64_t plane) {
   const int64_t in = e.residual_channels;
   if (in == 0 || !e.residual) return {e.residual, 0, 1, 1.0f};
-  const int64_t begin = o * in / out_channels;
-  const int64_t end = out_channels > in ? begin + 1 : ((o + 1) * in + out_channels - 1) / out_channels;
+  const ShortcutChannels channels = shortcut_channels(in, out_channels, o);
+  const int64_t count = channels.end - channels.begin;
   // Integer arithmetic on the address: the shifted base may lie outside the tensor, the addresses it forms do not.
-  const int64_t shift_bytes = ((n * in + begin) - (n * out_channels + o)) * plane * int64_t{sizeof(float)};
+  const int64_t shift_bytes = ((n * in + channels.begin) - (n * out_channels + o)) * plane * int64_t{sizeof(float)};
   const uintptr_t base = reinterpret_cast<uintptr_t>(e.residual) + static_cast<uintptr_t>(shift_bytes);
-  return {reinterpret_cast<const float*>(base), plane, static_cast<int32_t>(end - begin),
-          1.0f / static_cast<float>(end - begin)};
+  return {reinterpret_cast<const float*>(base), plane, static_cast<int32_t>(count), 1.0f / static_cast<float>(count)};
 }
 
 // The residual's value at `at`: real_shortcut's channel mean, added in its order ((r0 + r1) + r2 ...) * scale.

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "output_stage.h"
 #include "xnorconv_core.h"
 
 namespace xnorconv {
@@ -30,9 +31,8 @@ struct ChannelRange {
 std::vector<ChannelRange> channel_ranges(int64_t in, int64_t out) {
   std::vector<ChannelRange> ranges(static_cast<size_t>(out));
   for (int64_t o = 0; o < out; ++o) {
-    const int64_t begin = o * in / out;
-    const int64_t end = out > in ? begin + 1 : ((o + 1) * in + out - 1) / out;
-    ranges[o] = {begin, end, 1.0f / static_cast<float>(end - begin)};
+    const ShortcutChannels c = shortcut_channels(in, out, o);
+    ranges[o] = {c.begin, c.end, 1.0f / static_cast<float>(c.end - c.begin)};
   }
   return ranges;
 }
