@@ -127,12 +127,21 @@ def stem_section(reps):
                                    memory_format=torch.contiguous_format)[0]
         layer = int8[0]
         rest = nn.Sequential(*[m for m in int8[1:] if not isinstance(m, nn.Identity)])
-        # As freeze() builds it: xnorconv's kernel up to STEM_MAX_OUT_CHANNELS, PyTorch's convolution with the
-        # BatchNorm folded above, the max pool (and a ReLU before it) in xnorconv's pool.
+        # StemConv2d with each convolution it can run (freeze's choice is printed below the table); the max pool (and
+        # a ReLU before it) in xnorconv's pool.
         act = next((m for m in stem[2:] if isinstance(m, (nn.ReLU, nn.PReLU, nn.LeakyReLU))), None)
         pool_layer = stem[3] if pool else None
-        fused = nn.Sequential(xnorconv.StemConv2d.from_float(stem[0], stem[1], act, pool_layer).eval(),
-                              *[m for m in stem[2:] if m is not act and m is not pool_layer])
+
+        def fused_stem(implementation):
+            return nn.Sequential(
+                xnorconv.StemConv2d.from_float(stem[0], stem[1], act, pool_layer, implementation).eval(),
+                *[m for m in stem[2:] if m is not act and m is not pool_layer])
+        chosen = fused_stem("auto")[0]
+        stem_rows = {f"**float: StemConv2d (BN, activation and max pool fused), {kernel}, {layout}**":
+                     (fused_stem(implementation), inp)
+                     for implementation, kernel in (("xnorconv", "xnorconv's kernel"),
+                                                    ("pytorch", "PyTorch's convolution"))
+                     for layout, inp in (("NCHW", x), ("channels_last", xcl))}
         float_cl = copy.deepcopy(stem).to(memory_format=CL)
         bf16 = copy.deepcopy(stem).to(torch.bfloat16, memory_format=CL)
         fbgemm = nn.Sequential(_fbgemm_copy(layer), *rest)
@@ -142,8 +151,7 @@ def stem_section(reps):
             "float (nn.Conv2d, BatchNorm2d, ...), NCHW": (stem, x),
             "float, channels_last": (float_cl, xcl),
             "float, BatchNorm folded into the conv, channels_last": (_folded_float(float_cl), xcl),
-            "**float: StemConv2d (BN, activation and max pool fused), NCHW**": (fused, x),
-            "**float: StemConv2d, channels_last**": (fused, xcl),
+            **stem_rows,
             "**int8: Int8Conv2d (oneDNN engine), NCHW input**": (int8, x),
             "**int8: Int8Conv2d (oneDNN engine), channels_last**": (int8, xcl),
             "int8, the same layer packed for fbgemm, channels_last": (fbgemm, xcl),
@@ -166,6 +174,10 @@ def stem_section(reps):
         lines += [f"**{title}, {size}x{size}** ({reps} rounds; {load_before} before, {load_after} after)", "",
                   _table(("implementation", "median ms", "speedup vs float NCHW", "vs fastest float", "error"), rows),
                   ""]
+        lines += ["freeze's StemConv2d (implementation='auto') runs " + ", ".join(
+            f"{'xnorconv' if direct else 'PyTorch'}'s convolution on {layout} inputs"
+            for layout, direct in (("NCHW", chosen.direct), ("channels_last", chosen.direct_channels_last)))
+            + " for this stem here.", ""]
     return lines
 
 
@@ -200,9 +212,9 @@ def model_section(reps):
              "TorchScript: torch.jit.trace + torch.jit.freeze, as `python -m bench --models` deploys, each checked "
              "against its eager model first. `fp32 / this`: the fp32 twin's eager latency over this row's. `kept "
              "stem / this`: the same model frozen with first_layer='keep' (its stem as PyTorch runs it) over this "
-             "row, same mode. first_layer='float' makes a StemConv2d of both stems: xnorconv's kernel for binary_dnet53's, "
-             "PyTorch's convolution with the BatchNorm folded and xnorconv's max pool (with the ReLU) for "
-             "resnet18's (64 output channels).", ""]
+             "row, same mode. first_layer='float' makes a StemConv2d of both stems: xnorconv's kernel for "
+             "binary_dnet53's; for resnet18's (64 output channels) the convolution timed faster when it is built "
+             "(table 1), with the BatchNorm folded, and xnorconv's max pool (with the ReLU).", ""]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         built = _whole_models()

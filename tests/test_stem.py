@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import xnorconv
 from xnorconv import StemConv2d, binarize, freeze
@@ -209,7 +210,7 @@ def test_freeze_leaves_other_first_layers_and_keep_leaves_all():
     assert not freeze(wide).conv.direct and type(freeze(wide).bn) is nn.Identity
     many = Stem(nn.ReLU()).eval()
     many.conv, many.bn = nn.Conv2d(3, 64, 7, 2, 3), nn.BatchNorm2d(64)
-    assert not freeze(many).conv.direct and isinstance(freeze(many).conv, StemConv2d)
+    assert isinstance(freeze(many).conv, StemConv2d)  # whichever convolution was timed faster (see below)
     reflect = Stem(nn.ReLU()).eval()
     reflect.conv.padding_mode = "reflect"
     assert type(freeze(reflect).conv) is nn.Conv2d
@@ -261,14 +262,70 @@ def test_reference_nets_stems():
         is not None
     assert isinstance(frozen["reactnet_a"].stem.conv, StemConv2d)
     assert frozen["reactnet_a"].stem.conv.prelu_weight is None  # its stem ends in BatchNorm
-    # 64 channels: PyTorch's convolution with the BatchNorm folded in; its max pool (models.blocks.MaxPool2d) stays,
-    # and already runs xnorconv's pool
+    # 64 channels: the convolution timed faster here, with the BatchNorm folded in; its max pool
+    # (models.blocks.MaxPool2d) stays, and already runs xnorconv's pool
     bi_real = frozen["birealnet18"]
-    assert isinstance(bi_real.stem.conv, StemConv2d) and not bi_real.stem.conv.direct and bi_real.stem.conv.pool is None
+    assert isinstance(bi_real.stem.conv, StemConv2d) and bi_real.stem.conv.pool is None
+    assert bi_real.stem.conv.direct == StemConv2d(3, 64, 7, 2, 3).direct
     assert type(bi_real.maxpool) is models.blocks.MaxPool2d
 
 
 # ---- wide first layers and the stem pool ----
+
+@pytest.fixture(params=list(itertools.product([True, False], repeat=2)),
+                ids=lambda choice: "-".join(f"{layout}:{'xnorconv' if direct else 'pytorch'}"
+                                            for layout, direct in zip(("nchw", "nhwc"), choice)))
+def wide_stem_choice(request, monkeypatch):
+    """Each outcome of the timing that picks a wide stem's convolution in each layout, whichever this CPU gives."""
+    import xnorconv._first_layer as first_layer
+    monkeypatch.setattr(first_layer, "_TIMED_CHOICES", {})
+    monkeypatch.setattr(first_layer, "_direct_is_faster", lambda *geometry: request.param)
+    return request.param
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_wide_stem_implementation_is_timed_once_and_can_be_fixed(monkeypatch):
+    import xnorconv._first_layer as first_layer
+    timed = []
+    monkeypatch.setattr(first_layer, "_TIMED_CHOICES", {})
+    monkeypatch.setattr(first_layer, "_direct_is_faster", lambda *geometry: timed.append(geometry) or (True, False))
+    for layer in (StemConv2d(3, 64, 7, 2, 3), StemConv2d(3, 64, 7, 2, 3, activation=True)):
+        assert layer.direct and not layer.direct_channels_last
+    assert timed == [(3, 64, (7, 7), (2, 2), (3, 3), (1, 1))]  # once per geometry (and thread count)
+    narrow, image_free = StemConv2d(3, 32, 3, 2, 1), StemConv2d(8, 64, 3)  # by rule, untimed
+    assert narrow.direct and narrow.direct_channels_last
+    assert not image_free.direct and not image_free.direct_channels_last
+    assert len(timed) == 1
+    fixed = StemConv2d(3, 64, 7, 2, 3, implementation="pytorch")
+    assert not fixed.direct and not fixed.direct_channels_last
+    fixed = StemConv2d(8, 64, 3, implementation="xnorconv")
+    assert fixed.direct and fixed.direct_channels_last
+    with pytest.raises(ValueError, match=r"implementation must be one of \('auto', 'xnorconv', 'pytorch'\), "
+                                         r"got 'fast'"):
+        StemConv2d(3, 64, 7, implementation="fast")
+
+
+def test_wide_stem_timing_runs_both_convolutions():
+    import xnorconv._first_layer as first_layer
+    with torch.no_grad():
+        choice = first_layer._direct_is_faster(3, 48, (5, 5), (2, 2), (2, 2), (1, 1), rounds=1)
+    assert len(choice) == 2 and all(isinstance(c, bool) for c in choice)  # NCHW, channels_last
+    torch.manual_seed(8)
+    conv = nn.Conv2d(3, 48, 5, 2, 2)
+    x = torch.randn(2, 3, 19, 22)
+    with torch.no_grad():
+        outputs = [StemConv2d.from_float(conv, implementation=i)(x) for i in ("xnorconv", "pytorch")]
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outputs[0], conv(x), rtol=1e-5, atol=1e-5)
 
 class PooledStem(nn.Module):
     """resnet18's stem (conv -> BN -> act -> max pool) before a binary layer."""
@@ -290,7 +347,7 @@ class PooledStem(nn.Module):
     (64, "relu", (3, 2, 1, False)), (64, "relu", (2, 2, 0, True)), (64, "prelu", (3, 2, 1, False)),
     (64, "none", (3, 2, 1, True)), (8, "relu", (3, 2, 1, False)), (8, "leaky", (3, 1, 1, False)),
 ])
-def test_freeze_folds_a_wide_stem_with_its_activation_and_pool(out_channels, act, pool, layout):
+def test_freeze_folds_a_wide_stem_with_its_activation_and_pool(out_channels, act, pool, layout, wide_stem_choice):
     torch.manual_seed(out_channels)
     kernel, stride, padding, ceil_mode = pool
     activation = {"relu": nn.ReLU(inplace=True), "prelu": nn.PReLU(out_channels), "none": nn.Identity(),
@@ -303,9 +360,19 @@ def test_freeze_folds_a_wide_stem_with_its_activation_and_pool(out_channels, act
     x = torch.randn(2, 3, 33, 30)
     frozen = freeze(model, memory_format=layout)
     stem = frozen.conv1
-    assert isinstance(stem, StemConv2d) and stem.direct == (out_channels <= 32)
-    # PyTorch's convolution gets its weight in the model's layout (no reorder per call); the direct kernel, NCHW.
-    assert stem.weight.is_contiguous(memory_format=torch.contiguous_format if stem.direct else layout)
+    direct = (stem.direct, stem.direct_channels_last)
+    assert isinstance(stem, StemConv2d) and direct == ((True, True) if out_channels <= 32 else wide_stem_choice)
+    # PyTorch's channels_last convolution gets its weight in the model's layout (no reorder per call); xnorconv's
+    # kernel and PyTorch's NCHW convolution, NCHW.
+    assert stem.weight.is_contiguous(
+        memory_format=torch.contiguous_format if stem.direct_channels_last else layout)
+    # the convolution chosen for the layout the model runs in
+    recorder = RecordOps()
+    with torch.no_grad(), recorder:
+        frozen(x)
+    runs_kernel = direct[layout is torch.channels_last]
+    assert ("xnorconv.first_layer_conv" in recorder.ops) == runs_kernel
+    assert ("aten.convolution" in recorder.ops) != runs_kernel
     assert [type(m) for m in (frozen.bn1, frozen.relu, frozen.maxpool)] == [nn.Identity] * 3
     assert stem.pool == ((kernel, kernel), (stride, stride), (padding, padding), ceil_mode)
     assert stem.activation == {"relu": "relu", "none": False}.get(act, True)

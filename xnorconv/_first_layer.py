@@ -41,6 +41,8 @@ On CPUs without VNNI the u8 x s8 products are summed in pairs into 16 bits, whic
 uses 7 bits (0..127), as PyTorch's x86 default qconfig does (reduce_range).
 """
 import platform
+import time
+from functools import partial
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -424,13 +426,16 @@ class Int8Conv2d(nn.Module):
         return y.squeeze(0) if unbatched else y
 
 
-# The float layer takes images (few input channels) into few output channels: there xnorconv's direct kernel was
-# faster than PyTorch's convolution (16 and 32 channels), where at 64 (resnet18's stem, which oneDNN runs at a good
-# share of the CPU's peak) it was not (docs/perf/first_layer.md, table 1). Other first layers stay nn.Conv2d.
-# The first layers xnorconv::first_layer_conv runs; PyTorch's convolution runs the others (as fast or faster on more
-# output channels, docs/perf/first_layer.md).
+# The float layer takes images (few input channels). Into few output channels (at most STEM_MAX_OUT_CHANNELS: 16 and
+# 32 measured) xnorconv's direct kernel was the faster on every CPU measured, so it runs them. Into more (resnet18's
+# 64) the faster of it and PyTorch's convolution, which then fills its vectors with output channels, depends on the
+# CPU (docs/perf/first_layer.md), so StemConv2d times both when it is built. Other first layers stay nn.Conv2d.
 STEM_MAX_IN_CHANNELS = 4
 STEM_MAX_OUT_CHANNELS = 32
+STEM_IMPLEMENTATIONS = ("auto", "xnorconv", "pytorch")
+# The side of the image on which a wide stem's two implementations are timed: ImageNet's, the usual input of
+# stems that wide.
+_TIMED_IMAGE = 224
 
 
 class StemConv2d(nn.Module):
@@ -438,9 +443,14 @@ class StemConv2d(nn.Module):
     the max pool that follows it (made by freeze(first_layer="float"), see xnorconv._first_layer):
     y = pool(act(conv2d(x, weight) + bias)).
 
-    The convolution: from an image to few channels (at most STEM_MAX_IN_CHANNELS in and STEM_MAX_OUT_CHANNELS out),
-    one pass of xnorconv.functional.first_layer_conv with the bias and activation applied in registers; otherwise
-    PyTorch's convolution with the folded bias. ``activation``: False (none), True (a per-channel PReLU, the
+    The convolution, with ``implementation="auto"`` (the default): from an image to few channels (at most
+    STEM_MAX_IN_CHANNELS in and STEM_MAX_OUT_CHANNELS out), one pass of xnorconv.functional.first_layer_conv with the
+    bias and activation applied in registers; from an image to more channels, for each layout of the input, whichever
+    of that kernel and PyTorch's convolution was faster in that layout when the layer was built (timed on a 224x224
+    image with the threads of that moment, once per process for each geometry; attributes ``direct`` for NCHW
+    inputs and ``direct_channels_last`` say which); from more input channels, PyTorch's convolution with the folded
+    bias. ``implementation="xnorconv"`` or ``"pytorch"`` fixes the choice. Both compute the same function to float
+    rounding. ``activation``: False (none), True (a per-channel PReLU, the
     ``prelu_weight`` buffer: a PReLU's slopes or a LeakyReLU's) or "relu" (a ReLU, ``prelu_weight`` zeros). ``pool``:
     None or (kernel_size, stride, padding, ceil_mode) of a max pool (dilation 1), run by
     xnorconv.functional.max_pool2d, with a ReLU inside the pool where PyTorch's convolution ran.
@@ -451,7 +461,7 @@ class StemConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, *,
-                 activation=False, pool: Optional[Tuple] = None):
+                 activation=False, pool: Optional[Tuple] = None, implementation: str = "auto"):
         super().__init__()
         set_conv2d_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, 1, "zeros")
         if isinstance(padding, str):
@@ -460,7 +470,12 @@ class StemConv2d(nn.Module):
             raise ValueError(f"activation must be False, True (PReLU) or 'relu', got {activation!r}")
         self.activation = activation
         self.pool = _check_pool(pool)
-        self.direct = _direct(in_channels, out_channels)
+        if implementation not in STEM_IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {STEM_IMPLEMENTATIONS}, got {implementation!r}")
+        if implementation == "auto":
+            self.direct, self.direct_channels_last = _direct_by_default(self)
+        else:
+            self.direct = self.direct_channels_last = implementation == "xnorconv"
         kh, kw = self.kernel_size
         self.register_buffer("weight", torch.zeros(out_channels, in_channels, kh, kw))
         self.register_buffer("bias", torch.zeros(out_channels))
@@ -469,9 +484,9 @@ class StemConv2d(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(cls, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d] = None, act: Optional[nn.Module] = None,
-                   pool: Optional[nn.MaxPool2d] = None) -> "StemConv2d":
+                   pool: Optional[nn.MaxPool2d] = None, implementation: str = "auto") -> "StemConv2d":
         """conv [-> bn (eval semantics: running statistics)] [-> act: nn.PReLU, nn.ReLU or nn.LeakyReLU]
-        [-> pool: an nn.MaxPool2d with dilation 1]."""
+        [-> pool: an nn.MaxPool2d with dilation 1]; ``implementation`` as in the constructor."""
         if type(conv) is not nn.Conv2d:
             raise TypeError(f"from_float expects an nn.Conv2d, got {type(conv).__name__}")
         left, right, top, bottom = conv._reversed_padding_repeated_twice
@@ -487,7 +502,8 @@ class StemConv2d(nn.Module):
             raise ValueError(f"pool must be None or an nn.MaxPool2d with dilation 1 and no return_indices, got {pool!r}")
         activation = False if act is None else "relu" if type(act) is nn.ReLU else True
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, (top, left), conv.dilation,
-                    activation=activation, pool=None if pool is None else _pool_args(pool))
+                    activation=activation, pool=None if pool is None else _pool_args(pool),
+                    implementation=implementation)
         w, b = _folded(conv, bn)
         layer.weight.copy_(w)
         layer.bias.copy_(b)
@@ -514,7 +530,8 @@ class StemConv2d(nn.Module):
                              f"{x.shape[1]} (input shape {tuple(input.shape)})")
         (ph, pw) = self.padding
         pool_relu = False
-        if self.direct:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        if self.direct_channels_last if channels_last else self.direct:
             y = _first_layer_conv(x, self.weight, self.bias, self.prelu_weight, self.stride, (ph, ph, pw, pw),
                                   self.dilation)
         else:
@@ -633,9 +650,59 @@ def _stem_candidate(conv: nn.Module) -> bool:
     return conv.groups == 1 and conv.padding_mode == "zeros" and left == right and top == bottom
 
 
-def _direct(in_channels: int, out_channels: int) -> bool:
-    """Whether StemConv2d runs a first layer of these widths through xnorconv's kernel (see StemConv2d)."""
+def _narrow(in_channels: int, out_channels: int) -> bool:
+    """A first layer that StemConv2d runs through xnorconv's kernel without timing it (see StemConv2d)."""
     return in_channels <= STEM_MAX_IN_CHANNELS and out_channels <= STEM_MAX_OUT_CHANNELS
+
+
+# (in, out, kernel, stride, padding, dilation, threads) -> whether xnorconv's kernel was the faster, for NCHW and
+# for channels_last inputs.
+_TIMED_CHOICES = {}
+
+
+def _direct_by_default(layer: "StemConv2d") -> Tuple[bool, bool]:
+    """implementation="auto": whether the layer runs xnorconv's kernel for NCHW and for channels_last inputs (see
+    StemConv2d)."""
+    if layer.in_channels > STEM_MAX_IN_CHANNELS:
+        return False, False
+    if layer.out_channels <= STEM_MAX_OUT_CHANNELS:
+        return True, True
+    if backends() == ["scalar"]:  # no vector family: the portable kernel is no match for PyTorch's
+        return False, False
+    key = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+           torch.get_num_threads())
+    if key not in _TIMED_CHOICES:
+        _TIMED_CHOICES[key] = _direct_is_faster(*key[:6])
+    return _TIMED_CHOICES[key]
+
+
+@torch.no_grad()
+def _direct_is_faster(in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
+                      rounds: int = 5) -> Tuple[bool, bool]:
+    """Times xnorconv's kernel and PyTorch's convolution on one _TIMED_IMAGE-sided image in NCHW and in
+    channels_last (zero weights: the time does not depend on them; PyTorch's weight in the input's layout, as the
+    frozen model gives it), alternating; for each layout, whether the kernel's fastest call beat PyTorch's. The
+    fastest call decides, as for freeze's layout: on a shared machine other work only ever slows a call."""
+    side = max(_TIMED_IMAGE, *((k - 1) * d + 1 for k, d in zip(kernel_size, dilation)))
+    weight, bias = torch.zeros(out_channels, in_channels, *kernel_size), torch.zeros(out_channels)
+    (ph, pw) = padding
+    calls = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(1, in_channels, side, side, generator=torch.Generator().manual_seed(0)).contiguous(
+            memory_format=layout)
+        w = weight.contiguous(memory_format=layout)
+        calls[layout, "xnorconv"] = partial(_first_layer_conv, x, weight, bias, None, stride, (ph, ph, pw, pw),
+                                            dilation)
+        calls[layout, "pytorch"] = partial(F.conv2d, x, w, bias, stride, padding, dilation)
+    fastest = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for key, call in calls.items():
+            call()  # untimed: the first call builds PyTorch's kernel for the shape; later ones bring the operands in
+            start = time.perf_counter()
+            call()
+            fastest[key] = min(fastest[key], time.perf_counter() - start)
+    return tuple(fastest[layout, "xnorconv"] < fastest[layout, "pytorch"]
+                 for layout in (torch.contiguous_format, torch.channels_last))
 
 
 def _convert_float_stem(model: nn.Module, graph: Optional[torch.fx.Graph]) -> nn.Module:
@@ -647,7 +714,7 @@ def _convert_float_stem(model: nn.Module, graph: Optional[torch.fx.Graph]) -> nn
         return model
     conv = model.get_submodule(stem.name) if stem.name else model
     # Without a vector family (an x86 CPU without AVX2), PyTorch's convolution is the faster one.
-    if not _stem_candidate(conv) or (_direct(conv.in_channels, conv.out_channels) and backends() == ["scalar"]):
+    if not _stem_candidate(conv) or (_narrow(conv.in_channels, conv.out_channels) and backends() == ["scalar"]):
         return model
     modules = {kind: model.get_submodule(n) for kind, n in stem.fused}
     layer = StemConv2d.from_float(conv, modules.get("bn"), modules.get("act"), modules.get("float_pool"))

@@ -410,7 +410,9 @@ def freeze(model: nn.Module, inplace: bool = False, fold_bn: bool = True, chain_
       "float" (default): from an image to a few channels (at most 4 in and 32 out, groups 1, the same padding on
         both sides), a StemConv2d, float32 as before, with the BatchNorm2d and the PReLU / ReLU / LeakyReLU that directly follow it
         folded in and fused: one pass of xnorconv's direct convolution, equal to the unfrozen layers to float
-        rounding. Other first layers stay as they are.
+        rounding. From an image to more channels (resnet18's 64), a StemConv2d too, running whichever of that
+        convolution and PyTorch's was faster on this CPU when it was built (see StemConv2d). Other first layers
+        stay as they are.
       "int8": an Int8Conv2d (oneDNN quantized convolution) with the BatchNorm2d / ReLU / MaxPool2d that directly
         follow it folded in; needs calibration=<a float batch of typical inputs> (or a list of batches), which sets
         the int8 input and output scales. Not exact.
@@ -451,10 +453,11 @@ def frozen_memory_format(model: nn.Module) -> Optional[torch.memory_format]:
 
 def _kernel_weights(module: nn.Module) -> bool:
     """Whether the module's 4-D buffers are weights that xnorconv's kernels read as (O, C, kh, kw), which keep their
-    layout when the model's changes. A StemConv2d that runs PyTorch's convolution takes the model's layout, so that
-    the convolution does not reorder its weight on every call. (A module-level function, not a lambda, so that the
+    layout when the model's changes. A StemConv2d that runs PyTorch's convolution on channels_last inputs takes the
+    model's layout, so that the convolution does not reorder its weight on every call (xnorconv's kernel and
+    PyTorch's NCHW convolution both read an NCHW weight). (A module-level function, not a lambda, so that the
     layout hooks holding it pickle.)"""
-    return isinstance(module, FrozenBinaryConv2d) or (isinstance(module, StemConv2d) and module.direct)
+    return isinstance(module, FrozenBinaryConv2d) or (isinstance(module, StemConv2d) and module.direct_channels_last)
 
 
 def _binary_from_conv(conv: nn.Conv2d, options) -> BinaryConv2d:
