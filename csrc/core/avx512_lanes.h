@@ -87,5 +87,36 @@ inline void avx512_window_max(const float* in, float* out, int64_t count, int64_
   }
 }
 
+// KernelOps::stride2_window_max on 16 outputs at a time: tap t of outputs e..e+15 is the even positions of the 32
+// floats from in[2e + t] (one vpermt2ps of two loads). Loads are masked to the row's 2 (count - 1) + k floats; the
+// lanes they leave zero feed only outputs that are not stored.
+inline void avx512_stride2_window_max(const float* in, float* out, int64_t count, int64_t k) {
+  const __m512 quiet_nan = _mm512_set1_ps(__builtin_nanf(""));
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const int64_t length = 2 * (count - 1) + k;
+  auto mask_from = [&](int64_t at) {
+    const int64_t left = length - at;
+    return left >= 16 ? Avx512Lanes::kAll : left <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << left) - 1);
+  };
+  auto tap = [&](int64_t at) {
+    return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(mask_from(at), in + at), even,
+                                  _mm512_maskz_loadu_ps(mask_from(at + 16), in + at + 16));
+  };
+  for (int64_t e = 0; e < count; e += 16) {
+    const __mmask16 real = count - e >= 16 ? Avx512Lanes::kAll : static_cast<__mmask16>((1u << (count - e)) - 1);
+    __m512 m = tap(2 * e);
+    __mmask16 nan = _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
+    // The even taps, then the odd ones: the order of max_pools.cpp's split by phase, which decides which of tied
+    // +0 and -0 is kept.
+    for (int64_t i = 1; i < k; ++i) {
+      const int64_t t = 2 * i < k ? 2 * i : 2 * (i - (k + 1) / 2) + 1;
+      const __m512 v = tap(2 * e + t);
+      m = _mm512_max_ps(v, m);
+      nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
+    }
+    _mm512_mask_storeu_ps(out + e, real, _mm512_mask_mov_ps(m, nan, quiet_nan));
+  }
+}
+
 }  // namespace
 }  // namespace xnorconv

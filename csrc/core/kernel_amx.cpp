@@ -521,6 +521,7 @@ const KernelOps& amx_kernel() {
     k.exact_zero_padding = true;
     k.channels_last_output = true;
     k.window_max = avx512_window_max;  // float work is AVX-512's
+    k.stride2_window_max = avx512_stride2_window_max;
     return with_window_means<Avx512Lanes>(with_first_layer<Avx512Lanes, 16, 14>(k));
   }();
   return ops;

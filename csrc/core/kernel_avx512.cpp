@@ -263,6 +263,7 @@ const KernelOps& avx512_kernel() {
     KernelOps k =
         with_window_means<Avx512Lanes>(with_first_layer<Avx512Lanes, 16, 14>(make_kernel_ops<Avx512Isa>("avx512")));
     k.window_max = avx512_window_max;
+    k.stride2_window_max = avx512_stride2_window_max;
     return k;
   }();
   return ops;

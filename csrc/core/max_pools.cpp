@@ -236,9 +236,9 @@ void nhwc_max_pool(const KernelOps& ops, const MaxPoolShape& s, const float* x, 
   });
 }
 
-// NCHW rows: with stride 1 the windows of a row are one window_max; otherwise the padded row is split by column
-// phase (phase r holds padded pixels r, r + stride, ...), where a window's taps of one phase are consecutive: each
-// phase's window maxima, then the maximum over the phases.
+// NCHW rows: with stride 1 the windows of a row are one window_max, with stride 2 one stride2_window_max where the
+// family has it; otherwise the padded row is split by column phase (phase r holds padded pixels r, r + stride, ...),
+// where a window's taps of one phase are consecutive: each phase's window maxima, then the maximum over the phases.
 void nchw_max_pool(const KernelOps& ops, const MaxPoolShape& s, const float* x, float* out,
                    const ParallelFor& parallel_for) {
   const int64_t out_h = s.out_height(), out_w = s.out_width(), sw = s.stride_w;
@@ -256,6 +256,8 @@ void nchw_max_pool(const KernelOps& ops, const MaxPoolShape& s, const float* x, 
       column_maxima(ops, s, g, x + plane * s.height * s.width, s.width, oy, padded.data());
       if (sw == 1) {
         window_max(ops, padded.data(), row, out_w, 1, s.kernel_w);
+      } else if (sw == 2 && ops.stride2_window_max) {
+        ops.stride2_window_max(padded.data(), row, out_w, s.kernel_w);
       } else {
         for (int64_t r = 0; r < phases; ++r) {
           float* phase = split.data() + r * phase_length;

@@ -186,6 +186,10 @@ struct KernelOps {
   // in[e + t * step] over taps t < k with PyTorch's rule (NaN propagates, as the quiet NaN), the same bits as
   // max_pools.cpp's portable loop, which a nullptr leaves in use.
   void (*window_max)(const float* in, float* out, int64_t count, int64_t step, int64_t k) = nullptr;
+  // The windows of a row pooled with stride 2 (max_pool2d's NCHW rows, the stem pool's case): for e < count,
+  // out[e] = the maximum of in[2 * e + t] over taps t < k with the same rule and bits, reading nothing at or past
+  // in[2 * (count - 1) + k]. nullptr: max_pools.cpp splits the row by column phase and runs window_max on each.
+  void (*stride2_window_max)(const float* in, float* out, int64_t count, int64_t k) = nullptr;
 };
 
 // ---- column folding for thin inputs (fold.cpp) ----
