@@ -314,6 +314,20 @@ def test_wide_stem_implementation_is_timed_once_and_can_be_fixed(monkeypatch):
         StemConv2d(3, 64, 7, implementation="fast")
 
 
+def test_stem_pickled_before_the_per_layout_choice_still_runs():
+    import pickle
+    torch.manual_seed(9)
+    stem = StemConv2d.from_float(nn.Conv2d(3, 8, 3, 2, 1)).eval()
+    state = stem.__dict__.copy()
+    del state["direct_channels_last"]  # as an earlier version pickled it
+    old = StemConv2d.__new__(StemConv2d)
+    old.__setstate__(state)
+    x = torch.randn(1, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert old.direct_channels_last == old.direct and torch.equal(old(x), stem(x))
+        assert torch.equal(pickle.loads(pickle.dumps(stem))(x), stem(x))
+
+
 def test_wide_stem_timing_runs_both_convolutions():
     import xnorconv._first_layer as first_layer
     with torch.no_grad():

@@ -388,6 +388,11 @@ class Int8Conv2d(nn.Module):
             self._packed = (key, packed)
         return packed
 
+    def __setstate__(self, state):
+        # Layers pickled before the per-layout choice have one choice for both layouts.
+        state.setdefault("direct_channels_last", state.get("direct", False))
+        super().__setstate__(state)
+
     def extra_repr(self) -> str:
         s = conv2d_geometry_repr(self)  # bias is always a buffer here: no "bias=False"
         if self.relu:
@@ -512,6 +517,11 @@ class StemConv2d(nn.Module):
         elif isinstance(act, nn.LeakyReLU):
             layer.prelu_weight.fill_(act.negative_slope)
         return layer.to(conv.weight.device)
+
+    def __setstate__(self, state):
+        # Layers pickled before the per-layout choice have one choice for both layouts.
+        state.setdefault("direct_channels_last", state.get("direct", False))
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         s = conv2d_geometry_repr(self)  # bias is always a buffer here: no "bias=False"
@@ -684,12 +694,14 @@ def _direct_is_faster(in_channels: int, out_channels: int, kernel_size, stride, 
     frozen model gives it), alternating; for each layout, whether the kernel's fastest call beat PyTorch's. The
     fastest call decides, as for freeze's layout: on a shared machine other work only ever slows a call."""
     side = max(_TIMED_IMAGE, *((k - 1) * d + 1 for k, d in zip(kernel_size, dilation)))
-    weight, bias = torch.zeros(out_channels, in_channels, *kernel_size), torch.zeros(out_channels)
+    # On the CPU whatever the default device (a model built under torch.device("meta") times real calls too).
+    weight = torch.zeros(out_channels, in_channels, *kernel_size, device="cpu")
+    bias = torch.zeros(out_channels, device="cpu")
     (ph, pw) = padding
     calls = {}
     for layout in (torch.contiguous_format, torch.channels_last):
-        x = torch.randn(1, in_channels, side, side, generator=torch.Generator().manual_seed(0)).contiguous(
-            memory_format=layout)
+        x = torch.randn(1, in_channels, side, side, generator=torch.Generator().manual_seed(0),
+                        device="cpu").contiguous(memory_format=layout)
         w = weight.contiguous(memory_format=layout)
         calls[layout, "xnorconv"] = partial(_first_layer_conv, x, weight, bias, None, stride, (ph, ph, pw, pw),
                                             dilation)
