@@ -431,10 +431,11 @@ class Int8Conv2d(nn.Module):
         return y.squeeze(0) if unbatched else y
 
 
-# The float layer takes images (few input channels). Into few output channels (at most STEM_MAX_OUT_CHANNELS: 16 and
-# 32 measured) xnorconv's direct kernel was the faster on every CPU measured, so it runs them. Into more (resnet18's
-# 64) the faster of it and PyTorch's convolution, which then fills its vectors with output channels, depends on the
-# CPU (docs/perf/first_layer.md), so StemConv2d times both when it is built. Other first layers stay nn.Conv2d.
+# The float layer takes images (few input channels). Into few output channels (at most STEM_MAX_OUT_CHANNELS: 16
+# and 32 measured) xnorconv's direct kernel was the faster in NCHW on every CPU measured, so it runs them. Into more
+# (resnet18's 64) the faster of it and PyTorch's convolution, which then fills its vectors with output channels,
+# depends on the CPU and the layout (docs/perf/first_layer.md), so StemConv2d times both when it is built. Other
+# first layers stay nn.Conv2d.
 STEM_MAX_IN_CHANNELS = 4
 STEM_MAX_OUT_CHANNELS = 32
 STEM_IMPLEMENTATIONS = ("auto", "xnorconv", "pytorch")
