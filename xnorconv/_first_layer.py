@@ -54,7 +54,7 @@ from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._transforms import (LeafTracer, check_foldable_bn, fold_batchnorm, foldable_bn, module_counts,
                           set_submodule)
 from ._checks import _is_int, pair
-from .functional import _first_layer_conv, max_pool2d
+from .functional import _channel_last_layout, _first_layer_conv, max_pool2d
 
 __all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "StemConv2d", "check_first_layer", "convert_first_layer"]
 
@@ -414,7 +414,7 @@ class Int8Conv2d(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"Int8Conv2d: expected input with {self.in_channels} channels (dim 1), got "
                              f"{x.shape[1]} (input shape {tuple(input.shape)})")
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        channels_last = _channel_last_layout(x)
         if self._input_pad is not None:
             x = F.pad(x, self._input_pad, mode="constant" if self.padding_mode == "zeros" else self.padding_mode)
         if self.input_quant_max != 255:  # 7-bit levels: quint8 itself has no narrower range
@@ -541,7 +541,7 @@ class StemConv2d(nn.Module):
                              f"{x.shape[1]} (input shape {tuple(input.shape)})")
         (ph, pw) = self.padding
         pool_relu = False
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        channels_last = _channel_last_layout(x)
         if self.direct_channels_last if channels_last else self.direct:
             y = _first_layer_conv(x, self.weight, self.bias, self.prelu_weight, self.stride, (ph, ph, pw, pw),
                                   self.dilation)
