@@ -235,6 +235,7 @@ struct Avx2Isa {
   }
 
   // tap_offset and word_stride are read through call.word_offsets, which prepare made from them.
+  template <bool kNhwc>
   static void block(const uint64_t* const act[kStrips], const int64_t* /*tap_offset*/, int64_t taps,
                     int64_t words_per_group, int64_t /*word_stride*/, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs, Call& call) {
@@ -252,18 +253,19 @@ struct Avx2Isa {
       if (bs.lanes[i] > kHalf) half(strip + kHalf, words, wb, call, high);
       else
         for (int v = 0; v < kChannels; ++v) high[v] = _mm256_setzero_si256();
-      if (bs.lane_stride != 1) {
+      if constexpr (kNhwc) {
         store_nhwc(low, high, i, bs, depth);
-        continue;
-      }
-      // The common case, decided once per strip: 8 float outputs, scale and bias only (border corrections included).
-      const bool plain = bs.plain && bs.lanes[i] == kStrip;
-      for (int v = 0; v < kChannels; ++v) {
-        if (!bs.stored(i, v)) continue;
-        const ChannelValues<Avx2Lanes> c = bs.values<Avx2Lanes>(v);
-        const __m256 y = channel_output(low[v], high[v], depth, bs, c, i, v);
-        if (plain) finish<Avx2Lanes, true>(e, c, y, {bs.at(i, v), kStrip}, bs.residual[v]);
-        else finish_rare(e, bs, i, v, y);
+      } else {
+        // The common case, decided once per strip: 8 float outputs, scale and bias only (border corrections
+        // included).
+        const bool plain = bs.plain && bs.lanes[i] == kStrip;
+        for (int v = 0; v < kChannels; ++v) {
+          if (!bs.stored(i, v)) continue;
+          const ChannelValues<Avx2Lanes> c = bs.values<Avx2Lanes>(v);
+          const __m256 y = channel_output(low[v], high[v], depth, bs, c, i, v);
+          if (plain) finish<Avx2Lanes, true>(e, c, y, {bs.at(i, v), kStrip}, bs.residual[v]);
+          else finish_rare(e, bs, i, v, y);
+        }
       }
     }
   }
@@ -288,10 +290,10 @@ struct Avx2Isa {
   // NHWC output: a pixel's channels are adjacent in memory, a strip's pixels out_channels apart. The strip's channel
   // vectors (8 pixels each) are transposed into one vector of channels per pixel, each stored (and its residual
   // loaded) with one masked access; the steps after the affine one then run across channels, with the per-channel
-  // operands as vectors. Out of line, as finish_rare, to keep the NCHW loop lean.
-  static __attribute__((noinline)) void store_nhwc(const __m256i (&low)[kChannels], const __m256i (&high)[kChannels],
-                                                   int i, const BlockStore<kStrips, kChannels, kStrip>& bs,
-                                                   __m256i depth) {
+  // operands as vectors. Inline: only block<true> calls it (out of line, its reference parameters kept the counts
+  // in memory, and the NHWC kernel was 10-20% slower in bench_core).
+  static void store_nhwc(const __m256i (&low)[kChannels], const __m256i (&high)[kChannels], int i,
+                         const BlockStore<kStrips, kChannels, kStrip>& bs, __m256i depth) {
     static_assert(kChannels <= 8, "a pixel's channels of a block fill one vector");
     int channels = 0;  // the block's real channels: a prefix
     while (channels < kChannels && bs.channel_real[channels]) ++channels;

@@ -26,22 +26,10 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
   // accumulators + 4 activation registers + temporaries, within the 32 zmm, and 4 loads per 24 products.
   static constexpr int kStrip = 8, kStrips = 4, kChannels = 6;
 
-  // Compiled once per output layout: with the NHWC stage reachable, the accumulators escape into its transposes and
-  // the compiler kept them in memory for the NCHW stores too (64-channel 3x3 and 1x1 layers measured 10-35% slower
-  // in bench_core than with that stage compiled out).
+  template <bool kNhwc>
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
-                    const BlockStore<kStrips, kChannels, kStrip>& bs, Call& call) {
-    if (bs.lane_stride != 1)
-      block_in<true>(act, tap_offset, taps, words_per_group, word_stride, weight, bs, call);
-    else
-      block_in<false>(act, tap_offset, taps, words_per_group, word_stride, weight, bs, call);
-  }
-
-  template <bool kNhwc>
-  static void block_in(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
-                       int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
-                       const BlockStore<kStrips, kChannels, kStrip>& bs, Call&) {
+                    const BlockStore<kStrips, kChannels, kStrip>& bs, Call&) {
     __m512i acc[kStrips][kChannels];
     // One channel word of every strip (at `offset` from its first pixel) against word j of every weight row; the
     // first word sets the accumulators instead of adding to zeros.
@@ -92,10 +80,15 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
     const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i depth = _mm512_set1_epi32(bs.depth);
     const EpilogueParams& e = *bs.epilogue;
-    if constexpr (kNhwc) {
+    if constexpr (kNhwc)
       store_nhwc(acc, bs, e, low_dwords, depth);
-      return;
-    }
+    else
+      store_nchw(acc, bs, e, low_dwords, depth);
+  }
+
+  template <class Acc>
+  static void store_nchw(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs, const EpilogueParams& e,
+                         __m512i low_dwords, __m512i depth) {
     if (bs.dense) {
       if (bs.plain) dense_store<true>(acc, bs, e, low_dwords, depth);
       else dense_store<false>(acc, bs, e, low_dwords, depth);

@@ -12,12 +12,16 @@
 //                                    const int64_t* tap_offset)
 //        whatever the family derives once per task range from the call (split planes, offset lists): run before the
 //        range's first block, on the thread that runs it; families that need nothing inherit NoPreparation
+//   template <bool kNhwc>
 //   void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps, int64_t words_per_group,
 //              int64_t word_stride, const uint64_t* const weight[kChannels], const BlockStore<kStrips, kChannels>&,
 //              Call&)
 //        accumulates one block of kStrips strips x kChannels output channels and writes it through the output
 //        stage, keeping the accumulators in registers; act[i] points into `packed`, and everything a block reads
-//        comes from its arguments (no state left behind by other code)
+//        comes from its arguments (no state left behind by other code). kNhwc is the call's output layout
+//        (bs.lane_stride != 1), fixed per call: each layout's instance is compiled without the other's output
+//        stage, since a family's NHWC stage takes its accumulators by reference, and with that stage reachable
+//        the compiler kept them in memory for the NCHW stores too
 //   uint64_t peak_probe(int64_t iterations)                   see KernelOps::peak_probe
 // and may provide
 //   void transpose64(uint64_t a[64])   the same result as the portable transpose64 below, in vector registers
@@ -400,11 +404,10 @@ void strip_block_setup(const ConvParams& p, const ActivationLayout& l, const Tas
 // blocks the table would outgrow L2, and a block is then deep or wide enough for its setup not to matter.
 constexpr int64_t kMaxCachedStripBlocks = 1024;
 
-template <class Isa>
-void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
-                const OutputStage& st, int64_t begin, int64_t end) {
+template <class Isa, bool kNhwc>
+void conv_tasks_in(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
+                   const OutputStage& st, int64_t begin, int64_t end) {
   constexpr int SW = Isa::kStrip, P = Isa::kStrips, V = Isa::kChannels;
-  if (begin >= end) return;
   const TaskSpace ts = conv_task_space<Isa>(p);
   int64_t offsets[kMaxTaps];
   tap_offsets(p, l, offsets);
@@ -413,7 +416,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
   const ZeroPadCorrection* zp = p.pad_value == PadValue::Zero ? st.zero_pad : nullptr;
   // NHWC output: a pixel's channels are adjacent, so a channel's offset is its index and a pixel's is scaled by the
   // channel count (the strip side is cached in pixels, the same for both layouts).
-  const bool nhwc = st.channels_last != 0;
+  constexpr bool nhwc = kNhwc;
   BlockStore<P, V, SW> bs;
   bs.epilogue = &st;
   bs.lane_stride = nhwc ? p.out_channels : 1;
@@ -478,7 +481,7 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
       for (int i = 0; i < P; ++i)
         if (strips->border[i])
           for (int lane = 0; lane < SW; ++lane) bs.lane_class[i][lane] = strips->lane_class[i][lane];
-    Isa::block(act, offsets, taps, wpg, l.row_words, wrow, bs, call);
+    Isa::template block<kNhwc>(act, offsets, taps, wpg, l.row_words, wrow, bs, call);
 
     if (++sb == ts.strip_blocks) {
       sb = 0;
@@ -492,6 +495,16 @@ void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* 
       }
     }
   }
+}
+
+template <class Isa>
+void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
+                const OutputStage& st, int64_t begin, int64_t end) {
+  if (begin >= end) return;
+  if (st.channels_last)
+    conv_tasks_in<Isa, true>(p, l, x, w, st, begin, end);
+  else
+    conv_tasks_in<Isa, false>(p, l, x, w, st, begin, end);
 }
 
 template <class Isa>

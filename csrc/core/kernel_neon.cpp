@@ -146,6 +146,7 @@ struct NeonIsa : NoPreparation {
       }
   }
 
+  template <bool kNhwc>
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs, Call&) {
@@ -196,7 +197,7 @@ struct NeonIsa : NoPreparation {
             dot = vsubq_s32(dot, vld1q_s32(correction));
           }
           const NeonLanes::At at{bs.at(i, v, 4 * h), bs.lanes[i] - 4 * h < 4 ? bs.lanes[i] - 4 * h : 4,
-                                 bs.lane_stride};
+                                 kNhwc ? bs.lane_stride : 1};  // NCHW: the store's contiguous test folds away
           if (bs.plain) finish<NeonLanes, true>(e, c, affine<NeonLanes>(c, dot), at, bs.residual[v]);
           else finish<NeonLanes>(e, c, affine<NeonLanes>(c, dot), at, bs.residual[v]);
         }

@@ -30,6 +30,7 @@ struct ScalarIsa : NoPreparation {
     return bits;
   }
 
+  template <bool kNhwc>  // the lanes' stride is bs.lane_stride either way
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs, Call&) {
