@@ -246,9 +246,13 @@ void nchw_max_pool(const KernelOps& ops, const MaxPoolShape& s, const float* x, 
   const int64_t phase_length = out_w + (s.kernel_w - 1) / sw;  // phase pixels any window reads
   const int64_t phases = std::min(sw, s.kernel_w);               // phases with taps
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, out_w));
+  const bool phase_split = sw > 2 || (sw == 2 && !ops.stride2_window_max);
   parallel_for(s.batch * s.channels * out_h, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> padded(static_cast<size_t>(g.pixels)), split(static_cast<size_t>(phases * phase_length)),
-        maxima(static_cast<size_t>(phases * out_w));
+    std::vector<float> padded(static_cast<size_t>(g.pixels)), split, maxima;
+    if (phase_split) {
+      split.resize(static_cast<size_t>(phases * phase_length));
+      maxima.resize(static_cast<size_t>(phases * out_w));
+    }
     fill_padding(g, s.pad_w, padded.data());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / out_h, oy = task % out_h;
@@ -256,7 +260,7 @@ void nchw_max_pool(const KernelOps& ops, const MaxPoolShape& s, const float* x, 
       column_maxima(ops, s, g, x + plane * s.height * s.width, s.width, oy, padded.data());
       if (sw == 1) {
         window_max(ops, padded.data(), row, out_w, 1, s.kernel_w);
-      } else if (sw == 2 && ops.stride2_window_max) {
+      } else if (!phase_split) {
         ops.stride2_window_max(padded.data(), row, out_w, s.kernel_w);
       } else {
         for (int64_t r = 0; r < phases; ++r) {
