@@ -122,24 +122,36 @@ def _real_shortcut_fake(input, out_channels, stride):
     return out.contiguous(memory_format=_channel_layout_like(input))
 
 
+def _first_layer_conv_size(h, w, kh, kw, stride, padding, dilation):
+    return (_out_size(h, kh, stride[0], padding[0], padding[0], dilation[0]),
+            _out_size(w, kw, stride[1], padding[1], padding[1], dilation[1]))
+
+
 @torch.library.register_fake("xnorconv::first_layer_conv")
-def _first_layer_conv_fake(input, weight, bias, prelu_weight, stride, padding, dilation):
+def _first_layer_conv_fake(input, weight, bias, prelu_weight, stride, padding, dilation, pool_kernel_size=None,
+                           pool_stride=(1, 1), pool_padding=(0, 0), pool_ceil_mode=False, pool_relu=False):
     torch._check(input.dim() == 4, lambda: f"first_layer_conv: input must be 4-D (N, C, H, W), got {input.dim()}-D")
     torch._check(weight.dim() == 4 and weight.shape[1] == input.shape[1],
                  lambda: f"first_layer_conv: weight of shape {tuple(weight.shape)} does not fit input of shape "
                          f"{tuple(input.shape)}")
     n, _, h, w = input.shape
     out_channels, _, kh, kw = weight.shape
-    oh = _out_size(h, kh, stride[0], padding[0], padding[0], dilation[0])
-    ow = _out_size(w, kw, stride[1], padding[1], padding[1], dilation[1])
+    oh, ow = _first_layer_conv_size(h, w, kh, kw, stride, padding, dilation)
+    if pool_kernel_size is not None:
+        oh, ow = (pooled_size(size, pool_kernel_size[i], pool_padding[i], pool_stride[i], pool_ceil_mode)
+                  for i, size in enumerate((oh, ow)))
     out = input.new_empty((n, out_channels, oh, ow))
     return out.contiguous(memory_format=_channel_layout_like(input))
 
 
 @register_flop_formula(torch.ops.xnorconv.first_layer_conv)
-def _first_layer_conv_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
-    """What torch.utils.flop_counter counts for the float convolution it is (a multiply and an add per MAC)."""
-    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape))
+def _first_layer_conv_flops(x_shape, w_shape, bias_shape, prelu_shape, stride, padding, dilation, *pool,
+                            out_shape=None, **kwargs) -> int:
+    """What torch.utils.flop_counter counts for the float convolution it is (a multiply and an add per MAC); a
+    fused max pool's comparisons are not counted, as the flop counter counts none for F.max_pool2d."""
+    conv_shape = [out_shape[0], out_shape[1],
+                  *_first_layer_conv_size(x_shape[2], x_shape[3], w_shape[2], w_shape[3], stride, padding, dilation)]
+    return conv_flop_count(list(x_shape), list(w_shape), conv_shape)
 
 
 def pooled_size(size, kernel, pad, stride, ceil_mode):

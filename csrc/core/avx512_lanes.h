@@ -102,19 +102,28 @@ inline void avx512_stride2_window_max(const float* in, float* out, int64_t count
     return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(mask_from(at), in + at), even,
                                   _mm512_maskz_loadu_ps(mask_from(at + 16), in + at + 16));
   };
-  for (int64_t e = 0; e < count; e += 16) {
-    const __mmask16 real = count - e >= 16 ? Avx512Lanes::kAll : static_cast<__mmask16>((1u << (count - e)) - 1);
-    __m512 m = tap(2 * e);
+  auto whole_tap = [&](int64_t at) {
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(in + at), even, _mm512_loadu_ps(in + at + 16));
+  };
+  // The even taps, then the odd ones: the order of max_pools.cpp's split by phase, which decides which of tied +0
+  // and -0 is kept.
+  auto outputs = [&](int64_t e, auto load) {
+    __m512 m = load(2 * e);
     __mmask16 nan = _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
-    // The even taps, then the odd ones: the order of max_pools.cpp's split by phase, which decides which of tied
-    // +0 and -0 is kept.
     for (int64_t i = 1; i < k; ++i) {
       const int64_t t = 2 * i < k ? 2 * i : 2 * (i - (k + 1) / 2) + 1;
-      const __m512 v = tap(2 * e + t);
+      const __m512 v = load(2 * e + t);
       m = _mm512_max_ps(v, m);
       nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
     }
-    _mm512_mask_storeu_ps(out + e, real, _mm512_mask_mov_ps(m, nan, quiet_nan));
+    return _mm512_mask_mov_ps(m, nan, quiet_nan);
+  };
+  int64_t e = 0;
+  // 16 outputs whose taps all lie in the row: plain loads, without the masks the row's end needs.
+  for (; e + 16 <= count && 2 * e + 32 + k - 1 <= length; e += 16) _mm512_storeu_ps(out + e, outputs(e, whole_tap));
+  for (; e < count; e += 16) {
+    const __mmask16 real = count - e >= 16 ? Avx512Lanes::kAll : static_cast<__mmask16>((1u << (count - e)) - 1);
+    _mm512_mask_storeu_ps(out + e, real, outputs(e, tap));
   }
 }
 

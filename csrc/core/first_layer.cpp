@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "xnorconv_core.h"
+#include "max_pool_rows.h"
 
 namespace xnorconv {
 
@@ -106,15 +107,13 @@ std::string validate(const FirstLayerShape& s) {
   return {};
 }
 
-void first_layer_conv(const KernelOps& ops, const FirstLayerCall& call, const ParallelFor& parallel_for) {
+namespace {
+
+// The layer's output rows in bands of rows_per_task, each written straight to out.
+void unpooled(const KernelOps& ops, const FirstLayerCall& call, const BlockedOperands& blocked, int64_t row_width,
+              const ParallelFor& parallel_for) {
   const FirstLayerShape& s = call.shape;
-  if (s.batch == 0) return;
   const int64_t out_h = s.out_height(), out_w = s.out_width();
-  const BlockedOperands blocked = blocked_operands(call, ops.first_layer_channels);
-  // Tap column j*dilation_w of output pixel x is phase (j*dilation_w) % stride_w at x + (j*dilation_w) / stride_w;
-  // a block starting at any pixel of the row reads at most first_layer_pixels positions from there, so no read
-  // runs past the row.
-  const int64_t row_width = out_w + ops.first_layer_pixels + (s.kernel_w - 1) * s.dilation_w / s.stride_w;
   const int64_t rows_per_task =
       std::clamp<int64_t>(kOutputsPerTask / std::max<int64_t>(1, out_w * s.out_channels), 1, out_h);
   const int64_t bands = (out_h + rows_per_task - 1) / rows_per_task;
@@ -126,13 +125,110 @@ void first_layer_conv(const KernelOps& ops, const FirstLayerCall& call, const Pa
       const int64_t row_count = (row_end - 1 - row_begin) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
       rows.resize(static_cast<size_t>(s.in_channels * row_count * s.stride_w * row_width));
       prepare_rows(call, n, row_begin * s.stride_h - s.pad_h, row_count, row_width, rows.data());
-      const FirstLayerRows operands{&call,        blocked.weight.data(), blocked.bias.data(),
-                                    call.slope ? blocked.slope.data() : nullptr,
-                                    rows.data(),  n,                     row_count,
-                                    row_width};
+      float* const out = call.out + (s.channels_last ? (n * out_h + row_begin) * out_w * s.out_channels
+                                                     : n * s.out_channels * out_h * out_w + row_begin * out_w);
+      const FirstLayerRows operands{&call, blocked.weight.data(), blocked.bias.data(),
+                                    call.slope ? blocked.slope.data() : nullptr, rows.data(), row_count, row_width,
+                                    out, out_h};
       ops.first_layer_rows(operands, row_begin, row_end);
     }
   });
+}
+
+// Pooled output rows computed from this many of the layer's output rows at a time, at most (all channels): enough
+// that carrying the rows two groups share costs little, few enough to stay in the core's L2 cache.
+constexpr int64_t kPoolGroupOutputs = 65536;
+
+// With a max pool: each task takes a band of one image's pooled rows and computes the layer's output rows they read
+// group by group into a buffer (the output's layout, all channels), keeping the rows the next group reads too, and
+// pools each group's rows from there.
+void pooled(const KernelOps& ops, const FirstLayerCall& call, const BlockedOperands& blocked, int64_t row_width,
+            const ParallelFor& parallel_for) {
+  const FirstLayerShape& s = call.shape;
+  const MaxPoolShape& ps = *call.pool;
+  const int64_t out_h = s.out_height(), out_w = s.out_width(), oc = s.out_channels;
+  const int64_t pooled_h = ps.out_height(), pooled_w = ps.out_width();
+  // Bands per image: enough for every thread to have work, no more (each band computes its first rows again).
+  const int64_t bands =
+      std::clamp<int64_t>((call.threads + s.batch - 1) / s.batch, 1, std::max<int64_t>(1, pooled_h / 4));
+  const int64_t band_rows = (pooled_h + bands - 1) / bands;
+  const int64_t fitting = kPoolGroupOutputs / std::max<int64_t>(1, ps.stride_h * out_w * oc);
+  const int64_t group = std::clamp<int64_t>(call.pool_group_rows > 0 ? call.pool_group_rows : fitting, 1, band_rows);
+  // The layer's output rows pooled rows [p, p + count) read, clipped to the output.
+  const auto first_read = [&](int64_t p) { return std::max<int64_t>(0, p * ps.stride_h - ps.pad_h); };
+  const auto end_read = [&](int64_t p, int64_t count) {
+    return std::min(out_h, (p + count - 1) * ps.stride_h - ps.pad_h + ps.kernel_h);
+  };
+  const int64_t buffer_rows = (group - 1) * ps.stride_h + ps.kernel_h;
+  parallel_for(s.batch * bands, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> rows, buffer;
+    buffer.resize(static_cast<size_t>(buffer_rows * out_w * oc));
+    // NCHW: channel o's row at buffer[(o * buffer_rows + r) * out_w]; NHWC: row r at buffer[r * out_w * oc].
+    const int64_t row_floats = s.channels_last ? out_w * oc : out_w;
+    const int64_t planes = s.channels_last ? 1 : oc;
+    MaxPoolRows pool(ops, ps, planes);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / bands, p_begin = task % bands * band_rows;
+      const int64_t p_end = std::min(pooled_h, p_begin + band_rows);
+      int64_t held_first = 0, held_end = 0;  // the output rows in the buffer, from its first row
+      for (int64_t p = p_begin; p < p_end; p += group) {
+        const int64_t count = std::min(group, p_end - p);
+        const int64_t first = first_read(p), last = end_read(p, count);
+        // Keep the held rows this group reads again: to the buffer's front.
+        const int64_t kept = std::max<int64_t>(0, held_end - std::max(first, held_first));
+        if (kept > 0 && first > held_first)
+          for (int64_t plane = 0; plane < planes; ++plane) {
+            float* const base = buffer.data() + plane * buffer_rows * row_floats;
+            std::memmove(base, base + (held_end - kept - held_first) * row_floats,
+                         sizeof(float) * static_cast<size_t>(kept * row_floats));
+          }
+        const int64_t row_begin = first + kept;
+        if (row_begin < last) {
+          const int64_t row_count = (last - 1 - row_begin) * s.stride_h + (s.kernel_h - 1) * s.dilation_h + 1;
+          rows.resize(static_cast<size_t>(s.in_channels * row_count * s.stride_w * row_width));
+          prepare_rows(call, n, row_begin * s.stride_h - s.pad_h, row_count, row_width, rows.data());
+          const FirstLayerRows operands{&call, blocked.weight.data(), blocked.bias.data(),
+                                        call.slope ? blocked.slope.data() : nullptr, rows.data(), row_count,
+                                        row_width, buffer.data() + kept * row_floats, buffer_rows};
+          ops.first_layer_rows(operands, row_begin, last);
+        }
+        held_first = first;
+        held_end = last;
+        for (int64_t q = p; q < p + count; ++q) {
+          const int64_t at = s.channels_last ? (n * pooled_h + q) * pooled_w * oc : (n * oc * pooled_h + q) * pooled_w;
+          pool.row(buffer.data(), held_first, row_floats, q, call.out + at, buffer_rows * row_floats,
+                   pooled_h * pooled_w);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::string validate_pool(const FirstLayerShape& s, const MaxPoolShape& pool) {
+  if (pool.batch != s.batch || pool.channels != s.out_channels || pool.height != s.out_height() ||
+      pool.width != s.out_width() || pool.nhwc != s.channels_last)
+    return "the pool's input must be the layer's output (batch " + std::to_string(s.batch) + ", " +
+           std::to_string(s.out_channels) + " channels, " + std::to_string(s.out_height()) + " x " +
+           std::to_string(s.out_width()) + (s.channels_last ? ", NHWC" : ", NCHW") + "), got batch " +
+           std::to_string(pool.batch) + ", " + std::to_string(pool.channels) + " channels, " +
+           std::to_string(pool.height) + " x " + std::to_string(pool.width) + (pool.nhwc ? ", NHWC" : ", NCHW");
+  return validate(pool);
+}
+
+void first_layer_conv(const KernelOps& ops, const FirstLayerCall& call, const ParallelFor& parallel_for) {
+  const FirstLayerShape& s = call.shape;
+  if (s.batch == 0) return;
+  const BlockedOperands blocked = blocked_operands(call, ops.first_layer_channels);
+  // Tap column j*dilation_w of output pixel x is phase (j*dilation_w) % stride_w at x + (j*dilation_w) / stride_w;
+  // a block starting at any pixel of the row reads at most first_layer_pixels positions from there, so no read
+  // runs past the row.
+  const int64_t row_width = s.out_width() + ops.first_layer_pixels + (s.kernel_w - 1) * s.dilation_w / s.stride_w;
+  if (call.pool)
+    pooled(ops, call, blocked, row_width, parallel_for);
+  else
+    unpooled(ops, call, blocked, row_width, parallel_for);
 }
 
 }  // namespace xnorconv

@@ -43,7 +43,7 @@ struct FirstLayerKernel {
   // Output row y of channels [c0, c0 + kChannels) in NCHW.
   static void nchw_row(const FirstLayerRows& r, const int64_t* tap_offset, int64_t y, int64_t row_begin, int64_t c0) {
     const FirstLayerShape& s = r.call->shape;
-    const int64_t out_h = s.out_height(), out_w = s.out_width(), taps = s.kernel_h * s.kernel_w;
+    const int64_t out_w = s.out_width(), taps = s.kernel_h * s.kernel_w;
     const int64_t channel_stride = r.row_count * s.stride_w * r.row_width;
     const float* const band = r.rows + (y - row_begin) * s.stride_h * s.stride_w * r.row_width;
     const int64_t block = c0 / kChannels;
@@ -63,12 +63,12 @@ struct FirstLayerKernel {
         }
       }
       const At at = V::run(0, static_cast<int>(imin(kLanes, out_w - x0)));
-      float* const dst = r.call->out + ((r.image * s.out_channels + c0) * out_h + y) * out_w + x0;
+      float* const dst = r.out + (c0 * r.out_rows + y - row_begin) * out_w + x0;
 #pragma GCC unroll 32
       for (int k = 0; k < kChannels; ++k) {
         if (k >= count) break;
         const F v = r.slope ? V::prelu(acc[k], V::broadcast(r.slope[block * kChannels + k])) : acc[k];
-        V::store(dst + k * out_h * out_w, at, v);
+        V::store(dst + k * r.out_rows * out_w, at, v);
       }
     }
   }
@@ -110,7 +110,7 @@ struct FirstLayerKernel {
         }
       }
       const int pixels = static_cast<int>(imin(kPixels, out_w - x0));
-      float* const dst = r.call->out + ((r.image * s.out_height() + y) * out_w + x0) * s.out_channels + c0;
+      float* const dst = r.out + ((y - row_begin) * out_w + x0) * s.out_channels + c0;
 #pragma GCC unroll 32
       for (int p = 0; p < kPixels; ++p) {
         if (p >= pixels) break;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "xnorconv_core.h"
+#include "max_pool_rows.h"
 
 namespace xnorconv {
 
@@ -182,96 +183,94 @@ int64_t pooled_size(int64_t in, int64_t kernel, int64_t pad, int64_t stride, boo
   return out;
 }
 
-// One output row's windows work on a row of the image padded to every window's extent: `pixels` pixels of `depth`
-// floats (1 for an NCHW plane, the channels for NHWC), -inf outside the image, so each window has kernel_w taps at a
-// fixed step. Input pixel j is padded pixel j + pad_w.
-struct PoolRow {
-  int64_t pixels, depth, interior;  // interior: the image pixels that lie in the row (the rest is never read)
-};
-
-PoolRow pool_row(const MaxPoolShape& s, int64_t depth) {
-  const int64_t pixels = std::max((s.out_width() - 1) * s.stride_w + s.kernel_w, s.pad_w + 1);
-  return {pixels, depth, std::min(s.width, pixels - s.pad_w)};
-}
-
-// The maxima down the columns of output row `oy`'s input rows (those inside the image) into the padded row.
-void column_maxima(const KernelOps& ops, const MaxPoolShape& s, const PoolRow& g, const float* image,
-                   int64_t row_stride, int64_t oy, float* padded) {
-  const int64_t top = oy * s.stride_h - s.pad_h;
-  const int64_t first = std::max<int64_t>(top, 0), last = std::min(top + s.kernel_h, s.height);
-  window_max(ops, image + first * row_stride, padded + s.pad_w * g.depth, g.interior * g.depth, row_stride,
-             last - first);
-}
-
 void floor_at_zero(float* out, int64_t count) {
   for (int64_t e = 0; e < count; ++e) out[e] = out[e] < 0.0f ? 0.0f : out[e];  // NaN < 0 is false: NaN stays
 }
 
-void fill_padding(const PoolRow& g, int64_t pad_w, float* padded) {
-  constexpr float kLowest = -std::numeric_limits<float>::infinity();
-  std::fill(padded, padded + pad_w * g.depth, kLowest);
-  std::fill(padded + (pad_w + g.interior) * g.depth, padded + g.pixels * g.depth, kLowest);
-}
-
-void nhwc_max_pool(const KernelOps& ops, const MaxPoolShape& s, const float* x, float* out,
-                   const ParallelFor& parallel_for) {
-  const int64_t out_h = s.out_height(), out_w = s.out_width(), c = s.channels;
-  const PoolRow g = pool_row(s, c);
-  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, out_w * c));
-  parallel_for(s.batch * out_h, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> padded(static_cast<size_t>(g.pixels * c));
-    fill_padding(g, s.pad_w, padded.data());
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / out_h, oy = task % out_h;
-      float* row = out + task * out_w * c;
-      column_maxima(ops, s, g, x + n * s.height * s.width * c, s.width * c, oy, padded.data());
-      if (s.stride_w == 1) {
-        window_max(ops, padded.data(), row, out_w * c, c, s.kernel_w);
-      } else {
-        for (int64_t ox = 0; ox < out_w; ++ox)
-          window_max(ops, padded.data() + ox * s.stride_w * c, row + ox * c, c, c, s.kernel_w);
-      }
-      if (s.relu) floor_at_zero(row, out_w * c);
-    }
-  });
-}
+}  // namespace
 
 // NCHW rows: with stride 1 the windows of a row are one window_max, with stride 2 one stride2_window_max where the
 // family has it; otherwise the padded row is split by column phase (phase r holds padded pixels r, r + stride, ...),
 // where a window's taps of one phase are consecutive: each phase's window maxima, then the maximum over the phases.
+// NHWC rows: one window_max over the channels of each output pixel.
+MaxPoolRows::MaxPoolRows(const KernelOps& ops, const MaxPoolShape& s, int64_t planes)
+    : ops_(ops), s_(s), depth_(s.nhwc ? s.channels : 1), planes_(planes) {
+  const int64_t out_w = s.out_width(), sw = s.stride_w;
+  pixels_ = std::max((out_w - 1) * sw + s.kernel_w, s.pad_w + 1);
+  interior_ = std::min(s.width, pixels_ - s.pad_w);
+  phase_length_ = out_w + (s.kernel_w - 1) / sw;  // phase pixels any window reads
+  phases_ = std::min(sw, s.kernel_w);             // phases with taps
+  phase_split_ = !s.nhwc && (sw > 2 || (sw == 2 && !ops.stride2_window_max));
+  // -inf in the padding, never overwritten.
+  padded_.assign(static_cast<size_t>(planes * pixels_ * depth_), -std::numeric_limits<float>::infinity());
+  if (phase_split_) {
+    split_.resize(static_cast<size_t>(phases_ * phase_length_));
+    maxima_.resize(static_cast<size_t>(phases_ * out_w));
+  }
+}
+
+void MaxPoolRows::row(const float* rows, int64_t first_row, int64_t row_stride, int64_t oy, float* out,
+                      int64_t plane_stride, int64_t out_plane_stride) {
+  const MaxPoolShape& s = s_;
+  const int64_t out_w = s.out_width(), sw = s.stride_w, depth = depth_;
+  // The maxima down the columns of the window's rows inside the image, into the padded rows: every plane's before
+  // any is pooled along the row, so that those reads do not wait on the stores just made.
+  const int64_t top = oy * s.stride_h - s.pad_h;
+  const int64_t first = std::max<int64_t>(top, 0), last = std::min(top + s.kernel_h, s.height);
+  for (int64_t plane = 0; plane < planes_; ++plane)
+    window_max(ops_, rows + plane * plane_stride + (first - first_row) * row_stride,
+               padded_.data() + (plane * pixels_ + s.pad_w) * depth, interior_ * depth, row_stride, last - first);
+  for (int64_t plane = 0; plane < planes_; ++plane) {
+    const float* const padded = padded_.data() + plane * pixels_ * depth;
+    float* const dst = out + plane * out_plane_stride;
+    if (s.nhwc) {
+      if (sw == 1) {
+        window_max(ops_, padded, dst, out_w * depth, depth, s.kernel_w);
+      } else {
+        for (int64_t ox = 0; ox < out_w; ++ox)
+          window_max(ops_, padded + ox * sw * depth, dst + ox * depth, depth, depth, s.kernel_w);
+      }
+    } else if (sw == 1) {
+      window_max(ops_, padded, dst, out_w, 1, s.kernel_w);
+    } else if (!phase_split_) {
+      ops_.stride2_window_max(padded, dst, out_w, s.kernel_w);
+    } else {
+      for (int64_t r = 0; r < phases_; ++r) {
+        float* phase = split_.data() + r * phase_length_;
+        const int64_t taps = (s.kernel_w - r + sw - 1) / sw;
+        for (int64_t j = 0; j < out_w + taps - 1; ++j) phase[j] = padded[j * sw + r];
+        window_max(ops_, phase, maxima_.data() + r * out_w, out_w, 1, taps);
+      }
+      window_max(ops_, maxima_.data(), dst, out_w, out_w, phases_);
+    }
+    if (s.relu) floor_at_zero(dst, out_w * depth);
+  }
+}
+
+namespace {
+
+void nhwc_max_pool(const KernelOps& ops, const MaxPoolShape& s, const float* x, float* out,
+                   const ParallelFor& parallel_for) {
+  const int64_t out_h = s.out_height(), out_w = s.out_width(), c = s.channels;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, out_w * c));
+  parallel_for(s.batch * out_h, grain, [&](int64_t begin, int64_t end) {
+    MaxPoolRows pool(ops, s);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / out_h, oy = task % out_h;
+      pool.row(x + n * s.height * s.width * c, 0, s.width * c, oy, out + task * out_w * c);
+    }
+  });
+}
+
 void nchw_max_pool(const KernelOps& ops, const MaxPoolShape& s, const float* x, float* out,
                    const ParallelFor& parallel_for) {
-  const int64_t out_h = s.out_height(), out_w = s.out_width(), sw = s.stride_w;
-  const PoolRow g = pool_row(s, 1);
-  const int64_t phase_length = out_w + (s.kernel_w - 1) / sw;  // phase pixels any window reads
-  const int64_t phases = std::min(sw, s.kernel_w);               // phases with taps
+  const int64_t out_h = s.out_height(), out_w = s.out_width();
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, out_w));
-  const bool phase_split = sw > 2 || (sw == 2 && !ops.stride2_window_max);
   parallel_for(s.batch * s.channels * out_h, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> padded(static_cast<size_t>(g.pixels)), split, maxima;
-    if (phase_split) {
-      split.resize(static_cast<size_t>(phases * phase_length));
-      maxima.resize(static_cast<size_t>(phases * out_w));
-    }
-    fill_padding(g, s.pad_w, padded.data());
+    MaxPoolRows pool(ops, s);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t plane = task / out_h, oy = task % out_h;
-      float* row = out + task * out_w;
-      column_maxima(ops, s, g, x + plane * s.height * s.width, s.width, oy, padded.data());
-      if (sw == 1) {
-        window_max(ops, padded.data(), row, out_w, 1, s.kernel_w);
-      } else if (!phase_split) {
-        ops.stride2_window_max(padded.data(), row, out_w, s.kernel_w);
-      } else {
-        for (int64_t r = 0; r < phases; ++r) {
-          float* phase = split.data() + r * phase_length;
-          const int64_t taps = (s.kernel_w - r + sw - 1) / sw;
-          for (int64_t j = 0; j < out_w + taps - 1; ++j) phase[j] = padded[j * sw + r];
-          window_max(ops, phase, maxima.data() + r * out_w, out_w, 1, taps);
-        }
-        window_max(ops, maxima.data(), row, out_w, out_w, phases);
-      }
-      if (s.relu) floor_at_zero(row, out_w);
+      pool.row(x + plane * s.height * s.width, 0, s.width, oy, out + task * out_w);
     }
   });
 }

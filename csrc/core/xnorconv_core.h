@@ -458,21 +458,36 @@ struct FirstLayerShape {
 };
 // Empty when s describes a valid first layer, else a message naming the argument and its value.
 std::string validate(const FirstLayerShape& s);
+// pool: the max pool of the layer's output (a stem's conv -> activation -> max pool), or nullptr. Its batch,
+// channels, height, width and layout are the layer's output's, and out then holds the pooled output: the layer
+// keeps a few rows of its own output per thread and pools them as it goes, so its output never goes through memory.
+// threads: how many threads parallel_for runs on; with a pool an image is split into at most that many bands of
+// rows, since each band computes again the rows of the layer's output that it shares with the next.
+// pool_group_rows: the pooled rows whose input rows a band computes at a time (0: as many as fit a buffer of a few
+// hundred KB; tests set it small, so that the rows groups share are carried over more often).
 struct FirstLayerCall {
   FirstLayerShape shape;
   const float *input = nullptr, *weight = nullptr, *bias = nullptr, *slope = nullptr;
   float* out = nullptr;
+  const MaxPoolShape* pool = nullptr;
+  int64_t threads = 1, pool_group_rows = 0;
 };
 // What a family's first_layer_rows reads: the call, its weights, bias and slopes regrouped in blocks of the
 // family's channels (zero past out_channels), and one image's input rows from row_begin * stride_h - pad_h on,
 // zero-padded and split by column phase: rows[((c * row_count + r) * stride_w + phase) * row_width + j] is input
-// column j * stride_w + phase - pad_w of that row (0 outside the image).
+// column j * stride_w + phase - pad_w of that row (0 outside the image). Output row row_begin + y goes to `out`:
+// channel o's pixel x at out[(o * out_rows + y) * out_width + x] (NCHW, out_rows rows per channel plane) or
+// out[(y * out_width + x) * out_channels + o] (NHWC): the image's output from row row_begin, or a pool's band.
 struct FirstLayerRows {
   const FirstLayerCall* call = nullptr;
   const float *weight = nullptr, *bias = nullptr, *slope = nullptr;  // [block][c][i][j][channels], [block][channels]
   const float* rows = nullptr;
-  int64_t image = 0, row_count = 0, row_width = 0;
+  int64_t row_count = 0, row_width = 0;
+  float* out = nullptr;
+  int64_t out_rows = 0;
 };
+// Empty when pool can follow a layer of shape s (its input is the layer's output, and it is valid), else a message.
+std::string validate_pool(const FirstLayerShape& s, const MaxPoolShape& pool);
 // The layer on the given family (select_float_kernel() picks one).
 void first_layer_conv(const KernelOps& ops, const FirstLayerCall& call, const ParallelFor& parallel_for);
 

@@ -2,10 +2,11 @@
 // xnorconv::real_shortcut (csrc/core/shortcut.cpp), the parameter-free shortcut of Bi-Real / ReActNet / BinaryDNet53
 // units; xnorconv::chained_max_pools (csrc/core/max_pools.cpp), SPPF's pools with their concatenation;
 // xnorconv::max_pool2d (the same file), a stem's strided max pool with its ReLU; and xnorconv::first_layer_conv
-// (csrc/core/first_layer.cpp), the float stem with its bias and PReLU. CPU only and without a gradient:
-// xnorconv.functional composes the same values from differentiable aten ops for training and other devices, and the
-// CUDA kernels below say so.
+// (csrc/core/first_layer.cpp), the float stem with its bias and PReLU, and optionally its max pool. CPU only and
+// without a gradient: xnorconv.functional composes the same values from differentiable aten ops for training and
+// other devices, and the CUDA kernels below say so.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -105,7 +106,9 @@ void check_optional_per_channel(const char* op, const char* name, const std::opt
 
 at::Tensor first_layer_conv_cpu(const at::Tensor& input, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& prelu_weight,
-                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                at::OptionalIntArrayRef pool_kernel_size, at::IntArrayRef pool_stride,
+                                at::IntArrayRef pool_padding, bool pool_ceil_mode, bool pool_relu) {
   const char* op = "first_layer_conv";
   TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got a ", input.dim(), "-D tensor of shape ",
               input.sizes());
@@ -136,8 +139,31 @@ at::Tensor first_layer_conv_cpu(const at::Tensor& input, const at::Tensor& weigh
   const std::string error = xnorconv::validate(shape);
   TORCH_CHECK(error.empty(), op, ": ", error, " (input shape ", input.sizes(), ", weight shape ", weight.sizes(),
               ")");
-  at::Tensor out = at::empty({shape.batch, out_channels, shape.out_height(), shape.out_width()},
-                             x.options().memory_format(format));
+  // The max pool of the output, fused: its input is the convolution's output.
+  xnorconv::MaxPoolShape pool;
+  if (pool_kernel_size) {
+    pool.batch = shape.batch;
+    pool.channels = out_channels;
+    pool.height = shape.out_height();
+    pool.width = shape.out_width();
+    pool.kernel_h = pair_entry(op, "pool_kernel_size", *pool_kernel_size, 0);
+    pool.kernel_w = pair_entry(op, "pool_kernel_size", *pool_kernel_size, 1);
+    pool.stride_h = pair_entry(op, "pool_stride", pool_stride, 0);
+    pool.stride_w = pair_entry(op, "pool_stride", pool_stride, 1);
+    pool.pad_h = pair_entry(op, "pool_padding", pool_padding, 0);
+    pool.pad_w = pair_entry(op, "pool_padding", pool_padding, 1);
+    pool.ceil_mode = pool_ceil_mode;
+    pool.relu = pool_relu;
+    pool.nhwc = nhwc;
+    const std::string pool_error = xnorconv::validate_pool(shape, pool);
+    TORCH_CHECK(pool_error.empty(), op, ": pool: ", pool_error, " (input shape ", input.sizes(), ", weight shape ",
+                weight.sizes(), ")");
+  }
+  at::Tensor out = pool_kernel_size
+                       ? at::empty({shape.batch, out_channels, pool.out_height(), pool.out_width()},
+                                   x.options().memory_format(format))
+                       : at::empty({shape.batch, out_channels, shape.out_height(), shape.out_width()},
+                                   x.options().memory_format(format));
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), s = prelu_weight ? prelu_weight->contiguous()
                                                                                    : at::Tensor();
   xnorconv::FirstLayerCall call;
@@ -147,6 +173,8 @@ at::Tensor first_layer_conv_cpu(const at::Tensor& input, const at::Tensor& weigh
   call.bias = bias ? b.data_ptr<float>() : nullptr;
   call.slope = prelu_weight ? s.data_ptr<float>() : nullptr;
   call.out = out.data_ptr<float>();
+  call.pool = pool_kernel_size ? &pool : nullptr;
+  call.threads = at::get_num_threads();
   xnorconv::first_layer_conv(xnorconv::select_float_kernel(), call, torch_parallel_for);
   return out;
 }
@@ -165,7 +193,8 @@ at::Tensor max_pool2d_cuda(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, 
               "F.max_pool2d and F.relu");
 }
 at::Tensor first_layer_conv_cuda(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                 const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef) {
+                                 const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                 at::OptionalIntArrayRef, at::IntArrayRef, at::IntArrayRef, bool, bool) {
   TORCH_CHECK(false, "xnorconv::first_layer_conv runs on the CPU only; on CUDA, xnorconv.functional.first_layer_conv "
               "computes it from aten ops");
 }
@@ -178,7 +207,8 @@ TORCH_LIBRARY_FRAGMENT(xnorconv, m) {
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode=False, "
         "bool relu=False) -> Tensor");
   m.def("first_layer_conv(Tensor input, Tensor weight, Tensor? bias, Tensor? prelu_weight, int[2] stride, "
-        "int[2] padding, int[2] dilation) -> Tensor");
+        "int[2] padding, int[2] dilation, int[2]? pool_kernel_size=None, int[2] pool_stride=1, "
+        "int[2] pool_padding=0, bool pool_ceil_mode=False, bool pool_relu=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {

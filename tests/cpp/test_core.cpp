@@ -1239,6 +1239,44 @@ void test_output_at_page_end() {
 // split into task ranges of any size. Every family sums the taps in the same order with fused multiply-adds, so all
 // of them, and both layouts, give the same bits; the outputs end at a page boundary, so a store past the end
 // crashes.
+// The layer of `call` with a random max pool fused, against max_pool2d of its output `unpooled`: the same bits, for
+// any thread count (the bands it splits an image into).
+void check_fused_pool(const KernelOps& ops, FirstLayerCall call, const float* unpooled, const ParallelFor& pieces) {
+  const FirstLayerShape& s = call.shape;
+  MaxPoolShape pool;
+  pool.batch = s.batch;
+  pool.channels = s.out_channels;
+  pool.height = s.out_height();
+  pool.width = s.out_width();
+  pool.nhwc = s.channels_last;
+  pool.kernel_h = pick(1, 3);
+  pool.kernel_w = pick(1, 3);
+  pool.stride_h = pick(1, 3);
+  pool.stride_w = pick(1, 3);
+  pool.pad_h = pick(0, static_cast<int>(pool.kernel_h / 2));
+  pool.pad_w = pick(0, static_cast<int>(pool.kernel_w / 2));
+  pool.ceil_mode = pick(0, 1) == 1;
+  pool.relu = pick(0, 1) == 1;
+  if (!validate_pool(s, pool).empty()) return;  // the kernel is larger than this output
+  const size_t count = static_cast<size_t>(s.batch * s.out_channels * pool.out_height() * pool.out_width());
+  std::vector<float> want(count);
+  max_pool2d(ops, pool, unpooled, want.data(), pieces);
+  PageEndBuffer<float> got(count);
+  std::fill(got.data, got.data + count, NAN);
+  call.pool = &pool;
+  call.threads = pick(1, 4);
+  call.pool_group_rows = pick(0, 3);
+  call.out = got.data;
+  first_layer_conv(ops, call, pieces);
+  EXPECT(std::memcmp(got.data, want.data(), sizeof(float) * count) == 0,
+         "first layer [%s %s] with a fused %lldx%lld/%lldx%lld pad %lld,%lld ceil %d relu %d pool (%lld threads, "
+         "groups of %lld) differs from max_pool2d of its output (O%lld %lldx%lld)",
+         ops.name, s.channels_last ? "NHWC" : "NCHW", (long long)pool.kernel_h, (long long)pool.kernel_w,
+         (long long)pool.stride_h, (long long)pool.stride_w, (long long)pool.pad_h, (long long)pool.pad_w,
+         pool.ceil_mode, pool.relu, (long long)call.threads, (long long)call.pool_group_rows,
+         (long long)s.out_channels, (long long)pool.height, (long long)pool.width);
+}
+
 void test_first_layer(int cases) {
   const ParallelFor pieces = random_pieces;
   for (int iter = 0; iter < cases; ++iter) {
@@ -1311,6 +1349,7 @@ void test_first_layer(int cases) {
         call.slope = with_slope ? slope.data() : nullptr;
         call.out = out.data;
         first_layer_conv(ops, call, pieces);
+        check_fused_pool(ops, call, out.data, pieces);
         std::vector<float> got(out.data, out.data + want.size());
         if (nhwc) {  // back to NCHW
           std::vector<float> nchw(got.size());
