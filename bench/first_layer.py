@@ -127,8 +127,8 @@ def stem_section(reps):
                                    memory_format=torch.contiguous_format)[0]
         layer = int8[0]
         rest = nn.Sequential(*[m for m in int8[1:] if not isinstance(m, nn.Identity)])
-        # StemConv2d with each convolution it can run (freeze's choice is printed below the table); the max pool (and
-        # a ReLU before it) in xnorconv's pool.
+        # StemConv2d with each convolution it can run (freeze's choice is printed below the table); the max pool in
+        # the kernel's pass after xnorconv's convolution, in xnorconv's pool (with the ReLU) after PyTorch's.
         act = next((m for m in stem[2:] if isinstance(m, (nn.ReLU, nn.PReLU, nn.LeakyReLU))), None)
         pool_layer = stem[3] if pool else None
 
@@ -214,7 +214,8 @@ def model_section(reps):
              "stem / this`: the same model frozen with first_layer='keep' (its stem as PyTorch runs it) over this "
              "row, same mode. first_layer='float' makes a StemConv2d of both stems: xnorconv's kernel for "
              "binary_dnet53's; for resnet18's (64 output channels) the convolution timed faster when it is built "
-             "(table 1), with the BatchNorm folded, and xnorconv's max pool (with the ReLU).", ""]
+             "(table 1), with the BatchNorm folded, and the max pool in the kernel's pass (after PyTorch's "
+             "convolution, xnorconv's max pool with the ReLU).", ""]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         built = _whole_models()

@@ -4,8 +4,8 @@ ConvBN         a float nn.Conv2d + nn.BatchNorm2d that, at inference, runs as on
                folded in (the stems and Bi-Real's downsampling shortcuts stay float in a frozen binary network,
                so their cost is what the packed kernels leave)
 ClippedConv2d  nn.Conv2d on clip(x, -1, 1): the float stand-in for a binary conv in Bi-Real's float twin
-MaxPool2d      nn.MaxPool2d through xnorconv.functional.max_pool2d (one pass of xnorconv's pool at inference;
-               PyTorch's CPU max pooling of NCHW tensors is many times slower, even of channels_last ones slower)
+MaxPool2d      xnorconv.MaxPool2d: nn.MaxPool2d through xnorconv.functional.max_pool2d (one pass of xnorconv's
+               pool at inference; PyTorch's CPU max pooling of NCHW tensors is many times slower)
 RPReLU         ReActNet's RPReLU, PReLU(x - gamma) + zeta per channel
 
 conv_bn_foldable and folded_conv_bn are ConvBN's inference fold, also used by BinaryDNet53's stem.
@@ -83,27 +83,7 @@ class ConvBN(nn.Module):
         return state
 
 
-# A plain function that torch.fx records as one call (the functional's argument checks would otherwise stop symbolic
-# tracing, which xnorconv.freeze uses to find the BatchNorms it folds).
-@torch.fx.wrap
-def _max_pool(x, kernel_size, stride, padding, dilation, ceil_mode):
-    if dilation not in (1, (1, 1)) or x.dim() != 4:
-        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-    return xnorconv.functional.max_pool2d(x, kernel_size, stride, padding, ceil_mode)
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d (same arguments and function; no return_indices) that pools a 4-D input with
-    xnorconv.functional.max_pool2d: one pass of xnorconv's pool at inference, and in channels_last in training
-    (PyTorch's CPU max pooling of NCHW tensors is many times slower than of channels_last ones)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.return_indices:
-            raise ValueError("MaxPool2d: return_indices=True is not supported, got return_indices=True")
-
-    def forward(self, x):
-        return _max_pool(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+MaxPool2d = xnorconv.MaxPool2d
 
 
 class ClippedConv2d(nn.Conv2d):

@@ -116,7 +116,11 @@ def test_torch_compile_and_export_of_the_fused_resnet18(resnet18):
         want = frozen(x)
         exported = torch.export.export(frozen, (x,))
         ops = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-        assert "xnorconv.max_pool2d.default" in ops and "xnorconv.binary_conv2d_packed.default" in ops
+        # The stem's pool: in xnorconv's kernel's pass, or xnorconv's pool after PyTorch's convolution (whichever
+        # convolution the stem was timed faster with).
+        stem_kernel = "xnorconv.first_layer_conv.default" in ops
+        assert ("xnorconv.max_pool2d.default" in ops) != stem_kernel
+        assert "xnorconv.binary_conv2d_packed.default" in ops
         assert not any("relu" in op or "add" in op or "batch_norm" in op for op in ops)
         torch.testing.assert_close(exported.module()(x), want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(torch.compile(frozen)(x), want, rtol=1e-6, atol=1e-6)

@@ -16,6 +16,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import xnorconv
@@ -300,3 +301,20 @@ def test_max_pool2d_errors_name_the_argument():
         op(x, [9, 9], [1, 1], [0, 0])
     with pytest.raises(RuntimeError, match=r"max_pool2d: kernel_size must have 2 values \(height, width\), got \[3\]"):
         op(x, [3], [1, 1], [0, 0])
+
+
+def test_max_pool2d_module_is_exact_and_keeps_the_callers_layout():
+    torch.manual_seed(15)
+    for shape in ((2, 5, 9, 7), (1, 64, 16, 16), (1, 3, 2, 2)):
+        x = torch.randn(shape)
+        for args in (dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2, stride=2, ceil_mode=True)):
+            want = nn.MaxPool2d(**args)(x)
+            got = xnorconv.MaxPool2d(**args)(x)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert got.is_contiguous()
+            cl = xnorconv.MaxPool2d(**args)(x.contiguous(memory_format=torch.channels_last))
+            torch.testing.assert_close(cl, want, rtol=0, atol=0)
+            assert cl.is_contiguous(memory_format=torch.channels_last)
+    assert xnorconv.MaxPool2d(3, 2, 1)(torch.randn(4, 9, 9)).shape == (4, 5, 5)  # unbatched, as nn.MaxPool2d
+    with pytest.raises(ValueError, match="return_indices=True is not supported"):
+        xnorconv.MaxPool2d(3, return_indices=True)

@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import xnorconv
 from xnorconv import StemConv2d, binarize, freeze
-from xnorconv.functional import first_layer_conv
+from xnorconv.functional import first_layer_conv, max_pool2d
 
 from _helpers import randomize_batchnorm
 
@@ -125,6 +126,36 @@ def test_opcheck_and_torchscript(layout):
     torch.testing.assert_close(traced(x), layer(x))
 
 
+# (kernel_size, stride, padding, ceil_mode, relu) of a max pool fused into the layer: resnet18's, then odd ones.
+POOLS = [((3, 3), (2, 2), (1, 1), False, False), ((3, 3), (2, 2), (1, 1), True, True),
+         ((2, 3), (1, 3), (0, 1), False, True), ((3, 1), (3, 1), (1, 0), True, False),
+         ((1, 1), (1, 1), (0, 0), False, False)]
+
+
+@pytest.mark.parametrize("backend", xnorconv.backends())
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("pool", POOLS, ids=[str(i) for i in range(len(POOLS))])
+def test_fused_pool_is_max_pool2d_of_the_output(pool, layout, backend):
+    g = torch.Generator().manual_seed(len(str(pool)))
+    x = torch.randn(2, 3, 37, 30, generator=g).contiguous(memory_format=layout)
+    weight, bias, slope = torch.randn(20, 3, 7, 7, generator=g), torch.randn(20, generator=g), torch.zeros(20)
+    threads = torch.get_num_threads()
+    try:
+        with xnorconv.use_backend(backend):
+            want = max_pool2d(first_layer_conv(x, weight, bias, 2, 3, 1, slope), *pool)
+            for t in (1, 2, 3):  # an image in as many bands as threads, each computing its first rows again
+                torch.set_num_threads(t)
+                got = torch.ops.xnorconv.first_layer_conv(x, weight, bias, slope, [2, 2], [3, 3], [1, 1], *pool)
+                assert torch.equal(got, want) and got.is_contiguous(memory_format=layout)
+    finally:
+        torch.set_num_threads(threads)
+    op = torch.ops.xnorconv.first_layer_conv.default
+    torch.library.opcheck(op, (x, weight, bias, slope, [2, 2], [3, 3], [1, 1], *pool))
+    with FlopCounterMode(display=False) as flops:  # the convolution's, as without the pool
+        op(x, weight, bias, slope, [2, 2], [3, 3], [1, 1], *pool)
+    assert flops.get_total_flops() == 2 * x.shape[0] * 20 * 3 * 49 * 19 * 15
+
+
 def test_errors_name_the_argument():
     x, weight = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
     with pytest.raises(ValueError, match=r"input must be 4-D \(N, C, H, W\), got shape \(3, 8, 8\)"):
@@ -152,6 +183,13 @@ def test_errors_name_the_argument():
         op(x, weight, None, torch.zeros(1), [1, 1], [0, 0], [1, 1])
     with pytest.raises(RuntimeError, match=r"stride must have 2 values \(height, width\), got \[1\]"):
         op(x, weight, None, None, [1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"pool: padding must be >= 0 and at most half the kernel size, got "
+                                           r"pad_h = 2, pad_w = 2 for kernel_h = 3"):
+        op(x, weight, None, None, [1, 1], [1, 1], [1, 1], [3, 3], [2, 2], [2, 2])
+    with pytest.raises(RuntimeError, match=r"pool: the kernel is larger than the padded input \(height = 8"):
+        op(x, weight, None, None, [1, 1], [1, 1], [1, 1], [9, 9], [1, 1], [0, 0])
+    with pytest.raises(RuntimeError, match=r"pool_stride must have 2 values \(height, width\), got \[1, 1, 1\]"):
+        op(x, weight, None, None, [1, 1], [1, 1], [1, 1], [3, 3], [1, 1, 1], [0, 0])
 
 
 # ---- StemConv2d and freeze ----
@@ -262,12 +300,13 @@ def test_reference_nets_stems():
         is not None
     assert isinstance(frozen["reactnet_a"].stem.conv, StemConv2d)
     assert frozen["reactnet_a"].stem.conv.prelu_weight is None  # its stem ends in BatchNorm
-    # 64 channels: the convolution timed faster here, with the BatchNorm folded in; its max pool
-    # (models.blocks.MaxPool2d) stays, and already runs xnorconv's pool
+    # 64 channels: the convolution timed faster here, with the BatchNorm folded in, and its max pool
+    # (xnorconv.MaxPool2d) in the StemConv2d
     bi_real = frozen["birealnet18"]
-    assert isinstance(bi_real.stem.conv, StemConv2d) and bi_real.stem.conv.pool is None
-    assert bi_real.stem.conv.direct == StemConv2d(3, 64, 7, 2, 3).direct
-    assert type(bi_real.maxpool) is models.blocks.MaxPool2d
+    pool = ((3, 3), (2, 2), (1, 1), False)
+    assert isinstance(bi_real.stem.conv, StemConv2d) and bi_real.stem.conv.pool == pool
+    assert bi_real.stem.conv.direct == StemConv2d(3, 64, 7, 2, 3, pool=pool).direct
+    assert type(bi_real.maxpool) is nn.Identity
 
 
 # ---- wide first layers and the stem pool ----
@@ -300,7 +339,10 @@ def test_wide_stem_implementation_is_timed_once_and_can_be_fixed(monkeypatch):
     monkeypatch.setattr(first_layer, "_direct_is_faster", lambda *geometry: timed.append(geometry) or (True, False))
     for layer in (StemConv2d(3, 64, 7, 2, 3), StemConv2d(3, 64, 7, 2, 3, activation=True)):
         assert layer.direct and not layer.direct_channels_last
-    assert timed == [(3, 64, (7, 7), (2, 2), (3, 3), (1, 1))]  # once per geometry (and thread count)
+    assert timed == [(3, 64, (7, 7), (2, 2), (3, 3), (1, 1), None)]  # once per geometry (and thread count)
+    StemConv2d(3, 64, 7, 2, 3, pool=((3, 3), (2, 2), (1, 1), False))  # with its pool: timed as it runs
+    assert timed[1:] == [(3, 64, (7, 7), (2, 2), (3, 3), (1, 1), ((3, 3), (2, 2), (1, 1), False))]
+    del timed[1:]
     narrow, image_free = StemConv2d(3, 32, 3, 2, 1), StemConv2d(8, 64, 3)  # by rule, untimed
     assert narrow.direct and narrow.direct_channels_last
     assert not image_free.direct and not image_free.direct_channels_last
@@ -331,8 +373,9 @@ def test_stem_pickled_before_the_per_layout_choice_still_runs():
 def test_wide_stem_timing_runs_both_convolutions():
     import xnorconv._first_layer as first_layer
     with torch.no_grad():
-        choice = first_layer._direct_is_faster(3, 48, (5, 5), (2, 2), (2, 2), (1, 1), rounds=1)
-    assert len(choice) == 2 and all(isinstance(c, bool) for c in choice)  # NCHW, channels_last
+        for pool in (None, ((3, 3), (2, 2), (1, 1), False)):
+            choice = first_layer._direct_is_faster(3, 48, (5, 5), (2, 2), (2, 2), (1, 1), pool, rounds=1)
+            assert len(choice) == 2 and all(isinstance(c, bool) for c in choice)  # NCHW, channels_last
     torch.manual_seed(8)
     conv = nn.Conv2d(3, 48, 5, 2, 2)
     x = torch.randn(2, 3, 19, 22)
@@ -387,6 +430,7 @@ def test_freeze_folds_a_wide_stem_with_its_activation_and_pool(out_channels, act
     runs_kernel = direct[layout is torch.channels_last]
     assert ("xnorconv.first_layer_conv" in recorder.ops) == runs_kernel
     assert ("aten.convolution" in recorder.ops) != runs_kernel
+    assert ("xnorconv.max_pool2d" in recorder.ops) != runs_kernel  # the kernel pools in its own pass
     assert [type(m) for m in (frozen.bn1, frozen.relu, frozen.maxpool)] == [nn.Identity] * 3
     assert stem.pool == ((kernel, kernel), (stride, stride), (padding, padding), ceil_mode)
     assert stem.activation == {"relu": "relu", "none": False}.get(act, True)
@@ -400,13 +444,19 @@ def test_freeze_folds_a_wide_stem_with_its_activation_and_pool(out_channels, act
     assert repr(stem).endswith(f"pool={stem.pool})")
 
 
+class ShiftedMaxPool(nn.MaxPool2d):
+    """A max pool of its own that computes something else: never fused."""
+
+    def forward(self, x):
+        return super().forward(x) + 1
+
+
 def test_stem_pool_is_fused_only_when_it_computes_nn_max_pool():
-    import models.blocks
     for pool in (nn.MaxPool2d(3, 2, 1, dilation=2), nn.MaxPool2d(3, 2, 1, return_indices=False),
-                 models.blocks.MaxPool2d(3, 2, 1)):
+                 xnorconv.MaxPool2d(3, 2, 1), ShiftedMaxPool(3, 2, 1)):
         model = PooledStem(64, nn.ReLU(), pool).eval()
         frozen = freeze(model)
-        fused = type(pool) is nn.MaxPool2d and pool.dilation == 1
+        fused = type(pool) in (nn.MaxPool2d, xnorconv.MaxPool2d) and pool.dilation == 1
         assert (frozen.conv1.pool is not None) == fused and type(frozen.maxpool) is (nn.Identity if fused else type(pool))
         with torch.no_grad():
             x = torch.randn(1, 3, 24, 24)

@@ -12,10 +12,11 @@ from . import nn
 from .nn import BinaryConv2d, FrozenBinaryConv2d, binarize, freeze, frozen_memory_format
 from . import profiling, testing
 from ._first_layer import Int8Conv2d, StemConv2d
+from ._pooling import MaxPool2d
 from ._transforms import fold_batchnorm
 
 __all__ = [
-    "BinaryConv2d", "FrozenBinaryConv2d", "Int8Conv2d", "PackedWeight", "backends", "binarize", "binary_conv2d",
+    "BinaryConv2d", "FrozenBinaryConv2d", "Int8Conv2d", "MaxPool2d", "PackedWeight", "backends", "binarize", "binary_conv2d",
     "binary_conv2d_packed", "build_info", "current_backend", "fold_batchnorm", "freeze", "frozen_memory_format",
     "functional", "nn",
     "pack_weight", "profiling", "StemConv2d", "testing", "use_backend",

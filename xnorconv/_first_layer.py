@@ -54,7 +54,8 @@ from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._transforms import (LeafTracer, check_foldable_bn, fold_batchnorm, foldable_bn, module_counts,
                           set_submodule)
 from ._checks import _is_int, pair
-from .functional import _channel_last_layout, _first_layer_conv, max_pool2d
+from .functional import MaxPoolArgs, _channel_last_layout, _first_layer_conv, max_pool2d
+from ._pooling import MaxPool2d
 
 __all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "StemConv2d", "check_first_layer", "convert_first_layer"]
 
@@ -119,8 +120,9 @@ def _fusable(kind: str, conv: nn.Conv2d, m: nn.Module) -> bool:
     if kind == "act":  # what StemConv2d's PReLU slopes express
         return type(m) in (nn.ReLU, nn.LeakyReLU) or (type(m) is nn.PReLU
                                                      and m.num_parameters in (1, conv.out_channels))
-    if kind == "float_pool":  # what max_pool2d computes; only nn.MaxPool2d itself, with no calibration to check
-        return type(m) is nn.MaxPool2d and not m.return_indices and pair(m.dilation, "dilation") == (1, 1)
+    if kind == "float_pool":  # what max_pool2d computes: only nn.MaxPool2d and ours, with no calibration to check
+        return (type(m) in (nn.MaxPool2d, MaxPool2d) and not m.return_indices
+                and pair(m.dilation, "dilation") == (1, 1))
     # Subclasses too (a model's own max pool that only chooses a faster layout): calibration checks that each one
     # computes what nn.MaxPool2d does with its arguments, and leaves it unfused otherwise (_calibrate).
     return isinstance(m, nn.MaxPool2d) and not m.return_indices
@@ -458,8 +460,9 @@ class StemConv2d(nn.Module):
     bias. ``implementation="xnorconv"`` or ``"pytorch"`` fixes the choice. Both compute the same function to float
     rounding. ``activation``: False (none), True (a per-channel PReLU, the
     ``prelu_weight`` buffer: a PReLU's slopes or a LeakyReLU's) or "relu" (a ReLU, ``prelu_weight`` zeros). ``pool``:
-    None or (kernel_size, stride, padding, ceil_mode) of a max pool (dilation 1), run by
-    xnorconv.functional.max_pool2d, with a ReLU inside the pool where PyTorch's convolution ran.
+    None or (kernel_size, stride, padding, ceil_mode) of a max pool (dilation 1), run in the kernel's pass where
+    xnorconv's kernel runs (the convolution's output is pooled a few rows at a time, never written out), else by
+    xnorconv.functional.max_pool2d, with the ReLU inside the pool.
 
     Buffers (all in the state_dict): ``weight`` float32 (O, I, kh, kw), ``bias`` float32 (O,), and
     ``prelu_weight`` float32 (O,) with an activation. The output follows the input's layout. Float32; on the
@@ -543,16 +546,17 @@ class StemConv2d(nn.Module):
         pool_relu = False
         channels_last = _channel_last_layout(x)
         if self.direct_channels_last if channels_last else self.direct:
+            # The pool in the same pass: the convolution's output never goes through memory.
             y = _first_layer_conv(x, self.weight, self.bias, self.prelu_weight, self.stride, (ph, ph, pw, pw),
-                                  self.dilation)
-        else:
-            y = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding, self.dilation)
-            if self.activation == "relu" and self.pool is not None:
-                pool_relu = True  # a max commutes with a ReLU: the pool applies it
-            elif self.activation == "relu":
-                y = y.relu_()  # y is the convolution's own output
-            elif self.activation is True:
-                y = F.prelu(y, self.prelu_weight.to(y.dtype))
+                                  self.dilation, None if self.pool is None else MaxPoolArgs(*self.pool))
+            return y.squeeze(0) if unbatched else y
+        y = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding, self.dilation)
+        if self.activation == "relu" and self.pool is not None:
+            pool_relu = True  # a max commutes with a ReLU: the pool applies it
+        elif self.activation == "relu":
+            y = y.relu_()  # y is the convolution's own output
+        elif self.activation is True:
+            y = F.prelu(y, self.prelu_weight.to(y.dtype))
         if self.pool is not None:
             kernel, stride, padding, ceil_mode = self.pool
             y = max_pool2d(y, kernel, stride, padding, ceil_mode, pool_relu)
@@ -681,18 +685,19 @@ def _direct_by_default(layer: "StemConv2d") -> Tuple[bool, bool]:
     if backends() == ["scalar"]:  # no vector family: the portable kernel is no match for PyTorch's
         return False, False
     key = (layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
-           torch.get_num_threads())
+           layer.pool, torch.get_num_threads())
     if key not in _TIMED_CHOICES:
-        _TIMED_CHOICES[key] = _direct_is_faster(*key[:6])
+        _TIMED_CHOICES[key] = _direct_is_faster(*key[:7])
     return _TIMED_CHOICES[key]
 
 
 @torch.no_grad()
-def _direct_is_faster(in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,
+def _direct_is_faster(in_channels: int, out_channels: int, kernel_size, stride, padding, dilation, pool=None,
                       rounds: int = 5) -> Tuple[bool, bool]:
     """Times xnorconv's kernel and PyTorch's convolution on one _TIMED_IMAGE-sided image in NCHW and in
     channels_last (zero weights: the time does not depend on them; PyTorch's weight in the input's layout, as the
-    frozen model gives it), alternating; for each layout, whether the kernel's fastest call beat PyTorch's. The
+    frozen model gives it), each followed by the layer's max pool as it runs it (fused into the kernel's pass, or
+    max_pool2d after PyTorch's), alternating; for each layout, whether the kernel's fastest call beat PyTorch's. The
     fastest call decides, as for freeze's layout: on a shared machine other work only ever slows a call."""
     side = max(_TIMED_IMAGE, *((k - 1) * d + 1 for k, d in zip(kernel_size, dilation)))
     # On the CPU whatever the default device (a model built under torch.device("meta") times real calls too).
@@ -705,8 +710,8 @@ def _direct_is_faster(in_channels: int, out_channels: int, kernel_size, stride, 
                         device="cpu").contiguous(memory_format=layout)
         w = weight.contiguous(memory_format=layout)
         calls[layout, "xnorconv"] = partial(_first_layer_conv, x, weight, bias, None, stride, (ph, ph, pw, pw),
-                                            dilation)
-        calls[layout, "pytorch"] = partial(F.conv2d, x, w, bias, stride, padding, dilation)
+                                            dilation, None if pool is None else MaxPoolArgs(*pool))
+        calls[layout, "pytorch"] = partial(_pytorch_stem, x, w, bias, stride, padding, dilation, pool)
     for call in calls.values():
         call()  # untimed: the first call builds PyTorch's kernel for the shape
     fastest = dict.fromkeys(calls, float("inf"))
@@ -717,6 +722,11 @@ def _direct_is_faster(in_channels: int, out_channels: int, kernel_size, stride, 
             fastest[key] = min(fastest[key], time.perf_counter() - start)
     return tuple(fastest[layout, "xnorconv"] < fastest[layout, "pytorch"]
                  for layout in (torch.contiguous_format, torch.channels_last))
+
+
+def _pytorch_stem(x, weight, bias, stride, padding, dilation, pool):
+    y = F.conv2d(x, weight, bias, stride, padding, dilation)
+    return y if pool is None else max_pool2d(y, *pool)
 
 
 def _convert_float_stem(model: nn.Module, graph: Optional[torch.fx.Graph]) -> nn.Module:
