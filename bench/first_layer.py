@@ -142,6 +142,12 @@ def stem_section(reps):
                      for implementation, kernel in (("xnorconv", "xnorconv's kernel"),
                                                     ("pytorch", "PyTorch's convolution"))
                      for layout, inp in (("NCHW", x), ("channels_last", xcl))}
+        if pool:  # what the pool in the kernel's pass saves: the same kernel with the pool as a pass of its own
+            unpooled = xnorconv.StemConv2d.from_float(stem[0], stem[1], act, None, "xnorconv").eval()
+            stem_rows["float: StemConv2d, xnorconv's kernel, then the max pool as a pass of its own "
+                      "(xnorconv.MaxPool2d), NCHW"] = (nn.Sequential(unpooled, xnorconv.MaxPool2d(
+                          pool_layer.kernel_size, pool_layer.stride, pool_layer.padding,
+                          ceil_mode=pool_layer.ceil_mode)), x)
         float_cl = copy.deepcopy(stem).to(memory_format=CL)
         bf16 = copy.deepcopy(stem).to(torch.bfloat16, memory_format=CL)
         fbgemm = nn.Sequential(_fbgemm_copy(layer), *rest)
