@@ -1051,6 +1051,16 @@ void test_chained_max_pools(int cases) {
   }
 }
 
+// A random max pool window: kernel sides up to max_kernel, strides up to 3, padding up to half the kernel.
+void pick_pool_window(MaxPoolShape& s, int max_kernel) {
+  s.kernel_h = pick(1, max_kernel);
+  s.kernel_w = pick(1, max_kernel);
+  s.stride_h = pick(1, 3);
+  s.stride_w = pick(1, 3);
+  s.pad_h = pick(0, static_cast<int>(s.kernel_h / 2));
+  s.pad_w = pick(0, static_cast<int>(s.kernel_w / 2));
+}
+
 // max_pool2d (max_pools.cpp) against a direct scan of each window inside the image (the padding ignored, NaN
 // propagating): random kernels, strides, paddings up to half the kernel, ceil_mode and relu, both layouts. Values and
 // NaN positions must match (a tie of +0 and -0 may keep either); every family must give the selected one's bits.
@@ -1070,12 +1080,7 @@ void test_max_pool2d(int cases) {
     MaxPoolShape s;
     s.batch = pick(1, 2);
     s.channels = channel_choices[pick(0, 5)];
-    s.kernel_h = pick(1, 5);
-    s.kernel_w = pick(1, 5);
-    s.stride_h = pick(1, 3);
-    s.stride_w = pick(1, 3);
-    s.pad_h = pick(0, static_cast<int>(s.kernel_h / 2));
-    s.pad_w = pick(0, static_cast<int>(s.kernel_w / 2));
+    pick_pool_window(s, 5);
     s.height = pick(static_cast<int>(s.kernel_h), 17);
     // Some rows over several vectors of outputs (and a stride-2 row's tail past a whole one).
     s.width = pick(static_cast<int>(s.kernel_w), pick(0, 3) == 0 ? 75 : 17);
@@ -1249,12 +1254,7 @@ void check_fused_pool(const KernelOps& ops, FirstLayerCall call, const float* un
   pool.height = s.out_height();
   pool.width = s.out_width();
   pool.nhwc = s.channels_last;
-  pool.kernel_h = pick(1, 3);
-  pool.kernel_w = pick(1, 3);
-  pool.stride_h = pick(1, 3);
-  pool.stride_w = pick(1, 3);
-  pool.pad_h = pick(0, static_cast<int>(pool.kernel_h / 2));
-  pool.pad_w = pick(0, static_cast<int>(pool.kernel_w / 2));
+  pick_pool_window(pool, 3);
   pool.ceil_mode = pick(0, 1) == 1;
   pool.relu = pick(0, 1) == 1;
   if (!validate_pool(s, pool).empty()) return;  // the kernel is larger than this output
