@@ -54,7 +54,7 @@ from ._geometry import conv2d_geometry_repr, set_conv2d_geometry
 from ._transforms import (LeafTracer, check_foldable_bn, fold_batchnorm, foldable_bn, module_counts,
                           set_submodule)
 from ._checks import _is_int, pair
-from .functional import MaxPoolArgs, _channel_last_layout, _first_layer_conv, max_pool2d
+from .functional import _channel_last_layout, _first_layer_conv, max_pool2d
 from ._pooling import MaxPool2d
 
 __all__ = ["FIRST_LAYER_CHOICES", "Int8Conv2d", "StemConv2d", "check_first_layer", "convert_first_layer"]
@@ -548,7 +548,7 @@ class StemConv2d(nn.Module):
         if self.direct_channels_last if channels_last else self.direct:
             # The pool in the same pass: the convolution's output never goes through memory.
             y = _first_layer_conv(x, self.weight, self.bias, self.prelu_weight, self.stride, (ph, ph, pw, pw),
-                                  self.dilation, None if self.pool is None else MaxPoolArgs(*self.pool))
+                                  self.dilation, self.pool)
             return y.squeeze(0) if unbatched else y
         y = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding, self.dilation)
         if self.activation == "relu" and self.pool is not None:
@@ -710,7 +710,7 @@ def _direct_is_faster(in_channels: int, out_channels: int, kernel_size, stride, 
                         device="cpu").contiguous(memory_format=layout)
         w = weight.contiguous(memory_format=layout)
         calls[layout, "xnorconv"] = partial(_first_layer_conv, x, weight, bias, None, stride, (ph, ph, pw, pw),
-                                            dilation, None if pool is None else MaxPoolArgs(*pool))
+                                            dilation, pool)
         calls[layout, "pytorch"] = partial(_pytorch_stem, x, w, bias, stride, padding, dilation, pool)
     for call in calls.values():
         call()  # untimed: the first call builds PyTorch's kernel for the shape

@@ -319,19 +319,10 @@ def first_layer_conv(input: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     return _first_layer_conv(input, weight, bias, prelu_weight, stride, (top, bottom, left, right), dilation)
 
 
-class MaxPoolArgs(NamedTuple):
-    """A max pool after the first layer (max_pool2d's arguments, as pairs): the layer runs it in the same pass."""
-    kernel_size: Tuple[int, int]
-    stride: Tuple[int, int]
-    padding: Tuple[int, int]
-    ceil_mode: bool = False
-    relu: bool = False
-
-
-def _first_layer_conv(input, weight, bias, prelu_weight, stride, padding, dilation,
-                      pool: Optional[MaxPoolArgs] = None):
+def _first_layer_conv(input, weight, bias, prelu_weight, stride, padding, dilation, pool: Optional[Tuple] = None):
     """first_layer_conv after its checks: stride and dilation pairs, padding (top, bottom, left, right); then
-    max_pool2d(y, *pool) when pool is given (checked as max_pool2d checks it)."""
+    max_pool2d(y, *pool) when pool is given, (kernel_size, stride, padding, ceil_mode[, relu]) with pairs (checked
+    as max_pool2d checks it), run in the layer's pass."""
     top, bottom, left, right = padding
     operands = (weight, bias, prelu_weight)
     if (_one_pass_input(input) and top == bottom and left == right
@@ -339,11 +330,8 @@ def _first_layer_conv(input, weight, bias, prelu_weight, stride, padding, dilati
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in operands))):
         if prelu_weight is not None and prelu_weight.shape[0] != weight.shape[0]:
             prelu_weight = prelu_weight.expand(weight.shape[0])
-        if pool is None:
-            return torch.ops.xnorconv.first_layer_conv(input, weight, bias, prelu_weight, stride, (top, left),
-                                                       dilation)
         return torch.ops.xnorconv.first_layer_conv(input, weight, bias, prelu_weight, stride, (top, left), dilation,
-                                                   *pool)
+                                                   *(pool or ()))
     if top == bottom and left == right:
         x, pad = input, (top, left)
     else:  # F.conv2d pads both sides alike

@@ -414,12 +414,11 @@ void conv_tasks_in(const ConvParams& p, const ActivationLayout& l, const uint64_
   const int64_t oh_count = p.out_h(), ow_count = p.out_w(), og = p.out_channels_per_group();
   const int64_t taps = p.taps(), wpg = l.words_per_group, weight_row = taps * wpg;
   const ZeroPadCorrection* zp = p.pad_value == PadValue::Zero ? st.zero_pad : nullptr;
-  // NHWC output: a pixel's channels are adjacent, so a channel's offset is its index and a pixel's is scaled by the
-  // channel count (the strip side is cached in pixels, the same for both layouts).
-  constexpr bool nhwc = kNhwc;
+  // NHWC output (kNhwc): a pixel's channels are adjacent, so a channel's offset is its index and a pixel's is scaled
+  // by the channel count (the strip side is cached in pixels, the same for both layouts).
   BlockStore<P, V, SW> bs;
   bs.epilogue = &st;
-  bs.lane_stride = nhwc ? p.out_channels : 1;
+  bs.lane_stride = kNhwc ? p.out_channels : 1;
   bs.depth = static_cast<int32_t>(p.depth());
   bs.plain = is_plain(st);
   bs.classes = zp ? static_cast<int32_t>(zp->classes) : 1;
@@ -453,7 +452,7 @@ void conv_tasks_in(const ConvParams& p, const ActivationLayout& l, const uint64_
         const bool real = cb * V + v < og;
         const int64_t channel = g * og + imin(cb * V + v, og - 1);
         wrow[v] = w + channel * weight_row;
-        bs.channel_offset[v] = nhwc ? n * p.out_channels * oh_count * ow_count + channel
+        bs.channel_offset[v] = kNhwc ? n * p.out_channels * oh_count * ow_count + channel
                                     : (n * p.out_channels + channel) * oh_count * ow_count;
         bs.channel_real[v] = real;
         bs.operands[v] = channel_values<OneLane>(st, channel);
@@ -476,7 +475,7 @@ void conv_tasks_in(const ConvParams& p, const ActivationLayout& l, const uint64_
       bs.lanes[i] = strips->lanes[i];
       bs.border[i] = strips->border[i];
     }
-    bs.dense = !st.out_signs && !nhwc && channels_real && strips->dense;
+    bs.dense = !st.out_signs && !kNhwc && channels_real && strips->dense;
     if (strips->any_border)
       for (int i = 0; i < P; ++i)
         if (strips->border[i])

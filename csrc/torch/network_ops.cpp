@@ -159,11 +159,9 @@ at::Tensor first_layer_conv_cpu(const at::Tensor& input, const at::Tensor& weigh
     TORCH_CHECK(pool_error.empty(), op, ": pool: ", pool_error, " (input shape ", input.sizes(), ", weight shape ",
                 weight.sizes(), ")");
   }
-  at::Tensor out = pool_kernel_size
-                       ? at::empty({shape.batch, out_channels, pool.out_height(), pool.out_width()},
-                                   x.options().memory_format(format))
-                       : at::empty({shape.batch, out_channels, shape.out_height(), shape.out_width()},
-                                   x.options().memory_format(format));
+  const int64_t out_h = pool_kernel_size ? pool.out_height() : shape.out_height();
+  const int64_t out_w = pool_kernel_size ? pool.out_width() : shape.out_width();
+  at::Tensor out = at::empty({shape.batch, out_channels, out_h, out_w}, x.options().memory_format(format));
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor(), s = prelu_weight ? prelu_weight->contiguous()
                                                                                    : at::Tensor();
   xnorconv::FirstLayerCall call;
