@@ -592,19 +592,22 @@ void test_sign_io(int cases) {
 }
 
 // The convolution pass run as several task ranges (as threads run it: each range a separate call) must write exactly
-// what one call over all tasks writes: families may prepare per-call state for the tasks of their range only.
+// what one call over all tasks writes: families may prepare per-call state for the tasks of their range only. In both
+// output layouts, and the NHWC output must be the NCHW one transposed (NHWC blocks scatter a pixel's channels).
 void test_task_ranges(int cases) {
   for (int iter = 0; iter < cases; ++iter) {
     ConvParams p;
     p.batch = pick(1, 3);
     p.groups = pick(0, 2) == 0 ? pick(2, 3) : 1;
     p.in_channels = p.groups * pick(1, 140);
-    p.out_channels = p.groups * pick(1, 30);
-    p.in_h = pick(1, 14);
-    p.in_w = pick(1, 25);
+    // One case in four wide and large (a few hundred channels and pixels): many channel and strip blocks per range.
+    const bool large = iter % 4 == 0;
+    p.out_channels = p.groups * (large ? pick(150, 300) : pick(1, 30));
+    p.in_h = large ? pick(12, 20) : pick(1, 14);
+    p.in_w = large ? pick(12, 30) : pick(1, 25);
     p.kernel_h = p.kernel_w = pick(0, 1) ? 3 : 1;
     p.pad_top = p.pad_bottom = p.pad_left = p.pad_right = p.kernel_h / 2;
-    p.stride_h = p.stride_w = pick(1, 2);
+    p.stride_h = p.stride_w = large ? 1 : pick(1, 2);
     p.pad_value = static_cast<PadValue>(pick(-1, 1));
     if (!validate(p).empty()) continue;
     std::vector<float> x(p.batch * p.in_channels * p.in_h * p.in_w);
@@ -616,26 +619,43 @@ void test_task_ranges(int cases) {
     std::vector<int32_t> tap_sum(p.out_channels * p.taps());
     pack_weights(p, w.data(), bits.data(), tap_sum.data());
     const ZeroPadCorrection zp = zero_pad_correction(p, tap_sum.data());
+    const int64_t plane = p.out_h() * p.out_w();
     for (const auto& name : available_backends()) {
       const KernelOps& ops = *find_backend(name);
       const ActivationLayout l = ops.layout(p);
       WordBuffer packed(l.total_words), formatted;
       const uint64_t* pw = family_weight(ops, p, bits.data(), formatted);
       ops.pack(p, l, x.data(), s, nullptr, packed.data(), 0, ops.pack_tasks(p, l));
-      OutputStage st;
-      st.zero_pad = &zp;
-      const size_t outputs = p.batch * p.out_channels * p.out_h() * p.out_w();
-      std::vector<float> whole(outputs, NAN), pieces(outputs, NAN);
-      const int64_t tasks = ops.conv_tasks(p, l);
-      st.out = whole.data();
-      ops.conv(p, l, packed.data(), pw, st, 0, tasks);
-      st.out = pieces.data();
-      for (int64_t b = tasks; b > 0;) {  // ranges of random sizes, last first
-        const int64_t a = b - pick(1, std::max<int64_t>(1, tasks / 3));
-        ops.conv(p, l, packed.data(), pw, st, std::max<int64_t>(a, 0), b);
-        b = std::max<int64_t>(a, 0);
+      const size_t outputs = p.batch * p.out_channels * plane;
+      std::vector<float> nchw(outputs, NAN);
+      for (bool nhwc : {false, true}) {
+        if (nhwc && !ops.channels_last_output) continue;
+        OutputStage st;
+        st.zero_pad = &zp;
+        st.channels_last = nhwc;
+        std::vector<float> whole(outputs, NAN), pieces(outputs, NAN);
+        const int64_t tasks = ops.conv_tasks(p, l);
+        st.out = whole.data();
+        ops.conv(p, l, packed.data(), pw, st, 0, tasks);
+        st.out = pieces.data();
+        for (int64_t b = tasks; b > 0;) {  // ranges of random sizes, last first
+          const int64_t a = b - pick(1, std::max<int64_t>(1, tasks / 3));
+          ops.conv(p, l, packed.data(), pw, st, std::max<int64_t>(a, 0), b);
+          b = std::max<int64_t>(a, 0);
+        }
+        EXPECT(pieces == whole, "[%s] %s %s: task ranges run apart differ from one call", name.c_str(),
+               nhwc ? "NHWC" : "NCHW", describe(p).c_str());
+        if (!nhwc) {
+          nchw = whole;
+          continue;
+        }
+        bool same = true;  // the NHWC output is the NCHW one, transposed
+        for (int64_t n = 0; n < p.batch; ++n)
+          for (int64_t c = 0; c < p.out_channels; ++c)
+            for (int64_t i = 0; i < plane; ++i)
+              same &= whole[(n * plane + i) * p.out_channels + c] == nchw[(n * p.out_channels + c) * plane + i];
+        EXPECT(same, "[%s] %s: NHWC output differs from the NCHW output", name.c_str(), describe(p).c_str());
       }
-      EXPECT(pieces == whole, "[%s] %s: task ranges run apart differ from one call", name.c_str(), describe(p).c_str());
     }
   }
 }
