@@ -1429,6 +1429,45 @@ def test_frozen_layer_computes_its_input_shortcut(shape):
             assert not cat[:, :3].any()
 
 
+def test_frozen_prepared_call_matches_the_op():
+    """On the CPU the frozen layer's eager fast path is a _C.PreparedBinaryConv: its results are the op's, bit for
+    bit, for every per-call argument (sign input, residual, slopes that carry a gradient, input shortcut, out=,
+    channels_last), and it declines (None) the inputs the layer's general path must check."""
+    torch.manual_seed(11)
+    layer = xnorconv.BinaryConv2d(16, 8, 3, padding=1, learnable_threshold=True)
+    frozen = xnorconv.FrozenBinaryConv2d.from_binary(layer)
+    x, r, prelu = torch.randn(2, 16, 7, 5), torch.randn(2, 8, 7, 5), nn.PReLU(8)
+    signs = x < 0.3
+    frozen(x)
+    prepared = frozen._fast_args[7]
+    assert isinstance(prepared, xnorconv._C.PreparedBinaryConv)
+    args = (frozen.weight_bits, frozen.weight_tap_sum, 16, frozen.scale, frozen.bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0)
+
+    def op(inp, residual=None, slopes=None, shortcut=False):
+        threshold = frozen.input_threshold if inp.dtype == torch.float32 else None
+        return torch.ops.xnorconv.binary_conv2d_packed(inp, *args, threshold, False, None, residual, slopes,
+                                                       shortcut)
+
+    with torch.no_grad():
+        for inp in (x, signs, x.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(frozen(inp), op(inp))
+            assert torch.equal(frozen(inp, r, prelu.weight), op(inp, r, prelu.weight))
+        assert torch.equal(frozen(x, None, prelu.weight, True), op(x, None, prelu.weight, True))
+        out = torch.full((2, 8, 7, 5), float("nan"))
+        assert frozen(x, r, out=out) is out
+        assert torch.equal(out, op(x, r))
+    # Slopes with a gradient, outside no_grad: read as values (the op has no derivative).
+    assert torch.equal(frozen(x, r, prelu.weight), op(x, r, prelu.weight.detach()))
+    # Declined: the layer's general path runs (and raises its errors).
+    for inp in (x[0], x.double(), torch.randn(2, 15, 7, 5), x[:, :, :0], torch.randn(1, 16, 0, 4)):
+        assert prepared(inp) is None
+    with pytest.raises(ValueError, match="expected input with 16 channels"):
+        frozen(torch.randn(2, 15, 7, 5))
+    torch.testing.assert_close(frozen(x.double()).float(), frozen(x))
+    traced = torch.jit.trace(frozen, x, check_trace=False)  # under tracing the op call is recorded as before
+    assert torch.equal(traced(x), frozen(x))
+
+
 def test_frozen_fast_path_sees_replaced_state():
     """The frozen layer's forward gathers its op arguments once; replacing any of them (setattr of a buffer or
     geometry attribute, emit_signs, .to()) is seen by the next call, in-place updates without any rebuild."""

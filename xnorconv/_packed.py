@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
+from . import _C  # also registers torch.ops.xnorconv.*
 from ._autograd import channel_scale
 from ._checks import normalize_conv_args
 from .functional import PackedWeight, pack_weight
@@ -116,10 +116,11 @@ class FastPathArgs:
             self.__dict__["_fast_args"] = None
         super().__delattr__(name)
 
-    def _make_fast_args(self):
+    def _make_fast_args(self, prepare: bool = True):
         """What the deployed case's forward needs, computed once (or () when the general path must run):
         (device, min_h, min_w, op arguments from weight_bits to pad_value, input_threshold, output_signs,
-        output_threshold)."""
+        output_threshold, prepared), where prepared is a _C.PreparedBinaryConv of those arguments for a CPU layer
+        when `prepare` (None elsewhere: torch.compile cannot trace its construction)."""
         usable = (self.binarize_input and self.padding_mode == "zeros" and self.weight_bits.device.type in
                   PACKED_DEVICES and self.scale.dtype == torch.float32
                   and (self.bias is None or self.bias.dtype == torch.float32)
@@ -135,5 +136,9 @@ class FastPathArgs:
         min_w = (kw - 1) * self.dilation[1] + 1 - pads[2] - pads[3]
         args = (self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
                 list(self.stride), list(pads), list(self.dilation), self.groups, self.pad_value)
+        prepared = None
+        if prepare and self.weight_bits.device.type == "cpu":
+            prepared = _C.PreparedBinaryConv(*args, self.input_threshold, out_threshold is not None, out_threshold,
+                                             self.in_channels, min_h, min_w)
         return (self.weight_bits.device, min_h, min_w, args, self.input_threshold, out_threshold is not None,
-                out_threshold)
+                out_threshold, prepared)

@@ -299,17 +299,25 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
         residual: on the CPU the op computes it into its output, without a tensor of its own (see
         xnorconv.functional.binary_conv2d_packed for the geometry it needs). out: write y into this tensor (a
         channel slice of a concatenation, say) and return it, as binary_conv2d_packed's out."""
+        # Fast path for the deployed case (batched float32 or bool on a packed-kernel device, zeros padding): the
+        # geometry and the tensors never change, so the op's arguments are gathered once; only the per-call
+        # checks on the input remain. On the CPU they run in C++ (PreparedBinaryConv), in eager mode: per call
+        # that costs a fraction of this Python code, which a network of small layers pays dozens of times per image.
+        compiling = torch.compiler.is_compiling()
+        fast = self.__dict__.get("_fast_args")
+        if fast is None:
+            fast = self._make_fast_args(prepare=not compiling)
+            if not compiling:  # what torch.compile traces lacks the eager PreparedBinaryConv: not kept
+                self._fast_args = fast
+        if not compiling and fast and fast[7] is not None and isinstance(input, torch.Tensor):
+            y = fast[7](input, residual, prelu_weight, input_shortcut, out)
+            if y is not None:
+                return y
         prelu = prelu_weight
         if prelu is not None and prelu.requires_grad and torch.is_grad_enabled():
             prelu = prelu.detach()  # the op has no autograd formula (under no_grad there is nothing to detach from)
-        # Fast path for the deployed case (batched float32 or bool on a packed-kernel device, zeros padding): the
-        # geometry and the tensors never change, so the op's arguments are gathered once; only the per-call
-        # checks on the input remain.
-        fast = self.__dict__.get("_fast_args")
-        if fast is None:
-            fast = self._fast_args = self._make_fast_args()
         if fast and isinstance(input, torch.Tensor):
-            device, min_h, min_w, args, in_threshold, output_signs, out_threshold = fast
+            device, min_h, min_w, args, in_threshold, output_signs, out_threshold, _ = fast
             shape = input.shape
             dtype = input.dtype
             if (len(shape) == 4 and shape[1] == self.in_channels and (dtype is torch.float32 or dtype is torch.bool)

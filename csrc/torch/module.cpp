@@ -1,5 +1,6 @@
 // pybind11 module xnorconv._C: importing it loads this library, which registers the ops (TORCH_LIBRARY in ops.cpp).
 #include <ATen/Parallel.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -118,6 +119,70 @@ at::Tensor dispatch_binary_conv2d_packed_out(const xnorconv_torch::PackedConvArg
   return *args.out;
 }
 
+// A frozen layer's call of binary_conv2d_packed with everything but the per-call arguments gathered once
+// (FrozenBinaryConv2d's eager fast path): a call converts the input, residual, slopes, shortcut flag and destination
+// instead of all 18 arguments, and the layer's checks on its input run here instead of in Python. Inputs it does not
+// take (another rank, channel count, dtype or device, smaller than the kernel's reach, a jit trace) get None, and the
+// layer then runs its general path, which checks them and raises its errors. The tensors are held by reference, as
+// the layer's buffers: in-place updates are seen, replaced buffers make the layer build a new one.
+class PreparedBinaryConv {
+ public:
+  PreparedBinaryConv(at::Tensor weight_bits, at::Tensor weight_tap_sum, int64_t weight_in_channels,
+                     c10::optional<at::Tensor> scale, c10::optional<at::Tensor> bias, std::vector<int64_t> stride,
+                     std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t pad_value,
+                     c10::optional<at::Tensor> input_threshold, bool output_signs,
+                     c10::optional<at::Tensor> output_threshold, int64_t in_channels, int64_t min_height,
+                     int64_t min_width)
+      : weight_bits_(std::move(weight_bits)), weight_tap_sum_(std::move(weight_tap_sum)),
+        weight_in_channels_(weight_in_channels), scale_(std::move(scale)), bias_(std::move(bias)),
+        stride_(std::move(stride)), padding_(std::move(padding)), dilation_(std::move(dilation)), groups_(groups),
+        pad_value_(pad_value), input_threshold_(std::move(input_threshold)), output_signs_(output_signs),
+        output_threshold_(std::move(output_threshold)), in_channels_(in_channels), min_height_(min_height),
+        min_width_(min_width) {}
+
+  py::object operator()(const at::Tensor& input, const c10::optional<at::Tensor>& residual,
+                        const c10::optional<at::Tensor>& prelu_weight, bool input_shortcut,
+                        c10::optional<at::Tensor> out) const {
+    const bool sign_input = input.scalar_type() == at::kBool;
+    if (input.dim() != 4 || input.size(1) != in_channels_ || !input.is_cpu() ||
+        (!sign_input && input.scalar_type() != at::kFloat) || input.size(2) < min_height_ ||
+        input.size(3) < min_width_ || torch::jit::tracer::isTracing())
+      return py::none();
+    // The op has no derivative; slopes that carry one (a trained nn.PReLU's weight) are read as values.
+    c10::optional<at::Tensor> prelu = prelu_weight;
+    if (prelu && prelu->requires_grad() && at::GradMode::is_enabled()) prelu = prelu->detach();
+    // Sign input comes from a chained producer, which already applied this layer's threshold.
+    static const c10::optional<at::Tensor> kNone;
+    const xnorconv_torch::PackedConvArgs args{input, weight_bits_, weight_tap_sum_, weight_in_channels_, scale_,
+                                              bias_, stride_, padding_, dilation_, groups_, pad_value_,
+                                              sign_input ? kNone : input_threshold_, output_signs_,
+                                              output_threshold_, residual, prelu, input_shortcut};
+    at::Tensor result;
+    {
+      py::gil_scoped_release no_gil;
+      if (out) {
+        xnorconv_torch::PackedConvArgs with_out = args;
+        with_out.out = &*out;
+        result = dispatch_binary_conv2d_packed_out(with_out);
+      } else {
+        result = dispatch_binary_conv2d_packed(args);
+      }
+    }
+    return py::cast(std::move(result));
+  }
+
+ private:
+  at::Tensor weight_bits_, weight_tap_sum_;
+  int64_t weight_in_channels_;
+  c10::optional<at::Tensor> scale_, bias_;
+  std::vector<int64_t> stride_, padding_, dilation_;
+  int64_t groups_, pad_value_;
+  c10::optional<at::Tensor> input_threshold_;
+  bool output_signs_;
+  c10::optional<at::Tensor> output_threshold_;
+  int64_t in_channels_, min_height_, min_width_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -160,6 +225,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("output_threshold"), py::arg("residual"), py::arg("prelu_weight"), py::arg("input_shortcut"),
         py::arg("out"), py::call_guard<py::gil_scoped_release>(),
         "torch.ops.xnorconv.binary_conv2d_packed.out (every argument positional), as call_binary_conv2d_packed");
+  py::class_<PreparedBinaryConv>(m, "PreparedBinaryConv",
+                                 "binary_conv2d_packed with a frozen layer's arguments gathered once; called with "
+                                 "(input, residual, prelu_weight, input_shortcut, out), it returns the output, or None "
+                                 "for an input the layer's general path must check")
+      .def(py::init<at::Tensor, at::Tensor, int64_t, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+                    std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t,
+                    c10::optional<at::Tensor>, bool, c10::optional<at::Tensor>, int64_t, int64_t, int64_t>(),
+           py::arg("weight_bits"), py::arg("weight_tap_sum"), py::arg("weight_in_channels"), py::arg("scale"),
+           py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"),
+           py::arg("pad_value"), py::arg("input_threshold"), py::arg("output_signs"), py::arg("output_threshold"),
+           py::arg("in_channels"), py::arg("min_height"), py::arg("min_width"))
+      .def("__call__", &PreparedBinaryConv::operator(), py::arg("input"), py::arg("residual") = py::none(),
+           py::arg("prelu_weight") = py::none(), py::arg("input_shortcut") = false, py::arg("out") = py::none());
   m.def("peak_binary_macs_per_second", &peak_binary_macs_per_second, "Peak probe of a CPU kernel family (best of 5)");
   m.def("conv_kernel_ms", &conv_kernel_ms, "Median ms of the convolution pass alone on pre-packed input");
   m.attr("with_cuda") = static_cast<bool>(XNORCONV_WITH_CUDA);
