@@ -407,16 +407,18 @@ class BinaryConvUnit(nn.Module):
         # image.
         modules = self._modules
         conv, bn, act, real = modules["conv"], modules["bn"], modules["act"], modules.get("shortcut")
-        if out is not None and not self.frozen_fusable():
+        fusable = self.frozen_fusable()
+        if out is not None and not fusable:
             raise ValueError("BinaryConvUnit: out is for a unit frozen with its BatchNorm folded and a real shortcut")
         if real is None:
             return _activate(act, bn(conv(x)))
-        if self.frozen_fusable():
+        if fusable:
             # Frozen, with the BatchNorm folded into the conv: the shortcut (which the op computes from x, into
             # its output, unless the caller has it), its add and the PReLU run in the packed kernel's pass.
+            slopes = act._parameters["weight"]
             if shortcut is None:
-                return conv(x, None, act.weight, True, out=out)
-            return conv(x, shortcut, act.weight, out=out)
+                return conv(x, None, slopes, True, out=out)
+            return conv(x, shortcut, slopes, out=out)
         if shortcut is None:
             shortcut = real(x)
         if ((bn.training or torch.is_grad_enabled()) and type(bn) is nn.BatchNorm2d and type(act) is nn.PReLU

@@ -121,11 +121,13 @@ class RPReLU(nn.Module):
     def shifts_are_zero(self) -> bool:
         """True when both shifts are zero, so that the unit is exactly PReLU. The answer is cached until a shift
         changes (an inference pass asks once per unit)."""
-        key = _tensor_key((self.shift_in, self.shift_out))
+        params = self._parameters  # not nn.Module.__getattr__: this runs once per unit and image
+        shift_in, shift_out = params["shift_in"], params["shift_out"]
+        key = _tensor_key((shift_in, shift_out))
         cached = self.__dict__.get("_zero_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                zero = not bool(self.shift_in.any()) and not bool(self.shift_out.any())
+                zero = not bool(shift_in.any()) and not bool(shift_out.any())
             cached = (key, zero)
             self.__dict__["_zero_cache"] = cached
         return cached[1]

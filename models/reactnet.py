@@ -91,12 +91,20 @@ class ReActUnit(nn.Module):
     def frozen_fusable(self) -> bool:
         """Frozen by xnorconv.freeze with every BatchNorm folded: each part can be one packed-kernel pass (the
         shifts of RPReLU aside, which ReActNetA folds)."""
+        # Asked on every inference call: read from the modules' own dicts, without nn.Module.__getattr__ (a slow
+        # fallback, and a raised AttributeError for a buffer a layer lacks).
         act = self._modules["act"]
-        return (type(act) is RPReLU and type(act.prelu) is nn.PReLU
-                and all(isinstance(c, xnorconv.FrozenBinaryConv2d) and c.bias is not None
-                        and c.input_threshold is not None and getattr(c, "output_threshold", None) is None
-                        for c in self._modules["convs"])
-                and all(type(b) is nn.Identity for b in self._modules["bns"]))
+        if type(act) is not RPReLU or type(act._modules["prelu"]) is not nn.PReLU:
+            return False
+        for conv in self._modules["convs"]._modules.values():
+            buffers = conv._buffers if isinstance(conv, xnorconv.FrozenBinaryConv2d) else None
+            if (buffers is None or buffers.get("bias") is None or buffers.get("input_threshold") is None
+                    or buffers.get("output_threshold") is not None):
+                return False
+        for bn in self._modules["bns"]._modules.values():
+            if type(bn) is not nn.Identity:
+                return False
+        return True
 
     def forward(self, x):
         modules = self._modules  # straight from the dict: nn.Module.__getattr__ is a slow fallback
@@ -106,9 +114,9 @@ class ReActUnit(nn.Module):
                 and act.shifts_are_zero()):
             # act is exactly PReLU: the shortcut add and the PReLU run in the packed kernel's output stage; a
             # single conv computes the shortcut too (from x, into its output).
-            slope = act.prelu.weight
+            slope = act._modules["prelu"]._parameters["weight"]
             if self.parts == 1:
-                return convs[0](x, None, slope, True)
+                return convs._modules["0"](x, None, slope, True)  # not ModuleList.__getitem__: it parses the index
             c, shortcut = self.channels, modules["shortcut"](x)
             if writes_slices(x):
                 # Each part writes its channels of the unit's output: no concatenation pass. A part's output is
@@ -143,7 +151,8 @@ class ReActBlock(nn.Module):
         self.pointwise = ReActUnit(in_channels, 1, 1, out_channels // in_channels, **unit_options)
 
     def forward(self, x):
-        return self.pointwise(self.spatial(x))
+        modules = self._modules
+        return modules["pointwise"](modules["spatial"](x))
 
     def extra_repr(self):
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
