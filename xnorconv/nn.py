@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from . import _C  # noqa: F401  (registers torch.ops.xnorconv.*)
 from . import _epilogues, _layout, _packed, _transforms
 from ._autograd import SCALE_CHOICES, STE_CHOICES, _sign, binary_conv2d_ste, channel_scale, conv_padded
+from ._backend import triton_selected
 from ._checks import (PADDING_MODES, check_bool, check_choice, check_geometry, check_input_shortcut, check_layer_input,
                       check_pad_value, check_spatial, check_tensor, normalize_conv_args)
 from ._first_layer import StemConv2d, check_first_layer, convert_first_layer
@@ -301,15 +302,16 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
         channel slice of a concatenation, say) and return it, as binary_conv2d_packed's out."""
         # Fast path for the deployed case (batched float32 or bool on a packed-kernel device, zeros padding): the
         # geometry and the tensors never change, so the op's arguments are gathered once; only the per-call
-        # checks on the input remain. On the CPU they run in C++ (PreparedBinaryConv), in eager mode: per call
-        # that costs a fraction of this Python code, which a network of small layers pays dozens of times per image.
+        # checks on the input remain. On the CPU they run in C++ (PreparedBinaryConv), in eager mode with the
+        # compiled kernels (not under use_backend('triton')): per call that costs a fraction of this Python code,
+        # which a network of small layers pays dozens of times per image.
         compiling = torch.compiler.is_compiling()
         fast = self.__dict__.get("_fast_args")
         if fast is None:
             fast = self._make_fast_args(prepare=not compiling)
             if not compiling:  # what torch.compile traces lacks the eager PreparedBinaryConv: not kept
                 self._fast_args = fast
-        if not compiling and fast and fast[7] is not None and isinstance(input, torch.Tensor):
+        if not compiling and fast and fast[7] is not None and isinstance(input, torch.Tensor) and not triton_selected():
             y = fast[7](input, residual, prelu_weight, input_shortcut, out)
             if y is not None:
                 return y
