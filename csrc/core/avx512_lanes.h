@@ -127,5 +127,71 @@ inline void avx512_stride2_window_max(const float* in, float* out, int64_t count
   }
 }
 
+// KernelOps::stride2_width3_pool_row: a 3-wide, stride-2 max pool of one NCHW output row straight from the rows its
+// windows cover, in registers: the column maxima of 16 image columns at a time (their rows in order, -inf outside
+// the image), then each output's taps 0, 2 and 1 among them (the order of avx512_stride2_window_max, so the same
+// bits as the two passes max_pools.cpp runs otherwise), then the ReLU. Output block e's windows read columns
+// 2e - pad .. 2e - pad + 32: its own two vectors of column maxima and the first lane of the next block's first.
+// kRows > 0: that many rows, unrolled (the common windows: 3 rows, 2 at the image's top or bottom edge).
+template <int kRows>
+inline void avx512_stride2_width3_pool_row_of(const float* const* rows, int64_t row_count, int64_t width,
+                                              int64_t pad, float* out, int64_t count, bool relu) {
+  const int64_t row_total = kRows > 0 ? kRows : row_count;
+  const __m512 quiet_nan = _mm512_set1_ps(__builtin_nanf(""));
+  const __m512 minus_inf = _mm512_set1_ps(-__builtin_inff());
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  // The column maxima of columns c .. c + 15 (c >= 0), -inf past the image's last column.
+  auto columns_from = [&](int64_t c) {
+    const int64_t left = width - c;
+    const __mmask16 in_image =
+        left >= 16 ? Avx512Lanes::kAll : left <= 0 ? __mmask16{0} : static_cast<__mmask16>((1u << left) - 1);
+    __m512 m = _mm512_mask_loadu_ps(minus_inf, in_image, rows[0] + c);
+    __mmask16 nan = _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
+    for (int64_t r = 1; r < row_total; ++r) {
+      const __m512 v = _mm512_mask_loadu_ps(minus_inf, in_image, rows[r] + c);
+      m = _mm512_max_ps(v, m);
+      nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q));
+    }
+    return _mm512_mask_mov_ps(m, nan, quiet_nan);
+  };
+  // Columns c .. c + 15 for c >= -1 (padding is at most 1 for a 3-wide window): column -1 is padding, -inf.
+  auto columns = [&](int64_t c) {
+    if (c >= 0) return columns_from(c);
+    return _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(columns_from(0)), _mm512_castps_si512(minus_inf), 15));
+  };
+  __m512 first = columns(-pad);
+  for (int64_t e = 0; e < count; e += 16) {
+    const int64_t c = 2 * e - pad;
+    const __m512 second = columns_from(c + 16), next = columns_from(c + 32);
+    const __m512 tap0 = _mm512_permutex2var_ps(first, even, second);
+    const __m512 tap1 = _mm512_permutex2var_ps(first, odd, second);
+    const __m512 tap2 =
+        _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(next), _mm512_castps_si512(tap0), 1));
+    __m512 m = tap0;
+    __mmask16 nan = _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
+    m = _mm512_max_ps(tap2, m);
+    nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(tap2, tap2, _CMP_UNORD_Q));
+    m = _mm512_max_ps(tap1, m);
+    nan = static_cast<__mmask16>(nan | _mm512_cmp_ps_mask(tap1, tap1, _CMP_UNORD_Q));
+    m = _mm512_mask_mov_ps(m, nan, quiet_nan);
+    if (relu) m = _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(m, zero, _CMP_LT_OQ), zero);  // NaN and -0 stay
+    const __mmask16 real = count - e >= 16 ? Avx512Lanes::kAll : static_cast<__mmask16>((1u << (count - e)) - 1);
+    _mm512_mask_storeu_ps(out + e, real, m);
+    first = next;
+  }
+}
+
+inline void avx512_stride2_width3_pool_row(const float* const* rows, int64_t row_count, int64_t width, int64_t pad,
+                                           float* out, int64_t count, bool relu) {
+  switch (row_count) {
+    case 3: return avx512_stride2_width3_pool_row_of<3>(rows, row_count, width, pad, out, count, relu);
+    case 2: return avx512_stride2_width3_pool_row_of<2>(rows, row_count, width, pad, out, count, relu);
+    default: return avx512_stride2_width3_pool_row_of<0>(rows, row_count, width, pad, out, count, relu);
+  }
+}
+
 }  // namespace
 }  // namespace xnorconv

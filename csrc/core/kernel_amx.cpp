@@ -522,6 +522,7 @@ const KernelOps& amx_kernel() {
     k.channels_last_output = true;
     k.window_max = avx512_window_max;  // float work is AVX-512's
     k.stride2_window_max = avx512_stride2_window_max;
+    k.stride2_width3_pool_row = avx512_stride2_width3_pool_row;
     return with_window_means<Avx512Lanes>(with_first_layer<Avx512Lanes, 16, 14>(k));
   }();
   return ops;

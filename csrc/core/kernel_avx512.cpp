@@ -270,6 +270,7 @@ const KernelOps& avx512_kernel() {
         with_window_means<Avx512Lanes>(with_first_layer<Avx512Lanes, 16, 14>(make_kernel_ops<Avx512Isa>("avx512")));
     k.window_max = avx512_window_max;
     k.stride2_window_max = avx512_stride2_window_max;
+    k.stride2_width3_pool_row = avx512_stride2_width3_pool_row;
     return k;
   }();
   return ops;

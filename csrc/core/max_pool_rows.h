@@ -32,6 +32,9 @@ class MaxPoolRows {
   int64_t interior_;  // the image pixels that lie in the padded row (the rest is never read)
   int64_t phases_ = 1, phase_length_ = 0;
   bool phase_split_ = false;
+  // NCHW, 3-wide windows at column stride 2, and the family has stride2_width3_pool_row: a row in one call.
+  static constexpr int64_t kMaxFusedRows = 16;
+  bool fused_row_ = false;
   std::vector<float> padded_, split_, maxima_;
 };
 

@@ -189,8 +189,9 @@ void floor_at_zero(float* out, int64_t count) {
 
 }  // namespace
 
-// NCHW rows: with stride 1 the windows of a row are one window_max, with stride 2 one stride2_window_max where the
-// family has it; otherwise the padded row is split by column phase (phase r holds padded pixels r, r + stride, ...),
+// NCHW rows: 3-wide windows at stride 2 (a stem's pool) are one stride2_width3_pool_row where the family has it,
+// straight from the input rows; else the column maxima go into a padded row first, and with stride 1 its windows are
+// one window_max, with stride 2 one stride2_window_max where the family has it; otherwise the padded row is split by column phase (phase r holds padded pixels r, r + stride, ...),
 // where a window's taps of one phase are consecutive: each phase's window maxima, then the maximum over the phases.
 // NHWC rows: one window_max over the channels of each output pixel.
 MaxPoolRows::MaxPoolRows(const KernelOps& ops, const MaxPoolShape& s, int64_t planes)
@@ -201,6 +202,8 @@ MaxPoolRows::MaxPoolRows(const KernelOps& ops, const MaxPoolShape& s, int64_t pl
   phase_length_ = out_w + (s.kernel_w - 1) / sw;  // phase pixels any window reads
   phases_ = std::min(sw, s.kernel_w);             // phases with taps
   phase_split_ = !s.nhwc && (sw > 2 || (sw == 2 && !ops.stride2_window_max));
+  fused_row_ = !s.nhwc && sw == 2 && s.kernel_w == 3 && s.kernel_h <= kMaxFusedRows && ops.stride2_width3_pool_row;
+  if (fused_row_) return;  // no scratch
   // -inf in the padding, never overwritten.
   padded_.assign(static_cast<size_t>(planes * pixels_ * depth_), -std::numeric_limits<float>::infinity());
   if (phase_split_) {
@@ -217,6 +220,17 @@ void MaxPoolRows::row(const float* rows, int64_t first_row, int64_t row_stride, 
   // any is pooled along the row, so that those reads do not wait on the stores just made.
   const int64_t top = oy * s.stride_h - s.pad_h;
   const int64_t first = std::max<int64_t>(top, 0), last = std::min(top + s.kernel_h, s.height);
+  if (fused_row_) {
+    // Column and row maxima in registers, from the input rows: no padded row in between.
+    for (int64_t plane = 0; plane < planes_; ++plane) {
+      const float* window_rows[kMaxFusedRows];
+      for (int64_t y = first; y < last; ++y)
+        window_rows[y - first] = rows + plane * plane_stride + (y - first_row) * row_stride;
+      ops_.stride2_width3_pool_row(window_rows, last - first, s.width, s.pad_w, out + plane * out_plane_stride,
+                                   out_w, s.relu);
+    }
+    return;
+  }
   for (int64_t plane = 0; plane < planes_; ++plane)
     window_max(ops_, rows + plane * plane_stride + (first - first_row) * row_stride,
                padded_.data() + (plane * pixels_ + s.pad_w) * depth, interior_ * depth, row_stride, last - first);

@@ -190,6 +190,13 @@ struct KernelOps {
   // out[e] = the maximum of in[2 * e + t] over taps t < k with the same rule and bits, reading nothing at or past
   // in[2 * (count - 1) + k]. nullptr: max_pools.cpp splits the row by column phase and runs window_max on each.
   void (*stride2_window_max)(const float* in, float* out, int64_t count, int64_t k) = nullptr;
+  // A whole NCHW output row of a max pool with 3-wide windows at column stride 2 (the stem pool's), from the input
+  // rows its windows cover (rows[0 .. row_count), each `width` floats): for e < count, out[e] = the maximum over
+  // those rows, then over columns 2e - pad + 0, 2, 1 (in that order), of the inputs, -inf outside [0, width), with
+  // the same rule and bits as max_pools.cpp's column pass then stride2_window_max; then floored at zero (NaN and -0
+  // kept) when relu. pad is 0 or 1; nothing outside the rows' `width` floats is read. nullptr: those passes.
+  void (*stride2_width3_pool_row)(const float* const* rows, int64_t row_count, int64_t width, int64_t pad,
+                                  float* out, int64_t count, bool relu) = nullptr;
 };
 
 // ---- column folding for thin inputs (fold.cpp) ----
