@@ -190,9 +190,10 @@ void floor_at_zero(float* out, int64_t count) {
 }  // namespace
 
 // NCHW rows: 3-wide windows at stride 2 (a stem's pool) are one stride2_width3_pool_row where the family has it,
-// straight from the input rows; else the column maxima go into a padded row first, and with stride 1 its windows are
-// one window_max, with stride 2 one stride2_window_max where the family has it; otherwise the padded row is split by column phase (phase r holds padded pixels r, r + stride, ...),
-// where a window's taps of one phase are consecutive: each phase's window maxima, then the maximum over the phases.
+// straight from the input rows; else the column maxima go into a padded row first, and with stride 1 its windows
+// are one window_max, with stride 2 one stride2_window_max where the family has it; otherwise the padded row is
+// split by column phase (phase r holds padded pixels r, r + stride, ...), where a window's taps of one phase are
+// consecutive: each phase's window maxima, then the maximum over the phases.
 // NHWC rows: one window_max over the channels of each output pixel.
 MaxPoolRows::MaxPoolRows(const KernelOps& ops, const MaxPoolShape& s, int64_t planes)
     : ops_(ops), s_(s), depth_(s.nhwc ? s.channels : 1), planes_(planes) {
@@ -216,10 +217,8 @@ void MaxPoolRows::row(const float* rows, int64_t first_row, int64_t row_stride, 
                       int64_t plane_stride, int64_t out_plane_stride) {
   const MaxPoolShape& s = s_;
   const int64_t out_w = s.out_width(), sw = s.stride_w, depth = depth_;
-  // The maxima down the columns of the window's rows inside the image, into the padded rows: every plane's before
-  // any is pooled along the row, so that those reads do not wait on the stores just made.
   const int64_t top = oy * s.stride_h - s.pad_h;
-  const int64_t first = std::max<int64_t>(top, 0), last = std::min(top + s.kernel_h, s.height);
+  const int64_t first = std::max<int64_t>(top, 0), last = std::min(top + s.kernel_h, s.height);  // rows in the image
   if (fused_row_) {
     // Column and row maxima in registers, from the input rows: no padded row in between.
     for (int64_t plane = 0; plane < planes_; ++plane) {
@@ -231,6 +230,8 @@ void MaxPoolRows::row(const float* rows, int64_t first_row, int64_t row_stride, 
     }
     return;
   }
+  // The maxima down the columns of the window's rows inside the image, into the padded rows: every plane's before
+  // any is pooled along the row, so that those reads do not wait on the stores just made.
   for (int64_t plane = 0; plane < planes_; ++plane)
     window_max(ops_, rows + plane * plane_stride + (first - first_row) * row_stride,
                padded_.data() + (plane * pixels_ + s.pad_w) * depth, interior_ * depth, row_stride, last - first);
