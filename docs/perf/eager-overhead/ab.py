@@ -9,16 +9,19 @@ and TorchScript beside them for reference.
     PYTHONPATH=. python docs/perf/eager-overhead/ab.py [--rounds 150]
 """
 import argparse
+import os
 import statistics
+import sys
 import time
 import warnings
 
 import torch
-import torchvision
 
-import models
 import xnorconv
 from models import blocks, reactnet
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gap import NETWORKS  # noqa: E402  (the networks gap.py times, built the same way)
 
 
 def old_frozen_fusable(self) -> bool:  # ReActUnit.frozen_fusable before this change
@@ -63,12 +66,8 @@ def main():
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    nets = {"resnet18_binary": (xnorconv.binarize(torchvision.models.resnet18(), learnable_threshold=True), 224),
-            "birealnet18": (models.create("birealnet18", 1000), 224),
-            "reactnet_a": (models.create("reactnet_a", 1000), 224),
-            "binary_dnet53": (models.create("binary_dnet53", 2), 128)}
-    for name, (binary, size) in nets.items():
-        model = xnorconv.freeze(binary.eval())
+    for name, (build, size) in NETWORKS.items():
+        model = xnorconv.freeze(build().eval())
         x = torch.randn(1, 3, size, size)
         variants = {"before": (False, OLD_CHECKS), "after": (True, NEW_CHECKS)}
         with torch.no_grad():
