@@ -218,6 +218,32 @@ def test_resnet_like_stem_folds_bn_relu_pool_and_stays_within_the_rounding_bound
     assert_int8_close(layer, x, want, folded_weight(model.conv1, model.bn1))
 
 
+@pytest.mark.parametrize("pool", [None, nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, 2, ceil_mode=True),
+                                  nn.MaxPool2d(3, 2, 1, dilation=2)], ids=["none", "stem", "ceil", "dilated"])
+def test_output_stage_is_pytorchs_quantized_pool_and_dequantize(pool):
+    """The layer pools, dequantizes and lays out its int8 convolution's output in one pass
+    (xnorconv::dequantize_max_pool2d) where it can: the same bits as PyTorch's quantized max pool, dequantize and
+    layout copy, which it keeps for a dilated pool, a pool-free channels_last output and torch.compile."""
+    model = stem_net()
+    x = torch.randn(2, 3, 33, 30)
+    layer = Int8Conv2d.from_float(model.conv1, model.bn1, relu=True, pool=pool, input_range=(-3.0, 3.0),
+                                  output_range=(0.0, 5.0))
+
+    def pytorchs(t):
+        q = torch.quantize_per_tensor(t, layer.input_scale, layer.input_zero_point, torch.quint8)
+        y = torch.ops.quantized.conv2d_relu(q, layer._packed_weight(), layer.output_scale, layer.output_zero_point)
+        y = (y if pool is None else pool(y)).dequantize()
+        return y.contiguous(memory_format=torch.channels_last if t.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format)
+
+    with torch.no_grad():
+        for t in (x, x.contiguous(memory_format=torch.channels_last)):
+            got, want = layer(t), pytorchs(t)
+            assert torch.equal(got, want) and got.stride() == want.stride()
+        assert torch.equal(layer(x[0]), pytorchs(x[:1])[0])  # unbatched
+        assert torch.equal(torch.jit.trace(layer, (x,))(x), pytorchs(x))
+
+
 class ChannelsLastMaxPool(nn.MaxPool2d):
     """A model's own max pool that only pools in another layout (as models.blocks.MaxPool2d): nn.MaxPool2d's
     function."""

@@ -7,6 +7,8 @@ inference on the CPU:
     bit for bit, NaN and signed zeros included;
   * xnorconv.functional.max_pool2d (op xnorconv::max_pool2d; models.blocks.MaxPool2d, freeze's fused stem pool)
     against F.max_pool2d (and F.relu) on every CPU backend: kernel sizes, strides, paddings, ceil_mode, NaN and -inf;
+  * op xnorconv::dequantize_max_pool2d (the int8 first layer's output, Int8Conv2d) against PyTorch's quantized max
+    pool then dequantize, bit for bit, from quint8 and uint8 levels;
 each in both layouts (the same bits in each), with the composed path it falls back to, gradients, opcheck,
 TorchScript and errors that name the argument.
 
@@ -318,3 +320,68 @@ def test_max_pool2d_module_is_exact_and_keeps_the_callers_layout():
     assert xnorconv.MaxPool2d(3, 2, 1)(torch.randn(4, 9, 9)).shape == (4, 5, 5)  # unbatched, as nn.MaxPool2d
     with pytest.raises(ValueError, match="return_indices=True is not supported"):
         xnorconv.MaxPool2d(3, return_indices=True)
+
+
+# --- dequantize_max_pool2d ------------------------------------------------------------------------------------------
+
+def quantized(shape, scale, zero_point, seed):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2
+    return torch.quantize_per_tensor(x.contiguous(memory_format=torch.channels_last), scale, zero_point, torch.quint8)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("kernel, stride, padding, ceil_mode", POOLS)
+def test_dequantize_max_pool2d_is_pytorchs_quantized_pool_then_dequantize(kernel, stride, padding, ceil_mode, layout):
+    op = torch.ops.xnorconv.dequantize_max_pool2d
+    # Channels past one 64-byte chunk and not a multiple of 8 (the transpose's blocks), widths not a multiple of 8.
+    for i, (shape, scale, zero_point) in enumerate((((1, 64, 17, 16), 0.0371, 7), ((2, 3, 9, 7), 1 / 3, 17),
+                                                    ((1, 130, 5, 11), 0.02, 0), ((2, 1, 6, 5), 0.5, 200),
+                                                    ((1, 8, 4, 4), 1e-3, 255))):
+        q = quantized(shape, scale, zero_point, seed=i)
+        want = F.max_pool2d(q, kernel, stride, padding, 1, ceil_mode).dequantize().contiguous(memory_format=layout)
+        channels_last = layout == torch.channels_last
+        for levels in (q, q.int_repr(), q.int_repr().contiguous()):  # quint8, and its bytes in either layout
+            got = op(levels, scale, zero_point, kernel, stride, padding, ceil_mode, channels_last)
+            assert got.dtype == torch.float32 and got.is_contiguous(memory_format=layout)
+            assert torch.equal(got, want), (shape, levels.dtype)
+
+
+def test_dequantize_max_pool2d_threads_opcheck_and_torchscript():
+    op = torch.ops.xnorconv.dequantize_max_pool2d
+    q = quantized((3, 64, 40, 40), 0.05, 3, seed=5)  # large enough to split over threads
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [op(q, 0.05, 3, [3, 3], [2, 2], [1, 1], False, cl) for cl in (False, True)]
+        torch.set_num_threads(2)
+        assert all(torch.equal(op(q, 0.05, 3, [3, 3], [2, 2], [1, 1], False, cl), o)
+                   for cl, o in zip((False, True), one))
+    finally:
+        torch.set_num_threads(threads)
+    levels = q.int_repr()[:1, :8, :7, :6]
+    for args in ((0.05, 3, [3, 3], [2, 2], [1, 1], False, False), (2.0, 0, [2, 3], [1, 2], [0, 1], True, True)):
+        torch.library.opcheck(op.default, (levels, *args))
+    traced = torch.jit.trace(lambda t: op(t, 0.05, 3, [3, 3], [2, 2], [1, 1]), (q,))
+    assert torch.equal(traced(q), one[0])
+    assert op(q[:0], 0.05, 3, [3, 3], [2, 2], [1, 1]).shape == (0, 64, 20, 20)
+
+
+def test_dequantize_max_pool2d_errors_name_the_argument():
+    op = torch.ops.xnorconv.dequantize_max_pool2d
+    levels = torch.zeros(1, 4, 6, 6, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=r"dequantize_max_pool2d: levels must be 4-D \(N, C, H, W\), got a 3-D"):
+        op(levels[0], 0.1, 0, [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="dequantize_max_pool2d: levels must be uint8 or quint8, got Float"):
+        op(levels.float(), 0.1, 0, [3, 3], [2, 2], [1, 1])
+    for scale in (0.0, -0.5, float("nan"), float("inf"), 1e40):
+        with pytest.raises(RuntimeError, match="dequantize_max_pool2d: scale must be a positive finite float32"):
+            op(levels, scale, 0, [3, 3], [2, 2], [1, 1])
+    for zero_point in (-1, 256):
+        with pytest.raises(RuntimeError, match=rf"dequantize_max_pool2d: zero_point must be in \[0, 255\] \(a uint8 "
+                                               rf"level\), got {zero_point}"):
+            op(levels, 0.1, zero_point, [3, 3], [2, 2], [1, 1])
+    with pytest.raises(RuntimeError, match="dequantize_max_pool2d: padding must be >= 0 and at most half the kernel "
+                                           "size, got pad_h = 2, pad_w = 0 for kernel_h = 3, kernel_w = 3"):
+        op(levels, 0.1, 0, [3, 3], [1, 1], [2, 0])
+    with pytest.raises(RuntimeError, match=r"dequantize_max_pool2d: kernel_size must have 2 values \(height, width\)"):
+        op(levels, 0.1, 0, [3], [1, 1], [0, 0])

@@ -35,7 +35,10 @@ directly and faster once a max pool is fused (pooling 8-bit values), it is trace
 is not: the tracer rejects its Scalar?[] argument, and its packed weight is an opaque tensor that can be neither
 traced as a constant, copied nor saved), and fbgemm's kernel was much slower on these 3-channel layers. It pays
 where the stem is large (resnet18's); on a small stem that a model already folds (BinaryDNet53's) it was slower.
-PyTorch has deprecated quantized tensors; that is the cost of this choice, contained in this file.
+PyTorch has deprecated quantized tensors; that is the cost of this choice, contained in this file. The kernel
+writes channels_last 8-bit levels; xnorconv::dequantize_max_pool2d (csrc/core/max_pools.cpp) pools them, dequantizes
+and writes the caller's layout in one pass, the same bits as PyTorch's quantized max pool, dequantize and layout
+copy, which took several times as long on resnet18's stem (docs/perf/first_layer.md).
 
 On CPUs without VNNI the u8 x s8 products are summed in pairs into 16 bits, which can saturate; there the input
 uses 7 bits (0..127), as PyTorch's x86 default qconfig does (reduce_range).
@@ -425,12 +428,33 @@ class Int8Conv2d(nn.Module):
         q = torch.quantize_per_tensor(x, self.input_scale, self.input_zero_point, torch.quint8)
         conv = torch.ops.quantized.conv2d_relu if self.relu else torch.ops.quantized.conv2d
         y = conv(q, self._packed_weight(), self.output_scale, self.output_zero_point)
-        if self.pool is not None:
-            y = self.pool(y)  # max pooling commutes with the increasing dequantization: pool 8-bit values
-        y = y.dequantize()
-        if not channels_last:
-            y = y.contiguous()
+        # Max pooling commutes with the increasing dequantization: the pool takes the 8-bit levels. PyTorch's int8
+        # convolution writes channels_last; xnorconv::dequantize_max_pool2d pools, dequantizes and writes the
+        # caller's layout in one pass, where PyTorch's quantized pool, dequantize and layout copy take three.
+        one_pass = self._one_pass_pool(channels_last)
+        if one_pass is not None:
+            y = torch.ops.xnorconv.dequantize_max_pool2d(y, self.output_scale, self.output_zero_point, *one_pass,
+                                                         channels_last)
+        else:
+            if self.pool is not None:
+                y = self.pool(y)
+            y = y.dequantize()
+            if not channels_last:
+                y = y.contiguous()
         return y.squeeze(0) if unbatched else y
+
+    def _one_pass_pool(self, channels_last: bool) -> Optional[Tuple]:
+        """(kernel_size, stride, padding, ceil_mode) for xnorconv::dequantize_max_pool2d, or None where PyTorch's
+        ops run instead: under torch.compile (which breaks the graph around the quantized ops and has no fake
+        quantized tensors for a custom op), for a pool with dilation, and without a pool for a channels_last
+        output, where PyTorch's dequantize alone is the faster."""
+        if torch.compiler.is_compiling():
+            return None
+        if self.pool is None:
+            return None if channels_last else ((1, 1), (1, 1), (0, 0), False)
+        if pair(self.pool.dilation, "dilation") != (1, 1):
+            return None
+        return _pool_args(self.pool)
 
 
 # The float layer takes images (few input channels). Into few output channels (at most STEM_MAX_OUT_CHANNELS: 16

@@ -1,5 +1,7 @@
 """Fake (meta) kernels: shapes and dtypes of every op, for torch.compile and torch.export; and the FLOP count of the
 float op, for torch.utils.flop_counter."""
+import math
+
 import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
@@ -160,21 +162,41 @@ def pooled_size(size, kernel, pad, stride, ceil_mode):
     return out - 1 if ceil_mode and (out - 1) * stride >= size + pad else out
 
 
-@torch.library.register_fake("xnorconv::max_pool2d")
-def _max_pool2d_fake(input, kernel_size, stride, padding, ceil_mode=False, relu=False):
-    torch._check(input.dim() == 4, lambda: f"max_pool2d: input must be 4-D (N, C, H, W), got {input.dim()}-D")
+def _pooled_shape(op: str, input, kernel_size, stride, padding, ceil_mode):
+    """The output shape of a max pool op (dilation 1), with the op's checks."""
+    torch._check(input.dim() == 4, lambda: f"{op}: input must be 4-D (N, C, H, W), got {input.dim()}-D")
     torch._check(len(kernel_size) == 2 and len(stride) == 2 and len(padding) == 2,
-                 lambda: f"max_pool2d: kernel_size, stride and padding must have 2 values, got {kernel_size}, "
+                 lambda: f"{op}: kernel_size, stride and padding must have 2 values, got {kernel_size}, "
                          f"{stride}, {padding}")
     torch._check(min(kernel_size) > 0 and min(stride) > 0,
-                 lambda: f"max_pool2d: kernel_size and stride must be positive, got {kernel_size}, {stride}")
+                 lambda: f"{op}: kernel_size and stride must be positive, got {kernel_size}, {stride}")
     torch._check(min(padding) >= 0 and all(2 * p <= k for p, k in zip(padding, kernel_size)),
-                 lambda: f"max_pool2d: padding must be >= 0 and at most half the kernel size, got {padding}")
+                 lambda: f"{op}: padding must be >= 0 and at most half the kernel size, got {padding}")
     n, c, h, w = input.shape
     oh, ow = (pooled_size(s, k, p, st, ceil_mode) for s, k, p, st in zip((h, w), kernel_size, padding, stride))
-    torch._check(oh >= 1 and ow >= 1, lambda: f"max_pool2d: the kernel is larger than the padded input: output size "
+    torch._check(oh >= 1 and ow >= 1, lambda: f"{op}: the kernel is larger than the padded input: output size "
                                                f"{oh} x {ow}")
-    return input.new_empty((n, c, oh, ow)).contiguous(memory_format=_channel_layout_like(input))
+    return n, c, oh, ow
+
+
+@torch.library.register_fake("xnorconv::max_pool2d")
+def _max_pool2d_fake(input, kernel_size, stride, padding, ceil_mode=False, relu=False):
+    shape = _pooled_shape("max_pool2d", input, kernel_size, stride, padding, ceil_mode)
+    return input.new_empty(shape).contiguous(memory_format=_channel_layout_like(input))
+
+
+@torch.library.register_fake("xnorconv::dequantize_max_pool2d")
+def _dequantize_max_pool2d_fake(levels, scale, zero_point, kernel_size, stride, padding, ceil_mode=False,
+                                channels_last=False):
+    torch._check(levels.dtype in (torch.uint8, torch.quint8),
+                 lambda: f"dequantize_max_pool2d: levels must be uint8 or quint8, got {levels.dtype}")
+    torch._check(scale > 0 and math.isfinite(scale),
+                 lambda: f"dequantize_max_pool2d: scale must be a positive finite float32, got {scale}")
+    torch._check(0 <= zero_point <= 255,
+                 lambda: f"dequantize_max_pool2d: zero_point must be in [0, 255], got {zero_point}")
+    shape = _pooled_shape("dequantize_max_pool2d", levels, kernel_size, stride, padding, ceil_mode)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=torch.float32, device=levels.device).contiguous(memory_format=layout)
 
 
 @torch.library.register_fake("xnorconv::chained_max_pools")

@@ -330,4 +330,104 @@ void max_pool2d(const MaxPoolShape& s, const float* x, float* out, const Paralle
   max_pool2d(select_float_kernel(), s, x, out, parallel_for);
 }
 
+// ---- dequantize_max_pool2d ----
+
+namespace {
+
+// Output row oy of one image's levels (NHWC, `s`'s geometry) as window maxima: for each output pixel, its channels'
+// maxima over the window's taps inside the image (a level is never below 0, so padding could not win), 64 channels
+// at a time held in registers over the taps. Plain arguments and restrict pointers: stores of bytes may alias
+// anything, so bounds read through a reference would be reloaded after every store, and the loops would not
+// vectorise.
+void level_window_maxima(const uint8_t* __restrict image, uint8_t* __restrict maxima, int64_t oy, int64_t height,
+                         int64_t width, int64_t c, int64_t out_w, int64_t kernel_h, int64_t kernel_w,
+                         int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w) {
+  constexpr int64_t kChunk = 64;
+  const int64_t y0 = std::max<int64_t>(0, oy * stride_h - pad_h);
+  const int64_t y1 = std::min(height, oy * stride_h - pad_h + kernel_h);
+  for (int64_t ox = 0; ox < out_w; ++ox) {
+    const int64_t x0 = std::max<int64_t>(0, ox * stride_w - pad_w);
+    const int64_t x1 = std::min(width, ox * stride_w - pad_w + kernel_w);
+    const uint8_t* const first = image + (y0 * width + x0) * c;
+    for (int64_t e0 = 0; e0 < c; e0 += kChunk) {
+      const int64_t count = std::min(kChunk, c - e0);
+      uint8_t m[kChunk];
+      std::memcpy(m, first + e0, static_cast<size_t>(count));
+      for (int64_t y = y0; y < y1; ++y)
+        for (int64_t x = y == y0 ? x0 + 1 : x0; x < x1; ++x) {
+          const uint8_t* __restrict const tap = image + (y * width + x) * c + e0;
+          if (count == kChunk) {
+            for (int64_t e = 0; e < kChunk; ++e) m[e] = m[e] < tap[e] ? tap[e] : m[e];
+          } else {
+            for (int64_t e = 0; e < count; ++e) m[e] = m[e] < tap[e] ? tap[e] : m[e];
+          }
+        }
+      std::memcpy(maxima + ox * c + e0, m, static_cast<size_t>(count));
+    }
+  }
+}
+
+// scale * (level - zero_point) for `count` consecutive levels: the product of a float and a small integer, rounded
+// once, which is what PyTorch's dequantize computes.
+void dequantize_levels(const uint8_t* __restrict levels, float* __restrict dst, int64_t count, float scale,
+                       int32_t zero_point) {
+  for (int64_t e = 0; e < count; ++e) dst[e] = scale * static_cast<float>(static_cast<int32_t>(levels[e]) - zero_point);
+}
+
+// Bytes (i, j) = from[i * from_stride + j] into to[j * to_stride + i], for i, j < 8: eight 64-bit rows (byte j of
+// row i is element (i, j)), the off-diagonal blocks of 4, then of 2, then of 1 swapped by masked shifts. A byte at a
+// time, the transpose took longer than the pool and the conversion together.
+inline void transpose_8x8(const uint8_t* from, int64_t from_stride, uint8_t* to, int64_t to_stride) {
+  uint64_t a[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&a[i], from + i * from_stride, sizeof(uint64_t));
+  const auto swap = [&a](int i, int d, int shift, uint64_t mask) {
+    const uint64_t t = ((a[i] >> shift) ^ a[i + d]) & mask;
+    a[i] ^= t << shift;
+    a[i + d] ^= t;
+  };
+  for (int i = 0; i < 4; ++i) swap(i, 4, 32, 0x00000000FFFFFFFFull);
+  for (int i : {0, 1, 4, 5}) swap(i, 2, 16, 0x0000FFFF0000FFFFull);
+  for (int i : {0, 2, 4, 6}) swap(i, 1, 8, 0x00FF00FF00FF00FFull);
+  for (int i = 0; i < 8; ++i) std::memcpy(to + i * to_stride, &a[i], sizeof(uint64_t));
+}
+
+// [pixels][c] bytes into [c][pixels], so that each NCHW channel row dequantizes from consecutive levels: 8x8 blocks,
+// then the edges a byte at a time.
+void transpose_levels(const uint8_t* __restrict from, uint8_t* __restrict to, int64_t pixels, int64_t c) {
+  const int64_t whole_pixels = pixels / 8 * 8, whole_channels = c / 8 * 8;
+  for (int64_t p = 0; p < whole_pixels; p += 8)
+    for (int64_t ch = 0; ch < whole_channels; ch += 8) transpose_8x8(from + p * c + ch, c, to + ch * pixels + p, pixels);
+  for (int64_t ch = 0; ch < c; ++ch)
+    for (int64_t p = ch < whole_channels ? whole_pixels : 0; p < pixels; ++p) to[ch * pixels + p] = from[p * c + ch];
+}
+
+}  // namespace
+
+void dequantize_max_pool2d(const MaxPoolShape& s, const uint8_t* levels, float scale, int32_t zero_point, float* out,
+                           const ParallelFor& parallel_for) {
+  if (s.batch == 0 || s.channels == 0) return;
+  const int64_t out_h = s.out_height(), out_w = s.out_width(), c = s.channels;
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, out_w * c));
+  parallel_for(s.batch * out_h, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> maxima(static_cast<size_t>(out_w * c)), by_channel(s.nhwc ? 0 : maxima.size());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / out_h, oy = task % out_h;
+      level_window_maxima(levels + n * s.height * s.width * c, maxima.data(), oy, s.height, s.width, c, out_w,
+                          s.kernel_h, s.kernel_w, s.stride_h, s.stride_w, s.pad_h, s.pad_w);
+      if (s.nhwc) {
+        float* const row = out + task * out_w * c;
+        dequantize_levels(maxima.data(), row, out_w * c, scale, zero_point);
+        if (s.relu) floor_at_zero(row, out_w * c);
+        continue;
+      }
+      transpose_levels(maxima.data(), by_channel.data(), out_w, c);
+      for (int64_t ch = 0; ch < c; ++ch) {
+        float* const row = out + ((n * c + ch) * out_h + oy) * out_w;
+        dequantize_levels(by_channel.data() + ch * out_w, row, out_w, scale, zero_point);
+        if (s.relu) floor_at_zero(row, out_w);
+      }
+    }
+  });
+}
+
 }  // namespace xnorconv

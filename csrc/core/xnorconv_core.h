@@ -444,6 +444,17 @@ void max_pool2d(const MaxPoolShape& s, const float* x, float* out, const Paralle
 void max_pool2d(const KernelOps& ops, const MaxPoolShape& s, const float* x, float* out,
                 const ParallelFor& parallel_for);
 
+// ---- an int8 layer's output to float32, through its max pool (max_pools.cpp) ----
+// PyTorch's int8 convolution writes an NHWC map of uint8 levels, level q standing for scale * (q - zero_point). The
+// float map is max_pool2d of those values, computed as the dequantization of max_pool2d(levels) (dequantization
+// increases with the level): the pool on the bytes, then one conversion per output, written NCHW, or NHWC when
+// s.nhwc (levels are always NHWC). A 1x1 window at stride 1 is the dequantization alone, in either layout. The
+// same values as PyTorch's quantized max pool then dequantize (a product of two floats rounded once); s.relu floors
+// them at 0. scale must be positive (a finite float) and zero_point in [0, 255]; windows and output size as
+// max_pool2d (validate(MaxPoolShape)).
+void dequantize_max_pool2d(const MaxPoolShape& s, const uint8_t* levels, float scale, int32_t zero_point, float* out,
+                           const ParallelFor& parallel_for);
+
 // ---- the float first layer of a binary network (first_layer.cpp) ----
 // Once its binary convolutions are packed, a binary network's float stem (a convolution over the 3 channels of the
 // image, often followed by BatchNorm and PReLU / ReLU) is among its largest costs, and general float convolutions

@@ -1,10 +1,13 @@
 // Torch binding of the one-pass float ops around the binary convolutions of the reference networks, for inference:
 // xnorconv::real_shortcut (csrc/core/shortcut.cpp), the parameter-free shortcut of Bi-Real / ReActNet / BinaryDNet53
 // units; xnorconv::chained_max_pools (csrc/core/max_pools.cpp), SPPF's pools with their concatenation;
-// xnorconv::max_pool2d (the same file), a stem's strided max pool with its ReLU; and xnorconv::first_layer_conv
+// xnorconv::max_pool2d (the same file), a stem's strided max pool with its ReLU; xnorconv::dequantize_max_pool2d
+// (the same file), an int8 stem's output pooled and dequantized in one pass; and xnorconv::first_layer_conv
 // (csrc/core/first_layer.cpp), the float stem with its bias and PReLU, and optionally its max pool. CPU only and
 // without a gradient: xnorconv.functional composes the same values from differentiable aten ops for training and
 // other devices, and the CUDA kernels below say so.
+#include <cmath>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -92,6 +95,42 @@ at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, 
   at::Tensor out = at::empty({shape.batch, shape.channels, shape.out_height(), shape.out_width()},
                              x.options().memory_format(format));
   xnorconv::max_pool2d(shape, x.data_ptr<float>(), out.data_ptr<float>(), torch_parallel_for);
+  return out;
+}
+
+at::Tensor dequantize_max_pool2d_cpu(const at::Tensor& levels, double scale, int64_t zero_point,
+                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     bool ceil_mode, bool channels_last) {
+  const char* op = "dequantize_max_pool2d";
+  TORCH_CHECK(levels.dim() == 4, op, ": levels must be 4-D (N, C, H, W), got a ", levels.dim(),
+              "-D tensor of shape ", levels.sizes());
+  // A quint8 tensor (PyTorch's int8 convolution's output) is read as the bytes it stores: its levels.
+  TORCH_CHECK(levels.scalar_type() == at::kByte || levels.scalar_type() == at::kQUInt8, op,
+              ": levels must be uint8 or quint8, got ", levels.scalar_type());
+  const float scale_value = static_cast<float>(scale);
+  TORCH_CHECK(std::isfinite(scale_value) && scale_value > 0.0f, op,
+              ": scale must be a positive finite float32 (a max pool commutes only with an increasing "
+              "dequantization), got ", scale);
+  TORCH_CHECK(zero_point >= 0 && zero_point <= 255, op, ": zero_point must be in [0, 255] (a uint8 level), got ",
+              zero_point);
+  xnorconv::MaxPoolShape shape;
+  shape.batch = levels.size(0);
+  shape.channels = levels.size(1);
+  shape.height = levels.size(2);
+  shape.width = levels.size(3);
+  shape.kernel_h = pair_entry(op, "kernel_size", kernel_size, 0);
+  shape.kernel_w = pair_entry(op, "kernel_size", kernel_size, 1);
+  set_stride_and_padding(shape, op, stride, padding);
+  shape.ceil_mode = ceil_mode;
+  shape.nhwc = channels_last;
+  const std::string error = xnorconv::validate(shape);
+  TORCH_CHECK(error.empty(), op, ": ", error, " (levels shape ", levels.sizes(), ")");
+  const at::Tensor x = levels.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor out = at::empty({shape.batch, shape.channels, shape.out_height(), shape.out_width()},
+                             at::TensorOptions().dtype(at::kFloat).memory_format(
+                                 channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+  xnorconv::dequantize_max_pool2d(shape, static_cast<const uint8_t*>(x.const_data_ptr()), scale_value,
+                                  static_cast<int32_t>(zero_point), out.data_ptr<float>(), torch_parallel_for);
   return out;
 }
 
@@ -186,6 +225,11 @@ at::Tensor chained_max_pools_cuda(const at::Tensor&, int64_t, int64_t) {
   TORCH_CHECK(false, "xnorconv::chained_max_pools runs on the CPU only; on CUDA, "
               "xnorconv.functional.chained_max_pools computes it from aten ops");
 }
+at::Tensor dequantize_max_pool2d_cuda(const at::Tensor&, double, int64_t, at::IntArrayRef, at::IntArrayRef,
+                                      at::IntArrayRef, bool, bool) {
+  TORCH_CHECK(false, "xnorconv::dequantize_max_pool2d runs on the CPU only, as PyTorch's int8 convolution whose "
+              "output it reads does");
+}
 at::Tensor max_pool2d_cuda(const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool, bool) {
   TORCH_CHECK(false, "xnorconv::max_pool2d runs on the CPU only; on CUDA, xnorconv.functional.max_pool2d composes "
               "F.max_pool2d and F.relu");
@@ -204,6 +248,8 @@ TORCH_LIBRARY_FRAGMENT(xnorconv, m) {
   m.def("chained_max_pools(Tensor input, int kernel_size, int pools) -> Tensor");
   m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode=False, "
         "bool relu=False) -> Tensor");
+  m.def("dequantize_max_pool2d(Tensor levels, float scale, int zero_point, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, bool ceil_mode=False, bool channels_last=False) -> Tensor");
   m.def("first_layer_conv(Tensor input, Tensor weight, Tensor? bias, Tensor? prelu_weight, int[2] stride, "
         "int[2] padding, int[2] dilation, int[2]? pool_kernel_size=None, int[2] pool_stride=1, "
         "int[2] pool_padding=0, bool pool_ceil_mode=False, bool pool_relu=False) -> Tensor");
@@ -213,13 +259,18 @@ TORCH_LIBRARY_IMPL(xnorconv, CPU, m) {
   m.impl("real_shortcut", &real_shortcut_cpu);
   m.impl("chained_max_pools", &chained_max_pools_cpu);
   m.impl("max_pool2d", &max_pool2d_cpu);
+  m.impl("dequantize_max_pool2d", &dequantize_max_pool2d_cpu);
   m.impl("first_layer_conv", &first_layer_conv_cpu);
 }
+
+// PyTorch's int8 convolution returns quint8 tensors, which dispatch to QuantizedCPU.
+TORCH_LIBRARY_IMPL(xnorconv, QuantizedCPU, m) { m.impl("dequantize_max_pool2d", &dequantize_max_pool2d_cpu); }
 
 TORCH_LIBRARY_IMPL(xnorconv, CUDA, m) {
   m.impl("real_shortcut", &real_shortcut_cuda);
   m.impl("chained_max_pools", &chained_max_pools_cuda);
   m.impl("max_pool2d", &max_pool2d_cuda);
+  m.impl("dequantize_max_pool2d", &dequantize_max_pool2d_cuda);
   m.impl("first_layer_conv", &first_layer_conv_cuda);
 }
 

@@ -1159,6 +1159,59 @@ void test_max_pool2d(int cases) {
          "max_pool2d validate: %s", validate(bad).c_str());
 }
 
+// dequantize_max_pool2d (max_pools.cpp) against a direct scan of each window's dequantized levels: random windows,
+// channel counts around the byte transpose's blocks of 8 and the pool's chunks of 64, rows of several blocks,
+// relu, both output layouts (levels are NHWC), the same bits.
+void test_dequantize_max_pool2d(int cases) {
+  const ParallelFor pieces = random_pieces;
+  const int64_t channel_choices[] = {1, 3, 8, 16, 64, 70, 130};
+  for (int iter = 0; iter < cases; ++iter) {
+    MaxPoolShape s;
+    s.batch = pick(1, 2);
+    s.channels = channel_choices[pick(0, 6)];
+    pick_pool_window(s, 5);
+    s.height = pick(static_cast<int>(s.kernel_h), 17);
+    s.width = pick(static_cast<int>(s.kernel_w), pick(0, 3) == 0 ? 75 : 17);
+    s.ceil_mode = pick(0, 1) == 1;
+    s.relu = pick(0, 1) == 1;
+    EXPECT(validate(s).empty(), "dequantize_max_pool2d shape rejected: %s", validate(s).c_str());
+    const float scale = std::uniform_real_distribution<float>(1e-3f, 2.0f)(rng);
+    const int32_t zero_point = pick(0, 255);
+    const int64_t c = s.channels, h = s.height, w = s.width;
+    const int64_t oh = s.out_height(), ow = s.out_width();
+    std::vector<uint8_t> levels(static_cast<size_t>(s.batch * h * w * c));
+    for (auto& v : levels) v = static_cast<uint8_t>(pick(0, 255));
+    std::vector<float> want(static_cast<size_t>(s.batch * c * oh * ow));  // NCHW
+    for (int64_t n = 0; n < s.batch; ++n)
+      for (int64_t ch = 0; ch < c; ++ch)
+        for (int64_t i = 0; i < oh; ++i)
+          for (int64_t j = 0; j < ow; ++j) {
+            float m = -std::numeric_limits<float>::infinity();
+            for (int64_t a = i * s.stride_h - s.pad_h; a < i * s.stride_h - s.pad_h + s.kernel_h; ++a)
+              for (int64_t b = j * s.stride_w - s.pad_w; b < j * s.stride_w - s.pad_w + s.kernel_w; ++b) {
+                if (a < 0 || a >= h || b < 0 || b >= w) continue;
+                const int32_t level = levels[static_cast<size_t>(((n * h + a) * w + b) * c + ch)];
+                m = std::max(m, scale * static_cast<float>(level - zero_point));
+              }
+            want[static_cast<size_t>(((n * c + ch) * oh + i) * ow + j)] = s.relu && m < 0.0f ? 0.0f : m;
+          }
+    std::vector<float> got(want.size());
+    s.nhwc = false;
+    dequantize_max_pool2d(s, levels.data(), scale, zero_point, got.data(), pieces);
+    EXPECT(std::memcmp(got.data(), want.data(), sizeof(float) * want.size()) == 0,
+           "dequantize_max_pool2d NCHW (c %lld, %lldx%lld, k %lldx%lld, s %lldx%lld, p %lldx%lld, ceil %d, relu %d)",
+           (long long)c, (long long)h, (long long)w, (long long)s.kernel_h, (long long)s.kernel_w,
+           (long long)s.stride_h, (long long)s.stride_w, (long long)s.pad_h, (long long)s.pad_w, s.ceil_mode, s.relu);
+    s.nhwc = true;
+    dequantize_max_pool2d(s, levels.data(), scale, zero_point, got.data(), pieces);
+    const std::vector<float> want_nhwc = nhwc_of(want, s.batch, c, oh * ow);
+    EXPECT(std::memcmp(got.data(), want_nhwc.data(), sizeof(float) * want.size()) == 0,
+           "dequantize_max_pool2d NHWC (c %lld, %lldx%lld, k %lldx%lld, s %lldx%lld, p %lldx%lld, ceil %d, relu %d)",
+           (long long)c, (long long)h, (long long)w, (long long)s.kernel_h, (long long)s.kernel_w,
+           (long long)s.stride_h, (long long)s.stride_w, (long long)s.pad_h, (long long)s.pad_w, s.ceil_mode, s.relu);
+  }
+}
+
 void test_validate_messages() {
   ConvParams p;
   p.batch = 1;
@@ -1573,6 +1626,7 @@ int main(int argc, char** argv) {
   test_real_shortcut(random_cases / 4 + 8);
   test_chained_max_pools(random_cases / 8 + 8);
   test_max_pool2d(random_cases / 4 + 8);
+  test_dequantize_max_pool2d(random_cases / 4 + 8);
   test_column_folding(random_cases / 4 + 8);
 #if defined(__unix__)
   test_output_at_page_end();
