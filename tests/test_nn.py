@@ -1439,7 +1439,7 @@ def test_frozen_prepared_call_matches_the_op():
     x, r, prelu = torch.randn(2, 16, 7, 5), torch.randn(2, 8, 7, 5), nn.PReLU(8)
     signs = x < 0.3
     frozen(x)
-    prepared = frozen._fast_args[7]
+    prepared = frozen._fast_args.prepared
     assert isinstance(prepared, xnorconv._C.PreparedBinaryConv)
     args = (frozen.weight_bits, frozen.weight_tap_sum, 16, frozen.scale, frozen.bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, 0)
 

@@ -3,7 +3,7 @@ on any device, BinaryConv2d's packed-weight cache (and the optimizer-step count 
 FrozenBinaryConv2d gathers once for its per-call fast path (and the hooks that drop them when they go stale).
 """
 import weakref
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -116,11 +116,10 @@ class FastPathArgs:
             self.__dict__["_fast_args"] = None
         super().__delattr__(name)
 
-    def _make_fast_args(self, prepare: bool = True):
-        """What the deployed case's forward needs, computed once (or () when the general path must run):
-        (device, min_h, min_w, op arguments from weight_bits to pad_value, input_threshold, output_signs,
-        output_threshold, prepared), where prepared is a _C.PreparedBinaryConv of those arguments for a CPU layer
-        when `prepare` (None elsewhere: torch.compile cannot trace its construction)."""
+    def _make_fast_args(self, prepare: bool = True) -> "FastCall | tuple":
+        """What the deployed case's forward needs, computed once: a FastCall, or () when the general path must run.
+        Its prepared call is built for a CPU layer when `prepare` (not under torch.compile, which cannot trace its
+        construction)."""
         usable = (self.binarize_input and self.padding_mode == "zeros" and self.weight_bits.device.type in
                   PACKED_DEVICES and self.scale.dtype == torch.float32
                   and (self.bias is None or self.bias.dtype == torch.float32)
@@ -134,11 +133,24 @@ class FastPathArgs:
         # which raises its error.
         min_h = (kh - 1) * self.dilation[0] + 1 - pads[0] - pads[1]
         min_w = (kw - 1) * self.dilation[1] + 1 - pads[2] - pads[3]
-        args = (self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
-                list(self.stride), list(pads), list(self.dilation), self.groups, self.pad_value)
+        op_args = (self.weight_bits, self.weight_tap_sum, self.weight_in_channels, self.scale, self.bias,
+                   list(self.stride), list(pads), list(self.dilation), self.groups, self.pad_value)
         prepared = None
         if prepare and self.weight_bits.device.type == "cpu":
-            prepared = _C.PreparedBinaryConv(*args, self.input_threshold, out_threshold is not None, out_threshold,
-                                             self.in_channels, min_h, min_w)
-        return (self.weight_bits.device, min_h, min_w, args, self.input_threshold, out_threshold is not None,
-                out_threshold, prepared)
+            prepared = _C.PreparedBinaryConv(*op_args, self.input_threshold, out_threshold is not None,
+                                             out_threshold, self.in_channels, min_h, min_w)
+        return FastCall(self.weight_bits.device, min_h, min_w, list(pads), op_args, self.input_threshold,
+                        out_threshold is not None, out_threshold, prepared)
+
+
+class FastCall(NamedTuple):
+    """A frozen layer's op arguments for the deployed case, gathered once (FastPathArgs._make_fast_args)."""
+    device: torch.device  # where the packed weight lives: inputs elsewhere take the general path
+    min_h: int  # the smallest input height and width the kernel accepts (check_spatial's rule)
+    min_w: int
+    pads: List[int]  # (top, bottom, left, right)
+    op_args: tuple  # binary_conv2d_packed's arguments from weight_bits to pad_value
+    input_threshold: Optional[torch.Tensor]
+    output_signs: bool
+    output_threshold: Optional[torch.Tensor]
+    prepared: Optional["_C.PreparedBinaryConv"]  # all of the above in C++ (CPU, eager), else None

@@ -311,28 +311,29 @@ class FrozenBinaryConv2d(_packed.FastPathArgs, nn.Module):
             fast = self._make_fast_args(prepare=not compiling)
             if not compiling:  # what torch.compile traces lacks the eager PreparedBinaryConv: not kept
                 self._fast_args = fast
-        if not compiling and fast and fast[7] is not None and isinstance(input, torch.Tensor) and not triton_selected():
-            y = fast[7](input, residual, prelu_weight, input_shortcut, out)
+        if (not compiling and fast and fast.prepared is not None and isinstance(input, torch.Tensor)
+                and not triton_selected()):
+            y = fast.prepared(input, residual, prelu_weight, input_shortcut, out)
             if y is not None:
                 return y
         prelu = prelu_weight
         if prelu is not None and prelu.requires_grad and torch.is_grad_enabled():
             prelu = prelu.detach()  # the op has no autograd formula (under no_grad there is nothing to detach from)
         if fast and isinstance(input, torch.Tensor):
-            device, min_h, min_w, args, in_threshold, output_signs, out_threshold, _ = fast
+            device = fast.device
             shape = input.shape
             dtype = input.dtype
             if (len(shape) == 4 and shape[1] == self.in_channels and (dtype is torch.float32 or dtype is torch.bool)
                     and (input.is_cpu if device.type == "cpu" else input.device == device)):
-                if shape[2] < min_h or shape[3] < min_w:
-                    check_spatial(self, input, args[6])  # raises, naming the sizes
+                if shape[2] < fast.min_h or shape[3] < fast.min_w:
+                    check_spatial(self, input, fast.pads)  # raises, naming the sizes
                 if input_shortcut and device.type != "cpu":  # the CUDA kernels take it as a residual
                     residual = composed_input_shortcut(input, self.out_channels, self.kernel_size, self.stride,
-                                                       args[6], self.dilation, residual)
+                                                       fast.pads, self.dilation, residual)
                     input_shortcut = False
                 # Bool input: the signs of a chained producer, which already applied this layer's threshold.
-                op_args = (input, *args, in_threshold if dtype is torch.float32 else None, output_signs,
-                           out_threshold, residual, prelu, input_shortcut)
+                op_args = (input, *fast.op_args, fast.input_threshold if dtype is torch.float32 else None,
+                           fast.output_signs, fast.output_threshold, residual, prelu, input_shortcut)
                 if out is None:
                     return packed_conv_op()(*op_args)
                 packed_conv_out_op()(*op_args, out)

@@ -56,7 +56,7 @@ def set_prepared(model, on: bool):
     for layer in model.modules():
         if isinstance(layer, xnorconv.FrozenBinaryConv2d):
             fast = layer.__dict__.get("_fast_args")
-            layer.__dict__["_fast_args"] = None if on else fast[:7] + (None,)  # None: rebuilt with it
+            layer.__dict__["_fast_args"] = None if on else fast._replace(prepared=None)  # None: rebuilt with it
 
 
 def main():
