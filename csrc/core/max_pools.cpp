@@ -335,9 +335,9 @@ void max_pool2d(const MaxPoolShape& s, const float* x, float* out, const Paralle
 namespace {
 
 // Output row oy of one image's levels (NHWC, `s`'s geometry) as window maxima: for each output pixel, its channels'
-// maxima over the window's taps inside the image (a level is never below 0, so padding could not win), 64 channels
-// at a time held in registers over the taps. Plain arguments and restrict pointers: stores of bytes may alias
-// anything, so bounds read through a reference would be reloaded after every store, and the loops would not
+// maxima over the window's taps inside the image (a level is never below 0, so padding could not win), in chunks of
+// 64 channels, each over all the taps before it is stored. Plain arguments and restrict pointers: stores of bytes may
+// alias anything, so bounds read through a reference would be reloaded after every store, and the loops would not
 // vectorise.
 void level_window_maxima(const uint8_t* __restrict image, uint8_t* __restrict maxima, int64_t oy, int64_t height,
                          int64_t width, int64_t c, int64_t out_w, int64_t kernel_h, int64_t kernel_w,
@@ -371,12 +371,13 @@ void level_window_maxima(const uint8_t* __restrict image, uint8_t* __restrict ma
 // once, which is what PyTorch's dequantize computes.
 void dequantize_levels(const uint8_t* __restrict levels, float* __restrict dst, int64_t count, float scale,
                        int32_t zero_point) {
-  for (int64_t e = 0; e < count; ++e) dst[e] = scale * static_cast<float>(static_cast<int32_t>(levels[e]) - zero_point);
+  for (int64_t e = 0; e < count; ++e)
+    dst[e] = scale * static_cast<float>(static_cast<int32_t>(levels[e]) - zero_point);
 }
 
 // Bytes (i, j) = from[i * from_stride + j] into to[j * to_stride + i], for i, j < 8: eight 64-bit rows (byte j of
-// row i is element (i, j)), the off-diagonal blocks of 4, then of 2, then of 1 swapped by masked shifts. A byte at a
-// time, the transpose took longer than the pool and the conversion together.
+// row i is element (i, j) on the little-endian CPUs built for), the off-diagonal blocks of 4, then of 2, then of 1
+// swapped by masked shifts. A byte at a time, the transpose took longer than the pool and the conversion together.
 inline void transpose_8x8(const uint8_t* from, int64_t from_stride, uint8_t* to, int64_t to_stride) {
   uint64_t a[8];
   for (int i = 0; i < 8; ++i) std::memcpy(&a[i], from + i * from_stride, sizeof(uint64_t));
@@ -396,7 +397,8 @@ inline void transpose_8x8(const uint8_t* from, int64_t from_stride, uint8_t* to,
 void transpose_levels(const uint8_t* __restrict from, uint8_t* __restrict to, int64_t pixels, int64_t c) {
   const int64_t whole_pixels = pixels / 8 * 8, whole_channels = c / 8 * 8;
   for (int64_t p = 0; p < whole_pixels; p += 8)
-    for (int64_t ch = 0; ch < whole_channels; ch += 8) transpose_8x8(from + p * c + ch, c, to + ch * pixels + p, pixels);
+    for (int64_t ch = 0; ch < whole_channels; ch += 8)
+      transpose_8x8(from + p * c + ch, c, to + ch * pixels + p, pixels);
   for (int64_t ch = 0; ch < c; ++ch)
     for (int64_t p = ch < whole_channels ? whole_pixels : 0; p < pixels; ++p) to[ch * pixels + p] = from[p * c + ch];
 }
