@@ -70,14 +70,11 @@ void set_stride_and_padding(Shape& shape, const char* op, at::IntArrayRef stride
   shape.pad_w = pair_entry(op, "padding", padding, 1);
 }
 
-at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                          at::IntArrayRef padding, bool ceil_mode, bool relu) {
-  const char* op = "max_pool2d";
-  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got a ", input.dim(), "-D tensor of shape ",
-              input.sizes());
-  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": input must be float32, got ", input.scalar_type());
-  const bool nhwc = wants_channels_last_output(input);
-  const at::MemoryFormat format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+// The pool of a max pool op over `input` (4-D, N, C, H, W) with its window arguments, checked (the layout and the
+// ReLU are the caller's).
+xnorconv::MaxPoolShape pool_shape(const char* op, const char* name, const at::Tensor& input,
+                                  at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                                  bool ceil_mode) {
   xnorconv::MaxPoolShape shape;
   shape.batch = input.size(0);
   shape.channels = input.size(1);
@@ -87,10 +84,22 @@ at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, 
   shape.kernel_w = pair_entry(op, "kernel_size", kernel_size, 1);
   set_stride_and_padding(shape, op, stride, padding);
   shape.ceil_mode = ceil_mode;
+  const std::string error = xnorconv::validate(shape);
+  TORCH_CHECK(error.empty(), op, ": ", error, " (", name, " shape ", input.sizes(), ")");
+  return shape;
+}
+
+at::Tensor max_pool2d_cpu(const at::Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                          at::IntArrayRef padding, bool ceil_mode, bool relu) {
+  const char* op = "max_pool2d";
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got a ", input.dim(), "-D tensor of shape ",
+              input.sizes());
+  TORCH_CHECK(input.scalar_type() == at::kFloat, op, ": input must be float32, got ", input.scalar_type());
+  const bool nhwc = wants_channels_last_output(input);
+  const at::MemoryFormat format = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  xnorconv::MaxPoolShape shape = pool_shape(op, "input", input, kernel_size, stride, padding, ceil_mode);
   shape.relu = relu;
   shape.nhwc = nhwc;
-  const std::string error = xnorconv::validate(shape);
-  TORCH_CHECK(error.empty(), op, ": ", error, " (input shape ", input.sizes(), ")");
   const at::Tensor x = input.contiguous(format);
   at::Tensor out = at::empty({shape.batch, shape.channels, shape.out_height(), shape.out_width()},
                              x.options().memory_format(format));
@@ -113,18 +122,8 @@ at::Tensor dequantize_max_pool2d_cpu(const at::Tensor& levels, double scale, int
               "dequantization), got ", scale);
   TORCH_CHECK(zero_point >= 0 && zero_point <= 255, op, ": zero_point must be in [0, 255] (a uint8 level), got ",
               zero_point);
-  xnorconv::MaxPoolShape shape;
-  shape.batch = levels.size(0);
-  shape.channels = levels.size(1);
-  shape.height = levels.size(2);
-  shape.width = levels.size(3);
-  shape.kernel_h = pair_entry(op, "kernel_size", kernel_size, 0);
-  shape.kernel_w = pair_entry(op, "kernel_size", kernel_size, 1);
-  set_stride_and_padding(shape, op, stride, padding);
-  shape.ceil_mode = ceil_mode;
+  xnorconv::MaxPoolShape shape = pool_shape(op, "levels", levels, kernel_size, stride, padding, ceil_mode);
   shape.nhwc = channels_last;
-  const std::string error = xnorconv::validate(shape);
-  TORCH_CHECK(error.empty(), op, ": ", error, " (levels shape ", levels.sizes(), ")");
   const at::Tensor x = levels.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor out = at::empty({shape.batch, shape.channels, shape.out_height(), shape.out_width()},
                              at::TensorOptions().dtype(at::kFloat).memory_format(

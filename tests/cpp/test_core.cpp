@@ -1081,12 +1081,41 @@ void pick_pool_window(MaxPoolShape& s, int max_kernel) {
   s.pad_w = pick(0, static_cast<int>(s.kernel_w / 2));
 }
 
+// Window (i, j) of `s`'s maximum of value(a, b) over its taps inside the image, NaN propagating, floored at 0 with
+// s.relu: the direct scan the pool tests compare against.
+template <class Value>
+float reference_window_max(const MaxPoolShape& s, int64_t i, int64_t j, Value value) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t a = i * s.stride_h - s.pad_h; a < i * s.stride_h - s.pad_h + s.kernel_h; ++a)
+    for (int64_t b = j * s.stride_w - s.pad_w; b < j * s.stride_w - s.pad_w + s.kernel_w; ++b) {
+      if (a < 0 || a >= s.height || b < 0 || b >= s.width) continue;
+      const float v = value(a, b);
+      if (v > m || std::isnan(v)) m = v;
+    }
+  return s.relu && m < 0.0f ? 0.0f : m;
+}
+
+// A random pool for the max_pool2d tests: 1-2 images of one of `channel_choices` channels, a random window, rows of
+// up to 17 or (one in four) 75 pixels (several vectors of outputs, and a stride-2 row's tail past a whole one),
+// ceil_mode and relu at random.
+MaxPoolShape random_pool(const std::vector<int64_t>& channel_choices) {
+  MaxPoolShape s;
+  s.batch = pick(1, 2);
+  s.channels = channel_choices[static_cast<size_t>(pick(0, static_cast<int>(channel_choices.size()) - 1))];
+  pick_pool_window(s, 5);
+  s.height = pick(static_cast<int>(s.kernel_h), 17);
+  s.width = pick(static_cast<int>(s.kernel_w), pick(0, 3) == 0 ? 75 : 17);
+  s.ceil_mode = pick(0, 1) == 1;
+  s.relu = pick(0, 1) == 1;
+  EXPECT(validate(s).empty(), "random pool shape rejected: %s", validate(s).c_str());
+  return s;
+}
+
 // max_pool2d (max_pools.cpp) against a direct scan of each window inside the image (the padding ignored, NaN
 // propagating): random kernels, strides, paddings up to half the kernel, ceil_mode and relu, both layouts. Values and
 // NaN positions must match (a tie of +0 and -0 may keep either); every family must give the selected one's bits.
 void test_max_pool2d(int cases) {
   const ParallelFor pieces = random_pieces;
-  const int64_t channel_choices[] = {1, 2, 3, 16, 64, 70};
   auto same_values = [](const std::vector<float>& a, const std::vector<float>& b) {
     if (a.size() != b.size()) return false;
     for (size_t k = 0; k < a.size(); ++k)
@@ -1097,16 +1126,7 @@ void test_max_pool2d(int cases) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
   };
   for (int iter = 0; iter < cases; ++iter) {
-    MaxPoolShape s;
-    s.batch = pick(1, 2);
-    s.channels = channel_choices[pick(0, 5)];
-    pick_pool_window(s, 5);
-    s.height = pick(static_cast<int>(s.kernel_h), 17);
-    // Some rows over several vectors of outputs (and a stride-2 row's tail past a whole one).
-    s.width = pick(static_cast<int>(s.kernel_w), pick(0, 3) == 0 ? 75 : 17);
-    s.ceil_mode = pick(0, 1) == 1;
-    s.relu = pick(0, 1) == 1;
-    EXPECT(validate(s).empty(), "max_pool2d shape rejected: %s", validate(s).c_str());
+    MaxPoolShape s = random_pool({1, 2, 3, 16, 64, 70});
     const int64_t c = s.channels, h = s.height, w = s.width, plane = h * w;
     const int64_t oh = s.out_height(), ow = s.out_width(), out_plane = oh * ow;
     std::vector<float> x(static_cast<size_t>(s.batch * c * plane));
@@ -1119,16 +1139,9 @@ void test_max_pool2d(int cases) {
     std::vector<float> want(static_cast<size_t>(s.batch * c * out_plane));
     for (int64_t q = 0; q < s.batch * c; ++q)
       for (int64_t i = 0; i < oh; ++i)
-        for (int64_t j = 0; j < ow; ++j) {
-          float m = -std::numeric_limits<float>::infinity();
-          for (int64_t a = i * s.stride_h - s.pad_h; a < i * s.stride_h - s.pad_h + s.kernel_h; ++a)
-            for (int64_t b = j * s.stride_w - s.pad_w; b < j * s.stride_w - s.pad_w + s.kernel_w; ++b) {
-              if (a < 0 || a >= h || b < 0 || b >= w) continue;
-              const float v = x[q * plane + a * w + b];
-              if (v > m || std::isnan(v)) m = v;
-            }
-          want[q * out_plane + i * ow + j] = s.relu && m < 0.0f ? 0.0f : m;
-        }
+        for (int64_t j = 0; j < ow; ++j)
+          want[q * out_plane + i * ow + j] =
+              reference_window_max(s, i, j, [&](int64_t a, int64_t b) { return x[q * plane + a * w + b]; });
     std::vector<float> got(want.size()), got_nhwc(want.size());
     s.nhwc = false;
     max_pool2d(s, x.data(), got.data(), pieces);
@@ -1164,17 +1177,8 @@ void test_max_pool2d(int cases) {
 // relu, both output layouts (levels are NHWC), the same bits.
 void test_dequantize_max_pool2d(int cases) {
   const ParallelFor pieces = random_pieces;
-  const int64_t channel_choices[] = {1, 3, 8, 16, 64, 70, 130};
   for (int iter = 0; iter < cases; ++iter) {
-    MaxPoolShape s;
-    s.batch = pick(1, 2);
-    s.channels = channel_choices[pick(0, 6)];
-    pick_pool_window(s, 5);
-    s.height = pick(static_cast<int>(s.kernel_h), 17);
-    s.width = pick(static_cast<int>(s.kernel_w), pick(0, 3) == 0 ? 75 : 17);
-    s.ceil_mode = pick(0, 1) == 1;
-    s.relu = pick(0, 1) == 1;
-    EXPECT(validate(s).empty(), "dequantize_max_pool2d shape rejected: %s", validate(s).c_str());
+    MaxPoolShape s = random_pool({1, 3, 8, 16, 64, 70, 130});
     const float scale = std::uniform_real_distribution<float>(1e-3f, 2.0f)(rng);
     const int32_t zero_point = pick(0, 255);
     const int64_t c = s.channels, h = s.height, w = s.width;
@@ -1185,16 +1189,12 @@ void test_dequantize_max_pool2d(int cases) {
     for (int64_t n = 0; n < s.batch; ++n)
       for (int64_t ch = 0; ch < c; ++ch)
         for (int64_t i = 0; i < oh; ++i)
-          for (int64_t j = 0; j < ow; ++j) {
-            float m = -std::numeric_limits<float>::infinity();
-            for (int64_t a = i * s.stride_h - s.pad_h; a < i * s.stride_h - s.pad_h + s.kernel_h; ++a)
-              for (int64_t b = j * s.stride_w - s.pad_w; b < j * s.stride_w - s.pad_w + s.kernel_w; ++b) {
-                if (a < 0 || a >= h || b < 0 || b >= w) continue;
-                const int32_t level = levels[static_cast<size_t>(((n * h + a) * w + b) * c + ch)];
-                m = std::max(m, scale * static_cast<float>(level - zero_point));
-              }
-            want[static_cast<size_t>(((n * c + ch) * oh + i) * ow + j)] = s.relu && m < 0.0f ? 0.0f : m;
-          }
+          for (int64_t j = 0; j < ow; ++j)
+            want[static_cast<size_t>(((n * c + ch) * oh + i) * ow + j)] =
+                reference_window_max(s, i, j, [&](int64_t a, int64_t b) {
+                  const int32_t level = levels[static_cast<size_t>(((n * h + a) * w + b) * c + ch)];
+                  return scale * static_cast<float>(level - zero_point);
+                });
     std::vector<float> got(want.size());
     s.nhwc = false;
     dequantize_max_pool2d(s, levels.data(), scale, zero_point, got.data(), pieces);
