@@ -38,7 +38,7 @@ where the stem is large (resnet18's); on a small stem that a model already folds
 PyTorch has deprecated quantized tensors; that is the cost of this choice, contained in this file. The kernel
 writes channels_last 8-bit levels; xnorconv::dequantize_max_pool2d (csrc/core/max_pools.cpp) pools them, dequantizes
 and writes the caller's layout in one pass, the same bits as PyTorch's quantized max pool, dequantize and layout
-copy, which took several times as long on resnet18's stem (docs/perf/first_layer.md).
+copy, which took several times as long on resnet18's stem (docs/perf/int8-stem-output).
 
 On CPUs without VNNI the u8 x s8 products are summed in pairs into 16 bits, which can saturate; there the input
 uses 7 bits (0..127), as PyTorch's x86 default qconfig does (reduce_range).
