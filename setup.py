@@ -41,7 +41,9 @@ def sources(pattern):
 
 # The torch binding follows torch's own C++ standard (C++20 for torch 2.14); csrc/core is C++17 (CMake checks).
 debug = env_flag("XNORCONV_DEBUG", "0") == "1"
-cxx_flags = ["-Wall", "-Wno-psabi", "-Wno-maybe-uninitialized"]
+# -ffp-contract=off: the output stage rounds each add and multiply on its own, as every kernel family and the CUDA
+# kernels do; GCC would otherwise fuse an intrinsic multiply and the add after it into one FMA in some instances.
+cxx_flags = ["-Wall", "-Wno-psabi", "-Wno-maybe-uninitialized", "-ffp-contract=off"]
 cxx_flags += ["-O0", "-g"] if debug else ["-O3"]
 # at::parallel_for is a header template: without OpenMP in *this* build it silently runs serially. With it, the
 # extension shares torch's OpenMP runtime (same libgomp soname), so torch.set_num_threads governs its threads.

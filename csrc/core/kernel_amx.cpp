@@ -344,7 +344,7 @@ void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& s
         for (int v = 0; v < channels; ++v) {
           const int64_t plane = (n * p.out_channels + first + v) * plane_size;
           for (int sgi = 0; sgi < seg.count; ++sgi)
-            finish<Avx512Lanes, true>(st, across, _mm512_castsi512_ps(y[v]),
+            finish<Avx512Lanes, Steps::kPlain>(st, across, _mm512_castsi512_ps(y[v]),
                                       {plane + seg.offset[sgi], 0, seg.mask[sgi], false});
         }
         continue;

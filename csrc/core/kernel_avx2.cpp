@@ -235,7 +235,7 @@ struct Avx2Isa {
   }
 
   // tap_offset and word_stride are read through call.word_offsets, which prepare made from them.
-  template <bool kNhwc>
+  template <bool kNhwc, Steps S>
   static void block(const uint64_t* const act[kStrips], const int64_t* /*tap_offset*/, int64_t taps,
                     int64_t words_per_group, int64_t /*word_stride*/, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs, Call& call) {
@@ -256,14 +256,14 @@ struct Avx2Isa {
       if constexpr (kNhwc) {
         store_nhwc(low, high, i, bs, depth);
       } else {
-        // The common case, decided once per strip: 8 float outputs, scale and bias only (border corrections
+        // The common case, decided once per strip: 8 float outputs with the call's fixed steps (border corrections
         // included).
-        const bool plain = bs.plain && bs.lanes[i] == kStrip;
+        const bool whole = S != Steps::kAny && bs.lanes[i] == kStrip;
         for (int v = 0; v < kChannels; ++v) {
           if (!bs.stored(i, v)) continue;
           const ChannelValues<Avx2Lanes> c = bs.values<Avx2Lanes>(v);
           const __m256 y = channel_output(low[v], high[v], depth, bs, c, i, v);
-          if (plain) finish<Avx2Lanes, true>(e, c, y, {bs.at(i, v), kStrip}, bs.residual[v]);
+          if (whole) finish<Avx2Lanes, S>(e, c, y, {bs.at(i, v), kStrip}, bs.residual[v]);
           else finish_rare(e, bs, i, v, y);
         }
       }
@@ -335,8 +335,9 @@ struct Avx2Isa {
     }
   }
 
-  // The output stage's other cases (partial strips, residual, PReLU, sign output), out of line: inlined, they made
-  // the common case's loop larger and slower on the thin layers, where the output stage is much of the work.
+  // The output stage's other cases (partial strips, sign output), out of line: inlined, with their per-vector tests,
+  // they made the common case's loop larger and slower on the thin layers, where the output stage is much of the
+  // work.
   static __attribute__((noinline)) void finish_rare(const EpilogueParams& e,
                                                     const BlockStore<kStrips, kChannels, kStrip>& bs, int i, int v,
                                                     __m256 y) {

@@ -26,7 +26,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
   // accumulators + 4 activation registers + temporaries, within the 32 zmm, and 4 loads per 24 products.
   static constexpr int kStrip = 8, kStrips = 4, kChannels = 6;
 
-  template <bool kNhwc>
+  template <bool kNhwc, Steps S>
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs, Call&) {
@@ -51,7 +51,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
       __m512i x[kStrips], wv[kChannels];
       for (int i = 0; i < kStrips; ++i) x[i] = _mm512_loadu_si512(act[i] + tap_offset[0]);
       for (int v = 0; v < kChannels; ++v) wv[v] = _mm512_set1_epi64(static_cast<long long>(weight[v][0]));
-      store<kNhwc>([&](int i, int v) { return _mm512_popcnt_epi64(_mm512_xor_si512(x[i], wv[v])); }, bs);
+      store<kNhwc, S>([&](int i, int v) { return _mm512_popcnt_epi64(_mm512_xor_si512(x[i], wv[v])); }, bs);
       return;
     }
     // Up to 64 channels a tap is one word: one flat loop, without the per-tap setup of an inner loop that would run
@@ -66,16 +66,17 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
       for (int64_t t = 0, j = 0; t < taps; ++t)
         for (int64_t k = 0; k < words_per_group; ++k, ++j) word(tap_offset[t] + k * word_stride, j, false);
     }
-    store<kNhwc>([&](int i, int v) { return acc[i][v]; }, bs);
+    store<kNhwc, S>([&](int i, int v) { return acc[i][v]; }, bs);
   }
 
   // The output stage, on pairs of strips; acc(i, v) gives strip i's counts for channel v (8 in 64-bit lanes). The
   // low dwords of two strips' counts are gathered into one zmm (one vpermt2d, where vpmovqd takes 2 uops per strip),
-  // so the integer and float steps run once per 16 outputs, and the common case (bs.plain) makes no per-channel
-  // decision. Unrolled, so the accumulators stay in registers (the per-strip loop with its branches spilled all 24
-  // of them). Against one strip at a time it raises the kernel's fraction of peak most on the layers whose blocks
-  // are shallow (few channel words per tap, 1x1), where the output stage is a large share of the work.
-  template <bool kNhwc, class Acc>
+  // so the integer and float steps run once per 16 outputs, and the NCHW stores, instantiated for the call's fixed
+  // Steps, make no per-vector decision. Unrolled, so the accumulators stay in registers (the per-strip loop with its
+  // branches spilled all 24 of them). Against one strip at a time it raises the kernel's fraction of peak most on the
+  // layers whose blocks are shallow (few channel words per tap, 1x1), where the output stage is a large share of the
+  // work.
+  template <bool kNhwc, Steps S, class Acc>
   static void store(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs) {
     const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i depth = _mm512_set1_epi32(bs.depth);
@@ -83,15 +84,14 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
     if constexpr (kNhwc)
       store_nhwc(acc, bs, e, low_dwords, depth);
     else
-      store_nchw(acc, bs, e, low_dwords, depth);
+      store_nchw<S>(acc, bs, e, low_dwords, depth);
   }
 
-  template <class Acc>
+  template <Steps S, class Acc>
   static void store_nchw(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs, const EpilogueParams& e,
                          __m512i low_dwords, __m512i depth) {
     if (bs.dense) {
-      if (bs.plain) dense_store<true>(acc, bs, e, low_dwords, depth);
-      else dense_store<false>(acc, bs, e, low_dwords, depth);
+      dense_store<S>(acc, bs, e, low_dwords, depth);
       return;
     }
 #pragma GCC unroll 4
@@ -104,23 +104,12 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
           static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (second && bs.border[i + 1] ? 0xFF00 : 0));
       // Strip i + 1 elsewhere than right after strip i (a new row when out_w is not a multiple of 8): two accesses.
       const bool split = second && bs.offset[i + 1] != bs.offset[i] + kStrip;
-      if (bs.plain) {
-        // The common case, with no per-channel decisions but the group's end.
-#pragma GCC unroll 8
-        for (int v = 0; v < kChannels; ++v) {
-          if (!bs.channel_real[v]) break;  // past the group's last channel (the block's last channels only)
-          const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
-          const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
-          finish<Avx512Lanes, true>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split}, bs.residual[v]);
-        }
-        continue;
-      }
 #pragma GCC unroll 8
       for (int v = 0; v < kChannels; ++v) {
-        if (!bs.stored(i, v)) continue;
+        if (!bs.channel_real[v]) break;  // past the group's last channel (the block's last channels only)
         const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
         const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
-        finish<Avx512Lanes>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split}, bs.residual[v]);
+        finish<Avx512Lanes, S>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split}, bs.residual[v]);
       }
     }
   }
@@ -195,8 +184,8 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
   }
 
   // Whole blocks (BlockStore::dense): 16 outputs per vpermt2d + integer step (+ corrections on borders) +
-  // conversion + FMA (+ residual and PReLU unless kPlain) + store, with no per-strip or per-channel test.
-  template <bool kPlain, class Acc>
+  // conversion + FMA (+ S's residual and PReLU) + store, with no per-strip or per-channel test.
+  template <Steps S, class Acc>
   static void dense_store(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs,
                           const EpilogueParams& e, __m512i low_dwords, __m512i depth) {
 #pragma GCC unroll 4
@@ -206,7 +195,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
       for (int v = 0; v < kChannels; ++v) {
         const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
         const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
-        finish<Avx512Lanes, kPlain>(e, c, y, {bs.at(i, v), 0, Avx512Lanes::kAll, false}, bs.residual[v]);
+        finish<Avx512Lanes, S>(e, c, y, {bs.at(i, v), 0, Avx512Lanes::kAll, false}, bs.residual[v]);
       }
     }
   }

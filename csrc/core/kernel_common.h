@@ -12,7 +12,7 @@
 //                                    const int64_t* tap_offset)
 //        whatever the family derives once per task range from the call (split planes, offset lists): run before the
 //        range's first block, on the thread that runs it; families that need nothing inherit NoPreparation
-//   template <bool kNhwc>
+//   template <bool kNhwc, Steps S>
 //   void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps, int64_t words_per_group,
 //              int64_t word_stride, const uint64_t* const weight[kChannels], const BlockStore<kStrips, kChannels>&,
 //              Call&)
@@ -21,7 +21,9 @@
 //        comes from its arguments (no state left behind by other code). kNhwc is the call's output layout
 //        (bs.lane_stride != 1), fixed per call: each layout's instance is compiled without the other's output
 //        stage, since a family's NHWC stage takes its accumulators by reference, and with that stage reachable
-//        the compiler kept them in memory for the NCHW stores too
+//        the compiler kept them in memory for the NCHW stores too. S is the call's steps after the affine one
+//        (output_stage.h's fixed_steps for NCHW output, kAny for NHWC), fixed per call likewise: the family passes
+//        it to finish<V, S> wherever its stores can take it
 //   uint64_t peak_probe(int64_t iterations)                   see KernelOps::peak_probe
 // and may provide
 //   void transpose64(uint64_t a[64])   the same result as the portable transpose64 below, in vector registers
@@ -313,8 +315,6 @@ struct BlockStore {
   alignas(64) int32_t lane_class[P][SW];
   const int32_t* class_value[V];
   int32_t classes;
-  // The common output stage, fixed per call: float output, no residual, no PReLU (y = scale * dot + bias, stored).
-  bool plain;
   // Float NCHW output, and every strip and channel of this block is real and stored whole, with each pair of strips
   // (0-1, 2-3) contiguous in its plane: a family may then store without per-strip or per-channel tests (border
   // strips still get their corrections).
@@ -404,7 +404,7 @@ void strip_block_setup(const ConvParams& p, const ActivationLayout& l, const Tas
 // blocks the table would outgrow L2, and a block is then deep or wide enough for its setup not to matter.
 constexpr int64_t kMaxCachedStripBlocks = 1024;
 
-template <class Isa, bool kNhwc>
+template <class Isa, bool kNhwc, Steps S>
 void conv_tasks_in(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
                    const OutputStage& st, int64_t begin, int64_t end) {
   constexpr int SW = Isa::kStrip, P = Isa::kStrips, V = Isa::kChannels;
@@ -420,7 +420,6 @@ void conv_tasks_in(const ConvParams& p, const ActivationLayout& l, const uint64_
   bs.epilogue = &st;
   bs.lane_stride = kNhwc ? p.out_channels : 1;
   bs.depth = static_cast<int32_t>(p.depth());
-  bs.plain = is_plain(st);
   bs.classes = zp ? static_cast<int32_t>(zp->classes) : 1;
   for (int v = 0; v < V; ++v) bs.class_value[v] = nullptr;
 
@@ -480,7 +479,7 @@ void conv_tasks_in(const ConvParams& p, const ActivationLayout& l, const uint64_
       for (int i = 0; i < P; ++i)
         if (strips->border[i])
           for (int lane = 0; lane < SW; ++lane) bs.lane_class[i][lane] = strips->lane_class[i][lane];
-    Isa::template block<kNhwc>(act, offsets, taps, wpg, l.row_words, wrow, bs, call);
+    Isa::template block<kNhwc, S>(act, offsets, taps, wpg, l.row_words, wrow, bs, call);
 
     if (++sb == ts.strip_blocks) {
       sb = 0;
@@ -500,10 +499,18 @@ template <class Isa>
 void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
                 const OutputStage& st, int64_t begin, int64_t end) {
   if (begin >= end) return;
-  if (st.channels_last)
-    conv_tasks_in<Isa, true>(p, l, x, w, st, begin, end);
-  else
-    conv_tasks_in<Isa, false>(p, l, x, w, st, begin, end);
+  // NHWC output keeps the per-vector tests (kAny): one instance per layout and Steps would double the families' code
+  // for a layout whose output stage transposes first.
+  if (st.channels_last) return conv_tasks_in<Isa, true, Steps::kAny>(p, l, x, w, st, begin, end);
+  switch (fixed_steps(st, p.out_channels)) {
+    case Steps::kPlain: return conv_tasks_in<Isa, false, Steps::kPlain>(p, l, x, w, st, begin, end);
+    case Steps::kPrelu: return conv_tasks_in<Isa, false, Steps::kPrelu>(p, l, x, w, st, begin, end);
+    case Steps::kResidual: return conv_tasks_in<Isa, false, Steps::kResidual>(p, l, x, w, st, begin, end);
+    case Steps::kResidualPrelu: return conv_tasks_in<Isa, false, Steps::kResidualPrelu>(p, l, x, w, st, begin, end);
+    case Steps::kMean: return conv_tasks_in<Isa, false, Steps::kMean>(p, l, x, w, st, begin, end);
+    case Steps::kMeanPrelu: return conv_tasks_in<Isa, false, Steps::kMeanPrelu>(p, l, x, w, st, begin, end);
+    case Steps::kAny: return conv_tasks_in<Isa, false, Steps::kAny>(p, l, x, w, st, begin, end);
+  }
 }
 
 template <class Isa>

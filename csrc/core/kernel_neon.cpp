@@ -146,7 +146,7 @@ struct NeonIsa : NoPreparation {
       }
   }
 
-  template <bool kNhwc>
+  template <bool kNhwc, Steps S>
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs, Call&) {
@@ -198,8 +198,7 @@ struct NeonIsa : NoPreparation {
           }
           const NeonLanes::At at{bs.at(i, v, 4 * h), bs.lanes[i] - 4 * h < 4 ? bs.lanes[i] - 4 * h : 4,
                                  kNhwc ? bs.lane_stride : 1};  // NCHW: the store's contiguous test folds away
-          if (bs.plain) finish<NeonLanes, true>(e, c, affine<NeonLanes>(c, dot), at, bs.residual[v]);
-          else finish<NeonLanes>(e, c, affine<NeonLanes>(c, dot), at, bs.residual[v]);
+          finish<NeonLanes, S>(e, c, affine<NeonLanes>(c, dot), at, bs.residual[v]);
         }
       }
     }

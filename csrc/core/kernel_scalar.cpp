@@ -30,7 +30,7 @@ struct ScalarIsa : NoPreparation {
     return bits;
   }
 
-  template <bool kNhwc>  // the lanes' stride is bs.lane_stride either way
+  template <bool kNhwc, Steps S>  // the lanes' stride is bs.lane_stride either way
   static void block(const uint64_t* const act[kStrips], const int64_t* tap_offset, int64_t taps,
                     int64_t words_per_group, int64_t word_stride, const uint64_t* const weight[kChannels],
                     const BlockStore<kStrips, kChannels, kStrip>& bs, Call&) {
@@ -53,8 +53,7 @@ struct ScalarIsa : NoPreparation {
         for (int lane = 0; lane < bs.lanes[i]; ++lane) {
           int32_t dot = bs.depth - 2 * static_cast<int32_t>(count[i][v][lane]);
           if (bs.border[i]) dot -= bs.correction(i, v, lane);
-          if (bs.plain) finish<OneLane, true>(e, c, affine<OneLane>(c, dot), bs.at(i, v, lane), bs.residual[v]);
-          else finish<OneLane>(e, c, affine<OneLane>(c, dot), bs.at(i, v, lane), bs.residual[v]);
+          finish<OneLane, S>(e, c, affine<OneLane>(c, dot), bs.at(i, v, lane), bs.residual[v]);
         }
       }
   }

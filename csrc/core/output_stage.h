@@ -11,7 +11,9 @@
 //   F    broadcast(float)
 //   F    fma(F a, F b, F c)                       a * b + c, rounded once (every family rounds alike)
 //   F    to_float(I)
-//   F    add(F, F)                                rounded on its own, never fused with a neighbour
+//   F    add(F, F)                                rounded on its own, never fused with a neighbour (GCC fuses
+//                                                intrinsics written as vector operators unless built with
+//                                                -ffp-contract=off, as setup.py and CMakeLists.txt build the core)
 //   F    mul(F, F)                                the same for a product
 //   F    prelu(F y, F slope)                      y >= 0 ? y : slope * y (NaN takes the multiply)
 //   F    load(const float* base, const At&)       the real lanes (the others are never stored)
@@ -73,6 +75,29 @@ XNORCONV_STAGE_INLINE typename V::F affine(const ChannelValues<V>& c, typename V
 // Whether a call has none of the optional steps after the affine one (float output, no residual, no PReLU).
 XNORCONV_STAGE_INLINE bool is_plain(const EpilogueParams& e) { return !e.residual && !e.prelu && !e.out_signs; }
 
+// The steps after the affine one, as a template argument: a family that instantiates its store loop for a call's
+// Steps tests nothing per vector. kAny reads them from the call's EpilogueParams per vector, for every call. The
+// fixed kinds have a float output and, with a residual, read it as real_shortcut maps its channels: one channel per
+// output channel (kResidual*), or a channel mean (kMean*: the shortcut narrows). In the thin layers, where the
+// output stage is most of the work, the per-vector tests cost more than the residual add and the PReLU themselves.
+enum class Steps { kPlain, kPrelu, kResidual, kResidualPrelu, kMean, kMeanPrelu, kAny };
+
+// The fixed Steps of a call with out_channels output channels, or kAny.
+XNORCONV_STAGE_INLINE Steps fixed_steps(const EpilogueParams& e, int64_t out_channels) {
+  if (e.out_signs) return Steps::kAny;
+  if (!e.residual) return e.prelu ? Steps::kPrelu : Steps::kPlain;
+  // real_shortcut's mapping reads one input channel per output channel unless it narrows.
+  if (e.residual_channels > out_channels) return e.prelu ? Steps::kMeanPrelu : Steps::kMean;
+  return e.prelu ? Steps::kResidualPrelu : Steps::kResidual;
+}
+
+XNORCONV_STAGE_INLINE constexpr bool adds_residual(Steps s) {
+  return s == Steps::kResidual || s == Steps::kResidualPrelu || s == Steps::kMean || s == Steps::kMeanPrelu;
+}
+XNORCONV_STAGE_INLINE constexpr bool applies_prelu(Steps s) {
+  return s == Steps::kPrelu || s == Steps::kResidualPrelu || s == Steps::kMeanPrelu;
+}
+
 // Where one output channel's residual comes from: `count` channels, channel_step elements apart, whose values at an
 // output element's At are loaded from base (base is shifted from the residual tensor so that the output's element
 // indices address the residual's), added in channel order and, for more than one, multiplied by `scale`.
@@ -116,35 +141,38 @@ XNORCONV_STAGE_INLINE typename V::F residual_value(const ResidualSource& r, cons
   return V::mul(sum, V::broadcast(r.scale));
 }
 
-// The steps after the affine one: residual add, PReLU, then the float store or the sign bytes. kPlain: the caller
-// knows the call is_plain (the common case), so nothing is tested per vector. residual() gives this vector's residual
-// (called only when the call has one).
-template <class V, bool kPlain, class Residual>
+// The steps after the affine one: residual add, PReLU, then the float store or the sign bytes, as S fixes them (or,
+// for kAny, as the call's EpilogueParams say). residual() gives this vector's residual (called only when the call
+// has one).
+template <class V, Steps S, class Residual>
 XNORCONV_STAGE_INLINE void finish_with(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
                                        const typename V::At& at, const Residual& residual) {
-  if (!kPlain) {
-    if (e.residual) y = V::add(y, residual());
-    if (e.prelu) y = V::prelu(y, c.slope);
-    if (e.out_signs) {
-      V::store_signs(e.out_signs, at, y, c.threshold);
-      return;
-    }
+  constexpr bool any = S == Steps::kAny;
+  if (adds_residual(S) || (any && e.residual)) y = V::add(y, residual());
+  if (applies_prelu(S) || (any && e.prelu)) y = V::prelu(y, c.slope);
+  if (any && e.out_signs) {
+    V::store_signs(e.out_signs, at, y, c.threshold);
+    return;
   }
   V::store(e.out, at, y);
 }
 
 // The residual read at the output's own elements.
-template <class V, bool kPlain = false>
+template <class V, Steps S = Steps::kAny>
 XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
                                   const typename V::At& at) {
-  finish_with<V, kPlain>(e, c, y, at, [&] { return V::load(e.residual, at); });
+  finish_with<V, S>(e, c, y, at, [&] { return V::load(e.residual, at); });
 }
 
 // The residual from `residual` (residual_source): for callers whose vector holds one channel of an NCHW output.
-template <class V, bool kPlain = false>
+// kResidual* read one residual channel per output channel: one load.
+template <class V, Steps S = Steps::kAny>
 XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
                                   const typename V::At& at, const ResidualSource& residual) {
-  finish_with<V, kPlain>(e, c, y, at, [&] { return residual_value<V>(residual, at); });
+  finish_with<V, S>(e, c, y, at, [&] {
+    return S == Steps::kResidual || S == Steps::kResidualPrelu ? V::load(residual.base, at)
+                                                               : residual_value<V>(residual, at);
+  });
 }
 
 // The one-lane trait: the portable CPU family and the CUDA kernels (one thread, one output). On the device, adds

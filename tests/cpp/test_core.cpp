@@ -574,6 +574,44 @@ void test_sign_io(int cases) {
         EXPECT(got == want, "[%s] residual of %lld channels mapped in the output stage: %s differs from the mapped "
                "residual", name.c_str(), static_cast<long long>(channels), describe(p).c_str());
       }
+      // Each of the output stage's fixed Steps without the other step (the cases above have both): the residual
+      // without PReLU, PReLU without a residual, and a narrowing residual's channel mean without PReLU; against the
+      // same float operations done here.
+      {
+        const int64_t channels = 2 * p.out_channels;
+        std::vector<float> source(p.batch * channels * plane_size), mapped(y.size());
+        fill_signed(source);
+        const ShortcutShape shape{p.batch, channels, p.out_h(), p.out_w(), p.out_channels, 1, false};
+        real_shortcut(scalar_kernel(), shape, source.data(), mapped.data(), run_serially);
+        struct StepsCase {
+          const char* what;
+          const float* residual;
+          int64_t residual_channels;
+          const float* added;  // what the output stage adds at each output element
+          const float* prelu;
+        };
+        const StepsCase steps_cases[] = {{"residual alone", residual.data(), 0, residual.data(), nullptr},
+                                         {"PReLU alone", nullptr, 0, nullptr, slope.data()},
+                                         {"channel mean alone", source.data(), channels, mapped.data(), nullptr}};
+        for (const StepsCase& c : steps_cases) {
+          std::vector<float> got(y.size());
+          st.residual = c.residual;
+          st.residual_channels = c.residual_channels;
+          st.prelu = c.prelu;
+          st.out = got.data();
+          ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
+          int64_t wrong = 0;
+          for (size_t i = 0; i < y.size(); ++i) {
+            float e = y[i];
+            if (c.added) e = e + c.added[i];
+            if (c.prelu && !(e >= 0.0f)) e *= c.prelu[(i / plane_size) % p.out_channels];
+            wrong += got[i] != e;
+          }
+          EXPECT(wrong == 0, "[%s] %s in the output stage: %lld outputs wrong (%s)", name.c_str(), c.what,
+                 static_cast<long long>(wrong), describe(p).c_str());
+        }
+        st.residual_channels = 0;
+      }
       st.residual = nullptr;
       st.prelu = nullptr;
       std::vector<uint8_t> signs(y.size(), 7);
