@@ -4,7 +4,7 @@
 //
 //   bench_core [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--nhwc]
 //              [--shape cin,cout,hw,k,stride,pad]... [--stem cin,cout,hw,k,stride,pad]...
-//              [--shortcut cin,cout,hw,stride]...
+//              [--shortcut cin,cout,hw,stride]... [--unit]
 //
 // --nhwc: channels_last input and output (families that cannot write NHWC are skipped), as a frozen model running
 // in channels_last calls them.
@@ -12,6 +12,9 @@
 // --shape is given too): its time and its fp32 MAC rate as a fraction of the fp32 FMA probe.
 // --shortcut: the real-valued shortcut (real_shortcut, NCHW or with --nhwc NHWC) with each family's float loops:
 // its time and the bytes it moves (input read, output written) per second.
+// --unit: the binary layers end a Bi-Real / ReActNet / BinaryDNet53 unit in their output stage, as a frozen model
+// calls them: the input added as the shortcut (NCHW: real_shortcut's channel mapping when cin != cout; NHWC: cin
+// must equal cout) and a PReLU.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -224,7 +227,7 @@ int time_shortcuts(const KernelOps& ops, const std::vector<std::vector<int64_t>>
 
 int main(int argc, char** argv) {
   int threads = 1, reps = 50, pad_value = 1;
-  bool nhwc = false;
+  bool nhwc = false, unit = false;
   std::string only_backend;
   std::vector<std::vector<int64_t>> shapes, stems, shortcuts;
   for (int i = 1; i < argc; ++i) {
@@ -232,6 +235,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::atoi(argv[++i]);
     else if (!std::strcmp(argv[i], "--backend") && i + 1 < argc) only_backend = argv[++i];
     else if (!std::strcmp(argv[i], "--nhwc")) nhwc = true;
+    else if (!std::strcmp(argv[i], "--unit")) unit = true;
     else if (!std::strcmp(argv[i], "--pad-value") && i + 1 < argc) {
       pad_value = std::atoi(argv[++i]);
       if (pad_value < -1 || pad_value > 1) {
@@ -259,7 +263,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--nhwc] "
                    "[--shape cin,cout,hw,k,stride,pad]... [--stem cin,cout,hw,k,stride,pad]... "
-                   "[--shortcut cin,cout,hw,stride]...\n",
+                   "[--shortcut cin,cout,hw,stride]... [--unit]\n",
                    argv[0]);
       return 2;
     }
@@ -267,8 +271,9 @@ int main(int argc, char** argv) {
   if (shapes.empty() && stems.empty() && shortcuts.empty())
     shapes = {{64, 64, 64, 3, 1, 1}, {128, 128, 32, 3, 1, 1}, {256, 256, 16, 3, 1, 1},
               {512, 512, 8, 3, 1, 1}, {256, 512, 16, 3, 2, 1}, {512, 256, 8, 1, 1, 0}};
-  std::printf("threads %d, reps %d (median), pad_value %+d, batch 1, %s\n", threads, reps, pad_value,
-              nhwc ? "NHWC (channels_last) input and output" : "NCHW input and output");
+  std::printf("threads %d, reps %d (median), pad_value %+d, batch 1, %s%s\n", threads, reps, pad_value,
+              nhwc ? "NHWC (channels_last) input and output" : "NCHW input and output",
+              unit ? ", output stage + input shortcut + PReLU" : "");
   // Measured once, so that every family's ceiling is a ratio to the same fp32 figure.
   const double fma = fp32_fma_peak();
   if (fma > 0) std::printf("fp32 FMA probe (AVX-512, 1 thread, best of 10): %.1f GFMA/s\n", fma / 1e9);
@@ -317,13 +322,29 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "bad shape: %s\n", err.c_str());
         return 2;
       }
+      if (unit && (p.stride_h != 1 || p.out_h() != p.in_h || (nhwc && p.in_channels != p.out_channels))) {
+        std::fprintf(stderr, "--unit wants stride 1 and same-size output (and cin == cout with --nhwc)\n");
+        return 2;
+      }
       std::vector<float> x(p.in_channels * p.in_h * p.in_w), w(p.out_channels * p.in_channels * p.taps());
       for (auto& e : x) e = dist(rng);
       for (auto& e : w) e = dist(rng);
       WordBuffer packed(packed_input_words(ops, p)), bits(weight_words(p)), formatted;
       std::vector<int32_t> tap_sum(p.out_channels * p.taps());
       pack_weights(p, w.data(), bits.data(), tap_sum.data());
-      std::vector<float> out(p.out_channels * p.out_h() * p.out_w());
+      std::vector<float> out(p.out_channels * p.out_h() * p.out_w()), slope(p.out_channels, 0.25f);
+      // --unit's shortcut: a copy of the input that starts 128 bytes past the output modulo 4 KiB, as consecutive
+      // PyTorch tensors of one size do. At the same offset modulo 4 KiB, residual loads are falsely taken to depend
+      // on output stores 4 KiB away and wait for them: that slowed the convolution pass of a 32 -> 32 1x1 layer at
+      // 64x64 by about half, which would be the figure instead of the kernel.
+      std::vector<float> shortcut(unit ? x.size() + 2048 : 0);
+      float* shortcut_input = nullptr;
+      if (unit) {
+        const uintptr_t offset = reinterpret_cast<uintptr_t>(out.data()) % 4096 + 128;
+        const uintptr_t address = reinterpret_cast<uintptr_t>(shortcut.data());
+        shortcut_input = shortcut.data() + (4096 + offset - address % 4096) % 4096 / sizeof(float);
+        std::copy(x.begin(), x.end(), shortcut_input);
+      }
       ConvCall call;
       call.params = p;
       call.input = x.data();
@@ -333,17 +354,34 @@ int main(int argc, char** argv) {
       call.weight_bits = bits.data();
       call.weight_tap_sum = tap_sum.data();
       call.output.out = out.data();
+      if (unit) {
+        call.output.residual = shortcut_input;
+        call.output.residual_channels = p.in_channels == p.out_channels ? 0 : p.in_channels;
+        call.output.prelu = slope.data();
+      }
       // Kept across calls by the op (the weight format, the border correction), so made once here too.
       call.formatted_weight = conv_weight(ops, p, bits.data(), formatted);
       const ZeroPadCorrection zero_pad = zero_pad_correction(p, tap_sum.data());
       if (p.pad_value == PadValue::Zero) call.output.zero_pad = &zero_pad;
       // Correctness first: this family against the scalar one on this very layer (NCHW output of both; the NHWC
-      // output of the timed call, transposed, as well).
+      // output of the timed call, transposed, as well; with --unit the timed call itself, against the scalar
+      // family's run of it).
       {
         std::vector<float> want(out.size()), got(out.size());
-        binary_conv2d_serial(scalar_kernel(), p, x.data(), call.strides, w.data(), nullptr, nullptr, want.data());
-        binary_conv2d_serial(ops, p, x.data(), call.strides, w.data(), nullptr, nullptr, got.data());
-        if (nhwc) {
+        if (unit) {
+          ConvCall scalar_call = call;
+          WordBuffer scalar_formatted, scalar_packed(packed_input_words(scalar_kernel(), p));
+          scalar_call.formatted_weight = conv_weight(scalar_kernel(), p, bits.data(), scalar_formatted);
+          scalar_call.output.out = want.data();
+          binary_conv2d(scalar_kernel(), scalar_call, scalar_packed.data(), run_serially);
+          pack_input(ops, call, packed.data(), parallel_for);
+          convolve_packed(ops, call, packed.data(), parallel_for);
+          got = out;
+        } else {
+          binary_conv2d_serial(scalar_kernel(), p, x.data(), call.strides, w.data(), nullptr, nullptr, want.data());
+          binary_conv2d_serial(ops, p, x.data(), call.strides, w.data(), nullptr, nullptr, got.data());
+        }
+        if (nhwc && !unit) {
           pack_input(ops, call, packed.data(), parallel_for);
           convolve_packed(ops, call, packed.data(), parallel_for);
           const int64_t plane = p.out_h() * p.out_w();
