@@ -4,7 +4,7 @@
 //
 //   bench_core [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--nhwc]
 //              [--shape cin,cout,hw,k,stride,pad]... [--stem cin,cout,hw,k,stride,pad]...
-//              [--shortcut cin,cout,hw,stride]... [--unit]
+//              [--shortcut cin,cout,hw,stride]... [--unit] [--unit-offset BYTES]
 //
 // --nhwc: channels_last input and output (families that cannot write NHWC are skipped), as a frozen model running
 // in channels_last calls them.
@@ -14,7 +14,8 @@
 // its time and the bytes it moves (input read, output written) per second.
 // --unit: the binary layers end a Bi-Real / ReActNet / BinaryDNet53 unit in their output stage, as a frozen model
 // calls them: the input added as the shortcut (NCHW: real_shortcut's channel mapping when cin != cout; NHWC: cin
-// must equal cout) and a PReLU.
+// must equal cout) and a PReLU. The shortcut starts --unit-offset bytes (default 128, a multiple of 4) past the
+// output modulo 4 KiB, as consecutive PyTorch tensors of one size do.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -228,6 +229,7 @@ int time_shortcuts(const KernelOps& ops, const std::vector<std::vector<int64_t>>
 int main(int argc, char** argv) {
   int threads = 1, reps = 50, pad_value = 1;
   bool nhwc = false, unit = false;
+  int64_t unit_offset = 128;
   std::string only_backend;
   std::vector<std::vector<int64_t>> shapes, stems, shortcuts;
   for (int i = 1; i < argc; ++i) {
@@ -236,6 +238,13 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--backend") && i + 1 < argc) only_backend = argv[++i];
     else if (!std::strcmp(argv[i], "--nhwc")) nhwc = true;
     else if (!std::strcmp(argv[i], "--unit")) unit = true;
+    else if (!std::strcmp(argv[i], "--unit-offset") && i + 1 < argc) {
+      unit_offset = std::atoll(argv[++i]);
+      if (unit_offset < 0 || unit_offset >= 4096 || unit_offset % 4 != 0) {
+        std::fprintf(stderr, "--unit-offset wants a multiple of 4 in [0, 4096), got %s\n", argv[i]);
+        return 2;
+      }
+    }
     else if (!std::strcmp(argv[i], "--pad-value") && i + 1 < argc) {
       pad_value = std::atoi(argv[++i]);
       if (pad_value < -1 || pad_value > 1) {
@@ -263,7 +272,7 @@ int main(int argc, char** argv) {
     } else {
       std::fprintf(stderr, "usage: %s [--threads N] [--reps R] [--backend NAME] [--pad-value 1|0|-1] [--nhwc] "
                    "[--shape cin,cout,hw,k,stride,pad]... [--stem cin,cout,hw,k,stride,pad]... "
-                   "[--shortcut cin,cout,hw,stride]... [--unit]\n",
+                   "[--shortcut cin,cout,hw,stride]... [--unit] [--unit-offset BYTES]\n",
                    argv[0]);
       return 2;
     }
@@ -274,6 +283,7 @@ int main(int argc, char** argv) {
   std::printf("threads %d, reps %d (median), pad_value %+d, batch 1, %s%s\n", threads, reps, pad_value,
               nhwc ? "NHWC (channels_last) input and output" : "NCHW input and output",
               unit ? ", output stage + input shortcut + PReLU" : "");
+  if (unit) std::printf("shortcut %lld bytes past the output modulo 4 KiB\n", static_cast<long long>(unit_offset));
   // Measured once, so that every family's ceiling is a ratio to the same fp32 figure.
   const double fma = fp32_fma_peak();
   if (fma > 0) std::printf("fp32 FMA probe (AVX-512, 1 thread, best of 10): %.1f GFMA/s\n", fma / 1e9);
@@ -333,14 +343,13 @@ int main(int argc, char** argv) {
       std::vector<int32_t> tap_sum(p.out_channels * p.taps());
       pack_weights(p, w.data(), bits.data(), tap_sum.data());
       std::vector<float> out(p.out_channels * p.out_h() * p.out_w()), slope(p.out_channels, 0.25f);
-      // --unit's shortcut: a copy of the input that starts 128 bytes past the output modulo 4 KiB, as consecutive
-      // PyTorch tensors of one size do. At the same offset modulo 4 KiB, residual loads are falsely taken to depend
-      // on output stores 4 KiB away and wait for them: that slowed the convolution pass of a 32 -> 32 1x1 layer at
-      // 64x64 by about half, which would be the figure instead of the kernel.
+      // --unit's shortcut: a copy of the input that starts unit_offset bytes past the output modulo 4 KiB. At the
+      // same offset modulo 4 KiB (the default placement of two large vectors), residual loads are falsely taken to
+      // depend on output stores 4 KiB away and wait for them: docs/perf/output-steps measures that collision.
       std::vector<float> shortcut(unit ? x.size() + 2048 : 0);
       float* shortcut_input = nullptr;
       if (unit) {
-        const uintptr_t offset = reinterpret_cast<uintptr_t>(out.data()) % 4096 + 128;
+        const uintptr_t offset = reinterpret_cast<uintptr_t>(out.data()) % 4096 + static_cast<uintptr_t>(unit_offset);
         const uintptr_t address = reinterpret_cast<uintptr_t>(shortcut.data());
         shortcut_input = shortcut.data() + (4096 + offset - address % 4096) % 4096 / sizeof(float);
         std::copy(x.begin(), x.end(), shortcut_input);
