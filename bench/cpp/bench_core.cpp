@@ -324,7 +324,8 @@ int main(int argc, char** argv) {
     std::printf("\n[%s] peak probe: %.1f binary GMAC/s", name.c_str(), peak / 1e9);
     if (fma > 0) std::printf(" = %.1fx the fp32 FMA probe (the ceiling of binary over fp32 here)", peak / threads / fma);
     std::printf("\n");
-    std::printf("%-26s %10s %10s %12s %8s\n", "layer", "pack ms", "conv ms", "conv GMAC/s", "of peak");
+    std::printf("%-26s %10s %10s %12s %8s%s\n", "layer", "pack ms", "conv ms", "conv GMAC/s", "of peak",
+                unit ? "  conv ms (steps tested per vector)" : "");
     for (const auto& s : shapes) {
       ConvParams p = square_layer(s[0], s[1], s[2], s[3], s[4], s[5]);
       p.pad_value = static_cast<PadValue>(pad_value);
@@ -402,7 +403,11 @@ int main(int argc, char** argv) {
           return 1;
         }
       }
-      std::vector<double> pack_t, conv_t;
+      // With --unit, the convolution pass is also timed (interleaved) with the output stage that tests its steps per
+      // vector, which the fixed steps replace.
+      ConvCall per_vector = call;
+      per_vector.output.per_vector_steps = true;
+      std::vector<double> pack_t, conv_t, per_vector_t;
       for (int r = 0; r < reps; ++r) {
         auto t0 = Clock::now();
         pack_input(ops, call, packed.data(), parallel_for);
@@ -411,14 +416,19 @@ int main(int argc, char** argv) {
         auto t2 = Clock::now();
         pack_t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
         conv_t.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());
+        if (!unit) continue;
+        t0 = Clock::now();
+        convolve_packed(ops, per_vector, packed.data(), parallel_for);
+        per_vector_t.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
       }
       const double macs = static_cast<double>(p.out_channels) * p.out_h() * p.out_w() * p.depth();
       const double conv_ms = median(conv_t), rate = macs / (conv_ms * 1e-3);
       char label[64];
       std::snprintf(label, sizeof label, "%lld,%lld,%lld,%lld,%lld,%lld", (long long)s[0], (long long)s[1],
                     (long long)s[2], (long long)s[3], (long long)s[4], (long long)s[5]);
-      std::printf("%-26s %10.4f %10.4f %12.1f %7.0f%%\n", label, median(pack_t), conv_ms, rate / 1e9,
-                  100.0 * rate / peak);
+      std::printf("%-26s %10.4f %10.4f %12.1f %7.0f%%", label, median(pack_t), conv_ms, rate / 1e9, 100.0 * rate / peak);
+      if (unit) std::printf(" %14.4f", median(per_vector_t));
+      std::printf("\n");
     }
   }
   return 0;

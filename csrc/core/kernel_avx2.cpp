@@ -254,7 +254,7 @@ struct Avx2Isa {
       else
         for (int v = 0; v < kChannels; ++v) high[v] = _mm256_setzero_si256();
       if constexpr (kNhwc) {
-        store_nhwc(low, high, i, bs, depth);
+        store_nhwc<S>(low, high, i, bs, depth);
       } else {
         // The common case, decided once per strip: 8 float outputs with the call's fixed steps (border corrections
         // included).
@@ -292,6 +292,7 @@ struct Avx2Isa {
   // loaded) with one masked access; the steps after the affine one then run across channels, with the per-channel
   // operands as vectors. Inline: only block<true> calls it (out of line, its reference parameters kept the counts
   // in memory, and the NHWC kernel was 10-20% slower in bench_core).
+  template <Steps S>
   static void store_nhwc(const __m256i (&low)[kChannels], const __m256i (&high)[kChannels], int i,
                          const BlockStore<kStrips, kChannels, kStrip>& bs, __m256i depth) {
     static_assert(kChannels <= 8, "a pixel's channels of a block fill one vector");
@@ -311,7 +312,7 @@ struct Avx2Isa {
       y[v] = channel_output(low[v], high[v], depth, bs, bs.values<Avx2Lanes>(v), i, v);
     for (int v = kChannels; v < 8; ++v) y[v] = _mm256_setzero_ps();
     transpose_8x8(y);
-    for (int j = 0; j < bs.lanes[i]; ++j) finish<Avx2Lanes>(*bs.epilogue, across, y[j], {bs.at(i, 0, j), channels});
+    for (int j = 0; j < bs.lanes[i]; ++j) finish<Avx2Lanes, S>(*bs.epilogue, across, y[j], {bs.at(i, 0, j), channels});
   }
 
   // y[v] (v < 8) holds channel v of 8 pixels; afterwards y[j] holds pixel j's 8 channels (unpack, shuffle, then

@@ -82,7 +82,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
     const __m512i depth = _mm512_set1_epi32(bs.depth);
     const EpilogueParams& e = *bs.epilogue;
     if constexpr (kNhwc)
-      store_nhwc(acc, bs, e, low_dwords, depth);
+      store_nhwc<S>(acc, bs, e, low_dwords, depth);
     else
       store_nchw<S>(acc, bs, e, low_dwords, depth);
   }
@@ -119,7 +119,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
   // j + 8's], each stored (and its residual loaded) with two masked 256-bit accesses: 16 accesses per 96 outputs
   // where scattering the channel vectors took 96. The steps after the affine one then run across channels, with
   // the per-channel operands as vectors.
-  template <class Acc>
+  template <Steps S, class Acc>
   static void store_nhwc(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs,
                          const EpilogueParams& e, __m512i low_dwords, __m512i depth) {
     static_assert(kChannels <= 8, "a pixel's channels of a block fill one 256-bit half");
@@ -155,7 +155,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
         const __mmask16 mask = static_cast<__mmask16>((low ? channels : 0) | (high ? channels << 8 : 0));
         if (!mask) continue;
         const int64_t index = bs.at(i, 0, j), other = high ? bs.at(i + 1, 0, j) : index;
-        finish<Avx512Lanes>(e, across, y[j], {index, other, mask, true});
+        finish<Avx512Lanes, S>(e, across, y[j], {index, other, mask, true});
       }
     }
   }

@@ -22,8 +22,8 @@
 //        (bs.lane_stride != 1), fixed per call: each layout's instance is compiled without the other's output
 //        stage, since a family's NHWC stage takes its accumulators by reference, and with that stage reachable
 //        the compiler kept them in memory for the NCHW stores too. S is the call's steps after the affine one
-//        (output_stage.h's fixed_steps for NCHW output, kAny for NHWC), fixed per call likewise: the family passes
-//        it to finish<V, S> wherever its stores can take it
+//        (output_stage.h's fixed_steps), fixed per call likewise: the family passes it to finish<V, S> wherever its
+//        stores can take it
 //   uint64_t peak_probe(int64_t iterations)                   see KernelOps::peak_probe
 // and may provide
 //   void transpose64(uint64_t a[64])   the same result as the portable transpose64 below, in vector registers
@@ -495,22 +495,36 @@ void conv_tasks_in(const ConvParams& p, const ActivationLayout& l, const uint64_
   }
 }
 
+// conv_tasks_in for the call's fixed steps (output_stage.h's fixed_steps). NHWC output never maps residual channels
+// (EpilogueParams::residual_channels is NCHW only), so it has no channel-mean instance.
+template <class Isa, bool kNhwc>
+void conv_tasks_with_steps(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
+                           const OutputStage& st, int64_t begin, int64_t end) {
+  switch (st.per_vector_steps ? Steps::kAny : fixed_steps(st, p.out_channels)) {
+    case Steps::kPlain: return conv_tasks_in<Isa, kNhwc, Steps::kPlain>(p, l, x, w, st, begin, end);
+    case Steps::kPrelu: return conv_tasks_in<Isa, kNhwc, Steps::kPrelu>(p, l, x, w, st, begin, end);
+    case Steps::kResidual: return conv_tasks_in<Isa, kNhwc, Steps::kResidual>(p, l, x, w, st, begin, end);
+    case Steps::kResidualPrelu: return conv_tasks_in<Isa, kNhwc, Steps::kResidualPrelu>(p, l, x, w, st, begin, end);
+    case Steps::kMean:
+      if constexpr (!kNhwc) return conv_tasks_in<Isa, false, Steps::kMean>(p, l, x, w, st, begin, end);
+      break;
+    case Steps::kMeanPrelu:
+      if constexpr (!kNhwc) return conv_tasks_in<Isa, false, Steps::kMeanPrelu>(p, l, x, w, st, begin, end);
+      break;
+    case Steps::kAny:
+      break;
+  }
+  conv_tasks_in<Isa, kNhwc, Steps::kAny>(p, l, x, w, st, begin, end);
+}
+
 template <class Isa>
 void conv_tasks(const ConvParams& p, const ActivationLayout& l, const uint64_t* x, const uint64_t* w,
                 const OutputStage& st, int64_t begin, int64_t end) {
   if (begin >= end) return;
-  // NHWC output keeps the per-vector tests (kAny): one instance per layout and Steps would double the families' code
-  // for a layout whose output stage transposes first.
-  if (st.channels_last) return conv_tasks_in<Isa, true, Steps::kAny>(p, l, x, w, st, begin, end);
-  switch (fixed_steps(st, p.out_channels)) {
-    case Steps::kPlain: return conv_tasks_in<Isa, false, Steps::kPlain>(p, l, x, w, st, begin, end);
-    case Steps::kPrelu: return conv_tasks_in<Isa, false, Steps::kPrelu>(p, l, x, w, st, begin, end);
-    case Steps::kResidual: return conv_tasks_in<Isa, false, Steps::kResidual>(p, l, x, w, st, begin, end);
-    case Steps::kResidualPrelu: return conv_tasks_in<Isa, false, Steps::kResidualPrelu>(p, l, x, w, st, begin, end);
-    case Steps::kMean: return conv_tasks_in<Isa, false, Steps::kMean>(p, l, x, w, st, begin, end);
-    case Steps::kMeanPrelu: return conv_tasks_in<Isa, false, Steps::kMeanPrelu>(p, l, x, w, st, begin, end);
-    case Steps::kAny: return conv_tasks_in<Isa, false, Steps::kAny>(p, l, x, w, st, begin, end);
-  }
+  if (st.channels_last)
+    conv_tasks_with_steps<Isa, true>(p, l, x, w, st, begin, end);
+  else
+    conv_tasks_with_steps<Isa, false>(p, l, x, w, st, begin, end);
 }
 
 template <class Isa>

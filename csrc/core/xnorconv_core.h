@@ -132,6 +132,10 @@ struct TensorStrides {
 // border correction it applies first.
 struct OutputStage : EpilogueParams {
   const ZeroPadCorrection* zero_pad = nullptr;  // required for PadValue::Zero when any tap can be padded
+  // Run the output stage that tests its steps per vector (Steps::kAny) whatever the call's fixed steps (in the
+  // families built on kernel_common.h; AMX has an output stage of its own): the same bits, for test_core to check
+  // that path with every step and for bench_core to time what fixed steps save.
+  bool per_vector_steps = false;
 };
 
 // One CPU kernel family. Work is split into independent tasks so the caller owns threading (the torch layer uses

@@ -448,17 +448,22 @@ void check_nhwc_output(const KernelOps& ops, const ConvParams& p, const Activati
   std::vector<float> thresholds(c);
   for (auto& e : thresholds) e = std::uniform_real_distribution<float>(-4.0f, 4.0f)(rng);
   // Variant 3: variant 1 with the residual in the output buffer itself (the op's input_shortcut writes it there).
-  for (int variant = 0; variant < 4; ++variant) {
+  // Variants 4 and 5: the residual alone, PReLU alone (each a fixed Steps of its own, output_stage.h).
+  // Runs 6-11: variants 0-5 through the output stage that tests its steps per vector.
+  for (int run = 0; run < 12; ++run) {
+    const int variant = run % 6;
+    const bool per_vector = run >= 6;
+    const bool adds_residual = variant == 1 || variant == 3 || variant == 4;
+    const bool prelu = variant == 1 || variant == 3 || variant == 5;
     OutputStage st;
     st.scale = scale.data();
     st.bias = bias.data();
     st.zero_pad = &zp;
     st.channels_last = 1;
+    st.per_vector_steps = per_vector;
     std::vector<uint8_t> signs(y.size(), 7);
-    if (variant == 1 || variant == 3) {
-      st.residual = residual_nhwc.data();
-      st.prelu = slope.data();
-    }
+    if (adds_residual) st.residual = residual_nhwc.data();
+    if (prelu) st.prelu = slope.data();
     if (variant == 3) {
       out = residual_nhwc;
       st.residual = out.data();
@@ -474,15 +479,14 @@ void check_nhwc_output(const KernelOps& ops, const ConvParams& p, const Activati
     for (size_t i = 0; i < y.size(); ++i) {
       const int64_t o = (i / hw) % c;
       float e = y[i];
-      if (variant == 1 || variant == 3) {
-        e += residual[i];
-        if (!(e >= 0.0f)) e *= slope[o];
-      }
+      if (adds_residual) e += residual[i];
+      if (prelu && !(e >= 0.0f)) e *= slope[o];
       wrong += variant == 2 ? signs[nhwc(i)] != static_cast<uint8_t>(!(e >= thresholds[o])) : out[nhwc(i)] != e;
     }
-    const char* variants[] = {"plain", "residual + PReLU", "signs", "residual in the output + PReLU"};
-    EXPECT(wrong == 0, "[%s] NHWC output (%s) %s: %lld of %zu outputs wrong", name.c_str(), variants[variant],
-           describe(p).c_str(), static_cast<long long>(wrong), y.size());
+    const char* variants[] = {"plain", "residual + PReLU", "signs", "residual in the output + PReLU", "residual",
+                              "PReLU"};
+    EXPECT(wrong == 0, "[%s] NHWC output (%s%s) %s: %lld of %zu outputs wrong", name.c_str(), variants[variant],
+           per_vector ? ", steps tested per vector" : "", describe(p).c_str(), static_cast<long long>(wrong), y.size());
   }
 }
 
@@ -574,9 +578,9 @@ void test_sign_io(int cases) {
         EXPECT(got == want, "[%s] residual of %lld channels mapped in the output stage: %s differs from the mapped "
                "residual", name.c_str(), static_cast<long long>(channels), describe(p).c_str());
       }
-      // Each of the output stage's fixed Steps without the other step (the cases above have both): the residual
-      // without PReLU, PReLU without a residual, and a narrowing residual's channel mean without PReLU; against the
-      // same float operations done here.
+      // Each of the output stage's fixed Steps: the residual without PReLU, PReLU without a residual, a narrowing
+      // residual's channel mean without PReLU, and both with PReLU; each also through the output stage that tests
+      // its steps per vector; against the same float operations done here.
       {
         const int64_t channels = 2 * p.out_channels;
         std::vector<float> source(p.batch * channels * plane_size), mapped(y.size());
@@ -592,25 +596,31 @@ void test_sign_io(int cases) {
         };
         const StepsCase steps_cases[] = {{"residual alone", residual.data(), 0, residual.data(), nullptr},
                                          {"PReLU alone", nullptr, 0, nullptr, slope.data()},
-                                         {"channel mean alone", source.data(), channels, mapped.data(), nullptr}};
-        for (const StepsCase& c : steps_cases) {
-          std::vector<float> got(y.size());
-          st.residual = c.residual;
-          st.residual_channels = c.residual_channels;
-          st.prelu = c.prelu;
-          st.out = got.data();
-          ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
-          int64_t wrong = 0;
-          for (size_t i = 0; i < y.size(); ++i) {
-            float e = y[i];
-            if (c.added) e = e + c.added[i];
-            if (c.prelu && !(e >= 0.0f)) e *= c.prelu[(i / plane_size) % p.out_channels];
-            wrong += got[i] != e;
+                                         {"channel mean alone", source.data(), channels, mapped.data(), nullptr},
+                                         {"residual + PReLU", residual.data(), 0, residual.data(), slope.data()},
+                                         {"channel mean + PReLU", source.data(), channels, mapped.data(),
+                                          slope.data()}};
+        for (const StepsCase& c : steps_cases)
+          for (const bool per_vector : {false, true}) {
+            std::vector<float> got(y.size());
+            st.per_vector_steps = per_vector;
+            st.residual = c.residual;
+            st.residual_channels = c.residual_channels;
+            st.prelu = c.prelu;
+            st.out = got.data();
+            ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
+            int64_t wrong = 0;
+            for (size_t i = 0; i < y.size(); ++i) {
+              float e = y[i];
+              if (c.added) e = e + c.added[i];
+              if (c.prelu && !(e >= 0.0f)) e *= c.prelu[(i / plane_size) % p.out_channels];
+              wrong += got[i] != e;
+            }
+            EXPECT(wrong == 0, "[%s] %s in the output stage%s: %lld outputs wrong (%s)", name.c_str(), c.what,
+                   per_vector ? " (steps tested per vector)" : "", static_cast<long long>(wrong), describe(p).c_str());
           }
-          EXPECT(wrong == 0, "[%s] %s in the output stage: %lld outputs wrong (%s)", name.c_str(), c.what,
-                 static_cast<long long>(wrong), describe(p).c_str());
-        }
         st.residual_channels = 0;
+        st.per_vector_steps = false;
       }
       st.residual = nullptr;
       st.prelu = nullptr;
