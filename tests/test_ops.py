@@ -1,6 +1,9 @@
 """The binary convolution op on every CPU backend against the float64 reference."""
 import importlib.util
 import random
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -419,6 +422,22 @@ def test_python_m_xnorconv_prints_build_info():
     import sys
     out = subprocess.run([sys.executable, "-m", "xnorconv"], capture_output=True, text=True, check=True).stdout
     assert "cpu_backends_available" in out and "torch" in out
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils) to list the extension's symbols")
+def test_kernel_lane_helpers_are_inlined():
+    """The kernels' per-vector helpers (the vector traits' loads and stores, the output stage's transposes) must be
+    inlined into the loops that call them. GCC has an inlining budget per translation unit; when a change grows a
+    kernel family's unit past it (as a second set of block instances once did), it emits such helpers as functions
+    and calls them per vector: the results stay the same and the thin layers slow down severely."""
+    symbols = subprocess.run(["nm", "-C", xnorconv._C.__file__], capture_output=True, text=True, check=True).stdout
+    if re.search(r"\s[tTwW]\s.*::imin\(long, long\)", symbols):
+        pytest.skip("an unoptimised build (XNORCONV_DEBUG=1) inlines nothing")
+    helper = re.compile(r"\s[tTwW]\s.*(Avx512Lanes::|Avx2Lanes::|NeonLanes::|transpose_8x16|transpose_8x8\(|"
+                        r"Avx512Binarize::transpose64)")
+    out_of_line = [line.strip() for line in symbols.splitlines() if helper.search(line)]
+    assert not out_of_line, "helpers emitted out of line (a kernel unit grew past GCC's inlining budget):\n" + \
+        "\n".join(out_of_line[:10])
 
 
 def test_opcheck():
