@@ -161,6 +161,7 @@ XNORCONV_STAGE_INLINE void finish_with(const EpilogueParams& e, const ChannelVal
 template <class V, Steps S = Steps::kAny>
 XNORCONV_STAGE_INLINE void finish(const EpilogueParams& e, const ChannelValues<V>& c, typename V::F y,
                                   const typename V::At& at) {
+  static_assert(S != Steps::kMean && S != Steps::kMeanPrelu, "a channel mean reads through a ResidualSource");
   finish_with<V, S>(e, c, y, at, [&] { return V::load(e.residual, at); });
 }
 
