@@ -323,7 +323,7 @@ template <bool kMappedResidual>
 void store_block(const ConvParams& p, const AmxGeometry& g, const OutputStage& st, int64_t n, int64_t grp,
                  int64_t cb, int64_t pb, const int32_t (*c)[kTileRows][kTileRows]) {
   const int64_t og = p.out_channels_per_group(), oh = p.out_h(), ow = p.out_w(), plane_size = oh * ow;
-  const bool plain = is_plain(st);
+  const bool plain = fixed_steps(st, p.out_channels) == Steps::kPlain;
   for (int m = 0; m < 2; ++m) {
     const int64_t q0 = pb * kBlockPositions + m * kTileRows;
     if (q0 >= g.out_positions) break;

@@ -256,14 +256,11 @@ struct Avx2Isa {
       if constexpr (kNhwc) {
         store_nhwc<S>(low, high, i, bs, depth);
       } else {
-        // The common case, decided once per strip: 8 float outputs with the call's fixed steps (border corrections
-        // included).
-        const bool whole = S != Steps::kAny && bs.lanes[i] == kStrip;
         for (int v = 0; v < kChannels; ++v) {
           if (!bs.stored(i, v)) continue;
           const ChannelValues<Avx2Lanes> c = bs.values<Avx2Lanes>(v);
           const __m256 y = channel_output(low[v], high[v], depth, bs, c, i, v);
-          if (whole) finish<Avx2Lanes, S>(e, c, y, {bs.at(i, v), kStrip}, bs.residual[v]);
+          if constexpr (S != Steps::kAny) finish<Avx2Lanes, S>(e, c, y, {bs.at(i, v), bs.lanes[i]}, bs.residual[v]);
           else finish_rare(e, bs, i, v, y);
         }
       }
@@ -336,8 +333,8 @@ struct Avx2Isa {
     }
   }
 
-  // The output stage's other cases (partial strips, sign output), out of line: inlined, with their per-vector tests,
-  // they made the common case's loop larger and slower on the thin layers, where the output stage is much of the
+  // The output stage with its steps tested per vector (sign output, or OutputStage::per_vector_steps), out of line:
+  // inlined, it made the strip loop larger and slower on the thin layers, where the output stage is much of the
   // work.
   static __attribute__((noinline)) void finish_rare(const EpilogueParams& e,
                                                     const BlockStore<kStrips, kChannels, kStrip>& bs, int i, int v,

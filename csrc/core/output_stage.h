@@ -72,9 +72,6 @@ XNORCONV_STAGE_INLINE typename V::F affine(const ChannelValues<V>& c, typename V
   return V::fma(c.scale, V::to_float(dot), c.bias);
 }
 
-// Whether a call has none of the optional steps after the affine one (float output, no residual, no PReLU).
-XNORCONV_STAGE_INLINE bool is_plain(const EpilogueParams& e) { return !e.residual && !e.prelu && !e.out_signs; }
-
 // The steps after the affine one, as a template argument: a family that instantiates its store loop for a call's
 // Steps tests nothing per vector. kAny reads them from the call's EpilogueParams per vector, for every call. The
 // fixed kinds have a float output and, with a residual, read it as real_shortcut maps its channels: one channel per

@@ -535,52 +535,24 @@ void test_sign_io(int cases) {
       st.out = y2.data();
       ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
       EXPECT(y2 == y, "[%s] sign input differs from float input with the same threshold", name.c_str());
-      // Residual add + PReLU in the output stage: the same float operations, in the same order, as done here.
-      std::vector<float> residual(y.size()), slope(p.out_channels), fused(y.size());
+      // Each of the output stage's fixed Steps against the same float operations, in the same order, done here:
+      // the residual and PReLU alone and together, a narrowing residual's channel mean (residual_channels: the
+      // channels real_shortcut maps onto each output channel) alone and with PReLU; each also through the output
+      // stage that tests its steps per vector.
+      std::vector<float> residual(y.size()), slope(p.out_channels);
       fill_signed(residual);
       for (auto& e : slope) e = std::uniform_real_distribution<float>(-0.5f, 0.5f)(rng);
-      st.out = fused.data();
-      st.residual = residual.data();
-      st.prelu = slope.data();
-      ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
-      int64_t wrong = 0;
       const int64_t plane_size = p.out_h() * p.out_w();
-      for (size_t i = 0; i < y.size(); ++i) {
-        float e = y[i] + residual[i];
-        if (!(e >= 0.0f)) e *= slope[(i / plane_size) % p.out_channels];
-        wrong += fused[i] != e;
-      }
-      EXPECT(wrong == 0, "[%s] %lld outputs of the residual + PReLU stage wrong", name.c_str(), static_cast<long long>(wrong));
-      // The residual in the output itself (the op's input_shortcut writes it there): each element is read by the
-      // vector that then stores it, so the result is the same.
-      std::vector<float> in_place = residual;
-      st.out = in_place.data();
-      st.residual = in_place.data();
-      ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
-      EXPECT(in_place == fused, "[%s] residual in the output buffer: %s differs from a separate residual",
-             name.c_str(), describe(p).c_str());
-      // A residual of another channel count, mapped onto the output's channels by the output stage
-      // (residual_channels): the same bits as real_shortcut's mapping applied first. Narrowing to a mean of 2 or
-      // of uneven ranges, widening by copies.
-      for (const int64_t channels : {2 * p.out_channels, 2 * p.out_channels + 1, (p.out_channels + 1) / 2}) {
-        std::vector<float> source(p.batch * channels * plane_size), mapped(y.size()), got(y.size()), want(y.size());
-        fill_signed(source);
-        const ShortcutShape shape{p.batch, channels, p.out_h(), p.out_w(), p.out_channels, 1, false};
-        real_shortcut(scalar_kernel(), shape, source.data(), mapped.data(), run_serially);
-        st.residual = mapped.data();
-        st.out = want.data();
-        ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
-        st.residual = source.data();
-        st.residual_channels = channels;
-        st.out = got.data();
-        ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
-        st.residual_channels = 0;
-        EXPECT(got == want, "[%s] residual of %lld channels mapped in the output stage: %s differs from the mapped "
-               "residual", name.c_str(), static_cast<long long>(channels), describe(p).c_str());
-      }
-      // Each of the output stage's fixed Steps: the residual without PReLU, PReLU without a residual, a narrowing
-      // residual's channel mean without PReLU, and both with PReLU; each also through the output stage that tests
-      // its steps per vector; against the same float operations done here.
+      const auto expected = [&](const float* added, const float* prelu) {
+        std::vector<float> want(y.size());
+        for (size_t i = 0; i < y.size(); ++i) {
+          float e = y[i];
+          if (added) e = e + added[i];
+          if (prelu && !(e >= 0.0f)) e *= prelu[(i / plane_size) % p.out_channels];
+          want[i] = e;
+        }
+        return want;
+      };
       {
         const int64_t channels = 2 * p.out_channels;
         std::vector<float> source(p.batch * channels * plane_size), mapped(y.size());
@@ -596,11 +568,12 @@ void test_sign_io(int cases) {
         };
         const StepsCase steps_cases[] = {{"residual alone", residual.data(), 0, residual.data(), nullptr},
                                          {"PReLU alone", nullptr, 0, nullptr, slope.data()},
-                                         {"channel mean alone", source.data(), channels, mapped.data(), nullptr},
                                          {"residual + PReLU", residual.data(), 0, residual.data(), slope.data()},
+                                         {"channel mean alone", source.data(), channels, mapped.data(), nullptr},
                                          {"channel mean + PReLU", source.data(), channels, mapped.data(),
                                           slope.data()}};
-        for (const StepsCase& c : steps_cases)
+        for (const StepsCase& c : steps_cases) {
+          const std::vector<float> want = expected(c.added, c.prelu);
           for (const bool per_vector : {false, true}) {
             std::vector<float> got(y.size());
             st.per_vector_steps = per_vector;
@@ -610,17 +583,41 @@ void test_sign_io(int cases) {
             st.out = got.data();
             ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
             int64_t wrong = 0;
-            for (size_t i = 0; i < y.size(); ++i) {
-              float e = y[i];
-              if (c.added) e = e + c.added[i];
-              if (c.prelu && !(e >= 0.0f)) e *= c.prelu[(i / plane_size) % p.out_channels];
-              wrong += got[i] != e;
-            }
+            for (size_t i = 0; i < y.size(); ++i) wrong += got[i] != want[i];
             EXPECT(wrong == 0, "[%s] %s in the output stage%s: %lld outputs wrong (%s)", name.c_str(), c.what,
                    per_vector ? " (steps tested per vector)" : "", static_cast<long long>(wrong), describe(p).c_str());
           }
+        }
         st.residual_channels = 0;
         st.per_vector_steps = false;
+      }
+      // The residual in the output itself (the op's input_shortcut writes it there): each element is read by the
+      // vector that then stores it, so the result is the same.
+      std::vector<float> in_place = residual;
+      st.out = in_place.data();
+      st.residual = in_place.data();
+      st.prelu = slope.data();
+      ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
+      EXPECT(in_place == expected(residual.data(), slope.data()),
+             "[%s] residual in the output buffer: %s differs from a separate residual", name.c_str(),
+             describe(p).c_str());
+      // The other channel mappings (an uneven mean, copies when the shortcut widens) give the same bits as
+      // real_shortcut's mapping applied first.
+      for (const int64_t channels : {2 * p.out_channels + 1, (p.out_channels + 1) / 2}) {
+        std::vector<float> source(p.batch * channels * plane_size), mapped(y.size()), got(y.size()), want(y.size());
+        fill_signed(source);
+        const ShortcutShape shape{p.batch, channels, p.out_h(), p.out_w(), p.out_channels, 1, false};
+        real_shortcut(scalar_kernel(), shape, source.data(), mapped.data(), run_serially);
+        st.residual = mapped.data();
+        st.out = want.data();
+        ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
+        st.residual = source.data();
+        st.residual_channels = channels;
+        st.out = got.data();
+        ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
+        st.residual_channels = 0;
+        EXPECT(got == want, "[%s] residual of %lld channels mapped in the output stage: %s differs from the mapped "
+               "residual", name.c_str(), static_cast<long long>(channels), describe(p).c_str());
       }
       st.residual = nullptr;
       st.prelu = nullptr;
@@ -630,9 +627,8 @@ void test_sign_io(int cases) {
       st.out_threshold = out_t.data();
       ops.conv(p, l, packed.data(), pw, st, 0, ops.conv_tasks(p, l));
       int64_t bad = 0;
-      const int64_t plane = p.out_h() * p.out_w();
       for (size_t i = 0; i < y.size(); ++i)
-        bad += signs[i] != static_cast<uint8_t>(!(y[i] >= out_t[(i / plane) % p.out_channels]));
+        bad += signs[i] != static_cast<uint8_t>(!(y[i] >= out_t[(i / plane_size) % p.out_channels]));
       EXPECT(bad == 0, "[%s] %lld sign outputs wrong", name.c_str(), static_cast<long long>(bad));
       if (ops.channels_last_output) check_nhwc_output(ops, p, l, packed.data(), pw, zp, scale, bias, y, name);
     }
