@@ -242,7 +242,8 @@ struct Avx2Isa {
     const int64_t words = taps * words_per_group;
     const uint64_t* wb = block_weights(weight, words, call);
     const __m256i depth = _mm256_set1_epi32(bs.depth);
-    const EpilogueParams& e = *bs.epilogue;
+    // A copy of the call's parameters that no store can reach (see the AVX-512 family's store).
+    const EpilogueParams e = *bs.epilogue;
     // Each strip of 8 pixels is two ymm halves computed one after the other, each with all kChannels counters in
     // registers (the weights are re-read from L1 per half); the output stage then takes the 8 pixels in one ymm.
     for (int i = 0; i < kStrips; ++i) {
@@ -254,7 +255,7 @@ struct Avx2Isa {
       else
         for (int v = 0; v < kChannels; ++v) high[v] = _mm256_setzero_si256();
       if constexpr (kNhwc) {
-        store_nhwc<S>(low, high, i, bs, depth);
+        store_nhwc<S>(low, high, i, bs, e, depth);
       } else {
         for (int v = 0; v < kChannels; ++v) {
           if (!bs.stored(i, v)) continue;
@@ -291,7 +292,8 @@ struct Avx2Isa {
   // in memory, and the NHWC kernel was 10-20% slower in bench_core).
   template <Steps S>
   static void store_nhwc(const __m256i (&low)[kChannels], const __m256i (&high)[kChannels], int i,
-                         const BlockStore<kStrips, kChannels, kStrip>& bs, __m256i depth) {
+                         const BlockStore<kStrips, kChannels, kStrip>& bs, const EpilogueParams& e,
+                         __m256i depth) {
     static_assert(kChannels <= 8, "a pixel's channels of a block fill one vector");
     int channels = 0;  // the block's real channels: a prefix
     while (channels < kChannels && bs.channel_real[channels]) ++channels;
@@ -309,7 +311,7 @@ struct Avx2Isa {
       y[v] = channel_output(low[v], high[v], depth, bs, bs.values<Avx2Lanes>(v), i, v);
     for (int v = kChannels; v < 8; ++v) y[v] = _mm256_setzero_ps();
     transpose_8x8(y);
-    for (int j = 0; j < bs.lanes[i]; ++j) finish<Avx2Lanes, S>(*bs.epilogue, across, y[j], {bs.at(i, 0, j), channels});
+    for (int j = 0; j < bs.lanes[i]; ++j) finish<Avx2Lanes, S>(e, across, y[j], {bs.at(i, 0, j), channels});
   }
 
   // y[v] (v < 8) holds channel v of 8 pixels; afterwards y[j] holds pixel j's 8 channels (unpack, shuffle, then

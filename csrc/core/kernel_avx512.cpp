@@ -80,7 +80,9 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
   static void store(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs) {
     const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i depth = _mm512_set1_epi32(bs.depth);
-    const EpilogueParams& e = *bs.epilogue;
+    // A copy of the call's parameters that no store can reach: through the reference, the compiler reloaded the
+    // output pointer after every vector store (an intrinsic store may alias anything).
+    const EpilogueParams e = *bs.epilogue;
     if constexpr (kNhwc)
       store_nhwc<S>(acc, bs, e, low_dwords, depth);
     else
