@@ -44,14 +44,30 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
         }
       }
     };
+    const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     if (words_per_group == 1 && taps == 1) {
       // One word per product (a 1x1 layer over up to 64 channels): each count is formed where the output stage
       // takes it, from 4 activation and 6 weight registers, instead of 24 accumulators that, with the output
       // stage's operands, spilled to the stack.
+      if (bs.depth <= 32) {
+        // Every channel's bit in a word's low half: a strip pair's 16 low halves, gathered once into one zmm,
+        // give a channel's 16 counts with one xor and one vpopcntd (against two of each and a vpermt2d).
+        __m512i pair[kStrips / 2], wv[kChannels];
+        for (int k = 0; k < kStrips / 2; ++k)
+          pair[k] = _mm512_permutex2var_epi32(_mm512_loadu_si512(act[2 * k] + tap_offset[0]), low_dwords,
+                                              _mm512_loadu_si512(act[2 * k + 1] + tap_offset[0]));
+        for (int v = 0; v < kChannels; ++v) wv[v] = _mm512_set1_epi32(static_cast<int>(weight[v][0]));
+        store<kNhwc, S>([&](int i, int v) { return _mm512_popcnt_epi32(_mm512_xor_si512(pair[i / 2], wv[v])); },
+                        bs);
+        return;
+      }
       __m512i x[kStrips], wv[kChannels];
       for (int i = 0; i < kStrips; ++i) x[i] = _mm512_loadu_si512(act[i] + tap_offset[0]);
       for (int v = 0; v < kChannels; ++v) wv[v] = _mm512_set1_epi64(static_cast<long long>(weight[v][0]));
-      store<kNhwc, S>([&](int i, int v) { return _mm512_popcnt_epi64(_mm512_xor_si512(x[i], wv[v])); }, bs);
+      store<kNhwc, S>([&](int i, int v) {
+        return _mm512_permutex2var_epi32(_mm512_popcnt_epi64(_mm512_xor_si512(x[i], wv[v])), low_dwords,
+                                         _mm512_popcnt_epi64(_mm512_xor_si512(x[i + 1], wv[v])));
+      }, bs);
       return;
     }
     // Up to 64 channels a tap is one word: one flat loop, without the per-tap setup of an inner loop that would run
@@ -66,34 +82,34 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
       for (int64_t t = 0, j = 0; t < taps; ++t)
         for (int64_t k = 0; k < words_per_group; ++k, ++j) word(tap_offset[t] + k * word_stride, j, false);
     }
-    store<kNhwc, S>([&](int i, int v) { return acc[i][v]; }, bs);
+    store<kNhwc, S>([&](int i, int v) { return _mm512_permutex2var_epi32(acc[i][v], low_dwords, acc[i + 1][v]); },
+                    bs);
   }
 
-  // The output stage, on pairs of strips; acc(i, v) gives strip i's counts for channel v (8 in 64-bit lanes). The
-  // low dwords of two strips' counts are gathered into one zmm (one vpermt2d, where vpmovqd takes 2 uops per strip),
-  // so the integer and float steps run once per 16 outputs, and the NCHW stores, instantiated for the call's fixed
-  // Steps, make no per-vector decision. Unrolled, so the accumulators stay in registers (the per-strip loop with its
+  // The output stage, on pairs of strips; counts(i, v) (i even) gives channel v's counts of strips i and i + 1 as 16
+  // dwords in pixel order: the blocks gather the low dwords of two strips' 64-bit counts into one zmm (one vpermt2d,
+  // where vpmovqd takes 2 uops per strip), so the integer and float steps run once per 16 outputs, and the NCHW
+  // stores, instantiated for the call's fixed Steps, make no per-vector decision. Unrolled, so the accumulators stay in registers (the per-strip loop with its
   // branches spilled all 24 of them). Against one strip at a time it raises the kernel's fraction of peak most on the
   // layers whose blocks are shallow (few channel words per tap, 1x1), where the output stage is a large share of the
   // work.
-  template <bool kNhwc, Steps S, class Acc>
-  static void store(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs) {
-    const __m512i low_dwords = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  template <bool kNhwc, Steps S, class Counts>
+  static void store(const Counts& counts, const BlockStore<kStrips, kChannels, kStrip>& bs) {
     const __m512i depth = _mm512_set1_epi32(bs.depth);
     // A copy of the call's parameters that no store can reach: through the reference, the compiler reloaded the
     // output pointer after every vector store (an intrinsic store may alias anything).
     const EpilogueParams e = *bs.epilogue;
     if constexpr (kNhwc)
-      store_nhwc<S>(acc, bs, e, low_dwords, depth);
+      store_nhwc<S>(counts, bs, e, depth);
     else
-      store_nchw<S>(acc, bs, e, low_dwords, depth);
+      store_nchw<S>(counts, bs, e, depth);
   }
 
-  template <Steps S, class Acc>
-  static void store_nchw(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs, const EpilogueParams& e,
-                         __m512i low_dwords, __m512i depth) {
+  template <Steps S, class Counts>
+  static void store_nchw(const Counts& counts, const BlockStore<kStrips, kChannels, kStrip>& bs,
+                         const EpilogueParams& e, __m512i depth) {
     if (bs.dense) {
-      dense_store<S>(acc, bs, e, low_dwords, depth);
+      dense_store<S>(counts, bs, e, depth);
       return;
     }
 #pragma GCC unroll 4
@@ -110,7 +126,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
       for (int v = 0; v < kChannels; ++v) {
         if (!bs.channel_real[v]) break;  // past the group's last channel (the block's last channels only)
         const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
-        const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
+        const __m512 y = output(counts(i, v), depth, border, bs, c, i, v);
         finish<Avx512Lanes, S>(e, c, y, {bs.at(i, v), bs.at(i + 1, v), lanes, split}, bs.residual[v]);
       }
     }
@@ -121,9 +137,9 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
   // j + 8's], each stored (and its residual loaded) with two masked 256-bit accesses: 16 accesses per 96 outputs
   // where scattering the channel vectors took 96. The steps after the affine one then run across channels, with
   // the per-channel operands as vectors.
-  template <Steps S, class Acc>
-  static void store_nhwc(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs,
-                         const EpilogueParams& e, __m512i low_dwords, __m512i depth) {
+  template <Steps S, class Counts>
+  static void store_nhwc(const Counts& counts, const BlockStore<kStrips, kChannels, kStrip>& bs,
+                         const EpilogueParams& e, __m512i depth) {
     static_assert(kChannels <= 8, "a pixel's channels of a block fill one 256-bit half");
     unsigned channels = 0;  // the block's real channels
     for (int v = 0; v < kChannels; ++v) channels |= static_cast<unsigned>(bs.channel_real[v]) << v;
@@ -149,7 +165,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
           static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (second && bs.border[i + 1] ? 0xFF00 : 0));
       __m512 y[8];
       for (int v = 0; v < kChannels; ++v)
-        y[v] = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, bs.values<Avx512Lanes>(v), i, v);
+        y[v] = output(counts(i, v), depth, border, bs, bs.values<Avx512Lanes>(v), i, v);
       for (int v = kChannels; v < 8; ++v) y[v] = _mm512_setzero_ps();
       transpose_8x16(y);
       for (int j = 0; j < kStrip; ++j) {
@@ -187,26 +203,24 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
 
   // Whole blocks (BlockStore::dense): 16 outputs per vpermt2d + integer step (+ corrections on borders) +
   // conversion + FMA (+ S's residual and PReLU) + store, with no per-strip or per-channel test.
-  template <Steps S, class Acc>
-  static void dense_store(const Acc& acc, const BlockStore<kStrips, kChannels, kStrip>& bs,
-                          const EpilogueParams& e, __m512i low_dwords, __m512i depth) {
+  template <Steps S, class Counts>
+  static void dense_store(const Counts& counts, const BlockStore<kStrips, kChannels, kStrip>& bs,
+                          const EpilogueParams& e, __m512i depth) {
 #pragma GCC unroll 4
     for (int i = 0; i < kStrips; i += 2) {
       const __mmask16 border = static_cast<__mmask16>((bs.border[i] ? 0x00FF : 0) | (bs.border[i + 1] ? 0xFF00 : 0));
 #pragma GCC unroll 8
       for (int v = 0; v < kChannels; ++v) {
         const ChannelValues<Avx512Lanes> c = bs.values<Avx512Lanes>(v);
-        const __m512 y = output(acc(i, v), acc(i + 1, v), low_dwords, depth, border, bs, c, i, v);
+        const __m512 y = output(counts(i, v), depth, border, bs, c, i, v);
         finish<Avx512Lanes, S>(e, c, y, {bs.at(i, v), 0, Avx512Lanes::kAll, false}, bs.residual[v]);
       }
     }
   }
 
   // y = scale * (depth - 2 * count - correction) + bias for strips i and i + 1 (lanes 0-7 and 8-15) of channel v.
-  static __m512 output(__m512i count_lo, __m512i count_hi, __m512i low_dwords, __m512i depth, __mmask16 border,
-                       const BlockStore<kStrips, kChannels, kStrip>& bs, const ChannelValues<Avx512Lanes>& c, int i,
-                       int v) {
-    const __m512i count = _mm512_permutex2var_epi32(count_lo, low_dwords, count_hi);
+  static __m512 output(__m512i count, __m512i depth, __mmask16 border, const BlockStore<kStrips, kChannels, kStrip>& bs,
+                       const ChannelValues<Avx512Lanes>& c, int i, int v) {
     __m512i dot = _mm512_sub_epi32(depth, _mm512_add_epi32(count, count));
     if (border) dot = _mm512_sub_epi32(dot, corrections(border, bs, i, v));
     return affine<Avx512Lanes>(c, dot);
