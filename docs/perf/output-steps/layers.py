@@ -1,6 +1,7 @@
 """Per-layer medians over the before/after runs in raw/: each binary convolution's time over the memory passes of its
 tensors (the last column of `python -m bench --models`'s layer table, measured interleaved in each process), and the
-frozen-over-fp32 speedups. Usage: python docs/perf/output-steps/layers.py MODEL (binary_dnet53, reference-nets)"""
+frozen-over-fp32 speedups. Usage: python docs/perf/output-steps/layers.py MODEL [DIR] (MODEL: binary_dnet53,
+reference-nets; DIR: a folder of raw/ holding the runs, raw/ itself by default)"""
 import collections
 import glob
 import os
@@ -9,7 +10,7 @@ import statistics
 import sys
 
 model = sys.argv[1] if len(sys.argv) > 1 else "binary_dnet53"
-here = os.path.join(os.path.dirname(__file__), "raw")
+here = os.path.join(os.path.dirname(__file__), "raw", *sys.argv[2:3])
 over_memory = collections.defaultdict(list)  # (network, layer, side) -> binary / memory
 speedups = collections.defaultdict(list)     # (comparison, side) -> x
 for path in sorted(glob.glob(os.path.join(here, f"{model}-*-*.md"))):
