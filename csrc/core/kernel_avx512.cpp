@@ -89,10 +89,10 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
   // The output stage, on pairs of strips; counts(i, v) (i even) gives channel v's counts of strips i and i + 1 as 16
   // dwords in pixel order: the blocks gather the low dwords of two strips' 64-bit counts into one zmm (one vpermt2d,
   // where vpmovqd takes 2 uops per strip), so the integer and float steps run once per 16 outputs, and the NCHW
-  // stores, instantiated for the call's fixed Steps, make no per-vector decision. Unrolled, so the accumulators stay in registers (the per-strip loop with its
-  // branches spilled all 24 of them). Against one strip at a time it raises the kernel's fraction of peak most on the
-  // layers whose blocks are shallow (few channel words per tap, 1x1), where the output stage is a large share of the
-  // work.
+  // stores, instantiated for the call's fixed Steps, make no per-vector decision. Unrolled, so the accumulators stay
+  // in registers (the per-strip loop with its branches spilled all 24 of them). Against one strip at a time it raises
+  // the kernel's fraction of peak most on the layers whose blocks are shallow (few channel words per tap, 1x1), where
+  // the output stage is a large share of the work.
   template <bool kNhwc, Steps S, class Counts>
   static void store(const Counts& counts, const BlockStore<kStrips, kChannels, kStrip>& bs) {
     const __m512i depth = _mm512_set1_epi32(bs.depth);
@@ -201,7 +201,7 @@ struct Avx512Isa : Avx512Binarize, NoPreparation {
     }
   }
 
-  // Whole blocks (BlockStore::dense): 16 outputs per vpermt2d + integer step (+ corrections on borders) +
+  // Whole blocks (BlockStore::dense): 16 outputs per count vector + integer step (+ corrections on borders) +
   // conversion + FMA (+ S's residual and PReLU) + store, with no per-strip or per-channel test.
   template <Steps S, class Counts>
   static void dense_store(const Counts& counts, const BlockStore<kStrips, kChannels, kStrip>& bs,
